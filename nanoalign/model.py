@@ -1,0 +1,390 @@
+"""A Llama / Qwen2 decoder in one file, with Hugging Face module names.
+
+The parameter names are exactly those of `transformers`' LlamaForCausalLM / Qwen2ForCausalLM
+(`model.embed_tokens`, `model.layers.{i}.self_attn.{q,k,v,o}_proj`, `model.layers.{i}.mlp.{gate,up,down}_proj`,
+`input_layernorm`, `post_attention_layernorm`, `model.norm`, `lm_head`), so a checkpoint loads with no mapping
+table and a LoRA on `...mlp.up_proj` exports to PEFT by a string prefix.
+
+    h   = x + Attn(RMSNorm(x))            Attn: q,k,v = xWq(+b), xWk(+b), xWv(+b); RoPE(q,k); softmax(qk^T/sqrt(d))v Wo
+    out = h + Wdown( silu(Wgate h') * Wup h' ),   h' = RMSNorm(h)
+
+Qwen2 differs from Llama only by a bias on q/k/v; Llama-3 adds a frequency-dependent RoPE rescaling. Both use
+grouped-query attention (fewer k/v heads than q heads). Positions come from the attention mask, so a left-padded
+row gives the same logits as the unpadded row (what batched generation needs).
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"                 # "llama" or "qwen2"
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = False              # Qwen2: True
+    o_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # the rest of config.json, kept for export
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        """Read a Hugging Face `config.json` dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+        arch = (d.get("architectures") or [""])[0].lower() or d.get("model_type", "")
+        arch = "qwen2" if "qwen2" in arch else "llama" if "llama" in arch else arch
+        if arch not in ("llama", "qwen2"):
+            raise ValueError(f"unsupported architecture {d.get('architectures') or d.get('model_type')!r}: "
+                             "nanoalign loads Llama and Qwen2 checkpoints (LlamaForCausalLM, Qwen2ForCausalLM)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}: nanoalign implements SwiGLU (silu) MLPs")
+        if d.get("use_sliding_window"):
+            raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+        rope = d.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("llama3", "linear", "default"):
+                raise ValueError(f"unsupported RoPE scaling {kind!r}: nanoalign implements default, linear and llama3")
+            scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+        heads = d["num_attention_heads"]
+        bias = bool(d.get("attention_bias", False))
+        return cls(
+            arch=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=True if arch == "qwen2" else bias, o_bias=False if arch == "qwen2" else bias,
+            mlp_bias=bool(d.get("mlp_bias", False)), bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"), extra=d,
+        )
+
+    @classmethod
+    def from_json(cls, path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json; a model directory needs config.json next to its weights")
+        try:
+            return cls.from_hf_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{path}: not a valid Hugging Face config.json ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 like the reference."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """inv_freq[i] = theta^(-2i/d), with Llama-3's smooth low/high-frequency rescaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    s = cfg.rope_scaling
+    if s and s["rope_type"] == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif s and s["rope_type"] == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv_freq = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv_freq
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # mask None means plain causal attention, which lets SDPA pick its flash kernel on GPU
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: [layers, B, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # tokens already stored; advanced by the decoder after all layers ran
+
+    def update(self, layer: int, k, v):
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def attention_mask_4d(key_mask: torch.Tensor, T: int, past: int):
+    """Boolean [B, 1, T, past+T]: query i sees key j if j is a real token and j <= past+i.
+
+    A query that is itself padding (left padding) would see no key at all and SDPA would return NaN; letting it
+    see itself keeps every row finite. Those rows are padding and are never read.
+    """
+    S = key_mask.shape[1]
+    q_pos = torch.arange(past, past + T, device=key_mask.device)[:, None]
+    k_pos = torch.arange(S, device=key_mask.device)[None, :]
+    allowed = (k_pos <= q_pos)[None] & key_mask[:, None, :]
+    allowed |= (k_pos == q_pos)[None]
+    return allowed[:, None]
+
+
+def is_right_padded(mask: torch.Tensor) -> bool:
+    """True when every row is ones then zeros: plain causal attention is then exact for every real token."""
+    m = mask.to(torch.int8)
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, attention_mask=None, cache=None, position_ids=None, grad_ckpt=False):
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)} "
+                                 "(batch, cached + new tokens)")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        mask = None
+        if attention_mask is not None and not (cache is None and is_right_padded(attention_mask)):
+            mask = attention_mask_4d(attention_mask, T, past)
+        elif cache is not None and past > 0:
+            mask = torch.ones(B, 1, T, past + T, dtype=torch.bool, device=input_ids.device).tril(past)
+        x = self.embed_tokens(input_ids)
+        freqs = position_ids[..., None].float() * rope_frequencies(self.cfg, x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, head_dim]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.layers:
+            if grad_ckpt and torch.is_grad_enabled():
+                # non-reentrant: gradients still reach adapters when the block input needs no grad (frozen embeddings)
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """Decoder + `lm_head`. `model(ids, mask)` -> logits [B, T, vocab]; with `logits_at` -> logits [N, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, attention_mask=None, *, logits_at=None, cache=None, position_ids=None):
+        h = self.model(input_ids, attention_mask, cache, position_ids, grad_ckpt=self.gradient_checkpointing)
+        if logits_at is not None:
+            h = h[logits_at]  # only the chosen positions: a 152k-word vocab makes full logits the largest tensor
+        return self.lm_head(h)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
+                 eos_token_id=None, pad_token_id=0, generator=None):
+        """Greedy (temperature 0) or sampled decoding with a KV cache; batches must be LEFT-padded.
+
+        Returns the new tokens [B, max_new_tokens]; a row that emitted eos is filled with `pad_token_id` after it.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        if T > 1 and not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
+                           device=input_ids.device)
+        p = next(self.parameters())
+        cache = KVCache(self.config, B, T + max_new_tokens, p.dtype, p.device)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        out, ids = [], input_ids
+        last = torch.zeros(B, T, dtype=torch.bool, device=input_ids.device)
+        last[:, -1] = True
+        for _ in range(max_new_tokens):
+            logits = self(ids, attention_mask, logits_at=last, cache=cache).float()
+            nxt = sample(logits, temperature, top_k, top_p, generator)
+            out.append(torch.where(done, torch.full_like(nxt, pad_token_id), nxt))
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+            ids = nxt[:, None]  # finished rows keep decoding real ids (their output is replaced by padding)
+            attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=torch.bool, device=ids.device)], 1)
+            last = torch.ones(B, 1, dtype=torch.bool, device=ids.device)
+        out = torch.stack(out, 1)
+        return F.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_token_id)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "CausalLM":
+        """Build on the meta device, then fill tensor by tensor from memory-mapped safetensors.
+
+        Each tensor is read from the mapped file, cast to `dtype` on `device` and assigned, so peak memory is the
+        model plus one tensor, never a second full copy. Every key the model has must be present (strict).
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        cfg = ModelConfig.from_json(path / "config.json")
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = dict(model.state_dict())
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        state = {}
+        for file in weight_files(path):
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        if key not in expected:
+                            if key == "lm_head.weight" or key.endswith("rotary_emb.inv_freq"):
+                                continue  # tied copy or a cached buffer some exporters write: nothing to load
+                            raise ValueError(f"{file}: unexpected tensor {key!r}; is this a Llama/Qwen2 checkpoint "
+                                             "matching its config.json?")
+                        t = f.get_tensor(key)
+                        if t.shape != expected[key].shape:
+                            raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)} but config.json "
+                                             f"implies {tuple(expected[key].shape)}; the weights do not match the config")
+                        state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            except SafetensorError as e:
+                raise ValueError(f"{file}: corrupt or truncated safetensors file ({e}); delete it and download "
+                                 "it again") from None
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors (first: {missing[0]!r}); a shard may "
+                             "be missing or the weights do not match config.json")
+        model.load_state_dict(state, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+
+def weight_files(path: Path) -> list[Path]:
+    """`model.safetensors`, or the shards named in `model.safetensors.index.json`."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: unreadable shard index ({e}); download it again") from None
+        files = [path / s for s in shards]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing; download the checkpoint again")
+        return files
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json; nanoalign reads "
+                                "safetensors checkpoints only")
+    return [single]
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Next token from logits [B, V]: argmax at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
