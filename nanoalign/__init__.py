@@ -8,7 +8,9 @@ from .model import CausalLM, ModelConfig
 def load_model(name_or_path, dtype=torch.float32, device="cpu") -> CausalLM:
     """An alias (`smollm2-135m`, `qwen2.5-0.5b`, ...), a local directory or an HF repo id -> CausalLM."""
     from .hub import resolve_model
-    return CausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype, device=device)
+    model = CausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype, device=device)
+    model.name_or_path = str(name_or_path)  # recorded in saved adapters, so eval.py finds the base model
+    return model
 
 
 def load_tokenizer(name_or_path):
