@@ -1,0 +1,175 @@
+r"""Tokenizer on the `tokenizers` library, with hand-written chat templates (no jinja).
+
+A checkpoint directory holds `tokenizer.json` (the BPE itself), `tokenizer_config.json` (special tokens and the jinja
+`chat_template`), and `generation_config.json` / `config.json` (token ids). We read those and render the two chat
+formats the supported models use, written out by hand so they can be read in one screen:
+
+    ChatML (Qwen2, Qwen2.5, SmolLM2)          Llama-3.1+ (3.0 has no system turn unless given, and no dates)
+    <|im_start|>system\n{sys}<|im_end|>\n      <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n
+    <|im_start|>user\n{msg}<|im_end|>\n        Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n
+    <|im_start|>assistant\n                    {sys}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n
+                                              {msg}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n
+
+The family is picked from the jinja template's text, and template-specific details (ChatML's default system prompt,
+Llama's date) are read from it too; tests/test_tokenizer.py checks the output equals transformers' jinja rendering.
+"""
+
+import json
+import re
+import time
+from pathlib import Path
+
+# A ChatML template's built-in system prompt: the literal between "<|im_start|>system\n" and "<|im_end|>".
+# The "\n" is a two-character escape in most tokenizer_config.json templates, a real newline in SmolLM2's GGUF one.
+_CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^<>{}'\"]+?)<\|im_end\|>")
+_LLAMA_DEFAULT_DATE = re.compile(r"date_string\s*=\s*[\"']([^\"']+)[\"']")
+
+
+def _token_text(tok):
+    """tokenizer_config.json writes special tokens as "<s>" or {"content": "<s>", ...}."""
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e}); download the tokenizer files again") from None
+
+
+class Tokenizer:
+    """Encode/decode text and render chat prompts for one checkpoint."""
+
+    def __init__(self, tk, config: dict | None = None, gen_config: dict | None = None,
+                 model_config: dict | None = None):
+        self.tk = tk
+        self.config = config or {}
+        self.chat_template = self.config.get("chat_template") or ""
+        if isinstance(self.chat_template, list):  # some repos store several named templates
+            named = {t.get("name"): t.get("template", "") for t in self.chat_template}
+            self.chat_template = named.get("default") or next(iter(named.values()), "")
+        ids = lambda key: self._id(self.config.get(key), key, gen_config or {}, model_config or {})  # noqa: E731
+        self.bos_id = ids("bos_token")
+        self.eos_id = ids("eos_token")
+        pad = ids("pad_token")
+        self.pad_id = pad if pad is not None else self.eos_id  # no pad token (Llama-3): pad with eos, masked anyway
+        if self.eos_id is None:
+            raise ValueError("no eos token: tokenizer_config.json, generation_config.json and config.json name none")
+        # every id generation should stop at (Llama-3.1 lists <|eot_id|>, <|eom_id|>, <|end_of_text|>)
+        stops = (gen_config or {}).get("eos_token_id", (model_config or {}).get("eos_token_id"))
+        stops = stops if isinstance(stops, list) else [] if stops is None else [stops]
+        self.stop_ids = sorted({self.eos_id, *stops})
+        self.bos_token = self.tk.id_to_token(self.bos_id) if self.bos_id is not None else None
+        # whether the checkpoint's own tokenizer prepends BOS to plain text (Llama-3 does, Qwen/SmolLM2 do not)
+        self.add_bos = self.bos_id is not None and tk.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)  # may be < the model's embedding rows
+
+    def _id(self, token, key, gen_config, model_config):
+        """A special token's id: its text in tokenizer_config.json, else `<key>_id` in generation_config/config.
+
+        A bos/pad key present but null in tokenizer_config.json means "none" (Qwen's `bos_token: null`, even though
+        its generation_config.json lists a bos_token_id that its tokenizer never adds).
+        """
+        text = _token_text(token)
+        if text is None and key in self.config and key != "eos_token":
+            return None
+        if text is not None:
+            i = self.tk.token_to_id(text)
+            if i is None:
+                raise ValueError(f"tokenizer_config.json names {key} {text!r}, which is not in tokenizer.json")
+            return i
+        for cfg in (gen_config, model_config):
+            i = cfg.get(key + "_id")
+            if isinstance(i, list):
+                i = i[0] if i else None
+            if i is not None:
+                return int(i)
+        return None
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.json; nanoalign needs the fast-tokenizer file that "
+                                    "Hugging Face checkpoints ship next to config.json")
+        try:
+            tk = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"{file}: unreadable tokenizer.json ({e}); download it again") from None
+        return cls(tk, _read_json(path / "tokenizer_config.json"), _read_json(path / "generation_config.json"),
+                   _read_json(path / "config.json"))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids, no BOS/EOS added. Special tokens written in the text (e.g. "<|im_start|>") stay whole."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def __len__(self):
+        return self.vocab_size
+
+    @property
+    def template_family(self) -> str:
+        if "<|im_start|>" in self.chat_template:
+            return "chatml"
+        if "<|start_header_id|>" in self.chat_template:
+            return "llama3"
+        return "plain"
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, date_string: str | None = None) -> str:
+        """Render [{"role": ..., "content": ...}, ...] as the model's chat prompt (text; encode() it for ids).
+
+        `date_string` only matters to Llama-3.1+ templates: default is the template's own rule (today's date,
+        "%d %b %Y", when it calls strftime_now, as Llama-3.2 does; else its fixed date, "26 Jul 2024" for 3.1).
+        """
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"chat message {m!r} must be a dict with string 'role' and 'content'")
+        family = self.template_family
+        if family == "chatml":
+            return self._chatml(messages, add_generation_prompt)
+        if family == "llama3":
+            return self._llama3(messages, add_generation_prompt, date_string)
+        return self._plain(messages, add_generation_prompt)
+
+    def _chatml(self, messages, add_generation_prompt):
+        # Qwen2/2.5 and SmolLM2 insert a default system turn when the conversation has none.
+        default = _CHATML_DEFAULT_SYSTEM.search(self.chat_template)
+        if default and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": default.group(1)}] + list(messages)
+        out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def _llama3(self, messages, add_generation_prompt, date_string):
+        bos = self.bos_token or "<|begin_of_text|>"
+        turn = lambda role, text: f"<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>"  # noqa: E731
+        if "Cutting Knowledge" in self.chat_template:
+            # 3.1+: the system turn always exists and starts with the knowledge cutoff and today's date
+            system = ""
+            if messages and messages[0]["role"] == "system":
+                system, messages = messages[0]["content"].strip(), messages[1:]
+            if date_string is None:
+                fixed = _LLAMA_DEFAULT_DATE.search(self.chat_template)
+                use_today = "strftime_now" in self.chat_template or fixed is None
+                date_string = time.strftime("%d %b %Y") if use_today else fixed.group(1)
+            out = bos + turn("system", f"Cutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}")
+        else:  # 3.0: every message as-is, bos before the first
+            out = bos
+        out += "".join(turn(m["role"], m["content"].strip()) for m in messages)
+        return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+    def _plain(self, messages, add_generation_prompt):
+        # No chat template (a base model): a readable "role: content" transcript.
+        out = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return out + ("assistant: " if add_generation_prompt else "")
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer of a local checkpoint directory (see `nanoalign.load_tokenizer` for aliases and repo ids)."""
+    return Tokenizer.from_dir(path)
