@@ -1,0 +1,646 @@
+"""LoRA and its multi-task relatives as drop-in replacements for `nn.Linear` (METHODS.md §2.1–2.8, §2.10).
+
+Every adapter keeps the frozen base `weight`/`bias` as its own parameters (so `...mlp.up_proj.weight` is still the
+key a base checkpoint loads into) and adds low-rank parts named like PEFT's (`lora_A.weight` [r, in],
+`lora_B.weight` [out, r]; multi-head: [N, out, r]):
+
+            x ──────────────────── W0 (frozen) ───────────────────┐
+            │                                                      + ── h
+            └─ drop ─ A [r×in] ─ z ─┬─ B_1 [out×r] ─ ω_1 ─┐        │
+                                    ├─ ...                ├─ Σ · s ┘
+                                    └─ B_N [out×r] ─ ω_N ─┘
+
+    lora / align     h = W0 x + b + s·B A drop(x)                                  §2.1, §2.2, §2.10
+    hydra            h = W0 x + b + s·Σ_i ω_i(x) B_i A drop(x),  ω = softmax(W_r x)  §2.3
+    hydra-norouter   h = W0 x + b + s·Σ_i B_i A drop(x)                             §2.4
+    rlora            h = W0 x + b − C x + s·Σ_i ω_i(x) B_i drop_i(A x)             §2.5 (random init, C = compensation)
+    mlora            h = W0 x + b − C x + s·Σ_i B_i drop_i(A x)                    §2.6
+    mtl              h = W0 x + b + s·(Σ_j softmax(w_t/τ)_j B_j) Λ_t A drop(x)      §2.7 (t = the sample's task)
+    multilora        h = W0 x + b + s·Σ_i diag(g_i) B_i A_i drop(x)                §2.8
+
+Heads are computed in one matmul: Σ_i B_i u_i = [B_1 | … | B_N] · [u_1; …; u_N].
+
+R-LoRA / M-LoRA compensation. The R-LoRA code edits the base weight once, W0 ← W0 − C with C = s·(1/N)Σ_i B_i A at
+init. We keep W0 untouched and subtract C x in the forward, storing C as two frozen rank-r buffers
+(`comp_B` [out, r] = s·Σ_i c_i B_i⁰, `comp_A` [r, in] = A⁰). The function is the same, but the base checkpoint stays
+valid, bf16 rounding of an edited W0 is avoided, and the saved adapter carries C, so `load_adapter` on a fresh base
+reproduces the trained model exactly. Merging / PEFT export fold −C in (M-LoRA exports at rank 2r).
+
+Task ids and A-outputs travel through `adapter_context` (no hooks): the A-output each adapter reports is the
+tensor Align-LoRA aligns (METHODS §3.1).
+"""
+
+import inspect
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------- context (task ids in, A-outputs out)
+
+@dataclass
+class AdapterContext:
+    task_ids: torch.Tensor | None = None   # LongTensor [B]: the task of each sample (MTL-LoRA needs it)
+    collect: bool = False                  # store each adapter's A-output in `a_outputs`
+    a_outputs: dict = field(default_factory=dict)  # module name -> A-output [B, T, r], with grad
+
+
+@contextmanager
+def adapter_context(model, task_ids=None, collect=False):
+    """Share one AdapterContext with every adapter of `model` for the duration of the block; yields it.
+
+    With gradient checkpointing the forward is re-run during backward: MTL-LoRA then needs its task ids again, so
+    call `.backward()` inside the block. Entries of `a_outputs` are overwritten, never appended, so a re-run never
+    duplicates them, and a call without grad never replaces an entry that has grad.
+    """
+    mods = [m for m in model.modules() if isinstance(m, AdapterLinear)]
+    if task_ids is not None:
+        if not torch.is_tensor(task_ids) or task_ids.dim() != 1 or task_ids.is_floating_point():
+            raise ValueError("task_ids must be an integer tensor of shape [batch] (one task id per sample)")
+        n = (getattr(model, "adapter_config", None) or {}).get("num_tasks")
+        if n is not None and task_ids.numel() and not (0 <= int(task_ids.min()) and int(task_ids.max()) < n):
+            raise ValueError(f"task ids must lie in [0, {n}) (the adapter was built with num_tasks={n}), "
+                             f"got {task_ids.min().item()}..{task_ids.max().item()}")
+    ctx = AdapterContext(task_ids=task_ids, collect=collect)
+    previous = [m.ctx for m in mods]
+    for m in mods:
+        m.ctx = ctx
+    try:
+        yield ctx
+    finally:
+        for m, p in zip(mods, previous):
+            m.ctx = p
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+class Weight(nn.Module):
+    """A bare parameter holder, so state_dict keys read `lora_A.weight` like PEFT's. Adapter tensors are fp32."""
+
+    def __init__(self, *shape, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(shape, device=device, dtype=torch.float32))
+
+
+def kaiming_(t):
+    """PEFT/nn.Linear's default init, kaiming-uniform(a=√5) = U(−1/√fan_in, 1/√fan_in), for each trailing matrix."""
+    with torch.no_grad():
+        for m in t.view(-1, *t.shape[-2:]):
+            nn.init.kaiming_uniform_(m, a=math.sqrt(5))
+    return t
+
+
+def side_by_side(B):
+    """[N, out, r] -> [out, N·r] = [B_1 | … | B_N], so that Σ_i B_i u_i is one matmul with [u_1; …; u_N]."""
+    return B.permute(1, 0, 2).reshape(B.shape[1], -1)
+
+
+class AdapterLinear(nn.Module):
+    """Frozen base linear + adapter. Subclasses define `adapter_out(x)` and `lowrank()` (ΔW = B_eff A_eff)."""
+    mergeable = True
+    unmergeable_reason = ""
+
+    def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0, rank_stabilized=False):
+        super().__init__()
+        if int(rank) < 1:
+            raise ValueError(f"adapter rank must be a positive integer, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters: same state_dict keys as nn.Linear
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha, self.rank_stabilized = int(rank), alpha, rank_stabilized
+        self.scaling = alpha / math.sqrt(rank) if rank_stabilized else alpha / rank  # s (rsLoRA: α/√r)
+        self.dropout_p = dropout
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.ctx: AdapterContext | None = None
+        self.adapter_name = ""  # full module path, set by apply_adapter; keys of ctx.a_outputs and saved tensors
+
+    def new(self, *shape):
+        return Weight(*shape, device=self.weight.device)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        # adapter weights stay fp32 on a bf16 base; under autocast the matmuls pick their dtype themselves
+        xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+        return y + self.adapter_out(xa).to(y.dtype)
+
+    def report(self, z):
+        """Hand the A-output to the active context (METHODS §3.1). A no-grad call never replaces a grad entry."""
+        ctx = self.ctx
+        if ctx is not None and ctx.collect and (torch.is_grad_enabled() or self.adapter_name not in ctx.a_outputs):
+            ctx.a_outputs[self.adapter_name] = z
+        return z
+
+    def delta_weight(self, task=None):
+        """Dense eval-mode ΔW [out, in] in fp32 (compensation included), so that h = (W0 + ΔW) x + b."""
+        B, A = self.lowrank(task)
+        return B @ A
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain nn.Linear with W0 + ΔW: the same eval-mode function, without the adapter."""
+        if not self.mergeable:
+            raise ValueError(f"{type(self).__name__} cannot be merged: {self.unmergeable_reason}")
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        merged = (self.weight.float() + self.delta_weight().to(self.weight.device)).to(self.weight.dtype)
+        lin.weight = nn.Parameter(merged, requires_grad=False)
+        lin.bias = self.bias
+        return lin
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, s={self.scaling:.4g}"
+
+
+# ----------------------------------------------------------------------------- the adapters
+
+class LoRALinear(AdapterLinear):
+    """LoRA (METHODS §2.1): h = W0 x + b + s·B A drop(x), A kaiming-uniform, B = 0, s = α/r.
+
+    Also high-rank LoRA (§2.2, pick the rank with `rank_for_budget`) and Align-LoRA (§2.10: the alignment loss on
+    the reported A-output A·drop(x) lives in align.py).
+    """
+
+    def __init__(self, base, rank=8, alpha=16, dropout=0.0, rank_stabilized=False):
+        super().__init__(base, rank, alpha, dropout, rank_stabilized)
+        self.lora_A = self.new(self.rank, self.in_features)
+        self.lora_B = self.new(self.out_features, self.rank)  # zeros: ΔW = 0 at step 0
+        kaiming_(self.lora_A.weight)
+
+    def adapter_out(self, x):
+        z = self.report(F.linear(self.lora_dropout(x), self.lora_A.weight))
+        return self.scaling * F.linear(z, self.lora_B.weight)
+
+    def lowrank(self, task=None):
+        return self.scaling * self.lora_B.weight.float(), self.lora_A.weight.float()
+
+
+class HydraLoRALinear(AdapterLinear):
+    """HydraLoRA (METHODS §2.3): shared A, N heads B_i (zero init), dense softmax router W_r [N, in] (no bias).
+
+        h = W0 x + b + s·Σ_i ω_i(x) B_i A drop(x),   ω(x) = softmax(W_r x) in fp32 on the un-dropped x
+
+    One dropout mask on x, shared by all heads. `router=False` is the §2.4 ablation (ω_i = 1, or 1/N with
+    head_reduction="mean"): every head then gets the same gradient and, starting from 0, stays equal to the others.
+    A-output: A·drop(x).
+    """
+    head_dropout = False  # R-LoRA moves dropout after A, one mask per head
+
+    def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, router=True, head_reduction="sum",
+                 rank_stabilized=False):
+        super().__init__(base, rank, alpha, dropout, rank_stabilized)
+        if int(heads) < 1:
+            raise ValueError(f"heads must be a positive integer, got {heads}")
+        if head_reduction not in ("sum", "mean"):
+            raise ValueError(f"head_reduction must be 'sum' or 'mean', got {head_reduction!r}")
+        self.heads, self.head_reduction = int(heads), head_reduction
+        self.lora_A = self.new(self.rank, self.in_features)
+        self.lora_B = self.new(self.heads, self.out_features, self.rank)  # zeros
+        kaiming_(self.lora_A.weight)
+        self.lora_router = self.new(self.heads, self.in_features) if router else None
+        if router:
+            kaiming_(self.lora_router.weight)
+        self.mergeable = not router
+        self.unmergeable_reason = "its router makes ΔW depend on the input x; it needs the unmerged heads"
+
+    def fixed_head_weights(self):
+        """Head weights without input dependence: 1/N for a router (uniform), else 1 (sum) or 1/N (mean)."""
+        w = 1.0 / self.heads if self.lora_router is not None or self.head_reduction == "mean" else 1.0
+        return torch.full((self.heads,), w, device=self.lora_A.weight.device)
+
+    def head_weights(self, x):
+        """ω(x) [..., N]; the router runs in fp32 even under autocast (a bf16 softmax is coarse), then cast back."""
+        if self.lora_router is None:
+            return self.fixed_head_weights().to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.lora_router.weight.float())
+        return logits.softmax(-1).to(x.dtype)
+
+    def adapter_out(self, x):
+        N, r = self.heads, self.rank
+        if self.head_dropout:  # R-LoRA: z = A x, then an independent dropout mask per head
+            z = self.report(F.linear(x, self.lora_A.weight))
+            u = F.dropout(z.unsqueeze(-2).expand(*z.shape[:-1], N, r), self.dropout_p, self.training)
+        else:                  # HydraLoRA: one mask on x before A, shared by the heads
+            z = self.report(F.linear(self.lora_dropout(x), self.lora_A.weight))
+            u = z.unsqueeze(-2)
+        u = u * self.head_weights(x).unsqueeze(-1)  # [..., N, r]: head i's input ω_i·z_i
+        return self.scaling * F.linear(u.flatten(-2), side_by_side(self.lora_B.weight))
+
+    def lowrank(self, task=None):
+        """ΔW with the fixed head weights (for a router: what a uniform router would give; analysis only)."""
+        c = self.fixed_head_weights()
+        B = self.scaling * torch.einsum("n,nor->or", c, self.lora_B.weight.float())
+        return B, self.lora_A.weight.float()
+
+
+class RLoRALinear(HydraLoRALinear):
+    """R-LoRA (METHODS §2.5): HydraLoRA with multi-head dropout and multi-head random init.
+
+        h = W0 x + b − C x + s·Σ_i ω_i(x) B_i drop_i(A x),   s = α/√r (rank_stabilized, as the R-LoRA script sets)
+
+    Init ("unit" + "stable"): A ~ N(0, 1/max(r, d_in)), each B_i ~ N(0, 1/max(d_out, r)), all multiplied by
+    d_out^{1/4}/√γ (paper). `code_faithful=True` reproduces the released code instead: factor r^{1/4}/√γ, applied
+    inside the per-head loop, so A is multiplied N times and head i (0-based) N−i times.
+    Compensation C = s·(1/N)Σ_i B_i⁰ A⁰ is taken once at init and kept as frozen buffers (module docstring). It
+    cancels the initial adapter output exactly only for a uniform router (ω_i = 1/N); with the kaiming-initialised
+    router it cancels approximately, as in the original. A-output: A x (before the per-head dropout).
+    """
+    head_dropout = True
+
+    def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, router=True, head_reduction="sum",
+                 gamma=64.0, code_faithful=False, rank_stabilized=True):
+        super().__init__(base, rank, alpha, dropout, heads, router, head_reduction, rank_stabilized)
+        self.lora_dropout = nn.Identity()  # the dropout sits after A, per head (adapter_out)
+        A, B, N = self.lora_A.weight, self.lora_B.weight, self.heads
+        with torch.no_grad():
+            nn.init.normal_(A, std=1 / math.sqrt(max(self.rank, self.in_features)))
+            nn.init.normal_(B, std=1 / math.sqrt(max(self.out_features, self.rank)))  # heads drawn independently
+            if code_faithful:
+                f = self.rank ** 0.25 / math.sqrt(gamma)
+                A.mul_(f ** N)
+                B.mul_((f ** torch.arange(N, 0, -1, dtype=torch.float64)).to(B)[:, None, None])
+            else:
+                f = self.out_features ** 0.25 / math.sqrt(gamma)
+                A.mul_(f)
+                B.mul_(f)
+            comp_B, comp_A = super().lowrank()
+        self.register_buffer("comp_A", comp_A.clone())
+        self.register_buffer("comp_B", comp_B.clone())
+
+    def adapter_out(self, x):
+        return super().adapter_out(x) - F.linear(F.linear(x, self.comp_A), self.comp_B)
+
+    def lowrank(self, task=None):
+        """[s·Σ_i c_i B_i | −C_B] · [A; C_A]: rank ≤ 2r, exact (c = fixed head weights)."""
+        B, A = super().lowrank()
+        return torch.cat([B, -self.comp_B.float()], 1), torch.cat([A, self.comp_A.float()], 0)
+
+
+class MLoRALinear(RLoRALinear):
+    """M-LoRA (METHODS §2.6): R-LoRA without the router, heads summed (head_reduction="sum", default) or averaged.
+
+        h = W0 x + b − C x + s·Σ_i B_i drop_i(A x),   C = s·Σ_i B_i⁰ A⁰ (exact: the initial function is the base's)
+
+    Mergeable: in eval mode ΔW = s·(Σ_i B_i) A − C. The paper's sum-vs-mean choice is unknown; it only rescales s.
+    """
+
+    def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, head_reduction="sum", gamma=64.0,
+                 code_faithful=False, rank_stabilized=True):
+        super().__init__(base, rank, alpha, dropout, heads, False, head_reduction, gamma, code_faithful,
+                         rank_stabilized)
+
+
+class MTLLoRALinear(AdapterLinear):
+    """MTL-LoRA (METHODS §2.7), for a sample of task t:
+
+        z = Λ_t A drop(x),   B̃_t = Σ_j softmax(w_t / τ)_j B_j,   h = W0 x + b + s·B̃_t z
+
+    A kaiming-uniform, Λ_t = I (diagonal=True: a vector of ones), B_j = 0 (`heads` of them), mixing logits
+    w [T, n_B] kaiming-uniform, τ = 0.1. Task ids come from `adapter_context(model, task_ids=...)`.
+    Not mergeable (ΔW_t depends on the task). A-output: A·drop(x) (before Λ_t).
+    """
+    mergeable = False
+    unmergeable_reason = "ΔW depends on the task id (ΔW_t = s·B̃_t Λ_t A); there is no single merged weight"
+
+    def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, num_tasks=None, temperature=0.1,
+                 diagonal=False):
+        super().__init__(base, rank, alpha, dropout)
+        if not num_tasks or int(num_tasks) < 1:
+            raise ValueError("mtl adapters need num_tasks >= 1 (the number of distinct task ids)")
+        if int(heads) < 1 or temperature <= 0:
+            raise ValueError(f"mtl needs heads >= 1 and temperature > 0, got {heads}, {temperature}")
+        T, r = int(num_tasks), self.rank
+        self.num_tasks, self.heads, self.temperature, self.diagonal = T, int(heads), temperature, diagonal
+        self.lora_A = self.new(r, self.in_features)
+        self.lora_lambda = self.new(T, r) if diagonal else self.new(T, r, r)
+        self.lora_B = self.new(self.heads, self.out_features, r)  # zeros
+        self.lora_mix = self.new(T, self.heads)
+        kaiming_(self.lora_A.weight)
+        kaiming_(self.lora_mix.weight)
+        with torch.no_grad():
+            self.lora_lambda.weight.copy_(torch.ones(T, r) if diagonal else torch.eye(r).expand(T, r, r))
+
+    def task_ids(self, x):
+        t = self.ctx.task_ids if self.ctx is not None else None
+        if t is None:
+            raise ValueError("MTL-LoRA needs per-sample task ids: run the forward (and, with gradient checkpointing, "
+                             "the backward) inside adapter_context(model, task_ids=...)")
+        if x.dim() < 2 or x.shape[0] != t.shape[0]:
+            raise ValueError(f"task_ids has {t.shape[0]} entries but the input batch has {x.shape[0]} rows")
+        return t
+
+    def mixing(self, t):
+        return (self.lora_mix.weight[t] / self.temperature).softmax(-1)  # [b, n_B]
+
+    def transform(self, t):
+        lam = self.lora_lambda.weight[t]
+        return torch.diag_embed(lam) if self.diagonal else lam  # Λ_t [b, r, r]
+
+    def adapter_out(self, x):
+        t = self.task_ids(x)
+        b, r = x.shape[0], self.rank
+        z = self.report(F.linear(self.lora_dropout(x), self.lora_A.weight))
+        z = z.reshape(b, -1, r) @ self.transform(t).transpose(1, 2)         # Λ_t z, one bmm over the batch
+        u = z.unsqueeze(-2) * self.mixing(t)[:, None, :, None]             # [b, L, n_B, r]
+        y = self.scaling * F.linear(u.flatten(-2), side_by_side(self.lora_B.weight))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def lowrank(self, task=None):
+        """ΔW_t = s·B̃_t Λ_t A for one task t (analysis; not a merge)."""
+        if task is None:
+            raise ValueError("MTL-LoRA's ΔW depends on the task: pass task=<id>")
+        t = torch.tensor([task], device=self.lora_A.weight.device)
+        Bt = torch.einsum("n,nor->or", self.mixing(t)[0], self.lora_B.weight).float()
+        return self.scaling * Bt @ self.transform(t)[0].float(), self.lora_A.weight.float()
+
+
+class MultiLoRALinear(AdapterLinear):
+    """MultiLoRA (METHODS §2.8): h = W0 x + b + s·Σ_i diag(g_i) B_i A_i drop(x), n = `heads` pairs.
+
+    A_i and B_i both kaiming-uniform (non-zero), g_i = 0 so ΔW = 0 at step 0. scale_granularity "vector"
+    (g_i ∈ R^out, the MTL-LoRA repo's version) or "scalar" (one g_i per pair; the paper's wording).
+    A-output: the n A-outputs side by side, [..., n·r] (one matmul with the stacked A).
+    """
+
+    def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, scale_granularity="vector"):
+        super().__init__(base, rank, alpha, dropout)
+        if scale_granularity not in ("vector", "scalar"):
+            raise ValueError(f"scale_granularity must be 'vector' or 'scalar', got {scale_granularity!r}")
+        n, r = int(heads), self.rank
+        self.heads, self.scale_granularity = n, scale_granularity
+        self.lora_A = self.new(n, r, self.in_features)
+        self.lora_B = self.new(n, self.out_features, r)
+        self.lora_scale = self.new(n, self.out_features) if scale_granularity == "vector" else self.new(n)  # zeros
+        kaiming_(self.lora_A.weight)
+        kaiming_(self.lora_B.weight)
+
+    def stacked(self):
+        """([diag(g_1)B_1 | … | diag(g_n)B_n] [out, n·r], [A_1; …; A_n] [n·r, in])."""
+        g = self.lora_scale.weight
+        gB = self.lora_B.weight * (g[:, :, None] if g.dim() == 2 else g[:, None, None])
+        return side_by_side(gB), self.lora_A.weight.flatten(0, 1)
+
+    def adapter_out(self, x):
+        B, A = self.stacked()
+        z = self.report(F.linear(self.lora_dropout(x), A))
+        return self.scaling * F.linear(z, B)
+
+    def lowrank(self, task=None):
+        B, A = self.stacked()
+        return self.scaling * B.float(), A.float()
+
+
+KINDS = {  # --adapter name -> (class, fixed options)
+    "lora": (LoRALinear, {}),
+    "align": (LoRALinear, {}),
+    "hydra": (HydraLoRALinear, {"router": True}),
+    "hydra-norouter": (HydraLoRALinear, {"router": False}),
+    "rlora": (RLoRALinear, {}),
+    "mlora": (MLoRALinear, {}),
+    "mtl": (MTLLoRALinear, {}),
+    "multilora": (MultiLoRALinear, {}),
+}
+
+
+# ----------------------------------------------------------------------------- model-level API
+
+def adapter_modules(model):
+    """[(module path, adapter)] in model order."""
+    return [(m.adapter_name or n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
+
+
+def _targets(targets):
+    targets = tuple(t for t in (targets.split(",") if isinstance(targets, str) else targets) if t)
+    if "lm_head" in targets:
+        raise ValueError("lm_head is never adapted (it is tied to the embeddings in many models); drop it from targets")
+    return targets
+
+
+def _target_linears(model, targets):
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets and n.rsplit(".", 1)[-1] != "lm_head"]
+
+
+def apply_adapter(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=3, dropout=0.0, num_tasks=None,
+                  **kw):
+    """Replace every nn.Linear whose name ends in one of `targets` by a `kind` adapter; freeze everything else.
+
+    Extra options (kw) go to the adapter class (e.g. rlora: gamma, code_faithful; mlora: head_reduction; mtl:
+    temperature, diagonal; multilora: scale_granularity). The configuration is recorded in `model.adapter_config`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if getattr(model, "adapter_config", None):
+        raise ValueError(f"model already has a {model.adapter_config['kind']!r} adapter; merge_adapters() it or "
+                         "start from a fresh base model")
+    cls, fixed = KINDS[kind]
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "base"}
+    options = allowed - {"rank", "alpha", "dropout", "heads", "num_tasks"} - set(fixed)
+    unknown = sorted(set(kw) - options)
+    if unknown:
+        raise ValueError(f"adapter {kind!r} has no option {unknown[0]!r}; its options are {sorted(options)}")
+    args = dict(rank=rank, alpha=alpha, dropout=dropout, **fixed, **kw)
+    if "heads" in allowed:
+        args["heads"] = heads
+    if "num_tasks" in allowed:
+        args["num_tasks"] = num_tasks
+    targets = _targets(targets)
+    found = _target_linears(model, targets)
+    if not found:
+        have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no nn.Linear named {list(targets)} in the model; its linear layers are named {have}")
+    adapters = [cls(lin, **args) for _, lin in found]  # bad options raise here, before the model is touched
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for (name, lin), adapter in zip(found, adapters):
+        parent, _, child = name.rpartition(".")
+        adapter.adapter_name = name
+        adapter.train(lin.training)  # a new module starts in train mode; keep the model's mode (dropout!)
+        adapter.requires_grad_(True)
+        adapter.weight.requires_grad_(False)
+        if adapter.bias is not None:
+            adapter.bias.requires_grad_(False)
+        setattr(model.get_submodule(parent) if parent else model, child, adapter)
+    cfg = getattr(model, "config", None)
+    signature = {k: getattr(cfg, k) for k in ("arch", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads", "vocab_size")
+                 if hasattr(cfg, k)}
+    model.adapter_config = {
+        "format": "nanoalign-adapter", "kind": kind, "rank": int(rank), "alpha": alpha, "dropout": dropout,
+        "targets": list(targets), "heads": args.get("heads"), "num_tasks": args.get("num_tasks"), "options": kw,
+        "base_model": getattr(model, "name_or_path", None), "base_config": signature,
+        "modules": {n: [m.out_features, m.in_features] for n, m in found},
+    }
+    return model
+
+
+def merge_adapters(model):
+    """Fold every adapter into its base weight (W0 ← W0 + ΔW) and turn it back into a plain nn.Linear."""
+    mods = adapter_modules(model)
+    if not mods:
+        raise ValueError("model has no adapters to merge")
+    for name, m in mods:  # check all first: never leave a half-merged model behind
+        if not m.mergeable:
+            kind = (getattr(model, "adapter_config", None) or {}).get("kind", type(m).__name__)
+            raise ValueError(f"{kind} adapters cannot be merged: {m.unmergeable_reason}")
+    for name, m in mods:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, m.merge())
+    if hasattr(model, "adapter_config"):
+        del model.adapter_config
+    return model
+
+
+def count_trainable(model) -> int:
+    """Number of trainable parameter elements (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def rank_for_budget(model_or_cfg, targets, budget_params) -> int:
+    """The plain-LoRA rank whose trainable count r·Σ(d_in + d_out) over the targets is closest to the budget (§2.2).
+
+    `model_or_cfg`: an nn.Module (a meta-device model is fine), a ModelConfig, or a Hugging Face config dict.
+    """
+    model = model_or_cfg
+    if not isinstance(model, nn.Module):
+        from .model import CausalLM, ModelConfig
+        cfg = ModelConfig.from_hf_dict(model) if isinstance(model, dict) else model
+        with torch.device("meta"):
+            model = CausalLM(cfg)
+    targets = _targets(targets)
+    per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules()
+                   if isinstance(m, (nn.Linear, AdapterLinear)) and n.rsplit(".", 1)[-1] in targets)
+    if per_rank == 0:
+        raise ValueError(f"no linear layers named {list(targets)} in the model")
+    return max(1, round(budget_params / per_rank))
+
+
+# ----------------------------------------------------------------------------- save / load / PEFT export
+
+def _require_adapter(model):
+    cfg = getattr(model, "adapter_config", None)
+    if not cfg:
+        raise ValueError("model has no adapter: call apply_adapter(model, kind, ...) or load_adapter(model, dir) first")
+    return cfg
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _adapter_tensors(model):
+    """{'<module path>.<local key>': tensor} for the adapter tensors only (no frozen weight/bias)."""
+    return {f"{name}.{k}": v for name, m in adapter_modules(model)
+            for k, v in m.state_dict(keep_vars=True).items() if k not in ("weight", "bias")}
+
+
+def save_adapter(model, directory):
+    """Write `adapter.safetensors` (adapter tensors only) and `adapter_config.json` into `directory`, atomically."""
+    from safetensors.torch import save_file
+    cfg = _require_adapter(model)
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _adapter_tensors(model).items()}
+    if any(t.is_meta for t in tensors.values()):
+        raise ValueError("cannot save an adapter that lives on the meta device (it has no values)")
+    _atomic_write(d / "adapter.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(d / "adapter_config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
+
+
+def load_adapter(model, directory):
+    """Load an adapter saved by `save_adapter`; applies it first when the model has none. Returns the model."""
+    from safetensors.torch import load_file
+    d = Path(directory)
+    cfg_file, st_file = d / "adapter_config.json", d / "adapter.safetensors"
+    if not cfg_file.is_file() or not st_file.is_file():
+        raise FileNotFoundError(f"{d}: not a nanoalign adapter directory (needs adapter_config.json and "
+                                "adapter.safetensors, as written by save_adapter)")
+    saved = json.loads(cfg_file.read_text())
+    if saved.get("format") != "nanoalign-adapter":
+        raise ValueError(f"{cfg_file}: not a nanoalign adapter config (a PEFT directory? load those with peft)")
+    have = {n: [m.out_features, m.in_features] for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, AdapterLinear))}
+    for name, shape in saved["modules"].items():
+        if have.get(name) != shape:
+            raise ValueError(f"{d}: adapter was trained on a base where {name} is {shape}, but this model has "
+                             f"{have.get(name, 'no such layer')}; load it into the base model it was trained on")
+    current = getattr(model, "adapter_config", None)
+    if current is None:
+        apply_adapter(model, saved["kind"], rank=saved["rank"], alpha=saved["alpha"], targets=saved["targets"],
+                      heads=saved["heads"], dropout=saved["dropout"], num_tasks=saved["num_tasks"],
+                      **saved["options"])
+        current = model.adapter_config
+    for key in ("kind", "rank", "alpha", "heads", "num_tasks", "options", "modules"):
+        if current[key] != saved[key]:
+            raise ValueError(f"{d}: saved adapter has {key}={saved[key]!r} but the model's adapter has "
+                             f"{current[key]!r}; load it into a fresh base model instead")
+    tensors, expected = load_file(str(st_file)), _adapter_tensors(model)
+    for k in sorted(set(expected) | set(tensors)):
+        if k not in tensors or k not in expected or tensors[k].shape != expected[k].shape:
+            raise ValueError(f"{st_file}: tensor {k!r} is missing, unexpected or of the wrong shape; the file does "
+                             "not match its adapter_config.json")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            expected[k].copy_(t)
+    return model
+
+
+def export_peft(model, directory, base_model_name_or_path=None):
+    """Write a Hugging Face PEFT LoRA directory (`adapter_model.safetensors` + `adapter_config.json`).
+
+    lora/align export their A and B as they are. hydra-norouter, mlora and multilora export their exact merged
+    low-rank form ΔW = B_eff A_eff with s folded into B_eff (PEFT sees r = lora_alpha = rank of the form, scale 1):
+    rank r, 2r (M-LoRA: [s·ΣB_i | −C_B]·[A; C_A] carries the init compensation) and n·r. Routers (hydra, rlora) and
+    per-task adapters (mtl) have no PEFT LoRA form and raise.
+    """
+    from safetensors.torch import save_file
+    cfg = _require_adapter(model)
+    tensors, ranks, alpha, rslora = {}, set(), None, False
+    for name, m in adapter_modules(model):
+        if cfg["kind"] in ("lora", "align"):
+            B, A = m.lora_B.weight, m.lora_A.weight
+            alpha, rslora = m.alpha, m.rank_stabilized
+        elif m.mergeable:
+            with torch.no_grad():
+                B, A = m.lowrank()
+            alpha = A.shape[0]
+        else:
+            raise ValueError(f"{cfg['kind']} adapters have no PEFT LoRA form: {m.unmergeable_reason}; use "
+                             "save_adapter (nanoalign format)")
+        ranks.add(A.shape[0])
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
+    (r,) = ranks
+    peft_cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in cfg["modules"]}), "lora_dropout": cfg["dropout"],
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "alpha_pattern": {}, "revision": None,
+        "base_model_name_or_path": base_model_name_or_path or cfg.get("base_model"),
+    }
+    note = {"exported_from": cfg["kind"], "rank": cfg["rank"], "alpha": cfg["alpha"], "heads": cfg["heads"],
+            "exported_rank": r, "scaling_folded_into_B": cfg["kind"] not in ("lora", "align")}
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    _atomic_write(d / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(d / "adapter_config.json", lambda p: p.write_text(json.dumps(peft_cfg, indent=2)))
+    _atomic_write(d / "nanoalign_export.json", lambda p: p.write_text(json.dumps(note, indent=2)))
+    return d

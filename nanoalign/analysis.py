@@ -1,0 +1,72 @@
+"""What the trained adapters look like: inter-head similarity and ΔW spectra (METHODS.md §4.1).
+
+Align-LoRA's Figure 2 / R-LoRA's `analysis_cos.py`: for each (layer, module type), flatten the N head matrices
+B_i ∈ R^{out×r} of that module's adapter, form the N×N cosine-similarity matrix and average its strict upper
+triangle. High values mean the heads learned (nearly) the same thing — the "multi-head paradox" (§7 claim 1).
+"""
+
+import math
+import re
+
+import torch
+
+from .adapters import adapter_modules
+
+
+def layer_index(name: str):
+    """`model.layers.3.mlp.up_proj` -> 3 (None when the path has no `layers.<i>`)."""
+    m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def head_cosine_similarity(model) -> dict:
+    """{(layer, module type): mean pairwise cosine similarity of the flattened heads B_i} (METHODS §4.1).
+
+    Covers every adapter with N ≥ 2 up-projections in `lora_B` [N, out, r]: HydraLoRA (with/without router),
+    R-LoRA, M-LoRA, and also MTL-LoRA's B_j and MultiLoRA's B_i (the latter pair with different A_i, so read
+    those values with care). A zero head has no direction: the value is NaN (e.g. HydraLoRA at step 0).
+    """
+    out = {}
+    for name, m in adapter_modules(model):
+        B = m.lora_B.weight
+        if B.dim() != 3 or B.shape[0] < 2:
+            continue
+        flat = B.detach().float().flatten(1)  # [N, out·r]
+        norms = flat.norm(dim=1)
+        if bool((norms == 0).any()):
+            out[(layer_index(name), name.rsplit(".", 1)[-1])] = math.nan
+            continue
+        u = flat / norms[:, None]
+        sim = u @ u.T
+        i, j = torch.triu_indices(len(u), len(u), offset=1)
+        out[(layer_index(name), name.rsplit(".", 1)[-1])] = sim[i, j].mean().item()
+    return out
+
+
+@torch.no_grad()
+def delta_weight_spectrum(model, task=None) -> dict:
+    """{module path: singular values of ΔW (descending, fp32)}, from the factored form ΔW = B_eff A_eff.
+
+    ΔW has rank ≤ k (k = columns of B_eff: r for LoRA, 2r for M-LoRA with its compensation, n·r for MultiLoRA), so
+    its k leading singular values come from a k×k matrix (QR of both factors); all others are exactly 0.
+    Router adapters (HydraLoRA, R-LoRA) use the ΔW a uniform router would give, (s/N)·Σ_i B_i A; MTL-LoRA needs
+    `task` (ΔW_t = s·B̃_t Λ_t A).
+    """
+    out = {}
+    for name, m in adapter_modules(model):
+        B, A = m.lowrank(task)
+        _, rb = torch.linalg.qr(B.float())      # B = Q_B R_B
+        _, ra = torch.linalg.qr(A.float().T)    # Aᵀ = Q_A R_A
+        out[name] = torch.linalg.svdvals(rb @ ra.T).cpu()  # ΔW = Q_B (R_B R_Aᵀ) Q_Aᵀ: same singular values
+    return out
+
+
+def effective_rank(s: torch.Tensor) -> float:
+    """Entropy effective rank exp(−Σ p_i log p_i), p = s / Σ s (Roy & Vetterli, 2007); 0 for ΔW = 0."""
+    s = s.double().clamp(min=0)
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())

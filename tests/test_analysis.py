@@ -1,0 +1,92 @@
+"""Analysis helpers (nanoalign/analysis.py) against direct computations: pairwise cosine loops (METHODS §4.1) and
+torch.linalg.svdvals of the dense ΔW."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoalign.adapters import adapter_context, adapter_modules, apply_adapter
+from nanoalign.analysis import delta_weight_spectrum, effective_rank, head_cosine_similarity, layer_index
+from nanoalign.model import CausalLM, ModelConfig
+
+CFG = ModelConfig(arch="llama", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def tiny_with(kind, **kw):
+    torch.manual_seed(0)
+    model = apply_adapter(CausalLM(CFG).eval(), kind, rank=4, heads=3, targets=MLP, **kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def test_layer_index():
+    """Layer numbers are read from `layers.<i>.` in the module path."""
+    assert layer_index("model.layers.12.mlp.up_proj") == 12
+    assert layer_index("layers.0.self_attn.q_proj") == 0
+    assert layer_index("lm_head") is None
+
+
+def test_head_cosine_similarity_matches_pairwise_loop():
+    """One value per (layer, module type) = mean over i<j of cos(vec B_i, vec B_j), checked against a loop with
+    F.cosine_similarity, and on hand-made heads (B, B, −B -> (1 − 1 − 1)/3)."""
+    model = tiny_with("mlora")
+    sims = head_cosine_similarity(model)
+    assert set(sims) == {(i, p) for i in range(2) for p in MLP}
+    for name, m in adapter_modules(model):
+        B = m.lora_B.weight.detach().flatten(1)
+        pairs = [F.cosine_similarity(B[i], B[j], dim=0).item() for i in range(3) for j in range(i + 1, 3)]
+        assert math.isclose(sims[(layer_index(name), name.rsplit(".", 1)[-1])], sum(pairs) / 3, abs_tol=1e-6)
+    m = model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        m.lora_B.weight[1] = m.lora_B.weight[0] * 2.0  # scale does not matter
+        m.lora_B.weight[2] = -m.lora_B.weight[0]
+    assert math.isclose(head_cosine_similarity(model)[(1, "up_proj")], -1 / 3, abs_tol=1e-6)
+
+
+def test_head_cosine_similarity_zero_heads_and_single_head_adapters():
+    """Zero-initialised heads (HydraLoRA at step 0) have no direction -> NaN; plain LoRA has no heads -> no entry."""
+    torch.manual_seed(0)
+    hydra = apply_adapter(CausalLM(CFG), "hydra", rank=4, heads=3, targets=MLP)
+    assert all(math.isnan(v) for v in head_cosine_similarity(hydra).values())
+    assert len(head_cosine_similarity(hydra)) == 6
+    assert head_cosine_similarity(apply_adapter(CausalLM(CFG), "lora", rank=4, targets=MLP)) == {}
+
+
+@pytest.mark.parametrize("kind, k", [("lora", 4), ("mlora", 8), ("multilora", 12), ("hydra", 4), ("mtl", 4)])
+def test_delta_weight_spectrum_matches_dense_svd(kind, k):
+    """The k singular values from the factored ΔW equal torch.linalg.svdvals of the dense ΔW (whose remaining
+    values are 0); for mergeable adapters ΔW is exactly what changes the layer's eval-mode output."""
+    model = tiny_with(kind, **({"num_tasks": 2} if kind == "mtl" else {}))
+    task = 1 if kind == "mtl" else None
+    spectra = delta_weight_spectrum(model, task=task)
+    assert list(spectra) == [n for n, _ in adapter_modules(model)]
+    for name, m in adapter_modules(model):
+        dense = m.delta_weight(task)
+        full = torch.linalg.svdvals(dense)
+        assert spectra[name].shape == (k,)
+        assert torch.allclose(spectra[name], full[:k], atol=1e-5, rtol=1e-4)
+        assert full[k:].abs().max() < 1e-5
+        if m.mergeable:
+            x = torch.randn(3, m.in_features)
+            with adapter_context(model):
+                y = m(x)
+            assert torch.allclose(y, x @ (m.weight + dense).T + (0 if m.bias is None else m.bias), atol=1e-5)
+    if kind == "mtl":  # ΔW_t differs per task: no task, no spectrum
+        with pytest.raises(ValueError, match="pass task"):
+            delta_weight_spectrum(model)
+
+
+def test_effective_rank():
+    """exp(entropy of s/Σs): k equal values -> k; one non-zero value -> 1; all zero (ΔW = 0) -> 0."""
+    assert math.isclose(effective_rank(torch.ones(5)), 5.0)
+    assert math.isclose(effective_rank(torch.tensor([3.0, 0.0, 0.0])), 1.0)
+    assert effective_rank(torch.zeros(4)) == 0.0
+    assert 1.0 < effective_rank(torch.tensor([4.0, 1.0])) < 2.0
