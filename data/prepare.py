@@ -1,0 +1,135 @@
+"""Prepare a task suite as JSONL files of normalised examples (nanoGPT-style data/prepare.py).
+
+    python data/prepare.py builtin                                  # generated in code, offline
+    python data/prepare.py glue --source ../shared/data --out data/
+    python data/prepare.py commonsense --tasks piqa,siqa
+    python data/prepare.py bbh                                      # evaluation only: writes <task>-test.jsonl
+
+Reads the ORIGINAL file layouts (GLUE tsv, PIQA/SIQA jsonl + labels.lst, BoolQ, HellaSwag, WinoGrande v1.1, AI2
+ARC/OpenBookQA, BBH json) under `<source>/<suite>/<task>/` and writes `<out>/<suite>/<task>-{train,test}.jsonl`.
+GLUE dev is the test split; a task with one labelled split is split deterministically; training splits are capped as
+in the Align-LoRA data code (nanoalign/tasks.py TRAIN_CAPS, seed 42). Tasks whose files are absent are skipped.
+Without --source (and no ../shared/data beside the repo) the original files are downloaded from their public homes
+into ~/.cache/nanoalign/data when online.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from nanoalign.data import write_jsonl  # noqa: E402
+from nanoalign.tasks import (BUILTIN_TASKS, SUITES, TRAIN_CAPS, builtin_examples, read_task, subsample,  # noqa: E402
+                             task_dir)
+
+GLUE_ZIP = "https://dl.fbaipublicfiles.com/glue/data/"
+AI2 = "https://ai2-public-datasets.s3.amazonaws.com/"
+MOSAIC = "https://storage.googleapis.com/ai2-mosaic/public/"
+# task -> original files (a URL, or (URL, file name) where the URL does not end in it); zips are unpacked flat into
+# the task directory, keeping only members under ZIP_KEEP[task] when given
+URLS = {
+    "sst2": [GLUE_ZIP + "SST-2.zip"], "cola": [GLUE_ZIP + "CoLA.zip"], "qqp": [GLUE_ZIP + "QQP-clean.zip"],
+    "mnli": [GLUE_ZIP + "MNLI.zip"], "qnli": [GLUE_ZIP + "QNLIv2.zip"], "rte": [GLUE_ZIP + "RTE.zip"],
+    "mrpc": ["https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt",
+             ("https://firebasestorage.googleapis.com/v0/b/mtl-sentence-representations.appspot.com/o/data%2F"
+              "mrpc_dev_ids.tsv?alt=media&token=ec5c0836-31d5-48f4-b431-7480817f1adc", "dev_ids.tsv")],
+    "boolq": ["https://storage.googleapis.com/boolq/train.jsonl", "https://storage.googleapis.com/boolq/dev.jsonl"],
+    "piqa": [f"https://yonatanbisk.com/piqa/data/{f}"
+             for f in ("train.jsonl", "train-labels.lst", "valid.jsonl", "valid-labels.lst")],
+    "siqa": [MOSAIC + "socialiqa/socialiqa-train-dev.zip"],
+    "hellaswag": [f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{s}.jsonl"
+                  for s in ("train", "val")],
+    "winogrande": [MOSAIC + "winogrande/winogrande_1.1.zip"],
+    "arc-easy": [AI2 + "arc/ARC-V1-Feb2018.zip"], "arc-challenge": [AI2 + "arc/ARC-V1-Feb2018.zip"],
+    "openbookqa": [AI2 + "open-book-qa/OpenBookQA-V1-Sep2018.zip"],
+}
+ZIP_KEEP = {"mnli": "MNLI/", "arc-easy": "ARC-Easy/", "arc-challenge": "ARC-Challenge/", "openbookqa": "Data/Main/"}
+BBH_URL = "https://raw.githubusercontent.com/suzgun/BIG-Bench-Hard/main/bbh/{}.json"
+
+
+def fetch(url, path):
+    """Download url to path atomically (a .part file, then os.replace); skipped when path exists."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+        shutil.copyfileobj(r, f)
+    os.replace(tmp, path)
+    return path
+
+
+def download(task, source):
+    """Fetch one task's original files into source/<suite>/<task dir>/ (archives kept in source/_archives)."""
+    d = task_dir(source, task)
+    for entry in [BBH_URL.format(task)] if task in SUITES["bbh"] else URLS[task]:
+        url, name = entry if isinstance(entry, tuple) else (entry, entry.rsplit("/", 1)[-1])
+        if not name.endswith(".zip"):
+            fetch(url, d / name)
+            continue
+        with zipfile.ZipFile(fetch(url, Path(source) / "_archives" / name)) as z:
+            for m in z.namelist():
+                base = m.rsplit("/", 1)[-1]
+                if base and not base.startswith(".") and ZIP_KEEP.get(task, "") in m and not (d / base).exists():
+                    d.mkdir(parents=True, exist_ok=True)
+                    (d / (base + ".part")).write_bytes(z.read(m))
+                    os.replace(d / (base + ".part"), d / base)
+
+
+def main():
+    default_source = REPO.parent / "shared" / "data"
+    p = argparse.ArgumentParser(description="Write data/<suite>/<task>-<split>.jsonl from the original files.")
+    p.add_argument("suite", choices=list(SUITES), help="task suite to prepare")
+    p.add_argument("--source", type=Path, default=default_source if default_source.is_dir() else None,
+                   help="directory holding <suite>/<task>/ original files (default: ../shared/data if present, "
+                        "else download into ~/.cache/nanoalign/data)")
+    p.add_argument("--out", type=Path, default=REPO / "data", help="output root (default: data/)")
+    p.add_argument("--tasks", default=None, help="comma list of tasks of the suite (default: all)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the caps' subsampling and of single-split splits")
+    p.add_argument("--no-caps", action="store_true", help="keep every training example (ignore TRAIN_CAPS)")
+    args = p.parse_args()
+
+    tasks = SUITES[args.suite] if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in SUITES[args.suite]]
+    if bad:
+        sys.exit(f"error: {', '.join(bad)} not in suite {args.suite} ({', '.join(SUITES[args.suite])})")
+    source = args.source
+    if source is None and args.suite != "builtin":
+        source = Path.home() / ".cache" / "nanoalign" / "data"
+        print(f"no --source given: downloading the original files into {source}")
+        for t in tasks:
+            try:
+                download(t, source)
+            except (OSError, zipfile.BadZipFile) as e:  # URLError, HTTP errors and timeouts are OSErrors
+                sys.exit(f"error: downloading {t} failed ({e}); pass --source DIR with the original files")
+
+    written = 0
+    for t in tasks:
+        if args.suite == "builtin":
+            splits = {s: builtin_examples(t, s) for s in ("train", "test")}
+        else:
+            try:
+                splits = read_task(t, source, seed=args.seed)
+            except FileNotFoundError as e:
+                print(f"skip {t}: {e}")
+                continue
+        if "train" in splits and not args.no_caps:
+            splits["train"] = subsample(splits["train"], TRAIN_CAPS.get(t), seed=args.seed, salt=t)
+        for split, rows in splits.items():
+            path = args.out / args.suite / f"{t}-{split}.jsonl"
+            write_jsonl(path, tqdm(rows, desc=f"{t}-{split}", unit="row", leave=False))
+            print(f"wrote {path} ({len(rows)} rows)")
+            written += 1
+    if written == 0:
+        sys.exit(f"error: no {args.suite} task found under {source}; pass --source DIR with the original files")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Multi-task data for nanoalign: loading tasks, answer-only tokenisation, task-balanced micro-batches, scoring.
+
+Implements the data side of METHODS.md: the prompt/answer tokenisation of §5.1 (labels -100 on the prompt, the
+answer plus one end marker is the target), the task-balanced micro-batches of §3.7 (every micro-batch holds exactly
+k examples of every task, so the alignment loss of §3 always sees every task and task ids travel explicitly), and
+the answer extraction of the Align-LoRA evaluation (§5.1: text after the last "Answer:", numbers as floats, option
+letters by regex, otherwise lower-cased exact match without periods).
+
+Normalised example (one JSON object per line in data/<suite>/<task>-<split>.jsonl, see data/README.md):
+
+    {"task": "sst2", "prompt": "...\\nAnswer:", "answer": " positive", "options": [" negative", " positive"]}
+
+Task ids are the positions of the task names in sorted order, everywhere (batches, evaluation, alignment groups).
+"""
+
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .tasks import BBH_TASKS, BUILTIN_TASKS, SUITES, TASK_SUITE, builtin_examples, subsample
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSONL files of normalised examples
+
+def check_example(ex):
+    """The problem with one normalised example as a short phrase, or None when it is well-formed."""
+    if not isinstance(ex, dict):
+        return f"expected a JSON object, got {type(ex).__name__}"
+    for key in ("task", "prompt", "answer"):
+        if key not in ex:
+            return f"missing key {key!r}"
+        if not isinstance(ex[key], str) or not ex[key].strip():
+            return f"{key!r} must be a non-empty string"
+    if "options" in ex:
+        opts = ex["options"]
+        if not isinstance(opts, list) or not opts or not all(isinstance(o, str) and o.strip() for o in opts):
+            return "'options' must be a non-empty list of non-empty strings"
+        if ex["answer"] not in opts:
+            return f"answer {ex['answer']!r} is not one of the options {opts}"
+    return None
+
+
+def read_jsonl(path):
+    """Normalised examples of a JSONL file; a malformed row raises ValueError naming the file, line and problem."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if problem := check_example(ex):
+                raise ValueError(f"{path}:{i}: {problem}")
+            rows.append(ex)
+    return rows
+
+
+def write_jsonl(path, rows):
+    """Write examples atomically (temp file in the same directory, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for ex in rows:
+                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+def prepare_hint(suite, task=None):
+    tasks = f" --tasks {task}" if task else ""
+    return f"run `python data/prepare.py {suite} --source DIR{tasks}` first"
+
+
+def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None, seed=0):
+    """Examples grouped by task: dict[task -> list[example]], keys sorted (the task-id order).
+
+    spec: a suite name ("builtin", "glue", "commonsense", "bbh"), a comma list of task names (e.g. "sst2,rte,piqa"),
+    or a path to a JSONL file of normalised examples (task names come from the rows; `split` is then ignored).
+    Builtin tasks are generated in memory. For a file-backed suite, tasks whose prepared file is missing are left out
+    (MNLI, QQP, HellaSwag and WinoGrande have no local source) with one warning line; none at all is an error.
+    max_per_task: keep at most this many examples per task (random subsample, deterministic in `seed`).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    data_dir = Path(data_dir)
+    by_task = {}
+    if spec.endswith(".jsonl") or os.sep in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (spec is a path to a JSONL file of normalised examples)")
+        for ex in read_jsonl(path):
+            by_task.setdefault(ex["task"], []).append(ex)
+        if not by_task:
+            raise ValueError(f"{path} holds no examples")
+    elif spec in SUITES:
+        if spec == "bbh" and split == "train":
+            raise ValueError("bbh is evaluation-only (its files carry a do-not-train canary); use split='test'")
+        if spec == "builtin":
+            by_task = {t: builtin_examples(t, split) for t in BUILTIN_TASKS}
+        else:
+            files = {t: data_dir / spec / f"{t}-{split}.jsonl" for t in SUITES[spec]}
+            present = {t: p for t, p in files.items() if p.exists()}
+            if not present:
+                raise FileNotFoundError(f"no prepared {spec} data in {data_dir / spec}: {prepare_hint(spec)}")
+            missing = sorted(set(files) - set(present))
+            if missing:
+                print(f"note: {spec} tasks without prepared {split} data are left out: {', '.join(missing)}",
+                      file=sys.stderr)
+            by_task = {t: read_jsonl(p) for t, p in present.items()}
+    else:
+        names = [t.strip() for t in spec.split(",") if t.strip()]
+        unknown = [t for t in names if t not in TASK_SUITE]
+        if unknown or not names:
+            raise ValueError(f"unknown task {', '.join(unknown) or repr(spec)}: give a suite ({', '.join(SUITES)}), "
+                             f"a comma list of task names, or a path to a .jsonl file")
+        for t in names:
+            suite = TASK_SUITE[t]
+            if suite == "builtin":
+                by_task[t] = builtin_examples(t, split)
+                continue
+            if suite == "bbh" and split == "train":
+                raise ValueError(f"{t} is a BBH task: evaluation-only, use split='test'")
+            path = data_dir / suite / f"{t}-{split}.jsonl"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} not found: {prepare_hint(suite, t)}")
+            by_task[t] = read_jsonl(path)
+    for t, rows in by_task.items():
+        if not rows:
+            raise ValueError(f"task {t!r} has no {split} examples")
+        wrong = next((ex["task"] for ex in rows if ex["task"] != t), None)
+        if wrong is not None:
+            raise ValueError(f"file for task {t!r} holds a row of task {wrong!r}")
+    return {t: subsample(by_task[t], max_per_task, seed=seed, salt=t) for t in sorted(by_task)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenisation
+
+def encode_example(tok, ex, max_len):
+    """(input_ids, labels) as lists of Python ints, with the loss on the answer only (§5.1).
+
+    input_ids = prompt_ids + answer_ids + [eos]; labels = -100 on the prompt, the ids themselves on answer + eos (eos
+    is the end marker the model learns to emit, so greedy decoding stops). Prompt and answer are tokenised apart;
+    because the prompt ends with "Answer:" and the answer starts with a space, this matches the ids a model sees when
+    it generates after the prompt. No BOS is added (tok.encode adds no special tokens).
+    Over max_len, the prompt is cut from the left: the answer and the "Answer:" cue always survive.
+    """
+    prompt = [int(i) for i in tok.encode(ex["prompt"])]
+    answer = [int(i) for i in tok.encode(ex["answer"])] + [int(tok.eos_id)]
+    if len(answer) >= max_len:
+        raise ValueError(f"answer of a {ex['task']} example is {len(answer)} tokens with eos, more than "
+                         f"max_len={max_len} leaves for the prompt: raise max_len")
+    prompt = prompt[max(0, len(prompt) - (max_len - len(answer))):]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+def encode_tasks(tok, tasks, max_len):
+    """encode_example over dict[task -> list[example]] -> dict[task -> list[(input_ids, labels)]]."""
+    return {t: [encode_example(tok, ex, max_len) for ex in rows] for t, rows in tasks.items()}
+
+
+def pad_right(seqs, labels, pad_id):
+    """Right-pad to the longest sequence: input_ids [B,T] int64, attention_mask [B,T] bool, labels [B,T] int64."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
+    lab = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        lab[i, :len(l)] = torch.tensor(l, dtype=torch.long)
+        mask[i, :len(s)] = True
+    return ids, mask, lab
+
+
+def left_pad(batch_of_id_lists, pad_id):
+    """Left-pad prompts for batched generation -> (input_ids [B,T] int64, attention_mask [B,T] bool).
+    Left padding puts every prompt's last token in the final column, where generation continues."""
+    T = max(len(s) for s in batch_of_id_lists)
+    ids = torch.full((len(batch_of_id_lists), T), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(batch_of_id_lists), T), dtype=torch.bool)
+    for i, s in enumerate(batch_of_id_lists):
+        if len(s):
+            ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, T - len(s):] = True
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# task-balanced micro-batches
+
+class BalancedBatcher:
+    """Endless iterator of micro-batches holding exactly `per_task` examples of every task (§3.7).
+
+    Each task is walked through its own permutation (sampling without replacement within an epoch of that task) and
+    reshuffled at every new epoch; the permutation of epoch e of task t is a pure function of (seed, t, e), so the
+    whole stream is deterministic in `seed` and the state is a few integers (state_dict / load_state_dict resume it
+    exactly). Under DDP every rank walks the same global stream, which takes per_task * world_size examples of each
+    task per step, and keeps slice `rank`: the ranks' examples are disjoint within each task epoch and every rank's
+    micro-batch is still per_task-per-task balanced.
+
+    Task ids are positions in sorted task names; rows are grouped task by task in that order. Batches are right-padded
+    to their longest sequence: {"input_ids" [B,T] int64, "attention_mask" [B,T] bool, "labels" [B,T] int64 (-100 on
+    prompt and padding), "task_ids" [B] int64}, B = per_task * number of tasks.
+    """
+
+    def __init__(self, encoded_by_task, per_task=1, seed=0, rank=0, world_size=1, pad_id=0):
+        if per_task < 1:
+            raise ValueError(f"per_task must be >= 1, got {per_task}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if not encoded_by_task:
+            raise ValueError("no tasks to batch")
+        self.tasks = sorted(encoded_by_task)
+        self.data = [encoded_by_task[t] for t in self.tasks]
+        for t, rows in zip(self.tasks, self.data):
+            if len(rows) < per_task * world_size:
+                raise ValueError(f"task {t!r} has {len(rows)} examples, fewer than per_task * world_size = "
+                                 f"{per_task * world_size} needed for one step")
+        self.per_task, self.seed, self.rank, self.world_size, self.pad_id = per_task, seed, rank, world_size, pad_id
+        self.step = 0
+        self.epoch = [0] * len(self.tasks)
+        self.pos = [0] * len(self.tasks)
+        self._perm = [None] * len(self.tasks)  # cache of the current epoch's permutation per task
+
+    def permutation(self, t, epoch):
+        idx = list(range(len(self.data[t])))
+        random.Random(f"{self.seed}/{self.tasks[t]}/{epoch}").shuffle(idx)
+        return idx
+
+    def _take(self, t, n):
+        """Next n indices of task t's stream, rolling over into a freshly shuffled epoch when one runs out."""
+        out = []
+        while len(out) < n:
+            if self._perm[t] is None or self._perm[t][0] != self.epoch[t]:
+                self._perm[t] = (self.epoch[t], self.permutation(t, self.epoch[t]))
+            perm = self._perm[t][1]
+            k = min(n - len(out), len(perm) - self.pos[t])
+            out += perm[self.pos[t]:self.pos[t] + k]
+            self.pos[t] += k
+            if self.pos[t] == len(perm):
+                self.epoch[t], self.pos[t] = self.epoch[t] + 1, 0
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        seqs, labels, task_ids = [], [], []
+        k = self.per_task
+        for t in range(len(self.tasks)):
+            mine = self._take(t, k * self.world_size)[self.rank * k:(self.rank + 1) * k]
+            for i in mine:
+                ids, lab = self.data[t][i]
+                seqs.append(ids)
+                labels.append(lab)
+                task_ids.append(t)
+        self.step += 1
+        input_ids, attention_mask, labels = pad_right(seqs, labels, self.pad_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "task_ids": torch.tensor(task_ids, dtype=torch.long)}
+
+    def state_dict(self):
+        """Position in the stream (JSON-serialisable). The RNG needs no state: permutations derive from the seed."""
+        return {"tasks": list(self.tasks), "seed": self.seed, "per_task": self.per_task,
+                "world_size": self.world_size, "step": self.step, "epoch": list(self.epoch), "pos": list(self.pos)}
+
+    def load_state_dict(self, state):
+        for key in ("tasks", "seed", "per_task", "world_size"):
+            mine = list(self.tasks) if key == "tasks" else getattr(self, key)
+            if state.get(key) != mine:
+                raise ValueError(f"batcher state has {key}={state.get(key)!r} but this batcher has {mine!r}: "
+                                 "resume with the same tasks, seed, per_task and world size")
+        self.step, self.epoch, self.pos = int(state["step"]), list(state["epoch"]), list(state["pos"])
+        self._perm = [None] * len(self.tasks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation: answer extraction (§5.1)
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+PAREN_LETTER = re.compile(r"\(([A-Z])\)")
+LEADING_LETTER = re.compile(r"^\(?([A-Z])\)?(?=$|[\s.,:;)])")
+LONE_LETTER = re.compile(r"\b([A-Z])\b")
+OPTION_LABEL = re.compile(r"\b(solution|answer|option|ending)\s*(\d+)\b")
+
+
+def prediction_text(generated_text):
+    """The text after the last "Answer:" when present (models may echo the cue), stripped."""
+    i = generated_text.rfind("Answer:")
+    return (generated_text[i + len("Answer:"):] if i >= 0 else generated_text).strip()
+
+
+def as_number(text):
+    """float of a plain number ("12", "-3.5", "1,000"), else None (so "nan" or "True" are not numbers)."""
+    return float(text.replace(",", "")) if NUMBER.fullmatch(text) else None
+
+
+def normalise(text):
+    return text.replace(".", "").strip().lower()
+
+
+def extract_answer(generated_text, gold):
+    """Is the generated text a correct answer to `gold`? Scored by the kind of gold label (§5.1):
+    a number -> first number of the prediction, compared as floats; an option letter "A" or "(A)" -> "(X)" pattern,
+    else a letter at the start, else the first lone capital letter; a label like "solution1"/"answer2"/"option1"/
+    "ending3" -> the first such label; otherwise the first line, lower-cased with periods removed, must equal gold."""
+    pred, gold = prediction_text(generated_text), gold.strip()
+    if (g := as_number(gold)) is not None:
+        m = NUMBER.search(pred)
+        return m is not None and as_number(m.group()) is not None and abs(as_number(m.group()) - g) < 1e-6
+    if m := re.fullmatch(r"\(?([A-Z])\)?", gold):
+        found = PAREN_LETTER.search(pred) or LEADING_LETTER.search(pred) or LONE_LETTER.search(pred)
+        return found is not None and found.group(1) == m.group(1)
+    if m := OPTION_LABEL.fullmatch(gold.lower()):
+        found = OPTION_LABEL.search(pred.lower())
+        return found is not None and found.groups() == m.groups()
+    first_line = pred.split("\n", 1)[0]
+    return normalise(first_line) == normalise(gold)
+
+
+def task_id_map(tasks):
+    """{task name: task id}, ids by sorted name (the convention of BalancedBatcher and load_tasks)."""
+    return {t: i for i, t in enumerate(sorted(tasks))}
+
+
+__all__ = ["IGNORE_INDEX", "BBH_TASKS", "BUILTIN_TASKS", "SUITES", "BalancedBatcher", "check_example",
+           "encode_example", "encode_tasks", "extract_answer", "left_pad", "load_tasks", "pad_right",
+           "prediction_text", "read_jsonl", "task_id_map", "write_jsonl"]

@@ -1,0 +1,500 @@
+"""Tasks for nanoalign: prompt templates, parsers for the original benchmark files, and the offline `builtin` suite.
+
+Prompts follow the Align-LoRA data code as described in METHODS.md §5.1: an instruction sentence naming the task,
+the input text(s) embedded in a short question, the options of a multiple-choice item as numbered lines, an explicit
+"Answer format:" line, and a final "Answer:" cue. Every parser turns one original row into a normalised example
+
+    {"task": "sst2", "prompt": "...\\nAnswer:", "answer": " positive", "options": [" negative", " positive"]}
+
+The answer starts with a single space and `options` (present when the answer is one of a fixed set) are spelled
+exactly like the answer, so `prompt + answer` is the text the model sees and `prompt + option` can be scored by
+log-likelihood. Label words are the paper's (§5.1): SST-2 positive/negative, CoLA acceptable/unacceptable, QQP
+duplicate/different, MRPC equivalent/different, MNLI entailment/neutral/contradiction, QNLI/RTE
+entailment/not_entailment, BoolQ true/false; multiple choice answers solution1/answer2/ending3/option1, or a letter
+A-E for ARC and OpenBookQA.
+
+Original file layouts (see shared/data/SOURCES.md) live under `<source>/<suite>/<task dir>/`; each task reader
+returns its labelled splits as {"train": [...], "test": [...]} (GLUE dev is our test split). BBH is evaluation only:
+the first 3 examples of each task file are the few-shot demonstrations and are never scored.
+"""
+
+import json
+import random
+import re
+import zlib
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------------------------
+# suites and caps
+
+GLUE_TASKS = ["sst2", "cola", "qqp", "mrpc", "mnli", "qnli", "rte"]
+COMMONSENSE_TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc-easy", "arc-challenge", "openbookqa"]
+BBH_TASKS = [
+    "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
+    "formal_fallacies", "geometric_shapes", "hyperbaton", "logical_deduction_five_objects",
+    "logical_deduction_seven_objects", "logical_deduction_three_objects", "movie_recommendation",
+    "multistep_arithmetic_two", "navigate", "object_counting", "penguins_in_a_table",
+    "reasoning_about_colored_objects", "ruin_names", "salient_translation_error_detection", "snarks",
+    "sports_understanding", "temporal_sequences", "tracking_shuffled_objects_five_objects",
+    "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects", "web_of_lies",
+    "word_sorting",
+]
+BUILTIN_TASKS = ["colour-review", "flipped-animal", "larger-number", "alphabet-first", "last-letter"]
+SUITES = {"builtin": BUILTIN_TASKS, "glue": GLUE_TASKS, "commonsense": COMMONSENSE_TASKS, "bbh": BBH_TASKS}
+TASK_SUITE = {task: suite for suite, tasks in SUITES.items() for task in tasks}
+
+# Training-split caps of the Align-LoRA `load_data` (§5.1; random subsample, seed 42). The paper caps ARC (Easy and
+# Challenge together) at 10k; here each is capped on its own, which no real split reaches. Tasks not listed there
+# (cola, mrpc, rte, hellaswag) are used in full.
+TRAIN_CAPS = {"sst2": 20_000, "qqp": 20_000, "mnli": 10_000, "qnli": 10_000, "boolq": 10_000, "openbookqa": 5_000,
+              "piqa": 10_000, "siqa": 10_000, "winogrande": 20_000, "arc-easy": 10_000, "arc-challenge": 10_000}
+BBH_SHOTS = 3
+TEST_FRACTION = 0.1  # held out when a task has a single labelled split (e.g. our local QNLI and BoolQ)
+
+
+def example(task, instruction, question, answer, options=None, choices=None, answer_format=None):
+    """Assemble a normalised example. `choices` are (label, text) lines listed before the answer-format line."""
+    lines = [instruction, question] + [f"{label}: {text}" for label, text in (choices or [])]
+    if options:
+        lines.append("Answer format: " + (answer_format or "/".join(o.strip() for o in options)))
+    ex = {"task": task, "prompt": "\n".join(lines + ["Answer:"])}
+    if answer is not None:  # None only for unlabelled test files
+        ex["answer"] = " " + answer
+    if options:
+        ex["options"] = [" " + o for o in options]
+    return ex
+
+
+def split_one(rows, seed=42, test_fraction=TEST_FRACTION):
+    """Deterministic train/test split of a task that ships a single labelled split (shuffle with `seed`)."""
+    idx = list(range(len(rows)))
+    random.Random(seed).shuffle(idx)
+    n_test = max(1, round(len(rows) * test_fraction))
+    test = set(idx[:n_test])
+    return {"train": [r for i, r in enumerate(rows) if i not in test],
+            "test": [r for i, r in enumerate(rows) if i in test]}
+
+
+def subsample(rows, cap, seed=42, salt=""):
+    """Keep `cap` rows chosen at random (deterministic in `seed` and `salt`), in their original order."""
+    if cap is None or len(rows) <= cap:
+        return list(rows)
+    keep = sorted(random.Random(f"{seed}/{salt}").sample(range(len(rows)), cap))
+    return [rows[i] for i in keep]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# low-level readers: every problem names the file and line
+
+def read_lines(path):
+    """Yield (line_number, text) with the UTF-8 BOM and line ending removed; blank lines are skipped."""
+    with open(path, encoding="utf-8-sig") as f:
+        for i, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield i, line
+
+
+def read_json_lines(path):
+    """Yield (line_number, object) of a JSON Lines file."""
+    for i, line in read_lines(path):
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+
+
+def read_label_list(path):
+    """A `*-labels.lst` file: one label per line, lined up with the rows of the matching jsonl."""
+    return [line.strip() for _, line in read_lines(path)]
+
+
+def row_error(path, line, problem):
+    return ValueError(f"{path}:{line}: {problem}")
+
+
+def first_existing(d, names):
+    return next((d / n for n in names if (d / n).exists()), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GLUE: tab-separated, no quoting (the files hold unbalanced '"'); read exactly as download_glue_data.py writes them
+
+GLUE = {
+    # task: (directory names, text columns, label column, {raw label: label word}, instruction, question)
+    "sst2": (("sst2", "SST-2"), ["sentence"], "label", {"0": "negative", "1": "positive"},
+             "Task: sentiment analysis (SST-2).", 'Question: What is the sentiment of the sentence "{0}"?'),
+    "cola": (("cola", "CoLA"), ["sentence"], "label", {"0": "unacceptable", "1": "acceptable"},
+             "Task: grammatical acceptability (CoLA).", 'Question: Is the sentence "{0}" grammatically acceptable?'),
+    "qqp": (("qqp", "QQP"), ["question1", "question2"], "is_duplicate", {"0": "different", "1": "duplicate"},
+            "Task: duplicate question detection (QQP).",
+            'Question: Do the questions "{0}" and "{1}" ask the same thing?'),
+    "mrpc": (("mrpc", "MRPC"), ["#1 String", "#2 String"], "Quality", {"0": "different", "1": "equivalent"},
+             "Task: paraphrase detection (MRPC).", 'Question: Do the sentences "{0}" and "{1}" mean the same?'),
+    "mnli": (("mnli", "MNLI"), ["sentence1", "sentence2"], "gold_label",
+             {"entailment": "entailment", "neutral": "neutral", "contradiction": "contradiction"},
+             "Task: natural language inference (MNLI).",
+             'Question: What is the relation between the premise "{0}" and the hypothesis "{1}"?'),
+    "qnli": (("qnli", "QNLI"), ["question", "sentence"], "label",
+             {"entailment": "entailment", "not_entailment": "not_entailment"},
+             "Task: question-answering inference (QNLI).",
+             'Question: Does the sentence "{1}" answer the question "{0}"?'),
+    "rte": (("rte", "RTE"), ["sentence1", "sentence2"], "label",
+            {"entailment": "entailment", "not_entailment": "not_entailment"},
+            "Task: recognizing textual entailment (RTE).", 'Question: Does the text "{0}" entail "{1}"?'),
+}
+COLA_COLUMNS = ["source", "label", "original_mark", "sentence"]  # CoLA train/dev have no header row
+
+
+def parse_glue(task, path):
+    """One GLUE tsv -> examples. Columns are found by header name; rows of an unlabelled test file get no answer."""
+    dirs, text_cols, label_col, words, instruction, question = GLUE[task]
+    lines = list(read_lines(path))
+    if not lines:
+        return []
+    first = lines[0][1].split("\t")
+    if task == "cola" and first[0] != "index":  # CoLA train/dev: 4 columns, no header; CoLA test.tsv has one
+        header, rows = COLA_COLUMNS, lines
+    else:
+        header, rows = first, lines[1:]
+    missing = [c for c in text_cols if c not in header]
+    if missing:
+        raise row_error(path, lines[0][0], f"header has no column {missing[0]!r} for {task} (found {header})")
+    labelled = label_col in header
+    out = []
+    for i, line in rows:
+        cols = line.split("\t")
+        if len(cols) < len(header):
+            raise row_error(path, i, f"expected {len(header)} tab-separated columns, found {len(cols)}")
+        texts = [cols[header.index(c)].strip() for c in text_cols]
+        answer = None
+        if labelled:
+            raw = cols[header.index(label_col)].strip()
+            if raw not in words:
+                raise row_error(path, i, f"unknown {task} label {raw!r} (expected one of {sorted(words)})")
+            answer = words[raw]
+        out.append(example(task, instruction, question.format(*texts), answer, options=list(words.values())))
+    return out
+
+
+def read_glue(task, d):
+    d = Path(d)  # GLUE dev is our test split: GLUE's own test.tsv files carry no labels
+    files = {"train": "train.tsv", "test": "dev_matched.tsv" if task == "mnli" else "dev.tsv"}
+    splits = {split: parse_glue(task, d / name) for split, name in files.items() if (d / name).exists()}
+    if task == "mrpc" and "train" not in splits and (d / "msr_paraphrase_train.txt").exists():
+        splits.update(mrpc_from_msr(d))
+    return splits
+
+
+def mrpc_from_msr(d):
+    """Rebuild GLUE's MRPC train/dev split from the MSR release, as download_glue_data.py does (dev = dev_ids.tsv)."""
+    dev_ids = {tuple(line.split("\t")[:2]) for _, line in read_lines(d / "dev_ids.tsv")}
+    path = d / "msr_paraphrase_train.txt"
+    ids = [tuple(line.split("\t")[1:3]) for _, line in list(read_lines(path))[1:]]  # (#1 ID, #2 ID) per row
+    rows = parse_glue("mrpc", path)
+    return {"train": [r for r, k in zip(rows, ids) if k not in dev_ids],
+            "test": [r for r, k in zip(rows, ids) if k in dev_ids]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# commonsense
+
+def letters(n):
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def parse_boolq(row):
+    answer = row["answer"]
+    if not isinstance(answer, bool):
+        raise ValueError(f"'answer' should be a JSON true/false, got {answer!r}")
+    question = row["question"].strip().rstrip("?") + "?"
+    return example("boolq", "Task: yes/no reading comprehension (BoolQ).",
+                   f"Passage: {row['passage'].strip()}\nQuestion: {question}",
+                   "true" if answer else "false", options=["true", "false"])
+
+
+def parse_piqa(row, label):
+    choices = [("Solution1", row["sol1"].strip()), ("Solution2", row["sol2"].strip())]
+    return example("piqa", "Task: physical commonsense reasoning (PIQA).",
+                   f"Question: Which solution reaches the goal: {row['goal'].strip()}",
+                   f"solution{int(label) + 1}", options=["solution1", "solution2"], choices=choices)
+
+
+def parse_siqa(row, label):
+    choices = [(f"Answer{i + 1}", row[k].strip()) for i, k in enumerate(["answerA", "answerB", "answerC"])]
+    return example("siqa", "Task: social commonsense reasoning (SIQA).",
+                   f"Context: {row['context'].strip()}\nQuestion: {row['question'].strip()}",
+                   f"answer{int(label)}", options=["answer1", "answer2", "answer3"], choices=choices)
+
+
+def clean_hellaswag(text):
+    """WikiHow contexts carry '[title]'-style markup; drop it the way common HellaSwag evaluations do."""
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def parse_hellaswag(row):
+    """Original rowanz/hellaswag jsonl: ctx (= ctx_a + ctx_b), 4 endings, integer label."""
+    endings = row["endings"]
+    if len(endings) != 4:
+        raise ValueError(f"expected 4 endings, found {len(endings)}")
+    context = clean_hellaswag(f"{row.get('activity_label', '').strip()}: {row['ctx']}")
+    choices = [(f"Ending{i + 1}", clean_hellaswag(e)) for i, e in enumerate(endings)]
+    return example("hellaswag", "Task: sentence completion (HellaSwag).",
+                   f"Question: Which ending best completes the text: {context}",
+                   f"ending{int(row['label']) + 1}", options=[f"ending{i + 1}" for i in range(4)], choices=choices)
+
+
+def parse_winogrande(row, label=None):
+    """WinoGrande v1.1: sentence with one '_' blank, option1/option2, answer "1"/"2" (or from *-labels.lst)."""
+    label = row.get("answer") or label
+    if str(label) not in ("1", "2"):
+        raise ValueError(f"answer should be '1' or '2', got {label!r}")
+    choices = [("Option1", row["option1"].strip()), ("Option2", row["option2"].strip())]
+    return example("winogrande", "Task: pronoun resolution (WinoGrande).",
+                   f"Question: Which option fits the blank _ in: {row['sentence'].strip()}",
+                   f"option{label}", options=["option1", "option2"], choices=choices)
+
+
+def parse_ai2_mc(task, row):
+    """ARC / OpenBookQA, in either layout: HF-converted ({question | question_stem, choices: {text, label}}) or
+    AI2's original ({question: {stem, choices: [{text, label}]}}). Keys can be letters or digits ('1'..'4'), so the
+    answer is looked up by position and re-labelled A, B, C, ..."""
+    q = row["question"] if "question" in row else row["question_stem"]
+    if isinstance(q, dict):
+        stem, texts, keys = q["stem"], [c["text"] for c in q["choices"]], [c["label"] for c in q["choices"]]
+    else:
+        stem, texts, keys = q, row["choices"]["text"], row["choices"]["label"]
+    if row["answerKey"] not in keys:
+        raise ValueError(f"answerKey {row['answerKey']!r} is not one of the choice labels {keys}")
+    opts = letters(len(texts))
+    name = {"arc-easy": "science questions (ARC-Easy)", "arc-challenge": "science questions (ARC-Challenge)",
+            "openbookqa": "open-book science questions (OpenBookQA)"}[task]
+    return example(task, f"Task: {name}.", f"Question: {stem.strip()}", opts[keys.index(row["answerKey"])],
+                   options=opts, choices=list(zip(opts, (t.strip() for t in texts))))
+
+
+def parse_jsonl(path, parse, labels=None):
+    """Apply `parse(row[, label])` to every row of a jsonl; a failure names the file and line."""
+    rows = list(read_json_lines(path))
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"{path}: {len(rows)} rows but {len(labels)} labels in its *-labels.lst file")
+    out = []
+    for k, (i, row) in enumerate(rows):
+        try:
+            out.append(parse(row) if labels is None else parse(row, labels[k]))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            problem = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            raise row_error(path, i, problem) from None
+    return out
+
+
+def read_with_labels(d, name, labels_name, parse):
+    return parse_jsonl(d / name, parse, read_label_list(d / labels_name))
+
+
+def read_commonsense(task, d):
+    d = Path(d)
+    if task == "boolq":  # original: train.jsonl, dev.jsonl (dev = our test)
+        files = {"train": d / "train.jsonl", "test": d / "dev.jsonl"}
+        return {s: parse_jsonl(p, parse_boolq) for s, p in files.items() if p.exists()}
+    if task in ("piqa", "siqa"):
+        parse = parse_piqa if task == "piqa" else parse_siqa
+        test = "valid" if task == "piqa" else "dev"
+        return {s: read_with_labels(d, f"{n}.jsonl", f"{n}-labels.lst", parse)
+                for s, n in (("train", "train"), ("test", test)) if (d / f"{n}.jsonl").exists()}
+    if task == "hellaswag":  # hellaswag_test.jsonl has no labels
+        files = {"train": d / "hellaswag_train.jsonl", "test": d / "hellaswag_val.jsonl"}
+        return {s: parse_jsonl(p, parse_hellaswag) for s, p in files.items() if p.exists()}
+    if task == "winogrande":
+        # train_xs ⊂ train_s ⊂ ... ⊂ train_xl, so read only the largest present (the Align-LoRA code concatenates
+        # all sizes, which repeats the small ones up to five times).
+        train = first_existing(d, [f"train_{s}.jsonl" for s in ("xl", "l", "m", "s", "xs")])
+        out = {}
+        for split, path in (("train", train), ("test", d / "dev.jsonl")):
+            if path and path.exists():
+                labels_path = path.with_name(path.stem + "-labels.lst")
+                labels = read_label_list(labels_path) if labels_path.exists() else None
+                out[split] = parse_jsonl(path, parse_winogrande, labels)
+        return out
+    # arc-easy / arc-challenge / openbookqa: HF-converted names or AI2's original ones
+    prefix = {"arc-easy": "ARC-Easy-", "arc-challenge": "ARC-Challenge-", "openbookqa": ""}[task]
+    local = "openbookqa-" if task == "openbookqa" else "ai2_arc-"
+    out = {}
+    for split, word in (("train", "train"), ("test", "test")):
+        path = first_existing(d, [f"{local}{word}.jsonl", f"{prefix}{word.capitalize()}.jsonl", f"{word}.jsonl"])
+        if path:
+            out[split] = parse_jsonl(path, lambda row: parse_ai2_mc(task, row))
+    return out
+
+
+COMMONSENSE_DIRS = {"boolq": ("boolq", "BoolQ"), "piqa": ("piqa", "PIQA"), "siqa": ("siqa", "socialiqa"),
+                    "hellaswag": ("hellaswag", "HellaSwag"), "winogrande": ("winogrande", "winogrande_1.1"),
+                    "arc-easy": ("arc_easy", "ARC-Easy"), "arc-challenge": ("arc_challenge", "ARC-Challenge"),
+                    "openbookqa": ("openbookqa", "OpenBookQA")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BBH (evaluation only): {"canary": ..., "examples": [{"input", "target"}]}; 3-shot with the file's first 3 examples
+
+def parse_bbh(task, path):
+    """All scored examples of one BBH task file. The first BBH_SHOTS examples become the demonstrations of every
+    prompt (Q:/A: written as question:/Answer:, as in §5.1) and are excluded from scoring."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        rows = data["examples"]
+        items = [(r["input"], r["target"]) for r in rows]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a BBH task file ({e}); expected "
+                         "{'examples': [{'input': ..., 'target': ...}]}") from None
+    if len(items) <= BBH_SHOTS:
+        raise ValueError(f"{path}: {len(items)} examples, need more than the {BBH_SHOTS} few-shot demonstrations")
+    name = task.replace("_", " ")
+    shots = "".join(f"question: {q}\nAnswer: {a}\n\n" for q, a in items[:BBH_SHOTS])
+    head = (f"The following are {BBH_SHOTS} examples of the task '{name}', "
+            "then a question to answer in the same way.\n\n")
+    return [{"task": task, "prompt": f"{head}{shots}question: {q}\nAnswer:", "answer": " " + str(a).strip()}
+            for q, a in items[BBH_SHOTS:]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one entry point for prepare.py
+
+def task_dir(source, task):
+    """`<source>/<suite>/<task dir>` for a file-backed task (the first of its accepted directory names present)."""
+    suite = TASK_SUITE[task]
+    names = GLUE[task][0] if suite == "glue" else COMMONSENSE_DIRS[task] if suite == "commonsense" else ()
+    base = Path(source) / suite
+    if suite == "bbh":
+        return base
+    return next((base / n for n in names if (base / n).is_dir()), base / names[0])
+
+
+def read_task(task, source, seed=42):
+    """Labelled splits of one task from the original files under `source` -> {"train": [...], "test": [...]}.
+    A task with a single labelled split is split deterministically (TEST_FRACTION held out). Raises
+    FileNotFoundError when the task's files are absent (MNLI, QQP, HellaSwag, WinoGrande are not in shared/data)."""
+    suite, d = TASK_SUITE[task], task_dir(source, task)
+    if suite == "bbh":
+        path = d / f"{task}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found")
+        return {"test": parse_bbh(task, path)}
+    if suite not in ("glue", "commonsense"):
+        raise ValueError(f"{task} is a builtin task: it is generated in code, not read from files")
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} not found")
+    splits = read_glue(task, d) if suite == "glue" else read_commonsense(task, d)
+    if not splits:
+        raise FileNotFoundError(f"{d} holds none of the expected {task} files")
+    if len(splits) == 1:
+        (only,) = splits.values()
+        splits = split_one(only, seed=seed)
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# builtin suite: small tasks generated in code (offline, deterministic)
+#
+# Chosen so that a 135M instruct model cannot answer them from the prompt alone (arbitrary or flipped label words,
+# rules it has no reason to guess) but can learn them in a few hundred LoRA steps. Each input goes to the test
+# split iff crc32(input) % 10 == 0, so train and test are disjoint by construction and fixed for every seed.
+
+POSITIVE = ["wonderful", "great", "lovely", "delightful", "excellent", "charming", "brilliant", "pleasant", "superb",
+            "fantastic", "cheerful", "amazing", "enjoyable", "beautiful", "perfect", "fun"]
+NEGATIVE = ["awful", "terrible", "boring", "dreadful", "horrible", "dull", "poor", "nasty", "painful", "bad",
+            "disappointing", "miserable", "ugly", "annoying", "dirty", "sad"]
+THINGS = ["movie", "meal", "concert", "hotel", "book", "trip", "game", "show", "class", "party", "song", "museum",
+          "service", "coffee", "garden", "room", "bus ride", "lecture", "pizza", "festival"]
+REVIEW_TEMPLATES = ["The {thing} was {adv}{adj}.", "What a {adv}{adj} {thing}!", "I found the {thing} {adv}{adj}.",
+                    "{name} said the {thing} was {adv}{adj}.", "Honestly, a {adv}{adj} {thing}.",
+                    "Our {thing} felt {adv}{adj}."]
+ADVERBS = ["", "", "really ", "very ", "quite ", "truly ", "rather "]
+NAMES = ["Anna", "Ben", "Carla", "Dev", "Emma", "Felix", "Gita", "Hugo", "Ines", "Jon", "Kira", "Leo"]
+ANIMALS = ["cat", "dog", "horse", "rabbit", "fox", "goat", "sheep", "mouse", "owl", "duck", "frog", "deer", "bear",
+           "wolf", "cow", "pig", "tiger", "lion", "snake", "turtle"]
+OBJECTS = ["chair", "lamp", "bottle", "hammer", "bicycle", "kettle", "pencil", "basket", "ladder", "blanket", "clock",
+           "bucket", "guitar", "spoon", "umbrella", "candle", "wallet", "teapot", "shovel", "suitcase"]
+PLACES = ["near the river", "in the garden", "by the road", "behind the house", "at the market", "in the field",
+          "under the bridge", "next to the barn", "on the hill", "in the yard"]
+VERBS = ["saw", "found", "noticed", "painted", "watched", "photographed"]
+CONSONANTS = "bcdfghjklmnprstvz"
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def builtin_colour_review(rng):
+    """Sentiment of a made-up review with arbitrary label words: positive -> blue, negative -> green."""
+    label = rng.choice(["blue", "green"])
+    adj = rng.choice(POSITIVE if label == "blue" else NEGATIVE)
+    template, thing, adv, name = (rng.choice(x) for x in (REVIEW_TEMPLATES, THINGS, ADVERBS, NAMES))
+    text = template.format(thing=thing, adv=adv, name=name, adj=adj)
+    return text, f'Question: Is this review blue or green? "{text}"', label, ["blue", "green"]
+
+
+def builtin_flipped_animal(rng):
+    """Does the sentence mention an animal? with flipped labels (animal -> no, object -> yes)."""
+    animal = rng.random() < 0.5
+    thing = rng.choice(ANIMALS if animal else OBJECTS)
+    text = f"{rng.choice(NAMES)} {rng.choice(VERBS)} a {thing} {rng.choice(PLACES)}."
+    return text, f'Question: Does this sentence mention an animal? "{text}"', "no" if animal else "yes", ["yes", "no"]
+
+
+def builtin_larger_number(rng):
+    """Which of two 2-digit numbers is larger -> option A or B."""
+    a, b = rng.sample(range(10, 100), 2)
+    key = f"{a} {b}"
+    return key, f"Question: Which number is larger? A: {a} B: {b}", "A" if a > b else "B", ["A", "B"]
+
+
+def builtin_alphabet_first(rng):
+    """Which of 3 distinct letters comes first in the alphabet (a 1-answer version of "sort 3 letters")."""
+    picked = rng.sample(ALPHABET, 3)
+    key = ", ".join(picked)
+    return key, f"Question: Which letter comes first in the alphabet: {key}?", min(picked), list(ALPHABET)
+
+
+def builtin_last_letter(rng):
+    """Last letter of a made-up word built from consonant-vowel syllables (ends in a consonant half the time)."""
+    word = "".join(rng.choice(CONSONANTS) + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
+    if rng.random() < 0.5:
+        word += rng.choice(CONSONANTS)
+    return word, f'Question: What is the last letter of the word "{word}"?', word[-1], list("aeiou" + CONSONANTS)
+
+
+BUILTIN = {
+    # task: (generator, instruction)
+    "colour-review": (builtin_colour_review, "Task: colour the review (builtin)."),
+    "flipped-animal": (builtin_flipped_animal, "Task: flipped animal check (builtin)."),
+    "larger-number": (builtin_larger_number, "Task: larger number (builtin)."),
+    "alphabet-first": (builtin_alphabet_first, "Task: first letter in the alphabet (builtin)."),
+    "last-letter": (builtin_last_letter, "Task: last letter (builtin)."),
+}
+BUILTIN_SIZES = {"train": 4000, "test": 500}
+
+
+def builtin_split_of(key):
+    return "test" if zlib.crc32(key.encode()) % 10 == 0 else "train"
+
+
+def builtin_examples(task, split, n=None, seed=0):
+    """`n` distinct examples (default BUILTIN_SIZES[split]) of a builtin task. Deterministic in (task, split, seed);
+    the train/test assignment depends on the input only, so the two splits never share an input."""
+    if task not in BUILTIN:
+        raise ValueError(f"unknown builtin task {task!r}; builtin tasks are {', '.join(BUILTIN_TASKS)}")
+    if split not in BUILTIN_SIZES:
+        raise ValueError(f"builtin split must be 'train' or 'test', got {split!r}")
+    gen, instruction = BUILTIN[task]
+    n = BUILTIN_SIZES[split] if n is None else n
+    rng, seen, out = random.Random(f"{seed}/{task}/{split}"), set(), []
+    for _ in range(200 * n):  # bounded: rejection by split and by duplicates
+        if len(out) == n:
+            break
+        key, question, answer, options = gen(rng)
+        if key in seen or builtin_split_of(key) != split:
+            continue
+        seen.add(key)
+        out.append(example(task, instruction, question, answer, options=options,
+                           answer_format="one letter" if len(options) > 4 else None))
+    if len(out) < n:
+        raise ValueError(f"builtin task {task} has only {len(out)} distinct {split} inputs, asked for {n}")
+    return out

@@ -1,0 +1,265 @@
+"""Align-LoRA's alignment losses (nanoalign/align.py) against closed forms, torch.distributions and naive loops."""
+
+import itertools
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from nanoalign.align import (MMD_SIGMAS, alignment_loss, kl_alignment_loss, mmd_alignment_loss, task_groups)
+
+
+def rand_groups(sizes, r=5, seed=0, dtype=torch.float64):
+    """Groups with different means and scales per task, so every KL/MMD term is far from zero."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, r, generator=g, dtype=dtype) * (1 + i) + 0.7 * i) for i, n in enumerate(sizes)]
+
+
+def ref_sym_kl(a, b, eps=0.0):
+    """½[KL(p‖q)+KL(q‖p)] summed over dims, p, q = diagonal Normals fitted to rows (unbiased variance + eps)."""
+    p = Normal(a.mean(0), (a.var(0) + eps).sqrt())
+    q = Normal(b.mean(0), (b.var(0) + eps).sqrt())
+    return 0.5 * (kl_divergence(p, q) + kl_divergence(q, p)).sum()
+
+
+def naive_mmd(x, y, sigmas=MMD_SIGMAS):
+    """Biased MMD² with k(u,v) = Σ_σ exp(−‖u−v‖²/(2σ)), by python loops over rows and bandwidths (float64)."""
+    def k(u, v):
+        d = float(((u.double() - v.double()) ** 2).sum())
+        return sum(torch.exp(torch.tensor(-d / (2 * s), dtype=torch.float64)) for s in sigmas)
+
+    def mean_k(a, b):
+        return sum(k(u, v) for u in a for v in b) / (len(a) * len(b))
+
+    return mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y)
+
+
+# ----------------------------------------------------------------------------- KL (A-LoRA-K)
+
+@pytest.mark.parametrize("eps", [0.0, 1e-8, 0.3])
+def test_kl_matches_torch_distributions(eps):
+    """Two tasks: the loss equals torch.distributions' Normal KL, symmetrised and summed over the rank dims."""
+    a, b = rand_groups([40, 25])
+    got = kl_alignment_loss([a, b], eps=eps)
+    torch.testing.assert_close(got, ref_sym_kl(a, b, eps), rtol=1e-10, atol=1e-12)
+
+
+def test_kl_fp32_inputs_match_reference():
+    """fp32 and bf16 inputs are computed in fp32 and agree with the float64 reference (round-off only)."""
+    a, b = rand_groups([64, 48], dtype=torch.float32)
+    ref = ref_sym_kl(a.double(), b.double(), 1e-8)
+    assert kl_alignment_loss([a, b]).dtype == torch.float32
+    torch.testing.assert_close(kl_alignment_loss([a, b]).double(), ref, rtol=1e-5, atol=1e-6)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    got = kl_alignment_loss([a16, b16])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref_sym_kl(a16.double(), b16.double(), 1e-8), rtol=1e-5, atol=1e-6)
+
+
+def test_kl_symmetric_and_zero_for_identical_groups():
+    """D(p,q) = D(q,p); D = 0 for the same rows (also reordered: only the moments matter); D > 0 otherwise."""
+    a, b = rand_groups([30, 20])
+    torch.testing.assert_close(kl_alignment_loss([a, b]), kl_alignment_loss([b, a]), rtol=1e-12, atol=0)
+    assert kl_alignment_loss([a, a.clone()]).item() == 0.0
+    assert abs(kl_alignment_loss([a, a.flip(0)]).item()) < 1e-12
+    assert kl_alignment_loss([a, b]).item() > 0.1
+
+
+def test_kl_pair_reductions_over_four_tasks():
+    """With 4 tasks: mean (code) = average of the 6 pairwise terms, sum (paper) = their sum."""
+    gs = rand_groups([12, 9, 20, 7])
+    pairwise = [ref_sym_kl(gs[i], gs[j], 1e-8) for i, j in itertools.combinations(range(4), 2)]
+    torch.testing.assert_close(kl_alignment_loss(gs), torch.stack(pairwise).mean(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(kl_alignment_loss(gs, pair_reduction="sum"), torch.stack(pairwise).sum(),
+                               rtol=1e-10, atol=0)
+
+
+def test_kl_position_wise_matches_loop_over_positions():
+    """[N, S, r] groups: per-position Normal KL (torch.distributions), summed over r, averaged over positions."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(6, 4, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(5, 4, 3, generator=g, dtype=torch.float64) * 2 + 1
+    c = torch.randn(7, 4, 3, generator=g, dtype=torch.float64) - 1
+    gs = [a, b, c]
+    ref = torch.stack([torch.stack([ref_sym_kl(gs[i][:, s], gs[j][:, s], 1e-8) for s in range(4)]).mean()
+                       for i, j in itertools.combinations(range(3), 2)]).mean()
+    torch.testing.assert_close(kl_alignment_loss(gs), ref, rtol=1e-10, atol=0)
+
+
+def test_kl_position_wise_masked_matches_loop():
+    """Masked position-wise statistics use only the unmasked rows at each position; positions with <2 rows in
+    either task are skipped; the result equals a loop over positions on the kept rows."""
+    g = torch.Generator().manual_seed(2)
+    S = 5
+    a = torch.randn(6, S, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(5, S, 3, generator=g, dtype=torch.float64) * 2 + 1
+    ma = torch.rand(6, S, generator=g) > 0.3
+    mb = torch.rand(5, S, generator=g) > 0.3
+    ma[:, 0] = False                      # position 0: task a has no rows -> skipped
+    mb[1:, 1], mb[0, 1] = False, True     # position 1: task b has one row -> skipped
+    terms = [ref_sym_kl(a[ma[:, s], s], b[mb[:, s], s], 1e-8) for s in range(S)
+             if ma[:, s].sum() >= 2 and mb[:, s].sum() >= 2]
+    assert 1 <= len(terms) <= S - 2
+    torch.testing.assert_close(kl_alignment_loss([(a, ma), (b, mb)]), torch.stack(terms).mean(), rtol=1e-10, atol=0)
+
+
+# ----------------------------------------------------------------------------- MMD (A-LoRA-M)
+
+def test_mmd_zero_for_identical_sets_positive_for_shifted():
+    """MMD² is 0 up to fp32 round-off for the same set of rows (as a separate tensor), and clearly > 0 when one
+    set is shifted."""
+    (a,) = rand_groups([50], r=8, dtype=torch.float32)
+    assert abs(mmd_alignment_loss([a, a.clone()]).item()) < 1e-5
+    assert abs(mmd_alignment_loss([a, a.flip(0)]).item()) < 1e-5
+    assert mmd_alignment_loss([a, a + 0.5]).item() > 1e-2
+
+
+@pytest.mark.parametrize("sigmas", [None, [0.5, 2.0]])
+def test_mmd_matches_naive_loop(sigmas):
+    """Three tasks: the vectorised MMD² equals python loops over rows and σ values, averaged over pairs."""
+    gs = [x * 2 for x in rand_groups([6, 5, 4], r=3, dtype=torch.float32)]
+    sig = MMD_SIGMAS if sigmas is None else sigmas
+    ref = sum(naive_mmd(gs[i], gs[j], sig) for i, j in itertools.combinations(range(3), 2)) / 3
+    torch.testing.assert_close(mmd_alignment_loss(gs, sigmas=sigmas).double(), ref, rtol=1e-5, atol=1e-6)
+    ref_sum = ref * 3
+    torch.testing.assert_close(mmd_alignment_loss(gs, sigmas=sigmas, pair_reduction="sum").double(), ref_sum,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_mmd_position_wise_masked_matches_naive_loop():
+    """Position-wise MMD² with masks equals the naive MMD² on the unmasked rows at each position, averaged over
+    positions where both tasks have at least one row."""
+    g = torch.Generator().manual_seed(3)
+    S = 4
+    a, b = torch.randn(5, S, 3, generator=g), torch.randn(4, S, 3, generator=g) * 1.5 + 0.5
+    ma, mb = torch.rand(5, S, generator=g) > 0.3, torch.rand(4, S, generator=g) > 0.3
+    ma[:, 2] = False                      # no rows of a at position 2 -> skipped
+    mb[0, 3] = True
+    terms = [naive_mmd(a[ma[:, s], s], b[mb[:, s], s]) for s in range(S) if ma[:, s].any() and mb[:, s].any()]
+    torch.testing.assert_close(mmd_alignment_loss([(a, ma), (b, mb)]).double(), sum(terms) / len(terms),
+                               rtol=1e-5, atol=1e-6)
+    # unmasked [N, S, r] groups: every row at every position counts
+    full = sum(naive_mmd(a[:, s], b[:, s]) for s in range(S)) / S
+    torch.testing.assert_close(mmd_alignment_loss([a, b]).double(), full, rtol=1e-5, atol=1e-6)
+
+
+def test_mmd_max_rows_is_deterministic_even_subsampling():
+    """max_rows keeps evenly spaced rows (same result on every call, no RNG); max_rows >= N changes nothing."""
+    a, b = rand_groups([21, 11], r=3, dtype=torch.float32)
+    idx = torch.linspace(0, 20, 6).round().long()
+    want = mmd_alignment_loss([a[idx], b[torch.linspace(0, 10, 6).round().long()]])
+    torch.testing.assert_close(mmd_alignment_loss([a, b], max_rows=6), want, rtol=0, atol=0)
+    torch.testing.assert_close(mmd_alignment_loss([a, b], max_rows=100), mmd_alignment_loss([a, b]), rtol=0, atol=0)
+
+
+def test_gradients_match_finite_differences():
+    """gradcheck (float64) of both losses, token-level and masked position-wise: the checkpointed MMD kernel and
+    the masked statistics give the analytic gradient."""
+    g = torch.Generator().manual_seed(4)
+    tok = [torch.randn(n, 3, generator=g, dtype=torch.float64, requires_grad=True) for n in (5, 4, 6)]
+    pos = [torch.randn(n, 3, 2, generator=g, dtype=torch.float64, requires_grad=True) for n in (4, 5)]
+    masks = [torch.rand(4, 3, generator=g) > 0.2, torch.rand(5, 3, generator=g) > 0.2]
+    sig = [0.5, 3.0]
+    assert torch.autograd.gradcheck(lambda *x: kl_alignment_loss(list(x)), tok)
+    assert torch.autograd.gradcheck(lambda *x: mmd_alignment_loss(list(x), sigmas=sig), tok)
+    assert torch.autograd.gradcheck(lambda *x: kl_alignment_loss(list(zip(x, masks))), pos)
+    assert torch.autograd.gradcheck(lambda *x: mmd_alignment_loss(list(zip(x, masks)), sigmas=sig), pos)
+
+
+# ----------------------------------------------------------------------------- grouping and the module-level loss
+
+def batch(B=6, T=7, r=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, T, r, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.35
+    mask[:, 0] = True                     # at least one token per example
+    task = torch.tensor([0, 1, 2, 0, 1, 2])[:B]
+    return z, mask, task
+
+
+def test_task_groups_route_rows_by_task():
+    """Token-level groups hold exactly the masked-in rows of each task's examples, in task-id order; position-wise
+    groups hold the task's examples and their masks."""
+    z, mask, task = batch()
+    groups = task_groups(z, mask, task)
+    assert len(groups) == 3
+    for t, grp in enumerate(groups):
+        want = torch.cat([z[b][mask[b]] for b in range(6) if task[b] == t])
+        torch.testing.assert_close(grp, want, rtol=0, atol=0)
+    pw = task_groups(z, mask, task, position_wise=True)
+    for t, (x, m) in enumerate(pw):
+        torch.testing.assert_close(x, z[task == t], rtol=0, atol=0)
+        assert torch.equal(m, mask[task == t])
+    # ids need not start at 0; num_tasks fixes the order and rejects ids out of range
+    assert len(task_groups(z, mask, task + 5)) == 3
+    with pytest.raises(ValueError, match="task_ids must lie in"):
+        task_groups(z, mask, task, num_tasks=2)
+
+
+def test_task_groups_skip_tasks_with_fewer_than_two_rows():
+    """A task with 1 counted token (token-level) or 1 example (position-wise) is skipped; one task left -> zero
+    loss that can still be added to a loss with a graph and back-propagated."""
+    z, mask, task = batch()
+    mask[task == 2] = False
+    mask[1, :] = False
+    mask[4, :] = False
+    mask[4, 3] = True                      # task 1 keeps a single token
+    assert len(task_groups(z, mask, task)) == 1
+    assert len(task_groups(z, mask, torch.tensor([0, 0, 1, 2, 2, 2]), position_wise=True)) == 2
+    w = torch.ones(4, requires_grad=True)
+    for kind in ("kl", "mmd"):
+        zz = z * w
+        loss = alignment_loss({"m": zz}, mask, task, kind=kind)
+        assert loss.item() == 0.0
+        (zz.sum() + loss).backward()       # safe to add to the LM loss
+    assert w.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["kl", "mmd"])
+@pytest.mark.parametrize("position_wise", [False, True])
+def test_masked_positions_do_not_change_the_loss(kind, position_wise):
+    """Changing the A-output at masked (pad/prompt) positions, to huge values or even inf/NaN, leaves the loss
+    unchanged and gives those positions an exactly zero gradient."""
+    z, mask, task = batch()
+    z1 = z.clone().requires_grad_()
+    junk = torch.full_like(z, 1e4)
+    junk[0, :, 0], junk[1, :, 1] = float("nan"), float("inf")
+    z2 = torch.where(mask[..., None], z, junk).requires_grad_()
+    l1 = alignment_loss({"m": z1}, mask, task, kind=kind, position_wise=position_wise)
+    l2 = alignment_loss({"m": z2}, mask, task, kind=kind, position_wise=position_wise)
+    assert l1.item() > 0
+    torch.testing.assert_close(l1, l2, rtol=0, atol=0)
+    l2.backward()
+    assert bool((z2.grad[~mask] == 0).all()) and bool((z2.grad[mask] != 0).any())
+
+
+def test_alignment_loss_reduces_over_modules():
+    """module_reduction mean (code) / sum: the average / sum of the per-module losses on each module's groups."""
+    z, mask, task = batch()
+    outs = {"a": z, "b": z * 2 + 1, "c": z.flip(0)}
+    per = [kl_alignment_loss(task_groups(v, mask, task)) for v in outs.values()]
+    torch.testing.assert_close(alignment_loss(outs, mask, task), torch.stack(per).mean())
+    torch.testing.assert_close(alignment_loss(outs, mask, task, module_reduction="sum"), torch.stack(per).sum())
+    per = [mmd_alignment_loss(task_groups(v, mask, task, position_wise=True), max_rows=2, pair_reduction="sum")
+           for v in outs.values()]
+    got = alignment_loss(outs, mask, task, kind="mmd", position_wise=True, pair_reduction="sum", max_rows=2)
+    torch.testing.assert_close(got, torch.stack(per).mean())
+
+
+def test_bad_input_gives_clear_errors():
+    """Wrong kind, reductions or shapes raise ValueError naming the problem."""
+    z, mask, task = batch()
+    with pytest.raises(ValueError, match="kind"):
+        alignment_loss({"m": z}, mask, task, kind="cka")
+    with pytest.raises(ValueError, match="module_reduction"):
+        alignment_loss({"m": z}, mask, task, module_reduction="max")
+    with pytest.raises(ValueError, match="pair_reduction"):
+        alignment_loss({"m": z}, mask, task, pair_reduction="max")
+    with pytest.raises(ValueError, match="token_mask"):
+        alignment_loss({"m": z}, mask[:, :3], task)
+    with pytest.raises(ValueError, match="task_ids"):
+        alignment_loss({"m": z}, mask, task[:2])
+    with pytest.raises(ValueError, match="no A-outputs"):
+        alignment_loss({}, mask, task)
+    with pytest.raises(ValueError, match="same positions"):
+        kl_alignment_loss([torch.randn(4, 3), torch.randn(4, 5)])
