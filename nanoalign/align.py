@@ -21,7 +21,11 @@ Deviations from the released code (METHODS §3.6), on purpose:
     statistics, with masked positions excluded from them (pass an all-True mask to include padding as the code does);
   * fp32 throughout (the code runs KL/MMD in bf16 and stores the MMD bandwidths in bf16), autocast disabled inside;
   * the A-outputs come from the forward itself (no hooks) and the loss goes into the same backward as the LM loss,
-    so gradient checkpointing recomputes nothing twice and no graph is stale (§3.6.3).
+    so no graph is stale and (non-reentrant) gradient checkpointing gives the same gradient (§3.6.3).
+
+Where the gradient goes: every lora_A, never a module's own lora_B (B acts after the aligned A-output). It does
+reach the B (and A) of every earlier module whose output feeds a later adapted module through the residual stream;
+only B's downstream of all aligned modules (e.g. the last layer's down_proj) get none from L_align.
 
 λ conventions (§3.5, §3.7). The code adds λ=0.2 · (mean over pairs, mean over modules) once per optimizer step, on
 the last micro-step, whose loss is divided by grad_accum: relative to the mean LM loss its weight is λ/grad_accum
@@ -243,7 +247,7 @@ def alignment_loss(a_outputs, token_mask, task_ids, kind="kl", position_wise=Fal
     if not a_outputs:
         raise ValueError("no A-outputs to align: run the forward inside adapter_context(model, collect=True) "
                          "on a model with adapters applied")
-    total = torch.zeros((), device=token_mask.device)
+    total = torch.zeros((), device=next(iter(a_outputs.values())).device)
     for z in a_outputs.values():
         groups = task_groups(z, token_mask, task_ids, num_tasks, position_wise)
         total = total + fns[kind](groups, pair_reduction=pair_reduction, **kw).to(total.device)
