@@ -1,0 +1,23 @@
+"""Smoke test: the speed benchmark runs end to end at a tiny size (it measures nothing here; numbers live in
+benchmarks/RESULTS.md)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_speed_runs_tiny(tmp_path):
+    out = tmp_path / "table.md"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--config", "tiny",
+                          "--adapters", "lora,mlora", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| lora") or line.startswith("| mlora")]
+    assert len(rows) == 3  # nanoalign lora, HF+PEFT lora, nanoalign mlora
+    assert all(float(r.split("|")[3].replace(",", "")) > 0 for r in rows)  # tok/s column
