@@ -1,90 +1,143 @@
-"""Per-task accuracy of a base model, or of a base model plus a trained adapter.
+"""Per-task accuracy of a base model, or of a base model plus an adapter trained by train.py.
 
-    python eval.py                                             # smollm2-135m on the builtin suite's test split
-    python eval.py --adapter-dir out/smollm2-135m-align-r8/adapter --data builtin
+    python eval.py                                                # smollm2-135m on the builtin suite's test split
+    python eval.py --adapter-dir out/smollm2-135m-align-r8/adapter
     python eval.py --model qwen2.5-0.5b --data commonsense --mode loglik --max-per-task 500
 
 Scoring follows the paper (METHODS §5.1): greedy generation and answer extraction (`--mode generate`), or option
-log-likelihood for tasks with a fixed option set (`--mode loglik`). Mergeable adapters are folded into the base
-weights first, so evaluation runs at base-model speed. Prints a markdown table and writes `results.json`.
+log-likelihood for tasks with a fixed option set (`--mode loglik`); batched, left-padded generation with a KV cache.
+Mergeable adapters are folded into the base weights first (W0 + ΔW), so evaluation runs at base-model speed;
+routers and per-task adapters run unmerged. Prints a markdown table and writes results.json.
 """
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see train.py (shared CPUs)
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 import nanoalign
+from nanoalign.adapters import load_adapter, merge_adapters
+from nanoalign.data import load_tasks
 from nanoalign.evaluate import evaluate, markdown_table
+from nanoalign.hub import HubError
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="alias, directory or HF repo id (default: the adapter's base, "
-                                                 "else smollm2-135m)")
-    p.add_argument("--adapter-dir", default=None, help="a nanoalign adapter directory written by train.py")
+    p.add_argument("--model", default=None, help="alias, directory or HF repo id (default: the adapter's base "
+                                                 "model, else smollm2-135m)")
+    p.add_argument("--adapter-dir", default=None, help="adapter directory written by train.py (out/<run>/adapter; "
+                                                       "the run directory out/<run> works too)")
     p.add_argument("--data", default="builtin", help="suite, comma list of tasks, or a normalised .jsonl file")
-    p.add_argument("--tasks", default="", help="subset of the suite's tasks, comma separated")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--split", default="test")
-    p.add_argument("--max-per-task", type=int, default=200, help="test examples per task (0: all)")
+    p.add_argument("--tasks", default="", help="subset of the tasks of --data, comma separated")
+    p.add_argument("--data-dir", default="data", help="where data/prepare.py wrote <suite>/<task>-<split>.jsonl")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--max-per-task", type=int, default=200, help="examples per task (0: all)")
     p.add_argument("--mode", choices=["generate", "loglik"], default="generate")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="generate mode: tokens per answer")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--out", default=None, help="results.json path (default: inside --adapter-dir, else ./results.json)")
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    p.add_argument("--seed", type=int, default=1337, help="seed of the per-task subsample")
+    p.add_argument("--no-merge", action="store_true", help="keep a mergeable adapter unmerged")
+    p.add_argument("--out", default=None, help="results file (default: results.json in --adapter-dir, else here)")
+    return p.parse_args(argv)
+
+
+def find_adapter_dir(path):
+    """The adapter directory itself, or the `adapter/` inside a run directory."""
+    d = Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"--adapter-dir {d}: no such directory")
+    if not (d / "adapter_config.json").is_file() and (d / "adapter" / "adapter_config.json").is_file():
+        d = d / "adapter"
+    if not (d / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter-dir {d}: no adapter_config.json; pass the adapter/ directory train.py "
+                                "wrote (out/<run>/adapter)")
+    if json.loads((d / "adapter_config.json").read_text()).get("format") != "nanoalign-adapter":
+        raise ValueError(f"--adapter-dir {d}: not a nanoalign adapter (a PEFT directory? evaluate the adapter/ "
+                         "directory next to it)")
+    return d
 
 
 def run(args):
-    from nanoalign.adapters import load_adapter, merge_adapters
-    from nanoalign.data import load_tasks
-
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.max_per_task < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ValueError("--max-per-task must be >= 0, --batch-size and --max-new-tokens >= 1")
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]
+    adapter_dir = find_adapter_dir(args.adapter_dir) if args.adapter_dir else None
     model_name = args.model
-    if args.adapter_dir:
-        cfg_file = Path(args.adapter_dir) / "adapter_config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file}: not a nanoalign adapter directory (train.py writes out/<run>/adapter)")
-        model_name = model_name or json.loads(cfg_file.read_text()).get("base_model")
+    task_ids = None
+    if adapter_dir:
+        saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+        model_name = model_name or saved.get("base_model")
+        if (adapter_dir / "tasks.json").is_file():  # training task ids (MTL-LoRA needs them at inference)
+            task_ids = {t: i for i, t in enumerate(json.loads((adapter_dir / "tasks.json").read_text())["tasks"])}
     model_name = model_name or "smollm2-135m"
+
     tasks = load_tasks(args.data, args.split, data_dir=args.data_dir, max_per_task=args.max_per_task or None,
-                       seed=args.seed, tasks=[t for t in args.tasks.split(",") if t] or None)
+                       seed=args.seed)
+    subset = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in subset if t not in tasks]
+    if unknown:
+        raise ValueError(f"--tasks {', '.join(unknown)}: not among the tasks of --data {args.data} "
+                         f"({', '.join(tasks)})")
+    tasks = {t: tasks[t] for t in sorted(subset)} if subset else tasks
     tok = nanoalign.load_tokenizer(model_name)
     model = nanoalign.load_model(model_name, dtype=dtype, device=device)
     label = "base"
-    if args.adapter_dir:
-        load_adapter(model, args.adapter_dir)
-        try:
-            merge_adapters(model)
-            label = "adapter (merged)"
-        except ValueError as e:  # routers and per-task adapters stay unmerged
-            print(f"not merged: {e}")
-            label = "adapter"
-    acc = evaluate(model, tok, tasks, mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    title = f"{model_name} + {args.adapter_dir or 'no adapter'}: accuracy (%), {args.mode}, split {args.split}"
+    if adapter_dir:
+        load_adapter(model, adapter_dir)
+        kind = model.adapter_config["kind"]
+        label = kind
+        if not args.no_merge:
+            try:
+                merge_adapters(model)
+                label = f"{kind} (merged)"
+            except ValueError as e:  # routers and per-task adapters have no single merged weight
+                print(f"note: evaluating unmerged: {e}", file=sys.stderr)
+    acc = evaluate(model, tok, tasks, mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                   task_ids=task_ids)
+    n = min(len(v) for v in tasks.values())
+    title = f"{model_name} + {adapter_dir or 'no adapter'}: accuracy (%), {args.mode}, {args.split} split, " \
+            f"{n}{'+' if n < max(len(v) for v in tasks.values()) else ''} examples per task"
     print(markdown_table({label: acc}, title=title))
-    out = Path(args.out) if args.out else Path(args.adapter_dir or ".") / "results.json"
-    result = {"model": model_name, "adapter_dir": args.adapter_dir, "mode": args.mode, "split": args.split,
-              "accuracy": acc, "average": sum(acc.values()) / len(acc)}
-    tmp = out.with_name(out.name + ".tmp")
+    out = Path(args.out) if args.out else (adapter_dir or Path(".")) / "results.json"
+    result = {"model": model_name, "adapter_dir": str(adapter_dir) if adapter_dir else None, "adapter": label,
+              "mode": args.mode, "split": args.split, "data": args.data,
+              "examples": {t: len(v) for t, v in tasks.items()}, "accuracy": acc,
+              "average": sum(acc.values()) / len(acc)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out)
     print(f"wrote {out}")
     return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("\nerror: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, HubError, torch.OutOfMemoryError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            e = "out of memory; lower --batch-size"
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

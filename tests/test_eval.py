@@ -1,0 +1,221 @@
+"""Evaluation plumbing (nanoalign/evaluate.py, eval.py) on a tiny random Llama.
+
+A random model answers at random, so these tests check the scorers against independent computations rather than
+accuracy: option log-likelihoods against a direct sum of log-probs (ours and transformers'), batched left-padded
+generation against one-prompt-at-a-time `generate` of transformers followed by `extract_answer`, merged against
+unmerged adapters, and the error paths of eval.py.
+"""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import JSONL_TASKS, make_jsonl, make_tiny_model  # noqa: E402
+
+import nanoalign  # noqa: E402
+from nanoalign.adapters import apply_adapter, save_adapter  # noqa: E402
+from nanoalign.data import extract_answer  # noqa: E402
+from nanoalign.evaluate import evaluate, generate_texts, markdown_table, option_logprobs  # noqa: E402
+
+eval_py = importlib.import_module("eval")  # the script (a module named `eval` shadows nothing once imported so)
+
+EXAMPLES = [  # hand-made: different prompt lengths (padding), options of different token lengths
+    {"task": "t1", "prompt": "Task: colour the review.\nQuestion: blue or green? \"The meal was great.\"\nAnswer:",
+     "answer": " blue", "options": [" blue", " green"]},
+    {"task": "t1", "prompt": "Question: Which number is larger? A: 12 B: 97\nAnswer:", "answer": " B",
+     "options": [" A", " B"]},
+    {"task": "t2", "prompt": "Answer:", "answer": " yes", "options": [" yes", " no", " maybe not"]},
+    {"task": "t2", "prompt": "Task: last letter.\nQuestion: What is the last letter of the word \"vadamu\"?\nAnswer:",
+     "answer": " u", "options": [" a", " u", " zz top"]},
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny):
+    return nanoalign.load_model(tiny), nanoalign.load_tokenizer(tiny)
+
+
+def direct_logprob(model, tok, prompt, option):
+    """log p(option | prompt) from one unpadded forward with full logits: Σ_k log_softmax(logits[n_p - 1 + k])[o_k]."""
+    p, o = tok.encode(prompt), tok.encode(option)
+    with torch.no_grad():
+        logp = model(torch.tensor([p + o])).float().log_softmax(-1)[0]
+    return sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(o))
+
+
+def test_option_logprobs_equal_direct_sums(model_tok):
+    """Batched, right-padded option scoring (logits only at option positions) equals the summed log-probs of one
+    unpadded forward per (prompt, option) pair, to 1e-5."""
+    model, tok = model_tok
+    scores = option_logprobs(model, tok, EXAMPLES, batch_size=3)
+    for ex, s in zip(EXAMPLES, scores):
+        assert s == pytest.approx([direct_logprob(model, tok, ex["prompt"], o) for o in ex["options"]], abs=1e-5)
+
+
+def test_option_logprobs_match_transformers(tiny, model_tok):
+    """The same scores from transformers' LlamaForCausalLM on the same checkpoint (independent model code)."""
+    transformers = pytest.importorskip("transformers")
+    model, tok = model_tok
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny).eval()
+    ours = option_logprobs(model, tok, EXAMPLES, batch_size=4)
+    for ex, s in zip(EXAMPLES, ours):
+        ref = []
+        for o in ex["options"]:
+            p, a = tok.encode(ex["prompt"]), tok.encode(o)
+            with torch.no_grad():
+                logp = hf(torch.tensor([p + a])).logits.float().log_softmax(-1)[0]
+            ref.append(sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a)))
+        assert s == pytest.approx(ref, abs=1e-4)
+
+
+def test_loglik_accuracy_counts_the_argmax_option(model_tok):
+    """evaluate(mode="loglik") marks an example correct iff its gold option has the highest direct log-prob: golds
+    set to the argmax for examples 0 and 2 and to another option for 1 and 3 give exactly 50% per task."""
+    model, tok = model_tok
+    examples = []
+    for i, ex in enumerate(EXAMPLES):
+        s = [direct_logprob(model, tok, ex["prompt"], o) for o in ex["options"]]
+        best = max(range(len(s)), key=s.__getitem__)
+        examples.append({**ex, "answer": ex["options"][best if i % 2 == 0 else (best + 1) % len(s)]})
+    acc = evaluate(model, tok, {"t1": examples[:2], "t2": examples[2:]}, mode="loglik", batch_size=2)
+    assert acc == {"t1": 0.5, "t2": 0.5}
+
+
+def test_generation_equals_transformers_generate_and_extract_answer(tiny, model_tok):
+    """Batched left-padded greedy generation with the KV cache (batch 3, prompts of different lengths) gives the same
+    text as transformers' `generate` run on one prompt at a time, cut at eos; evaluate(mode="generate") is then
+    the mean of extract_answer over those texts (golds chosen so that some are right and some wrong)."""
+    transformers = pytest.importorskip("transformers")
+    model, tok = model_tok
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny).eval()
+    prompts = [ex["prompt"] for ex in EXAMPLES] + ["Question: Is this review blue or green?\nAnswer:"]
+    ours = generate_texts(model, tok, prompts, batch_size=3, max_new_tokens=6)
+    ref = []
+    for p in prompts:
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([tok.encode(p)]), max_new_tokens=6, do_sample=False,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[0, len(tok.encode(p)):].tolist()
+        ref.append(tok.decode(out[:out.index(tok.eos_id)] if tok.eos_id in out else out))
+    assert ours == ref
+    golds = [(t.split("\n")[0].strip() or ".") if i % 2 == 0 else "qqqq" for i, t in enumerate(ref)]
+    expected = [extract_answer(t, g) for t, g in zip(ref, golds)]
+    assert any(expected) and not all(expected)
+    examples = [{"task": "t", "prompt": p, "answer": " " + g} for p, g in zip(prompts, golds)]
+    acc = evaluate(model, tok, {"t": examples}, mode="generate", batch_size=3, max_new_tokens=6)
+    assert acc["t"] == pytest.approx(sum(expected) / len(expected))
+
+
+def test_mtl_adapter_gets_its_task_ids(model_tok, tiny):
+    """An MTL-LoRA adapter (per-task ΔW) is evaluated with each task's training id: the scores of one task differ
+    between ids 0 and 1, and evaluating a task it was not trained on is a clear error."""
+    _, tok = model_tok
+    model = nanoalign.load_model(tiny)
+    apply_adapter(model, "mtl", rank=4, heads=2, num_tasks=2, targets=("q_proj", "v_proj", "up_proj"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.5)
+    s0 = option_logprobs(model, tok, EXAMPLES[:2], task_id=0)
+    s1 = option_logprobs(model, tok, EXAMPLES[:2], task_id=1)
+    assert max(abs(a - b) for x, y in zip(s0, s1) for a, b in zip(x, y)) > 1e-3
+    acc = evaluate(model, tok, {"t1": EXAMPLES[:2]}, mode="loglik", task_ids={"t1": 1})
+    assert set(acc) == {"t1"}
+    with pytest.raises(ValueError, match="not trained on t2"):
+        evaluate(model, tok, {"t2": EXAMPLES[2:]}, mode="loglik", task_ids={"t1": 0})
+
+
+def test_markdown_table():
+    """One row per task (sorted), percentages with one decimal, a dash for a missing task, unweighted averages."""
+    table = markdown_table({"before": {"b": 0.5, "a": 0.25}, "after": {"a": 1.0}}, title="T")
+    assert table == ("T\n\n| task | before | after |\n|---|---:|---:|\n| a | 25.0 | 100.0 |\n| b | 50.0 | – |\n"
+                     "| **average** | **37.5** | **100.0** |")
+
+
+def test_eval_py_with_adapter_merged_and_unmerged(tiny, model_tok, tmp_path, capsys):
+    """eval.py --adapter-dir on a saved LoRA (random non-zero B): results.json and the printed table; the merged
+    evaluation (default) gives the same per-task accuracy and the same option scores (1e-4) as the unmerged adapter
+    model in memory."""
+    _, tok = model_tok
+    model = nanoalign.load_model(tiny)
+    model.name_or_path = str(tiny)
+    apply_adapter(model, "lora", rank=4, alpha=8, targets=("q_proj", "v_proj", "gate_proj", "down_proj"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    save_adapter(model, tmp_path / "run" / "adapter")
+    data = make_jsonl(tmp_path / "test.jsonl", n=6, split="test")
+    res = eval_py.main(["--adapter-dir", str(tmp_path / "run"), "--data", str(data), "--mode", "loglik",
+                        "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert res["adapter"] == "lora (merged)" and res["model"] == str(tiny)
+    assert "| **average** |" in out and f"| {JSONL_TASKS[0]} |" in out
+    saved = json.loads((tmp_path / "run" / "adapter" / "results.json").read_text())
+    assert saved["accuracy"] == res["accuracy"]
+    from nanoalign.data import load_tasks
+    tasks = load_tasks(str(data), "test", max_per_task=200, seed=1337)
+    assert evaluate(model, tok, tasks, mode="loglik") == res["accuracy"]
+    merged = nanoalign.load_model(tiny)
+    from nanoalign.adapters import load_adapter, merge_adapters
+    merge_adapters(load_adapter(merged, tmp_path / "run" / "adapter"))
+    a = option_logprobs(model, tok, tasks[JSONL_TASKS[0]])
+    b = option_logprobs(merged, tok, tasks[JSONL_TASKS[0]])
+    assert [x for r in a for x in r] == pytest.approx([x for r in b for x in r], abs=1e-4)
+    unmerged = eval_py.main(["--adapter-dir", str(tmp_path / "run" / "adapter"), "--data", str(data), "--mode",
+                             "loglik", "--no-merge", "--out", str(tmp_path / "r2.json")])
+    assert unmerged["adapter"] == "lora" and unmerged["accuracy"] == res["accuracy"]
+
+
+def test_eval_py_base_model_generate(tiny, tmp_path, capsys):
+    """eval.py on the base model in generate mode writes results.json with one accuracy per task and the average."""
+    data = make_jsonl(tmp_path / "test.jsonl", n=3, split="test")
+    res = eval_py.main(["--model", str(tiny), "--data", str(data), "--max-new-tokens", "3",
+                        "--out", str(tmp_path / "res.json")])
+    saved = json.loads((tmp_path / "res.json").read_text())
+    assert saved["accuracy"] == res["accuracy"] and sorted(saved["accuracy"]) == sorted(saved["examples"])
+    assert saved["average"] == pytest.approx(sum(res["accuracy"].values()) / 3)
+    assert "base" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--adapter-dir", "/no/such/adapter"], "error: --adapter-dir /no/such/adapter: no such directory"),
+    (["--adapter-dir", "PEFT"], "not a nanoalign adapter (a PEFT directory?"),
+    (["--data", f"{JSONL_TASKS[0]},no-such-task"], "error: unknown task no-such-task"),
+    (["--tasks", "no-such-task"], "error: --tasks no-such-task: not among the tasks"),
+    (["--model", "no-such-model"], "error: unknown model 'no-such-model'"),
+    (["--model", "/no/such/model"], "error: no such model directory"),
+])
+def test_eval_py_bad_inputs(tiny, tmp_path, capsys, extra, message):
+    """Bad inputs end with exit code 1 and one `error: ...` line, no traceback."""
+    data = make_jsonl(tmp_path / "test.jsonl", n=2, split="test")
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    args = ["--model", str(tiny), "--data", str(data), "--out", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as e:
+        eval_py.main(args + [str(tmp_path / "peft") if x == "PEFT" else x for x in extra])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
