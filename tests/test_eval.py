@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import JSONL_TASKS, make_jsonl, make_tiny_model  # noqa: E402
+from conftest import JSONL_TASKS, make_jsonl  # noqa: E402
 
 import nanoalign  # noqa: E402
 from nanoalign.adapters import apply_adapter, save_adapter  # noqa: E402
@@ -36,18 +36,7 @@ EXAMPLES = [  # hand-made: different prompt lengths (padding), options of differ
      "answer": " u", "options": [" a", " u", " zz top"]},
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 
 
 @pytest.fixture(scope="module")
