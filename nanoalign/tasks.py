@@ -397,8 +397,13 @@ def read_task(task, source, seed=42):
 # builtin suite: small tasks generated in code (offline, deterministic)
 #
 # Chosen so that a 135M instruct model cannot answer them from the prompt alone (arbitrary or flipped label words,
-# rules it has no reason to guess) but can learn them in a few hundred LoRA steps. Each input goes to the test
-# split iff crc32(input) % 10 == 0, so train and test are disjoint by construction and fixed for every seed.
+# rules it has no reason to guess) but can learn them in a few hundred LoRA steps. Measured once on SmolLM2-135M-
+# Instruct (option log-likelihood, 100-200 test items per task): zero-shot 0.55 / 0.52 / 0.50 / 0.42 / 0.08
+# (colour-review / flipped-animal / larger-number / alphabet-first / last-letter; one option picked almost always);
+# after 200 steps of multi-task LoRA (r=8 on all linear layers, lr 1e-3, 2 examples per task per step)
+# 1.00 / 0.89 / 0.92 / 0.91 / 0.95. Vowel parity and number parity stayed at chance in 200 steps and were dropped.
+# Each input goes to the test split iff crc32(input) % 10 == 0, so train and test are disjoint by construction and
+# fixed for every seed.
 
 POSITIVE = ["wonderful", "great", "lovely", "delightful", "excellent", "charming", "brilliant", "pleasant", "superb",
             "fantastic", "cheerful", "amazing", "enjoyable", "beautiful", "perfect", "fun"]
