@@ -70,3 +70,54 @@ def effective_rank(s: torch.Tensor) -> float:
     p = s / total
     p = p[p > 0]
     return math.exp(-(p * p.log()).sum().item())
+
+
+# ----------------------------------------------------------------------------- task clusters of A-outputs (§4.2)
+
+@torch.no_grad()
+def a_output_features(model, input_ids, attention_mask, task_ids=None):
+    """{module path: [B, r] per-example mean of the module's A-output A·x over real tokens} (eval mode, no dropout).
+
+    The tensor Align-LoRA aligns (METHODS §3.1), pooled per example so every example is one point of its task's
+    cluster; collected through `adapter_context(collect=True)`, not hooks."""
+    from .adapters import adapter_context
+    was_training = model.training
+    model.eval()
+    try:
+        with adapter_context(model, task_ids=task_ids, collect=True) as ctx:
+            model(input_ids, attention_mask)
+    finally:
+        model.train(was_training)
+    w = attention_mask.float()[..., None]
+    return {name: ((z.float() * w).sum(1) / w.sum(1).clamp(min=1)) for name, z in ctx.a_outputs.items()}
+
+
+def task_separation(features: torch.Tensor, task_ids: torch.Tensor) -> dict:
+    """How far apart the task clusters of `features` [N, d] are, relative to their own spread.
+
+        between = mean over task pairs p<q of ‖μ_p − μ_q‖        (μ_t: mean of task t's rows)
+        within  = sqrt(mean over tasks of mean_i ‖x_i − μ_t‖²)   (RMS distance of a row to its task's mean)
+        ratio   = between / within                               (scale-free: 0 = clusters on top of each other)
+
+    Alignment should shrink `ratio` (clusters move together) without collapsing `within` (METHODS §4.2: "closer but
+    not collapsed"). Needs ≥ 2 tasks with ≥ 1 row each."""
+    x = features.double()
+    tasks = sorted(set(task_ids.tolist()))
+    if len(tasks) < 2:
+        raise ValueError(f"task_separation needs rows of at least 2 tasks, got {len(tasks)}")
+    mus = torch.stack([x[task_ids == t].mean(0) for t in tasks])
+    within = torch.stack([((x[task_ids == t] - mus[i]) ** 2).sum(-1).mean() for i, t in enumerate(tasks)]).mean()
+    i, j = torch.triu_indices(len(tasks), len(tasks), offset=1)
+    between = (mus[i] - mus[j]).norm(dim=-1).mean()
+    within = within.sqrt()
+    return {"between": between.item(), "within": within.item(),
+            "ratio": (between / within).item() if within > 0 else math.inf}
+
+
+def pca_2d(features: torch.Tensor):
+    """([N, 2] coordinates on the two leading principal axes of the centred rows, [2] share of variance each)."""
+    x = features.double()
+    x = x - x.mean(0)
+    _, s, vt = torch.linalg.svd(x, full_matrices=False)
+    share = (s[:2] ** 2) / (s ** 2).sum().clamp(min=1e-300)
+    return (x @ vt[:2].T).float(), share.float()

@@ -1,5 +1,6 @@
 """Analysis helpers (nanoalign/analysis.py) against direct computations: pairwise cosine loops (METHODS §4.1) and
-torch.linalg.svdvals of the dense ΔW."""
+torch.linalg.svdvals of the dense ΔW, task-cluster
+separation of pooled A-outputs against explicit loops, PCA against numpy's covariance eigenvectors."""
 
 import math
 
@@ -8,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign.adapters import adapter_context, adapter_modules, apply_adapter
-from nanoalign.analysis import delta_weight_spectrum, effective_rank, head_cosine_similarity, layer_index
+from nanoalign.analysis import (a_output_features, delta_weight_spectrum, effective_rank, head_cosine_similarity,
+                                layer_index, pca_2d, task_separation)
 from nanoalign.model import CausalLM, ModelConfig
 
 CFG = ModelConfig(arch="llama", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -90,3 +92,59 @@ def test_effective_rank():
     assert math.isclose(effective_rank(torch.tensor([3.0, 0.0, 0.0])), 1.0)
     assert effective_rank(torch.zeros(4)) == 0.0
     assert 1.0 < effective_rank(torch.tensor([4.0, 1.0])) < 2.0
+
+
+def test_a_output_features_pool_real_tokens_of_each_example():
+    """Per-example mean of A·x over the attention mask, equal to a direct computation from each module's input
+    (captured here with a hook, for the test only); padding positions do not count; dropout is off (eval)."""
+    model = tiny_with("lora", dropout=0.5).train()
+    ids = torch.randint(0, 50, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, :2] = False                                      # a left-padded row
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: inputs.__setitem__(n, inp[0]))
+             for n, m in adapter_modules(model)]
+    feats = a_output_features(model, ids, mask)
+    for h in hooks:
+        h.remove()
+    assert model.training                                    # restored
+    assert set(feats) == set(inputs) and len(feats) == 6
+    for name, m in adapter_modules(model):
+        z = inputs[name] @ m.lora_A.weight.T                 # [B, T, r], no dropout
+        for b in range(3):
+            torch.testing.assert_close(feats[name][b], z[b][mask[b]].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_task_separation_against_loops():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 5, generator=g)
+    t = torch.tensor([0, 1, 2] * 4)
+    x[t == 1] += 3.0
+    got = task_separation(x, t)
+    mus = [x[t == k].double().mean(0) for k in range(3)]
+    between = sum((mus[p] - mus[q]).norm() for p in range(3) for q in range(p + 1, 3)) / 3
+    within = math.sqrt(sum(((x[t == k].double() - mus[k]) ** 2).sum(-1).mean() for k in range(3)) / 3)
+    assert got["between"] == pytest.approx(between.item(), rel=1e-9)
+    assert got["within"] == pytest.approx(within, rel=1e-9)
+    assert got["ratio"] == pytest.approx(between.item() / within, rel=1e-9)
+    # the same rows with the task labels shuffled across the shifted cluster: clusters on top of each other
+    assert task_separation(x, t[torch.randperm(12, generator=g)])["ratio"] < got["ratio"]
+    # scale-free
+    assert task_separation(10 * x, t)["ratio"] == pytest.approx(got["ratio"], rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 tasks"):
+        task_separation(x, torch.zeros(12, dtype=torch.long))
+
+
+def test_pca_2d_matches_covariance_eigenvectors():
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g) @ torch.diag(torch.tensor([5.0, 2.0, 1.0, 0.5, 0.2, 0.1]))
+    xy, share = pca_2d(x)
+    xc = x.double().numpy() - x.double().numpy().mean(0)
+    w, v = np.linalg.eigh(np.cov(xc.T))
+    order = np.argsort(w)[::-1][:2]
+    ref = xc @ v[:, order]
+    for k in range(2):                                       # eigenvectors are defined up to sign
+        sign = np.sign((ref[:, k] * xy[:, k].double().numpy()).sum())
+        np.testing.assert_allclose(xy[:, k].double().numpy() * sign, ref[:, k], atol=1e-4)
+    np.testing.assert_allclose(share.double().numpy(), w[order] / w.sum(), rtol=1e-4)

@@ -1,0 +1,266 @@
+"""Tutorial 02 — the multi-head LoRA family side by side (METHODS.md §2.3–2.8).
+
+    hydra            h = W0 x + s·Σ_i ω_i(x) B_i A drop(x),  ω = softmax(W_r x)   HydraLoRA: zero heads + router
+    hydra-norouter   h = W0 x + s·Σ_i B_i A drop(x)                              its ablation without router
+    rlora            h = W0 x − C x + s·Σ_i ω_i(x) B_i drop_i(A x)               R-LoRA: random heads, per-head dropout
+    mlora            h = W0 x − C x + s·Σ_i B_i drop_i(A x)                      M-LoRA: R-LoRA without router
+    mtl              h = W0 x + s·(Σ_j softmax(w_t/τ)_j B_j) Λ_t A drop(x)        MTL-LoRA: task t's transform and mix
+    multilora        h = W0 x + s·Σ_i diag(g_i) B_i A_i drop(x)                  MultiLoRA: n full pairs, zero scales
+
+All at the Align-LoRA Table 1 setting (rank 4, 3 heads, gate/up/down, METHODS §1) on the same inputs: what each
+one's parameters are, how many there are (on SmolLM2-135M and on the Qwen2.5-3B config), whether it starts as the
+base model, whether it can merge into W0, and — over a few optimizer steps on a real task mix — whether its
+heads stay alike. The last point is the mechanism behind the paper's "multi-head paradox" (METHODS §7 claims 1-2).
+
+    python tutorials/02_multi_head_family.py           # smollm2-135m on CPU, 5 steps per adapter, ~2-3 min
+    python tutorials/02_multi_head_family.py --tiny    # tiny random model, 3 steps (the smoke test)
+    python tutorials/02_multi_head_family.py --full    # Qwen2.5-3B (Align-LoRA Table 1's model), 20 steps; GPU box
+
+Writes <out>/02_multi_head_family.json and, with matplotlib, 02_multi_head_family.png.
+"""
+
+# %% [setup]
+import copy
+import math
+import time
+from pathlib import Path
+
+from common import MLP, QWEN25_3B, lm_loss, pick_data, task_batches, load_base, machine, parser, pyplot, save_figure, \
+    write_json
+
+import torch
+import torch.nn as nn
+
+from nanoalign.adapters import adapter_context, adapter_modules, apply_adapter, count_trainable, merge_adapters
+from nanoalign.analysis import head_cosine_similarity
+from nanoalign.model import CausalLM, ModelConfig
+
+p = parser(__doc__)
+p.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter (default 5; 3 with --tiny)")
+p.add_argument("--data", default=None, help="task mix (default: sst2,cola,piqa,siqa,openbookqa from --source when "
+               "present, else the builtin suite; --tiny: builtin)")
+p.add_argument("--source", default=None, help="original benchmark files (default $NANOALIGN_DATA or ../shared/data)")
+args = p.parse_args()
+if args.full:
+    args.model = "qwen2.5-3b"
+STEPS = args.steps or (3 if args.tiny else 20 if args.full else 5)
+RANK, HEADS, ALPHA, DROPOUT, LR = 4, 3, 32.0, 0.1, 2e-3   # Table 1 shape; α, dropout, lr as train.py's defaults
+KINDS = ["lora", "hydra", "hydra-norouter", "rlora", "mlora", "mtl", "multilora"]  # lora: the reference
+t_start = time.perf_counter()
+model, tok, model_name = load_base(args)
+DATA, DATA_DIR = pick_data(args)
+batches, task_names = task_batches(tok, DATA, DATA_DIR, per_task=1, seed=args.seed)
+NUM_TASKS = len(task_names)
+results = {"meta": machine(), "model": model_name, "rank": RANK, "heads": HEADS, "alpha": ALPHA, "dropout": DROPOUT,
+           "targets": list(MLP), "data": DATA, "tasks": task_names}
+
+
+def adapt(module, kind, seed=args.seed, **kw):
+    """apply_adapter with this tutorial's settings (the same seed for every kind: same A where A is kaiming)."""
+    torch.manual_seed(seed)
+    return apply_adapter(module, kind, rank=RANK, alpha=ALPHA, heads=HEADS, dropout=DROPOUT, targets=MLP,
+                         num_tasks=NUM_TASKS, **kw)
+
+
+# %% [markdown]
+# ## 1. One layer, one input, seven adapters
+# We wrap one nn.Linear (SmolLM2's up_proj shape) as `up_proj` and adapt it with each kind. For each: the trainable
+# tensors, whether the fresh adapter leaves the output unchanged (eval mode), the shape of the A-output that the
+# alignment loss would see, and whether `merge()` can fold it into one weight.
+# Tests: tests/test_adapters.py::test_forward_matches_reference_equation (every equation above, against a float64
+# per-head loop), ::test_zero_init_leaves_layer_unchanged, ::test_random_init_heads_differ_and_compensation,
+# ::test_merge_equals_unmerged, ::test_unmergeable_adapters_refuse.
+
+# %%
+cfg = model.config
+d_in, d_out = cfg.hidden_size, cfg.intermediate_size
+torch.manual_seed(args.seed)
+base = nn.Linear(d_in, d_out, bias=False)
+x = torch.randn(NUM_TASKS, 7, d_in)                 # 5 samples x 7 tokens; sample i belongs to task i
+task_ids = torch.arange(NUM_TASKS)
+with torch.no_grad():
+    y_base = base(x)
+one_layer = {}
+print(f"\n[1] one {d_in}->{d_out} layer, rank {RANK}, {HEADS} heads, {NUM_TASKS} tasks")
+print(f"    {'kind':15s} {'trainable':>9s}  {'tensors':50s} {'init |h-base|':>13s}  {'A-output':>12s}  merge")
+for kind in KINDS:
+    holder = nn.Module()
+    holder.up_proj = copy.deepcopy(base)
+    adapt(holder, kind)
+    m = holder.up_proj.eval()
+    with torch.no_grad(), adapter_context(holder, task_ids=task_ids, collect=True) as ctx:
+        init_diff = (m(x) - y_base).abs().max().item()
+    try:
+        m.merge()
+        merge = "yes"
+    except ValueError as e:
+        merge = f"no: {str(e).split(': ', 1)[1]}"
+    tensors = {n.replace(".weight", ""): list(t.shape) for n, t in m.named_parameters() if t.requires_grad}
+    one_layer[kind] = {"trainable": count_trainable(holder), "tensors": tensors, "init_max_abs_diff": init_diff,
+                       "a_output_shape": list(ctx.a_outputs["up_proj"].shape), "mergeable": merge == "yes",
+                       "merge_message": merge, "uses_task_id": kind == "mtl"}
+    shape_txt = ", ".join(f"{n.replace('lora_', '')}{t}" for n, t in tensors.items())
+    print(f"    {kind:15s} {count_trainable(holder):9,d}  {shape_txt:50s} {init_diff:13.2e}  "
+          f"{str(list(ctx.a_outputs['up_proj'].shape[-1:])):>12s}  {merge}")
+results["one_layer"] = one_layer
+
+# %% [markdown]
+# What to read in that table:
+# * zero-init heads (LoRA, HydraLoRA, MTL-LoRA) and MultiLoRA's zero scales g_i start exactly at the base (0.0);
+# * M-LoRA's random heads are cancelled exactly by the compensation C = s·Σ_i B_i⁰A⁰, so it also starts at ~0
+#   (fp32 round-off);
+# * R-LoRA's compensation assumes a uniform router (ω_i = 1/N, as in the released code); its kaiming-initialised
+#   router is not uniform, so R-LoRA does *not* start exactly at the base model;
+# * a router makes ΔW depend on x and MTL-LoRA's ΔW depends on the task: those three cannot merge. The others fold
+#   into W0 + ΔW (M-LoRA as a rank-≤2r product that carries −C).
+
+# %% [markdown]
+# ## 2. Parameter counts: SmolLM2-135M and Qwen2.5-3B
+# Counted on meta-device models (no weights needed). METHODS §1 derives the Align-LoRA Table 1 shares for
+# Qwen2.5-3B (M-LoRA 12,570,624 = 0.407%; HydraLoRA/R-LoRA 14,201,856 = 0.460%, the router adds 2048·3 per module).
+# Tests: tests/test_adapters.py::test_parameter_counts_match_methods_table and
+# ::test_hydra_router_not_counted_equals_mlora_count.
+
+# %%
+METHODS_QWEN3B = {"mlora": 12_570_624, "hydra": 14_201_856, "rlora": 14_201_856}
+
+
+def meta_counts(hf_or_cfg):
+    counts = {}
+    for kind in KINDS:
+        with torch.device("meta"):
+            m = CausalLM(hf_or_cfg if isinstance(hf_or_cfg, ModelConfig) else ModelConfig.from_hf_dict(hf_or_cfg))
+        n_base = sum(t.numel() for t in m.parameters())
+        adapt(m, kind)
+        counts[kind] = {"trainable": count_trainable(m), "base": n_base,
+                        "percent": 100 * count_trainable(m) / n_base}
+    return counts
+
+
+counts = {"smollm2-135m" if not args.tiny else "tiny": meta_counts(cfg), "qwen2.5-3b": meta_counts(QWEN25_3B)}
+print(f"\n[2] trainable parameters (rank {RANK}, {HEADS} heads, {'/'.join(MLP)}; mtl with {NUM_TASKS} tasks)")
+names = list(counts)
+print(f"    {'kind':15s} " + "  ".join(f"{n:>22s}" for n in names) + "   METHODS §1 (Qwen2.5-3B)")
+for kind in KINDS:
+    cells = "  ".join(f"{counts[n][kind]['trainable']:>13,d} ({counts[n][kind]['percent']:.3f}%)" for n in names)
+    ref = METHODS_QWEN3B.get(kind)
+    check = ""
+    if ref is not None:
+        check = f"{ref:,} ({'match' if counts['qwen2.5-3b'][kind]['trainable'] == ref else 'MISMATCH'})"
+    print(f"    {kind:15s} {cells}   {check}")
+results["param_counts"] = counts
+results["methods_qwen3b_match"] = {k: counts["qwen2.5-3b"][k]["trainable"] == v for k, v in METHODS_QWEN3B.items()}
+
+# %% [markdown]
+# ## 3. On the real model: starting point, a few optimizer steps, and merging
+# Every adapter starts from the same base weights, sees the same task-balanced batches (one example of each
+# task per step) and takes the same AdamW steps. After each step we measure the mean inter-head cosine similarity
+# of the B matrices over all adapted modules (METHODS §4.1, nanoalign.analysis.head_cosine_similarity; checked
+# against a pairwise loop by tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop).
+#
+# Prediction for HydraLoRA without router (METHODS §2.4): every head gets exactly the same gradient and all start at
+# zero, so the heads are identical forever — cosine 1.0 after any number of steps; the adapter is a rank-r LoRA in
+# disguise. (tests/test_adapters.py::test_hydra_without_router_keeps_identical_heads.) The others have something
+# that tells heads apart: a router (HydraLoRA, R-LoRA), independent random inits and dropout masks (R-LoRA,
+# M-LoRA), per-task mixing (MTL-LoRA), or separate A_i (MultiLoRA — its B_i live in different bases, so their cosine
+# says little).
+# These are a few bare steps to watch the heads; real training is train.py's loop (tutorial 03).
+
+# %%
+fixed = [next(batches) for _ in range(STEPS)]           # the same batches for every adapter
+probe = fixed[0]
+with torch.no_grad():
+    base_logits = model(probe["input_ids"], probe["attention_mask"])
+
+
+def mean_cos(m):
+    vals = [v for v in head_cosine_similarity(m).values() if not math.isnan(v)]
+    return (sum(vals) / len(vals), min(vals)) if vals else (None, None)
+
+
+def probe_logits(m):
+    with torch.no_grad(), adapter_context(m, task_ids=probe["task_ids"]):
+        return m(probe["input_ids"], probe["attention_mask"])
+
+
+real = {}
+for kind in KINDS:
+    t0 = time.perf_counter()
+    m = adapt(copy.deepcopy(model), kind).eval()
+    start_diff = (probe_logits(m) - base_logits).abs().max().item()
+    trainable = [t for t in m.parameters() if t.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
+    cos0 = mean_cos(m)
+    cos, losses = [cos0[0]], []
+    m.train()
+    for b in fixed:
+        loss = lm_loss(m, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        cos.append(mean_cos(m)[0])
+    m.eval()
+    cos_min = mean_cos(m)[1]
+    head_spread = None
+    if kind == "hydra-norouter":  # identical, not merely parallel: max |B_i − B_0| over all modules
+        head_spread = max((a.lora_B.weight - a.lora_B.weight[:1]).abs().max().item() for _, a in adapter_modules(m))
+    trained = probe_logits(m)
+    try:
+        merge_adapters(m)
+        merge_diff = (probe_logits(m) - trained).abs().max().item()
+        merge = "yes"
+    except ValueError as e:
+        merge_diff, merge = None, f"no: {str(e).split(': ', 1)[1]}"
+    real[kind] = {"init_max_abs_logit_diff": start_diff, "loss": losses, "head_cos_mean_per_step": cos,
+                  "head_cos_min_final": cos_min, "max_abs_head_difference": head_spread, "mergeable": merge == "yes",
+                  "merge_max_abs_logit_diff": merge_diff, "merge_message": merge,
+                  "seconds": round(time.perf_counter() - t0, 1)}
+    fmt = lambda v: "  n/a" if v is None else f"{v:5.3f}"  # noqa: E731
+    merged_txt = "no" if merge_diff is None else f"yes, |Δlogit| {merge_diff:.1e}"
+    print(f"    {kind:15s} start |Δlogit| {start_diff:8.2e} | loss {losses[0]:.3f} -> {losses[-1]:.3f} | head cos "
+          + " ".join(fmt(c) for c in cos) + f" | merge: {merged_txt} ({real[kind]['seconds']} s)")
+    del m, opt
+results["real_model"] = {"steps": STEPS, "lr": LR, "optimizer": "AdamW", "batch": "1 example per task",
+                         "adapters": real}
+nr = real["hydra-norouter"]
+print(f"\n    hydra-norouter after {STEPS} steps: head cosine {nr['head_cos_mean_per_step'][-1]:.6f} (min over modules "
+      f"{nr['head_cos_min_final']:.6f}), max |B_i − B_0| = {nr['max_abs_head_difference']:.1e}: one LoRA, copied")
+
+# %% [markdown]
+# Reading the cosine columns: the first value is at step 0. HydraLoRA's and MTL-LoRA's zero heads have no direction
+# yet (n/a). After Adam's first step HydraLoRA's heads are already *nearly* parallel (0.92 on SmolLM2 in our run):
+# Adam normalises each entry's update, and the router only reweights head i's per-token gradients by ω_i(x) > 0, so
+# the heads take almost the same signed step; they differ only where the ω-weighted sums over tokens change sign.
+# Further steps push them closer, not apart. MTL-LoRA's heads share less (each task mixes them with its own
+# softmax(w_t/τ)), so they start at a middling cosine. R-LoRA and M-LoRA start from
+# independent random heads (cosine ≈ 0) and get near-identical gradients (they differ only by dropout masks and
+# ω), so their cosine can only rise with training — tutorial 03 follows that over a real run.
+
+# %% [markdown]
+# ## Results and plot
+
+# %%
+results["wall_s"] = round(time.perf_counter() - t_start, 1)
+out = Path(args.out)
+print(f"\nwrote {write_json(out / '02_multi_head_family.json', results)} ({results['wall_s']} s)")
+plt = pyplot()
+if plt is not None:
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    w = 0.38
+    for j, n in enumerate(names):
+        vals = [counts[n][k]["percent"] for k in KINDS]
+        bars = ax[0].bar([i + (j - 0.5) * w for i in range(len(KINDS))], vals, w, label=n)
+        ax[0].bar_label(bars, [f"{counts[n][k]['trainable'] / 1e6:.1f}M" for k in KINDS], fontsize=7, rotation=90,
+                        padding=2)
+    ax[0].set_xticks(range(len(KINDS)), KINDS, rotation=30, ha="right")
+    ax[0].set(ylabel="trainable, % of base", title=f"parameters (r={RANK}, {HEADS} heads, MLP targets)")
+    ax[0].margins(y=0.25)
+    ax[0].legend()
+    for kind, style in zip(KINDS[1:], ["o-", "s-", "^-", "v--", "D-", "x-"]):
+        c = real[kind]["head_cos_mean_per_step"]
+        ax[1].plot(range(len(c)), [math.nan if v is None else v for v in c], style, label=kind)
+    ax[1].set(xlabel="optimizer step", ylabel="mean inter-head cosine of B", ylim=(-0.1, 1.05),
+              title=f"head similarity on {'the tiny model' if args.tiny else model_name}")
+    ax[1].legend(fontsize=8)
+    print(f"wrote {save_figure(fig, out / '02_multi_head_family.png')}")

@@ -1,0 +1,305 @@
+"""Tutorial 07 — what each adapter costs: trainable parameters, training step time, peak memory, inference overhead.
+
+METHODS §7 claim 7: Align-LoRA, LoRA, MultiLoRA and M-LoRA (and HydraLoRA without router) merge into W0, so at
+inference they cost exactly what the base model costs; HydraLoRA and R-LoRA keep a router and N heads, MTL-LoRA a
+per-task mixture, so they keep paying at inference. Training costs differ too: more heads, a router in fp32, the
+alignment loss. Align-LoRA's appendix D (Table 6, quoted in METHODS §4.2) reports Align-LoRA cheaper to train than
+HydraLoRA.
+
+Each adapter runs in its own subprocess (so peak memory belongs to that run alone), with the settings of train.py's
+defaults: rank 8, α 32, 3 heads, dropout 0.1, gate/up/down. A "step" is what train.py does per micro-batch:
+forward (logits only at labelled positions) + cross-entropy (+ λ·alignment loss for `align`) + backward + AdamW.
+The batch is random tokens, B rows x T tokens, the last 8 of each row labelled, one task per row.
+Memory: on CPU the process's peak RSS (getrusage ru_maxrss) after training minus its peak after loading the model
+and running one base forward; on CUDA torch.cuda.max_memory_allocated during training.
+Inference: eval-mode forward of the batch (logits at the last position, i.e. a prefill), base model vs the
+adapter unmerged vs merged (merge_adapters; only for adapters that can merge).
+
+The machine running the default size is a 2-core CPU shared with other jobs: timings are medians of a few repeats and
+still noisy (10-30%); compare adapters within one run, and read "merged vs base" as the noise level.
+
+    python tutorials/07_cost.py            # smollm2-135m, batch 4 x 64 tokens, 3 timed steps per adapter, CPU, ~5 min
+    python tutorials/07_cost.py --tiny     # tiny random model (the smoke test)
+    python tutorials/07_cost.py --full     # Qwen2.5-7B in bf16 with gradient checkpointing, batch 5 x 512 (the
+                                           # Align-LoRA code's per-device batch and length), 10 steps; a GPU box
+
+Writes <out>/07_cost.json and, with matplotlib, 07_cost.png.
+"""
+
+# %% [setup]
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import MLP, machine, parser, pyplot, save_figure, tiny_model_dir, write_json
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nanoalign
+from nanoalign.adapters import KINDS, adapter_context, adapter_modules, apply_adapter
+from nanoalign.align import alignment_loss
+
+p = parser(__doc__)
+p.add_argument("--kinds", default=",".join(KINDS), help="comma list of adapter kinds (default: all)")
+p.add_argument("--batch", type=int, default=None, help="rows per batch (default 4; --full 5)")
+p.add_argument("--seq", type=int, default=None, help="tokens per row (default 64; --tiny 16; --full 512)")
+p.add_argument("--steps", type=int, default=None, help="timed steps/forwards after one warm-up (default 3)")
+p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (on with --full)")
+p.add_argument("--in-process", action="store_true",
+               help="measure every adapter in this process (quicker; peak memory is then shared, not per adapter)")
+p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # measure one adapter (run in a subprocess)
+args = p.parse_args()
+if args.full:
+    args.model, args.grad_ckpt = "qwen2.5-7b", True
+BATCH = args.batch or (5 if args.full else 4)
+SEQ = args.seq or (16 if args.tiny else 512 if args.full else 64)
+STEPS = args.steps or (2 if args.tiny else 10 if args.full else 3)
+INFER_REPS = STEPS + 2                # eval forwards are cheaper than steps and their differences smaller
+RANK, ALPHA, HEADS, DROPOUT, LAMBDA, ANSWER = 8, 32.0, 3, 0.1, 0.1, 8  # train.py's defaults; 8 labelled tokens/row
+
+
+def peak_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def timed(fn, device):
+    """(wall seconds, CPU seconds of this process) of one call. CPU time is less disturbed by other jobs on a shared
+    machine (it counts every thread, so it is ~threads x wall when the ops run in parallel)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def plain_linear(m):
+    """The base layer inside adapter m, as an nn.Linear sharing its frozen weight and bias (no copy)."""
+    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+    lin.weight, lin.bias = m.weight, m.bias
+    return lin
+
+
+# %% [markdown]
+# ## The measurement, for one adapter (runs in its own process)
+# Load the base, run one eval forward (the memory baseline), apply the adapter, time training steps (the peak memory
+# of training is read right after). Then inference: every adapted module exists in three versions — the base
+# nn.Linear (sharing W0), the adapter, and its merge (a new nn.Linear holding W0 + ΔW, when the adapter can merge) —
+# and we swap them into the model in turn, rep after rep, so the three are timed under the same machine load.
+# Merging is checked against the unmerged model on the same batch (tests/test_adapters.py::test_merge_equals_
+# unmerged and ::test_merge_adapters_model; the refusals by ::test_unmergeable_adapters_refuse); the parameter counts
+# by ::test_parameter_counts_match_methods_table.
+
+# %%
+def worker(kind):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(args.seed)
+    model = nanoalign.load_model(args.model, dtype=dtype, device=device).eval()
+    n_base = sum(t.numel() for t in model.parameters())
+    g = torch.Generator().manual_seed(args.seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(10, vocab - 10, (BATCH, SEQ), generator=g).to(device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    task_ids = torch.arange(BATCH, device=device)             # one task per row (the alignment loss needs >= 2)
+    at = torch.zeros_like(mask)
+    at[:, -ANSWER - 1:-1] = True                              # positions predicting the last ANSWER tokens
+    targets = ids[:, -ANSWER:].reshape(-1)
+    last = torch.zeros_like(mask)
+    last[:, -1] = True
+    autocast = device.type == "cuda"
+
+    def forward():
+        with torch.no_grad(), adapter_context(model, task_ids=task_ids), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return model(ids, mask, logits_at=last).float()
+
+    forward()
+    mem_before = peak_mb(device)
+
+    torch.manual_seed(args.seed)
+    apply_adapter(model, kind, rank=RANK, alpha=ALPHA, heads=HEADS, dropout=DROPOUT, targets=MLP, num_tasks=BATCH)
+    model.gradient_checkpointing = args.grad_ckpt
+    trainable = [t for t in model.parameters() if t.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+    align = kind == "align"
+
+    def step():
+        with adapter_context(model, task_ids=task_ids, collect=align) as ctx:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(ids, mask, logits_at=at)
+            loss = F.cross_entropy(logits.float(), targets)
+            if align:
+                loss = loss + LAMBDA * alignment_loss(ctx.a_outputs, mask, task_ids, kind="kl")
+            loss.backward()  # inside the context: checkpointed blocks re-run the adapters here
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    step()  # warm-up (AdamW allocates its state here)
+    steps = [timed(step, device) for _ in range(STEPS)]
+    mem_train = peak_mb(device)
+
+    model.eval()
+    mods = adapter_modules(model)
+    versions = {"base": {n: plain_linear(m) for n, m in mods}, "unmerged": dict(mods)}
+    try:
+        versions["merged"] = {n: m.merge() for n, m in mods}
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+
+    def use(version):
+        for name, module in versions[version].items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module)
+
+    logits = {}
+    for v in versions:  # warm-up, and the outputs to compare
+        use(v)
+        logits[v] = forward()
+    times = {v: [] for v in versions}
+    for _ in range(INFER_REPS):
+        for v in versions:
+            use(v)
+            times[v].append(timed(forward, device))
+    use("unmerged")
+    med = lambda xs, i=0: statistics.median(x[i] for x in xs)  # noqa: E731
+    paired = lambda v, i: statistics.median(a[i] / b[i] for a, b in zip(times[v], times["base"])) - 1  # noqa: E731
+    return {"kind": kind, "trainable": sum(t.numel() for t in trainable), "base_params": n_base,
+            "step_s": med(steps), "step_cpu_s": med(steps, 1), "step_all_s": [x[0] for x in steps],
+            "tokens_per_s": BATCH * SEQ / med(steps),
+            "mem_mb_after_load": mem_before, "mem_mb_peak_train": mem_train,
+            "mem_mb_train_extra": mem_train - (mem_before if device.type == "cpu" else 0.0),
+            "infer_s": {v: med(t) for v, t in times.items()}, "infer_cpu_s": {v: med(t, 1) for v, t in times.items()},
+            "infer_all_s": {v: [x[0] for x in t] for v, t in times.items()},
+            "overhead_wall": {v: paired(v, 0) for v in versions if v != "base"},
+            "overhead_cpu": {v: paired(v, 1) for v in versions if v != "base"},
+            "mergeable": refusal is None, "merge_refusal": refusal,
+            "merge_max_abs_logit_diff": (logits["merged"] - logits["unmerged"]).abs().max().item()
+            if refusal is None else None,
+            "trained_max_abs_logit_shift": (logits["unmerged"] - logits["base"]).abs().max().item(),
+            "device": str(device), "threads": torch.get_num_threads()}
+
+
+if args.worker:
+    print(json.dumps(worker(args.worker)))
+    sys.exit(0)
+
+# %% [markdown]
+# ## Every adapter, one subprocess each
+# A fresh process per adapter: peak RSS is a high-water mark, so sharing a process would mix the runs.
+
+# %%
+t_start = time.perf_counter()
+kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+unknown = [k for k in kinds if k not in KINDS]
+if unknown:
+    raise SystemExit(f"unknown adapter kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+model_name = str(tiny_model_dir()) if args.tiny else args.model
+if not args.tiny:
+    nanoalign.load_tokenizer(model_name)  # resolve (and if needed fetch) the model once, before the workers
+flags = ["--model", model_name, "--seed", str(args.seed), "--batch", str(BATCH), "--seq", str(SEQ),
+         "--steps", str(STEPS)] + (["--grad-ckpt"] if args.grad_ckpt else [])
+print(f"{model_name if not args.tiny else 'tiny random model'}: batch {BATCH} x {SEQ} tokens, rank {RANK}, "
+      f"{HEADS} heads, {'/'.join(MLP)}; medians of {STEPS} steps and {INFER_REPS} forwards after 1 warm-up; "
+      + ("all in this process" if args.in_process else "one subprocess per adapter"))
+print("note: this machine may be shared: timings are noisy. Compare adapters within one run; the inference overheads\n"
+      "are paired ratios (base, unmerged, merged timed in turn); 'merged vs base' shows the noise level.")
+print(f"\n{'adapter':15s} {'trainable':>10s} {'step ms':>8s} {'cpu ms':>7s} {'+mem MB':>8s} | {'base fwd ms':>11s} "
+      f"{'unmerged':>9s} {'merged':>7s}  (overhead vs base, wall / cpu)")
+pct = lambda v: "n/a" if v is None else f"{100 * v:+.0f}%"  # noqa: E731
+rows = {}
+for kind in kinds:
+    if args.in_process:
+        args.model = model_name
+        r = rows[kind] = worker(kind)
+    else:
+        res = subprocess.run([sys.executable, __file__, "--worker", kind, *flags], capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"{kind} worker failed:\n{res.stderr[-3000:]}")
+        r = rows[kind] = json.loads(res.stdout.strip().splitlines()[-1])
+    ow, oc = r["overhead_wall"], r["overhead_cpu"]
+    print(f"{kind:15s} {r['trainable']:10,d} {1000 * r['step_s']:8.0f} {1000 * r['step_cpu_s']:7.0f} "
+          f"{r['mem_mb_train_extra']:8.0f} | {1000 * r['infer_s']['base']:11.0f} "
+          f"{pct(ow['unmerged']):>5s}/{pct(oc['unmerged']):>5s} "
+          f"{pct(ow.get('merged')):>5s}/{pct(oc.get('merged')):>5s}")
+
+# %% [markdown]
+# ## Summary
+# Step time relative to plain LoRA (wall and CPU time), and the inference overhead of each adapter over the base
+# forward, unmerged and merged. A merged adapter *is* a base nn.Linear, so its true overhead is zero: whatever
+# "merged" shows is the measurement noise.
+
+# %%
+summary = {}
+if "lora" in rows:
+    ref = rows["lora"]
+    for k, r in rows.items():
+        summary[k] = {"step_vs_lora": r["step_s"] / ref["step_s"],
+                      "step_cpu_vs_lora": r["step_cpu_s"] / ref["step_cpu_s"],
+                      "trainable_vs_lora": r["trainable"] / ref["trainable"],
+                      "mem_extra_vs_lora": r["mem_mb_train_extra"] / ref["mem_mb_train_extra"]
+                      if ref["mem_mb_train_extra"] > 0 else None,
+                      "unmerged_overhead_wall": r["overhead_wall"]["unmerged"],
+                      "unmerged_overhead_cpu": r["overhead_cpu"]["unmerged"],
+                      "merged_overhead_wall": r["overhead_wall"].get("merged"),
+                      "merged_overhead_cpu": r["overhead_cpu"].get("merged"), "mergeable": r["mergeable"]}
+    print("\nstep time vs lora (wall / cpu): " + ", ".join(
+        f"{k} {v['step_vs_lora']:.2f}/{v['step_cpu_vs_lora']:.2f}x" for k, v in summary.items()))
+merged_noise = [abs(r["overhead_wall"]["merged"]) for r in rows.values() if "merged" in r["overhead_wall"]]
+noise = max(merged_noise) if merged_noise else None
+if noise is not None:
+    print(f"noise level (largest |merged − base| wall difference): {100 * noise:.0f}%")
+results = {"meta": machine(), "model": model_name if not args.tiny else "tiny", "batch": BATCH, "seq": SEQ,
+           "steps": STEPS, "infer_reps": INFER_REPS, "rank": RANK, "alpha": ALPHA, "heads": HEADS, "dropout": DROPOUT,
+           "targets": list(MLP), "align_lambda": LAMBDA, "grad_ckpt": args.grad_ckpt,
+           "memory_per_adapter": not args.in_process,
+           "note": "shared machine: timings are noisy; compare adapters within one run",
+           "noise_merged_vs_base_max": noise, "adapters": rows, "summary": summary,
+           "wall_s": round(time.perf_counter() - t_start, 1)}
+out = Path(args.out)
+print(f"\nwrote {write_json(out / '07_cost.json', results)} ({results['wall_s']} s)")
+
+plt = pyplot()
+if plt is not None:
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4))
+    ks = list(rows)
+    ticks = dict(rotation=30, ha="right")
+    med = [1000 * rows[k]["step_s"] for k in ks]
+    lo = [m - 1000 * min(rows[k]["step_all_s"]) for m, k in zip(med, ks)]
+    hi = [1000 * max(rows[k]["step_all_s"]) - m for m, k in zip(med, ks)]
+    bars = ax[0].bar(ks, med, yerr=[lo, hi], capsize=3, color="tab:blue")
+    ax[0].bar_label(bars, [f"{rows[k]['trainable'] / 1e6:.2f}M" for k in ks], fontsize=7, label_type="center",
+                    color="white")
+    ax[0].set_xticks(range(len(ks)), ks, **ticks)
+    ax[0].set_ylabel("ms per training step (median, min-max)")
+    ax[0].set_title(f"step, batch {BATCH}x{SEQ} (labels: trainable)", fontsize=10)
+    ax[1].bar(ks, [rows[k]["mem_mb_train_extra"] for k in ks], color="tab:green")
+    ax[1].set_xticks(range(len(ks)), ks, **ticks)
+    ax[1].set_ylabel("MB over the loaded model")
+    ax[1].set_title("training memory" + (" (shared process!)" if args.in_process else ""), fontsize=10)
+    w = 0.4
+    for j, (v, lab) in enumerate([("unmerged", "unmerged"), ("merged", "merged (true cost: 0)")]):
+        vals = [100 * rows[k]["overhead_wall"][v] if v in rows[k]["overhead_wall"] else 0 for k in ks]
+        ax[2].bar([i + (j - 0.5) * w for i in range(len(ks))], vals, w, label=lab)
+    ax[2].axhline(0, color="black", lw=0.8)
+    ax[2].set_xticks(range(len(ks)), ks, **ticks)
+    ax[2].set_ylabel("eval forward time vs base (%)")
+    ax[2].set_title("inference overhead (no orange: cannot merge)", fontsize=10)
+    ax[2].legend(fontsize=8)
+    where = results["meta"]["cuda"] or f"{results['meta']['cpu_count']} shared CPU cores (timings noisy)"
+    fig.suptitle(f"07 cost on {'the tiny model' if args.tiny else model_name}, {where}", fontsize=10)
+    print(f"wrote {save_figure(fig, out / '07_cost.png')}")
