@@ -239,3 +239,15 @@ def test_pick_data_prepares_real_tasks_or_falls_back(tmp_path, monkeypatch, caps
     args.source = str(tmp_path / "nothing-here")                           # a wrong path given by hand: an error
     with pytest.raises(SystemExit, match="is not a directory"):
         common.pick_data(args, data_dir=tmp_path / "empty")
+
+
+def test_report_builds_the_readme_table_from_committed_results():
+    """tutorials/report.py turns the committed results JSON into the README's claim table: one 4-cell row per claim,
+    no cell broken by a stray '|', and every tutorial that measures a claim has its JSON committed."""
+    res = subprocess.run([sys.executable, str(TUTORIALS / "report.py")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = [line for line in res.stdout.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
+    assert len(table) >= 10
+    assert all(line.count(" | ") == 3 for line in table)
+    assert not any("not run" in line for line in table)

@@ -354,6 +354,8 @@ def describe_diff(c):
 def direction_verdict(c, expect_higher=True):
     """One word-group for a claimed direction: 'reproduced' (same sign, > 2 SE), 'same direction, within noise',
     'opposite, within noise', or 'contradicted' (opposite sign, > 2 SE)."""
+    if c["diff"] == 0:
+        return "no difference"
     same = c["a_higher"] == expect_higher
     return ("reproduced" if c["clear"] else "same direction, within noise") if same else \
         ("contradicted" if c["clear"] else "opposite, within noise")
