@@ -85,11 +85,16 @@ def a_output_features(model, input_ids, attention_mask, task_ids=None):
     model.eval()
     try:
         with adapter_context(model, task_ids=task_ids, collect=True) as ctx:
-            model(input_ids, attention_mask)
+            model(input_ids, attention_mask, logits_at=torch.zeros_like(attention_mask))  # no lm_head: not needed
     finally:
         model.train(was_training)
+    return pool_a_outputs(ctx.a_outputs, attention_mask)
+
+
+def pool_a_outputs(a_outputs: dict, attention_mask) -> dict:
+    """{module: [B, T, r]} -> {module: [B, r]}: each example's mean A-output over its real (mask True) tokens."""
     w = attention_mask.float()[..., None]
-    return {name: ((z.float() * w).sum(1) / w.sum(1).clamp(min=1)) for name, z in ctx.a_outputs.items()}
+    return {name: ((z.float() * w).sum(1) / w.sum(1).clamp(min=1)) for name, z in a_outputs.items()}
 
 
 def task_separation(features: torch.Tensor, task_ids: torch.Tensor) -> dict:

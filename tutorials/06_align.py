@@ -23,8 +23,9 @@ and after training with and without alignment, plus a 2-D PCA projection (analys
 (per reviews) sums over pairs: with 5 tasks (10 pairs) the paper's λ = 0.01 is our 0.1 and its best λ = 0.1 is
 our 1.0, so the default sweep {0.1, 1.0} covers the paper's 0.01 and 0.1 (its 0.5 is our 5: `--lambdas 1,5`).
 
-    python tutorials/06_align.py           # smollm2-135m, sst2/cola/piqa/siqa/openbookqa, rank 8, 30 steps x 3 seeds,
-                                           # lora / kl / mmd at λ = 0.1, and KL at λ = 1.0; ~14 min CPU
+    python tutorials/06_align.py           # smollm2-135m, sst2/cola/piqa/siqa/openbookqa, rank 8, 25 steps x 3 seeds,
+                                           # lora / kl / mmd at λ = 0.1, and KL at λ = 1.0, 24 test examples per
+                                           # task (fewer than 04/05 so that 4 setups + probes fit 15 min); ~14 min
     python tutorials/06_align.py --tiny    # tiny random model, builtin suite, 3 steps x 2 seeds (the smoke test)
     python tutorials/06_align.py --full    # the paper's setting: Qwen2.5-7B, rank 8, lr 2e-4, 10 examples per task per
                                            # step, 2000 steps, 11 real tasks, λ from 0.01 to 5; a GPU box
@@ -45,14 +46,14 @@ import torch
 
 from nanoalign.adapters import adapter_context, apply_adapter
 from nanoalign.align import alignment_loss
-from nanoalign.analysis import a_output_features, pca_2d, task_separation
+from nanoalign.analysis import pca_2d, pool_a_outputs, task_separation
 from nanoalign.data import encode_example, pad_right
 
-p = add_training_flags(parser(__doc__), steps=(30, 3, 2000), seeds=(3, 2))
+p = add_training_flags(parser(__doc__), steps=(25, 3, 2000), seeds=(3, 2))
 p.add_argument("--lambdas", default=None, help="extra λ values of the A-LoRA-K sweep, comma separated (default "
                "1.0; --full 0.01,0.05,0.2,0.5,1,5; λ = 0.1 is always run)")
 p.add_argument("--probe", type=int, default=None, help="held-out prompts per task for the representation analysis "
-               "(default 24; --tiny 4)")
+               "(default 16; --tiny 4)")
 args = p.parse_args()
 if args.full:
     args.model = "qwen2.5-7b"
@@ -80,26 +81,29 @@ for lam in SWEEP:
 # For every adapted module: the A-output of each example averaged over its tokens (eval mode: no dropout) -> one
 # point per example; then (a) task_separation per module, averaged over modules, (b) the alignment loss on these
 # held-out A-outputs (token level, exactly what training minimises, nanoalign.align.alignment_loss), (c) a PCA of
-# all modules' pooled A-outputs side by side, for the plot.
+# all modules' pooled A-outputs side by side, for the plot. Prompts are cut to 128 tokens, as in training.
 
 # %%
 def probe_batch(exp, n):
-    rows = [(encode_example(exp.tok, ex, 256), i) for i, t in enumerate(exp.names) for ex in exp.test[t][:n]]
+    rows = [(encode_example(exp.tok, ex, 128), i) for i, t in enumerate(exp.names) for ex in exp.test[t][:n]]
     ids, mask, _ = pad_right([r[0][0] for r in rows], [r[0][1] for r in rows], exp.tok.pad_id)
     return ids, mask, torch.tensor([r[1] for r in rows])
 
 
-def representation(model, batch, keep_pca):
+def representation(model, batch, keep_pca, autocast):
+    """One eval-mode forward (as in training: bf16 autocast where train used it; no lm_head) collecting the
+    A-outputs; the same thing analysis.a_output_features pools (tests/test_analysis.py)."""
     ids, mask, task_ids = batch
-    feats = a_output_features(model, ids, mask, task_ids)
+    with torch.no_grad(), adapter_context(model, task_ids=task_ids, collect=True) as ctx, \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        model.eval()(ids, mask, logits_at=torch.zeros_like(mask))
+    feats = pool_a_outputs(ctx.a_outputs, mask)
     seps = [task_separation(f, task_ids) for f in feats.values()]
-    with torch.no_grad(), adapter_context(model, task_ids=task_ids, collect=True) as ctx:
-        model.eval()(ids, mask)
+    with torch.no_grad():
         kl = alignment_loss(ctx.a_outputs, mask, task_ids, kind="kl").item()
-        mmd = alignment_loss(ctx.a_outputs, mask, task_ids, kind="mmd", max_rows=256).item()
     out = {"sep_ratio": statistics.mean(s["ratio"] for s in seps), "sep_between": statistics.mean(
            s["between"] for s in seps), "sep_within": statistics.mean(s["within"] for s in seps),
-           "heldout_kl": kl, "heldout_mmd": mmd}
+           "heldout_kl": kl}
     if keep_pca:
         xy, share = pca_2d(torch.cat(list(feats.values()), dim=1))
         out["pca"] = {"xy": xy.tolist(), "task_ids": task_ids.tolist(), "share": share.tolist()}
@@ -107,14 +111,16 @@ def representation(model, batch, keep_pca):
 
 
 with tempfile.TemporaryDirectory(prefix="nanoalign-06-") as tmp:
-    exp = Experiment(args, steps=(30, 3, 2000), seeds=(3, 2), tmp=tmp)
-    batch = probe_batch(exp, args.probe or (4 if args.tiny else 24))
+    if not (args.eval_max or args.tiny or args.full):
+        args.eval_max = 24
+    exp = Experiment(args, steps=(25, 3, 2000), seeds=(3, 2), tmp=tmp)
+    batch = probe_batch(exp, args.probe or (4 if args.tiny else 16))
     init = []
     for seed in exp.seeds:  # a fresh adapter: random A (kaiming-uniform), B = 0, as every setup starts
         torch.manual_seed(seed)
         fresh = apply_adapter(load_eval_model(exp.model_name, exp.autocast), "lora", rank=RANK, alpha=32.0, dropout=0.1,
                               targets=MLP)
-        init.append({"seed": seed, **representation(fresh, batch, keep_pca=seed == exp.seeds[0])})
+        init.append({"seed": seed, **representation(fresh, batch, seed == exp.seeds[0], exp.autocast)})
     print(f"fresh adapter: task separation {statistics.mean(r['sep_ratio'] for r in init):.3f}, held-out KL "
           f"{statistics.mean(r['heldout_kl'] for r in init):.4f}")
 
@@ -123,7 +129,7 @@ with tempfile.TemporaryDirectory(prefix="nanoalign-06-") as tmp:
 
     # %%
     def analyse(label, model, result):
-        return representation(model, batch, keep_pca=result["config"]["seed"] == exp.seeds[0])
+        return representation(model, batch, result["config"]["seed"] == exp.seeds[0], exp.autocast)
 
     rows = exp.run(SETUPS, analyse=analyse)
     base = exp.base_accuracy()
