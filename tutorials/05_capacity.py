@@ -16,7 +16,7 @@ tests/test_analysis.py): a shared A caps every head mixture Σ_i ω_i(x) B_i A a
 heads, while the matched LoRA can use all 10 directions.
 
     python tutorials/05_capacity.py            # smollm2-135m, sst2/cola/piqa/siqa/openbookqa, 30 steps x 3 seeds
-                                               # x 4 setups, ~14 min CPU
+                                               # x 4 setups, 24 test examples per task, ~14 min CPU
     python tutorials/05_capacity.py --tiny     # tiny random model, builtin suite, 3 steps x 2 seeds (smoke test)
     python tutorials/05_capacity.py --full     # the paper's kind of setting: Qwen2.5-7B, rank 8 heads x 3 (and
                                                # the matched LoRA), lr 2e-4, 10 examples per task per step, 2000
@@ -57,6 +57,8 @@ t_start = time.perf_counter()
 
 # %%
 with tempfile.TemporaryDirectory(prefix="nanoalign-05-") as tmp:
+    if not (args.eval_max or args.tiny or args.full):
+        args.eval_max = 24    # 4 setups x 3 seeds in 15 min (04 scores 30 per task for 4 setups without spectra)
     exp = Experiment(args, steps=(30, 3, 2000), seeds=(3, 2), tmp=tmp)
     probe = nanoalign.load_model(exp.model_name)
     apply_adapter(probe, "hydra", rank=RANK, heads=HEADS, targets=MLP)
