@@ -180,7 +180,7 @@ class LoRALinear(AdapterLinear):
 
     def adapter_out(self, x):
         z = self.report(F.linear(self.lora_dropout(x), self.lora_A.weight))
-        return self.scaling * F.linear(z, self.lora_B.weight)
+        return F.linear(z, self.scaling * self.lora_B.weight)  # s on the [out, r] weight, not the [.., out] output
 
     def lowrank(self, task=None):
         return self.scaling * self.lora_B.weight.float(), self.lora_A.weight.float()
@@ -228,15 +228,28 @@ class HydraLoRALinear(AdapterLinear):
         return logits.softmax(-1).to(x.dtype)
 
     def adapter_out(self, x):
+        return F.linear(*self.heads_input(x))
+
+    def heads_input(self, x):
+        """(u, W) with adapter output u W^T: u = [ω_1 z_1; …; ω_N z_N], W = s·[B_1 | … | B_N] (s on the small
+        weight, not on the [.., out] output)."""
         N, r = self.heads, self.rank
+        per_head_dropout = self.head_dropout and self.training and self.dropout_p > 0
         if self.head_dropout:  # R-LoRA: z = A x, then an independent dropout mask per head
             z = self.report(F.linear(x, self.lora_A.weight))
-            u = F.dropout(z.unsqueeze(-2).expand(*z.shape[:-1], N, r), self.dropout_p, self.training)
         else:                  # HydraLoRA: one mask on x before A, shared by the heads
             z = self.report(F.linear(self.lora_dropout(x), self.lora_A.weight))
+        if self.lora_router is None and not per_head_dropout:
+            # fixed weights c_i and the same z for every head: Σ_i c_i B_i z = (Σ_i c_i B_i) z, an r-wide matmul
+            # instead of an N·r-wide one (elementwise sum: stays fp32 under autocast)
+            c = self.fixed_head_weights()
+            return z, self.scaling * (c[:, None, None] * self.lora_B.weight).sum(0)
+        if per_head_dropout:
+            u = F.dropout(z.unsqueeze(-2).expand(*z.shape[:-1], N, r), self.dropout_p, self.training)
+        else:
             u = z.unsqueeze(-2)
         u = u * self.head_weights(x).unsqueeze(-1)  # [..., N, r]: head i's input ω_i·z_i
-        return self.scaling * F.linear(u.flatten(-2), side_by_side(self.lora_B.weight))
+        return u.flatten(-2), self.scaling * side_by_side(self.lora_B.weight)
 
     def lowrank(self, task=None):
         """ΔW with the fixed head weights (for a router: what a uniform router would give; analysis only)."""
@@ -280,7 +293,9 @@ class RLoRALinear(HydraLoRALinear):
         self.register_buffer("comp_B", comp_B.clone())
 
     def adapter_out(self, x):
-        return super().adapter_out(x) - F.linear(F.linear(x, self.comp_A), self.comp_B)
+        # −C x joins the heads' matmul: [u, C_A x] · [W | −C_B]^T, one [.., out] output instead of three
+        u, W = self.heads_input(x)
+        return F.linear(torch.cat([u, F.linear(x, self.comp_A)], -1), torch.cat([W, -self.comp_B], 1))
 
     def lowrank(self, task=None):
         """[s·Σ_i c_i B_i | −C_B] · [A; C_A]: rank ≤ 2r, exact (c = fixed head weights)."""
@@ -395,7 +410,7 @@ class MultiLoRALinear(AdapterLinear):
     def adapter_out(self, x):
         B, A = self.stacked()
         z = self.report(F.linear(self.lora_dropout(x), A))
-        return self.scaling * F.linear(z, B)
+        return F.linear(z, self.scaling * B)
 
     def lowrank(self, task=None):
         B, A = self.stacked()

@@ -157,6 +157,24 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class SwiGLU(torch.autograd.Function):
+    """silu(g) * u that keeps only g and u for the backward and recomputes silu(g) there.
+
+    Autograd would also keep silu(g): one [tokens, d_ff] tensor per layer, ~190 MB for SmolLM2-135M at 8x128 in
+    fp32. The gradients are the same ops autograd runs (silu_backward), so they are bitwise equal.
+    """
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(dy * u, g), dy * F.silu(g)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -165,7 +183,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -14,10 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_train_speed_runs_tiny(tmp_path):
     out = tmp_path / "table.md"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--config", "tiny",
-                          "--adapters", "lora,mlora", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                          "--device", "cpu", "--adapters", "lora,mlora", "--steps", "1", "--warmup", "0", "--repeats", "1",
                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     table = out.read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| lora") or line.startswith("| mlora")]
+    rows = [line for line in table.splitlines() if line.startswith(("| lora |", "| mlora |"))]
     assert len(rows) == 3  # nanoalign lora, HF+PEFT lora, nanoalign mlora
     assert all(float(r.split("|")[3].replace(",", "")) > 0 for r in rows)  # tok/s column
+    assert all(len(r.split("|")) == 11 for r in rows)                       # 9 columns, speed/mem ratios included
+    targets = [line for line in table.splitlines() if line.startswith(("| lora: ", "| mlora ("))]
+    assert len(targets) == 3 and all(line.endswith(("| yes |", "| no |")) for line in targets)  # speed, mem, 3-head
