@@ -248,14 +248,17 @@ def alignment_loss(a_outputs, token_mask, task_ids, kind="kl", position_wise=Fal
         raise ValueError("no A-outputs to align: run the forward inside adapter_context(model, collect=True) "
                          "on a model with adapters applied")
     zs = list(a_outputs.values())
-    if kind == "kl" and not position_wise and zs[0].ndim == 3 and len({(z.shape, z.dtype) for z in zs}) == 1:
-        # all modules in one go (a per-module loop is ~100 small ops per module, ~10% of a CPU step): task t's
-        # token rows of every module form [N_t, M, r], which kl_alignment_loss reads as a position-wise group
-        # whose M "positions" are the modules; its average over positions is then the mean over modules
+    same = zs[0].ndim == 3 and len({(z.shape, z.dtype) for z in zs}) == 1
+    rows = int(token_mask.sum()) if kind == "mmd" else 0
+    if not position_wise and same and len(zs) * rows ** 2 <= 2 ** 26:
+        # all modules in one go (a per-module loop is ~100 small ops per module: ~10% of a CPU step for KL, 4x the
+        # step for MMD): task t's token rows of every module form [N_t, M, r], which the losses read as a
+        # position-wise group whose M "positions" are the modules; the average over positions is then the mean over
+        # modules. MMD keeps an [M, N_p, N_q] kernel, so only for small row counts (else the loop below).
         z = torch.stack(zs, 2)                                                  # [B, T, M, r]
         groups = [g.view(g.shape[0], len(zs), -1)
                   for g in task_groups(z.flatten(2), token_mask, task_ids, num_tasks)]
-        loss = kl_alignment_loss(groups, pair_reduction=pair_reduction, **kw)
+        loss = fns[kind](groups, pair_reduction=pair_reduction, **kw)
         return loss if module_reduction == "mean" else loss * len(zs)
     total = torch.zeros((), device=zs[0].device)
     for z in zs:

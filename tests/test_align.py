@@ -244,6 +244,15 @@ def test_alignment_loss_reduces_over_modules():
            for v in outs.values()]
     got = alignment_loss(outs, mask, task, kind="mmd", position_wise=True, pair_reduction="sum", max_rows=2)
     torch.testing.assert_close(got, torch.stack(per).mean())
+    # token-level MMD (computed for all modules at once) equals the per-module losses too, in value and gradient
+    zs = {k: v.detach().requires_grad_() for k, v in outs.items()}
+    per = torch.stack([mmd_alignment_loss(task_groups(v, mask, task), max_rows=3) for v in zs.values()])
+    got = alignment_loss(zs, mask, task, kind="mmd", max_rows=3)
+    torch.testing.assert_close(got, per.mean())
+    g_ref = torch.autograd.grad(per.mean(), list(zs.values()))
+    g_got = torch.autograd.grad(alignment_loss(zs, mask, task, kind="mmd", max_rows=3), list(zs.values()))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b)
 
 
 def test_bad_input_gives_clear_errors():

@@ -118,7 +118,7 @@ def rows(results):
         refuse = ", ".join(k for k in a if not a[k]["mergeable"])
         step = ", ".join(f"{k} {r07['summary'][k]['step_vs_lora']:.2f}x" for k in a)
         out.append(("7. LoRA, Align-LoRA, M-LoRA, MultiLoRA merge exactly; routers do not [02, 07]",
-                    "(derived, METHODS §7)", f"merged vs unmerged max |Δlogit|: {merged}; refuse to merge: {refuse}; "
+                    "(derived, METHODS §7)", f"merged vs unmerged max abs logit diff: {merged}; refuse to merge: {refuse}; "
                                              f"train step vs LoRA: {step}", "reproduced (exact)"))
     else:
         out.append(missing("7. merge and cost [07]"))
