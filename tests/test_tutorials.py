@@ -173,7 +173,7 @@ def test_04_simplified_multi_head(tmp_path):
     check_grid(r, ["hydra", "hydra-norouter", "rlora", "mlora"])
     n = {k: rows[0]["trainable"] for k, rows in r["runs"].items()}
     assert n["mlora"] == n["hydra-norouter"] < n["hydra"] == n["rlora"]
-    words = {"reproduced", "same direction, within noise", "opposite, within noise", "contradicted"}
+    words = {"reproduced", "same direction, within noise", "opposite, within noise", "contradicted", "no difference"}
     for key in ("claim1_mlora_vs_rlora", "claim1_mlora_vs_hydra", "claim2_norouter_vs_hydra"):
         v = r["verdict"][key]
         assert v["verdict"] in words and v["se"] >= 0

@@ -198,14 +198,14 @@ out = Path(args.out)
 print(f"\nwrote {write_json(out / '03_head_similarity.json', results)} ({results['wall_s']} s)")
 
 # %% [markdown]
-# How to read it (numbers from our default run, see tutorials/README.md): after 20 steps HydraLoRA's heads are
-# already almost one matrix (cosine ≈0.96, top-1 energy ≈0.97: the three heads are nearly multiples of one B), so
-# its router — whose weights are far from one-hot (entropy ≈0.97 of log N) — mixes three copies of the same thing:
-# this is the symmetry HydraLoRA's zero init cannot break (tutorial 02 shows why: Adam gives every zero head nearly
-# the same signed step). R-LoRA and M-LoRA start from independent random heads (cosine ≈0) and after 20 steps are
-# still dominated by that init (cosine ≈0.06-0.07), so at this budget M-LoRA is the *least* alike, the opposite of
-# the paper's Figure 2 ordering, which comes from full training runs. The shared gradient does pull their heads
-# together (02: 0.00 -> 0.05 in 5 steps); how far it gets within a real budget is what --full would show.
+# How to read it (our default run, commit f88f007, 5.3 min; README table): after 30 steps on the real mix
+# HydraLoRA's heads are already almost one matrix (cosine 0.969 ± 0.002 over seeds; gate/up 0.995, down 0.917;
+# top-1 energy 0.98: the three heads are nearly multiples of one B), so its router — whose weights stay close to
+# uniform (entropy 0.98 of log N) — mixes three copies of the same thing: the symmetry HydraLoRA's zero init cannot
+# break (tutorial 02: Adam gives every zero head nearly the same signed step). R-LoRA and M-LoRA start from
+# independent random heads (cosine ≈0) and after 30 steps are still dominated by that init (0.012 and 0.009), so
+# at this budget M-LoRA is the *least* alike, the opposite of the paper's Figure 2 ordering, which comes from full
+# training runs. How far the shared gradient pulls random heads together within a real budget is what --full shows.
 
 # %% [markdown]
 # ## Plot: per layer and module type, mean over seeds (band: min-max)
