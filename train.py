@@ -44,7 +44,7 @@ import nanoalign
 from nanoalign.adapters import (KINDS, adapter_context, apply_adapter, count_trainable, export_peft, load_adapter,
                                 save_adapter)
 from nanoalign.align import alignment_loss
-from nanoalign.data import IGNORE_INDEX, BalancedBatcher, encode_example, load_tasks
+from nanoalign.data import IGNORE_INDEX, BalancedBatcher, answer_positions, encode_example, load_tasks
 from nanoalign.evaluate import evaluate, markdown_table
 from nanoalign.hub import HubError
 
@@ -437,9 +437,7 @@ def train(cfg: TrainConfig):
             for micro in range(cfg.grad_accum):
                 b = {k: v.to(device) for k, v in next(batcher).items()}
                 ids, mask, labels, task_ids = b["input_ids"], b["attention_mask"], b["labels"], b["task_ids"]
-                # logits at position t predict token t+1: keep the positions whose next token is labelled
-                at = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
-                targets = labels[:, 1:][at[:, :-1]]
+                at, targets = answer_positions(labels)  # logits only where the next token is labelled
                 last = micro == cfg.grad_accum - 1
                 # backward inside adapter_context: checkpointed blocks re-run the adapters during the backward
                 with (fwd.no_sync() if world > 1 and not last else nullcontext()), \

@@ -135,8 +135,8 @@ def worker(args):
     if args.impl == "nanoalign":
         from nanoalign.adapters import adapter_context
         from nanoalign.align import alignment_loss
-        sel = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
-        targets = labels[:, 1:][sel[:, :-1]]
+        from nanoalign.data import answer_positions
+        sel, targets = answer_positions(labels)
 
         def step():
             with adapter_context(model, task_ids=task_ids, collect=align) as ctx, \

@@ -75,20 +75,24 @@ def effective_rank(s: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- task clusters of A-outputs (§4.2)
 
 @torch.no_grad()
-def a_output_features(model, input_ids, attention_mask, task_ids=None):
-    """{module path: [B, r] per-example mean of the module's A-output A·x over real tokens} (eval mode, no dropout).
-
-    The tensor Align-LoRA aligns (METHODS §3.1), pooled per example so every example is one point of its task's
-    cluster; collected through `adapter_context(collect=True)`, not hooks."""
+def collect_a_outputs(model, input_ids, attention_mask, task_ids=None) -> dict:
+    """{module path: [B, T, r] the module's A-output A·x} from one eval-mode forward (no dropout, no lm_head): the
+    tensor Align-LoRA aligns (METHODS §3.1), collected through `adapter_context(collect=True)`, not hooks."""
     from .adapters import adapter_context
     was_training = model.training
     model.eval()
     try:
         with adapter_context(model, task_ids=task_ids, collect=True) as ctx:
-            model(input_ids, attention_mask, logits_at=torch.zeros_like(attention_mask))  # no lm_head: not needed
+            model(input_ids, attention_mask, logits_at=torch.zeros_like(attention_mask))
     finally:
         model.train(was_training)
-    return pool_a_outputs(ctx.a_outputs, attention_mask)
+    return ctx.a_outputs
+
+
+def a_output_features(model, input_ids, attention_mask, task_ids=None):
+    """{module path: [B, r] per-example mean of the module's A-output over real tokens}: every example is one point
+    of its task's cluster."""
+    return pool_a_outputs(collect_a_outputs(model, input_ids, attention_mask, task_ids), attention_mask)
 
 
 def pool_a_outputs(a_outputs: dict, attention_mask) -> dict:

@@ -190,6 +190,13 @@ def pad_right(seqs, labels, pad_id):
     return ids, mask, lab
 
 
+def answer_positions(labels):
+    """(bool [B, T] positions whose NEXT token is labelled, [N] those next tokens): logits at t predict token t+1, so
+    these are the positions that need logits (`model(..., logits_at=at)`) and the targets of the cross-entropy."""
+    at = torch.nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+    return at, labels[:, 1:][at[:, :-1]]
+
+
 def left_pad(batch_of_id_lists, pad_id):
     """Left-pad prompts for batched generation -> (input_ids [B,T] int64, attention_mask [B,T] bool).
     Left padding puts every prompt's last token in the final column, where generation continues."""

@@ -15,11 +15,10 @@ Adapters that need the task id at inference (MTL-LoRA) get it through `adapter_c
 """
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .adapters import adapter_context
-from .data import IGNORE_INDEX, extract_answer, left_pad, pad_right
+from .data import IGNORE_INDEX, answer_positions, extract_answer, left_pad, pad_right
 
 
 def _batches(seqs, batch_size):
@@ -76,10 +75,10 @@ def option_logprobs(model, tok, examples, batch_size=32, max_len=1024, task_id=N
     for idx, seqs in _batches([r[2] for r in rows], batch_size):
         ids, mask, labels = pad_right(seqs, [rows[i][3] for i in idx], tok.pad_id)
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        at = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)  # logits at t predict token t+1
+        at, targets = answer_positions(labels)
         with _task_context(model, task_id, len(idx), device):
             logp = model(ids, mask, logits_at=at).float().log_softmax(-1)
-        token_lp = logp.gather(-1, labels[:, 1:][at[:, :-1]][:, None]).squeeze(-1)
+        token_lp = logp.gather(-1, targets[:, None]).squeeze(-1)
         per_row = torch.zeros(len(idx), device=device).index_add_(0, at.nonzero()[:, 0], token_lp)
         for j, i in enumerate(idx):
             scores[rows[i][0]][rows[i][1]] = per_row[j].item()

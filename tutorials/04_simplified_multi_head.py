@@ -31,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MLP, Experiment, add_training_flags, bar_plot, compare, describe_diff, direction_verdict, machine, \
-    paper_plot, parser, pyplot, save_figure, spread, write_json
+from common import MLP, Experiment, add_training_flags, bar_plot, judge, machine, paper_plot, parser, pyplot, \
+    save_figure, spread, write_json
 
 p = add_training_flags(parser(__doc__), steps=(30, 3, 2000), seeds=(3, 2))
 p.add_argument("--methods", default="hydra,hydra-norouter,rlora,mlora", help="adapter kinds (default: %(default)s)")
@@ -85,9 +85,7 @@ CLAIMS = [("claim1_mlora_vs_rlora", "mlora", "rlora", True), ("claim1_mlora_vs_h
 verdict = {}
 for key, a, b, higher in CLAIMS:
     if a in avg and b in avg:
-        c = compare(avg[a], avg[b])
-        verdict[key] = {**c, "paper_diff": PAPER[a] - PAPER[b], "verdict": direction_verdict(c, higher)}
-        print(f"  {key}: ours {describe_diff(c)}, paper {PAPER[a] - PAPER[b]:+.2f} -> {verdict[key]['verdict']}")
+        verdict[key] = judge(key, avg[a], avg[b], higher, paper_diff=PAPER[a] - PAPER[b])
 verdict["ranking"] = sorted(avg, key=lambda k: -avg[k]["mean"])
 print(f"ranking by mean average accuracy: {' > '.join(verdict['ranking'])}   "
       f"(paper: mlora > rlora > hydra > hydra-norouter)")

@@ -63,8 +63,8 @@ with tempfile.TemporaryDirectory(prefix="nanoalign-05-") as tmp:
     probe = nanoalign.load_model(exp.model_name)
     apply_adapter(probe, "hydra", rank=RANK, heads=HEADS, targets=MLP)
     budget = count_trainable(probe)
+    MATCH = rank_for_budget(probe, MLP, budget)     # counts d_in + d_out of the (now adapted) target layers
     del probe
-    MATCH = rank_for_budget(nanoalign.load_model(exp.model_name), MLP, budget)
     print(f"HydraLoRA r={RANK} x {HEADS} heads: {budget:,} trainable parameters -> matched LoRA rank {MATCH}")
     SETUPS = {f"lora-r{RANK}": dict(adapter="lora", rank=RANK), f"lora-r{MATCH} (matched)": dict(adapter="lora",
               rank=MATCH), "hydra": dict(adapter="hydra", rank=RANK, heads=HEADS),

@@ -39,14 +39,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MLP, Experiment, add_training_flags, bar_plot, compare, describe_diff, direction_verdict, \
-    load_eval_model, machine, parser, pyplot, save_figure, spread, write_json
+from common import MLP, Experiment, add_training_flags, bar_plot, judge, load_eval_model, machine, parser, pyplot, \
+    save_figure, spread, write_json
 
 import torch
 
-from nanoalign.adapters import adapter_context, apply_adapter
+from nanoalign.adapters import apply_adapter
 from nanoalign.align import alignment_loss
-from nanoalign.analysis import pca_2d, pool_a_outputs, task_separation
+from nanoalign.analysis import collect_a_outputs, pca_2d, pool_a_outputs, task_separation
 from nanoalign.data import encode_example, pad_right
 
 p = add_training_flags(parser(__doc__), steps=(25, 3, 2000), seeds=(3, 2))
@@ -91,16 +91,15 @@ def probe_batch(exp, n):
 
 
 def representation(model, batch, keep_pca, autocast):
-    """One eval-mode forward (as in training: bf16 autocast where train used it; no lm_head) collecting the
-    A-outputs; the same thing analysis.a_output_features pools (tests/test_analysis.py)."""
+    """One eval-mode forward (bf16 autocast where training used it) collecting the A-outputs
+    (analysis.collect_a_outputs, tests/test_analysis.py), then pooled per example and the held-out KL on them."""
     ids, mask, task_ids = batch
-    with torch.no_grad(), adapter_context(model, task_ids=task_ids, collect=True) as ctx, \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        model.eval()(ids, mask, logits_at=torch.zeros_like(mask))
-    feats = pool_a_outputs(ctx.a_outputs, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        a_outputs = collect_a_outputs(model, ids, mask, task_ids)
+    feats = pool_a_outputs(a_outputs, mask)
     seps = [task_separation(f, task_ids) for f in feats.values()]
     with torch.no_grad():
-        kl = alignment_loss(ctx.a_outputs, mask, task_ids, kind="kl").item()
+        kl = alignment_loss(a_outputs, mask, task_ids, kind="kl").item()
     out = {"sep_ratio": statistics.mean(s["ratio"] for s in seps), "sep_between": statistics.mean(
            s["between"] for s in seps), "sep_within": statistics.mean(s["within"] for s in seps),
            "heldout_kl": kl}
@@ -158,21 +157,16 @@ avg = {k: s["average"] for k, s in summary.items()}
 verdict = {}
 for key, a, b in (("claim4_kl_vs_lora", "align-kl", "lora"), ("claim5_mmd_vs_lora", "align-mmd", "lora"),
                   ("claim5_kl_vs_mmd", "align-kl", "align-mmd")):
-    c = compare(avg[a], avg[b])
-    verdict[key] = {**c, "paper_diff": PAPER[a] - PAPER[b], "verdict": direction_verdict(c)}
-    print(f"  {key}: ours {describe_diff(c)}, paper {PAPER[a] - PAPER[b]:+.2f} -> {verdict[key]['verdict']}")
+    verdict[key] = judge(key, avg[a], avg[b], paper_diff=PAPER[a] - PAPER[b])
 lam_rows = {LAMBDA: "align-kl", **{lam: f"align-kl λ={lam:g}" for lam in SWEEP}}
 verdict["claim6_sweep"] = {}
 for lam, k in sorted(lam_rows.items()):
-    c = compare(avg[k], avg["lora"])
-    verdict["claim6_sweep"][f"{lam:g}"] = {**c, "verdict": direction_verdict(c)}
-    print(f"  λ = {lam:<5g}: A-LoRA-K - LoRA = {describe_diff(c)} -> {direction_verdict(c)}")
+    verdict["claim6_sweep"][f"{lam:g}"] = judge(f"λ = {lam:g}, A-LoRA-K - LoRA", avg[k], avg["lora"])
 PAIRS = len(exp.names) * (len(exp.names) - 1) // 2     # paper λ (sum over pairs) = our λ / PAIRS
 in_range = [v for lam, v in verdict["claim6_sweep"].items() if 0.01 - 1e-9 <= float(lam) / PAIRS <= 0.5 + 1e-9]
 verdict["claim6_none_clearly_below_lora"] = not any(v["verdict"] == "contradicted" for v in in_range)
-c = compare(rep["align-kl"]["sep_ratio"], rep["lora"]["sep_ratio"])
-verdict["mechanism_separation_kl_vs_lora"] = {**c, "verdict": direction_verdict(c, expect_higher=False)}
-print(f"  held-out task separation, A-LoRA-K - LoRA: {describe_diff(c)} -> {direction_verdict(c, False)}")
+verdict["mechanism_separation_kl_vs_lora"] = judge("held-out task separation, A-LoRA-K - LoRA",
+                                                   rep["align-kl"]["sep_ratio"], rep["lora"]["sep_ratio"], False)
 print("claim 6 (no λ of the paper's range clearly below LoRA): "
       + ("holds" if verdict["claim6_none_clearly_below_lora"] else "does NOT hold") + " at this scale")
 

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `import nanoalign` / `import train` work from a plain checkout
 
 import nanoalign  # noqa: E402
-from nanoalign.data import IGNORE_INDEX, BalancedBatcher, encode_tasks, load_tasks  # noqa: E402
+from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks, load_tasks  # noqa: E402
 from nanoalign.model import CausalLM, ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "tutorials" / "results"
@@ -274,12 +274,6 @@ def task_batches(tok, data="builtin", data_dir=None, per_task=1, seed=0, max_len
         sorted(tasks)
 
 
-def answer_positions(labels):
-    """(bool [B, T] positions whose NEXT token is labelled, the labels there): what train.py feeds logits_at."""
-    at = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
-    return at, labels[:, 1:][at[:, :-1]]
-
-
 def lm_loss(model, batch):
     """Cross-entropy on the answer tokens, inside adapter_context so MTL-LoRA sees the task ids."""
     from nanoalign.adapters import adapter_context
@@ -359,6 +353,17 @@ def direction_verdict(c, expect_higher=True):
     same = c["a_higher"] == expect_higher
     return ("reproduced" if c["clear"] else "same direction, within noise") if same else \
         ("contradicted" if c["clear"] else "opposite, within noise")
+
+
+def judge(label, a, b, expect_higher=True, paper_diff=None):
+    """`compare(a, b)` plus its `direction_verdict`, printed on one line: how 04-06 report every claimed difference."""
+    c = compare(a, b)
+    v = {**c, "verdict": direction_verdict(c, expect_higher)}
+    if paper_diff is not None:
+        v["paper_diff"] = paper_diff
+    print(f"  {label}: ours {describe_diff(c)}" + (f", paper {paper_diff:+.2f}" if paper_diff is not None else "")
+          + f" -> {v['verdict']}")
+    return v
 
 
 # ----------------------------------------------------------------------------- a grid of runs: methods x seeds
