@@ -540,6 +540,10 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", "0"))
     try:
         train(cfg)
+        if dist.is_initialized():
+            # the other ranks wait here while rank 0 saves and evaluates: a gloo rank that tears down its process
+            # group while a peer is still connected can abort ("terminate called without an active exception")
+            dist.barrier()
     except KeyboardInterrupt:
         print("\nerror: interrupted before a checkpoint could be written", file=sys.stderr)
         sys.exit(130)
