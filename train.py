@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import nanoalign
-from nanoalign.adapters import (KINDS, adapter_context, apply_adapter, count_trainable, export_peft, load_adapter,
-                                save_adapter)
+from nanoalign.adapters import (KINDS, adapter_context, apply_adapter, check_options, count_trainable, export_peft,
+                                load_adapter, save_adapter)
 from nanoalign.align import alignment_loss
 from nanoalign.data import IGNORE_INDEX, BalancedBatcher, answer_positions, encode_example, load_tasks
 from nanoalign.evaluate import evaluate, markdown_table
@@ -77,6 +77,8 @@ class TrainConfig:
     heads: int = opt(3, "multi-head adapters: number of B heads (multilora: number of A/B pairs)")
     targets: str = opt("gate_proj,up_proj,down_proj", "linear layers to adapt, comma separated")
     dropout: float = opt(0.1, "adapter dropout rate")
+    adapter_options: str = opt("", "more options of the adapter's class (nanoalign/adapters.py) as key=value, comma "
+                               "separated, e.g. rlora: random_init=false,gamma=16")
     # data
     data: str = opt("builtin", "suite (builtin, glue, commonsense), comma list of tasks, or a normalised .jsonl file")
     tasks: str = opt("", "subset of the tasks of --data, comma separated")
@@ -149,7 +151,23 @@ def check_config(cfg: TrainConfig):
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    check_options(cfg.adapter, parse_options(cfg.adapter_options))
     # a NaN --align-lambda is let through on purpose: the NaN check below stops at the first step and names it
+
+
+def parse_options(text):
+    """--adapter-options "a=1,b=false,c=mean" -> {"a": 1, "b": False, "c": "mean"}: JSON numbers and true/false where
+    they parse, else the text."""
+    options = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not eq or not key:
+            raise ValueError(f"--adapter-options takes key=value pairs separated by commas, got {item!r}")
+        try:
+            options[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -220,7 +238,7 @@ def load_eval_tasks(cfg, subset):
         return {}
     spec = cfg.eval_data or cfg.data
     if not cfg.eval_data and (spec.endswith(".jsonl") or os.sep in spec):
-        print(f"note: --data is a file, so there is no test split to evaluate on; pass --eval-data", file=sys.stderr)
+        print("note: --data is a file, so there is no test split to evaluate on; pass --eval-data", file=sys.stderr)
         return {}
     tasks = load_tasks(spec, "test", data_dir=cfg.data_dir, max_per_task=cfg.eval_max, seed=cfg.seed)
     return {t: v for t, v in tasks.items() if t in subset} if subset else tasks
@@ -385,7 +403,8 @@ def train(cfg: TrainConfig):
         say("accuracy before training: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in before.items()))
 
     apply_adapter(model, cfg.adapter, rank=cfg.rank, alpha=cfg.alpha, heads=cfg.heads, dropout=cfg.dropout,
-                  targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], num_tasks=len(names))
+                  targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], num_tasks=len(names),
+                  **parse_options(cfg.adapter_options))
     model.gradient_checkpointing = cfg.grad_ckpt
     if world > 1:  # DDP broadcasts rank 0's initial weights; dropout masks should differ between ranks
         torch.manual_seed(cfg.seed + rank)

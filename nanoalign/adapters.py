@@ -269,25 +269,32 @@ class RLoRALinear(HydraLoRALinear):
     Compensation C = s·(1/N)Σ_i B_i⁰ A⁰ is taken once at init and kept as frozen buffers (module docstring). It
     cancels the initial adapter output exactly only for a uniform router (ω_i = 1/N); with the kaiming-initialised
     router it cancels approximately, as in the original. A-output: A x (before the per-head dropout).
+
+    The R-LoRA paper's ablation (METHODS §6.1 Table 4) switches the two ingredients separately:
+    `multi_head_dropout=False` keeps HydraLoRA's one mask on x ("+Init" only), `random_init=False` keeps HydraLoRA's
+    kaiming A and zero heads, so C = 0 ("+MT" only). Both False is HydraLoRA with R-LoRA's scaling (bit-identical to
+    HydraLoRALinear(rank_stabilized=True) from the same seed; tests/test_adapters.py).
     """
-    head_dropout = True
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, router=True, head_reduction="sum",
-                 gamma=64.0, code_faithful=False, rank_stabilized=True):
+                 gamma=64.0, code_faithful=False, rank_stabilized=True, multi_head_dropout=True, random_init=True):
         super().__init__(base, rank, alpha, dropout, heads, router, head_reduction, rank_stabilized)
-        self.lora_dropout = nn.Identity()  # the dropout sits after A, per head (adapter_out)
+        self.head_dropout = bool(multi_head_dropout)
+        if self.head_dropout:
+            self.lora_dropout = nn.Identity()  # the dropout sits after A, per head (heads_input)
         A, B, N = self.lora_A.weight, self.lora_B.weight, self.heads
         with torch.no_grad():
-            nn.init.normal_(A, std=1 / math.sqrt(max(self.rank, self.in_features)))
-            nn.init.normal_(B, std=1 / math.sqrt(max(self.out_features, self.rank)))  # heads drawn independently
-            if code_faithful:
-                f = self.rank ** 0.25 / math.sqrt(gamma)
-                A.mul_(f ** N)
-                B.mul_((f ** torch.arange(N, 0, -1, dtype=torch.float64)).to(B)[:, None, None])
-            else:
-                f = self.out_features ** 0.25 / math.sqrt(gamma)
-                A.mul_(f)
-                B.mul_(f)
+            if random_init:  # else HydraLoRA's init stays: A kaiming-uniform, B_i = 0, so C below is 0
+                nn.init.normal_(A, std=1 / math.sqrt(max(self.rank, self.in_features)))
+                nn.init.normal_(B, std=1 / math.sqrt(max(self.out_features, self.rank)))  # heads independent
+                if code_faithful:
+                    f = self.rank ** 0.25 / math.sqrt(gamma)
+                    A.mul_(f ** N)
+                    B.mul_((f ** torch.arange(N, 0, -1, dtype=torch.float64)).to(B)[:, None, None])
+                else:
+                    f = self.out_features ** 0.25 / math.sqrt(gamma)
+                    A.mul_(f)
+                    B.mul_(f)
             comp_B, comp_A = super().lowrank()
         self.register_buffer("comp_A", comp_A.clone())
         self.register_buffer("comp_B", comp_B.clone())
@@ -448,6 +455,25 @@ def _target_linears(model, targets):
             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets and n.rsplit(".", 1)[-1] != "lm_head"]
 
 
+def check_options(kind, options):
+    """Raise a ValueError naming the valid choices if `kind` is unknown or `options` holds a keyword its class does
+    not take (the extra options: everything but rank, alpha, dropout, heads, num_tasks and the kind's fixed ones)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}; choose one of {', '.join(KINDS)}")
+    cls, fixed = KINDS[kind]
+    params = inspect.signature(cls.__init__).parameters
+    allowed = set(params) - {"self", "base", "rank", "alpha", "dropout", "heads", "num_tasks"} - set(fixed)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"adapter {kind!r} has no option {unknown[0]!r}; its options are {sorted(allowed)}")
+    for name, value in options.items():  # a typo like random_init="flase" must not pass as a truthy string
+        default = params[name].default
+        want = (int, float) if type(default) is float else type(default)
+        if default is not None and (not isinstance(value, want) or isinstance(value, bool) != isinstance(default, bool)):
+            raise ValueError(f"adapter option {name} must be a {type(default).__name__} (default {default!r}), "
+                             f"got {value!r}")
+
+
 def apply_adapter(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=3, dropout=0.0, num_tasks=None,
                   **kw):
     """Replace every nn.Linear whose name ends in one of `targets` by a `kind` adapter; freeze everything else.
@@ -455,17 +481,12 @@ def apply_adapter(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=
     Extra options (kw) go to the adapter class (e.g. rlora: gamma, code_faithful; mlora: head_reduction; mtl:
     temperature, diagonal; multilora: scale_granularity). The configuration is recorded in `model.adapter_config`.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown adapter kind {kind!r}; choose one of {', '.join(KINDS)}")
     if getattr(model, "adapter_config", None):
         raise ValueError(f"model already has a {model.adapter_config['kind']!r} adapter; merge_adapters() it or "
                          "start from a fresh base model")
+    check_options(kind, kw)
     cls, fixed = KINDS[kind]
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "base"}
-    options = allowed - {"rank", "alpha", "dropout", "heads", "num_tasks"} - set(fixed)
-    unknown = sorted(set(kw) - options)
-    if unknown:
-        raise ValueError(f"adapter {kind!r} has no option {unknown[0]!r}; its options are {sorted(options)}")
     args = dict(rank=rank, alpha=alpha, dropout=dropout, **fixed, **kw)
     if "heads" in allowed:
         args["heads"] = heads

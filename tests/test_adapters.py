@@ -26,6 +26,8 @@ CASES = {  # name: (class, options)
     "hydra-norouter-mean": (HydraLoRALinear, {"router": False, "head_reduction": "mean"}),
     "rlora": (RLoRALinear, {}),
     "rlora-code": (RLoRALinear, {"code_faithful": True}),
+    "rlora-mt-only": (RLoRALinear, {"random_init": False}),         # R-LoRA ablation "+MT" (METHODS §6.1 Table 4)
+    "rlora-init-only": (RLoRALinear, {"multi_head_dropout": False}),  # "+Init"
     "mlora": (MLoRALinear, {}),
     "mlora-mean": (MLoRALinear, {"head_reduction": "mean"}),
     "mtl": (MTLLoRALinear, {"num_tasks": T}),
@@ -84,14 +86,17 @@ def reference(m, x, mask, task_ids=None):
             w = torch.softmax(x @ d(m.lora_router.weight).T, -1)
         else:
             w = torch.full((*x.shape[:-1], N), 1.0 if m.head_reduction == "sum" else 1.0 / N, dtype=x.dtype)
-        if isinstance(m, RLoRALinear):                              # per-head dropout after A, compensation C
+        if m.head_dropout:                                          # R-LoRA: per-head dropout after A
             z = x @ A.T
             for i in range(N):
                 h = h + s * w[..., i:i + 1] * ((z * mask[..., i, :]) @ B[i].T)
-            return h - x @ (d(m.comp_B) @ d(m.comp_A)).T, z
-        for i in range(N):
-            h = h + s * w[..., i:i + 1] * ((x * mask) @ (B[i] @ A).T)
-        return h, (x * mask) @ A.T
+        else:                                                       # HydraLoRA: one mask on x
+            z = (x * mask) @ A.T
+            for i in range(N):
+                h = h + s * w[..., i:i + 1] * ((x * mask) @ (B[i] @ A).T)
+        if isinstance(m, RLoRALinear):                              # frozen compensation C
+            h = h - x @ (d(m.comp_B) @ d(m.comp_A)).T
+        return h, z
     if isinstance(m, MTLLoRALinear):                                # §2.7, sample by sample
         A, B = d(m.lora_A.weight), d(m.lora_B.weight)
         out = h.clone()
@@ -128,7 +133,7 @@ def test_forward_matches_reference_equation(case, train):
     x = torch.randn(2, 5, IN)
     task_ids = torch.tensor([2, 0])
     y, z = run(m, x, task_ids, seed=7)
-    per_head = isinstance(m, RLoRALinear)
+    per_head = isinstance(m, HydraLoRALinear) and m.head_dropout
     shape = (2, 5, N, R) if per_head else x.shape
     mask = masks(shape, p, 7) if train else torch.ones(shape)
     ref, ref_z = reference(m, x, mask, task_ids)
@@ -164,8 +169,8 @@ def test_eval_mode_is_deterministic_and_train_mode_is_not():
 
 # ----------------------------------------------------------------------------- inits
 
-@pytest.mark.parametrize("case", ["lora", "hydra", "hydra-norouter", "mtl", "mtl-diagonal", "multilora",
-                                  "multilora-scalar"])
+@pytest.mark.parametrize("case", ["lora", "hydra", "hydra-norouter", "rlora-mt-only", "mtl", "mtl-diagonal",
+                                  "multilora", "multilora-scalar"])
 def test_zero_init_leaves_layer_unchanged(case):
     """B = 0 (LoRA, HydraLoRA, MTL-LoRA) or g = 0 (MultiLoRA) means ΔW = 0 at step 0: output == base output."""
     m = make(case).eval()
@@ -177,7 +182,7 @@ def test_zero_init_leaves_layer_unchanged(case):
         assert m.lora_B.weight.abs().min() > 0 and m.lora_scale.weight.abs().max() == 0
 
 
-@pytest.mark.parametrize("case", ["rlora", "rlora-code", "mlora", "mlora-mean"])
+@pytest.mark.parametrize("case", ["rlora", "rlora-code", "rlora-init-only", "mlora", "mlora-mean"])
 def test_random_init_heads_differ_and_compensation(case):
     """R-LoRA/M-LoRA heads are independent random draws (pairwise cosine near 0); the frozen compensation is
     C = s·Σ_i c_i B_i⁰ A⁰ (c = 1/N for R-LoRA and M-LoRA-mean, 1 for M-LoRA-sum), so M-LoRA's initial output equals
@@ -194,12 +199,38 @@ def test_random_init_heads_differ_and_compensation(case):
     assert torch.allclose(m.comp_B @ m.comp_A, C, atol=1e-6)
     x = torch.randn(2, 5, IN)
     base = F.linear(x, m.weight, m.bias)
-    if case == "rlora":
+    if case in ("rlora", "rlora-init-only"):
         assert (m(x) - base).abs().max() > 1e-4  # a kaiming router is not uniform: cancellation is approximate
     if m.lora_router is not None:
         with torch.no_grad():
             m.lora_router.weight.zero_()         # uniform router: ω_i = 1/N
     assert (m(x) - base).abs().max() < 1e-5
+
+
+def test_rlora_without_its_ingredients_is_hydra():
+    """R-LoRA with multi_head_dropout=False and random_init=False is HydraLoRA (at R-LoRA's α/√r): from the same seed
+    the same parameters bit for bit, and in train mode with dropout the same outputs and gradients (to fp32 round-off:
+    R-LoRA's matmul also carries its compensation, here 0). So the ablation of tutorial 08 changes one ingredient at
+    a time and nothing else."""
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT)
+    torch.manual_seed(5)
+    hydra = HydraLoRALinear(base, rank=R, alpha=6, dropout=0.3, heads=N, rank_stabilized=True)
+    torch.manual_seed(5)
+    neither = RLoRALinear(base, rank=R, alpha=6, dropout=0.3, heads=N, multi_head_dropout=False, random_init=False)
+    assert all(torch.equal(a, b) for a, b in zip(hydra.parameters(), neither.parameters()))
+    assert neither.comp_B.abs().max() == 0 and neither.scaling == hydra.scaling
+    randomize(hydra), randomize(neither)
+    x = torch.randn(2, 5, IN)
+    for m in (hydra, neither):
+        m.adapter_name = "m"
+        m.train()
+    (y1, _), (y2, _) = run(hydra, x, None, seed=3), run(neither, x, None, seed=3)
+    assert torch.allclose(y1, y2, rtol=1e-6, atol=1e-6)
+    y1.square().sum().backward(), y2.square().sum().backward()
+    for a, b in zip(hydra.parameters(), neither.parameters()):
+        if a.requires_grad:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_rlora_init_scales():

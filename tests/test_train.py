@@ -190,6 +190,20 @@ def test_every_adapter_trains_and_evaluates(tiny, data, tmp_path, kind):
     assert sorted(res["after"]) == list(JSONL_TASKS)
 
 
+def test_adapter_options_reach_the_adapter_and_the_saved_config(tiny, data, tmp_path):
+    """--adapter-options key=value pairs (JSON scalars, true/false) go to the adapter class and into the saved
+    adapter config, so load_adapter rebuilds the same variant: here R-LoRA without its random init (tutorial 08)."""
+    assert train_py.parse_options(" random_init=False, gamma=16,head_reduction=mean ,") == {
+        "random_init": False, "gamma": 16, "head_reduction": "mean"}
+    run(*argv(tiny, tmp_path, data[0], "--adapter", "rlora", "--max-steps", 1, "--heads", 2,
+              "--adapter-options", "random_init=false,multi_head_dropout=false"))
+    saved = json.loads((tmp_path / "r" / "adapter" / "adapter_config.json").read_text())
+    assert saved["options"] == {"random_init": False, "multi_head_dropout": False}
+    tensors = load_file(tmp_path / "r" / "adapter" / "adapter.safetensors")
+    comp = [v for k, v in tensors.items() if k.endswith("comp_B")]
+    assert comp and all(v.abs().max() == 0 for v in comp)  # no random init: no compensation
+
+
 @pytest.mark.parametrize("case, extra, message", [
     ("unknown model", ["--model", "no-such-model"], "error: unknown model 'no-such-model'"),
     ("missing model dir", ["--model", "/no/such/dir"], "error: no such model directory: /no/such/dir"),
@@ -198,6 +212,10 @@ def test_every_adapter_trains_and_evaluates(tiny, data, tmp_path, kind):
     ("malformed row", ["--data", "BAD"], "bad.jsonl:2: missing key 'answer'"),
     ("no checkpoint", ["--resume"], "no checkpoint to resume from"),
     ("bad number", ["--batch-per-task", "0"], "error: --batch-per-task must be at least 1"),
+    ("unknown option", ["--adapter", "lora", "--adapter-options", "gamma=3"], "error: adapter 'lora' has no option"),
+    ("option typo", ["--adapter", "rlora", "--adapter-options", "random_init=flase"],
+     "error: adapter option random_init must be a bool"),
+    ("option syntax", ["--adapter", "rlora", "--adapter-options", "random_init"], "takes key=value pairs"),
 ])
 def test_bad_inputs_give_one_line_errors(tiny, data, tmp_path, capsys, case, extra, message):
     """Bad inputs end with exit code 1 and a single `error: ...` line on stderr naming the problem, no traceback."""

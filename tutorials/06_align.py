@@ -39,15 +39,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MLP, Experiment, add_training_flags, bar_plot, judge, load_eval_model, machine, parser, pyplot, \
-    save_figure, spread, write_json
+from common import MLP, Experiment, add_training_flags, bar_plot, judge, load_eval_model, machine, parser, \
+    probe_batch, pyplot, representation, save_figure, spread, write_json
 
 import torch
 
 from nanoalign.adapters import apply_adapter
-from nanoalign.align import alignment_loss
-from nanoalign.analysis import collect_a_outputs, pca_2d, pool_a_outputs, task_separation
-from nanoalign.data import encode_example, pad_right
 
 p = add_training_flags(parser(__doc__), steps=(25, 3, 2000), seeds=(3, 2))
 p.add_argument("--lambdas", default=None, help="extra λ values of the A-LoRA-K sweep, comma separated (default "
@@ -82,33 +79,9 @@ for lam in SWEEP:
 # point per example; then (a) task_separation per module, averaged over modules, (b) the alignment loss on these
 # held-out A-outputs (token level, exactly what training minimises, nanoalign.align.alignment_loss), (c) a PCA of
 # all modules' pooled A-outputs side by side, for the plot. Prompts are cut to 128 tokens, as in training.
+# (common.probe_batch and common.representation; tutorial 09 uses the same probe.)
 
 # %%
-def probe_batch(exp, n):
-    rows = [(encode_example(exp.tok, ex, 128), i) for i, t in enumerate(exp.names) for ex in exp.test[t][:n]]
-    ids, mask, _ = pad_right([r[0][0] for r in rows], [r[0][1] for r in rows], exp.tok.pad_id)
-    return ids, mask, torch.tensor([r[1] for r in rows])
-
-
-def representation(model, batch, keep_pca, autocast):
-    """One eval-mode forward (bf16 autocast where training used it) collecting the A-outputs
-    (analysis.collect_a_outputs, tests/test_analysis.py), then pooled per example and the held-out KL on them."""
-    ids, mask, task_ids = batch
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        a_outputs = collect_a_outputs(model, ids, mask, task_ids)
-    feats = pool_a_outputs(a_outputs, mask)
-    seps = [task_separation(f, task_ids) for f in feats.values()]
-    with torch.no_grad():
-        kl = alignment_loss(a_outputs, mask, task_ids, kind="kl").item()
-    out = {"sep_ratio": statistics.mean(s["ratio"] for s in seps), "sep_between": statistics.mean(
-           s["between"] for s in seps), "sep_within": statistics.mean(s["within"] for s in seps),
-           "heldout_kl": kl}
-    if keep_pca:
-        xy, share = pca_2d(torch.cat(list(feats.values()), dim=1))
-        out["pca"] = {"xy": xy.tolist(), "task_ids": task_ids.tolist(), "share": share.tolist()}
-    return out
-
-
 with tempfile.TemporaryDirectory(prefix="nanoalign-06-") as tmp:
     if not (args.eval_max or args.tiny or args.full):
         args.eval_max = 24

@@ -283,6 +283,42 @@ def lm_loss(model, batch):
     return F.cross_entropy(logits.float(), targets)
 
 
+# ----------------------------------------------------------------------------- a probe of task representations
+
+def probe_batch(exp, n):
+    """n held-out examples per task (the test split, not seen in training), prompt + gold answer as in training, cut
+    to 128 tokens: (input_ids, attention_mask, task_ids)."""
+    from nanoalign.data import encode_example, pad_right
+    rows = [(encode_example(exp.tok, ex, 128), i) for i, t in enumerate(exp.names) for ex in exp.test[t][:n]]
+    ids, mask, _ = pad_right([r[0][0] for r in rows], [r[0][1] for r in rows], exp.tok.pad_id)
+    return ids, mask, torch.tensor([r[1] for r in rows])
+
+
+def representation(model, batch, keep_pca, autocast):
+    """How far apart the tasks sit in A-output space (what Align-LoRA aligns, METHODS §3.1). One eval-mode forward
+    (bf16 autocast where training used it) collects every module's A-outputs (analysis.collect_a_outputs); each
+    example's A-output is averaged over its tokens; then per module the between/within task separation
+    (analysis.task_separation, tests/test_analysis.py), averaged over modules, and the KL alignment loss on these
+    held-out A-outputs (token level, what training minimises). keep_pca: also a 2-D PCA of all modules' pooled
+    A-outputs side by side, for a plot."""
+    from nanoalign.align import alignment_loss
+    from nanoalign.analysis import collect_a_outputs, pca_2d, pool_a_outputs, task_separation
+    ids, mask, task_ids = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        a_outputs = collect_a_outputs(model, ids, mask, task_ids)
+    feats = pool_a_outputs(a_outputs, mask)
+    seps = [task_separation(f, task_ids) for f in feats.values()]
+    with torch.no_grad():
+        kl = alignment_loss(a_outputs, mask, task_ids, kind="kl").item()
+    out = {"sep_ratio": statistics.mean(s["ratio"] for s in seps), "sep_between": statistics.mean(
+           s["between"] for s in seps), "sep_within": statistics.mean(s["within"] for s in seps),
+           "heldout_kl": kl}
+    if keep_pca:
+        xy, share = pca_2d(torch.cat(list(feats.values()), dim=1))
+        out["pca"] = {"xy": xy.tolist(), "task_ids": task_ids.tolist(), "share": share.tolist()}
+    return out
+
+
 # ----------------------------------------------------------------------------- output
 
 def machine() -> dict:
