@@ -336,14 +336,15 @@ def load_checkpoint(path: Path, state, model, opt, device, rank, world):
     set_rng_state(load_file(str(path / "rng.safetensors"))[f"rank{rank}"], device)
 
 
-MUST_MATCH = ["model", "adapter", "rank", "alpha", "heads", "targets", "data", "tasks", "max_per_task",
-              "batch_per_task", "seq_len", "seed"]
+MUST_MATCH = ["model", "adapter", "rank", "alpha", "heads", "adapter_options", "targets", "data", "tasks",
+              "max_per_task", "batch_per_task", "seq_len", "seed"]
 
 
 def check_resume_config(old: dict, cfg: TrainConfig, say):
     """Same model, adapter and data stream as the checkpoint, or an error; other changes are listed."""
+    same = {"adapter_options": lambda a, b: parse_options(a) == parse_options(b)}  # "x=false" == "x=False"
     for k in MUST_MATCH:
-        if k in old and old[k] != getattr(cfg, k):
+        if k in old and not same.get(k, lambda a, b: a == b)(old[k], getattr(cfg, k)):
             raise ValueError(f"--resume: the checkpoint was trained with --{k.replace('_', '-')} {old[k]!r}, this "
                              f"run has {getattr(cfg, k)!r}; resume with the same setting")
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()

@@ -469,7 +469,8 @@ def check_options(kind, options):
     for name, value in options.items():  # a typo like random_init="flase" must not pass as a truthy string
         default = params[name].default
         want = (int, float) if type(default) is float else type(default)
-        if default is not None and (not isinstance(value, want) or isinstance(value, bool) != isinstance(default, bool)):
+        is_bool = isinstance(value, bool)
+        if default is not None and (not isinstance(value, want) or is_bool != isinstance(default, bool)):
             raise ValueError(f"adapter option {name} must be a {type(default).__name__} (default {default!r}), "
                              f"got {value!r}")
 

@@ -202,6 +202,12 @@ def test_adapter_options_reach_the_adapter_and_the_saved_config(tiny, data, tmp_
     tensors = load_file(tmp_path / "r" / "adapter" / "adapter.safetensors")
     comp = [v for k, v in tensors.items() if k.endswith("comp_B")]
     assert comp and all(v.abs().max() == 0 for v in comp)  # no random init: no compensation
+    with pytest.raises(ValueError, match="--adapter-options"):  # resuming as another variant is refused
+        run(*argv(tiny, tmp_path, data[0], "--adapter", "rlora", "--max-steps", 2, "--heads", 2, "--resume",
+                  "--adapter-options", "random_init=false"))
+    run(*argv(tiny, tmp_path, data[0], "--adapter", "rlora", "--max-steps", 2, "--heads", 2, "--resume",
+              "--adapter-options", "random_init=False, multi_head_dropout=FALSE"))  # the same options, spelt otherwise
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
 
 
 @pytest.mark.parametrize("case, extra, message", [

@@ -115,9 +115,7 @@ plt = pyplot()
 if plt is not None:
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1.2, 1]})
     bar_plot(ax[0], summary, rows, title=f"ours: {exp.describe()['model']}, {exp.steps} steps, "
-                                         f"{len(exp.seeds)} seeds")
-    ax[0].axhline(base["average"], color="gray", ls=":", lw=1, label="base model")
-    ax[0].legend(fontsize=7)
+                                         f"{len(exp.seeds)} seeds", base=base["average"])
     paper_plot(ax[1], PAPER, "paper (Align-LoRA Table 1, Qwen2.5-3B)")
     fig.suptitle("04 simplified vs complex multi-head LoRA (rank 4, 3 heads, gate/up/down)", fontsize=10)
     print(f"wrote {save_figure(fig, out / '04_simplified_multi_head.png')}")

@@ -148,9 +148,7 @@ print(f"\nwrote {write_json(out / '05_capacity.json', results)} ({results['wall_
 plt = pyplot()
 if plt is not None:
     fig, ax = plt.subplots(1, 4, figsize=(17, 3.8), gridspec_kw={"width_ratios": [1.3, 1, 1, 1]})
-    bar_plot(ax[0], summary, rows, title=f"accuracy, {exp.steps} steps, {len(exp.seeds)} seeds")
-    ax[0].axhline(base["average"], color="gray", ls=":", lw=1, label="base model")
-    ax[0].legend(fontsize=7)
+    bar_plot(ax[0], summary, rows, title=f"accuracy, {exp.steps} steps, {len(exp.seeds)} seeds", base=base["average"])
     for j, mod in enumerate(MLP):
         for label, rs in rows.items():
             s = rs[0]["spectrum_by_module"][mod]

@@ -39,8 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MLP, Experiment, add_training_flags, bar_plot, judge, load_eval_model, machine, parser, \
-    probe_batch, pyplot, representation, save_figure, spread, write_json
+from common import MLP, PROBE_KEYS, Experiment, add_training_flags, bar_plot, judge, load_eval_model, machine, \
+    parser, print_representation, probe_batch, pyplot, representation, save_figure, spread, write_json
 
 import torch
 
@@ -107,15 +107,9 @@ with tempfile.TemporaryDirectory(prefix="nanoalign-06-") as tmp:
     base = exp.base_accuracy()
 summary = exp.summarise(rows)
 exp.print_table({"base (no training)": {k: spread([v]) for k, v in base.items()}, **summary}, paper=PAPER)
-rep = {"fresh adapter": {k: spread([r[k] for r in init]) for k in ("sep_ratio", "sep_within", "heldout_kl")}}
-for label, rs in rows.items():
-    rep[label] = {k: spread([r[k] for r in rs]) for k in ("sep_ratio", "sep_within", "heldout_kl")}
-print(f"\nrepresentation on {len(batch[2])} held-out prompts (mean ± std over seeds):")
-print(f"  {'setup':20s} {'separation (between/within)':>28s} {'within':>16s} {'held-out KL':>18s}")
-for label, r in rep.items():
-    print(f"  {label:20s} {r['sep_ratio']['mean']:18.3f} ± {r['sep_ratio']['std']:.3f} "
-          f"{r['sep_within']['mean']:9.3f} ± {r['sep_within']['std']:.3f} "
-          f"{r['heldout_kl']['mean']:11.4f} ± {r['heldout_kl']['std']:.4f}")
+rep = {label: {k: spread([r[k] for r in rs]) for k in PROBE_KEYS}
+       for label, rs in {"fresh adapter": init, **rows}.items()}
+print_representation(rep, len(batch[2]))
 
 # %% [markdown]
 # ## 4. Verdict, claim by claim

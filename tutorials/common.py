@@ -61,7 +61,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def add_training_flags(p, steps, seeds, evaluate=True):
-    """The flags of the tutorials that train (03-06): steps, seeds, data and where the originals are."""
+    """The flags of the tutorials that train (03-06, 08, 09): steps, seeds, data and where the originals are."""
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {steps[0]}; --tiny "
                    f"{steps[1]}; --full {steps[2]})")
     p.add_argument("--seeds", type=int, default=None, help=f"seeds per method (default {seeds[0]}; --tiny {seeds[1]})")
@@ -285,6 +285,20 @@ def lm_loss(model, batch):
 
 # ----------------------------------------------------------------------------- a probe of task representations
 
+PROBE_KEYS = ("sep_ratio", "sep_within", "heldout_kl")
+
+
+def print_representation(rep, n):
+    """The probe's table, one row per setup: {label: {key: spread}} for the PROBE_KEYS."""
+    w = max(map(len, rep)) + 2
+    print(f"\nrepresentation on {n} held-out prompts (mean ± std over seeds):")
+    print(f"  {'setup':{w}s} {'separation (between/within)':>28s} {'within':>16s} {'held-out KL':>18s}")
+    for label, r in rep.items():
+        print(f"  {label:{w}s} {r['sep_ratio']['mean']:18.3f} ± {r['sep_ratio']['std']:.3f} "
+              f"{r['sep_within']['mean']:9.3f} ± {r['sep_within']['std']:.3f} "
+              f"{r['heldout_kl']['mean']:11.4f} ± {r['heldout_kl']['std']:.4f}")
+
+
 def probe_batch(exp, n):
     """n held-out examples per task (the test split, not seen in training), prompt + gold answer as in training, cut
     to 128 tokens: (input_ids, attention_mask, task_ids)."""
@@ -478,8 +492,9 @@ class Experiment:
             print(line + (f"   {paper.get(label, '–')}" if paper else ""))
 
 
-def bar_plot(ax, summary, rows, title=""):
-    """Average accuracy per setup: bar = mean over seeds, error bar = min-max, dots = the seeds."""
+def bar_plot(ax, summary, rows, title="", base=None):
+    """Average accuracy per setup: bar = mean over seeds, error bar = min-max, dots = the seeds; `base`: the untrained
+    model's average, as a dotted line."""
     labels = list(summary)
     mean = [summary[k]["average"]["mean"] for k in labels]
     err = [[m - summary[k]["average"]["min"] for k, m in zip(labels, mean)],
@@ -492,6 +507,9 @@ def bar_plot(ax, summary, rows, title=""):
     hi = max(summary[k]["average"]["max"] for k in labels)
     ax.set_ylim(max(0, lo - 3), min(100, hi + 3))
     ax.set(ylabel="average accuracy (%)", title=title)
+    if base is not None:
+        ax.axhline(base, color="gray", ls=":", lw=1, label="base model")
+        ax.legend(fontsize=7)
 
 
 def paper_plot(ax, paper, title):
