@@ -230,7 +230,7 @@ def test_rlora_without_its_ingredients_is_hydra():
     y1.square().sum().backward(), y2.square().sum().backward()
     for a, b in zip(hydra.parameters(), neither.parameters()):
         if a.requires_grad:
-            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+            assert (a.grad - b.grad).abs().max() <= 1e-5 * a.grad.abs().max()
 
 
 def test_rlora_init_scales():
