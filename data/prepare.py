@@ -26,7 +26,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from nanoalign.data import write_jsonl  # noqa: E402
-from nanoalign.tasks import (BUILTIN_TASKS, SUITES, TRAIN_CAPS, builtin_examples, read_task, subsample,  # noqa: E402
+from nanoalign.tasks import (SUITES, TRAIN_CAPS, builtin_examples, read_task, subsample,  # noqa: E402
                              task_dir)
 
 GLUE_ZIP = "https://dl.fbaipublicfiles.com/glue/data/"

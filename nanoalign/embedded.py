@@ -162,9 +162,9 @@ def convert_gguf(gguf_path, out_dir) -> None:
         state[hf_name(t.name)] = torch.from_numpy(w)
     tied = "lm_head.weight" not in state
 
-    def ggml(key, default=None):
-        f = reader.fields.get("tokenizer.ggml." + key)
-        return f.contents() if f is not None else default
+    tok_fields = {k.removeprefix("tokenizer.ggml."): f.contents() for k, f in reader.fields.items()
+                  if k.startswith("tokenizer.ggml.")}
+    ggml = tok_fields.get
 
     tokens, types, merges = ggml("tokens"), ggml("token_type"), ggml("merges")
     bos, eos, pad = ggml("bos_token_id"), ggml("eos_token_id"), ggml("padding_token_id")
