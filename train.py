@@ -342,9 +342,11 @@ MUST_MATCH = ["model", "adapter", "rank", "alpha", "heads", "adapter_options", "
 
 def check_resume_config(old: dict, cfg: TrainConfig, say):
     """Same model, adapter and data stream as the checkpoint, or an error; other changes are listed."""
-    same = {"adapter_options": lambda a, b: parse_options(a) == parse_options(b)}  # "x=false" == "x=False"
+    def value(k, v):  # adapter options compare parsed: "x=false" is "x=False"
+        return parse_options(v) if k == "adapter_options" else v
+
     for k in MUST_MATCH:
-        if k in old and not same.get(k, lambda a, b: a == b)(old[k], getattr(cfg, k)):
+        if k in old and value(k, old[k]) != value(k, getattr(cfg, k)):
             raise ValueError(f"--resume: the checkpoint was trained with --{k.replace('_', '-')} {old[k]!r}, this "
                              f"run has {getattr(cfg, k)!r}; resume with the same setting")
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()

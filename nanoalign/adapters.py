@@ -487,11 +487,11 @@ def apply_adapter(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=
                          "start from a fresh base model")
     check_options(kind, kw)
     cls, fixed = KINDS[kind]
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "base"}
+    params = inspect.signature(cls.__init__).parameters
     args = dict(rank=rank, alpha=alpha, dropout=dropout, **fixed, **kw)
-    if "heads" in allowed:
+    if "heads" in params:
         args["heads"] = heads
-    if "num_tasks" in allowed:
+    if "num_tasks" in params:
         args["num_tasks"] = num_tasks
     targets = _targets(targets)
     found = _target_linears(model, targets)

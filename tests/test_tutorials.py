@@ -19,6 +19,7 @@ TUTORIALS = ROOT / "tutorials"
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 MERGEABLE = {"lora": True, "align": True, "hydra": False, "hydra-norouter": True, "rlora": False, "mlora": True,
              "mtl": False, "multilora": True}  # METHODS §2 "Mergeable" lines and §7 claim 7
+VERDICTS = {"reproduced", "same direction, within noise", "opposite, within noise", "contradicted", "no difference"}
 
 
 def run_tutorial(script, out, *flags):
@@ -173,10 +174,9 @@ def test_04_simplified_multi_head(tmp_path):
     check_grid(r, ["hydra", "hydra-norouter", "rlora", "mlora"])
     n = {k: rows[0]["trainable"] for k, rows in r["runs"].items()}
     assert n["mlora"] == n["hydra-norouter"] < n["hydra"] == n["rlora"]
-    words = {"reproduced", "same direction, within noise", "opposite, within noise", "contradicted", "no difference"}
     for key in ("claim1_mlora_vs_rlora", "claim1_mlora_vs_hydra", "claim2_norouter_vs_hydra"):
         v = r["verdict"][key]
-        assert v["verdict"] in words and v["se"] >= 0
+        assert v["verdict"] in VERDICTS and v["se"] >= 0
         assert v["paper_diff"] == pytest.approx({"claim1_mlora_vs_rlora": 0.78, "claim1_mlora_vs_hydra": 1.41,
                                                  "claim2_norouter_vs_hydra": -0.46}[key])
 
@@ -223,8 +223,7 @@ def test_08_rlora_ingredients(tmp_path):
     c = r["head_cosine"]
     assert min(c["hydra"]["min"], c["hydra+mt"]["min"]) > max(c["hydra+init"]["max"], c["rlora"]["max"]) + 0.3
     assert r["verdict"]["claim8_both_vs_hydra"]["paper_diff"] == pytest.approx(73.59 - 72.69)
-    words = {"reproduced", "same direction, within noise", "opposite, within noise", "contradicted", "no difference"}
-    assert all(r["verdict"][k]["verdict"] in words for k in r["verdict"] if k.startswith(("claim", "mechanism")))
+    assert all(r["verdict"][k]["verdict"] in VERDICTS for k in r["verdict"] if k.startswith(("claim", "mechanism")))
 
 
 def test_09_align_any_architecture(tmp_path):
