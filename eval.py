@@ -1,13 +1,19 @@
-"""Per-task accuracy of a base model, or of a base model plus an adapter trained by train.py.
+"""Per-task accuracy of a base model, or of a base model plus an adapter trained by train.py, with diagnostics.
 
     python eval.py                                                # smollm2-135m on the builtin suite's test split
-    python eval.py --adapter-dir out/smollm2-135m-align-r8/adapter
-    python eval.py --model qwen2.5-0.5b --data commonsense --mode loglik --max-per-task 500
+    python eval.py --adapter-dir out/smollm2-135m-align-r8
+    python eval.py --model qwen2.5-0.5b --data commonsense --mode cloze --max-per-task 0   # whole dev splits
 
-Scoring follows the paper (METHODS §5.1): greedy generation and answer extraction (`--mode generate`), or option
-log-likelihood for tasks with a fixed option set (`--mode loglik`); batched, left-padded generation with a KV cache.
-Mergeable adapters are folded into the base weights first (W0 + ΔW), so evaluation runs at base-model speed;
-routers and per-task adapters run unmerged. Prints a markdown table and writes results.json.
+Scoring (nanoalign/evaluate.py): greedy generation and answer extraction as the paper does (`--mode generate`,
+METHODS §5.1), option log-likelihood of the paper's label format (`--mode loglik`), or lm-evaluation-harness's cloze
+convention (`--mode cloze`: the cloze format of each task, acc and acc_norm). Mergeable adapters are folded into the
+base weights first (W0 + ΔW), so evaluation runs at base-model speed; routers and per-task adapters run unmerged.
+
+Prints one table per evaluation: per task the accuracy ± its standard error, n, the majority-class rate of the test
+set and the most frequent predictions, with collapsed tasks (one prediction > 90%) marked. Writes the results JSON
+and one record per example (`.predictions.jsonl`: task, index in its split, gold, prediction, per-option scores)
+under the run (`<run>/eval/`), or `out/eval/<model>/` for a base model, or `--out FILE`; an existing result is never
+replaced unless `--overwrite` is given.
 """
 
 import os
@@ -16,7 +22,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see train.p
 
 import argparse
 import json
+import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,8 +32,9 @@ import torch
 import nanoalign
 from nanoalign.adapters import load_adapter, merge_adapters
 from nanoalign.data import load_tasks
-from nanoalign.evaluate import evaluate, markdown_table
+from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, without_records
 from nanoalign.hub import HubError
+from nanoalign.tasks import FORMATS
 
 
 def parse_args(argv=None):
@@ -39,8 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="", help="subset of the tasks of --data, comma separated")
     p.add_argument("--data-dir", default="data", help="where data/prepare.py wrote <suite>/<task>-<split>.jsonl")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--max-per-task", type=int, default=200, help="examples per task (0: all)")
-    p.add_argument("--mode", choices=["generate", "loglik"], default="generate")
+    p.add_argument("--max-per-task", type=int, default=500, help="examples per task, a random subsample in file "
+                   "order (0: the whole split in file order)")
+    p.add_argument("--mode", choices=MODES, default="generate", help="generate: greedy decoding + answer extraction "
+                   "(the paper); loglik: option log-likelihood; cloze: lm-evaluation-harness's acc / acc_norm")
+    p.add_argument("--format", choices=FORMATS, default=None, help="prompt format of the tasks (default: cloze with "
+                   "--mode cloze, else label)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=16, help="generate mode: tokens per answer")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -48,8 +61,29 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1337, help="seed of the per-task subsample")
     p.add_argument("--no-merge", action="store_true", help="keep a mergeable adapter unmerged")
-    p.add_argument("--out", default=None, help="results file (default: results.json in --adapter-dir, else here)")
+    p.add_argument("--out", default=None, help="results file (default: <run>/eval/<data>-<split>-<format>-<mode>-n<N>"
+                   ".json, or out/eval/<model>/... for a base model); predictions go beside it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing result of the same evaluation")
     return p.parse_args(argv)
+
+
+def result_paths(args, adapter_dir, model_name, fmt):
+    """(results JSON, predictions JSONL) for this evaluation; never an existing one unless --overwrite."""
+    def safe(name):
+        return re.sub(r"[^\w.,-]+", "_", name)
+
+    if args.out:
+        out = Path(args.out)
+    else:
+        root = (adapter_dir.parent if adapter_dir.name == "adapter" else adapter_dir) / "eval" if adapter_dir else \
+            Path("out") / "eval" / safe(Path(model_name).name)
+        data = Path(args.data).stem if args.data.endswith(".jsonl") else args.data
+        out = root / f"{safe(data)}-{args.split}-{fmt}-{args.mode}-n{args.max_per_task or 'all'}.json"
+    preds = out.with_name(out.stem + ".predictions.jsonl")
+    if not args.overwrite and (out.exists() or preds.exists()):
+        raise FileExistsError(f"{out if out.exists() else preds} exists (an earlier evaluation); pass --overwrite to "
+                              "replace it or --out FILE to write elsewhere")
+    return out, preds
 
 
 def find_adapter_dir(path):
@@ -85,9 +119,11 @@ def run(args):
         if (adapter_dir / "tasks.json").is_file():  # training task ids (MTL-LoRA needs them at inference)
             task_ids = {t: i for i, t in enumerate(json.loads((adapter_dir / "tasks.json").read_text())["tasks"])}
     model_name = model_name or "smollm2-135m"
+    fmt = args.format or ("cloze" if args.mode == "cloze" else "label")
+    out, preds_path = result_paths(args, adapter_dir, model_name, fmt)  # before any work: refuse to overwrite
 
     tasks = load_tasks(args.data, args.split, data_dir=args.data_dir, max_per_task=args.max_per_task or None,
-                       seed=args.seed)
+                       seed=args.seed, fmt=fmt)
     subset = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in subset if t not in tasks]
     if unknown:
@@ -107,23 +143,42 @@ def run(args):
                 label = f"{kind} (merged)"
             except ValueError as e:  # routers and per-task adapters have no single merged weight
                 print(f"note: evaluating unmerged: {e}", file=sys.stderr)
-    acc = evaluate(model, tok, tasks, mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                   task_ids=task_ids)
-    n = min(len(v) for v in tasks.values())
-    title = f"{model_name} + {adapter_dir or 'no adapter'}: accuracy (%), {args.mode}, {args.split} split, " \
-            f"{n}{'+' if n < max(len(v) for v in tasks.values()) else ''} examples per task"
-    print(markdown_table({label: acc}, title=title))
-    out = Path(args.out) if args.out else (adapter_dir or Path(".")) / "results.json"
+    t0 = time.perf_counter()
+    results = evaluate(model, tok, tasks, mode=args.mode, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, task_ids=task_ids)
+    seconds = time.perf_counter() - t0
+    acc = accuracies(results)
+    n = sum(len(v) for v in tasks.values())
+    print(diagnostics_table(results, title=f"{model_name} + {adapter_dir or 'no adapter'} ({label}): {args.mode}, "
+                            f"{fmt} format, {args.split} split; {n} examples in {seconds:.0f} s "
+                            f"({n / max(seconds, 1e-9):.1f} examples/s)"))
     result = {"model": model_name, "adapter_dir": str(adapter_dir) if adapter_dir else None, "adapter": label,
-              "mode": args.mode, "split": args.split, "data": args.data,
+              "mode": args.mode, "format": fmt, "split": args.split, "data": args.data,
+              "max_per_task": args.max_per_task, "sample_seed": args.seed,
               "examples": {t: len(v) for t, v in tasks.items()}, "accuracy": acc,
-              "average": sum(acc.values()) / len(acc)}
+              "average": sum(acc.values()) / len(acc), "tasks": without_records(results),
+              "seconds": round(seconds, 1), "command": " ".join(["eval.py", *sys.argv[1:]]),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    lines = "".join(json.dumps(rounded(r)) + "\n" for res in results.values() for r in res["records"])
+    write_atomic(preds_path, lines)
+    write_atomic(out, json.dumps(result, indent=2))
+    print(f"wrote {out} and {preds_path.name}")
     return result
+
+
+def rounded(record):
+    """A per-example record with its scores rounded to 4 decimals (enough to rank options, a third of the bytes)."""
+    return {k: [round(x, 4) for x in v] if k == "scores" else v for k, v in record.items()}
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None):
@@ -133,7 +188,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nerror: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, FileNotFoundError, HubError, torch.OutOfMemoryError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, HubError, torch.OutOfMemoryError) as e:
         if isinstance(e, torch.OutOfMemoryError):
             e = "out of memory; lower --batch-size"
         print(f"error: {e}", file=sys.stderr)

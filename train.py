@@ -45,8 +45,9 @@ from nanoalign.adapters import (KINDS, adapter_context, apply_adapter, check_opt
                                 load_adapter, save_adapter)
 from nanoalign.align import alignment_loss
 from nanoalign.data import IGNORE_INDEX, BalancedBatcher, answer_positions, encode_example, load_tasks
-from nanoalign.evaluate import evaluate, markdown_table
+from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, markdown_table, without_records
 from nanoalign.hub import HubError
+from nanoalign.tasks import FORMATS
 
 
 def opt(default, help, choices=None):
@@ -83,7 +84,12 @@ class TrainConfig:
     data: str = opt("builtin", "suite (builtin, glue, commonsense), comma list of tasks, or a normalised .jsonl file")
     tasks: str = opt("", "subset of the tasks of --data, comma separated")
     data_dir: str = opt("data", "where data/prepare.py wrote <suite>/<task>-<split>.jsonl")
+    format: str = opt("label", "prompt format: the paper's label words / numbered options, or lm-evaluation-harness's "
+                      "cloze (the answer is the correct option's text; score it with --eval-mode cloze)",
+                      choices=list(FORMATS))
     max_per_task: int = opt(0, "training examples per task (0: all)")
+    pool_seed: int = opt(0, "seed of the --max-per-task training subsample and the --eval-max test subsample (apart "
+                         "from --seed, so that seeds change init, dropout and data order, not the data)")
     seq_len: int = opt(256, "max tokens per example (the prompt is cut from the left)")
     # optimisation
     max_steps: int = opt(100, "optimizer steps (the cosine schedule ends here)")
@@ -108,6 +114,8 @@ class TrainConfig:
     autocast: str = opt("auto", "bf16 autocast: auto (on CUDA only), bf16 (also on CPU), off",
                         choices=["auto", "bf16", "off"])
     grad_ckpt: bool = opt(False, "gradient checkpointing per decoder block")
+    length_groups: int = opt(4, "at most this many forwards per micro-batch, rows grouped by length so that each "
+                             "group is padded to its own longest row (1: one padded block, as with --grad-ckpt/DDP)")
     compile: bool = opt(False, "torch.compile the model")
     seed: int = opt(1337, "seed of adapter init, dropout and data order")
     # output and evaluation
@@ -118,8 +126,8 @@ class TrainConfig:
     ckpt_every: int = opt(50, "checkpoint every this many steps")
     eval_every: int = opt(0, "evaluate every this many steps (0: only before and after training)")
     eval_max: int = opt(40, "test examples per task for the evaluations (0: no evaluation)")
-    eval_mode: str = opt("generate", "greedy generation + answer extraction, or option log-likelihood",
-                         choices=["generate", "loglik"])
+    eval_mode: str = opt("generate", "greedy generation + answer extraction, option log-likelihood (label "
+                         "format) or lm-evaluation-harness's cloze scoring", choices=list(MODES))
     eval_tokens: int = opt(8, "max new tokens per answer in generate mode")
     eval_data: str = opt("", "held-out data for the evaluations (default: the test split of --data)")
 
@@ -139,7 +147,7 @@ def parse_args(argv=None) -> TrainConfig:
 
 def check_config(cfg: TrainConfig):
     positive = ["rank", "heads", "max_steps", "batch_per_task", "grad_accum", "seq_len", "log_every", "ckpt_every",
-                "eval_tokens"]
+                "eval_tokens", "length_groups"]
     bad = next((f for f in positive if getattr(cfg, f) < 1), None)
     if bad:
         raise ValueError(f"--{bad.replace('_', '-')} must be at least 1, got {getattr(cfg, bad)}")
@@ -240,7 +248,8 @@ def load_eval_tasks(cfg, subset):
     if not cfg.eval_data and (spec.endswith(".jsonl") or os.sep in spec):
         print("note: --data is a file, so there is no test split to evaluate on; pass --eval-data", file=sys.stderr)
         return {}
-    tasks = load_tasks(spec, "test", data_dir=cfg.data_dir, max_per_task=cfg.eval_max, seed=cfg.seed)
+    tasks = load_tasks(spec, "test", data_dir=cfg.data_dir, max_per_task=cfg.eval_max, seed=cfg.pool_seed,
+                       fmt=cfg.format)
     return {t: v for t, v in tasks.items() if t in subset} if subset else tasks
 
 
@@ -336,8 +345,8 @@ def load_checkpoint(path: Path, state, model, opt, device, rank, world):
     set_rng_state(load_file(str(path / "rng.safetensors"))[f"rank{rank}"], device)
 
 
-MUST_MATCH = ["model", "adapter", "rank", "alpha", "heads", "adapter_options", "targets", "data", "tasks",
-              "max_per_task", "batch_per_task", "seq_len", "seed"]
+MUST_MATCH = ["model", "adapter", "rank", "alpha", "heads", "adapter_options", "targets", "data", "format", "tasks",
+              "max_per_task", "pool_seed", "batch_per_task", "seq_len", "seed", "length_groups"]
 
 
 def check_resume_config(old: dict, cfg: TrainConfig, say):
@@ -376,8 +385,8 @@ def train(cfg: TrainConfig):
 
     # data: tasks tokenised once; task ids are the positions of the sorted task names (nanoalign.data)
     subset = sorted({t.strip() for t in cfg.tasks.split(",") if t.strip()})
-    train_tasks = select_tasks(load_tasks(cfg.data, "train", data_dir=cfg.data_dir,
-                                          max_per_task=cfg.max_per_task or None, seed=cfg.seed), subset, cfg.data)
+    train_tasks = select_tasks(load_tasks(cfg.data, "train", data_dir=cfg.data_dir, seed=cfg.pool_seed, fmt=cfg.format,
+                                          max_per_task=cfg.max_per_task or None), subset, cfg.data)
     test_tasks = load_eval_tasks(cfg, subset)
     names = sorted(train_tasks)
     tok = nanoalign.load_tokenizer(cfg.model)
@@ -401,9 +410,10 @@ def train(cfg: TrainConfig):
             say(f"note: {ckpt_dir} holds an earlier run; starting fresh (pass --resume to continue it)")
     before = resumed[1].get("before") if resumed else None
     if test_tasks and master and before is None:
-        before = evaluate(model, tok, test_tasks, mode=cfg.eval_mode, max_new_tokens=cfg.eval_tokens,
-                          desc="eval before")
-        say("accuracy before training: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in before.items()))
+        before = without_records(evaluate(model, tok, test_tasks, mode=cfg.eval_mode, max_new_tokens=cfg.eval_tokens,
+                                          desc="eval before"))
+        say("accuracy before training: " + ", ".join(f"{t} {100 * r['accuracy']:.1f}" + (" (collapsed)" if
+            r["collapsed"] else "") for t, r in before.items()))
 
     apply_adapter(model, cfg.adapter, rank=cfg.rank, alpha=cfg.alpha, heads=cfg.heads, dropout=cfg.dropout,
                   targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], num_tasks=len(names),
@@ -457,28 +467,15 @@ def train(cfg: TrainConfig):
                 g["lr"] = lr
             ce_sum = align_sum = tokens = flops = 0.0
             for micro in range(cfg.grad_accum):
-                b = {k: v.to(device) for k, v in next(batcher).items()}
-                ids, mask, labels, task_ids = b["input_ids"], b["attention_mask"], b["labels"], b["task_ids"]
-                at, targets = answer_positions(labels)  # logits only where the next token is labelled
+                b = next(batcher)
                 last = micro == cfg.grad_accum - 1
-                # backward inside adapter_context: checkpointed blocks re-run the adapters during the backward
-                with (fwd.no_sync() if world > 1 and not last else nullcontext()), \
-                        adapter_context(model, task_ids=task_ids, collect=align_on) as actx:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                        logits = fwd(ids, mask, logits_at=at)
-                    ce = F.cross_entropy(logits.float(), targets)
-                    loss = ce
-                    if align_on:
-                        token_mask = mask if cfg.align_tokens == "all" else labels != IGNORE_INDEX
-                        la = alignment_loss(actx.a_outputs, token_mask, task_ids, kind=cfg.align_loss,
-                                            position_wise=cfg.align_position_wise, num_tasks=len(names))
-                        loss = loss + cfg.align_lambda * la
-                        align_sum += la.item()
-                    (loss / cfg.grad_accum).backward()
-                ce_sum += ce.item()
-                n = int(mask.sum())
+                with fwd.no_sync() if world > 1 and not last else nullcontext():
+                    ce, la, n, padded = micro_batch_backward(fwd, model, b, cfg, align_on, len(names), use_autocast,
+                                                             device)
+                ce_sum += ce
+                align_sum += la
                 tokens += n
-                flops += n * (fpt_dense + fpt_attn * ids.shape[1])
+                flops += n * fpt_dense + fpt_attn * padded
             ce_sum, align_sum, tokens, flops, stops = all_sum([ce_sum, align_sum, tokens, flops, stop["flag"]],
                                                               device, world)
             stop["flag"] = stops > 0
@@ -518,8 +515,8 @@ def train(cfg: TrainConfig):
                     bar.write(f"{why}: saved {ckpt_dir} at step {step}; continue with the same command plus --resume")
                 return None
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and master and test_tasks:
-                acc = evaluate(model, tok, test_tasks, mode=cfg.eval_mode, max_new_tokens=cfg.eval_tokens,
-                               task_ids={t: i for i, t in enumerate(names)}, desc=f"eval step {step}")
+                acc = accuracies(evaluate(model, tok, test_tasks, mode=cfg.eval_mode, max_new_tokens=cfg.eval_tokens,
+                                          task_ids={t: i for i, t in enumerate(names)}, desc=f"eval step {step}"))
                 bar.write(f"eval step {step}: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in acc.items()))
                 log_f.write(json.dumps({"step": step, "eval": acc}) + "\n")
     finally:
@@ -543,12 +540,77 @@ def train(cfg: TrainConfig):
     if test_tasks:
         after = evaluate(model, tok, test_tasks, mode=cfg.eval_mode, max_new_tokens=cfg.eval_tokens,
                          task_ids={t: i for i, t in enumerate(names)}, desc="eval after")
+        write_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for res in after.values()
+                                                        for r in res["records"]))
+        after = without_records(after)
         result.update(before=before, after=after)
         n = min(len(v) for v in test_tasks.values())
         print(markdown_table({"before": before, "after": after},
                              title=f"\nper-task accuracy (%), {n} test examples per task, {cfg.eval_mode}"))
+        print("\n" + diagnostics_table(after, title="after training: per-task diagnostics"))
     write_atomic(out / "results.json", json.dumps(result, indent=2))
     return result
+
+
+def length_groups(lengths, max_groups=4, overhead=16):
+    """Rows of a micro-batch in groups of similar length, each padded only to its own longest row: of the splits of
+    the length-sorted rows into k equal groups (k <= max_groups), the one with the fewest padded tokens plus
+    `overhead` tokens per extra forward. A task-balanced batch mixes short and long tasks (SST-2 ~40 tokens, BoolQ
+    ~150-300), so one padded block wastes up to half its tokens."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best = None
+    for k in range(1, min(max_groups, len(order)) + 1):
+        groups = [sorted(order[i * len(order) // k:(i + 1) * len(order) // k]) for i in range(k)]  # rows in batch order
+        cost = sum(len(g) * max(lengths[j] for j in g) for g in groups) + overhead * (k - 1)
+        if best is None or cost < best[0]:
+            best = (cost, groups)
+    return best[1]
+
+
+def micro_batch_backward(fwd, model, batch, cfg, align_on, num_tasks, use_autocast, device):
+    """Forward and backward of one task-balanced micro-batch: L = CE over its answer tokens (+ λ·L_align over all
+    its rows), divided by --grad-accum. Returns (ce, align loss, real tokens, Σ_rows T_row²) as Python floats.
+
+    Without gradient checkpointing the rows run as length groups (`length_groups`), one forward each; the CE is
+    summed over the groups' answer tokens and divided by their total, and the alignment loss sees every row's
+    A-outputs at once (right-padded to one length, the padding masked out), so L is the loss of the whole micro-batch
+    and the backward is one. With checkpointing the blocks re-run the adapters during the backward, which must then
+    happen inside the adapter context: one group (and under DDP, whose reducer expects one forward per backward)."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    one = cfg.grad_ckpt or dist.is_initialized()  # DDP: one forward per backward, as its reducer expects
+    groups = [list(range(len(lengths)))] if one else length_groups(lengths, cfg.length_groups)
+    ce_sum, n_targets, parts = 0.0, 0, []
+    for rows in groups:
+        T = max(lengths[i] for i in rows)
+        ids, mask, labels = (batch[k][rows, :T].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        task_ids = batch["task_ids"][rows].to(device)
+        at, targets = answer_positions(labels)  # logits only where the next token is labelled
+        with adapter_context(model, task_ids=task_ids, collect=align_on) as actx:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                logits = fwd(ids, mask, logits_at=at)
+            ce_sum = ce_sum + F.cross_entropy(logits.float(), targets, reduction="sum")
+            n_targets += targets.numel()
+            parts.append((actx.a_outputs, mask if cfg.align_tokens == "all" else labels != IGNORE_INDEX, task_ids))
+            if len(groups) == 1:  # inside the context: checkpointed blocks re-run the adapters in the backward
+                ce, la = alignment_objective(ce_sum / n_targets, parts, cfg, align_on, num_tasks)
+                ((ce + cfg.align_lambda * la) / cfg.grad_accum).backward()
+    if len(groups) > 1:
+        ce, la = alignment_objective(ce_sum / n_targets, parts, cfg, align_on, num_tasks)
+        ((ce + cfg.align_lambda * la) / cfg.grad_accum).backward()
+    return ce.item(), la.item(), int(sum(lengths)), float(sum(t * t for t in lengths))
+
+
+def alignment_objective(ce, parts, cfg, align_on, num_tasks):
+    """(CE, L_align) of a micro-batch from its groups' (A-outputs, token mask, task ids); L_align is 0 when off."""
+    if not align_on:
+        return ce, torch.zeros((), device=ce.device)
+    T = max(mask.shape[1] for _, mask, _ in parts)
+    a_outputs = {name: torch.cat([F.pad(a[name], (0, 0, 0, T - a[name].shape[1])) for a, _, _ in parts])
+                 for name in parts[0][0]}
+    token_mask = torch.cat([F.pad(mask, (0, T - mask.shape[1])) for _, mask, _ in parts])
+    task_ids = torch.cat([t for _, _, t in parts])
+    return ce, alignment_loss(a_outputs, token_mask, task_ids, kind=cfg.align_loss,
+                              position_wise=cfg.align_position_wise, num_tasks=num_tasks)
 
 
 def ce_summary(log_path):

@@ -3,10 +3,12 @@
     python data/prepare.py builtin                                  # generated in code, offline
     python data/prepare.py glue --source ../shared/data --out data/
     python data/prepare.py commonsense --tasks piqa,siqa
+    python data/prepare.py math                                     # GSM8K (../shared/data/math/gsm8k)
     python data/prepare.py bbh                                      # evaluation only: writes <task>-test.jsonl
 
 Reads the ORIGINAL file layouts (GLUE tsv, PIQA/SIQA jsonl + labels.lst, BoolQ, HellaSwag, WinoGrande v1.1, AI2
-ARC/OpenBookQA, BBH json) under `<source>/<suite>/<task>/` and writes `<out>/<suite>/<task>-{train,test}.jsonl`.
+ARC/OpenBookQA, GSM8K, BBH json) under `<source>/<suite>/<task>/` and writes `<out>/<suite>/<task>-{train,test}.jsonl`
+(the paper's label format) and `<out>/<suite>/cloze/<task>-{train,test}.jsonl` (lm-evaluation-harness's cloze format).
 GLUE dev is the test split; a task with one labelled split is split deterministically; training splits are capped as
 in the Align-LoRA data code (nanoalign/tasks.py TRAIN_CAPS, seed 42). Tasks whose files are absent are skipped.
 Without --source (and no ../shared/data beside the repo) the original files are downloaded from their public homes
@@ -25,9 +27,9 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from nanoalign.data import write_jsonl  # noqa: E402
-from nanoalign.tasks import (SUITES, TRAIN_CAPS, builtin_examples, read_task, subsample,  # noqa: E402
-                             task_dir)
+from nanoalign.data import data_file, write_jsonl  # noqa: E402
+from nanoalign.tasks import (FORMATS, LABEL_ONLY, SUITES, TRAIN_CAPS, builtin_examples, read_task,  # noqa: E402
+                             subsample, task_dir)
 
 GLUE_ZIP = "https://dl.fbaipublicfiles.com/glue/data/"
 AI2 = "https://ai2-public-datasets.s3.amazonaws.com/"
@@ -49,6 +51,8 @@ URLS = {
     "winogrande": [MOSAIC + "winogrande/winogrande_1.1.zip"],
     "arc-easy": [AI2 + "arc/ARC-V1-Feb2018.zip"], "arc-challenge": [AI2 + "arc/ARC-V1-Feb2018.zip"],
     "openbookqa": [AI2 + "open-book-qa/OpenBookQA-V1-Sep2018.zip"],
+    "gsm8k": [f"https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{s}.jsonl"
+              for s in ("train", "test")],
 }
 ZIP_KEEP = {"mnli": "MNLI/", "arc-easy": "ARC-Easy/", "arc-challenge": "ARC-Challenge/", "openbookqa": "Data/Main/"}
 BBH_URL = "https://raw.githubusercontent.com/suzgun/BIG-Bench-Hard/main/bbh/{}.json"
@@ -111,22 +115,24 @@ def main():
                 sys.exit(f"error: downloading {t} failed ({e}); pass --source DIR with the original files")
 
     written = 0
+    formats = ["label"] if args.suite in LABEL_ONLY else FORMATS
     for t in tasks:
-        if args.suite == "builtin":
-            splits = {s: builtin_examples(t, s) for s in ("train", "test")}
-        else:
-            try:
-                splits = read_task(t, source, seed=args.seed)
-            except FileNotFoundError as e:
-                print(f"skip {t}: {e}")
-                continue
-        if "train" in splits and not args.no_caps:
-            splits["train"] = subsample(splits["train"], TRAIN_CAPS.get(t), seed=args.seed, salt=t)
-        for split, rows in splits.items():
-            path = args.out / args.suite / f"{t}-{split}.jsonl"
-            write_jsonl(path, tqdm(rows, desc=f"{t}-{split}", unit="row", leave=False))
-            print(f"wrote {path} ({len(rows)} rows)")
-            written += 1
+        for fmt in formats:  # the same rows in both formats: the caps' subsample depends on the row count only
+            if args.suite == "builtin":
+                splits = {s: builtin_examples(t, s) for s in ("train", "test")}
+            else:
+                try:
+                    splits = read_task(t, source, seed=args.seed, fmt=fmt)
+                except FileNotFoundError as e:
+                    print(f"skip {t}: {e}")
+                    break
+            if "train" in splits and not args.no_caps:
+                splits["train"] = subsample(splits["train"], TRAIN_CAPS.get(t), seed=args.seed, salt=t)
+            for split, rows in splits.items():
+                path = data_file(args.out, t, split, fmt)
+                write_jsonl(path, tqdm(rows, desc=f"{t}-{split} ({fmt})", unit="row", leave=False))
+                print(f"wrote {path} ({len(rows)} rows)")
+                written += 1
     if written == 0:
         sys.exit(f"error: no {args.suite} task found under {source}; pass --source DIR with the original files")
 

@@ -130,3 +130,28 @@ def pca_2d(features: torch.Tensor):
     _, s, vt = torch.linalg.svd(x, full_matrices=False)
     share = (s[:2] ** 2) / (s ** 2).sum().clamp(min=1e-300)
     return (x @ vt[:2].T).float(), share.float()
+
+
+@torch.no_grad()
+def separation_probe(model, tok, tasks: dict, n=16, max_len=128) -> dict:
+    """How far apart the tasks sit in A-output space (what Align-LoRA aligns, METHODS §3.1), on held-out examples.
+
+    The first n examples of each task (prompt + gold answer, as in training, cut to max_len tokens) go through one
+    eval-mode forward that collects every adapted module's A-output; each example's A-output is averaged over its
+    tokens; per module `task_separation` of those points, averaged over modules; and the KL alignment loss of the
+    held-out A-outputs (token level, what training minimises). Returns {"sep_ratio", "sep_between", "sep_within",
+    "heldout_kl", "n"}. Task ids are the positions of the sorted task names (as in training)."""
+    from .align import alignment_loss
+    from .data import encode_example, pad_right
+    names = sorted(tasks)
+    rows = [(encode_example(tok, ex, max_len), i) for i, t in enumerate(names) for ex in tasks[t][:n]]
+    ids, mask, _ = pad_right([r[0][0] for r in rows], [r[0][1] for r in rows], tok.pad_id)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    task_ids = torch.tensor([r[1] for r in rows], device=device)
+    a_outputs = collect_a_outputs(model, ids, mask, task_ids)
+    seps = [task_separation(f, task_ids) for f in pool_a_outputs(a_outputs, mask).values()]
+    kl = alignment_loss(a_outputs, mask, task_ids, kind="kl").item()
+    mean = lambda key: sum(s[key] for s in seps) / len(seps)  # noqa: E731
+    return {"sep_ratio": mean("ratio"), "sep_between": mean("between"), "sep_within": mean("within"),
+            "heldout_kl": kl, "n": n}

@@ -10,6 +10,11 @@ Normalised example (one JSON object per line in data/<suite>/<task>-<split>.json
 
     {"task": "sst2", "prompt": "...\\nAnswer:", "answer": " positive", "options": [" negative", " positive"]}
 
+Cloze examples (nanoalign.tasks, the lm-evaluation-harness convention) add `"gold"`, the index of the correct
+option, and WinoGrande's partial scoring replaces `options` by `"contexts"`: one context per option, `answer` is the
+one scored continuation. `load_tasks` adds `"index"`, the example's position in its split, so that two evaluations
+can be compared example by example.
+
 Task ids are the positions of the task names in sorted order, everywhere (batches, evaluation, alignment groups).
 """
 
@@ -23,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .tasks import BBH_TASKS, BUILTIN_TASKS, SUITES, TASK_SUITE, builtin_examples, subsample
+from .tasks import (BBH_TASKS, BUILTIN_TASKS, LABEL_ONLY, SUITES, TASK_SUITE, builtin_examples, check_format,
+                    subsample)
 
 IGNORE_INDEX = -100
 
@@ -40,13 +46,35 @@ def check_example(ex):
             return f"missing key {key!r}"
         if not isinstance(ex[key], str) or not ex[key].strip():
             return f"{key!r} must be a non-empty string"
-    if "options" in ex:
-        opts = ex["options"]
-        if not isinstance(opts, list) or not opts or not all(isinstance(o, str) and o.strip() for o in opts):
-            return "'options' must be a non-empty list of non-empty strings"
-        if ex["answer"] not in opts:
-            return f"answer {ex['answer']!r} is not one of the options {opts}"
+    if "options" in ex and "contexts" in ex:
+        return "an example has 'options' (one context, several continuations) or 'contexts' (several contexts, one "\
+               "continuation), not both"
+    choices = ex.get("options", ex.get("contexts"))
+    key = "contexts" if "contexts" in ex else "options"
+    if choices is not None:
+        if not isinstance(choices, list) or len(choices) < 2 or \
+                not all(isinstance(o, str) and o.strip() for o in choices):
+            return f"{key!r} must be a list of at least 2 non-empty strings"
+    if "gold" in ex:
+        gold = ex["gold"]
+        if choices is None or not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            return f"'gold' must be the index of the correct one of the {key}"
+        if (choices[gold] != ex["answer"]) if key == "options" else (choices[gold] != ex["prompt"]):
+            return f"'gold' {gold} does not point at the {'answer' if key == 'options' else 'prompt'}"
+    elif key == "contexts":
+        return "an example with 'contexts' needs 'gold', the index of the correct context"
+    elif choices is not None and ex["answer"] not in choices:
+        return f"answer {ex['answer']!r} is not one of the options {choices}"
     return None
+
+
+def choices_of(ex):
+    """(context, continuation) pairs to score, and the index of the correct one; ([], None) without options."""
+    if "contexts" in ex:
+        return [(c, ex["answer"]) for c in ex["contexts"]], ex["gold"]
+    if "options" in ex:
+        return [(ex["prompt"], o) for o in ex["options"]], ex.get("gold", ex["options"].index(ex["answer"]))
+    return [], None
 
 
 def read_jsonl(path):
@@ -89,17 +117,27 @@ def prepare_hint(suite, task=None):
     return f"run `python data/prepare.py {suite} --source DIR{tasks}` first"
 
 
-def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None, seed=0):
+def data_file(data_dir, task, split, fmt="label"):
+    """Where data/prepare.py writes a task's split: <data_dir>/<suite>/<task>-<split>.jsonl (label format) or
+    <data_dir>/<suite>/cloze/<task>-<split>.jsonl."""
+    suite_dir = Path(data_dir) / TASK_SUITE[task]
+    return (suite_dir / "cloze" if fmt == "cloze" else suite_dir) / f"{task}-{split}.jsonl"
+
+
+def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None, seed=0, fmt="label"):
     """Examples grouped by task: dict[task -> list[example]], keys sorted (the task-id order).
 
-    spec: a suite name ("builtin", "glue", "commonsense", "bbh"), a comma list of task names (e.g. "sst2,rte,piqa"),
-    or a path to a JSONL file of normalised examples (task names come from the rows; `split` is then ignored).
-    Builtin tasks are generated in memory. For a file-backed suite, tasks whose prepared file is missing are left out
-    (MNLI, QQP, HellaSwag and WinoGrande have no local source) with one warning line; none at all is an error.
-    max_per_task: keep at most this many examples per task (random subsample, deterministic in `seed`).
+    spec: a suite name ("builtin", "glue", "commonsense", "math", "bbh"), a comma list of task names (e.g.
+    "sst2,rte,piqa"), or a path to a JSONL file of normalised examples (task names come from the rows; `split` and
+    `fmt` are then ignored). Builtin tasks are generated in memory. For a file-backed suite, tasks whose prepared
+    file is missing are left out (MNLI, QQP and HellaSwag have no local source) with one warning line; none at all
+    is an error. fmt: "label" (the paper's prompts) or "cloze" (lm-evaluation-harness's; not for builtin and BBH).
+    max_per_task: keep at most this many examples per task (random subsample in file order, deterministic in
+    `seed`); None or 0 keeps the whole split in file order. Every example gets "index", its position in the split.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    check_format(fmt)
     data_dir = Path(data_dir)
     by_task = {}
     if spec.endswith(".jsonl") or os.sep in spec:
@@ -113,13 +151,16 @@ def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None
     elif spec in SUITES:
         if spec == "bbh" and split == "train":
             raise ValueError("bbh is evaluation-only (its files carry a do-not-train canary); use split='test'")
+        if fmt != "label" and spec in LABEL_ONLY:
+            raise ValueError(f"the {spec} suite has the label format only; use fmt='label'")
         if spec == "builtin":
             by_task = {t: builtin_examples(t, split) for t in BUILTIN_TASKS}
         else:
-            files = {t: data_dir / spec / f"{t}-{split}.jsonl" for t in SUITES[spec]}
+            files = {t: data_file(data_dir, t, split, fmt) for t in SUITES[spec]}
             present = {t: p for t, p in files.items() if p.exists()}
             if not present:
-                raise FileNotFoundError(f"no prepared {spec} data in {data_dir / spec}: {prepare_hint(spec)}")
+                raise FileNotFoundError(f"no prepared {spec} {fmt}-format data in {data_dir / spec}: "
+                                        f"{prepare_hint(spec)}")
             missing = sorted(set(files) - set(present))
             if missing:
                 print(f"note: {spec} tasks without prepared {split} data are left out: {', '.join(missing)}",
@@ -133,12 +174,14 @@ def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None
                              f"a comma list of task names, or a path to a .jsonl file")
         for t in names:
             suite = TASK_SUITE[t]
+            if fmt != "label" and suite in LABEL_ONLY:
+                raise ValueError(f"{t} has the label format only; use fmt='label' (or leave it out of a cloze suite)")
             if suite == "builtin":
                 by_task[t] = builtin_examples(t, split)
                 continue
             if suite == "bbh" and split == "train":
                 raise ValueError(f"{t} is a BBH task: evaluation-only, use split='test'")
-            path = data_dir / suite / f"{t}-{split}.jsonl"
+            path = data_file(data_dir, t, split, fmt)
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: {prepare_hint(suite, t)}")
             by_task[t] = read_jsonl(path)
@@ -148,7 +191,8 @@ def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None
         wrong = next((ex["task"] for ex in rows if ex["task"] != t), None)
         if wrong is not None:
             raise ValueError(f"file for task {t!r} holds a row of task {wrong!r}")
-    return {t: subsample(by_task[t], max_per_task, seed=seed, salt=t) for t in sorted(by_task)}
+    indexed = {t: [{**ex, "index": i} for i, ex in enumerate(rows)] for t, rows in by_task.items()}
+    return {t: subsample(indexed[t], max_per_task or None, seed=seed, salt=t) for t in sorted(indexed)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,12 +368,39 @@ def normalise(text):
     return text.replace(".", "").strip().lower()
 
 
+FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+
+
+def final_number(text):
+    """GSM8K's answer: the number after the last "####" when there is one (the harness's strict match), else the
+    last number in the text (its flexible match); None without a number."""
+    if found := FINAL.findall(text):
+        return as_number(found[-1])
+    numbers = [as_number(m) for m in NUMBER.findall(text)]
+    numbers = [n for n in numbers if n is not None]
+    return numbers[-1] if numbers else None
+
+
+def predicted_answer(generated_text, gold):
+    """The short form of a generated answer that `extract_answer` compares with `gold` (for the prediction
+    histogram): GSM8K's final number, else the first line after the cue."""
+    pred = prediction_text(generated_text)
+    if "####" in gold:
+        n = final_number(pred)
+        return "none" if n is None else f"{n:g}"
+    return normalise(pred.split("\n", 1)[0])[:40]
+
+
 def extract_answer(generated_text, gold):
     """Is the generated text a correct answer to `gold`? Scored by the kind of gold label (§5.1):
+    a worked solution ending in "#### <number>" (GSM8K) -> `final_number` of both, compared as floats;
     a number -> first number of the prediction, compared as floats; an option letter "A" or "(A)" -> "(X)" pattern,
     else a letter at the start, else the first lone capital letter; a label like "solution1"/"answer2"/"option1"/
     "ending3" -> the first such label; otherwise the first line, lower-cased with periods removed, must equal gold."""
     pred, gold = prediction_text(generated_text), gold.strip()
+    if "####" in gold:
+        p, g = final_number(pred), final_number(gold)
+        return p is not None and g is not None and abs(p - g) < 1e-6
     if (g := as_number(gold)) is not None:
         m = NUMBER.search(pred)
         return m is not None and as_number(m.group()) is not None and abs(as_number(m.group()) - g) < 1e-6
@@ -348,6 +419,6 @@ def task_id_map(tasks):
     return {t: i for i, t in enumerate(sorted(tasks))}
 
 
-__all__ = ["IGNORE_INDEX", "BBH_TASKS", "BUILTIN_TASKS", "SUITES", "BalancedBatcher", "check_example",
-           "encode_example", "encode_tasks", "extract_answer", "left_pad", "load_tasks", "pad_right",
-           "prediction_text", "read_jsonl", "task_id_map", "write_jsonl"]
+__all__ = ["IGNORE_INDEX", "BBH_TASKS", "BUILTIN_TASKS", "SUITES", "BalancedBatcher", "check_example", "choices_of",
+           "data_file", "encode_example", "encode_tasks", "extract_answer", "final_number", "left_pad", "load_tasks",
+           "pad_right", "predicted_answer", "prediction_text", "read_jsonl", "task_id_map", "write_jsonl"]

@@ -1,24 +1,44 @@
-"""Per-task accuracy, the way the Align-LoRA paper reports it (METHODS §5.1).
+"""Per-task accuracy, with the diagnostics that say whether an accuracy means anything.
 
-Two scorers:
-  generate  greedy decoding of each prompt (left padding, KV cache), the prediction taken from the generated text and
-            compared with the gold label by `nanoalign.data.extract_answer` (text after the last "Answer:", numbers as
-            floats, option letters by regex, else lower-cased exact match without periods), as the paper's test
-            scripts do;
-  loglik    for tasks with a fixed option set: the option whose tokens have the highest summed log-probability
-            after the prompt wins, log p(option | prompt) = Σ_k log p(o_k | prompt, o_<k) (no generation, no
-            parsing; the lm-eval-harness style). Prompt and option are tokenised apart, as in training.
-The reported average is the unweighted mean over tasks, as in the paper's tables.
+Three scorers (METHODS §5.1 for the first two):
+  generate  greedy decoding of each prompt (left padding, KV cache); the prediction is taken from the generated text
+            and compared with the gold answer by `nanoalign.data.extract_answer` (text after the last "Answer:",
+            numbers as floats, GSM8K's final number, option letters by regex, else lower-cased exact match), as the
+            paper's test scripts do;
+  loglik    for tasks with a fixed option set: the option with the highest summed log-probability after the prompt
+            wins, log p(option | prompt) = Σ_k log p(o_k | prompt, o_<k); prompt and option are tokenised apart, as
+            train.py tokenises prompt and answer;
+  cloze     lm-evaluation-harness's multiple-choice convention, for the cloze format of nanoalign.tasks (the question
+            without the option list, each option's text as the continuation): context and continuation tokenised
+            together, the continuation being the tokens after the context's own (the harness's `_encode_pair`);
+            `acc` = argmax of the summed log-probs, `acc_norm` = argmax of the sum divided by the choice's length in
+            characters (the harness's `completion_len`; for WinoGrande's partial scoring the choices are the
+            contexts).
+
+A small model often answers one label for almost every example, and then an accuracy is only that label's share of
+the test set. So every task's result carries, beside the accuracy and its binomial standard error: the majority-class
+rate of the test set, the histograms of predicted and gold labels, the share of the most frequent prediction and a
+`collapsed` flag when it exceeds 90%; and one record per example (task, index in its split, gold, prediction,
+per-option scores) so that two runs can be compared example by example. The reported average is the unweighted mean
+over tasks, as in the paper's tables.
 
 Adapters that need the task id at inference (MTL-LoRA) get it through `adapter_context`: pass `task_ids`, the
 {task name: id} map used in training.
 """
 
+import math
+from collections import Counter
+
 import torch
 from tqdm import tqdm
 
 from .adapters import adapter_context
-from .data import IGNORE_INDEX, answer_positions, extract_answer, left_pad, pad_right
+from .data import choices_of, extract_answer, left_pad, predicted_answer
+from .model import KVCache
+from .tasks import GENERATION_TOKENS
+
+MODES = ("generate", "loglik", "cloze")
+COLLAPSED = 0.9  # a task is "collapsed" when one prediction covers more than this share of its examples
 
 
 def _batches(seqs, batch_size):
@@ -56,35 +76,87 @@ def generate_texts(model, tok, prompts, batch_size=32, max_new_tokens=16, max_pr
     return out
 
 
-@torch.no_grad()
-def option_logprobs(model, tok, examples, batch_size=32, max_len=1024, task_id=None, bar=None):
-    """Summed log-probability of every option after its prompt: list (per example) of lists (per option) of floats.
+def encode_pair(tok, context, continuation, joint):
+    """(context ids, continuation ids). joint=False: tokenised apart. joint=True: lm-evaluation-harness's
+    `_encode_pair` — trailing spaces of the context move to the continuation, context + continuation is tokenised as
+    one text, and the continuation is what follows the context's own token count."""
+    if not joint:
+        return tok.encode(context), tok.encode(continuation)
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = tok.encode(context + continuation), tok.encode(context)
+    cont = whole[len(ctx):]
+    if not cont or whole[:len(ctx)] != ctx:  # a merge across the boundary: the harness's slice would be wrong
+        return ctx, tok.encode(continuation)
+    return ctx, cont
 
-    Each (prompt, option) pair is one right-padded row whose labels are the option tokens (-100 elsewhere), so the
-    scored positions are exactly those `train.py` puts the loss on; logits are computed only there.
+
+@torch.no_grad()
+def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=False, task_id=None, bar=None):
+    """Summed log-probability of every choice of every example (`nanoalign.data.choices_of`: (context,
+    continuation) pairs) -> (scores, lengths): lists (per example) of lists (per choice) of floats / token counts.
+
+    The choices of an example that share their context (all but WinoGrande's partial scoring) share one forward of
+    it: the contexts of a batch run once, left-padded, into a KV cache, whose last position gives every choice's
+    first token; the cache is then repeated once per choice and the continuations (right-padded) run after it, with
+    logits only where they predict a continuation token. One-token options (label words such as " yes") need only
+    the first forward. Contexts longer than max_len are cut from the left; an empty context is scored after eos, as
+    the harness scores it after its prefix token. Batches are length-sorted; `batch_size` counts contexts.
     """
     device = next(model.parameters()).device
-    rows = []  # (example index, option index, input ids, labels)
+    dtype = next(model.parameters()).dtype
+    units = []  # (example index, context ids, [(choice index, continuation ids)]): one context forward each
     for e, ex in enumerate(examples):
-        prompt = tok.encode(ex["prompt"])
-        for o, option in enumerate(ex["options"]):
-            answer = tok.encode(option)  # options carry their leading space, like the answers train.py learns
-            p = prompt[max(0, len(prompt) - (max_len - len(answer))):]
-            rows.append((e, o, p + answer, [IGNORE_INDEX] * len(p) + answer))
-    scores = [[0.0] * len(ex["options"]) for ex in examples]
-    for idx, seqs in _batches([r[2] for r in rows], batch_size):
-        ids, mask, labels = pad_right(seqs, [rows[i][3] for i in idx], tok.pad_id)
-        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        at, targets = answer_positions(labels)
-        with _task_context(model, task_id, len(idx), device):
-            logp = model(ids, mask, logits_at=at).float().log_softmax(-1)
-        token_lp = logp.gather(-1, targets[:, None]).squeeze(-1)
-        per_row = torch.zeros(len(idx), device=device).index_add_(0, at.nonzero()[:, 0], token_lp)
-        for j, i in enumerate(idx):
-            scores[rows[i][0]][rows[i][1]] = per_row[j].item()
+        by_context = {}
+        for c, (context, continuation) in enumerate(choices_of(ex)[0]):
+            ctx, cont = encode_pair(tok, context, continuation, joint)
+            by_context.setdefault(tuple(ctx or [tok.eos_id]), []).append((c, cont))
+        for ctx, conts in by_context.items():
+            keep = max(1, max_len - max(len(cont) for _, cont in conts))
+            units.append((e, list(ctx[-keep:]), conts))
+    scores = [[0.0] * len(choices_of(ex)[0]) for ex in examples]
+    lengths = [[0] * len(s) for s in scores]
+    for idx, ctxs in _batches([u[1] for u in units], batch_size):
+        ids, mask = left_pad(ctxs, tok.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        B, P = ids.shape
+        rows = [(j, c, cont) for j, i in enumerate(idx) for c, cont in units[i][2]]  # one row per choice
+        O = max(len(cont) for _, _, cont in rows)
+        last = torch.zeros(B, P, dtype=torch.bool, device=device)
+        last[:, -1] = True
+        cache = KVCache(model.config, B, P, dtype, device)
+        with _task_context(model, task_id, B, device):
+            first = model(ids, mask, logits_at=last, cache=cache).float().log_softmax(-1)  # [B, vocab]
+        unit_of = torch.tensor([j for j, _, _ in rows], device=device)
+        total = first[unit_of, torch.tensor([cont[0] for _, _, cont in rows], device=device)]
+        if O > 1:  # the continuations after their context: rows of one unit see the same cached keys/values
+            more = KVCache(model.config, len(rows), P + O - 1, dtype, device)
+            more.k[:, :, :, :P], more.v[:, :, :, :P] = cache.k[:, unit_of], cache.v[:, unit_of]
+            more.length = P
+            tail = torch.full((len(rows), O - 1), int(tok.pad_id), dtype=torch.long)
+            tail_mask = torch.zeros(len(rows), O - 1, dtype=torch.bool)
+            for r, (_, _, cont) in enumerate(rows):
+                tail[r, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                tail_mask[r, :len(cont) - 1] = True
+            tail, tail_mask = tail.to(device), tail_mask.to(device)
+            targets = torch.tensor([t for _, _, cont in rows for t in cont[1:]], device=device)
+            with _task_context(model, task_id, len(rows), device):
+                logp = model(tail, torch.cat([mask[unit_of], tail_mask], 1), logits_at=tail_mask,
+                             cache=more).float().log_softmax(-1)
+            token_lp = logp.gather(-1, targets[:, None]).squeeze(-1)
+            total = total.index_add(0, tail_mask.nonzero()[:, 0], token_lp)
+        for (j, c, cont), v in zip(rows, total.tolist()):
+            e = units[idx[j]][0]
+            scores[e][c], lengths[e][c] = v, len(cont)
         if bar is not None:
-            bar.update(len(idx))
-    return scores
+            bar.update(len(rows))
+    return scores, lengths
+
+
+def option_logprobs(model, tok, examples, batch_size=32, max_len=1024, task_id=None, bar=None):
+    """Summed log-probability of every option after its prompt (tokenised apart, as in training)."""
+    return choice_logprobs(model, tok, examples, batch_size, max_len, joint=False, task_id=task_id, bar=bar)[0]
 
 
 def needs_task_ids(model):
@@ -92,49 +164,149 @@ def needs_task_ids(model):
     return (getattr(model, "adapter_config", None) or {}).get("kind") == "mtl"
 
 
-def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None, desc="eval"):
-    """{task: [examples]} -> {task: accuracy in [0, 1]}.
+# ----------------------------------------------------------------------------------------------------------------
+# diagnostics
 
-    mode "generate" or "loglik"; loglik falls back to generate for a task whose examples lack options.
-    task_ids: {task name: id} as in training, for adapters that need it (MTL-LoRA); ignored by the others.
+def choice_labels(examples):
+    """Names of the choices for the histograms: the option texts when every example of the task has the same
+    option list (label words such as 'positive'), else their positions '1', '2', ... (cloze options differ per
+    example)."""
+    lists = {tuple(o.strip() for o in ex["options"]) if "options" in ex else None for ex in examples}
+    if len(lists) == 1 and None not in lists:
+        return list(next(iter(lists)))
+    return [str(i + 1) for i in range(max(len(choices_of(ex)[0]) for ex in examples))]
+
+
+def char_length(ex, c):
+    """The harness's `completion_len`: characters of the choice text (without the joining space); for partial
+    scoring (contexts) the context's characters."""
+    if "contexts" in ex:
+        return len(ex["contexts"][c])
+    option = ex["options"][c]
+    return len(option[1:] if option.startswith(" ") else option)
+
+
+def summarise(records, n_choices=None):
+    """Accuracy, its binomial standard error, the majority-class rate and the prediction histograms of one task's
+    records ({"gold", "pred", "correct"}, plus "correct_norm" for cloze)."""
+    n = len(records)
+    acc = sum(r["correct"] for r in records) / max(n, 1)
+    pred, gold = Counter(r["pred"] for r in records), Counter(r["gold"] for r in records)
+    top_label, top = pred.most_common(1)[0] if pred else (None, 0)
+    out = {"n": n, "accuracy": acc, "se": math.sqrt(acc * (1 - acc) / n) if n else 0.0,
+           "majority_rate": gold.most_common(1)[0][1] / n if n else 0.0,
+           "majority_label": gold.most_common(1)[0][0] if n else None,
+           "top_prediction": top_label, "top_share": top / n if n else 0.0, "collapsed": n > 0 and top / n > COLLAPSED,
+           "predicted": dict(pred.most_common()), "gold": dict(gold.most_common())}
+    if records and "correct_norm" in records[0]:
+        out["acc_norm"] = sum(r["correct_norm"] for r in records) / n
+    return out
+
+
+def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None, desc="eval"):
+    """{task: [examples]} -> {task: result}, result = `summarise` of its records plus "records" (one per example).
+
+    mode "generate", "loglik" or "cloze"; loglik and cloze fall back to generate for a task whose examples have no
+    options (BBH, GSM8K), and say so in the result's "mode". task_ids: {task name: id} as in training, for adapters
+    that need it (MTL-LoRA); ignored by the others.
     """
-    if mode not in ("generate", "loglik"):
-        raise ValueError(f"evaluation mode must be 'generate' or 'loglik', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"evaluation mode must be one of {', '.join(MODES)}, got {mode!r}")
     if needs_task_ids(model):
         unknown = [t for t in tasks if t not in (task_ids or {})]
         if unknown:
             raise ValueError(f"an mtl adapter needs the training task id of every task it is evaluated on; it was "
                              f"not trained on {', '.join(unknown)}")
-    loglik = {t: mode == "loglik" and all(ex.get("options") for ex in rows) for t, rows in tasks.items()}
-    total = sum(len(rows) * (len(rows[0]["options"]) if loglik[t] else 1) for t, rows in tasks.items() if rows)
+    scored = {t: mode != "generate" and bool(rows) and all(choices_of(ex)[0] for ex in rows)
+              for t, rows in tasks.items()}
+    total = sum(len(rows) * (len(choices_of(rows[0])[0]) if scored[t] else 1) for t, rows in tasks.items() if rows)
     was_training = model.training
     model.eval()
-    acc = {}
+    results = {}
     with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) as bar:
         for name, examples in tasks.items():
             bar.set_postfix_str(name)
             tid = (task_ids or {}).get(name)
-            if loglik[name]:
-                scores = option_logprobs(model, tok, examples, batch_size, task_id=tid, bar=bar)
-                correct = [ex["options"][max(range(len(s)), key=s.__getitem__)] == ex["answer"]
-                           for ex, s in zip(examples, scores)]
+            records = []
+            if scored[name]:
+                scores, lengths = choice_logprobs(model, tok, examples, batch_size, joint=mode == "cloze",
+                                                  task_id=tid, bar=bar)
+                labels = choice_labels(examples)
+                for ex, s, n in zip(examples, scores, lengths):
+                    gold, best = choices_of(ex)[1], max(range(len(s)), key=s.__getitem__)
+                    r = {"task": name, "index": ex.get("index"), "gold": labels[gold], "pred": labels[best],
+                         "correct": best == gold, "scores": s, "tokens": n}
+                    if mode == "cloze":
+                        norm = [v / max(char_length(ex, c), 1) for c, v in enumerate(s)]
+                        r["pred_norm"] = labels[max(range(len(s)), key=norm.__getitem__)]
+                        r["correct_norm"] = r["pred_norm"] == r["gold"]
+                    records.append(r)
             else:
-                texts = generate_texts(model, tok, [ex["prompt"] for ex in examples], batch_size, max_new_tokens,
+                budget = max(max_new_tokens, GENERATION_TOKENS.get(name, 0))
+                texts = generate_texts(model, tok, [ex["prompt"] for ex in examples], batch_size, budget,
                                        task_id=tid, bar=bar)
-                correct = [extract_answer(t, ex["answer"]) for t, ex in zip(texts, examples)]
-            acc[name] = sum(correct) / max(len(correct), 1)
+                for ex, text in zip(examples, texts):
+                    options = [o for o in ex.get("options", []) if extract_answer(text, o)]
+                    records.append({"task": name, "index": ex.get("index"), "gold": predicted_answer(ex["answer"],
+                                    ex["answer"]) if not ex.get("options") else ex["answer"].strip(),
+                                    "pred": options[0].strip() if options else predicted_answer(text, ex["answer"]),
+                                    "correct": extract_answer(text, ex["answer"]), "text": text})
+            results[name] = {**summarise(records), "mode": mode if scored[name] else "generate", "records": records}
     model.train(was_training)
-    return acc
+    return results
+
+
+def accuracies(results):
+    """{task: result} -> {task: accuracy}."""
+    return {t: r["accuracy"] for t, r in results.items()}
+
+
+def without_records(results):
+    """The results without their per-example records (what results.json files keep)."""
+    return {t: {k: v for k, v in r.items() if k != "records"} for t, r in results.items()}
+
+
+def _histogram(counts, n, k=3):
+    top = sorted(counts.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{label} {100 * c / n:.0f}%" for label, c in top[:k])
+    return text + (f", +{len(top) - k} more" if len(top) > k else "")
+
+
+def diagnostics_table(results, title="per-task diagnostics"):
+    """A markdown table of one evaluation: accuracy ± standard error (acc_norm for cloze), n, the majority-class rate,
+    the most frequent predictions; a collapsed task (one prediction > 90%) is marked."""
+    norm = any("acc_norm" in r for r in results.values())
+    lines = ["| task | n | acc (%) ± SE" + (" | acc_norm (%)" if norm else "") + " | majority (%) | predicted |",
+             "|---|---:|---:|" + ("---:|" if norm else "") + "---:|---|"]
+    for t, r in results.items():
+        mark = " **collapsed**" if r["collapsed"] else ""
+        lines.append(f"| {t}{mark} | {r['n']} | {100 * r['accuracy']:.1f} ± {100 * r['se']:.1f}"
+                     + (f" | {100 * r['acc_norm']:.1f}" if norm and "acc_norm" in r else " | –" if norm else "")
+                     + f" | {100 * r['majority_rate']:.1f} | {_histogram(r['predicted'], r['n'])} |")
+    avg = sum(r["accuracy"] for r in results.values()) / max(len(results), 1)
+    lines.append(f"| **average** | | **{100 * avg:.1f}** |" + (" |" if norm else "") + " | |")
+    collapsed = [t for t, r in results.items() if r["collapsed"]]
+    note = (f"\n\ncollapsed ({', '.join(collapsed)}): one prediction covers more than {100 * COLLAPSED:.0f}% of the "
+            "examples, so the accuracy there is that label's share of the test set") if collapsed else ""
+    return f"{title}\n\n" + "\n".join(lines) + note
 
 
 def markdown_table(results: dict, title="accuracy (%)") -> str:
-    """{column: {task: acc}} -> a markdown table, one row per task plus the unweighted average of each column."""
+    """{column: {task: accuracy or result}} -> a markdown table, one row per task plus the unweighted average of
+    each column; a collapsed result (see `summarise`) is marked with '(c)'."""
+    def acc(v):
+        return v["accuracy"] if isinstance(v, dict) else v
+
+    def cell(v):
+        return f"{100 * acc(v):.1f}" + (" (c)" if isinstance(v, dict) and v.get("collapsed") else "")
+
     cols = list(results)
     tasks = sorted({t for r in results.values() for t in r})
     lines = ["| task | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for t in tasks:
-        lines.append(f"| {t} | " + " | ".join(f"{100 * results[c][t]:.1f}" if t in results[c] else "–"
-                                              for c in cols) + " |")
-    avg = [f"**{100 * sum(r.values()) / len(r):.1f}**" if r else "–" for r in results.values()]
+        lines.append(f"| {t} | " + " | ".join(cell(results[c][t]) if t in results[c] else "–" for c in cols) + " |")
+    avg = [f"**{100 * sum(map(acc, r.values())) / len(r):.1f}**" if r else "–" for r in results.values()]
     lines.append("| **average** | " + " | ".join(avg) + " |")
-    return f"{title}\n\n" + "\n".join(lines)
+    marked = any(isinstance(v, dict) and v.get("collapsed") for r in results.values() for v in r.values())
+    return f"{title}\n\n" + "\n".join(lines) + ("\n\n(c): collapsed, one prediction > 90% of the examples"
+                                                if marked else "")

@@ -13,6 +13,13 @@ duplicate/different, MRPC equivalent/different, MNLI entailment/neutral/contradi
 entailment/not_entailment, BoolQ true/false; multiple choice answers solution1/answer2/ending3/option1, or a letter
 A-E for ARC and OpenBookQA.
 
+Every task with options also has a **cloze** format (`fmt="cloze"`), the lm-evaluation-harness convention for the
+same rows: the context is the question without the option list (the harness's `doc_to_text`), and each option's
+text is the continuation that is scored (`doc_to_choice`, joined with one space). WinoGrande uses the harness's
+partial scoring: each option substituted into the blank gives one context (`contexts`) and the rest of the sentence
+is the one scored continuation. Cloze examples carry `gold`, the index of the correct option (option texts can
+repeat). GSM8K (both formats) is scored by generation and its final number.
+
 Original file layouts (see shared/data/SOURCES.md) live under `<source>/<suite>/<task dir>/`; each task reader
 returns its labelled splits as {"train": [...], "test": [...]} (GLUE dev is our test split). BBH is evaluation only:
 the first 3 examples of each task file are the few-shot demonstrations and are never scored.
@@ -22,6 +29,7 @@ import json
 import random
 import re
 import zlib
+from functools import partial
 from pathlib import Path
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -40,8 +48,13 @@ BBH_TASKS = [
     "word_sorting",
 ]
 BUILTIN_TASKS = ["colour-review", "flipped-animal", "larger-number", "alphabet-first", "last-letter"]
-SUITES = {"builtin": BUILTIN_TASKS, "glue": GLUE_TASKS, "commonsense": COMMONSENSE_TASKS, "bbh": BBH_TASKS}
+MATH_TASKS = ["gsm8k"]
+SUITES = {"builtin": BUILTIN_TASKS, "glue": GLUE_TASKS, "commonsense": COMMONSENSE_TASKS, "math": MATH_TASKS,
+          "bbh": BBH_TASKS}
 TASK_SUITE = {task: suite for suite, tasks in SUITES.items() for task in tasks}
+FORMATS = ("label", "cloze")  # the paper's label words / numbered options, or lm-evaluation-harness's cloze
+LABEL_ONLY = {"builtin", "bbh"}  # suites with the label format only (synthetic label words; BBH's own targets)
+GENERATION_TOKENS = {"gsm8k": 256}  # max new tokens where the answer is a worked solution (others: one word)
 
 # Training-split caps of the Align-LoRA `load_data` (§5.1; random subsample, seed 42). The paper caps ARC (Easy and
 # Challenge together) at 10k; here each is capped on its own, which no real split reaches. Tasks not listed there
@@ -63,6 +76,20 @@ def example(task, instruction, question, answer, options=None, choices=None, ans
     if options:
         ex["options"] = [" " + o for o in options]
     return ex
+
+
+def cloze(task, context, choices, gold):
+    """A cloze example (lm-evaluation-harness `multiple_choice`): `context` is scored against each choice text
+    joined with one space; `gold` is the index of the correct choice."""
+    if not 0 <= gold < len(choices):
+        raise ValueError(f"gold index {gold} is outside the {len(choices)} choices")
+    return {"task": task, "prompt": context, "answer": " " + choices[gold], "options": [" " + c for c in choices],
+            "gold": gold}
+
+
+def check_format(fmt):
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
 def split_one(rows, seed=42, test_fraction=TEST_FRACTION):
@@ -143,12 +170,28 @@ GLUE = {
             {"entailment": "entailment", "not_entailment": "not_entailment"},
             "Task: recognizing textual entailment (RTE).", 'Question: Does the text "{0}" entail "{1}"?'),
 }
+# lm-evaluation-harness's GLUE prompts (tasks/glue/<task>/default.yaml): task -> (doc_to_text, {raw label: choice});
+# the choices are listed in the harness's order
+GLUE_CLOZE = {
+    "sst2": ("{0}\nQuestion: Is this sentence positive or negative?\nAnswer:", {"0": "negative", "1": "positive"}),
+    "cola": ("{0}\nQuestion: Does this sentence make sense?\nAnswer:", {"0": "no", "1": "yes"}),
+    "qqp": ("Question 1: {0}\nQuestion 2: {1}\nQuestion: Do both questions ask the same thing?\nAnswer:",
+            {"0": "no", "1": "yes"}),
+    "mrpc": ("Sentence 1: {0}\nSentence 2: {1}\nQuestion: Do both sentences mean the same thing?\nAnswer:",
+             {"0": "no", "1": "yes"}),
+    "mnli": ("{0}\nQuestion: {1} True, False or Neither?\nAnswer:",
+             {"entailment": "True", "neutral": "Neither", "contradiction": "False"}),
+    "qnli": ("{0}\n{1}\nQuestion: Does this response answer the question?\nAnswer:",
+             {"entailment": "yes", "not_entailment": "no"}),
+    "rte": ("{0}\nQuestion: {1} True or False?\nAnswer:", {"entailment": "True", "not_entailment": "False"}),
+}
 COLA_COLUMNS = ["source", "label", "original_mark", "sentence"]  # CoLA train/dev have no header row
 
 
-def parse_glue(task, path):
+def parse_glue(task, path, fmt="label"):
     """One GLUE tsv -> examples. Columns are found by header name; rows of an unlabelled test file get no answer."""
     dirs, text_cols, label_col, words, instruction, question = GLUE[task]
+    template, choice_of = GLUE_CLOZE[task]
     lines = list(read_lines(path))
     if not lines:
         return []
@@ -167,31 +210,36 @@ def parse_glue(task, path):
         if len(cols) < len(header):
             raise row_error(path, i, f"expected {len(header)} tab-separated columns, found {len(cols)}")
         texts = [cols[header.index(c)].strip() for c in text_cols]
-        answer = None
+        raw = None
         if labelled:
             raw = cols[header.index(label_col)].strip()
             if raw not in words:
                 raise row_error(path, i, f"unknown {task} label {raw!r} (expected one of {sorted(words)})")
-            answer = words[raw]
-        out.append(example(task, instruction, question.format(*texts), answer, options=list(words.values())))
+        if fmt == "cloze":
+            if raw is not None:  # an unlabelled row has no cloze example (nothing to score)
+                out.append(cloze(task, template.format(*texts), list(choice_of.values()),
+                                 list(choice_of).index(raw)))
+            continue
+        out.append(example(task, instruction, question.format(*texts), words.get(raw),
+                           options=list(words.values())))
     return out
 
 
-def read_glue(task, d):
+def read_glue(task, d, fmt="label"):
     d = Path(d)  # GLUE dev is our test split: GLUE's own test.tsv files carry no labels
     files = {"train": "train.tsv", "test": "dev_matched.tsv" if task == "mnli" else "dev.tsv"}
-    splits = {split: parse_glue(task, d / name) for split, name in files.items() if (d / name).exists()}
+    splits = {split: parse_glue(task, d / name, fmt) for split, name in files.items() if (d / name).exists()}
     if task == "mrpc" and "train" not in splits and (d / "msr_paraphrase_train.txt").exists():
-        splits.update(mrpc_from_msr(d))
+        splits.update(mrpc_from_msr(d, fmt))
     return splits
 
 
-def mrpc_from_msr(d):
+def mrpc_from_msr(d, fmt="label"):
     """Rebuild GLUE's MRPC train/dev split from the MSR release, as download_glue_data.py does (dev = dev_ids.tsv)."""
     dev_ids = {tuple(line.split("\t")[:2]) for _, line in read_lines(d / "dev_ids.tsv")}
     path = d / "msr_paraphrase_train.txt"
     ids = [tuple(line.split("\t")[1:3]) for _, line in list(read_lines(path))[1:]]  # (#1 ID, #2 ID) per row
-    rows = parse_glue("mrpc", path)
+    rows = parse_glue("mrpc", path, fmt)
     return {"train": [r for r, k in zip(rows, ids) if k not in dev_ids],
             "test": [r for r, k in zip(rows, ids) if k in dev_ids]}
 
@@ -203,24 +251,32 @@ def letters(n):
     return [chr(ord("A") + i) for i in range(n)]
 
 
-def parse_boolq(row):
+def parse_boolq(row, fmt="label"):
     answer = row["answer"]
     if not isinstance(answer, bool):
         raise ValueError(f"'answer' should be a JSON true/false, got {answer!r}")
     question = row["question"].strip().rstrip("?") + "?"
+    if fmt == "cloze":
+        return cloze("boolq", f"{row['passage'].strip()}\nQuestion: {question}\nAnswer:", ["no", "yes"], int(answer))
     return example("boolq", "Task: yes/no reading comprehension (BoolQ).",
                    f"Passage: {row['passage'].strip()}\nQuestion: {question}",
                    "true" if answer else "false", options=["true", "false"])
 
 
-def parse_piqa(row, label):
+def parse_piqa(row, label, fmt="label"):
+    if fmt == "cloze":
+        return cloze("piqa", f"Question: {row['goal'].strip()}\nAnswer:", [row["sol1"].strip(), row["sol2"].strip()],
+                     int(label))
     choices = [("Solution1", row["sol1"].strip()), ("Solution2", row["sol2"].strip())]
     return example("piqa", "Task: physical commonsense reasoning (PIQA).",
                    f"Question: Which solution reaches the goal: {row['goal'].strip()}",
                    f"solution{int(label) + 1}", options=["solution1", "solution2"], choices=choices)
 
 
-def parse_siqa(row, label):
+def parse_siqa(row, label, fmt="label"):
+    if fmt == "cloze":
+        return cloze("siqa", f"Q: {row['context'].strip()} {row['question'].strip()}\nA:",
+                     [row[k].strip() for k in ("answerA", "answerB", "answerC")], int(label) - 1)
     choices = [(f"Answer{i + 1}", row[k].strip()) for i, k in enumerate(["answerA", "answerB", "answerC"])]
     return example("siqa", "Task: social commonsense reasoning (SIQA).",
                    f"Context: {row['context'].strip()}\nQuestion: {row['question'].strip()}",
@@ -233,11 +289,15 @@ def clean_hellaswag(text):
     return re.sub(r"\s+", " ", text).strip()
 
 
-def parse_hellaswag(row):
+def parse_hellaswag(row, fmt="label"):
     """Original rowanz/hellaswag jsonl: ctx (= ctx_a + ctx_b), 4 endings, integer label."""
     endings = row["endings"]
     if len(endings) != 4:
         raise ValueError(f"expected 4 endings, found {len(endings)}")
+    if fmt == "cloze":  # the harness's preprocess: ctx_a + " " + ctx_b.capitalize(), markup removed
+        ctx = f"{row['ctx_a']} {row['ctx_b'].capitalize()}" if "ctx_a" in row else row["ctx"]
+        return cloze("hellaswag", clean_hellaswag(f"{row.get('activity_label', '').strip()}: {ctx}"),
+                     [clean_hellaswag(e) for e in endings], int(row["label"]))
     context = clean_hellaswag(f"{row.get('activity_label', '').strip()}: {row['ctx']}")
     choices = [(f"Ending{i + 1}", clean_hellaswag(e)) for i, e in enumerate(endings)]
     return example("hellaswag", "Task: sentence completion (HellaSwag).",
@@ -245,18 +305,29 @@ def parse_hellaswag(row):
                    f"ending{int(row['label']) + 1}", options=[f"ending{i + 1}" for i in range(4)], choices=choices)
 
 
-def parse_winogrande(row, label=None):
-    """WinoGrande v1.1: sentence with one '_' blank, option1/option2, answer "1"/"2" (or from *-labels.lst)."""
+def parse_winogrande(row, label=None, fmt="label"):
+    """WinoGrande v1.1: sentence with one '_' blank, option1/option2, answer "1"/"2" (or from *-labels.lst).
+    Cloze: the harness's partial scoring — contexts = the sentence up to the blank with each option filled in, the
+    one continuation = the rest of the sentence after the blank."""
     label = row.get("answer") or label
     if str(label) not in ("1", "2"):
         raise ValueError(f"answer should be '1' or '2', got {label!r}")
+    if fmt == "cloze":
+        sentence = row["sentence"]
+        if sentence.count("_") != 1:
+            raise ValueError(f"expected one '_' blank in the sentence, found {sentence.count('_')}")
+        blank = sentence.index("_")
+        contexts = [sentence[:blank] + row[k].strip() for k in ("option1", "option2")]
+        gold = int(label) - 1
+        return {"task": "winogrande", "prompt": contexts[gold], "answer": " " + sentence[blank + 1:].strip(),
+                "contexts": contexts, "gold": gold}
     choices = [("Option1", row["option1"].strip()), ("Option2", row["option2"].strip())]
     return example("winogrande", "Task: pronoun resolution (WinoGrande).",
                    f"Question: Which option fits the blank _ in: {row['sentence'].strip()}",
                    f"option{label}", options=["option1", "option2"], choices=choices)
 
 
-def parse_ai2_mc(task, row):
+def parse_ai2_mc(task, row, fmt="label"):
     """ARC / OpenBookQA, in either layout: HF-converted ({question | question_stem, choices: {text, label}}) or
     AI2's original ({question: {stem, choices: [{text, label}]}}). Keys can be letters or digits ('1'..'4'), so the
     answer is looked up by position and re-labelled A, B, C, ..."""
@@ -267,6 +338,9 @@ def parse_ai2_mc(task, row):
         stem, texts, keys = q, row["choices"]["text"], row["choices"]["label"]
     if row["answerKey"] not in keys:
         raise ValueError(f"answerKey {row['answerKey']!r} is not one of the choice labels {keys}")
+    if fmt == "cloze":  # ARC: "Question: ...\nAnswer:"; OpenBookQA: the bare question stem (harness yamls)
+        context = stem.strip() if task == "openbookqa" else f"Question: {stem.strip()}\nAnswer:"
+        return cloze(task, context, [t.strip() for t in texts], keys.index(row["answerKey"]))
     opts = letters(len(texts))
     name = {"arc-easy": "science questions (ARC-Easy)", "arc-challenge": "science questions (ARC-Challenge)",
             "openbookqa": "open-book science questions (OpenBookQA)"}[task]
@@ -293,19 +367,19 @@ def read_with_labels(d, name, labels_name, parse):
     return parse_jsonl(d / name, parse, read_label_list(d / labels_name))
 
 
-def read_commonsense(task, d):
+def read_commonsense(task, d, fmt="label"):
     d = Path(d)
     if task == "boolq":  # original: train.jsonl, dev.jsonl (dev = our test)
         files = {"train": d / "train.jsonl", "test": d / "dev.jsonl"}
-        return {s: parse_jsonl(p, parse_boolq) for s, p in files.items() if p.exists()}
+        return {s: parse_jsonl(p, partial(parse_boolq, fmt=fmt)) for s, p in files.items() if p.exists()}
     if task in ("piqa", "siqa"):
-        parse = parse_piqa if task == "piqa" else parse_siqa
+        parse = partial(parse_piqa if task == "piqa" else parse_siqa, fmt=fmt)
         test = "valid" if task == "piqa" else "dev"
         return {s: read_with_labels(d, f"{n}.jsonl", f"{n}-labels.lst", parse)
                 for s, n in (("train", "train"), ("test", test)) if (d / f"{n}.jsonl").exists()}
     if task == "hellaswag":  # hellaswag_test.jsonl has no labels
         files = {"train": d / "hellaswag_train.jsonl", "test": d / "hellaswag_val.jsonl"}
-        return {s: parse_jsonl(p, parse_hellaswag) for s, p in files.items() if p.exists()}
+        return {s: parse_jsonl(p, partial(parse_hellaswag, fmt=fmt)) for s, p in files.items() if p.exists()}
     if task == "winogrande":
         # train_xs ⊂ train_s ⊂ ... ⊂ train_xl, so read only the largest present (the Align-LoRA code concatenates
         # all sizes, which repeats the small ones up to five times).
@@ -315,7 +389,7 @@ def read_commonsense(task, d):
             if path and path.exists():
                 labels_path = path.with_name(path.stem + "-labels.lst")
                 labels = read_label_list(labels_path) if labels_path.exists() else None
-                out[split] = parse_jsonl(path, parse_winogrande, labels)
+                out[split] = parse_jsonl(path, partial(parse_winogrande, fmt=fmt), labels)
         return out
     # arc-easy / arc-challenge / openbookqa: HF-converted names or AI2's original ones
     prefix = {"arc-easy": "ARC-Easy-", "arc-challenge": "ARC-Challenge-", "openbookqa": ""}[task]
@@ -324,7 +398,7 @@ def read_commonsense(task, d):
     for split, word in (("train", "train"), ("test", "test")):
         path = first_existing(d, [f"{local}{word}.jsonl", f"{prefix}{word.capitalize()}.jsonl", f"{word}.jsonl"])
         if path:
-            out[split] = parse_jsonl(path, lambda row: parse_ai2_mc(task, row))
+            out[split] = parse_jsonl(path, partial(parse_ai2_mc, task, fmt=fmt))
     return out
 
 
@@ -332,6 +406,26 @@ COMMONSENSE_DIRS = {"boolq": ("boolq", "BoolQ"), "piqa": ("piqa", "PIQA"), "siqa
                     "hellaswag": ("hellaswag", "HellaSwag"), "winogrande": ("winogrande", "winogrande_1.1"),
                     "arc-easy": ("arc_easy", "ARC-Easy"), "arc-challenge": ("arc_challenge", "ARC-Challenge"),
                     "openbookqa": ("openbookqa", "OpenBookQA")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# math: GSM8K ({"question", "answer": "worked solution ... #### 72"}), scored by generation and its final number
+
+def parse_gsm8k(row, fmt="label"):
+    """The answer is the worked solution with its final "#### <number>" line; the calculator annotations
+    "<<48/2=24>>" are removed (they are tool calls, not text a model should learn to write). Label format: our
+    instruction line; cloze: the harness's "Question: ...\nAnswer:" (gsm8k.yaml)."""
+    solution = re.sub(r"<<[^>]*>>", "", row["answer"]).strip()
+    if not re.search(r"####\s*-?[\d,.]+\s*$", solution):
+        raise ValueError("answer does not end with a '#### <number>' line")
+    head = "" if fmt == "cloze" else "Task: grade-school math (GSM8K).\n"
+    return {"task": "gsm8k", "prompt": f"{head}Question: {row['question'].strip()}\nAnswer:", "answer": " " + solution}
+
+
+def read_math(task, d, fmt="label"):
+    d = Path(d)
+    return {s: parse_jsonl(d / f"{s}.jsonl", partial(parse_gsm8k, fmt=fmt)) for s in ("train", "test")
+            if (d / f"{s}.jsonl").exists()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,28 +457,32 @@ def parse_bbh(task, path):
 def task_dir(source, task):
     """`<source>/<suite>/<task dir>` for a file-backed task (the first of its accepted directory names present)."""
     suite = TASK_SUITE[task]
-    names = GLUE[task][0] if suite == "glue" else COMMONSENSE_DIRS[task] if suite == "commonsense" else ()
+    names = GLUE[task][0] if suite == "glue" else COMMONSENSE_DIRS[task] if suite == "commonsense" else (task,)
     base = Path(source) / suite
     if suite == "bbh":
         return base
     return next((base / n for n in names if (base / n).is_dir()), base / names[0])
 
 
-def read_task(task, source, seed=42):
-    """Labelled splits of one task from the original files under `source` -> {"train": [...], "test": [...]}.
-    A task with a single labelled split is split deterministically (TEST_FRACTION held out). Raises
-    FileNotFoundError when the task's files are absent (MNLI, QQP, HellaSwag, WinoGrande are not in shared/data)."""
+def read_task(task, source, seed=42, fmt="label"):
+    """Labelled splits of one task from the original files under `source` -> {"train": [...], "test": [...]}, in
+    the label or cloze format. A task with a single labelled split is split deterministically (TEST_FRACTION held
+    out; the same rows in both formats). Raises FileNotFoundError when the task's files are absent (MNLI, QQP,
+    HellaSwag are not in shared/data)."""
+    check_format(fmt)
     suite, d = TASK_SUITE[task], task_dir(source, task)
+    if fmt != "label" and suite in LABEL_ONLY:
+        raise ValueError(f"{task} has the label format only (no cloze version)")
     if suite == "bbh":
         path = d / f"{task}.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found")
         return {"test": parse_bbh(task, path)}
-    if suite not in ("glue", "commonsense"):
+    if suite == "builtin":
         raise ValueError(f"{task} is a builtin task: it is generated in code, not read from files")
     if not d.is_dir():
         raise FileNotFoundError(f"{d} not found")
-    splits = read_glue(task, d) if suite == "glue" else read_commonsense(task, d)
+    splits = {"glue": read_glue, "commonsense": read_commonsense, "math": read_math}[suite](task, d, fmt)
     if not splits:
         raise FileNotFoundError(f"{d} holds none of the expected {task} files")
     if len(splits) == 1:

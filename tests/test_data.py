@@ -239,23 +239,27 @@ def test_missing_task_directory_is_skipped_cleanly(tmp_path):
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not present")
 def test_real_shared_files_parse():
-    """Smoke parse of every real file in shared/data: known row counts, every example well-formed."""
+    """Smoke parse of every real file in shared/data, in both formats: known row counts (the same in both), every
+    example well-formed."""
     counts = {}
-    for task in T.GLUE_TASKS + T.COMMONSENSE_TASKS + T.BBH_TASKS:
-        try:
-            splits = T.read_task(task, SHARED)
-        except FileNotFoundError:
-            assert task in ("mnli", "qqp", "hellaswag", "winogrande"), task
-            continue
-        counts[task] = {s: len(rows) for s, rows in splits.items()}
-        for rows in splits.values():
-            assert rows and all(check_example(ex) is None and ex["task"] == task for ex in rows), task
+    for task in T.GLUE_TASKS + T.COMMONSENSE_TASKS + T.MATH_TASKS + T.BBH_TASKS:
+        for fmt in ("label",) if task in T.BBH_TASKS else T.FORMATS:
+            try:
+                splits = T.read_task(task, SHARED, fmt=fmt)
+            except FileNotFoundError:
+                assert task in ("mnli", "qqp", "hellaswag"), task
+                continue
+            got = {s: len(rows) for s, rows in splits.items()}
+            assert counts.setdefault(task, got) == got, task
+            for rows in splits.values():
+                assert rows and all(check_example(ex) is None and ex["task"] == task for ex in rows), (task, fmt)
     assert counts["sst2"] == {"train": 67349, "test": 872} and counts["cola"] == {"train": 8551, "test": 1043}
     assert counts["mrpc"] == {"train": 3667, "test": 408} and counts["rte"] == {"train": 2490, "test": 277}
     assert sum(counts["qnli"].values()) == 5463 and sum(counts["boolq"].values()) == 3270
     assert counts["piqa"] == {"train": 16113, "test": 1838} and counts["siqa"] == {"train": 33410, "test": 1954}
     assert counts["arc-easy"] == {"train": 2251, "test": 2376} and counts["arc-challenge"] == {"train": 1119, "test": 1172}
     assert counts["openbookqa"] == {"train": 4957, "test": 500}
+    assert counts["winogrande"] == {"train": 10234, "test": 1267} and counts["gsm8k"] == {"train": 7473, "test": 1319}
     assert len([t for t in T.BBH_TASKS if t in counts]) == 27
     assert sum(c["test"] for t, c in counts.items() if t in T.BBH_TASKS) == 6511 - 27 * 3
 
@@ -532,3 +536,130 @@ def test_extract_answer(generated, gold, correct):
     """§5.1 scoring: text after the last "Answer:", numbers as floats, option letters and (X) by regex, solution/answer/
     option/ending labels by number, else first-line exact match lower-cased without periods."""
     assert extract_answer(generated, gold) is correct
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cloze format (lm-evaluation-harness's doc_to_text / doc_to_choice, written out by hand from its task yamls)
+
+def test_glue_cloze_prompts_are_the_harness_templates(tmp_path):
+    """GLUE cloze: the harness's doc_to_text for sst2/cola/mrpc/qnli/rte, its choice words in its order, gold index
+    from the label (qnli/rte: entailment is choice 0)."""
+    g = tmp_path / "glue"
+    write(g / "sst2/dev.tsv", "sentence\tlabel\ngood fun \t1\n")
+    write(g / "cola/dev.tsv", "cl03\t0\t*\tBill left the.\n")
+    write(g / "mrpc/dev.tsv", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t5\t6\tRain .\tIt rains .\n")
+    write(g / "qnli/dev.tsv", "index\tquestion\tsentence\tlabel\n0\tWho won?\tBob won.\tentailment\n")
+    write(g / "rte/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\tDana died.\tDana is alive.\tnot_entailment\n")
+    expect = {
+        "sst2": ("good fun\nQuestion: Is this sentence positive or negative?\nAnswer:", [" negative", " positive"], 1),
+        "cola": ("Bill left the.\nQuestion: Does this sentence make sense?\nAnswer:", [" no", " yes"], 0),
+        "mrpc": ("Sentence 1: Rain .\nSentence 2: It rains .\nQuestion: Do both sentences mean the same thing?\n"
+                 "Answer:", [" no", " yes"], 1),
+        "qnli": ("Who won?\nBob won.\nQuestion: Does this response answer the question?\nAnswer:", [" yes", " no"], 0),
+        "rte": ("Dana died.\nQuestion: Dana is alive. True or False?\nAnswer:", [" True", " False"], 1),
+    }
+    for task, (prompt, options, gold) in expect.items():
+        (ex,) = T.read_task(task, tmp_path, fmt="cloze")["test"]
+        assert (ex["prompt"], ex["options"], ex["gold"], ex["answer"]) == (prompt, options, gold, options[gold]), task
+        assert check_example(ex) is None
+
+
+def test_commonsense_cloze_prompts_are_the_harness_templates(tmp_path):
+    """Commonsense cloze: PIQA "Question: goal\\nAnswer:" + solutions; SIQA "Q: context question\\nA:" + answers;
+    BoolQ passage/question + no/yes; ARC "Question: ...\\nAnswer:" + choice texts; OpenBookQA the bare stem;
+    WinoGrande partial scoring (two contexts, one continuation)."""
+    d = tmp_path / "commonsense"
+    write(d / "piqa/valid.jsonl", jsonl([{"goal": "Open a jar", "sol1": "Twist the lid", "sol2": "Eat the lid"}]))
+    write(d / "piqa/valid-labels.lst", "0\n")
+    write(d / "siqa/dev.jsonl", jsonl([{"context": "Tracy stayed.", "question": "Why?", "answerA": "x",
+                                        "answerB": "y", "answerC": "z"}]))
+    write(d / "siqa/dev-labels.lst", "3\n")
+    write(d / "boolq/dev.jsonl", jsonl([{"question": "is the sky blue", "passage": "The sky is blue.",
+                                         "answer": True}] * 10))
+    write(d / "arc_easy/ai2_arc-test.jsonl", jsonl([{"question": "Which is a metal?", "choices": {
+        "text": ["wood", "iron"], "label": ["A", "B"]}, "answerKey": "B"}]))
+    write(d / "openbookqa/openbookqa-test.jsonl", jsonl([{"question_stem": "The sun is", "choices": {
+        "text": ["cold", "hot"], "label": ["A", "B"]}, "answerKey": "B"}]))
+    write(d / "winogrande/dev.jsonl", jsonl([{"sentence": "The trophy didn't fit because _ was big.",
+                                              "option1": "the trophy", "option2": "the case", "answer": "1"}]))
+    ex = T.read_task("piqa", tmp_path, fmt="cloze")["test"][0]
+    assert ex == {"task": "piqa", "prompt": "Question: Open a jar\nAnswer:", "answer": " Twist the lid",
+                  "options": [" Twist the lid", " Eat the lid"], "gold": 0}
+    ex = T.read_task("siqa", tmp_path, fmt="cloze")["test"][0]
+    assert ex["prompt"] == "Q: Tracy stayed. Why?\nA:" and ex["options"] == [" x", " y", " z"] and ex["gold"] == 2
+    ex = T.read_task("boolq", tmp_path, fmt="cloze")["train"][0]
+    assert ex["prompt"] == "The sky is blue.\nQuestion: is the sky blue?\nAnswer:" and ex["answer"] == " yes"
+    assert ex["options"] == [" no", " yes"]
+    ex = T.read_task("arc-easy", tmp_path, fmt="cloze")["test"][0]
+    assert ex["prompt"] == "Question: Which is a metal?\nAnswer:" and ex["options"] == [" wood", " iron"]
+    assert ex["gold"] == 1
+    ex = T.read_task("openbookqa", tmp_path, fmt="cloze")["test"][0]
+    assert ex["prompt"] == "The sun is" and ex["answer"] == " hot"
+    ex = T.read_task("winogrande", tmp_path, fmt="cloze")["test"][0]
+    assert ex["contexts"] == ["The trophy didn't fit because the trophy", "The trophy didn't fit because the case"]
+    assert ex["answer"] == " was big." and ex["gold"] == 0 and ex["prompt"] == ex["contexts"][0]
+    assert check_example(ex) is None and "options" not in ex
+    with pytest.raises(ValueError, match="label format only"):
+        T.read_task("web_of_lies", tmp_path, fmt="cloze")
+
+
+def test_check_example_gold_and_contexts():
+    """`gold` must index the answer among the options (or the prompt among the contexts); contexts need gold."""
+    base = {"task": "t", "prompt": "p", "answer": " b", "options": [" a", " b"]}
+    assert check_example({**base, "gold": 1}) is None
+    assert "does not point" in check_example({**base, "gold": 0})
+    assert "index" in check_example({**base, "gold": 2})
+    part = {"task": "t", "prompt": "c2", "answer": " rest", "contexts": ["c1", "c2"]}
+    assert "needs 'gold'" in check_example(part)
+    assert check_example({**part, "gold": 1}) is None and "does not point" in check_example({**part, "gold": 0})
+    assert "not both" in check_example({**part, "gold": 1, "options": [" a", " b"]})
+
+
+def test_gsm8k_parse_and_final_number():
+    """GSM8K: calculator annotations removed, the '#### N' line kept; extraction compares final numbers (after the
+    last '####', else the last number of the text)."""
+    from nanoalign.data import final_number
+    ex = T.parse_gsm8k({"question": "How many? ", "answer": "2 + 3 = <<2+3=5>>5 apples.\n#### 5"})
+    assert ex["answer"] == " 2 + 3 = 5 apples.\n#### 5" and ex["prompt"].endswith("Question: How many?\nAnswer:")
+    assert T.parse_gsm8k({"question": "q", "answer": "#### 1"}, fmt="cloze")["prompt"] == "Question: q\nAnswer:"
+    with pytest.raises(ValueError, match="####"):
+        T.parse_gsm8k({"question": "q", "answer": "five"})
+    assert final_number("so 4 + 1 = 5\n#### 5") == 5 and final_number("so 4 + 1 = 1,005 in total.") == 1005
+    assert final_number("no number") is None
+    gold = ex["answer"]
+    assert extract_answer(" 2 + 3 = 5.\n#### 5", gold) and extract_answer(" first 2, then 5 apples", gold)
+    assert not extract_answer(" 5 apples, not 6", gold) and not extract_answer(" #### 6", gold)
+
+
+def test_load_tasks_cloze_format_and_index(tmp_path):
+    """load_tasks(fmt="cloze") reads <suite>/cloze/<task>-<split>.jsonl; every example carries its position in the
+    split; max_per_task 0 keeps the whole split in file order; label-only suites refuse the cloze format."""
+    rows = [{"task": "piqa", "prompt": f"Question: g{i}\nAnswer:", "answer": " a", "options": [" a", " b"],
+             "gold": 0} for i in range(5)]
+    write(tmp_path / "commonsense/cloze/piqa-test.jsonl", jsonl(rows))
+    got = load_tasks("piqa", "test", data_dir=tmp_path, fmt="cloze", max_per_task=0)["piqa"]
+    assert [ex["index"] for ex in got] == list(range(5)) and got[3]["prompt"] == "Question: g3\nAnswer:"
+    sub = load_tasks("piqa", "test", data_dir=tmp_path, fmt="cloze", max_per_task=3, seed=1)["piqa"]
+    assert len(sub) == 3 and all(got[ex["index"]]["prompt"] == ex["prompt"] for ex in sub)
+    assert [ex["index"] for ex in sub] == sorted(ex["index"] for ex in sub)
+    with pytest.raises(FileNotFoundError, match="piqa-test.jsonl not found"):
+        load_tasks("piqa", "test", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="label format only"):
+        load_tasks("builtin", "test", fmt="cloze")
+
+
+def test_prepare_writes_both_formats_with_the_same_rows(tmp_path):
+    """prepare.py writes the label and the cloze file of a task, row for row the same examples."""
+    src = tmp_path / "src"
+    piqa = [{"goal": f"g{i}", "sol1": f"a{i}", "sol2": f"b{i}"} for i in range(4)]
+    write(src / "commonsense/piqa/train.jsonl", jsonl(piqa))
+    write(src / "commonsense/piqa/train-labels.lst", "0\n1\n1\n0\n")
+    write(src / "commonsense/piqa/valid.jsonl", jsonl(piqa[:2]))
+    write(src / "commonsense/piqa/valid-labels.lst", "1\n0\n")
+    subprocess.run([sys.executable, str(REPO / "data/prepare.py"), "commonsense", "--source", str(src), "--tasks",
+                    "piqa", "--out", str(tmp_path / "out")], check=True, capture_output=True)
+    label = read_jsonl(tmp_path / "out/commonsense/piqa-train.jsonl")
+    cloze = read_jsonl(tmp_path / "out/commonsense/cloze/piqa-train.jsonl")
+    assert [ex["answer"] for ex in label] == [" solution1", " solution2", " solution2", " solution1"]
+    assert [ex["answer"] for ex in cloze] == [" a0", " b1", " b2", " a3"]
+    assert [ex["gold"] for ex in read_jsonl(tmp_path / "out/commonsense/cloze/piqa-test.jsonl")] == [1, 0]

@@ -22,7 +22,8 @@ from conftest import JSONL_TASKS, make_jsonl  # noqa: E402
 import nanoalign  # noqa: E402
 from nanoalign.adapters import apply_adapter, save_adapter  # noqa: E402
 from nanoalign.data import extract_answer  # noqa: E402
-from nanoalign.evaluate import evaluate, generate_texts, markdown_table, option_logprobs  # noqa: E402
+from nanoalign.evaluate import (accuracies, choice_logprobs, diagnostics_table, encode_pair, evaluate,  # noqa: E402
+                                generate_texts, markdown_table, option_logprobs, summarise)
 
 eval_py = importlib.import_module("eval")  # the script (a module named `eval` shadows nothing once imported so)
 
@@ -86,7 +87,7 @@ def test_loglik_accuracy_counts_the_argmax_option(model_tok):
         s = [direct_logprob(model, tok, ex["prompt"], o) for o in ex["options"]]
         best = max(range(len(s)), key=s.__getitem__)
         examples.append({**ex, "answer": ex["options"][best if i % 2 == 0 else (best + 1) % len(s)]})
-    acc = evaluate(model, tok, {"t1": examples[:2], "t2": examples[2:]}, mode="loglik", batch_size=2)
+    acc = accuracies(evaluate(model, tok, {"t1": examples[:2], "t2": examples[2:]}, mode="loglik", batch_size=2))
     assert acc == {"t1": 0.5, "t2": 0.5}
 
 
@@ -110,8 +111,9 @@ def test_generation_equals_transformers_generate_and_extract_answer(tiny, model_
     expected = [extract_answer(t, g) for t, g in zip(ref, golds)]
     assert any(expected) and not all(expected)
     examples = [{"task": "t", "prompt": p, "answer": " " + g} for p, g in zip(prompts, golds)]
-    acc = evaluate(model, tok, {"t": examples}, mode="generate", batch_size=3, max_new_tokens=6)
-    assert acc["t"] == pytest.approx(sum(expected) / len(expected))
+    res = evaluate(model, tok, {"t": examples}, mode="generate", batch_size=3, max_new_tokens=6)
+    assert res["t"]["accuracy"] == pytest.approx(sum(expected) / len(expected))
+    assert [r["correct"] for r in res["t"]["records"]] == expected and [r["text"] for r in res["t"]["records"]] == ref
 
 
 def test_mtl_adapter_gets_its_task_ids(model_tok, tiny):
@@ -160,12 +162,12 @@ def test_eval_py_with_adapter_merged_and_unmerged(tiny, model_tok, tmp_path, cap
                         "--batch-size", "4"])
     out = capsys.readouterr().out
     assert res["adapter"] == "lora (merged)" and res["model"] == str(tiny)
-    assert "| **average** |" in out and f"| {JSONL_TASKS[0]} |" in out
-    saved = json.loads((tmp_path / "run" / "adapter" / "results.json").read_text())
+    assert "| **average** |" in out and f"| {JSONL_TASKS[0]}" in out and "majority" in out
+    saved = json.loads((tmp_path / "run" / "eval" / "test-test-label-loglik-n500.json").read_text())
     assert saved["accuracy"] == res["accuracy"]
     from nanoalign.data import load_tasks
-    tasks = load_tasks(str(data), "test", max_per_task=200, seed=1337)
-    assert evaluate(model, tok, tasks, mode="loglik") == res["accuracy"]
+    tasks = load_tasks(str(data), "test", max_per_task=500, seed=1337)
+    assert accuracies(evaluate(model, tok, tasks, mode="loglik")) == res["accuracy"]
     merged = nanoalign.load_model(tiny)
     from nanoalign.adapters import load_adapter, merge_adapters
     merge_adapters(load_adapter(merged, tmp_path / "run" / "adapter"))
@@ -182,6 +184,7 @@ def test_eval_py_base_model_generate(tiny, tmp_path, capsys):
     data = make_jsonl(tmp_path / "test.jsonl", n=3, split="test")
     res = eval_py.main(["--model", str(tiny), "--data", str(data), "--max-new-tokens", "3",
                         "--out", str(tmp_path / "res.json")])
+    assert (tmp_path / "res.predictions.jsonl").is_file()
     saved = json.loads((tmp_path / "res.json").read_text())
     assert saved["accuracy"] == res["accuracy"] and sorted(saved["accuracy"]) == sorted(saved["examples"])
     assert saved["average"] == pytest.approx(sum(res["accuracy"].values()) / 3)
@@ -208,3 +211,125 @@ def test_eval_py_bad_inputs(tiny, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cloze scoring (lm-evaluation-harness convention), diagnostics, per-example records
+
+CLOZE = [  # cloze-format examples: one context + option texts, a context with a trailing space, partial scoring
+    {"task": "c1", "prompt": "Question: Which is blue?\nAnswer:", "answer": " the sky", "gold": 0,
+     "options": [" the sky", " a lemon that is yellow"]},
+    {"task": "c1", "prompt": "The number after 12 is ", "answer": "13", "gold": 0, "options": ["13", "fourteen"]},
+    {"task": "c2", "prompt": "Ben saw a fox because Ben", "answer": " was near the river.", "gold": 0,
+     "contexts": ["Ben saw a fox because Ben", "Ben saw a fox because the fox"]},
+]
+
+
+def harness_pair(tok, context, continuation):
+    """lm-evaluation-harness's `_encode_pair`, written out independently: trailing context spaces move to the
+    continuation; the continuation is whole[len(encode(context)):]."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tok.encode(context + continuation)
+    return whole[:len(tok.encode(context))], whole[len(tok.encode(context)):]
+
+
+def test_cloze_scores_match_transformers_with_harness_tokenisation(tiny, model_tok):
+    """choice_logprobs(joint=True), batched and left-padded, equals transformers' LlamaForCausalLM run on each
+    (context, continuation) pair alone, tokenised as the harness does, summed over the continuation tokens (1e-4);
+    WinoGrande-style partial scoring scores the one continuation after each context."""
+    transformers = pytest.importorskip("transformers")
+    model, tok = model_tok
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny).eval()
+    scores, lengths = choice_logprobs(model, tok, CLOZE, batch_size=3, joint=True)
+    pairs = [[(ex["prompt"], o) for o in ex["options"]] if "options" in ex else
+             [(c, ex["answer"]) for c in ex["contexts"]] for ex in CLOZE]
+    for ex_pairs, s, n in zip(pairs, scores, lengths):
+        ref, ref_n = [], []
+        for context, continuation in ex_pairs:
+            ctx, cont = harness_pair(tok, context, continuation)
+            with torch.no_grad():
+                logp = hf(torch.tensor([ctx + cont])).logits.float().log_softmax(-1)[0]
+            ref.append(sum(logp[len(ctx) - 1 + k, t].item() for k, t in enumerate(cont)))
+            ref_n.append(len(cont))
+        assert s == pytest.approx(ref, abs=1e-4) and n == ref_n
+    assert encode_pair(tok, "is ", "13", joint=True)[1] == tok.encode(" 13")  # the space moved to the continuation
+
+
+def test_cloze_batches_equal_single_rows(model_tok):
+    """Left-padded batches of mixed examples give the same scores as one row per forward (relative 1e-6)."""
+    model, tok = model_tok
+    batched = choice_logprobs(model, tok, CLOZE + EXAMPLES, batch_size=16, joint=True)[0]
+    single = choice_logprobs(model, tok, CLOZE + EXAMPLES, batch_size=1, joint=True)[0]
+    assert [x for r in batched for x in r] == pytest.approx([x for r in single for x in r], rel=1e-6)
+
+
+def test_cloze_acc_and_acc_norm_follow_the_harness(model_tok):
+    """evaluate(mode="cloze"): acc = argmax of the summed log-probs, acc_norm = argmax of the sums divided by the
+    choice's characters (the option text without the joining space; the contexts for partial scoring)."""
+    model, tok = model_tok
+    scores, _ = choice_logprobs(model, tok, CLOZE, joint=True)
+    res = evaluate(model, tok, {"c1": CLOZE[:2], "c2": CLOZE[2:]}, mode="cloze")
+    records = res["c1"]["records"] + res["c2"]["records"]
+    for ex, s, r in zip(CLOZE, scores, records):
+        chars = [len(o) - o.startswith(" ") for o in ex["options"]] if "options" in ex else \
+            [len(c) for c in ex["contexts"]]
+        best = max(range(len(s)), key=s.__getitem__)
+        best_norm = max(range(len(s)), key=lambda i: s[i] / chars[i])
+        assert r["correct"] == (best == ex["gold"]) and r["correct_norm"] == (best_norm == ex["gold"])
+        assert r["scores"] == pytest.approx(s, rel=1e-5)
+    assert res["c1"]["acc_norm"] == sum(r["correct_norm"] for r in res["c1"]["records"]) / 2
+    assert res["c1"]["mode"] == "cloze" and [r["index"] for r in records] == [None] * 3
+
+
+def test_summarise_histograms_majority_and_collapse():
+    """Per task: accuracy, binomial SE sqrt(p(1-p)/n), majority-class rate of the gold labels, predicted-label
+    histogram; 'collapsed' only when one prediction covers MORE than 90% of the examples."""
+    gold = ["pos"] * 6 + ["neg"] * 4
+    nine = [{"gold": g, "pred": "pos" if i < 9 else "neg", "correct": g == ("pos" if i < 9 else "neg")}
+            for i, g in enumerate(gold)]
+    s = summarise(nine)
+    assert s["accuracy"] == 0.7 and s["se"] == pytest.approx((0.7 * 0.3 / 10) ** 0.5)
+    assert s["majority_rate"] == 0.6 and s["majority_label"] == "pos" and s["predicted"] == {"pos": 9, "neg": 1}
+    assert s["top_share"] == 0.9 and not s["collapsed"]
+    every = summarise([{"gold": g, "pred": "pos", "correct": g == "pos"} for g in gold])
+    assert every["collapsed"] and every["accuracy"] == every["majority_rate"] == 0.6
+    table = diagnostics_table({"t": every, "u": s})
+    assert "| t **collapsed** | 10 | 60.0 ± 15.5 | 60.0 | pos 100% |" in table and "collapsed (t)" in table
+    assert markdown_table({"run": {"t": every}}).count("(c)") == 2  # the cell and the footnote
+
+
+def test_label_histogram_uses_option_words_or_positions(model_tok):
+    """The histogram names predictions by their option text when every example has the same options (label
+    format), by position when options differ (cloze); generate mode names the option the answer matched."""
+    model, tok = model_tok
+    same = [{**EXAMPLES[0], "index": 0}, {**EXAMPLES[0], "answer": " green", "index": 1}]
+    res = evaluate(model, tok, {"t": same}, mode="loglik")["t"]
+    assert set(res["predicted"]) <= {"blue", "green"} and res["gold"] == {"blue": 1, "green": 1}
+    assert res["majority_rate"] == 0.5 and [r["index"] for r in res["records"]] == [0, 1]
+    res = evaluate(model, tok, {"c1": CLOZE[:2]}, mode="cloze")["c1"]
+    assert set(res["predicted"]) <= {"1", "2"} and res["gold"] == {"1": 2}
+
+
+def test_eval_py_diagnostics_predictions_and_no_silent_overwrite(tiny, tmp_path, capsys, monkeypatch):
+    """eval.py without --out writes under out/eval/<model>/ (not the working directory), with the per-task
+    diagnostics and one record per example (index = position in the file with --max-per-task 0); running the same
+    evaluation again is an error until --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    data = make_jsonl(tmp_path / "test.jsonl", n=4, split="test")
+    args = ["--model", str(tiny), "--data", str(data), "--mode", "loglik", "--max-per-task", "0"]
+    res = eval_py.main(args)
+    out = tmp_path / "out" / "eval" / tiny.name / "test-test-label-loglik-nall.json"
+    saved = json.loads(out.read_text())
+    assert saved["accuracy"] == res["accuracy"] and not list(tmp_path.glob("*.json"))
+    diag = saved["tasks"][JSONL_TASKS[0]]
+    assert {"n", "se", "majority_rate", "predicted", "collapsed"} <= set(diag) and diag["n"] == 4
+    records = [json.loads(line) for line in out.with_name(out.stem + ".predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and [r["index"] for r in records[:4]] == [0, 1, 2, 3]
+    assert {"task", "index", "gold", "pred", "scores"} <= set(records[0])
+    assert "majority (%)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        eval_py.main(args)
+    assert "exists (an earlier evaluation); pass --overwrite" in capsys.readouterr().err
+    assert eval_py.main(args + ["--overwrite"])["accuracy"] == res["accuracy"]

@@ -101,12 +101,35 @@ def test_resume_gives_bitwise_identical_losses(tiny, data, tmp_path):
 
 def test_grad_checkpointing_gives_the_same_run(tiny, data, tmp_path):
     """--grad-ckpt recomputes each block in the backward (dropout masks replayed): 3 steps give the same losses and
-    gradient norms as without it, up to float round-off, so the alignment-loss gradient survives checkpointing."""
-    run(*argv(tiny, tmp_path / "a", data[0], "--max-steps", 3))
+    gradient norms as without it (one padded block per micro-batch, as checkpointing uses), up to float round-off,
+    so the alignment-loss gradient survives checkpointing."""
+    run(*argv(tiny, tmp_path / "a", data[0], "--max-steps", 3, "--length-groups", 1))
     run(*argv(tiny, tmp_path / "b", data[0], "--max-steps", 3, "--grad-ckpt"))
     for ra, rb in zip(read_log(tmp_path / "a"), read_log(tmp_path / "b"), strict=True):
         for k in ("ce", "align", "grad_norm"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7)
+
+
+def test_length_groups_give_the_loss_of_the_whole_micro_batch(tiny, data, tmp_path):
+    """Rows run in length groups (one forward each, --length-groups 4) give the same CE, alignment loss and gradient
+    norm as one padded block (--length-groups 1) when dropout is off: the CE is over all answer tokens of the
+    micro-batch and the alignment loss sees all rows together."""
+    common = ("--max-steps", 3, "--dropout", 0, "--batch-per-task", 3)
+    run(*argv(tiny, tmp_path / "a", data[0], *common, "--length-groups", 1))
+    run(*argv(tiny, tmp_path / "b", data[0], *common, "--length-groups", 4))
+    for ra, rb in zip(read_log(tmp_path / "a"), read_log(tmp_path / "b"), strict=True):
+        for k in ("ce", "align", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7)
+
+
+def test_length_groups_split():
+    """Length-sorted rows in k equal groups, k chosen to minimise padded tokens + 16 per extra forward: uniform
+    lengths stay one group, a long tail gets its own group, every row appears once."""
+    assert train_py.length_groups([10] * 6) == [list(range(6))]
+    groups = train_py.length_groups([40, 300, 41, 42, 290, 43], max_groups=4)
+    assert sorted(i for g in groups for i in g) == list(range(6)) and len(groups) > 1
+    assert {1, 4} in [set(g) for g in groups]
+    assert train_py.length_groups([40, 300, 41], max_groups=1) == [[0, 1, 2]]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, data, tmp_path, capsys):

@@ -190,10 +190,10 @@ def eval_tasks(data, data_dir, n, names):
 def accuracy(model, tok, tasks, names, autocast):
     """Per-task accuracy by option log-likelihood (nanoalign.evaluate, tests/test_eval.py), plus the unweighted
     average as the paper reports it, in %."""
-    from nanoalign.evaluate import evaluate
+    from nanoalign.evaluate import accuracies, evaluate
     with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
                         enabled=autocast == "bf16"):
-        acc = evaluate(model, tok, tasks, mode="loglik", task_ids={t: i for i, t in enumerate(names)})
+        acc = accuracies(evaluate(model, tok, tasks, mode="loglik", task_ids={t: i for i, t in enumerate(names)}))
     acc = {t: 100 * a for t, a in acc.items()}
     return {**acc, "average": sum(acc.values()) / len(acc)}
 

@@ -1,0 +1,330 @@
+"""Cached, resumable grids of training runs: methods × seeds, one training budget, one task suite, one test set.
+
+A grid is a `Suite` (model, tasks, prompt format, training budget, test set, scoring) and a set of methods
+({label: train.py options}), run for a list of seeds. Seeds change the adapter init, the dropout masks and the data
+order only: the training pool and the test set are the same for every seed and every method, so two methods can
+be compared seed by seed and example by example (nanoalign.stats).
+
+Every run is one call of train.py's loop (`train.train`, no evaluation inside), then one evaluation of the trained
+adapter on the grid's test set (merged where the adapter is mergeable, so at base-model speed) and the analyses the
+grid asks for (inter-head similarity, ΔW spectra, the A-output separation probe). Its result — config, commit,
+machine, wall time, per-task diagnostics (accuracy, SE, majority rate, prediction histogram, collapse flag),
+per-example predictions, a training-curve summary, the analyses — is one JSON file named by a hash of everything
+that determines it (the train.py options, the suite, the data's contents), written atomically:
+
+    experiments/results/runs/<key>.json
+
+so a grid killed at any point continues where it stopped, in another process or session (a run killed during
+training resumes from its last checkpoint in experiments/work/<key>/, bitwise on CPU); a run shared by two grids
+(the same method, seed and suite) is trained once; and a finished grid re-renders its tables without training.
+The untrained base model is evaluated once per suite the same way.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `import train` and `import nanoalign` from a plain checkout
+
+import torch  # noqa: E402
+
+import nanoalign  # noqa: E402
+import train  # noqa: E402
+from nanoalign.adapters import count_trainable, load_adapter, merge_adapters  # noqa: E402
+from nanoalign.analysis import delta_weight_spectrum, effective_rank, head_cosine_similarity, separation_probe  # noqa
+from nanoalign.data import load_tasks  # noqa: E402
+from nanoalign.evaluate import evaluate, without_records  # noqa: E402
+
+# where results and the runs' checkpoints/adapters go; the variables let a grid run from another checkout (a git
+# worktree at a fixed commit, so that edits here do not change a running grid) write into this one
+RESULTS = Path(os.environ.get("NANOALIGN_RESULTS", ROOT / "experiments" / "results"))
+WORK = Path(os.environ.get("NANOALIGN_WORK", ROOT / "experiments" / "work"))  # git-ignored
+DATA_DIR = os.environ.get("NANOALIGN_DATA_DIR", str(ROOT / "data"))  # prepared JSONL (data/prepare.py)
+FORMAT_VERSION = 1  # bump when a result's meaning changes (it is part of every key)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What every run of a grid shares: model, tasks, prompt format, training budget, test set and scoring."""
+    tasks: tuple
+    model: str = "smollm2-135m"
+    fmt: str = "label"               # prompt format (nanoalign.tasks.FORMATS)
+    steps: int = 200
+    batch_per_task: int = 2          # examples of every task per step
+    lr: float = 1e-3
+    warmup: int = 20
+    seq_len: int = 256
+    train_pool: int = 0              # training examples per task (0: the whole prepared split)
+    test_per_task: int = 500         # 0: the whole test split
+    mode: str = "loglik"             # scoring (nanoalign.evaluate.MODES); cloze format -> "cloze"
+    data_dir: str = DATA_DIR
+    probe_examples: int = 16         # held-out examples per task for the separation probe
+
+    def describe(self):
+        d = dataclasses.asdict(self)
+        d.pop("data_dir")
+        return d
+
+
+@dataclass
+class Method:
+    """One row of a grid: train.py options (adapter, rank, heads, adapter_options, align_lambda, ...) and the
+    analyses to run on the trained adapter ("heads", "spectrum", "probe")."""
+    options: dict
+    analyses: tuple = ()
+
+
+def train_config(suite: Suite, options: dict, seed: int, out: Path) -> "train.TrainConfig":
+    """train.py's TrainConfig of one run: the suite's budget, the method's options, the seed."""
+    cfg = train.TrainConfig(model=suite.model, data=",".join(suite.tasks), format=suite.fmt,
+                            data_dir=suite.data_dir, max_per_task=suite.train_pool, max_steps=suite.steps,
+                            batch_per_task=suite.batch_per_task, lr=suite.lr, warmup=suite.warmup,
+                            seq_len=suite.seq_len, seed=seed, eval_max=0, out=str(out), log_every=25,
+                            ckpt_every=25)
+    for k, v in options.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown train.py option {k!r} in a grid method")
+        setattr(cfg, k, v)
+    return cfg
+
+
+# train.py options that do not change what a run computes (where it writes, how often it logs or saves)
+NOT_IN_KEY = {"out", "run_name", "resume", "log_every", "ckpt_every", "stop_at", "eval_every", "eval_max", "eval_mode",
+              "eval_tokens", "eval_data", "data_dir", "device", "compile"}
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class Data:
+    """The suite's training pool and test set, loaded once, with content fingerprints for the run keys."""
+
+    def __init__(self, suite: Suite):
+        self.test = load_tasks(",".join(suite.tasks), "test", data_dir=suite.data_dir,
+                               max_per_task=suite.test_per_task or None, seed=0, fmt=suite.fmt)
+        train_pool = load_tasks(",".join(suite.tasks), "train", data_dir=suite.data_dir,
+                                max_per_task=suite.train_pool or None, seed=0, fmt=suite.fmt)
+        self.test_fp = fingerprint(self.test)
+        self.train_fp = fingerprint(train_pool)
+        self.train_sizes = {t: len(v) for t, v in train_pool.items()}
+
+
+def run_key(cfg, suite: Suite, data: Data) -> str:
+    what = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY}
+    return fingerprint({"v": FORMAT_VERSION, "train": what, "test": data.test_fp, "train_data": data.train_fp,
+                        "mode": suite.mode, "probe": suite.probe_examples})[:16]
+
+
+def base_key(suite: Suite, data: Data) -> str:
+    return fingerprint({"v": FORMAT_VERSION, "base": suite.model, "test": data.test_fp, "mode": suite.mode})[:16]
+
+
+def machine() -> dict:
+    """Where and when a number was measured (timings on a shared machine need this next to them)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"commit": commit, "dirty": dirty, "host": platform.node(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average_1min": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def write_json(path: Path, obj):
+    """Atomic: a temp file in the same directory, fsynced, then renamed over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=1, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def compact_predictions(results):
+    """Per task, the per-example records as columns (index, gold, pred, correct, scores rounded to 4 decimals)."""
+    out = {}
+    for t, r in results.items():
+        recs = r["records"]
+        out[t] = {"index": [x["index"] for x in recs], "gold": [x["gold"] for x in recs],
+                  "pred": [x["pred"] for x in recs], "correct": [int(x["correct"]) for x in recs]}
+        if recs and "scores" in recs[0]:
+            out[t]["scores"] = [[round(v, 4) for v in x["scores"]] for x in recs]
+        if recs and "correct_norm" in recs[0]:
+            out[t]["correct_norm"] = [int(x["correct_norm"]) for x in recs]
+    return out
+
+
+def curve_summary(log_path: Path, every=10):
+    """The training curve in a few numbers: mean CE of the first/last 5 steps, CE every `every` steps (mean over
+    that window), the alignment loss of the last 5 steps, median step time."""
+    recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if "ce" in r]
+    ce = [r["ce"] for r in recs]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    ms = sorted(r["ms"] for r in recs)
+    return {"steps": len(recs), "ce_first5": mean(ce[:5]), "ce_last5": mean(ce[-5:]),
+            "ce_every": [mean(ce[i:i + every]) for i in range(0, len(ce), every)],
+            "align_last5": mean([r["align"] for r in recs[-5:]]), "step_ms_median": ms[len(ms) // 2] if ms else None}
+
+
+def analyse(model, tok, names, data: Data, suite: Suite, analyses):
+    """The grid's analyses of a trained (unmerged) adapter."""
+    out = {}
+    if "heads" in analyses:
+        sims = head_cosine_similarity(model)
+        by_type = {}
+        for (layer, kind), v in sims.items():
+            by_type.setdefault(kind, []).append(v)
+        out["head_cosine"] = {k: sum(v) / len(v) for k, v in by_type.items()}
+        out["head_cosine_mean"] = sum(sims.values()) / len(sims) if sims else None
+        out["head_cosine_per_layer"] = {f"{layer}.{kind}": v for (layer, kind), v in sorted(sims.items())}
+    if "spectrum" in analyses:
+        ranks = [effective_rank(s) for s in delta_weight_spectrum(model).values()]
+        out["effective_rank_mean"] = sum(ranks) / len(ranks)
+    if "probe" in analyses:
+        out["probe"] = separation_probe(model, tok, data.test, n=suite.probe_examples)
+    return out
+
+
+class Grid:
+    """Runs (or reads back) methods × seeds on one suite. `run()` trains what is missing; `results()` reads the
+    cache only. The base model's evaluation is part of every grid."""
+
+    def __init__(self, name, suite: Suite, methods: dict, seeds, results_dir=RESULTS, work_dir=WORK):
+        self.name, self.suite, self.methods, self.seeds = name, suite, methods, list(seeds)
+        self.runs_dir, self.work_dir = Path(results_dir) / "runs", Path(work_dir)
+        self._data, self._base_model, self._tok = None, None, None
+
+    @property
+    def data(self) -> Data:
+        if self._data is None:
+            self._data = Data(self.suite)
+        return self._data
+
+    def key(self, label, seed):
+        return run_key(train_config(self.suite, self.methods[label].options, seed, self.work_dir), self.suite,
+                       self.data)
+
+    def path(self, label, seed):
+        return self.runs_dir / f"{self.key(label, seed)}.json"
+
+    def base_path(self):
+        return self.runs_dir / f"base-{base_key(self.suite, self.data)}.json"
+
+    def cached(self, label, seed):
+        p = self.path(label, seed)
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def results(self):
+        """{label: [result of each seed that finished]} plus "base" (None where not run yet)."""
+        out = {label: [r for s in self.seeds if (r := self.cached(label, s)) is not None] for label in self.methods}
+        base = self.base_path()
+        out["base"] = json.loads(base.read_text()) if base.exists() else None
+        return out
+
+    def missing(self):
+        return [(label, s) for s in self.seeds for label in self.methods if not self.path(label, s).exists()]
+
+    # ------------------------------------------------------------------------------------------------ running
+
+    def base_model(self):
+        if self._base_model is None:
+            self._base_model = nanoalign.load_model(self.suite.model).eval()
+            self._tok = nanoalign.load_tokenizer(self.suite.model)
+        return self._base_model, self._tok
+
+    def evaluate(self, model, names):
+        t0 = time.perf_counter()
+        res = evaluate(model, self._tok, self.data.test, mode=self.suite.mode, task_ids={t: i for i, t in
+                                                                                        enumerate(names)})
+        return res, time.perf_counter() - t0
+
+    def run_base(self):
+        if self.base_path().exists():
+            return json.loads(self.base_path().read_text())
+        model, _ = self.base_model()
+        t0 = time.perf_counter()
+        res, eval_s = self.evaluate(model, sorted(self.suite.tasks))
+        out = {"label": "base", "key": base_key(self.suite, self.data), "suite": self.suite.describe(),
+               "machine": machine(), "eval_s": round(eval_s, 1), "wall_s": round(time.perf_counter() - t0, 1),
+               "tasks": without_records(res), "average": sum(r["accuracy"] for r in res.values()) / len(res),
+               "predictions": compact_predictions(res)}
+        write_json(self.base_path(), out)
+        print(f"[{self.name}] base: average {100 * out['average']:.1f}% in {out['wall_s']:.0f} s", flush=True)
+        return out
+
+    def run_one(self, label, seed):
+        method = self.methods[label]
+        key = self.key(label, seed)
+        cfg = train_config(self.suite, method.options, seed, self.work_dir)
+        cfg.run_name = key
+        run_dir = self.work_dir / key
+        has_ckpt = any((run_dir / d / "state.json").exists() for d in ("checkpoint", "checkpoint.old"))
+        if run_dir.exists() and not has_ckpt:
+            shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to resume
+        cfg.resume = has_ckpt
+        t0 = time.perf_counter()
+        trained = train.train(cfg)
+        if trained is None:
+            raise RuntimeError(f"run {label} seed {seed} stopped before its last step (interrupted); rerun to resume")
+        train_s = time.perf_counter() - t0
+        base, tok = self.base_model()
+        model = copy.deepcopy(base)
+        load_adapter(model, run_dir / "adapter")
+        names = sorted(self.suite.tasks)
+        analysis = analyse(model, tok, names, self.data, self.suite, method.analyses)
+        trainable = count_trainable(model)
+        try:
+            merge_adapters(model)  # mergeable adapters score at base-model speed; equal to unmerged (tests)
+            merged = True
+        except ValueError:
+            merged = False
+        res, eval_s = self.evaluate(model, names)
+        del model
+        out = {"label": label, "seed": seed, "key": key, "grid": self.name, "suite": self.suite.describe(),
+               "options": method.options, "config": dataclasses.asdict(cfg), "train_sizes": self.data.train_sizes,
+               "machine": machine(), "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
+               "wall_s": round(time.perf_counter() - t0, 1), "resumed": has_ckpt, "trainable": trainable,
+               "merged_for_eval": merged, "curve": curve_summary(run_dir / "log.jsonl"), "analysis": analysis,
+               "tasks": without_records(res), "average": sum(r["accuracy"] for r in res.values()) / len(res),
+               "predictions": compact_predictions(res)}
+        write_json(self.path(label, seed), out)
+        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # the adapter stays; optimizer state is done
+        return out
+
+    def run(self, limit=None):
+        """Train and evaluate what is missing, seed by seed (so a partial grid has every method on its first
+        seeds), printing one line per finished run with the time left at the mean time per run so far."""
+        self.run_base()
+        todo = self.missing()[:limit]
+        times = []
+        for i, (label, seed) in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            r = self.run_one(label, seed)
+            times.append(time.perf_counter() - t0)
+            left = (len(todo) - i) * sum(times) / len(times)
+            tasks = ", ".join(f"{t} {100 * v['accuracy']:.1f}{'c' if v['collapsed'] else ''}"
+                              for t, v in r["tasks"].items())
+            print(f"[{self.name} {i}/{len(todo)}] {label} seed {seed}: average {100 * r['average']:.1f}% ({tasks}); "
+                  f"{times[-1] / 60:.1f} min; ETA {left / 3600:.1f} h", flush=True)
+        return self.results()

@@ -1,0 +1,76 @@
+"""Paired statistics (nanoalign/stats.py) on synthetic cases whose answers are known in closed form."""
+
+import numpy as np
+import pytest
+
+from nanoalign.stats import binomial_se, compare, mean_se, paired_bootstrap, seed_differences, verdict
+
+
+def synthetic(seeds=5, n=400, p=0.6, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((seeds, n)) < p).astype(int)
+
+
+def test_identical_predictions_give_zero_with_zero_width():
+    """A method compared with itself: difference 0, interval [0, 0], verdict 'no difference'."""
+    a = {"t1": synthetic(), "t2": synthetic(seed=1)}
+    boot = paired_bootstrap(a, a, n_boot=500)
+    assert boot["diff"] == boot["low"] == boot["high"] == 0.0
+    assert compare(a, a, n_boot=500)["verdict"] == "no difference"
+
+
+def test_known_shift_is_recovered():
+    """B = A with 10% of A's correct answers (the same examples for every seed) turned wrong: the observed
+    difference equals the flipped share exactly, and the 95% interval covers it and excludes 0."""
+    a = synthetic(n=1000)
+    b = a.copy()
+    flip = np.flatnonzero(a[0])[:100]
+    b[:, flip] = 0
+    expected = (a.sum() - b.sum()) / a.size
+    boot = paired_bootstrap({"t": a}, {"t": b}, n_boot=2000)
+    assert boot["diff"] == pytest.approx(expected) and boot["low"] < expected < boot["high"] and boot["low"] > 0
+    assert compare({"t": a}, {"t": b}, n_boot=2000)["verdict"] == "reproduced"
+    assert compare({"t": a}, {"t": b}, expect_positive=False, n_boot=2000)["verdict"] == "contradicted"
+
+
+def test_interval_width_matches_binomial_theory():
+    """Two independent methods at 60% on N examples, 1 seed: the bootstrap SE of the paired difference is close to
+    the analytic sqrt(Var(D)/N) with D = a − b per example (within 10%)."""
+    a, b = synthetic(seeds=1, n=2000, seed=3), synthetic(seeds=1, n=2000, seed=4)
+    boot = paired_bootstrap({"t": a}, {"t": b}, n_boot=4000)
+    analytic = (a - b).std() / np.sqrt(a.size)
+    assert boot["se"] == pytest.approx(analytic, rel=0.1)
+
+
+def test_suite_average_and_seed_level_differences():
+    """The suite average is the unweighted mean over tasks (a small task weighs as much as a large one); the
+    seed-level differences are one per seed and average to the same value."""
+    a = {"small": np.ones((2, 10)), "large": np.zeros((2, 1000))}
+    b = {"small": np.zeros((2, 10)), "large": np.zeros((2, 1000))}
+    assert paired_bootstrap(a, b, n_boot=200)["diff"] == 0.5
+    assert seed_differences(a, b) == [0.5, 0.5]
+    c = compare(a, b, n_boot=200)
+    assert c["seed_mean"] == pytest.approx(50.0) and c["seed_se"] == 0.0 and c["per_task"]["small"]["diff"] == 100
+
+
+def test_seed_noise_widens_the_interval():
+    """Two seeds that disagree in sign (+20 and −20 points) give an interval that contains 0 although each seed's
+    test-set interval alone would not."""
+    a = np.array([np.r_[np.ones(60), np.zeros(40)], np.r_[np.ones(40), np.zeros(60)]])
+    b = np.array([np.r_[np.ones(40), np.zeros(60)], np.r_[np.ones(60), np.zeros(40)]])
+    boot = paired_bootstrap({"t": a}, {"t": b}, n_boot=2000)
+    assert boot["diff"] == 0 and boot["low"] < -0.05 and boot["high"] > 0.05
+
+
+def test_verdicts_and_errors():
+    """Verdict words by the interval's position; unpaired inputs are refused."""
+    assert verdict(0.01, 0.02) == "reproduced" and verdict(-0.02, -0.01) == "contradicted"
+    assert verdict(-0.01, 0.03) == "same direction, not resolved"
+    assert verdict(-0.03, 0.01) == "opposite, not resolved"
+    assert verdict(-0.03, 0.01, expect_positive=False) == "same direction, not resolved"
+    assert mean_se([1.0, 3.0]) == (2.0, 1.0) and mean_se([5.0]) == (5.0, 0.0)
+    assert binomial_se(0.5, 100) == 0.05
+    with pytest.raises(ValueError, match="same tasks"):
+        paired_bootstrap({"t": np.ones((1, 3))}, {"u": np.ones((1, 3))})
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap({"t": np.ones((2, 3))}, {"t": np.ones((1, 3))})
