@@ -163,6 +163,40 @@ def test_logits_match_transformers_gguf_loader(smollm2, gguf_file, hf_tokenizer)
     assert tok.decode([b[0, -1].argmax().item()]) == " Paris"
 
 
+def test_cloze_scoring_hand_checked_and_against_transformers(smollm2, gguf_file):
+    """Cloze scoring (evaluate.choice_logprobs, joint tokenisation) on the real model: the continuation tokens are
+    exactly the option's own tokens (also when the context ends in a space, which moves to the continuation); the
+    obvious option wins on hand-made questions; and each score equals the sum of transformers' GGUF-loaded
+    model's log-probs over the continuation, computed here one unpadded pair at a time (1e-3)."""
+    transformers = pytest.importorskip("transformers")
+    from nanoalign.evaluate import choice_logprobs, encode_pair
+    from nanoalign.model import CausalLM
+
+    tok = Tokenizer.from_dir(smollm2)
+    assert encode_pair(tok, "Question: Is fire hot?\nAnswer:", " yes", joint=True)[1] == tok.encode(" yes")
+    ctx, cont = encode_pair(tok, "The capital of France is ", "Paris", joint=True)
+    assert ctx == tok.encode("The capital of France is") and cont == tok.encode(" Paris")
+    examples = [
+        {"task": "t", "prompt": "The capital of France is", "answer": " Paris", "options": [" Paris", " a banana"],
+         "gold": 0},
+        {"task": "t", "prompt": "Question: What colour is the sky on a clear day?\nAnswer:", "answer": " blue",
+         "options": [" green", " blue"], "gold": 1},
+        {"task": "t", "prompt": "Question: How do you boil water?\nAnswer:", "answer": " Heat it in a pot on the stove.",
+         "options": [" Heat it in a pot on the stove.", " Put it in the freezer overnight."], "gold": 0},
+    ]
+    ours = CausalLM.from_pretrained(smollm2).eval()
+    scores, _ = choice_logprobs(ours, tok, examples, batch_size=4, joint=True)
+    assert [max(range(2), key=s.__getitem__) for s in scores] == [0, 1, 0]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                            dtype=torch.float32).eval()
+    for ex, s in zip(examples, scores):
+        for o, got in zip(ex["options"], s):
+            c, n = tok.encode(ex["prompt"]), tok.encode(o)
+            with torch.no_grad():
+                logp = ref(torch.tensor([c + n])).logits.float().log_softmax(-1)[0]
+            assert got == pytest.approx(sum(logp[len(c) - 1 + k, t].item() for k, t in enumerate(n)), abs=1e-3)
+
+
 def test_perplexity_on_english_paragraph(smollm2):
     """Perplexity of the (dequantised Q4_1) model on a plain English paragraph is that of a working small LM.
 
