@@ -296,8 +296,10 @@ class RLoRALinear(HydraLoRALinear):
                     A.mul_(f)
                     B.mul_(f)
             comp_B, comp_A = super().lowrank()
-        self.register_buffer("comp_A", comp_A.clone())
-        self.register_buffer("comp_B", comp_B.clone())
+        # detach: lowrank() hands back lora_A itself (.float() of fp32 is a no-op), and a clone of it would keep a
+        # graph to lora_A, so the "frozen" C would send gradient into A (at init, M-LoRA's A got exactly zero)
+        self.register_buffer("comp_A", comp_A.detach().clone())
+        self.register_buffer("comp_B", comp_B.detach().clone())
 
     def adapter_out(self, x):
         # −C x joins the heads' matmul: [u, C_A x] · [W | −C_B]^T, one [.., out] output instead of three
