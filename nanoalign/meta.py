@@ -217,8 +217,9 @@ def meta_step(model, episode, cfg: MetaConfig, loss_fn=answer_loss, scale=1.0):
     The caller zeroes the gradients, clips and steps its optimizer, as for any backward; `scale` multiplies the
     aggregated gradient (1/grad_accum when several episodes make one optimizer step). θ itself is never written.
     loss_fn(model, params, batch) -> scalar loss with the trainable tensors replaced by `params` (answer_loss).
-    Returns {"loss": mean query loss after adaptation, "support_loss": mean support loss before it (None for k = 0),
-    "tokens": real tokens that went through a forward and backward} over this rank's tasks.
+    Returns, over this rank's tasks: {"loss": mean query loss after adaptation, "support_loss": mean support loss
+    before it (None for k = 0), "tokens": real tokens that went through a forward and backward, "tokens_sq": Σ T² of
+    those rows (T: real length; train.py's attention FLOPs); second order's extra backward is not counted}.
     """
     if getattr(model, "gradient_checkpointing", False):
         raise ValueError("MeTA-LoRA cannot use gradient checkpointing: its recompute would see the shared adapter, "
@@ -228,7 +229,7 @@ def meta_step(model, episode, cfg: MetaConfig, loss_fn=answer_loss, scale=1.0):
         raise ValueError("the model has no trainable tensors: apply_adapter(model, ...) first")
     second = cfg.order == 2 and cfg.inner_steps > 0
     weight = scale / episode["num_tasks"] if cfg.agg == "mean" else scale
-    query_losses, support_losses, tokens = [], [], 0
+    query_losses, support_losses, tokens, tokens_sq = [], [], 0, 0
     # second order differentiates a backward; the fused attention kernels have no derivative of their backward
     with sdpa_kernel([SDPBackend.MATH]) if second else nullcontext():
         for item in episode["tasks"]:
@@ -244,7 +245,10 @@ def meta_step(model, episode, cfg: MetaConfig, loss_fn=answer_loss, scale=1.0):
             query_losses.append(loss.item())
             if support_loss is not None:
                 support_losses.append(support_loss)
-            tokens += cfg.inner_steps * int(item["support"]["attention_mask"].sum()) \
-                + int(item["query"]["attention_mask"].sum())
+            for part, times in (("support", cfg.inner_steps), ("query", 1)):
+                lengths = item[part]["attention_mask"].sum(1)
+                tokens += times * int(lengths.sum())
+                tokens_sq += times * int((lengths ** 2).sum())
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return {"loss": mean(query_losses), "support_loss": mean(support_losses), "tokens": tokens}
+    return {"loss": mean(query_losses), "support_loss": mean(support_losses), "tokens": tokens,
+            "tokens_sq": tokens_sq}

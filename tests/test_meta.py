@@ -121,6 +121,8 @@ def test_zero_inner_steps_is_plain_multitask_lora(tiny, pools):
     want = [p.grad.clone() for p in trainable(model)]
     assert close(got, want)
     assert abs(stats["loss"] - sum(x.item() for x in losses) / len(losses)) < 1e-12 and stats["support_loss"] is None
+    lengths = torch.cat([t["query"]["attention_mask"].sum(1) for t in ep["tasks"]])
+    assert (stats["tokens"], stats["tokens_sq"]) == (lengths.sum().item(), (lengths ** 2).sum().item())
     summed, _ = meta_grads(model, ep, MetaConfig(inner_steps=0, agg="sum"))
     assert close(summed, [3 * w for w in want])
 
@@ -141,6 +143,8 @@ def test_first_order_is_the_gradient_at_the_adapted_copy(tiny, pools, k):
     plain, _ = meta_grads(model, ep, MetaConfig(inner_steps=0))
     assert not close(got, plain, rel=1e-3)
     assert stats["support_loss"] is not None and stats["loss"] < stats["support_loss"] + 10
+    real = lambda part: sum(int(t[part]["attention_mask"].sum()) for t in ep["tasks"])  # noqa: E731
+    assert stats["tokens"] == k * real("support") + real("query")
 
 
 def test_shared_adapter_is_never_written(tiny, pools):
