@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CAPABILITIES = ("mergeable", "merges_per_task", "needs_task_ids", "has_heads", "has_router")  # AdapterLinear's
 
 
 # ----------------------------------------------------------------------------- context (task ids in, A-outputs out)
@@ -105,9 +106,23 @@ def side_by_side(B):
 
 
 class AdapterLinear(nn.Module):
-    """Frozen base linear + adapter. Subclasses define `adapter_out(x)` and `lowrank()` (ΔW = B_eff A_eff)."""
-    mergeable = True
+    """Frozen base linear + adapter. Subclasses define `adapter_out(x)` and `lowrank()` (ΔW = B_eff A_eff).
+
+    The capability attributes below say what callers may do with an adapter, so that train.py, evaluate.py and the
+    tutorials ask `adapter_capabilities(model)` instead of testing kind names. A new adapter class sets the ones that
+    differ from these defaults (and overrides `capabilities` only if an option changes one, as HydraLoRA's router).
+    """
+    mergeable = True         # eval-mode ΔW is one fixed matrix: merge_adapters / export_peft work as they are
+    merges_per_task = False  # ΔW depends on the task id, and is one fixed matrix per task: merge / export task=t
+    needs_task_ids = False   # the forward reads per-sample task ids from adapter_context(task_ids=...)
+    has_heads = False        # several up-projections, lora_B [N, out, r] (head similarity, METHODS §4.1)
+    has_router = False       # the head weights depend on the input x
     unmergeable_reason = ""
+
+    @classmethod
+    def capabilities(cls, **options) -> dict:
+        """{capability: bool} of an adapter of this class built with `options` (a kind's fixed and extra ones)."""
+        return {k: getattr(cls, k) for k in CAPABILITIES}
 
     def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0, rank_stabilized=False):
         super().__init__()
@@ -148,13 +163,28 @@ class AdapterLinear(nn.Module):
         B, A = self.lowrank(task)
         return B @ A
 
+    def merge_problem(self, task=None):
+        """Why ΔW is not one fixed matrix (None when it is): without `task` for every task, with `task` for that one."""
+        if task is None:
+            return None if self.mergeable else self.unmergeable_reason
+        if not self.merges_per_task:
+            return "task= is only for adapters whose ΔW depends on the task (mtl); this one has one ΔW, drop task="
+        return self.task_problem(task)
+
+    def peft_form(self, task=None):
+        """(B, A, lora_alpha, use_rslora) of the PEFT LoRA with this eval-mode ΔW: the exact low-rank form with s
+        folded into B (lora_alpha None: PEFT's alpha is set to the rank of the form, so its scale is 1)."""
+        B, A = self.lowrank(task)
+        return B, A, None, False
+
     @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        """A plain nn.Linear with W0 + ΔW: the same eval-mode function, without the adapter."""
-        if not self.mergeable:
-            raise ValueError(f"{type(self).__name__} cannot be merged: {self.unmergeable_reason}")
+    def merge(self, task=None) -> nn.Linear:
+        """A plain nn.Linear with W0 + ΔW (ΔW_t with `task`): the same eval-mode function, without the adapter."""
+        problem = self.merge_problem(task)
+        if problem:
+            raise ValueError(f"{type(self).__name__} cannot be merged: {problem}")
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        merged = (self.weight.float() + self.delta_weight().to(self.weight.device)).to(self.weight.dtype)
+        merged = (self.weight.float() + self.delta_weight(task).to(self.weight.device)).to(self.weight.dtype)
         lin.weight = nn.Parameter(merged, requires_grad=False)
         lin.bias = self.bias
         return lin
@@ -185,6 +215,10 @@ class LoRALinear(AdapterLinear):
     def lowrank(self, task=None):
         return self.scaling * self.lora_B.weight.float(), self.lora_A.weight.float()
 
+    def peft_form(self, task=None):
+        """A and B as they are, with PEFT's own α and rsLoRA flag: a 1:1 PEFT LoRA."""
+        return self.lora_B.weight, self.lora_A.weight, self.alpha, self.rank_stabilized
+
 
 class HydraLoRALinear(AdapterLinear):
     """HydraLoRA (METHODS §2.3): shared A, N heads B_i (zero init), dense softmax router W_r [N, in] (no bias).
@@ -196,6 +230,14 @@ class HydraLoRALinear(AdapterLinear):
     A-output: A·drop(x).
     """
     head_dropout = False  # R-LoRA moves dropout after A, one mask per head
+    has_heads = True
+    has_router, mergeable = True, False  # the defaults (router=True); __init__ sets both from `router`
+    unmergeable_reason = "its router makes ΔW depend on the input x; it needs the unmerged heads"
+
+    @classmethod
+    def capabilities(cls, **options):
+        router = bool(options.get("router", cls.has_router))  # hydra-norouter: no router, so ΔW is fixed
+        return {**super().capabilities(), "has_router": router, "mergeable": not router}
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, router=True, head_reduction="sum",
                  rank_stabilized=False):
@@ -211,8 +253,7 @@ class HydraLoRALinear(AdapterLinear):
         self.lora_router = self.new(self.heads, self.in_features) if router else None
         if router:
             kaiming_(self.lora_router.weight)
-        self.mergeable = not router
-        self.unmergeable_reason = "its router makes ΔW depend on the input x; it needs the unmerged heads"
+        self.has_router, self.mergeable = bool(router), not router
 
     def fixed_head_weights(self):
         """Head weights without input dependence: 1/N for a router (uniform), else 1 (sum) or 1/N (mean)."""
@@ -296,8 +337,10 @@ class RLoRALinear(HydraLoRALinear):
                     A.mul_(f)
                     B.mul_(f)
             comp_B, comp_A = super().lowrank()
-        self.register_buffer("comp_A", comp_A.clone())
-        self.register_buffer("comp_B", comp_B.clone())
+        # detach: lowrank() hands back lora_A itself (.float() of fp32 is a no-op), and a clone of it would keep a
+        # graph to lora_A, so the "frozen" C would send gradient into A (at init, M-LoRA's A got exactly zero)
+        self.register_buffer("comp_A", comp_A.detach().clone())
+        self.register_buffer("comp_B", comp_B.detach().clone())
 
     def adapter_out(self, x):
         # −C x joins the heads' matmul: [u, C_A x] · [W | −C_B]^T, one [.., out] output instead of three
@@ -317,6 +360,7 @@ class MLoRALinear(RLoRALinear):
 
     Mergeable: in eval mode ΔW = s·(Σ_i B_i) A − C. The paper's sum-vs-mean choice is unknown; it only rescales s.
     """
+    has_router, mergeable = False, True
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, head_reduction="sum", gamma=64.0,
                  code_faithful=False, rank_stabilized=True):
@@ -331,10 +375,12 @@ class MTLLoRALinear(AdapterLinear):
 
     A kaiming-uniform, Λ_t = I (diagonal=True: a vector of ones), B_j = 0 (`heads` of them), mixing logits
     w [T, n_B] kaiming-uniform, τ = 0.1. Task ids come from `adapter_context(model, task_ids=...)`.
-    Not mergeable (ΔW_t depends on the task). A-output: A·drop(x) (before Λ_t).
+    Mergeable per task only: ΔW_t = s·B̃_t Λ_t A is a plain rank-r LoRA for one fixed task t (`merge_adapters(model,
+    task=t)`, `export_peft(model, dir, task=t)`); there is no single merged weight. A-output: A·drop(x) (before Λ_t).
     """
-    mergeable = False
-    unmergeable_reason = "ΔW depends on the task id (ΔW_t = s·B̃_t Λ_t A); there is no single merged weight"
+    mergeable, merges_per_task, needs_task_ids, has_heads = False, True, True, True
+    unmergeable_reason = ("ΔW depends on the task id (ΔW_t = s·B̃_t Λ_t A); pass task=<id> for the plain LoRA of "
+                          "one task")
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, num_tasks=None, temperature=0.1,
                  diagonal=False):
@@ -379,10 +425,18 @@ class MTLLoRALinear(AdapterLinear):
         y = self.scaling * F.linear(u.flatten(-2), side_by_side(self.lora_B.weight))
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def task_problem(self, task):
+        """Why `task` is not one of this adapter's task ids (None when it is)."""
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
+            return f"task must be a task id in [0, {self.num_tasks}) (num_tasks={self.num_tasks}), got {task!r}"
+        return None
+
     def lowrank(self, task=None):
-        """ΔW_t = s·B̃_t Λ_t A for one task t (analysis; not a merge)."""
+        """ΔW_t = s·B̃_t Λ_t A for one task t: rank r, the factors (s·B̃_t Λ_t, A)."""
         if task is None:
             raise ValueError("MTL-LoRA's ΔW depends on the task: pass task=<id>")
+        if problem := self.task_problem(task):
+            raise ValueError(problem)
         t = torch.tensor([task], device=self.lora_A.weight.device)
         Bt = torch.einsum("n,nor->or", self.mixing(t)[0], self.lora_B.weight).float()
         return self.scaling * Bt @ self.transform(t)[0].float(), self.lora_A.weight.float()
@@ -395,6 +449,7 @@ class MultiLoRALinear(AdapterLinear):
     (g_i ∈ R^out, the MTL-LoRA repo's version) or "scalar" (one g_i per pair; the paper's wording).
     A-output: the n A-outputs side by side, [..., n·r] (one matmul with the stacked A).
     """
+    has_heads = True  # n up-projections B_i (each with its own A_i)
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, scale_granularity="vector"):
         super().__init__(base, rank, alpha, dropout)
@@ -523,18 +578,48 @@ def apply_adapter(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=
     return model
 
 
-def merge_adapters(model):
-    """Fold every adapter into its base weight (W0 ← W0 + ΔW) and turn it back into a plain nn.Linear."""
-    mods = adapter_modules(model)
-    if not mods:
+def adapter_capabilities(model_or_kind, **options) -> dict:
+    """What callers may do with an adapter, without testing its kind name: {capability: bool}.
+
+    `model_or_kind`: a model with an adapter, one adapter module, or a kind name (with its extra `options`).
+    Keys: CAPABILITIES (see AdapterLinear) plus `peft_exportable`, true when export_peft writes a plain LoRA, for
+    the whole adapter (mergeable) or for one task at a time (merges_per_task: pass task=t).
+    """
+    if isinstance(model_or_kind, str):
+        check_options(model_or_kind, options)
+        cls, fixed = KINDS[model_or_kind]
+        caps = cls.capabilities(**fixed, **options)
+    elif isinstance(model_or_kind, AdapterLinear):
+        caps = {k: getattr(model_or_kind, k) for k in CAPABILITIES}
+    else:
+        cfg = _require_adapter(model_or_kind)
+        return adapter_capabilities(cfg["kind"], **cfg["options"])
+    return {**caps, "peft_exportable": caps["mergeable"] or caps["merges_per_task"]}
+
+
+def _merge_refusal(model, task):
+    """None when every adapter folds into one weight (for `task` when given), else "<kind> adapters", why."""
+    for name, m in adapter_modules(model):
+        if problem := m.merge_problem(task):
+            return (getattr(model, "adapter_config", None) or {}).get("kind", type(m).__name__), problem
+    return None
+
+
+def merge_adapters(model, task=None):
+    """Fold every adapter into its base weight (W0 ← W0 + ΔW) and turn it back into a plain nn.Linear.
+
+    `task`: for adapters whose ΔW depends on the task (MTL-LoRA, `merges_per_task`), fold in ΔW_t of that task id;
+    the merged model then computes what the adapter computes for samples of task t.
+    """
+    if not adapter_modules(model):
         raise ValueError("model has no adapters to merge")
-    for name, m in mods:  # check all first: never leave a half-merged model behind
-        if not m.mergeable:
-            kind = (getattr(model, "adapter_config", None) or {}).get("kind", type(m).__name__)
-            raise ValueError(f"{kind} adapters cannot be merged: {m.unmergeable_reason}")
-    for name, m in mods:
+    refused = _merge_refusal(model, task)  # check all first: never leave a half-merged model behind
+    if refused:
+        for_task = "" if task is None else f" for task {task!r}"
+        raise ValueError(f"{refused[0]} adapters cannot be merged{for_task}: {refused[1]}")
+    for name, m in adapter_modules(model):
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, m.merge())
+        setattr(model.get_submodule(parent) if parent else model, child, m.merge(task))
     if hasattr(model, "adapter_config"):
         del model.adapter_config
     return model
@@ -639,28 +724,26 @@ def load_adapter(model, directory):
     return model
 
 
-def export_peft(model, directory, base_model_name_or_path=None):
+def export_peft(model, directory, base_model_name_or_path=None, task=None):
     """Write a Hugging Face PEFT LoRA directory (`adapter_model.safetensors` + `adapter_config.json`).
 
     lora/align export their A and B as they are. hydra-norouter, mlora and multilora export their exact merged
     low-rank form ΔW = B_eff A_eff with s folded into B_eff (PEFT sees r = lora_alpha = rank of the form, scale 1):
-    rank r, 2r (M-LoRA: [s·ΣB_i | −C_B]·[A; C_A] carries the init compensation) and n·r. Routers (hydra, rlora) and
-    per-task adapters (mtl) have no PEFT LoRA form and raise.
+    rank r, 2r (M-LoRA: [s·ΣB_i | −C_B]·[A; C_A] carries the init compensation) and n·r. MTL-LoRA exports one task
+    (`task=t`): ΔW_t = (s·B̃_t Λ_t)·A at rank r. Routers (hydra, rlora) have no PEFT LoRA form and raise.
     """
     from safetensors.torch import save_file
     cfg = _require_adapter(model)
-    tensors, ranks, alpha, rslora = {}, set(), None, False
+    refused = _merge_refusal(model, task)
+    if refused:
+        for_task, hint = ("", "; use save_adapter (nanoalign format)") if task is None else (f" for task {task!r}", "")
+        raise ValueError(f"{refused[0]} adapters have no PEFT LoRA form{for_task}: {refused[1]}{hint}")
+    tensors, ranks = {}, set()
     for name, m in adapter_modules(model):
-        if cfg["kind"] in ("lora", "align"):
-            B, A = m.lora_B.weight, m.lora_A.weight
-            alpha, rslora = m.alpha, m.rank_stabilized
-        elif m.mergeable:
-            with torch.no_grad():
-                B, A = m.lowrank()
-            alpha = A.shape[0]
-        else:
-            raise ValueError(f"{cfg['kind']} adapters have no PEFT LoRA form: {m.unmergeable_reason}; use "
-                             "save_adapter (nanoalign format)")
+        with torch.no_grad():
+            B, A, alpha, rslora = m.peft_form(task)
+        folded = alpha is None
+        alpha = A.shape[0] if folded else alpha
         ranks.add(A.shape[0])
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
@@ -674,7 +757,7 @@ def export_peft(model, directory, base_model_name_or_path=None):
         "base_model_name_or_path": base_model_name_or_path or cfg.get("base_model"),
     }
     note = {"exported_from": cfg["kind"], "rank": cfg["rank"], "alpha": cfg["alpha"], "heads": cfg["heads"],
-            "exported_rank": r, "scaling_folded_into_B": cfg["kind"] not in ("lora", "align")}
+            "exported_rank": r, "scaling_folded_into_B": folded, "task": task}
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     _atomic_write(d / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

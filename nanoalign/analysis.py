@@ -22,16 +22,15 @@ def layer_index(name: str):
 def head_cosine_similarity(model) -> dict:
     """{(layer, module type): mean pairwise cosine similarity of the flattened heads B_i} (METHODS §4.1).
 
-    Covers every adapter with N ≥ 2 up-projections in `lora_B` [N, out, r]: HydraLoRA (with/without router),
-    R-LoRA, M-LoRA, and also MTL-LoRA's B_j and MultiLoRA's B_i (the latter pair with different A_i, so read
-    those values with care). A zero head has no direction: the value is NaN (e.g. HydraLoRA at step 0).
+    Covers every adapter with `has_heads` and N ≥ 2 up-projections in `lora_B` [N, out, r]: HydraLoRA (with/without
+    router), R-LoRA, M-LoRA, and also MTL-LoRA's B_j and MultiLoRA's B_i (the latter pair with different A_i, so
+    read those values with care). A zero head has no direction: the value is NaN (e.g. HydraLoRA at step 0).
     """
     out = {}
     for name, m in adapter_modules(model):
-        B = m.lora_B.weight
-        if B.dim() != 3 or B.shape[0] < 2:
+        if not m.has_heads or m.heads < 2:
             continue
-        flat = B.detach().float().flatten(1)  # [N, out·r]
+        flat = m.lora_B.weight.detach().float().flatten(1)  # [N, out·r]
         norms = flat.norm(dim=1)
         if bool((norms == 0).any()):
             out[(layer_index(name), name.rsplit(".", 1)[-1])] = math.nan

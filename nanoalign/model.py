@@ -172,6 +172,9 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph (MeTA-LoRA's second order): silu_backward has no derivative
+            s = torch.sigmoid(g)
+            return dy * u * s * (1 + g * (1 - s)), dy * F.silu(g)
         return torch.ops.aten.silu_backward(dy * u, g), dy * F.silu(g)
 
 
