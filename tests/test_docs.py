@@ -60,11 +60,12 @@ def test_the_check_catches_a_dangling_citation(tmp_path):
     """The checker is not vacuous: a made-up section, a subsection that does not exist and the bad end of a range are
     reported; existing ones are not."""
     sections = headings(METHODS.read_text(encoding="utf-8"))
+    S = "\N{SECTION SIGN}"  # spelled out, so that this file's own text cites nothing
     f = tmp_path / "x.py"
-    f.write_text('"""See METHODS §2.5 and §3.7."""\n# METHODS §9.9, §2.11, §2.1–2.12\n')
+    f.write_text(f'"""See METHODS {S}2.5 and {S}3.7."""\n# METHODS {S}9.9, {S}2.11, {S}2.1–2.12\n')
     assert [s for _, s in dangling([f], sections)] == ["9.9", "2.11", "2.12"]
     md = tmp_path / "x.md"
-    md.write_text("a §9.9 without the word is prose; METHODS §42 is a citation\n")
+    md.write_text(f"a {S}9.9 without the word is prose; METHODS {S}42 is a citation\n")
     assert [s for _, s in dangling([md], sections)] == ["42"]
 
 
