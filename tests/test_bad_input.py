@@ -215,6 +215,16 @@ def test_rank_too_large_for_memory(tmp_path):
     assert not any(isinstance(m, adapters.AdapterLinear) for m in model.modules())
 
 
+def weight_failing_with(error):
+    """An adapters.Weight that raises `error` when it would allocate real memory (meta tensors still work)."""
+    class Failing(adapters.Weight):
+        def __init__(self, *shape, device=None):
+            if torch.device(device).type != "meta":
+                raise error
+            super().__init__(*shape, device=device)
+    return Failing
+
+
 @pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
                                                 "allocate 123 bytes"),
                                    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")])
@@ -222,14 +232,7 @@ def test_allocation_failure_is_reported_with_the_size(tmp_path, monkeypatch, err
     """When the memory check passes but the allocation itself fails (memory used by something else), the
     RuntimeError / torch.OutOfMemoryError becomes a ValueError saying what rank r needs."""
     model = CausalLM.from_pretrained(tiny_dir(tmp_path / "model"))
-
-    class NoMemory(adapters.Weight):
-        def __init__(self, *shape, device=None):
-            if torch.device(device).type != "meta":
-                raise error
-            super().__init__(*shape, device=device)
-
-    monkeypatch.setattr(adapters, "Weight", NoMemory)
+    monkeypatch.setattr(adapters, "Weight", weight_failing_with(error))
     found = adapters._target_linears(model, adapters.DEFAULT_TARGETS)
     need = adapters._adapter_bytes(adapters.LoRALinear, found, dict(rank=4, alpha=16, dropout=0.0))
     with pytest.raises(ValueError, match=f"rank 4: the lora adapters need {need:,} bytes .* cannot allocate now"):
@@ -240,14 +243,7 @@ def test_allocation_failure_is_reported_with_the_size(tmp_path, monkeypatch, err
 def test_other_runtime_errors_are_not_masked(tmp_path, monkeypatch):
     """Only allocation failures are translated: any other RuntimeError while building adapters propagates."""
     model = CausalLM.from_pretrained(tiny_dir(tmp_path / "model"))
-
-    class Broken(adapters.Weight):
-        def __init__(self, *shape, device=None):
-            if torch.device(device).type != "meta":
-                raise RuntimeError("some bug")
-            super().__init__(*shape, device=device)
-
-    monkeypatch.setattr(adapters, "Weight", Broken)
+    monkeypatch.setattr(adapters, "Weight", weight_failing_with(RuntimeError("some bug")))
     with pytest.raises(RuntimeError, match="some bug"):
         apply_adapter(model, "lora", rank=4)
 
