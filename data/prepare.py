@@ -87,6 +87,17 @@ def download(task, source):
                     os.replace(d / (base + ".part"), d / base)
 
 
+def empty_hint(d):
+    """'; <files> empty ...' for the empty files in a task directory (a truncated download), else ''."""
+    empty = [p.name for p in sorted(Path(d).glob("*")) if p.is_file() and p.stat().st_size < 4096
+             and not p.read_bytes().strip()]
+    if not empty:
+        return ""
+    one = len(empty) == 1
+    return (f"; {', '.join(empty)} {'is' if one else 'are'} empty (a truncated download?): delete or replace "
+            f"{'it' if one else 'them'} (WinoGrande then reads the next train size down)")
+
+
 def main():
     default_source = REPO.parent / "shared" / "data"
     p = argparse.ArgumentParser(description="Write data/<suite>/<task>-<split>.jsonl from the original files.")
@@ -126,6 +137,12 @@ def main():
                 except FileNotFoundError as e:
                     print(f"skip {t}: {e}")
                     break
+                except ValueError as e:  # a malformed file: the message names it (and the line)
+                    sys.exit(f"error: {e}{empty_hint(task_dir(source, t))}")
+                empty = [s for s, rows in splits.items() if not rows]
+                if empty:
+                    d = task_dir(source, t)
+                    sys.exit(f"error: {t}: no {empty[0]} examples in {d}{empty_hint(d)}")
             if "train" in splits and not args.no_caps:
                 splits["train"] = subsample(splits["train"], TRAIN_CAPS.get(t), seed=args.seed, salt=t)
             for split, rows in splits.items():

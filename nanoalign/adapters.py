@@ -553,7 +553,19 @@ def apply_adapter(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=
     if not found:
         have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"no nn.Linear named {list(targets)} in the model; its linear layers are named {have}")
-    adapters = [cls(lin, **args) for _, lin in found]  # bad options raise here, before the model is touched
+    from .model import memory_bytes
+    device, need = found[0][1].weight.device, _adapter_bytes(cls, found, args)  # bad options raise here already
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise ValueError(f"rank {rank}: the {kind} adapters need {need:,} bytes ({need / 1e9:,.1f} GB, fp32), more "
+                         f"than the {have / 1e9:,.1f} GB of memory on {device}; choose a smaller rank")
+    try:
+        adapters = [cls(lin, **args) for _, lin in found]  # allocated before the model is touched
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; a CPU allocation failure says "can't allocate"
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        raise ValueError(f"rank {rank}: the {kind} adapters need {need:,} bytes ({need / 1e9:,.1f} GB, fp32), which "
+                         f"{device} cannot allocate now; choose a smaller rank or free memory") from None
     for p in model.parameters():
         p.requires_grad_(False)
     for (name, lin), adapter in zip(found, adapters):
@@ -576,6 +588,20 @@ def apply_adapter(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=
         "modules": {n: [m.out_features, m.in_features] for n, m in found},
     }
     return model
+
+
+def _adapter_bytes(cls, found, args) -> int:
+    """Bytes of the adapter tensors (parameters and buffers, not the base weight) `apply_adapter` would allocate,
+    counted by building one adapter per distinct layer shape on the meta device (no memory)."""
+    shapes = {}
+    for _, lin in found:
+        shapes[lin.in_features, lin.out_features] = shapes.get((lin.in_features, lin.out_features), 0) + 1
+    total = 0
+    with torch.device("meta"):
+        for (d_in, d_out), n in shapes.items():
+            a = cls(nn.Linear(d_in, d_out, bias=False), **args)
+            total += n * sum(t.numel() * t.element_size() for t in (*a.parameters(), *a.buffers()) if t is not a.weight)
+    return total
 
 
 def adapter_capabilities(model_or_kind, **options) -> dict:
@@ -659,10 +685,16 @@ def _require_adapter(model):
 
 
 def _atomic_write(path: Path, write):
+    """`write(tmp)` then rename tmp to `path`: `path` is either the old file or the complete new one. A failure
+    (disk full, read-only directory) removes tmp and raises one OSError line naming `path`."""
+    from safetensors import SafetensorError  # what save_file raises when its own write fails
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        raise OSError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); free disk space or choose a "
+                      "writable directory") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -678,25 +710,39 @@ def save_adapter(model, directory):
     from safetensors.torch import save_file
     cfg = _require_adapter(model)
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in _adapter_tensors(model).items()}
     if any(t.is_meta for t in tensors.values()):
         raise ValueError("cannot save an adapter that lives on the meta device (it has no values)")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the adapter directory {d} ({e.strerror or e}); choose a writable path") from None
     _atomic_write(d / "adapter.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _atomic_write(d / "adapter_config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
 
 
 def load_adapter(model, directory):
     """Load an adapter saved by `save_adapter`; applies it first when the model has none. Returns the model."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     d = Path(directory)
     cfg_file, st_file = d / "adapter_config.json", d / "adapter.safetensors"
     if not cfg_file.is_file() or not st_file.is_file():
         raise FileNotFoundError(f"{d}: not a nanoalign adapter directory (needs adapter_config.json and "
                                 "adapter.safetensors, as written by save_adapter)")
-    saved = json.loads(cfg_file.read_text())
-    if saved.get("format") != "nanoalign-adapter":
+    try:
+        saved = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e}); the adapter is damaged: save or copy it again") from None
+    if not isinstance(saved, dict) or saved.get("format") != "nanoalign-adapter":
         raise ValueError(f"{cfg_file}: not a nanoalign adapter config (a PEFT directory? load those with peft)")
+    lacking = [k for k in ("kind", "rank", "alpha", "dropout", "targets", "heads", "num_tasks", "options",
+                           "modules") if k not in saved]
+    if lacking:
+        raise ValueError(f"{cfg_file}: incomplete adapter config, missing {', '.join(lacking)}; the adapter is "
+                         "damaged: save or copy it again")
+    if not isinstance(saved["modules"], dict) or not isinstance(saved["options"], dict):
+        raise ValueError(f"{cfg_file}: 'modules' and 'options' must be JSON objects; save or copy the adapter again")
     have = {n: [m.out_features, m.in_features] for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, AdapterLinear))}
     for name, shape in saved["modules"].items():
@@ -705,15 +751,23 @@ def load_adapter(model, directory):
                              f"{have.get(name, 'no such layer')}; load it into the base model it was trained on")
     current = getattr(model, "adapter_config", None)
     if current is None:
-        apply_adapter(model, saved["kind"], rank=saved["rank"], alpha=saved["alpha"], targets=saved["targets"],
-                      heads=saved["heads"], dropout=saved["dropout"], num_tasks=saved["num_tasks"],
-                      **saved["options"])
+        try:
+            apply_adapter(model, saved["kind"], rank=saved["rank"], alpha=saved["alpha"], targets=saved["targets"],
+                          heads=saved["heads"], dropout=saved["dropout"], num_tasks=saved["num_tasks"],
+                          **saved["options"])
+        except (TypeError, ValueError) as e:  # a hand-edited value: name the file it came from
+            raise ValueError(f"{cfg_file}: {e}") from None
         current = model.adapter_config
     for key in ("kind", "rank", "alpha", "heads", "num_tasks", "options", "modules"):
         if current[key] != saved[key]:
             raise ValueError(f"{d}: saved adapter has {key}={saved[key]!r} but the model's adapter has "
                              f"{current[key]!r}; load it into a fresh base model instead")
-    tensors, expected = load_file(str(st_file)), _adapter_tensors(model)
+    try:
+        tensors = load_file(str(st_file))
+    except SafetensorError as e:
+        raise ValueError(f"{st_file}: corrupt or truncated safetensors file ({e}); save or copy the adapter "
+                         "again") from None
+    expected = _adapter_tensors(model)
     for k in sorted(set(expected) | set(tensors)):
         if k not in tensors or k not in expected or tensors[k].shape != expected[k].shape:
             raise ValueError(f"{st_file}: tensor {k!r} is missing, unexpected or of the wrong shape; the file does "

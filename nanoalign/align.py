@@ -15,13 +15,14 @@ where Z_m = A_m · drop(X_m) ∈ R^{B×T×r} is module m's A-output (the down-pr
 
 Deviations from the released code (METHODS §3.6), on purpose:
   * computed per micro-batch from explicit task ids (the caller's task-balanced batches), not pooled over the
-    accumulation window and regrouped by position (the released sampler is never used and the split is wrong, §3.6.1-2);
+    accumulation window and regrouped by position (the released sampler is never used and the split is wrong:
+    §3.6 items 1-2);
   * padding and, by default, prompt tokens are masked out (the code includes padding), and the default pooling is
     token-level (μ_t, σ²_t ∈ R^r over all counted tokens of task t); `position_wise=True` keeps the code's per-position
     statistics, with masked positions excluded from them (pass an all-True mask to include padding as the code does);
   * fp32 throughout (the code runs KL/MMD in bf16 and stores the MMD bandwidths in bf16), autocast disabled inside;
   * the A-outputs come from the forward itself (no hooks) and the loss goes into the same backward as the LM loss,
-    so no graph is stale and (non-reentrant) gradient checkpointing gives the same gradient (§3.6.3).
+    so no graph is stale and (non-reentrant) gradient checkpointing gives the same gradient (§3.6 item 3).
 
 Where the gradient goes: every lora_A, never a module's own lora_B (B acts after the aligned A-output). It does
 reach the B (and A) of every earlier module whose output feeds a later adapted module through the residual stream;

@@ -22,7 +22,7 @@ import os
 import re
 import urllib.error
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
 
@@ -39,6 +39,7 @@ EMBEDDED = ("smollm2-135m", "smollm2-135m-instruct")
 OPTIONAL = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")  # a 404 for these is fine
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")  # a git commit: the only snapshot name taken from a file or the network
 CHUNK = 1 << 20
 
 
@@ -67,12 +68,40 @@ def is_offline(offline=None) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def inside(root: Path, name, source) -> Path:
+    """`root / name` for a file name read from `source` (an index, a header), refusing one that could leave `root`.
+
+    Names from files and servers are data, not trusted paths: an absolute path, a drive, `..` (either slash) or a
+    NUL would make a download write, or a load read, outside the snapshot. The check is on the name itself, not on
+    the resolved path, because the HF cache's own snapshot files are symlinks into `blobs/`.
+    """
+    if isinstance(name, str) and name and "\0" not in name:
+        win = PureWindowsPath(name)
+        if not (PurePosixPath(name).is_absolute() or win.drive or win.root or ".." in win.parts):
+            return root / name
+    raise ValueError(f"{source}: {name!r} is not a file name inside {root}; refusing to read or write outside it "
+                     "(a damaged or hostile file: delete it and download the model again)")
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files `model.safetensors.index.json` names, each checked to stay inside its directory."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()), key=str)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: unreadable shard index ({type(e).__name__}: {e}); expected "
+                         "{\"weight_map\": {tensor: shard file}}; delete it and download the model again") from None
+    for s in shards:
+        inside(index.parent, s, index)
+    return shards
+
+
 def missing_files(snap: Path, files=(), optional=True) -> list[str]:
     """Files `snap` still lacks: config, weights (every shard of an index), `files`, and, if `optional`, the
     optional tokenizer/generation files unless a `.no_exist/<commit>/` marker says the repo has none."""
     need = ["config.json", *files]
     if (snap / "model.safetensors.index.json").is_file():
-        need += sorted(set(json.loads((snap / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        need += shard_names(snap / "model.safetensors.index.json")
     else:
         need.append("model.safetensors")
     if optional:
@@ -85,7 +114,10 @@ def cached_snapshot(repo_dir: Path, revision: str = "main"):
     """`snapshots/<refs/revision>`, or `snapshots/<revision>` for a commit hash, or the only snapshot; else None."""
     ref = repo_dir / "refs" / revision
     if ref.is_file():
-        snap = repo_dir / "snapshots" / ref.read_text().strip()
+        commit = ref.read_text(encoding="utf-8", errors="replace").strip()
+        if not COMMIT.match(commit):
+            raise ValueError(f"{ref}: holds {commit[:60]!r}, not a 40-hex commit; delete it and run again")
+        snap = repo_dir / "snapshots" / commit
         return snap if snap.is_dir() else None
     if (repo_dir / "snapshots" / revision).is_dir():
         return repo_dir / "snapshots" / revision
@@ -108,13 +140,16 @@ def resolve_model(name_or_path, *, files=None, offline=None, revision: str = "ma
             raise FileNotFoundError(f"{path} has no config.json; pass a directory with config.json, "
                                     "model.safetensors and tokenizer.json (a Hugging Face model snapshot)")
         return path
+    if looks_local(name):  # never sent to the hub: "./my-model" is a typo'd directory, not the repo "./my-model"
+        if path.exists():
+            raise FileNotFoundError(f"{name} is a file; pass the model directory that holds config.json")
+        raise FileNotFoundError(f"no such model directory: {name} ({path.absolute()}) does not exist; check the "
+                                "path, or pass an alias or an HF repo id like Org/Name")
     if name.lower() in EMBEDDED:
         from nanoalign.embedded import ensure_smollm2
         return ensure_smollm2()
     repo = ALIASES.get(name.lower(), name)
     if not REPO_ID.match(repo):
-        if name.startswith((".", "/", "~")) or os.sep in name:
-            raise FileNotFoundError(f"no such model directory: {path}")
         raise ValueError(f"unknown model {name!r}: pass a local directory, an HF repo id like Org/Name, "
                          f"or one of the aliases {', '.join(ALIASES)}")
     repo_dir = cache_dir() / ("models--" + repo.replace("/", "--"))
@@ -135,17 +170,32 @@ def resolve_model(name_or_path, *, files=None, offline=None, revision: str = "ma
                           "--model /path/to/dir") from None
 
 
+def looks_local(name: str) -> bool:
+    """A name written as a path: `./x`, `../x`, `/x`, `~/x`, `.`, `..`, a Windows path, or more than one `/`.
+    Hub repo ids are `Org/Name` and never start with a dot."""
+    win = PureWindowsPath(name)
+    return (name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or name in (".", "..") or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name) or bool(win.drive))
+
+
 def download(repo: str, repo_dir: Path, revision: str, files=(), ref=None) -> Path:
     """Download what `repo_dir/snapshots/<commit>/` lacks at `revision`; point `refs/<ref>` at the commit.
 
     config.json is fetched first: its response names the commit (`X-Repo-Commit`, else the revision is used as
     the snapshot name). Then the weights (index + shards, or model.safetensors), `files`, and the optional files.
+    The commit becomes a directory name, so anything but 40 hex digits is refused before a byte is written.
     """
     try:
         resp, meta = open_url(file_url(repo, revision, "config.json"), repo=repo)
     except FileNotFoundError:
         raise FileNotFoundError(f"{repo} has no config.json at revision {revision!r}; is it a model repo?") from None
-    commit = meta.get("x-repo-commit") or revision
+    header = meta.get("x-repo-commit")
+    commit = revision if header is None else header  # no header (a plain mirror): the caller's revision names it
+    if not (COMMIT.match(commit) or (header is None and re.fullmatch(r"\w[\w.-]*", commit))):
+        resp.close()
+        said = f"X-Repo-Commit {header[:60]!r}" if header is not None else f"no commit for revision {revision!r}"
+        raise HubError(f"{repo}: the hub answered {said}, not a 40-hex commit; refusing to use it as a cache path "
+                       "(check HF_ENDPOINT, or pass --model a local directory)")
     snap = repo_dir / "snapshots" / commit
     snap.mkdir(parents=True, exist_ok=True)
     if ref is not None and commit != ref:
@@ -156,7 +206,8 @@ def download(repo: str, repo_dir: Path, revision: str, files=(), ref=None) -> Pa
               repo=repo)
     except FileNotFoundError:
         pass  # a single-file checkpoint: missing_files() then asks for model.safetensors
-    for name in missing_files(snap, files, optional=False):
+    for name in missing_files(snap, files, optional=False):  # shard names are checked by shard_names()
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
         try:
             fetch(file_url(repo, revision, name), snap / name, repo=repo)
         except FileNotFoundError:

@@ -15,6 +15,7 @@ row gives the same logits as the unpadded row (what batched generation needs).
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+
+# the deepest published decoders have ~130 layers; 10^6 would take hours to build even on the meta device
+MAX_LAYERS = 1024
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def positive_int(name, value):
+    """`value` if it is a positive int (not a bool, not 2.0, not "2"), else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def positive_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
 
 
 @dataclass
@@ -47,9 +67,52 @@ class ModelConfig:
     pad_token_id: int | None = None
     extra: dict = field(default_factory=dict, repr=False)  # the rest of config.json, kept for export
 
+    def __post_init__(self):
+        """Check sizes before anything is built: a bad config.json fails here in one line, not as a negative
+        dimension, a TypeError deep in nn.Linear, or a machine busy for hours building 10^6 layers."""
+        if self.arch not in ("llama", "qwen2"):
+            raise ValueError(f"arch must be 'llama' or 'qwen2', got {self.arch!r}")
+        for name in SIZES:
+            positive_int(name, getattr(self, name))
+        if self.num_hidden_layers > MAX_LAYERS:
+            raise ValueError(f"num_hidden_layers={self.num_hidden_layers} is beyond any real decoder (nanoalign "
+                             f"accepts up to {MAX_LAYERS}); the config.json is damaged")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs of dimensions), got {self.head_dim}")
+        positive_number("rms_norm_eps", self.rms_norm_eps)
+        positive_number("rope_theta", self.rope_theta)
+        s = self.rope_scaling
+        if s is not None:
+            if not isinstance(s, dict):
+                raise ValueError(f"rope_scaling must be a dict or None, got {s!r}")
+            keys = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                       "original_max_position_embeddings")}.get(s.get("rope_type"))
+            if keys is None:
+                raise ValueError(f"rope_scaling type must be 'linear' or 'llama3', got {s.get('rope_type')!r}")
+            for k in keys:
+                positive_number(f"rope_scaling.{k}", s.get(k))
+            if s["rope_type"] == "llama3" and s["high_freq_factor"] <= s["low_freq_factor"]:
+                raise ValueError("rope_scaling.high_freq_factor must be larger than low_freq_factor")
+
+    def num_parameters(self) -> int:
+        """Parameter count of the model this config builds (a tied lm_head counted once), without building it."""
+        h, i = self.hidden_size, self.intermediate_size
+        n_q, n_kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        attn = h * (n_q + 2 * n_kv) + n_q * h + (n_q + 2 * n_kv) * self.qkv_bias + h * self.o_bias
+        mlp = 3 * h * i + (2 * i + h) * self.mlp_bias
+        per_layer = attn + mlp + 2 * h  # + the two RMSNorm weights
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return embed + self.num_hidden_layers * per_layer + h
+
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
         """Read a Hugging Face `config.json` dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a Hugging Face config is a JSON object like {{\"hidden_size\": 576, ...}}, not a "
+                             f"{type(d).__name__}")
         arch = (d.get("architectures") or [""])[0].lower() or d.get("model_type", "")
         arch = "qwen2" if "qwen2" in arch else "llama" if "llama" in arch else arch
         if arch not in ("llama", "qwen2"):
@@ -60,6 +123,8 @@ class ModelConfig:
         if d.get("use_sliding_window"):
             raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
         rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict) or not isinstance(d.get("rope_scaling") or {}, dict):
+            raise ValueError("rope_parameters / rope_scaling must be JSON objects")
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
@@ -67,14 +132,15 @@ class ModelConfig:
             if kind not in ("llama3", "linear", "default"):
                 raise ValueError(f"unsupported RoPE scaling {kind!r}: nanoalign implements default, linear and llama3")
             scaling = None if kind == "default" else {**scaling, "rope_type": kind}
-        heads = d["num_attention_heads"]
+        heads = positive_int("num_attention_heads", d["num_attention_heads"])
         bias = bool(d.get("attention_bias", False))
         return cls(
             arch=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta), rope_scaling=scaling,
+            head_dim=d.get("head_dim") or positive_int("hidden_size", d["hidden_size"]) // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(positive_number("rope_theta", theta)),
+            rope_scaling=scaling,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=True if arch == "qwen2" else bias, o_bias=False if arch == "qwen2" else bias,
@@ -88,9 +154,15 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no config.json; a model directory needs config.json next to its weights")
         try:
-            return cls.from_hf_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{path}: not a valid Hugging Face config.json ({type(e).__name__}: {e})") from None
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); download the model's config.json again") from None
+        try:
+            return cls.from_hf_dict(d)
+        except KeyError as e:
+            raise ValueError(f"{path}: not a valid Hugging Face config.json (missing key {e})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -342,6 +414,12 @@ class CausalLM(nn.Module):
 
         path = Path(path)
         cfg = ModelConfig.from_json(path / "config.json")
+        n, have = cfg.num_parameters(), memory_bytes(device)
+        need = n * dtype.itemsize
+        if have is not None and need > have:  # fail now, not after filling the memory tensor by tensor
+            raise ValueError(f"{path / 'config.json'}: a model of {n:,} parameters needs {need / 1e9:,.1f} GB in "
+                             f"{dtype}, more than the {have / 1e9:,.1f} GB of memory on {device}; pick a smaller "
+                             "model (or a 2-byte dtype such as torch.bfloat16)")
         with torch.device("meta"):
             model = cls(cfg)
         expected = dict(model.state_dict())
@@ -376,14 +454,11 @@ class CausalLM(nn.Module):
 
 
 def weight_files(path: Path) -> list[Path]:
-    """`model.safetensors`, or the shards named in `model.safetensors.index.json`."""
+    """`model.safetensors`, or the shards named in `model.safetensors.index.json` (each must lie inside `path`)."""
+    from .hub import shard_names
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: unreadable shard index ({e}); download it again") from None
-        files = [path / s for s in shards]
+        files = [path / s for s in shard_names(index)]
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing; download the checkpoint again")
@@ -393,6 +468,26 @@ def weight_files(path: Path) -> list[Path]:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json; nanoalign reads "
                                 "safetensors checkpoints only")
     return [single]
+
+
+def memory_bytes(device) -> int | None:
+    """Total memory of `device` in bytes: the GPU's, or the machine's RAM (capped by a cgroup v2 limit); None when
+    unknown. Total, not free: the checks using it stop absurd sizes and must not refuse what would fit."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        limit = ""
+    return min(total, int(limit)) if limit.isdigit() else total
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):

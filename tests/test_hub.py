@@ -35,7 +35,7 @@ class FakeHub(http.server.ThreadingHTTPServer):
     def __init__(self, files):
         super().__init__(("127.0.0.1", 0), Handler)
         self.files = {f"{REPO}/{k}": v for k, v in files.items()}
-        self.opts = {}  # x_linked_size, sha, extra_length, ignore_range
+        self.opts = {}  # x_linked_size, sha, extra_length, ignore_range, commit (the X-Repo-Commit to send)
         self.requests = []  # (path, Range header, Authorization header)
 
 
@@ -55,6 +55,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             return self.end_headers()
         data, commit = srv.files[key], m[2] if re.fullmatch("[0-9a-f]{40}", m[2]) else COMMIT
+        commit = srv.opts.get("commit", commit)
         if key.endswith(".safetensors"):  # LFS: redirect, with the file's size and sha256 on the redirect
             self.send_response(302)
             self.send_header("Location", f"/cdn/{key}")
@@ -380,3 +381,132 @@ def test_repo_without_config_is_a_clear_error(fake_hub):
     """A repo id the hub has no config.json for gives a one-line FileNotFoundError naming the repo."""
     with pytest.raises(FileNotFoundError, match="Org/Missing has no config.json"):
         hub.resolve_model("Org/Missing")
+
+
+# ------------------------------------------------------------------------------ names from files are untrusted
+
+
+def files_under(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("commit", ["../../../../escaped", "/tmp/escaped-abs", "main", "abc123", "A" * 40,
+                                    "0123456789abcdef0123456789abcdef0123456/"])
+def test_commit_header_must_be_40_hex(tmp_path, fake_hub, commit):
+    """An X-Repo-Commit that is not 40 lower-case hex digits is refused before anything is written: before the fix
+    `../../../../escaped` put config.json outside the cache (the header became a directory name)."""
+    fake_hub.opts["commit"] = commit
+    with pytest.raises(hub.HubError, match="not a 40-hex commit") as e:
+        hub.resolve_model(REPO)
+    assert "\n" not in str(e.value) and REPO in str(e.value)
+    assert files_under(tmp_path) == []  # nothing in the cache, nothing beside it
+    assert not os.path.exists("/tmp/escaped-abs")
+
+
+def test_commit_header_is_accepted_when_40_hex(tmp_path, fake_hub):
+    """The check does not refuse a real commit: another 40-hex header names the snapshot directory."""
+    fake_hub.opts["commit"] = "f" * 40
+    assert hub.resolve_model(REPO) == snapshot_dir(tmp_path, commit="f" * 40)
+
+
+def sharded_files(shard_name):
+    files = {k: v for k, v in FILES.items() if k != "model.safetensors"}
+    index = {"weight_map": {"w1": "model-00001-of-00002.safetensors", "w2": shard_name}}
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    files["model-00001-of-00002.safetensors"] = os.urandom(3000)
+    files[shard_name] = os.urandom(3000)
+    return files
+
+
+@pytest.mark.parametrize("shard", ["../../../../evil.safetensors", "ABSOLUTE", "sub/../../evil.safetensors",
+                                   "..\\..\\evil.safetensors", "C:evil.safetensors"])
+def test_index_naming_a_file_outside_the_snapshot_is_refused(tmp_path, monkeypatch, shard):
+    """A hub whose model.safetensors.index.json names `../..`, an absolute path or a drive gets a one-line
+    ValueError naming the index, and no request for that shard is made: before the fix the shard was written
+    wherever the name pointed (for an absolute name, anywhere on the disk)."""
+    if shard == "ABSOLUTE":
+        shard = str(tmp_path / "outside" / "evil.safetensors")
+    server = start_hub(sharded_files(shard), monkeypatch)
+    try:
+        with pytest.raises(ValueError, match="model.safetensors.index.json: .* is not a file name inside") as e:
+            hub.resolve_model(REPO)
+        requested = [p for p, _, _ in server.requests]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "\n" not in str(e.value)
+    assert not any("evil" in p for p in requested), requested
+    assert [f for f in files_under(tmp_path) if "evil" in f] == []
+    with pytest.raises(ValueError, match="is not a file name inside"):  # the cached index stays refused
+        hub.resolve_model(REPO, offline=True)
+
+
+def test_index_with_a_shard_in_a_subdirectory_is_downloaded(tmp_path, monkeypatch):
+    """A shard name with a directory that stays inside the snapshot is legitimate and is fetched into it."""
+    files = sharded_files("weights/model-00002-of-00002.safetensors")
+    server = start_hub(files, monkeypatch)
+    try:
+        snap = hub.resolve_model(REPO)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (snap / "weights" / "model-00002-of-00002.safetensors").read_bytes() == \
+        files["weights/model-00002-of-00002.safetensors"]
+
+
+@pytest.mark.parametrize("index", ["{not json", "[1, 2]", '{"weight_map": ["a.safetensors"]}',
+                                   '{"weight_map": {"w": 7}}', '{"metadata": {}}'])
+def test_unreadable_cached_index_is_one_line(tmp_path, monkeypatch, index):
+    """A damaged index in the cache is a ValueError naming it, not a JSONDecodeError / KeyError / TypeError."""
+    no_network(monkeypatch)
+    snap = snapshot_dir(tmp_path)
+    make_snapshot(snap, {"config.json": FILES["config.json"], "model.safetensors.index.json": index.encode()})
+    with pytest.raises(ValueError, match="model.safetensors.index.json") as e:
+        hub.resolve_model(REPO)
+    assert "\n" not in str(e.value)
+
+
+def test_ref_that_is_not_a_commit_is_refused(tmp_path, monkeypatch):
+    """refs/main is read from disk and becomes a path: a ref holding `../../..` is refused, naming the ref file."""
+    no_network(monkeypatch)
+    repo = tmp_path / "cache" / ("models--" + REPO.replace("/", "--"))
+    make_snapshot(repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("../../..")
+    with pytest.raises(ValueError, match="refs/main: holds '../../..', not a 40-hex commit"):
+        hub.resolve_model(REPO)
+
+
+@pytest.mark.parametrize("name", ["./missing-dir", "../missing-dir", ".", "models/org/name", "~/no-such-model",
+                                  "/no/such/model"])
+def test_a_name_written_as_a_path_is_never_sent_to_the_hub(tmp_path, fake_hub, monkeypatch, name):
+    """`./missing-dir` matched the repo-id pattern (`.` / `missing-dir`) and was requested from the hub; a name
+    that looks like a path is now a one-line FileNotFoundError saying the directory does not exist."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if name == ".":
+        with pytest.raises(FileNotFoundError, match="has no config.json"):  # "." exists: it just is no model
+            hub.resolve_model(name)
+    else:
+        with pytest.raises(FileNotFoundError, match="no such model directory: .* does not exist") as e:
+            hub.resolve_model(name)
+        assert "\n" not in str(e.value) and name in str(e.value)
+    assert fake_hub.requests == []
+
+
+def test_a_file_given_as_model_is_named(tmp_path, fake_hub, monkeypatch):
+    """A path to a file (say the weights themselves) says it is a file and asks for the directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"\./model.safetensors is a file; pass the model directory"):
+        hub.resolve_model("./model.safetensors")
+    assert fake_hub.requests == []
+
+
+def test_load_model_with_a_missing_directory(tmp_path, fake_hub, monkeypatch):
+    """nanoalign.load_model('./missing-dir') is the same one line, with no request to the hub."""
+    import nanoalign
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such model directory: ./missing-dir"):
+        nanoalign.load_model("./missing-dir")
+    assert fake_hub.requests == []

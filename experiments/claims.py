@@ -1,0 +1,182 @@
+"""The paper's claims (METHODS §7) as paired multi-seed grids on the screened small-scale suite.
+
+    python experiments/claims.py run                 # trains what is missing, claims in the order below (hours)
+    python experiments/claims.py run --only 1-2,4-5  # some claims only
+    python experiments/claims.py report              # the claim table (markdown) from the cached runs, in seconds
+
+Every claim is a grid (experiments/grid.py) on the same suite, budget and test set, with the same seeds for every
+method, so methods are compared seed by seed and example by example (nanoalign/stats.py: paired difference over
+seeds ± SE and a paired bootstrap over (seed, example), 95% interval). Runs shared between claims (HydraLoRA,
+R-LoRA, M-LoRA, LoRA r=8, A-LoRA-K) are trained once. Each method uses the paper's configuration scaled to this model:
+rank 4 with 3 heads on gate/up/down for the multi-head family (Align-LoRA Table 1), rank 8 for Align-LoRA, and the
+LoRA rank that matches HydraLoRA's parameter budget (`rank_for_budget`) for claim 3.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grid import ROOT, Grid, Method, Suite, write_json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from nanoalign.stats import compare, describe, mean_se  # noqa: E402
+
+# The small-scale suite and budget, from experiments/screening.md (see the README's "What the tutorials show").
+SUITE = None  # set from the screening: Suite(tasks=(...), fmt=..., mode=..., steps=..., ...)
+SEEDS = [0, 1, 2, 3, 4]
+MLP = "gate_proj,up_proj,down_proj"
+
+
+def lam(paper_lambda, n_tasks):
+    """The paper's λ multiplies a SUM of the symmetric KL over task pairs (Eq. 5); ours averages over pairs
+    (METHODS §3.5), so the same weight is λ_paper · T(T−1)/2 in our units."""
+    return paper_lambda * n_tasks * (n_tasks - 1) / 2
+
+
+def methods(n_tasks, model_cfg):
+    """Every method of every claim, by label (a label is one train.py configuration)."""
+    multi = dict(rank=4, heads=3, targets=MLP)
+    align = dict(adapter="align", rank=8, targets=MLP)
+    m = {
+        "hydra": Method({"adapter": "hydra", **multi}, analyses=("heads", "spectrum")),
+        "hydra-norouter": Method({"adapter": "hydra-norouter", **multi}, analyses=("heads",)),
+        "rlora": Method({"adapter": "rlora", **multi}, analyses=("heads", "spectrum", "probe")),
+        "mlora": Method({"adapter": "mlora", **multi}, analyses=("heads", "probe")),
+        "lora-r8": Method({"adapter": "lora", "rank": 8, "targets": MLP}, analyses=("probe",)),
+        "a-lora-k": Method({**align, "align_loss": "kl", "align_lambda": lam(0.1, n_tasks)}, analyses=("probe",)),
+        "a-lora-m": Method({**align, "align_loss": "mmd", "align_lambda": lam(0.1, n_tasks)}, analyses=("probe",)),
+        "lora-budget": Method({"adapter": "lora", "rank": budget_rank(model_cfg), "targets": MLP}, analyses=("spectrum",)),
+        "rlora+align": Method({"adapter": "rlora", **multi, "align_any": True, "align_lambda": lam(0.1, n_tasks)},
+                              analyses=("heads", "probe")),
+        "mlora+align": Method({"adapter": "mlora", **multi, "align_any": True, "align_lambda": lam(0.1, n_tasks)},
+                              analyses=("heads", "probe")),
+        "hydra+mt": Method({"adapter": "rlora", **multi, "adapter_options": "random_init=false"}, analyses=("heads",)),
+        "hydra+init": Method({"adapter": "rlora", **multi, "adapter_options": "multi_head_dropout=false"},
+                             analyses=("heads",)),
+    }
+    for lp in (0.01, 0.05, 0.5):
+        m[f"a-lora-k-l{lp}"] = Method({**align, "align_loss": "kl", "align_lambda": lam(lp, n_tasks)})
+    return m
+
+
+def budget_rank(model_cfg):
+    """The LoRA rank whose parameter count on gate/up/down matches HydraLoRA's (rank 4, 3 heads, router) on the
+    model (METHODS §2.2; SmolLM2-135M: 10, as the paper's LoRA¹⁰ for Qwen2.5-7B)."""
+    import torch
+    from nanoalign.adapters import apply_adapter, count_trainable, rank_for_budget
+    from nanoalign.model import CausalLM
+    with torch.device("meta"):
+        model = CausalLM(model_cfg)
+    apply_adapter(model, "hydra", rank=4, heads=3, targets=MLP.split(","))
+    return rank_for_budget(model_cfg, MLP.split(","), count_trainable(model))
+
+
+def model_config(name):
+    from nanoalign.hub import resolve_model
+    from nanoalign.model import ModelConfig
+    return ModelConfig.from_json(resolve_model(name) / "config.json")
+
+
+# claim -> (labels, seeds, [(A, B, the paper's sign of A − B is positive?, the paper's numbers)])
+CLAIMS = {
+    "1-2": (["hydra", "hydra-norouter", "rlora", "mlora"], SEEDS, [
+        ("mlora", "rlora", True, "75.45 vs 74.67"), ("mlora", "hydra", True, "75.45 vs 74.04"),
+        ("hydra-norouter", "hydra", False, "73.58 vs 74.04")]),
+    "4-5": (["lora-r8", "a-lora-k", "a-lora-m"], SEEDS, [
+        ("a-lora-k", "lora-r8", True, "Table 5 (3B): 80.06 vs 76.48"),
+        ("a-lora-k", "a-lora-m", True, "80.06 vs 78.35")]),
+    "3": (["lora-budget", "hydra", "rlora"], SEEDS, [
+        ("lora-budget", "hydra", None, "LoRA¹⁰ 49.51 vs HydraLoRA 49.12 (Qwen2.5-7B BBH)"),
+        ("lora-budget", "rlora", None, "LoRA¹⁰ 49.51 vs R-LoRA 49.51")]),
+    "9": (["rlora", "rlora+align", "mlora", "mlora+align"], SEEDS, [
+        ("rlora+align", "rlora", True, "improves (Table 9, no numbers reachable)"),
+        ("mlora+align", "mlora", True, "improves (Table 9)")]),
+    "6": (["lora-r8", "a-lora-k-l0.01", "a-lora-k-l0.05", "a-lora-k", "a-lora-k-l0.5"], SEEDS[:3], [
+        (f"a-lora-k{s}", "lora-r8", True, "A-LoRA-K above LoRA at every λ in [0.01, 0.5]")
+        for s in ("-l0.01", "-l0.05", "", "-l0.5")]),
+    "8": (["hydra", "hydra+mt", "hydra+init", "rlora"], SEEDS[:3], [
+        ("hydra+mt", "hydra", True, "+0.33 (0.5B, 5 tasks)"), ("hydra+init", "hydra", True, "+0.29"),
+        ("rlora", "hydra", True, "+0.90")]),
+}
+
+
+def grid(claim):
+    labels, seeds, _ = CLAIMS[claim]
+    every = methods(len(SUITE.tasks), model_config(SUITE.model))
+    return Grid(f"claim-{claim}", SUITE, {k: every[k] for k in labels}, seeds)
+
+
+def correctness(runs, seeds):
+    """{task: [seeds, examples]} 0/1 of the runs (by seed) for the given seeds."""
+    by_seed = {r["seed"]: r for r in runs}
+    tasks = sorted(next(iter(by_seed.values()))["predictions"])
+    return {t: np.array([by_seed[s]["predictions"][t]["correct"] for s in seeds]) for t in tasks}
+
+
+def claim_report(claim):
+    """The measured rows of one claim: per method mean ± SE over seeds of the suite average, the base model, and
+    each paired comparison with its interval and verdict."""
+    g = grid(claim)
+    res = g.results()
+    base = res.pop("base")
+    out = {"claim": claim, "suite": g.suite.describe(), "methods": {}, "comparisons": [], "base": None}
+    if base:
+        out["base"] = {"average": 100 * base["average"], "tasks": {t: 100 * v["accuracy"] for t, v in
+                                                                   base["tasks"].items()}}
+    for label, runs in res.items():
+        if not runs:
+            continue
+        avg = [100 * r["average"] for r in runs]
+        m, se = mean_se(avg)
+        row = {"seeds": [r["seed"] for r in runs], "average": m, "se": se, "per_seed": avg,
+               "tasks": {t: float(np.mean([100 * r["tasks"][t]["accuracy"] for r in runs])) for t in runs[0]["tasks"]},
+               "collapsed": sorted({t for r in runs for t, v in r["tasks"].items() if v["collapsed"]}),
+               "trainable": runs[0]["trainable"], "wall_s": sum(r["wall_s"] for r in runs)}
+        heads = [r["analysis"]["head_cosine_mean"] for r in runs if r["analysis"].get("head_cosine_mean") is not None]
+        if heads:
+            row["head_cosine"] = mean_se(heads)
+        probes = [r["analysis"]["probe"]["sep_ratio"] for r in runs if "probe" in r["analysis"]]
+        if probes:
+            row["sep_ratio"] = mean_se(probes)
+        if base:  # is the method trained at all? paired against the base model on every seed
+            seeds = row["seeds"]
+            c = compare(correctness(runs, seeds), {t: np.tile(base["predictions"][t]["correct"], (len(seeds), 1))
+                                                   for t in base["predictions"]}, n_boot=4000)
+            row["vs_base"] = {k: c[k] for k in ("diff", "low", "high", "verdict")}
+        out["methods"][label] = row
+    for a, b, positive, paper in CLAIMS[claim][2]:
+        if a not in out["methods"] or b not in out["methods"]:
+            continue
+        seeds = sorted(set(out["methods"][a]["seeds"]) & set(out["methods"][b]["seeds"]))
+        c = compare(correctness(res[a], seeds), correctness(res[b], seeds),
+                    expect_positive=True if positive is None else positive, n_boot=10_000)
+        if positive is None:  # "matches": judged by whether the interval lies within ±1 point
+            c["verdict"] = "equivalent within ±1 point" if -1 < c["low"] and c["high"] < 1 else \
+                ("not worse (interval above −1)" if c["low"] > -1 else "not resolved" if c["high"] > -1 else
+                 "worse")
+        out["comparisons"].append({"a": a, "b": b, "paper": paper, **c, "text": describe(c)})
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["run", "report"])
+    p.add_argument("--only", default="", help="comma list of claims (default: all, in order)")
+    args = p.parse_args(argv)
+    if SUITE is None:
+        sys.exit("error: experiments/claims.py has no SUITE yet: run experiments/screening.py and set it")
+    claims = [c for c in CLAIMS if not args.only or c in args.only.split(",")]
+    if args.what == "run":
+        for c in claims:
+            grid(c).run()
+    report = {c: claim_report(c) for c in claims}
+    write_json(ROOT / "experiments" / "claims.json", report)
+    print(json.dumps({c: [x["text"] + f" {x['a']} vs {x['b']}: {x['verdict']}" for x in r["comparisons"]]
+                      for c, r in report.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Hostile and careless input gives one clear line (issue 11): model directories, config.json, adapters, data prep.
+
+Every case below was a traceback of another type (KeyError, JSONDecodeError, SafetensorError, AttributeError,
+RuntimeError), a silent read outside the model directory, or a hang, before the checks it tests. Each test says
+what the user saw before. Tiny models are built with nanoalign itself (no transformers needed).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nanoalign import adapters, load_model, model as model_py
+from nanoalign.adapters import KINDS, apply_adapter, load_adapter, save_adapter
+from nanoalign.model import MAX_LAYERS, CausalLM, ModelConfig, memory_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+HF = dict(architectures=["LlamaForCausalLM"], vocab_size=61, hidden_size=32, intermediate_size=48,
+          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+          max_position_embeddings=64)
+
+
+def tiny_dir(d: Path, **config) -> Path:
+    """A model directory: config.json (HF plus `config` overrides) and model.safetensors of a random tiny Llama."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({**HF, **config}))
+    torch.manual_seed(0)
+    m = CausalLM(ModelConfig.from_hf_dict(HF))
+    save_file({k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"},
+              str(d / "model.safetensors"))
+    return d
+
+
+def one_line(e):
+    return "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- shard index: paths are data
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_index_cannot_point_outside_the_model_directory(tmp_path, where):
+    """A weight_map naming `../w.safetensors` or an absolute path is a ValueError naming the index. Before, the
+    loader read that file and built the model from it."""
+    d = tiny_dir(tmp_path / "model")
+    outside = tmp_path / "w.safetensors"
+    os.replace(d / "model.safetensors", outside)
+    name = "../w.safetensors" if where == "parent" else str(outside)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": name}}))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: .* is not a file name inside") as e:
+        CausalLM.from_pretrained(d)
+    assert one_line(e)
+
+
+def test_index_with_shards_in_a_subdirectory_loads(tmp_path):
+    """The check is about leaving the directory: a shard in a subdirectory of the model directory still loads."""
+    d = tiny_dir(tmp_path / "model")
+    (d / "shards").mkdir()
+    os.replace(d / "model.safetensors", d / "shards" / "all.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "shards/all.safetensors"}}))
+    ids = torch.tensor([[1, 2, 3]])
+    torch.manual_seed(0)
+    ref = CausalLM(ModelConfig.from_hf_dict(HF)).eval()
+    with torch.no_grad():
+        assert torch.equal(CausalLM.from_pretrained(d)(ids), ref(ids))
+
+
+@pytest.mark.parametrize("index", ["{not json", '{"weight_map": ["a"]}', '{"weight_map": {"x": null}}', "[]"])
+def test_unreadable_index_is_one_line(tmp_path, index):
+    """An index that is not {"weight_map": {tensor: file}} is a ValueError naming it (was KeyError/TypeError)."""
+    d = tiny_dir(tmp_path / "model")
+    (d / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match="model.safetensors.index.json") as e:
+        CausalLM.from_pretrained(d)
+    assert one_line(e)
+
+
+# ----------------------------------------------------------------------------- config.json
+
+@pytest.mark.parametrize("text, match", [
+    ("[1, 2]", "JSON object"), ('"llama"', "JSON object"), ("{", "not valid JSON"),
+    (b"\xff\xfe{}", "not valid JSON"),
+])
+def test_config_that_is_not_a_json_object(tmp_path, text, match):
+    """config.json holding a list, a string, broken or non-UTF-8 JSON: one ValueError naming the file (a list
+    was an AttributeError: 'list' object has no attribute 'get')."""
+    d = tiny_dir(tmp_path / "model")
+    (d / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=match) as e:
+        CausalLM.from_pretrained(d)
+    assert str(d / "config.json") in str(e.value) and one_line(e)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("hidden_size", 0), ("hidden_size", -32), ("hidden_size", "32"), ("hidden_size", 32.0), ("vocab_size", True),
+    ("intermediate_size", None), ("num_hidden_layers", 0), ("num_attention_heads", 0), ("num_key_value_heads", -2),
+    ("head_dim", 7), ("num_key_value_heads", 3), ("max_position_embeddings", 0), ("rms_norm_eps", -1.0),
+    ("rope_theta", "big"), ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}), ("rope_scaling", "linear"),
+])
+def test_bad_sizes_fail_before_building(tmp_path, key, value):
+    """Non-positive, non-integer, inconsistent (heads % kv_heads, odd head_dim) or incomplete values are a
+    ValueError naming config.json and the key. Before: RuntimeError 'negative dimension', TypeError '//: str and
+    int', a shape-mismatch message blaming the weights, or a KeyError at the first forward (llama3 RoPE)."""
+    d = tiny_dir(tmp_path / "model", **{key: value})
+    with pytest.raises(ValueError, match=key.split("_")[0]) as e:
+        CausalLM.from_pretrained(d)
+    assert str(d / "config.json") in str(e.value) and one_line(e)
+
+
+def test_absurd_layer_count_fails_fast(tmp_path):
+    """num_hidden_layers = 10^6 fails in milliseconds; before, building the model on the meta device ran for
+    minutes (killed after 60 s in the issue's check)."""
+    d = tiny_dir(tmp_path / "model", num_hidden_layers=10**6)
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match=f"num_hidden_layers=1000000 .* up to {MAX_LAYERS}"):
+        CausalLM.from_pretrained(d)
+    assert time.perf_counter() - t < 2.0
+    ModelConfig(num_hidden_layers=MAX_LAYERS)  # the bound itself is accepted
+
+
+def test_model_larger_than_memory_fails_before_loading(tmp_path, monkeypatch):
+    """A config whose parameters cannot fit the device's memory says so, with the numbers, before any tensor is
+    built. hidden_size 10^6 (3·10^13 parameters) fails on any machine; a real-size model fails when the memory is
+    made smaller than it. Before: a misleading 'weights do not match the config', or a full load into swap."""
+    d = tiny_dir(tmp_path / "model", hidden_size=10**6, intermediate_size=4 * 10**6)
+    with pytest.raises(ValueError, match=r"config.json: a model of [\d,]+ parameters needs [\d,.]+ GB in "
+                                         r"torch.float32, more than the [\d,.]+ GB of memory on cpu") as e:
+        CausalLM.from_pretrained(d)
+    assert one_line(e)
+    small = tiny_dir(tmp_path / "small")
+    need = ModelConfig.from_hf_dict(HF).num_parameters() * 4
+    monkeypatch.setattr(model_py, "memory_bytes", lambda device: need - 1)
+    with pytest.raises(ValueError, match="more than the"):
+        CausalLM.from_pretrained(small)
+    monkeypatch.setattr(model_py, "memory_bytes", lambda device: need)
+    CausalLM.from_pretrained(small)  # exactly enough is enough
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(HF), {**HF, "tie_word_embeddings": False}, {**HF, "architectures": ["Qwen2ForCausalLM"]},
+    {**HF, "attention_bias": True, "mlp_bias": True, "head_dim": 16, "num_key_value_heads": 1},
+])
+def test_num_parameters_counts_what_is_built(cfg):
+    """ModelConfig.num_parameters() (used for the memory check) equals the parameter count of the built model,
+    tied lm_head counted once, for Llama/Qwen2, biases and a head_dim that is not hidden/heads."""
+    c = ModelConfig.from_hf_dict(cfg)
+    with torch.device("meta"):
+        m = CausalLM(c)
+    assert c.num_parameters() == sum(p.numel() for p in m.parameters())
+
+
+def test_memory_bytes():
+    """The CPU's memory is a positive byte count; a device we cannot measure is None (no check, no refusal)."""
+    assert memory_bytes("cpu") > 2**28
+    assert memory_bytes("meta") is None
+
+
+# ----------------------------------------------------------------------------- adapters
+
+@pytest.fixture()
+def saved_adapter(tmp_path):
+    base = tiny_dir(tmp_path / "model")
+    m = apply_adapter(CausalLM.from_pretrained(base), "lora", rank=2)
+    save_adapter(m, tmp_path / "adapter")
+    return base, tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_adapter_safetensors(saved_adapter, damage):
+    """A truncated or garbage adapter.safetensors is a ValueError naming it (was SafetensorError)."""
+    base, d = saved_adapter
+    f = d / "adapter.safetensors"
+    f.write_bytes(f.read_bytes()[:60] if damage == "truncate" else b"\x00" * 64)
+    with pytest.raises(ValueError, match="adapter.safetensors: corrupt or truncated") as e:
+        load_adapter(CausalLM.from_pretrained(base), d)
+    assert one_line(e)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: '{"format": "nanoalign-adapter", ', "not valid JSON"),
+    (lambda c: {k: v for k, v in c.items() if k != "rank"}, "incomplete adapter config, missing rank"),
+    (lambda c: {k: v for k, v in c.items() if k not in ("modules", "options")}, "missing options, modules"),
+    (lambda c: {**c, "options": [1]}, "'options' must be JSON objects"),
+    (lambda c: {**c, "kind": "nope"}, "unknown adapter kind 'nope'"),
+    (lambda c: {**c, "rank": [2]}, "adapter_config.json: "),
+    (lambda c: [c], "not a nanoalign adapter config"),
+])
+def test_damaged_adapter_config(saved_adapter, edit, match):
+    """Broken JSON, missing keys and hand-edited values in adapter_config.json give a ValueError naming the file
+    (were JSONDecodeError, KeyError: 'rank', TypeError), and the model is left without an adapter."""
+    base, d = saved_adapter
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    new = edit(cfg)
+    (d / "adapter_config.json").write_text(new if isinstance(new, str) else json.dumps(new))
+    model = CausalLM.from_pretrained(base)
+    with pytest.raises(ValueError, match=match) as e:
+        load_adapter(model, d)
+    assert str(d / "adapter_config.json") in str(e.value) and one_line(e)
+
+
+def test_rank_too_large_for_memory(tmp_path):
+    """A rank whose adapters cannot fit in memory is a ValueError with the bytes needed, before any allocation;
+    the model is untouched. Before: RuntimeError 'DefaultCPUAllocator: can't allocate memory' (or, with smaller
+    tensors that each fit, the machine running out of memory)."""
+    model = CausalLM.from_pretrained(tiny_dir(tmp_path / "model"))
+    with pytest.raises(ValueError, match=r"rank 1000000000: the lora adapters need [\d,]+ bytes .* more than") as e:
+        apply_adapter(model, "lora", rank=10**9)
+    assert one_line(e)
+    assert not hasattr(model, "adapter_config")
+    assert not any(isinstance(m, adapters.AdapterLinear) for m in model.modules())
+
+
+def weight_failing_with(error):
+    """An adapters.Weight that raises `error` when it would allocate real memory (meta tensors still work)."""
+    class Failing(adapters.Weight):
+        def __init__(self, *shape, device=None):
+            if torch.device(device).type != "meta":
+                raise error
+            super().__init__(*shape, device=device)
+    return Failing
+
+
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                                "allocate 123 bytes"),
+                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")])
+def test_allocation_failure_is_reported_with_the_size(tmp_path, monkeypatch, error):
+    """When the memory check passes but the allocation itself fails (memory used by something else), the
+    RuntimeError / torch.OutOfMemoryError becomes a ValueError saying what rank r needs."""
+    model = CausalLM.from_pretrained(tiny_dir(tmp_path / "model"))
+    monkeypatch.setattr(adapters, "Weight", weight_failing_with(error))
+    found = adapters._target_linears(model, adapters.DEFAULT_TARGETS)
+    need = adapters._adapter_bytes(adapters.LoRALinear, found, dict(rank=4, alpha=16, dropout=0.0))
+    with pytest.raises(ValueError, match=f"rank 4: the lora adapters need {need:,} bytes .* cannot allocate now"):
+        apply_adapter(model, "lora", rank=4)
+    assert not hasattr(model, "adapter_config")
+
+
+def test_other_runtime_errors_are_not_masked(tmp_path, monkeypatch):
+    """Only allocation failures are translated: any other RuntimeError while building adapters propagates."""
+    model = CausalLM.from_pretrained(tiny_dir(tmp_path / "model"))
+    monkeypatch.setattr(adapters, "Weight", weight_failing_with(RuntimeError("some bug")))
+    with pytest.raises(RuntimeError, match="some bug"):
+        apply_adapter(model, "lora", rank=4)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_adapter_bytes_match_what_is_allocated(tmp_path, kind):
+    """The byte count in the rank message (counted on the meta device) equals the adapter tensors apply_adapter
+    really allocates (parameters and buffers, base weights excluded), for every adapter kind."""
+    model = CausalLM.from_pretrained(tiny_dir(tmp_path / "model"))
+    found = adapters._target_linears(model, adapters.DEFAULT_TARGETS)
+    cls, fixed = KINDS[kind]
+    args = dict(rank=3, alpha=16, dropout=0.0, **fixed)
+    if kind in ("hydra", "hydra-norouter", "rlora", "mlora", "mtl", "multilora"):
+        args["heads"] = 2
+    if kind == "mtl":
+        args["num_tasks"] = 3
+    need = adapters._adapter_bytes(cls, found, args)
+    apply_adapter(model, kind, rank=3, heads=2, num_tasks=3 if kind == "mtl" else None)
+    got = sum(t.numel() * t.element_size() for _, m in adapters.adapter_modules(model)
+              for t in (*m.parameters(), *m.buffers()) if t is not m.weight and t is not m.bias)
+    assert need == got > 0
+
+
+def test_save_adapter_disk_full(saved_adapter, monkeypatch):
+    """A write that fails (disk full, read-only directory; simulated, the tests run as root) raises one OSError
+    line naming the file; the previous adapter stays intact and no temporary file is left. Before: a bare
+    'OSError: [Errno 28] No space left on device' naming nothing."""
+    import safetensors
+    import safetensors.torch
+    base, d = saved_adapter
+    before = (d / "adapter.safetensors").read_bytes()
+    model = apply_adapter(CausalLM.from_pretrained(base), "lora", rank=2)
+    for err in (OSError(28, "No space left on device"), safetensors.SafetensorError("Error while serializing")):
+        def fail(*args, **kwargs):
+            raise err
+        monkeypatch.setattr(safetensors.torch, "save_file", fail)
+        with pytest.raises(OSError, match=f"cannot write {d / 'adapter.safetensors'} ") as e:
+            save_adapter(model, d)
+        assert one_line(e)
+        assert (d / "adapter.safetensors").read_bytes() == before
+        assert sorted(p.name for p in d.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+
+
+def test_save_adapter_where_a_file_is(saved_adapter, tmp_path):
+    """An adapter directory whose path is an existing file: one OSError line naming it (was FileExistsError)."""
+    base, _ = saved_adapter
+    (tmp_path / "taken").write_text("x")
+    model = apply_adapter(CausalLM.from_pretrained(base), "lora", rank=2)
+    with pytest.raises(OSError, match="cannot create the adapter directory .*taken") as e:
+        save_adapter(model, tmp_path / "taken")
+    assert one_line(e)
+
+
+# ----------------------------------------------------------------------------- load_model with a local-looking name
+
+def test_load_model_missing_local_directory(tmp_path, monkeypatch):
+    """load_model('./missing-dir') says the directory does not exist and never asks the hub (before: the name
+    matched Org/Name and the user saw 'cannot download ./missing-dir (network unreachable ...)')."""
+    from nanoalign import hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a local-looking name went to the hub")
+    monkeypatch.setattr(hub, "open_url", no_network)
+    monkeypatch.chdir(tmp_path)
+    for name in ("./missing-dir", "../missing-dir", "sub/dir/missing"):
+        with pytest.raises(FileNotFoundError, match="no such model directory: .* does not exist") as e:
+            load_model(name)
+        assert one_line(e)
+
+
+# ----------------------------------------------------------------------------- data/prepare.py
+
+WINO_ROW = '{"sentence": "Tom thanked Bob because _ helped.", "option1": "Tom", "option2": "Bob", "answer": "2"}\n'
+
+
+def prepare_winogrande(src, out):
+    return subprocess.run([sys.executable, str(REPO / "data/prepare.py"), "commonsense", "--tasks", "winogrande",
+                           "--source", str(src), "--out", str(out)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_prepare_with_empty_largest_winogrande_file(tmp_path, with_labels):
+    """An empty train_xl.jsonl (the largest size, the one read) stops prepare.py with one `error:` line naming it
+    and saying what to do; once it is removed the next size down is used. Before: with its labels file a
+    ValueError traceback ('0 rows but N labels'), without it a silently written 0-row training file."""
+    d = tmp_path / "src" / "commonsense" / "winogrande"
+    d.mkdir(parents=True)
+    (d / "train_l.jsonl").write_text(WINO_ROW * 4)
+    (d / "dev.jsonl").write_text(WINO_ROW * 3)
+    (d / "train_xl.jsonl").write_text("")
+    if with_labels:
+        (d / "train_xl-labels.lst").write_text("1\n2\n")
+    r = prepare_winogrande(tmp_path / "src", tmp_path / "out")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "train_xl.jsonl is empty" in last and "next train size down" in last
+    assert not (tmp_path / "out" / "commonsense" / "winogrande-train.jsonl").exists()
+    (d / "train_xl.jsonl").unlink()
+    r = prepare_winogrande(tmp_path / "src", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "out" / "commonsense" / "winogrande-train.jsonl").read_text().splitlines()) == 4
+
+
+def test_prepare_with_a_malformed_row_is_one_line(tmp_path):
+    """A row that is not JSON is one `error:` line naming the file and line (was a ValueError traceback)."""
+    d = tmp_path / "src" / "commonsense" / "winogrande"
+    d.mkdir(parents=True)
+    (d / "train_xl.jsonl").write_text(WINO_ROW + "{oops\n")
+    r = prepare_winogrande(tmp_path / "src", tmp_path / "out")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {d / 'train_xl.jsonl'}:2: not valid JSON")
