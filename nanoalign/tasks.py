@@ -140,8 +140,9 @@ def row_error(path, line, problem):
     return ValueError(f"{path}:{line}: {problem}")
 
 
-def first_existing(d, names):
-    return next((d / n for n in names if (d / n).exists()), None)
+def first_existing(d, names, skip_empty=False):
+    """The first of `names` present in d (with skip_empty, the first that is not an empty file)."""
+    return next((d / n for n in names if (d / n).exists() and not (skip_empty and (d / n).stat().st_size == 0)), None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,7 +384,8 @@ def read_commonsense(task, d, fmt="label"):
     if task == "winogrande":
         # train_xs ⊂ train_s ⊂ ... ⊂ train_xl, so read only the largest present (the Align-LoRA code concatenates
         # all sizes, which repeats the small ones up to five times).
-        train = first_existing(d, [f"train_{s}.jsonl" for s in ("xl", "l", "m", "s", "xs")])
+        # an empty file (a truncated download) is passed over for the next size down
+        train = first_existing(d, [f"train_{s}.jsonl" for s in ("xl", "l", "m", "s", "xs")], skip_empty=True)
         out = {}
         for split, path in (("train", train), ("test", d / "dev.jsonl")):
             if path and path.exists():

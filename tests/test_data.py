@@ -166,6 +166,8 @@ def test_winogrande_v11_uses_largest_train_size(tmp_path):
     s = T.read_task("winogrande", tmp_path)
     assert [ex["answer"] for ex in s["train"]] == [" option1", " option2"] and s["test"][0]["answer"] == " option2"
     assert "blank _ in: The trophy" in s["train"][0]["prompt"] and "Option2: suitcase" in s["train"][0]["prompt"]
+    write(d / "train_xl.jsonl", "")  # a truncated download: the next size down is read instead
+    assert [ex["answer"] for ex in T.read_task("winogrande", tmp_path)["train"]] == [" option1"]
 
 
 def test_hellaswag_original_jsonl(tmp_path):
