@@ -103,10 +103,15 @@ CLAIMS = {
 }
 
 
-def grid(claim):
-    labels, seeds, _ = CLAIMS[claim]
-    every = methods(len(SUITE.tasks), model_config(SUITE.model))
-    return Grid(f"claim-{claim}", SUITE, {k: every[k] for k in labels}, seeds)
+def grid(claim, suite=None, seeds=None, **where):
+    """The grid of one claim: its methods on SUITE (or `suite`) for its seeds (or `seeds`); `where`: Grid's
+    results_dir / work_dir (the tutorials' --tiny smoke runs use a temporary one)."""
+    labels, claim_seeds, _ = CLAIMS[claim]
+    suite = suite or SUITE
+    if suite is None:
+        raise SystemExit("error: experiments/claims.py has no SUITE yet: run experiments/screening.py and set it")
+    every = methods(len(suite.tasks), model_config(suite.model))
+    return Grid(f"claim-{claim}", suite, {k: every[k] for k in labels}, seeds or claim_seeds, **where)
 
 
 def correctness(runs, seeds):
@@ -116,10 +121,10 @@ def correctness(runs, seeds):
     return {t: np.array([by_seed[s]["predictions"][t]["correct"] for s in seeds]) for t in tasks}
 
 
-def claim_report(claim):
+def claim_report(claim, **grid_args):
     """The measured rows of one claim: per method mean ± SE over seeds of the suite average, the base model, and
-    each paired comparison with its interval and verdict."""
-    g = grid(claim)
+    each paired comparison with its interval and verdict (`grid_args`: see `grid`)."""
+    g = grid(claim, **grid_args)
     res = g.results()
     base = res.pop("base")
     out = {"claim": claim, "suite": g.suite.describe(), "methods": {}, "comparisons": [], "base": None}
@@ -166,8 +171,6 @@ def main(argv=None):
     p.add_argument("what", choices=["run", "report"])
     p.add_argument("--only", default="", help="comma list of claims (default: all, in order)")
     args = p.parse_args(argv)
-    if SUITE is None:
-        sys.exit("error: experiments/claims.py has no SUITE yet: run experiments/screening.py and set it")
     claims = [c for c in CLAIMS if not args.only or c in args.only.split(",")]
     if args.what == "run":
         for c in claims:

@@ -44,17 +44,14 @@ def test_methods_are_the_papers_configurations():
         assert set(labels) <= set(m) and all(a in labels and b in labels for a, b, _, _ in comparisons)
 
 
-def test_claim_report_from_cached_runs(tiny, tmp_path, one_thread, monkeypatch):
+def test_claim_report_from_cached_runs(tiny, tmp_path, one_thread):
     """A claim grid on the tiny model (2 seeds, 3 steps) and its report: one row per method (mean ± SE over seeds,
     its paired comparison with the base model), and each claimed comparison with its interval and verdict."""
     suite = G.Suite(("alphabet-first", "colour-review"), model=str(tiny), steps=3, batch_per_task=1, lr=1e-2,
                     warmup=1, seq_len=64, train_pool=16, test_per_task=6, data_dir=str(tmp_path), probe_examples=2)
-    monkeypatch.setattr(C, "SUITE", suite)
-    monkeypatch.setitem(C.CLAIMS, "1-2", (C.CLAIMS["1-2"][0], [0, 1], C.CLAIMS["1-2"][2]))
-    monkeypatch.setattr(G, "RESULTS", tmp_path / "res")
-    monkeypatch.setattr(C, "Grid", lambda *a, **k: G.Grid(*a, results_dir=tmp_path / "res", work_dir=tmp_path / "w"))
-    C.grid("1-2").run()
-    rep = C.claim_report("1-2")
+    where = dict(suite=suite, seeds=[0, 1], results_dir=tmp_path / "res", work_dir=tmp_path / "w")
+    C.grid("1-2", **where).run()
+    rep = C.claim_report("1-2", **where)
     assert set(rep["methods"]) == {"hydra", "hydra-norouter", "rlora", "mlora"} and rep["base"] is not None
     row = rep["methods"]["mlora"]
     assert row["seeds"] == [0, 1] and len(row["per_seed"]) == 2 and "head_cosine" in row and "vs_base" in row
