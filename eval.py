@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 import nanoalign
-from nanoalign.adapters import load_adapter, merge_adapters
+from nanoalign.adapters import merge_adapters
 from nanoalign.data import load_tasks
 from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, generation_fallback, without_records
 from nanoalign.hub import HubError
 from nanoalign.tasks import FORMATS
-from train import os_error_line, pick_device, read_json  # one copy of each (train.py sits beside this script)
+from train import load_checked_adapter, os_error_line, pick_device, read_json  # train.py sits beside this script
 
 
 def parse_args(argv=None):
@@ -170,20 +170,6 @@ def run(args):
     write_atomic(out, json.dumps(result, indent=2))
     print(f"wrote {out} and {preds_path.name}")
     return result
-
-
-def load_checked_adapter(model, adapter_dir):
-    """load_adapter, with a damaged adapter directory named in one line (an incomplete adapter_config.json, an
-    unreadable adapter.safetensors) instead of a traceback."""
-    from safetensors import SafetensorError
-    try:
-        load_adapter(model, adapter_dir)
-    except KeyError as e:
-        raise ValueError(f"{adapter_dir / 'adapter_config.json'}: missing key {e}; the file is incomplete (train.py "
-                         "writes it whole: re-save the adapter)") from None
-    except SafetensorError as e:
-        raise ValueError(f"{adapter_dir / 'adapter.safetensors'}: not a readable safetensors file ({e}); the file is "
-                         "damaged or cut short") from None
 
 
 def rounded(record):
