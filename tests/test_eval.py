@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import JSONL_TASKS, make_jsonl  # noqa: E402
+from conftest import JSONL_TASKS, error_line, make_jsonl  # noqa: E402
 
 import nanoalign  # noqa: E402
 from nanoalign.adapters import apply_adapter, save_adapter  # noqa: E402
@@ -192,6 +192,10 @@ def test_eval_py_base_model_generate(tiny, tmp_path, capsys):
     assert "base" in capsys.readouterr().out
 
 
+def eval_error(capsys, args):
+    return error_line(capsys, eval_py.main, args)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--adapter-dir", "/no/such/adapter"], "error: --adapter-dir /no/such/adapter: no such directory"),
     (["--adapter-dir", "PEFT"], "not a nanoalign adapter (a PEFT directory?"),
@@ -206,12 +210,7 @@ def test_eval_py_bad_inputs(tiny, tmp_path, capsys, extra, message):
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     args = ["--model", str(tiny), "--data", str(data), "--out", str(tmp_path / "r.json")]
-    with pytest.raises(SystemExit) as e:
-        eval_py.main(args + [str(tmp_path / "peft") if x == "PEFT" else x for x in extra])
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    assert message in eval_error(capsys, args + [str(tmp_path / "peft") if x == "PEFT" else x for x in extra])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,18 +337,6 @@ def test_eval_py_diagnostics_predictions_and_no_silent_overwrite(tiny, tmp_path,
 
 # ----------------------------------------------------------------------------------------------------------------
 # eval.py: damaged files and system errors are one line; what was asked but not done is said
-
-def eval_error(capsys, args):
-    """Run eval.py's main, expect exit code 1, return its single `error: ...` line (no traceback)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        eval_py.main([str(a) for a in args])
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
 
 @pytest.mark.parametrize("damage, message", [
     ("config-not-json", "adapter_config.json:1: not valid JSON"),

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train as train_py  # noqa: E402
 
-from conftest import JSONL_TASKS, make_jsonl  # noqa: E402
+from conftest import JSONL_TASKS, error_line, make_jsonl  # noqa: E402
 import nanoalign  # noqa: E402
 from nanoalign.adapters import load_adapter  # noqa: E402
 from nanoalign.data import load_tasks  # noqa: E402
@@ -139,15 +139,7 @@ def test_length_groups_split():
 
 
 def main_error(capsys, args):
-    """Run train.py's main, expect exit code 1, return its single `error: ...` line (and check for no traceback)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train_py.main([str(a) for a in args])
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
+    return error_line(capsys, train_py.main, args)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, data, tmp_path, capsys, monkeypatch):
@@ -499,10 +491,4 @@ def test_bad_inputs_give_one_line_errors(tiny, data, tmp_path, capsys, monkeypat
                        + json.dumps({"task": "t", "prompt": "caf\u00e9\nAnswer:", "answer": " y"},
                                     ensure_ascii=False).encode("latin-1") + b"\n")
     files = {"BAD": str(bad), "LATIN1": str(latin1)}
-    args = argv(tiny, tmp_path, data[0]) + [files.get(x, x) for x in extra]
-    with pytest.raises(SystemExit) as e:
-        train_py.main(args)
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    assert message in main_error(capsys, argv(tiny, tmp_path, data[0]) + [files.get(x, x) for x in extra])
