@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 import nanoalign
-from nanoalign.adapters import load_adapter, merge_adapters
+from nanoalign.adapters import merge_adapters
 from nanoalign.data import load_tasks
-from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, without_records
+from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, generation_fallback, without_records
 from nanoalign.hub import HubError
 from nanoalign.tasks import FORMATS
+from train import load_checked_adapter, os_error_line, pick_device, read_json  # train.py sits beside this script
 
 
 def parse_args(argv=None):
@@ -96,7 +97,7 @@ def find_adapter_dir(path):
     if not (d / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter-dir {d}: no adapter_config.json; pass the adapter/ directory train.py "
                                 "wrote (out/<run>/adapter)")
-    if json.loads((d / "adapter_config.json").read_text()).get("format") != "nanoalign-adapter":
+    if read_json(d / "adapter_config.json").get("format") != "nanoalign-adapter":
         raise ValueError(f"--adapter-dir {d}: not a nanoalign adapter (a PEFT directory? evaluate the adapter/ "
                          "directory next to it)")
     return d
@@ -105,19 +106,20 @@ def find_adapter_dir(path):
 def run(args):
     if args.max_per_task < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--max-per-task must be >= 0, --batch-size and --max-new-tokens >= 1")
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    device = pick_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]
     adapter_dir = find_adapter_dir(args.adapter_dir) if args.adapter_dir else None
     model_name = args.model
     task_ids = None
     if adapter_dir:
-        saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+        saved = read_json(adapter_dir / "adapter_config.json")
         model_name = model_name or saved.get("base_model")
         if (adapter_dir / "tasks.json").is_file():  # training task ids (MTL-LoRA needs them at inference)
-            task_ids = {t: i for i, t in enumerate(json.loads((adapter_dir / "tasks.json").read_text())["tasks"])}
+            names = read_json(adapter_dir / "tasks.json").get("tasks")
+            if not isinstance(names, list):
+                raise ValueError(f"{adapter_dir / 'tasks.json'}: expected {{\"tasks\": [task names]}}")
+            task_ids = {t: i for i, t in enumerate(names)}
     model_name = model_name or "smollm2-135m"
     fmt = args.format or ("cloze" if args.mode == "cloze" else "label")
     out, preds_path = result_paths(args, adapter_dir, model_name, fmt)  # before any work: refuse to overwrite
@@ -134,7 +136,7 @@ def run(args):
     model = nanoalign.load_model(model_name, dtype=dtype, device=device)
     label = "base"
     if adapter_dir:
-        load_adapter(model, adapter_dir)
+        load_checked_adapter(model, adapter_dir)
         kind = model.adapter_config["kind"]
         label = kind
         if not args.no_merge:
@@ -143,6 +145,9 @@ def run(args):
                 label = f"{kind} (merged)"
             except ValueError as e:  # routers and per-task adapters have no single merged weight
                 print(f"note: evaluating unmerged: {e}", file=sys.stderr)
+    if fallback := generation_fallback(tasks, args.mode):
+        print(f"note: --mode {args.mode} scores options; {', '.join(fallback)} (no options) will be scored by "
+              "generation instead (its result says mode 'generate')", file=sys.stderr)
     t0 = time.perf_counter()
     results = evaluate(model, tok, tasks, mode=args.mode, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, task_ids=task_ids)
@@ -188,9 +193,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nerror: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, FileNotFoundError, FileExistsError, HubError, torch.OutOfMemoryError) as e:
+    except (ValueError, OSError, HubError, torch.OutOfMemoryError) as e:
         if isinstance(e, torch.OutOfMemoryError):
             e = "out of memory; lower --batch-size"
+        elif isinstance(e, OSError):
+            e = os_error_line(e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

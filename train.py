@@ -8,8 +8,16 @@ Every micro-batch holds `--batch-per-task` examples of every task (task ids trav
 Align-LoRA objective L = L_LM + λ·L_align (METHODS §2.10, §3.7) is computed per micro-batch and back-propagated with
 the LM loss in the same backward. Only answer positions get logits (a 152k vocabulary makes full logits the largest
 tensor of a step). Checkpoints hold adapter, optimizer, RNG states and data position (the learning rate is a
-function of the step), written atomically, so `--resume` continues the exact same loss curve (bitwise on CPU);
-Ctrl-C saves one and exits; a NaN/inf loss stops before the optimizer step and keeps the last good checkpoint.
+function of the step), written atomically and synced to disk, so `--resume` continues the exact same loss curve
+(bitwise on CPU), also after a torn last log line or from checkpoint.old when the live checkpoint is damaged;
+Ctrl-C saves one and exits. A step whose loss, gradient norm or updated weights are not finite stops the run before
+anything of it is written, so the last checkpoint is always a good one. A run directory that holds an earlier run is
+continued with --resume or started again with --overwrite, never replaced by accident.
+
+`train()` reads top to bottom as the stages of a run: setup (device, processes, seed, dtype, the run directory),
+data (tasks, tokenisation, the batcher), model + adapter (evaluation before, optimizer, resume), then per step
+`train_step` (the part a GPU profile points at: micro-batches, all-reduce, clipping, update, one host read), the log
+and checkpoints, and `finish` (final save and evaluation). Under DDP every rank evaluates a share of the examples.
 
 Writes out/<run>/: config.json, log.jsonl (one record per step), checkpoint/, adapter/ (nanoalign format),
 peft/ (when the adapter is a plain LoRA at inference) and results.json (per-task accuracy before and after).
@@ -24,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import resource
@@ -31,7 +40,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +54,8 @@ from nanoalign.adapters import (KINDS, adapter_context, apply_adapter, check_opt
                                 load_adapter, save_adapter)
 from nanoalign.align import alignment_loss
 from nanoalign.data import IGNORE_INDEX, BalancedBatcher, answer_positions, encode_example, load_tasks
-from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, markdown_table, without_records
+from nanoalign.evaluate import (MODES, accuracies, diagnostics_table, evaluate, generation_fallback, markdown_table,
+                                task_result, without_records)
 from nanoalign.hub import HubError
 from nanoalign.tasks import FORMATS
 
@@ -132,7 +142,7 @@ class TrainConfig:
     eval_data: str = opt("", "held-out data for the evaluations (default: the test split of --data)")
 
 
-def parse_args(argv=None) -> TrainConfig:
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
@@ -142,25 +152,57 @@ def parse_args(argv=None) -> TrainConfig:
         else:
             kw.update(type=f.type, choices=f.metadata["choices"])
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    p.add_argument("--overwrite", action="store_true", help="start fresh in a run directory that holds an earlier "
+                   "run, deleting its checkpoints and log (without --resume or this, train.py refuses to start there)")
+    return p
 
 
-def check_config(cfg: TrainConfig):
+def parse_command(argv=None):
+    """(TrainConfig, overwrite) of a command line. --overwrite is no TrainConfig field: it says what to do with the
+    run directory, not what to compute (a field would enter config.json and every key derived from the config)."""
+    ns = vars(make_parser().parse_args(argv))
+    overwrite = ns.pop("overwrite")
+    return TrainConfig(**ns), overwrite
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """The TrainConfig of a command line (see parse_command for --overwrite)."""
+    return parse_command(argv)[0]
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_config(cfg: TrainConfig, overwrite=False):
+    """Every option in range before anything is loaded or written: a non-finite or absurd number would otherwise
+    show up as a NaN loss after the first update, or worse as finite garbage saved in a checkpoint."""
     positive = ["rank", "heads", "max_steps", "batch_per_task", "grad_accum", "seq_len", "log_every", "ckpt_every",
                 "eval_tokens", "length_groups"]
     bad = next((f for f in positive if getattr(cfg, f) < 1), None)
     if bad:
-        raise ValueError(f"--{bad.replace('_', '-')} must be at least 1, got {getattr(cfg, bad)}")
-    bad = next((f for f in ["warmup", "max_per_task", "stop_at", "eval_every", "eval_max", "grad_clip",
-                            "weight_decay"] if getattr(cfg, f) < 0), None)
+        raise ValueError(f"{flag(bad)} must be at least 1, got {getattr(cfg, bad)}")
+    bad = next((f for f in ["warmup", "max_per_task", "stop_at", "eval_every", "eval_max"] if getattr(cfg, f) < 0),
+               None)
     if bad:
-        raise ValueError(f"--{bad.replace('_', '-')} must not be negative, got {getattr(cfg, bad)}")
-    if not cfg.lr > 0:
-        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+        raise ValueError(f"{flag(bad)} must not be negative, got {getattr(cfg, bad)}")
+    bad = next((f for f in ["lr", "alpha", "dropout", "weight_decay", "grad_clip", "align_lambda"]
+                if not math.isfinite(getattr(cfg, f))), None)
+    if bad:
+        raise ValueError(f"{flag(bad)} must be a finite number, got {getattr(cfg, bad)}")
+    if not 0 < cfg.lr <= 1:
+        raise ValueError(f"--lr must be in (0, 1], got {cfg.lr} (AdamW moves each weight by about the learning rate "
+                         "per step; LoRA learning rates are 1e-4 to 1e-2)")
+    if not cfg.alpha > 0:
+        raise ValueError(f"--alpha must be positive, got {cfg.alpha}")
+    bad = next((f for f in ["weight_decay", "grad_clip", "align_lambda"] if getattr(cfg, f) < 0), None)
+    if bad:
+        raise ValueError(f"{flag(bad)} must not be negative, got {getattr(cfg, bad)}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.resume and overwrite:
+        raise ValueError("--resume continues the run in its directory, --overwrite starts it again: pass one of them")
     check_options(cfg.adapter, parse_options(cfg.adapter_options))
-    # a NaN --align-lambda is let through on purpose: the NaN check below stops at the first step and names it
 
 
 def parse_options(text):
@@ -178,14 +220,28 @@ def parse_options(text):
     return options
 
 
+def aligns(cfg):
+    """Whether the alignment loss is on: the align adapter, or any adapter with --align-any."""
+    return cfg.adapter == "align" or cfg.align_any
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def pick_device(name):
+    """--device: auto (cuda when available), cpu, cuda or cuda:N; anything else is a one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: not a device nanoalign runs on; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -224,10 +280,55 @@ def memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def fsync(path):
+    """Flush a file's or a directory's entries to disk (a rename is durable only once its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, text: str):
+    """`text` into a temporary file beside `path`, synced, then renamed over it: `path` is the old or the new text,
+    never a torn one; the temporary file does not outlive a failure."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync(path.parent)
+
+
+def read_json(path: Path):
+    """The JSON object of a file, or a ValueError naming the file (and line) and what is wrong with it."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (damaged?)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}; damaged or cut short?)") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def to_device(t, device):
+    """A host tensor on `device`; on CUDA through pinned memory and without blocking: the copy queues behind the
+    kernels already launched instead of waiting for them."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@torch.no_grad()
+def all_finite(params):
+    """A 0-dim bool tensor on the parameters' device (no host sync): whether every value is finite. One norm over
+    all of them (foreach kernels); a NaN or inf anywhere, or a weight past ~1e19 (the float32 norm overflows), makes
+    it False."""
+    return torch.nn.utils.get_total_norm(params).isfinite()
 
 
 def select_tasks(by_task, subset, spec):
@@ -267,12 +368,12 @@ def setup_distributed(device):
     return dist.get_rank(), world, device
 
 
-def all_sum(values, device, world):
-    """Sum a few floats over ranks (losses, token counts, the Ctrl-C flag), so every rank takes the same decisions."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_sum(t, world):
+    """Sum a float64 tensor over ranks (losses, token counts, the Ctrl-C flag), so every rank takes the same
+    decisions; no host sync."""
     if world > 1:
         dist.all_reduce(t)
-    return t.tolist()
+    return t
 
 
 def rng_states(device, world):
@@ -294,55 +395,196 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state[n:].clone(), device)
 
 
-# ----------------------------------------------------------------------------- checkpoints (safetensors + JSON)
+def evaluate_all_ranks(model, tok, tasks, env, **kw):
+    """`evaluate` with the examples shared out over the ranks (rank r scores examples r, r + world, ...) and the
+    records gathered back in their order, so every rank gets the whole result. Every rank works during an
+    evaluation, and none waits inside a collective while another one evaluates alone (NCCL's watchdog kills a
+    collective that waits longer than its timeout, e.g. 10 minutes)."""
+    if env.world == 1:
+        return evaluate(model, tok, tasks, **kw)
+    shard = {t: rows[env.rank::env.world] for t, rows in tasks.items() if rows[env.rank::env.world]}
+    mine = evaluate(model, tok, shard, progress=env.master, **kw)
+    parts = [None] * env.world
+    dist.all_gather_object(parts, {t: (r["mode"], r["records"]) for t, r in mine.items()})
+    results = {}
+    for t, rows in tasks.items():
+        per_rank = [part.get(t, (None, [])) for part in parts]
+        records = [per_rank[i % env.world][1][i // env.world] for i in range(len(rows))]
+        results[t] = task_result(records, next(mode for mode, _ in per_rank if mode))
+    return results
 
-def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, world):
-    """Called on every rank (the RNG states are gathered); rank 0 writes `<path>.tmp/` completely, then swaps it in
-    with renames, so a crash at any moment leaves a complete checkpoint at `path` or `<path>.old`."""
+
+# ----------------------------------------------------------------------------- the run directory: log, checkpoints
+
+RUN_STATE = ("checkpoint", "checkpoint.old", "log.jsonl")  # what a fresh start would destroy
+
+
+def check_fresh_start(out: Path, overwrite):
+    """Forgetting --resume must not destroy a run: a fresh start in a directory holding a checkpoint or a log
+    needs --overwrite."""
+    found = [name for name in RUN_STATE if (out / name).exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"{out} holds an earlier run ({', '.join(found)}): pass --resume to continue it, or "
+                              "--overwrite to delete it and start fresh")
+
+
+def clear_run_state(out: Path):
+    """--overwrite: the earlier run's checkpoints and log go (its adapter and results are replaced at the end)."""
+    for name in (*RUN_STATE, "checkpoint.tmp"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def read_log(path: Path, say=print):
+    """The records of log.jsonl. A torn last line (a write cut short by a full disk or a power loss) is dropped with
+    a note; a damaged line before the last one is an error naming it."""
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record")
+            records.append(record)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if any(line.strip() for line in lines[i:]):
+                raise ValueError(f"{path}:{i}: not a JSON record; the log is damaged (delete the line, or start "
+                                 "again with --overwrite)") from None
+            say(f"note: {path}:{i}: dropped a torn last line ({len(raw)} bytes)")
+    return records
+
+
+def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, world, params):
+    """Called on every rank (the RNG states are gathered); rank 0 writes `<path>.tmp/` completely, syncs it to disk,
+    then swaps it in with renames, so a crash at any moment leaves a complete checkpoint at `path` or `<path>.old`.
+    A failed write (a full disk) removes `<path>.tmp`; weights that are not finite are never written."""
     from safetensors.torch import save_file
     rngs = rng_states(device, world)
     if rank != 0:
         return
+    if not bool(all_finite(params)):
+        raise FloatingPointError(f"refusing to write {path} at step {step}: the adapter weights are not finite")
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp)
-    sd = opt.state_dict()
-    save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()},
-              str(tmp / "optimizer.safetensors"))
-    save_file({f"rank{r}": s for r, s in enumerate(rngs)}, str(tmp / "rng.safetensors"))
-    state = {"step": step, "world_size": world, "batcher": batcher.state_dict(),
-             "optimizer_groups": sd["param_groups"], **extra}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    try:
+        tmp.mkdir(parents=True)
+        save_adapter(model, tmp)
+        sd = opt.state_dict()
+        save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()},
+                  str(tmp / "optimizer.safetensors"))
+        save_file({f"rank{r}": s for r, s in enumerate(rngs)}, str(tmp / "rng.safetensors"))
+        state = {"step": step, "world_size": world, "batcher": batcher.state_dict(),
+                 "optimizer_groups": sd["param_groups"], **extra}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for f in tmp.iterdir():
+            fsync(f)
+        fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
     tmp.rename(path)
+    fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def find_checkpoint(path: Path):
-    """The checkpoint directory to resume from and its state.json, or a clear error."""
-    if not (path / "state.json").is_file() and (path.with_name(path.name + ".old") / "state.json").is_file():
-        path = path.with_name(path.name + ".old")  # interrupted between the two renames: the old one is complete
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from; run without --resume to start fresh")
-    return path, json.loads((path / "state.json").read_text())
+@dataclass
+class Checkpoint:
+    """A checkpoint read back whole: its directory, state.json, optimizer and RNG tensors (the adapter is checked
+    here and loaded from the directory by load_adapter)."""
+    path: Path
+    state: dict
+    optimizer: dict
+    rng: dict
 
 
-def load_checkpoint(path: Path, state, model, opt, device, rank, world):
-    """Adapter, optimizer and this rank's RNG state from a checkpoint (the data position is the caller's)."""
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read and check every file of a checkpoint directory, or a ValueError naming the bad file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    if state["world_size"] != world:
-        raise ValueError(f"{path} was written by {state['world_size']} process(es); resume with the same number "
-                         f"(this run has {world})")
-    load_adapter(model, path)
+    state = read_json(path / "state.json") if (path / "state.json").is_file() else None
+    if state is None or not all(k in state for k in ("step", "world_size", "batcher", "optimizer_groups", "config")):
+        raise ValueError(f"{path / 'state.json'}: missing or incomplete")
+    read_json(path / "adapter_config.json")
+    tensors = {}
+    for name in ("adapter", "optimizer", "rng"):
+        file = path / f"{name}.safetensors"
+        try:
+            tensors[name] = load_file(str(file))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    if not all(bool(t.isfinite().all()) for t in tensors["adapter"].values()):
+        raise ValueError(f"{path / 'adapter.safetensors'}: holds non-finite weights")
+    return Checkpoint(path, state, tensors["optimizer"], tensors["rng"])
+
+
+def find_checkpoint(path: Path, say=print) -> Checkpoint:
+    """The checkpoint to resume from: `path`, else `<path>.old` (a crash between the two renames of save_checkpoint
+    leaves only that one; damage to `path` is noted); a clear error when neither is there or readable."""
+    old = path.with_name(path.name + ".old")
+    problems = []
+    for d in (path, old):
+        if not d.is_dir():
+            continue
+        try:
+            ckpt = read_checkpoint(d)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            say(f"note: {problems[0]}; resuming from {d} instead")
+        return ckpt
+    if problems:
+        raise ValueError(f"cannot resume: {'; '.join(problems)}. Restore the file, or start again with --overwrite")
+    fresh = "--overwrite" if (path.parent / "log.jsonl").exists() else "without --resume"
+    raise FileNotFoundError(f"{path}: no checkpoint to resume from; run {fresh} to start fresh")
+
+
+def continue_run_dir(out: Path, ckpt: Checkpoint, say=print):
+    """On resume (rank 0): a damaged live checkpoint that lost to checkpoint.old goes to checkpoint.bad (else the
+    next save would rotate it over the good one); log.jsonl keeps the records up to the checkpoint's step (a crash
+    after it logged more) without a torn last line."""
+    live = out / "checkpoint"
+    if ckpt.path != live and live.exists():
+        shutil.rmtree(out / "checkpoint.bad", ignore_errors=True)
+        live.rename(out / "checkpoint.bad")
+        say(f"note: moved the damaged checkpoint to {out / 'checkpoint.bad'}")
+    log = out / "log.jsonl"
+    if log.exists():
+        keep = [r for r in read_log(log, say) if r["step"] <= ckpt.state["step"]]
+        write_atomic(log, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def load_checked_adapter(model, directory: Path):
+    """load_adapter, with a damaged adapter directory named in one line (an incomplete adapter_config.json, an
+    unreadable adapter.safetensors) instead of a traceback."""
+    from safetensors import SafetensorError
+    try:
+        load_adapter(model, directory)
+    except KeyError as e:
+        raise ValueError(f"{directory / 'adapter_config.json'}: missing key {e}; the file is incomplete (train.py "
+                         "writes it whole: re-save the adapter)") from None
+    except SafetensorError as e:
+        raise ValueError(f"{directory / 'adapter.safetensors'}: not a readable safetensors file ({e}); the file is "
+                         "damaged or cut short") from None
+
+
+def load_checkpoint(ckpt: Checkpoint, model, opt, device, rank, world):
+    """Adapter, optimizer and this rank's RNG state from a checkpoint (the data position is the caller's)."""
+    if ckpt.state["world_size"] != world:
+        raise ValueError(f"{ckpt.path} was written by {ckpt.state['world_size']} process(es); resume with the same "
+                         f"number (this run has {world})")
+    load_checked_adapter(model, ckpt.path)
     state_by_param = {}
-    for key, t in load_file(str(path / "optimizer.safetensors")).items():
+    for key, t in ckpt.optimizer.items():
         i, name = key.split(".", 1)
         state_by_param.setdefault(int(i), {})[name] = t
-    opt.load_state_dict({"state": state_by_param, "param_groups": state["optimizer_groups"]})
-    set_rng_state(load_file(str(path / "rng.safetensors"))[f"rank{rank}"], device)
+    opt.load_state_dict({"state": state_by_param, "param_groups": ckpt.state["optimizer_groups"]})
+    set_rng_state(ckpt.rng[f"rank{rank}"], device)
 
 
 MUST_MATCH = ["model", "adapter", "rank", "alpha", "heads", "adapter_options", "targets", "data", "format", "tasks",
@@ -356,34 +598,68 @@ def check_resume_config(old: dict, cfg: TrainConfig, say):
 
     for k in MUST_MATCH:
         if k in old and value(k, old[k]) != value(k, getattr(cfg, k)):
-            raise ValueError(f"--resume: the checkpoint was trained with --{k.replace('_', '-')} {old[k]!r}, this "
-                             f"run has {getattr(cfg, k)!r}; resume with the same setting")
+            raise ValueError(f"--resume: the checkpoint was trained with {flag(k)} {old[k]!r}, this run has "
+                             f"{getattr(cfg, k)!r}; resume with the same setting")
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k in old and k not in ("resume",) and old[k] != v and not (v != v and old[k] != old[k])]
     if changed:
         say("note: resuming with changed settings: " + ", ".join(changed))
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the stages of a run
 
-def train(cfg: TrainConfig):
-    check_config(cfg)
+@dataclass
+class Env:
+    """Stage 1, setup: where and how this process runs."""
+    device: torch.device
+    rank: int
+    world: int
+    dtype: torch.dtype
+    autocast: bool
+    out: Path  # the run directory
+    resumed: Checkpoint | None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def say(self, *args, **kw):
+        if self.master:
+            print(*args, **kw)
+
+
+def setup(cfg: TrainConfig, overwrite=False) -> Env:
+    """Device, processes, seed, dtype and autocast; the run directory checked before anything is loaded: the
+    checkpoint to resume from, read whole, or the refusal to start fresh over an earlier run."""
     device = pick_device(cfg.device)
     rank, world, device = setup_distributed(device)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    run = cfg.run_name or f"{Path(cfg.model).name}-{cfg.adapter}-r{cfg.rank}"
-    out = Path(cfg.out) / run
-    ckpt_dir = out / "checkpoint"
-    resumed = find_checkpoint(ckpt_dir) if cfg.resume else None  # fail fast, before loading anything
-    if resumed:
-        check_resume_config(resumed[1]["config"], cfg, say)
+    out = Path(cfg.out) / (cfg.run_name or f"{Path(cfg.model).name}-{cfg.adapter}-r{cfg.rank}")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    resumed = None
+    if cfg.resume:
+        resumed = find_checkpoint(out / "checkpoint", say)
+        check_resume_config(resumed.state["config"], cfg, say)
+    else:
+        check_fresh_start(out, overwrite)
     torch.manual_seed(cfg.seed)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.dtype]
     use_autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+    return Env(device, rank, world, dtype, use_autocast, out, resumed)
 
-    # data: tasks tokenised once; task ids are the positions of the sorted task names (nanoalign.data)
+
+@dataclass
+class Data:
+    """Stage 2, data: the training tasks tokenised once into the task-balanced batcher, and the held-out tasks."""
+    names: list  # sorted task names: task ids are their positions (nanoalign.data)
+    tok: object
+    batcher: BalancedBatcher
+    sizes: dict
+    test_tasks: dict
+
+
+def load_data(cfg: TrainConfig, env: Env) -> Data:
+    """--data (the --tasks subset), tokenised; the held-out tasks; notes on what was asked but will not happen."""
     subset = sorted({t.strip() for t in cfg.tasks.split(",") if t.strip()})
     train_tasks = select_tasks(load_tasks(cfg.data, "train", data_dir=cfg.data_dir, seed=cfg.pool_seed, fmt=cfg.format,
                                           max_per_task=cfg.max_per_task or None), subset, cfg.data)
@@ -391,165 +667,266 @@ def train(cfg: TrainConfig):
     names = sorted(train_tasks)
     tok = nanoalign.load_tokenizer(cfg.model)
     encoded = {}
-    with tqdm(total=sum(map(len, train_tasks.values())), desc="tokenise", leave=False, disable=not master) as bar:
+    with tqdm(total=sum(map(len, train_tasks.values())), desc="tokenise", leave=False, disable=not env.master) as bar:
         for t in names:
             encoded[t] = [encode_example(tok, ex, cfg.seq_len) for ex in train_tasks[t]]
             bar.update(len(encoded[t]))
-    batcher = BalancedBatcher(encoded, per_task=cfg.batch_per_task, seed=cfg.seed, rank=rank, world_size=world,
-                              pad_id=tok.pad_id)
+    batcher = BalancedBatcher(encoded, per_task=cfg.batch_per_task, seed=cfg.seed, rank=env.rank,
+                              world_size=env.world, pad_id=tok.pad_id)
+    if env.master:  # say what was asked but will not happen
+        if aligns(cfg) and len(names) == 1:
+            print(f"warning: one task ({names[0]}): the alignment loss compares tasks, so it is 0 throughout and "
+                  "training is plain LoRA; give --data several tasks", file=sys.stderr)
+        if fallback := generation_fallback(test_tasks, cfg.eval_mode):
+            print(f"note: --eval-mode {cfg.eval_mode} scores options; {', '.join(fallback)} (no options) will be "
+                  "scored by generation instead", file=sys.stderr)
+    return Data(names, tok, batcher, {t: len(encoded[t]) for t in names}, test_tasks)
 
-    model = nanoalign.load_model(cfg.model, dtype=dtype, device=device)
+
+@dataclass
+class State:
+    """Stage 3, model + adapter: what the step works on, and where the run stands."""
+    model: torch.nn.Module
+    fwd: torch.nn.Module  # the model as called in the step: compiled and/or wrapped by DDP
+    opt: torch.optim.Optimizer
+    trainable: list
+    step: int
+    saved_step: int | None  # the step of the last checkpoint written or resumed from: the last good one
+    extra: dict  # what every checkpoint's state.json carries besides the step (config, accuracy before, tasks)
+    fpt: tuple  # flops_per_token
+    peak: float | None
+
+
+def build(cfg: TrainConfig, env: Env, data: Data, overwrite=False) -> State:
+    """The base model (evaluated before training unless the checkpoint has that result), the adapter, the
+    optimizer, and everything a checkpoint restores; the run directory is started (or continued) here."""
+    model = nanoalign.load_model(cfg.model, dtype=env.dtype, device=env.device)
     n_base = sum(p.numel() for p in model.parameters())
-    say(f"model {cfg.model}: {n_base / 1e6:.1f}M parameters, {dtype}, {device}"
-        + (f", {world} processes" if world > 1 else "") + (", bf16 autocast" if use_autocast else ""))
-    say(f"tasks ({len(names)}): " + ", ".join(f"{t} ({len(encoded[t])})" for t in names))
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-        if not cfg.resume and (ckpt_dir / "state.json").exists():
-            say(f"note: {ckpt_dir} holds an earlier run; starting fresh (pass --resume to continue it)")
-    before = resumed[1].get("before") if resumed else None
-    if test_tasks and master and before is None:
-        before = without_records(evaluate(model, tok, test_tasks, mode=cfg.eval_mode, max_new_tokens=cfg.eval_tokens,
-                                          desc="eval before"))
-        say("accuracy before training: " + ", ".join(f"{t} {100 * r['accuracy']:.1f}" + (" (collapsed)" if
-            r["collapsed"] else "") for t, r in before.items()))
+    env.say(f"model {cfg.model}: {n_base / 1e6:.1f}M parameters, {env.dtype}, {env.device}"
+            + (f", {env.world} processes" if env.world > 1 else "") + (", bf16 autocast" if env.autocast else ""))
+    env.say(f"tasks ({len(data.names)}): " + ", ".join(f"{t} ({data.sizes[t]})" for t in data.names))
+    if env.master:
+        if overwrite:
+            clear_run_state(env.out)
+        env.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(env.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    before = env.resumed.state.get("before") if env.resumed else None
+    if data.test_tasks and before is None:
+        before = without_records(evaluate_all_ranks(model, data.tok, data.test_tasks, env, mode=cfg.eval_mode,
+                                                    max_new_tokens=cfg.eval_tokens, desc="eval before"))
+        env.say("accuracy before training: " + ", ".join(f"{t} {100 * r['accuracy']:.1f}" + (" (collapsed)" if
+                r["collapsed"] else "") for t, r in before.items()))
 
     apply_adapter(model, cfg.adapter, rank=cfg.rank, alpha=cfg.alpha, heads=cfg.heads, dropout=cfg.dropout,
-                  targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], num_tasks=len(names),
+                  targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], num_tasks=len(data.names),
                   **parse_options(cfg.adapter_options))
     model.gradient_checkpointing = cfg.grad_ckpt
-    if world > 1:  # DDP broadcasts rank 0's initial weights; dropout masks should differ between ranks
-        torch.manual_seed(cfg.seed + rank)
+    if env.world > 1:  # DDP broadcasts rank 0's initial weights; dropout masks should differ between ranks
+        torch.manual_seed(cfg.seed + env.rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = count_trainable(model)
-    say(f"adapter {cfg.adapter}: rank {cfg.rank}, {n_train:,} trainable parameters "
-        f"({100 * n_train / n_base:.3f}% of the base)")
+    env.say(f"adapter {cfg.adapter}: rank {cfg.rank}, {n_train:,} trainable parameters "
+            f"({100 * n_train / n_base:.3f}% of the base)")
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda")
-    step = 0
-    if resumed:
-        load_checkpoint(resumed[0], resumed[1], model, opt, device, rank, world)
-        batcher.load_state_dict(resumed[1]["batcher"])
-        step = resumed[1]["step"]
-        if master and (out / "log.jsonl").exists():  # drop records past the checkpoint (a crash after it)
-            keep = [line for line in (out / "log.jsonl").read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
-            write_atomic(out / "log.jsonl", "".join(line + "\n" for line in keep))
-        say(f"resumed from {resumed[0]} at step {step}")
+                            fused=env.device.type == "cuda")
+    step, saved = 0, None
+    if env.resumed:
+        ckpt = env.resumed
+        load_checkpoint(ckpt, model, opt, env.device, env.rank, env.world)
+        data.batcher.load_state_dict(ckpt.state["batcher"])
+        step = saved = ckpt.state["step"]
+        if env.master:
+            continue_run_dir(env.out, ckpt, env.say)
+        env.say(f"resumed from {ckpt.path} at step {step}")
     fwd = torch.compile(model) if cfg.compile else model
-    if world > 1:
+    if env.world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None,
+        fwd = DistributedDataParallel(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                       broadcast_buffers=False)
-    align_on = cfg.adapter == "align" or cfg.align_any
-    extra = {"config": dataclasses.asdict(cfg), "before": before, "tasks": names}
+    extra = {"config": dataclasses.asdict(cfg), "before": before, "tasks": data.names}
+    return State(model, fwd, opt, trainable, step, saved, extra, flops_per_token(model), peak_flops(env.device))
 
-    # Ctrl-C (or SIGTERM from a scheduler): finish the step in flight, save, exit 0; a second Ctrl-C aborts
+
+def train_step(cfg: TrainConfig, env: Env, s: State, batcher, stop) -> dict:
+    """Stage 4, the step: learning rate, --grad-accum micro-batches (forward + backward, `micro_batch_backward`), the
+    losses summed over ranks, gradient clipping, the AdamW update, and one read of the results by the host, after
+    the update: the losses, the gradient norm and whether the weights are still finite. A step that is not finite
+    everywhere raises FloatingPointError; the caller has written nothing of it. Returns the step's log record."""
+    t0 = time.perf_counter()
+    lr = lr_at(s.step, cfg)
+    for g in s.opt.param_groups:
+        g["lr"] = lr
+    ce_sum = align_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    tokens = flops = 0.0
+    for micro in range(cfg.grad_accum):
+        b = next(batcher)
+        with s.fwd.no_sync() if env.world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
+            ce, la, n, padded = micro_batch_backward(s.fwd, s.model, b, cfg, aligns(cfg), len(batcher.tasks),
+                                                     env.autocast, env.device)
+        ce_sum, align_sum = ce_sum + ce.double(), align_sum + la.double()
+        tokens += n
+        flops += n * s.fpt[0] + s.fpt[1] * padded
+    host = to_device(torch.tensor([tokens, flops, float(stop["flag"])], dtype=torch.float64), env.device)
+    summed = all_sum(torch.cat([ce_sum[None], align_sum[None], host]), env.world)
+    # clip_grad_norm_ also measures the norm (inf: no clipping), so NaN gradients are caught too
+    gnorm = torch.nn.utils.clip_grad_norm_(s.trainable, cfg.grad_clip or float("inf"))
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    finite = all_finite(s.trainable)
+    ce_sum, align_sum, tokens, flops, stops, gnorm, finite = torch.cat(
+        [summed, gnorm.double()[None], finite.double()[None]]).tolist()  # the step's one host sync
+    stop["flag"] = stops > 0
+    ce_avg, align_avg = ce_sum / (cfg.grad_accum * env.world), align_sum / (cfg.grad_accum * env.world)
+    total = ce_avg + cfg.align_lambda * align_avg if aligns(cfg) else ce_avg
+    if not (math.isfinite(total) and math.isfinite(gnorm) and finite):
+        raise not_finite(total, gnorm, ce_avg, align_avg, env, s)
+    s.step += 1
+    dt = time.perf_counter() - t0
+    return {"step": s.step, "loss": total, "ce": ce_avg, "align": align_avg, "lr": lr, "grad_norm": gnorm,
+            "tokens": int(tokens), "tok_s": tokens / dt,
+            "mfu": flops / dt / (s.peak * env.world) if s.peak else None, "mem_mb": memory_mb(env.device),
+            "ms": 1000 * dt}
+
+
+def not_finite(total, gnorm, ce, align, env, s):
+    """The error of a step whose loss, gradient norm or updated weights are not finite, naming the step and the last
+    good checkpoint (nothing of the failed step is written, so the last one written is good)."""
+    if not math.isfinite(total):
+        what = f"loss is {total}"
+    elif not math.isfinite(gnorm):
+        what = f"gradient norm is {gnorm}"
+    else:
+        what = "the update made adapter weights non-finite"
+    kept = "no checkpoint was written yet" if s.saved_step is None else \
+        f"the last good checkpoint is {env.out / 'checkpoint'} (step {s.saved_step})"
+    return FloatingPointError(f"{what} at step {s.step + 1} (ce {ce:.4g}, align {align:.4g}); nothing of this step "
+                              f"was saved, {kept}. Lower --lr or --align-lambda and --resume")
+
+
+class Progress:
+    """Stage 5, log: log.jsonl (every step, appended on resume), the printed line every --log-every steps and the
+    progress bar; rank 0 only."""
+
+    def __init__(self, cfg, env, step):
+        self.cfg, self.on = cfg, env.master
+        self.file = open(env.out / "log.jsonl", "a" if cfg.resume else "w") if self.on else None
+        self.bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not self.on, dynamic_ncols=True)
+
+    def step(self, rec):
+        if not self.on:
+            return
+        self.record(rec)
+        if rec["step"] % self.cfg.log_every == 0 or rec["step"] == self.cfg.max_steps:
+            mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "-"
+            self.bar.write(f"step {rec['step']:5d} | loss {rec['loss']:.4f} (ce {rec['ce']:.4f}, align "
+                           f"{rec['align']:.4f}) | lr {rec['lr']:.2e} | {rec['tok_s']:,.0f} tok/s | mfu {mfu} | mem "
+                           f"{rec['mem_mb']:,.0f} MB | {rec['ms']:.0f} ms")
+        self.bar.update(1)
+
+    def record(self, rec):
+        if self.on:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+
+    def say(self, text):
+        if self.on:
+            self.bar.write(text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+@contextmanager
+def catch_interrupts(env):
+    """Ctrl-C (or SIGTERM from a scheduler): finish the step in flight, save, exit 0; a second Ctrl-C aborts.
+    Yields the flag the loop reads; the old handlers are back afterwards."""
     stop = {"flag": False}
 
     def on_signal(sig, frame):
         if stop["flag"]:
             raise KeyboardInterrupt
         stop["flag"] = True
-        say("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    log_f = open(out / "log.jsonl", "a" if resumed else "w") if master else None
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not master, dynamic_ncols=True)
-    peak, (fpt_dense, fpt_attn) = peak_flops(device), flops_per_token(model)
-    model.train()
+        env.say("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            ce_sum = align_sum = tokens = flops = 0.0
-            for micro in range(cfg.grad_accum):
-                b = next(batcher)
-                last = micro == cfg.grad_accum - 1
-                with fwd.no_sync() if world > 1 and not last else nullcontext():
-                    ce, la, n, padded = micro_batch_backward(fwd, model, b, cfg, align_on, len(names), use_autocast,
-                                                             device)
-                ce_sum += ce
-                align_sum += la
-                tokens += n
-                flops += n * fpt_dense + fpt_attn * padded
-            ce_sum, align_sum, tokens, flops, stops = all_sum([ce_sum, align_sum, tokens, flops, stop["flag"]],
-                                                              device, world)
-            stop["flag"] = stops > 0
-            ce_avg, align_avg = ce_sum / (cfg.grad_accum * world), align_sum / (cfg.grad_accum * world)
-            total = ce_avg + cfg.align_lambda * align_avg if align_on else ce_avg
-            # clip_grad_norm_ also measures the norm (inf: no clipping), so NaN gradients are caught too
-            gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf")))
-            if not (math.isfinite(total) and math.isfinite(gnorm)):
-                what = f"loss is {total}" if not math.isfinite(total) else f"gradient norm is {gnorm}"
-                kept = f"the last good checkpoint is {ckpt_dir}" if (ckpt_dir / "state.json").exists() \
-                    else "no checkpoint was written yet"
-                raise FloatingPointError(f"{what} at step {step + 1} (ce {ce_avg:.4g}, align {align_avg:.4g}); "
-                                         f"stopped before the update, {kept}. Lower --lr or --align-lambda and "
-                                         f"--resume")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            rec = {"step": step, "loss": total, "ce": ce_avg, "align": align_avg, "lr": lr, "grad_norm": gnorm,
-                   "tokens": int(tokens), "tok_s": tokens / dt, "mfu": flops / dt / (peak * world) if peak else None,
-                   "mem_mb": memory_mb(device), "ms": 1000 * dt}
-            if master:
-                log_f.write(json.dumps(rec) + "\n")
-                log_f.flush()
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "-"
-                    bar.write(f"step {step:5d} | loss {total:.4f} (ce {ce_avg:.4f}, align {align_avg:.4f}) | "
-                              f"lr {lr:.2e} | {rec['tok_s']:,.0f} tok/s | mfu {mfu} | mem {rec['mem_mb']:,.0f} MB | "
-                              f"{rec['ms']:.0f} ms")
-                bar.update(1)
-            halt = step < cfg.max_steps and (stop["flag"] or (cfg.stop_at and step >= cfg.stop_at))
-            if halt or (step % cfg.ckpt_every == 0 and step < cfg.max_steps):
-                save_checkpoint(ckpt_dir, model, opt, step, batcher, extra, device, rank, world)
-            if halt:
-                why = "interrupted" if stop["flag"] else "--stop-at"
-                if master:
-                    bar.write(f"{why}: saved {ckpt_dir} at step {step}; continue with the same command plus --resume")
-                return None
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and master and test_tasks:
-                acc = accuracies(evaluate(model, tok, test_tasks, mode=cfg.eval_mode, max_new_tokens=cfg.eval_tokens,
-                                          task_ids={t: i for i, t in enumerate(names)}, desc=f"eval step {step}"))
-                bar.write(f"eval step {step}: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in acc.items()))
-                log_f.write(json.dumps({"step": step, "eval": acc}) + "\n")
+        yield stop
     finally:
-        bar.close()
-        for s, h in old_handlers.items():
+        for s, h in old.items():
             signal.signal(s, h)
-        if log_f:
-            log_f.close()
 
-    save_checkpoint(ckpt_dir, model, opt, step, batcher, extra, device, rank, world)
-    if not master:
+
+def save(cfg, env, s, data):
+    """Stage 5, checkpoint: every rank takes part (RNG states); the step is then the last good one."""
+    save_checkpoint(env.out / "checkpoint", s.model, s.opt, s.step, data.batcher, s.extra, env.device, env.rank,
+                    env.world, s.trainable)
+    s.saved_step = s.step
+
+
+def finish(cfg: TrainConfig, env: Env, data: Data, s: State):
+    """Stage 6, final save and evaluation: the last checkpoint, the adapter (nanoalign format, plus PEFT when it is
+    a plain LoRA at inference), the evaluation after training (on every rank), results.json. Returns the result on
+    rank 0, None on the others."""
+    save(cfg, env, s, data)
+    if env.master:
+        save_adapter(s.model, env.out / "adapter")
+        write_atomic(env.out / "adapter" / "tasks.json", json.dumps({"tasks": data.names}))  # task ids, for MTL-LoRA
+        try:
+            export_peft(s.model, env.out / "peft", base_model_name_or_path=cfg.model)
+            env.say(f"saved {env.out / 'adapter'} (nanoalign) and {env.out / 'peft'} (PEFT LoRA)")
+        except ValueError as e:  # routers and per-task adapters are not a plain LoRA at inference
+            env.say(f"saved {env.out / 'adapter'} (nanoalign); no PEFT export: {e}")
+    after = evaluate_all_ranks(s.model, data.tok, data.test_tasks, env, mode=cfg.eval_mode,
+                               max_new_tokens=cfg.eval_tokens, task_ids={t: i for i, t in enumerate(data.names)},
+                               desc="eval after") if data.test_tasks else None
+    if not env.master:
         return None
-    save_adapter(model, out / "adapter")
-    write_atomic(out / "adapter" / "tasks.json", json.dumps({"tasks": names}))  # task ids, for MTL-LoRA at eval
-    try:
-        export_peft(model, out / "peft", base_model_name_or_path=cfg.model)
-        say(f"saved {out / 'adapter'} (nanoalign) and {out / 'peft'} (PEFT LoRA)")
-    except ValueError as e:  # routers and per-task adapters are not a plain LoRA at inference
-        say(f"saved {out / 'adapter'} (nanoalign); no PEFT export: {e}")
-    result = {"config": dataclasses.asdict(cfg), "steps": step, "final": ce_summary(out / "log.jsonl")}
-    if test_tasks:
-        after = evaluate(model, tok, test_tasks, mode=cfg.eval_mode, max_new_tokens=cfg.eval_tokens,
-                         task_ids={t: i for i, t in enumerate(names)}, desc="eval after")
-        write_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for res in after.values()
-                                                        for r in res["records"]))
+    result = {"config": dataclasses.asdict(cfg), "steps": s.step, "final": ce_summary(env.out / "log.jsonl")}
+    if after:
+        write_atomic(env.out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for res in after.values()
+                                                            for r in res["records"]))
         after = without_records(after)
+        before = s.extra["before"]
         result.update(before=before, after=after)
-        n = min(len(v) for v in test_tasks.values())
+        n = min(len(v) for v in data.test_tasks.values())
         print(markdown_table({"before": before, "after": after},
                              title=f"\nper-task accuracy (%), {n} test examples per task, {cfg.eval_mode}"))
         print("\n" + diagnostics_table(after, title="after training: per-task diagnostics"))
-    write_atomic(out / "results.json", json.dumps(result, indent=2))
+    write_atomic(env.out / "results.json", json.dumps(result, indent=2))
     return result
+
+
+def train(cfg: TrainConfig, overwrite=False):
+    """One training run, stage by stage. Returns the result dict (rank 0); None when it stopped early (--stop-at,
+    Ctrl-C: a checkpoint was saved, continue with cfg.resume) and on the other ranks. overwrite: start fresh in a run
+    directory holding an earlier run (train.py --overwrite); without it that is refused."""
+    check_config(cfg, overwrite)
+    env = setup(cfg, overwrite)
+    data = load_data(cfg, env)
+    s = build(cfg, env, data, overwrite)
+    with catch_interrupts(env) as stop, Progress(cfg, env, s.step) as log:
+        s.model.train()
+        while s.step < cfg.max_steps:
+            log.step(train_step(cfg, env, s, data.batcher, stop))
+            halt = s.step < cfg.max_steps and (stop["flag"] or (cfg.stop_at and s.step >= cfg.stop_at))
+            if halt or (s.step % cfg.ckpt_every == 0 and s.step < cfg.max_steps):
+                save(cfg, env, s, data)
+            if halt:
+                why = "interrupted" if stop["flag"] else "--stop-at"
+                log.say(f"{why}: saved {env.out / 'checkpoint'} at step {s.step}; continue with the same command "
+                        "plus --resume")
+                return None
+            if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < cfg.max_steps and data.test_tasks:
+                acc = accuracies(evaluate_all_ranks(s.model, data.tok, data.test_tasks, env, mode=cfg.eval_mode,
+                                                    max_new_tokens=cfg.eval_tokens, desc=f"eval step {s.step}",
+                                                    task_ids={t: i for i, t in enumerate(data.names)}))
+                log.say(f"eval step {s.step}: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in acc.items()))
+                log.record({"step": s.step, "eval": acc})
+    return finish(cfg, env, data, s)
 
 
 def length_groups(lengths, max_groups=4, overhead=16):
@@ -569,27 +946,30 @@ def length_groups(lengths, max_groups=4, overhead=16):
 
 def micro_batch_backward(fwd, model, batch, cfg, align_on, num_tasks, use_autocast, device):
     """Forward and backward of one task-balanced micro-batch: L = CE over its answer tokens (+ λ·L_align over all
-    its rows), divided by --grad-accum. Returns (ce, align loss, real tokens, Σ_rows T_row²) as Python floats.
+    its rows), divided by --grad-accum. Returns (ce, align loss) as 0-dim tensors on the device (read by the host
+    once per step, not per micro-batch), and (real tokens, Σ_rows T_row²) as Python numbers.
 
     Without gradient checkpointing the rows run as length groups (`length_groups`), one forward each; the CE is
     summed over the groups' answer tokens and divided by their total, and the alignment loss sees every row's
     A-outputs at once (right-padded to one length, the padding masked out), so L is the loss of the whole micro-batch
     and the backward is one. With checkpointing the blocks re-run the adapters during the backward, which must then
-    happen inside the adapter context: one group (and under DDP, whose reducer expects one forward per backward)."""
+    happen inside the adapter context: one group (and under DDP, whose reducer expects one forward per backward).
+    The answer positions are found on the host, and the rows go to the device by `to_device`."""
     lengths = batch["attention_mask"].sum(1).tolist()
     one = cfg.grad_ckpt or dist.is_initialized()  # DDP: one forward per backward, as its reducer expects
     groups = [list(range(len(lengths)))] if one else length_groups(lengths, cfg.length_groups)
     ce_sum, n_targets, parts = 0.0, 0, []
     for rows in groups:
         T = max(lengths[i] for i in rows)
-        ids, mask, labels = (batch[k][rows, :T].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        task_ids = batch["task_ids"][rows].to(device)
+        ids, mask, labels = (batch[k][rows, :T] for k in ("input_ids", "attention_mask", "labels"))
         at, targets = answer_positions(labels)  # logits only where the next token is labelled
+        n_targets += targets.numel()
+        ids, mask, labels, at, targets, task_ids = (to_device(t, device) for t in (
+            ids, mask, labels, at, targets, batch["task_ids"][rows]))
         with adapter_context(model, task_ids=task_ids, collect=align_on) as actx:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 logits = fwd(ids, mask, logits_at=at)
             ce_sum = ce_sum + F.cross_entropy(logits.float(), targets, reduction="sum")
-            n_targets += targets.numel()
             parts.append((actx.a_outputs, mask if cfg.align_tokens == "all" else labels != IGNORE_INDEX, task_ids))
             if len(groups) == 1:  # inside the context: checkpointed blocks re-run the adapters in the backward
                 ce, la = alignment_objective(ce_sum / n_targets, parts, cfg, align_on, num_tasks)
@@ -597,7 +977,7 @@ def micro_batch_backward(fwd, model, batch, cfg, align_on, num_tasks, use_autoca
     if len(groups) > 1:
         ce, la = alignment_objective(ce_sum / n_targets, parts, cfg, align_on, num_tasks)
         ((ce + cfg.align_lambda * la) / cfg.grad_accum).backward()
-    return ce.item(), la.item(), int(sum(lengths)), float(sum(t * t for t in lengths))
+    return ce.detach(), la.detach(), int(sum(lengths)), float(sum(t * t for t in lengths))
 
 
 def alignment_objective(ce, parts, cfg, align_on, num_tasks):
@@ -615,25 +995,42 @@ def alignment_objective(ce, parts, cfg, align_on, num_tasks):
 
 def ce_summary(log_path):
     """Mean CE of the first and last 5 logged steps (a one-glance "did it learn")."""
-    ce = [r["ce"] for r in map(json.loads, log_path.read_text().splitlines()) if "ce" in r]
+    ce = [r["ce"] for r in read_log(log_path) if "ce" in r]
     return {"ce_first5": sum(ce[:5]) / len(ce[:5]), "ce_last5": sum(ce[-5:]) / len(ce[-5:])} if ce else {}
 
 
+def os_error_line(e: OSError):
+    """An OSError as one line naming the file and what to do: a full disk, a read-only or unwritable --out."""
+    if e.filename is None:
+        return str(e)
+    what = {errno.ENOSPC: "the disk is full; free space and run again (train.py: --resume continues from the last "
+                          "checkpoint)",
+            errno.EDQUOT: "the disk quota is used up; free space and run again",
+            errno.EROFS: "read-only file system; choose another --out",
+            errno.EACCES: "permission denied; choose a writable --out",
+            errno.EPERM: "not permitted; choose a writable --out",
+            errno.ENOTDIR: "a part of the path is a file, not a directory"}.get(e.errno, e.strerror)
+    return f"{e.filename}: {what}"
+
+
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, overwrite = parse_command(argv)
     rank = int(os.environ.get("RANK", "0"))
+    from safetensors import SafetensorError
     try:
-        train(cfg)
+        train(cfg, overwrite)
         if dist.is_initialized():
-            # the other ranks wait here while rank 0 saves and evaluates: a gloo rank that tears down its process
+            # the other ranks wait here while rank 0 writes the results: a gloo rank that tears down its process
             # group while a peer is still connected can abort ("terminate called without an active exception")
             dist.barrier()
     except KeyboardInterrupt:
         print("\nerror: interrupted before a checkpoint could be written", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, FileNotFoundError, FloatingPointError, HubError, torch.OutOfMemoryError) as e:
+    except (ValueError, OSError, FloatingPointError, HubError, SafetensorError, torch.OutOfMemoryError) as e:
         if isinstance(e, torch.OutOfMemoryError):
             e = "out of memory; lower --batch-per-task or --seq-len, or add --grad-ckpt"
+        elif isinstance(e, OSError):
+            e = os_error_line(e)
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

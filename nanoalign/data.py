@@ -78,10 +78,16 @@ def choices_of(ex):
 
 
 def read_jsonl(path):
-    """Normalised examples of a JSONL file; a malformed row raises ValueError naming the file, line and problem."""
+    """Normalised examples of a JSONL file; a malformed row, or a line that is not UTF-8 text, raises ValueError
+    naming the file, line and problem. Lines are decoded one by one so that the error can name the line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a BOM is allowed at the start
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -391,12 +397,43 @@ def predicted_answer(generated_text, gold):
     return normalise(pred.split("\n", 1)[0])[:40]
 
 
-def extract_answer(generated_text, gold):
-    """Is the generated text a correct answer to `gold`? Scored by the kind of gold label (§5.1):
-    a worked solution ending in "#### <number>" (GSM8K) -> `final_number` of both, compared as floats;
-    a number -> first number of the prediction, compared as floats; an option letter "A" or "(A)" -> "(X)" pattern,
-    else a letter at the start, else the first lone capital letter; a label like "solution1"/"answer2"/"option1"/
-    "ending3" -> the first such label; otherwise the first line, lower-cased with periods removed, must equal gold."""
+CHOICE_LINE = re.compile(r"((?:solution|answer|option|ending)\d+|[A-Z]): (.+)", re.IGNORECASE)
+BARE_NUMBER = re.compile(r"\(?(\d+)\)?[.:]?")
+LABEL = re.compile(r"\(?[A-Z]\)?|(?:solution|answer|option|ending)\s*\d+", re.IGNORECASE)
+
+
+def listed_options(prompt):
+    """{label, lower-cased: text} of the options a label-format prompt lists on their own lines right before its
+    "Answer format:" line (nanoalign.tasks: "Solution1: use soap", "A: the sun"); {} for a prompt without them (the
+    builtin tasks, BBH, GSM8K)."""
+    lines = prompt.split("\n")
+    ends = [i for i, line in enumerate(lines) if line.startswith("Answer format:")]
+    out = {}
+    for line in reversed(lines[:ends[-1]] if ends else []):
+        if not (m := CHOICE_LINE.fullmatch(line.strip())):
+            break
+        out[m.group(1).lower()] = m.group(2)
+    return out
+
+
+def extract_answer(generated_text, gold, prompt=None):
+    """Is the generated text a correct answer to `gold`? Scored by the kind of gold label (§5.1), on the text after
+    the last "Answer:" (`prediction_text`); "first line" is its first line, compared lower-cased without periods:
+
+    - a worked solution ending in "#### <number>" (GSM8K): `final_number` of both, compared as floats;
+    - a number: the first number of the prediction, compared as floats;
+    - an option letter "A" or "(A)": the "(X)" pattern, else a letter at the start, else the first lone capital
+      letter;
+    - a numbered option label "solution1" / "answer2" / "option1" / "ending3": the first such label anywhere
+      ("Solution 2" counts), else a first line that is the bare number ("2", "(2)", "2.");
+    - otherwise the first line must equal gold.
+
+    With `prompt`, the options it lists ("Solution2: use sand", "B: ice"; `listed_options`) can also be answered by
+    their text, for letter and numbered golds: a first line equal to one option's text is that option (it is correct
+    when that option is gold), unless the line is itself a label ("B", "(B)", "solution2"), which the rules above
+    read. The paper's scripts compare labels only; the text and the bare number are what a model writes when it
+    answers the question the prompt lists rather than the label, and accepting them never credits another option.
+    """
     pred, gold = prediction_text(generated_text), gold.strip()
     if "####" in gold:
         p, g = final_number(pred), final_number(gold)
@@ -404,13 +441,23 @@ def extract_answer(generated_text, gold):
     if (g := as_number(gold)) is not None:
         m = NUMBER.search(pred)
         return m is not None and as_number(m.group()) is not None and abs(as_number(m.group()) - g) < 1e-6
-    if m := re.fullmatch(r"\(?([A-Z])\)?", gold):
-        found = PAREN_LETTER.search(pred) or LEADING_LETTER.search(pred) or LONE_LETTER.search(pred)
-        return found is not None and found.group(1) == m.group(1)
-    if m := OPTION_LABEL.fullmatch(gold.lower()):
-        found = OPTION_LABEL.search(pred.lower())
-        return found is not None and found.groups() == m.groups()
     first_line = pred.split("\n", 1)[0]
+    letter, label = re.fullmatch(r"\(?([A-Z])\)?", gold), OPTION_LABEL.fullmatch(gold.lower())
+    texts = listed_options(prompt) if prompt and (letter or label) else {}
+    key = letter.group(1).lower() if letter else gold.lower()
+    if key in texts and normalise(first_line) and not LABEL.fullmatch(first_line.strip()):
+        named = {k for k, text in texts.items() if normalise(text) == normalise(first_line)}
+        if named:
+            return key in named
+    if letter:
+        found = PAREN_LETTER.search(pred) or LEADING_LETTER.search(pred) or LONE_LETTER.search(pred)
+        return found is not None and found.group(1) == letter.group(1)
+    if label:
+        found = OPTION_LABEL.search(pred.lower())
+        if found is not None:
+            return found.groups() == label.groups()
+        bare = BARE_NUMBER.fullmatch(first_line.strip())
+        return bare is not None and int(bare.group(1)) == int(label.group(2))
     return normalise(first_line) == normalise(gold)
 
 
@@ -420,5 +467,6 @@ def task_id_map(tasks):
 
 
 __all__ = ["IGNORE_INDEX", "BBH_TASKS", "BUILTIN_TASKS", "SUITES", "BalancedBatcher", "check_example", "choices_of",
-           "data_file", "encode_example", "encode_tasks", "extract_answer", "final_number", "left_pad", "load_tasks",
-           "pad_right", "predicted_answer", "prediction_text", "read_jsonl", "task_id_map", "write_jsonl"]
+           "data_file", "encode_example", "encode_tasks", "extract_answer", "final_number", "left_pad",
+           "listed_options", "load_tasks", "pad_right", "predicted_answer", "prediction_text", "read_jsonl",
+           "task_id_map", "write_jsonl"]

@@ -4,7 +4,7 @@ Three scorers (METHODS §5.1 for the first two):
   generate  greedy decoding of each prompt (left padding, KV cache); the prediction is taken from the generated text
             and compared with the gold answer by `nanoalign.data.extract_answer` (text after the last "Answer:",
             numbers as floats, GSM8K's final number, option letters by regex, else lower-cased exact match), as the
-            paper's test scripts do;
+            paper's test scripts do, plus an option named by its text or bare number (see extract_answer);
   loglik    for tasks with a fixed option set: the option with the highest summed log-probability after the prompt
             wins, log p(option | prompt) = Σ_k log p(o_k | prompt, o_<k); prompt and option are tokenised apart, as
             train.py tokenises prompt and answer;
@@ -203,12 +203,31 @@ def summarise(records, n_choices=None):
     return out
 
 
-def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None, desc="eval"):
-    """{task: [examples]} -> {task: result}, result = `summarise` of its records plus "records" (one per example).
+def scored_tasks(tasks, mode):
+    """{task: True when it is scored by `mode`'s option scores, False when it is generated}: loglik and cloze need
+    options on every example, and a task without them (BBH, GSM8K) falls back to generation."""
+    return {t: mode != "generate" and bool(rows) and all(choices_of(ex)[0] for ex in rows) for t, rows in tasks.items()}
+
+
+def generation_fallback(tasks, mode):
+    """The tasks that `evaluate` will generate for although `mode` asks for option scores (none in generate mode)."""
+    return [t for t, scored in scored_tasks(tasks, mode).items() if mode != "generate" and not scored]
+
+
+def task_result(records, mode):
+    """One task's result: `summarise` of its records, the mode it was scored in, and the records."""
+    return {**summarise(records), "mode": mode, "records": records}
+
+
+def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None, desc="eval",
+             progress=True):
+    """{task: [examples]} -> {task: result}, result = `task_result`: `summarise` of its records plus "mode" and
+    "records" (one per example, in the order of the examples).
 
     mode "generate", "loglik" or "cloze"; loglik and cloze fall back to generate for a task whose examples have no
-    options (BBH, GSM8K), and say so in the result's "mode". task_ids: {task name: id} as in training, for adapters
-    that need it (MTL-LoRA); ignored by the others.
+    options (BBH, GSM8K), and say so in the result's "mode" (`generation_fallback` names them beforehand).
+    task_ids: {task name: id} as in training, for adapters that need it (MTL-LoRA); ignored by the others.
+    progress: show a tqdm bar.
     """
     if mode not in MODES:
         raise ValueError(f"evaluation mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -217,13 +236,12 @@ def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=1
         if unknown:
             raise ValueError(f"an mtl adapter needs the training task id of every task it is evaluated on; it was "
                              f"not trained on {', '.join(unknown)}")
-    scored = {t: mode != "generate" and bool(rows) and all(choices_of(ex)[0] for ex in rows)
-              for t, rows in tasks.items()}
+    scored = scored_tasks(tasks, mode)
     total = sum(len(rows) * (len(choices_of(rows[0])[0]) if scored[t] else 1) for t, rows in tasks.items() if rows)
     was_training = model.training
     model.eval()
     results = {}
-    with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not progress) as bar:
         for name, examples in tasks.items():
             bar.set_postfix_str(name)
             tid = (task_ids or {}).get(name)
@@ -246,12 +264,12 @@ def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=1
                 texts = generate_texts(model, tok, [ex["prompt"] for ex in examples], batch_size, budget,
                                        task_id=tid, bar=bar)
                 for ex, text in zip(examples, texts):
-                    options = [o for o in ex.get("options", []) if extract_answer(text, o)]
+                    options = [o for o in ex.get("options", []) if extract_answer(text, o, ex["prompt"])]
                     records.append({"task": name, "index": ex.get("index"), "gold": predicted_answer(ex["answer"],
                                     ex["answer"]) if not ex.get("options") else ex["answer"].strip(),
                                     "pred": options[0].strip() if options else predicted_answer(text, ex["answer"]),
-                                    "correct": extract_answer(text, ex["answer"]), "text": text})
-            results[name] = {**summarise(records), "mode": mode if scored[name] else "generate", "records": records}
+                                    "correct": extract_answer(text, ex["answer"], ex["prompt"]), "text": text})
+            results[name] = task_result(records, mode if scored[name] else "generate")
     model.train(was_training)
     return results
 

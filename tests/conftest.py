@@ -42,6 +42,19 @@ def make_jsonl(path: Path, tasks=JSONL_TASKS, n=32, split="train"):
     return path
 
 
+def error_line(capsys, main, args):
+    """Run a script's `main(args)`, expect exit code 1, and return its single `error: ...` line on stderr (no
+    traceback): how train.py and eval.py must end on a bad input."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors gain nothing from threads, and on a shared machine a spinning OpenMP thread stalls every op."""

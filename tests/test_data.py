@@ -16,7 +16,7 @@ import torch
 
 from nanoalign import tasks as T
 from nanoalign.data import (IGNORE_INDEX, BalancedBatcher, check_example, encode_example, encode_tasks,
-                            extract_answer, left_pad, load_tasks, read_jsonl, write_jsonl)
+                            extract_answer, left_pad, listed_options, load_tasks, read_jsonl, write_jsonl)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NANOALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -364,6 +364,18 @@ def test_write_jsonl_roundtrip_is_atomic(tmp_path):
     assert read_jsonl(tmp_path / "a/b.jsonl") == rows and os.listdir(tmp_path / "a") == ["b.jsonl"]
 
 
+def test_read_jsonl_names_the_line_that_is_not_utf8(tmp_path):
+    """A file saved in Latin-1 (é as byte 0xe9 on its 3rd line) is a ValueError naming the file, the line and the
+    byte; a UTF-8 byte-order mark at the start is accepted."""
+    good = json.dumps({"task": "t", "prompt": "café\nAnswer:", "answer": " ü"}, ensure_ascii=False)
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes((good + "\n\n").encode() + good.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=rf"latin1\.jsonl:3: not UTF-8 text \(byte 0xe9 at column \d+\); save"):
+        read_jsonl(f)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n")
+    assert read_jsonl(tmp_path / "bom.jsonl")[0]["prompt"] == "café\nAnswer:"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # builtin tasks
 
@@ -538,6 +550,46 @@ def test_extract_answer(generated, gold, correct):
     """§5.1 scoring: text after the last "Answer:", numbers as floats, option letters and (X) by regex, solution/answer/
     option/ending labels by number, else first-line exact match lower-cased without periods."""
     assert extract_answer(generated, gold) is correct
+
+
+PIQA = T.parse_piqa({"goal": "Clean a pan", "sol1": "use soap", "sol2": "use sand."}, 1)["prompt"]
+ARC = T.parse_ai2_mc("arc-easy", {"question": {"stem": "What is hot?", "choices": [
+    {"text": "the sun", "label": "A"}, {"text": "Ice", "label": "B"}, {"text": "A", "label": "C"}]},
+    "answerKey": "A"})["prompt"]
+
+
+@pytest.mark.parametrize("generated, gold, prompt, correct", [
+    (" 2", "solution2", None, True),  # a numbered option by its bare number, prompt or not
+    (" (2)", "solution2", None, True),
+    (" 2.\nmore", "solution2", None, True),
+    (" 1", "solution2", None, False),
+    (" 2 apples", "solution2", None, False),  # not the bare number
+    (" Use sand", "solution2", PIQA, True),  # by its text (case and periods ignored)
+    (" use soap", "solution2", PIQA, False),  # the other option's text
+    (" use sand", "solution2", None, False),  # no prompt: no texts to compare with
+    (" use sand", "solution1", PIQA, False),
+    (" solution1: use sand", "solution2", PIQA, False),  # the label it names wins over text
+    (" the sun", "A", ARC, True),
+    (" ice", "B", ARC, True),
+    (" the sun", "B", ARC, False),
+    (" A", "C", ARC, False),  # "A" is a label (option A), though it is also option C's text
+    (" A", "A", ARC, True),
+    (" sun", "A", ARC, False),  # part of a text is not the text
+])
+def test_extract_answer_takes_an_option_by_number_or_text(generated, gold, prompt, correct):
+    """Generate-mode answers naming a numbered option by its bare number, or an option by the text the prompt lists
+    for it (`listed_options`), are scored as that option: correct for the gold one, wrong for another; a label in
+    the answer is read as a label."""
+    assert extract_answer(generated, gold, prompt) is correct
+
+
+def test_listed_options_reads_the_option_lines_of_the_label_format():
+    """The option lines right before "Answer format:" in the label-format prompts of nanoalign.tasks; none for a
+    prompt without them (builtin tasks list their options inline)."""
+    assert listed_options(PIQA) == {"solution1": "use soap", "solution2": "use sand."}
+    assert listed_options(ARC) == {"a": "the sun", "b": "Ice", "c": "A"}
+    assert listed_options(T.builtin_examples("larger-number", "test", n=1)[0]["prompt"]) == {}
+    assert listed_options("Question: x\nAnswer:") == {}
 
 
 # ----------------------------------------------------------------------------------------------------------------

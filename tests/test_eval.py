@@ -6,6 +6,7 @@ generation against one-prompt-at-a-time `generate` of transformers followed by `
 unmerged adapters, and the error paths of eval.py.
 """
 
+import errno
 import importlib
 import json
 import sys
@@ -17,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import JSONL_TASKS, make_jsonl  # noqa: E402
+from conftest import JSONL_TASKS, error_line, make_jsonl  # noqa: E402
 
 import nanoalign  # noqa: E402
 from nanoalign.adapters import apply_adapter, save_adapter  # noqa: E402
@@ -191,6 +192,10 @@ def test_eval_py_base_model_generate(tiny, tmp_path, capsys):
     assert "base" in capsys.readouterr().out
 
 
+def eval_error(capsys, args):
+    return error_line(capsys, eval_py.main, args)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--adapter-dir", "/no/such/adapter"], "error: --adapter-dir /no/such/adapter: no such directory"),
     (["--adapter-dir", "PEFT"], "not a nanoalign adapter (a PEFT directory?"),
@@ -205,12 +210,7 @@ def test_eval_py_bad_inputs(tiny, tmp_path, capsys, extra, message):
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     args = ["--model", str(tiny), "--data", str(data), "--out", str(tmp_path / "r.json")]
-    with pytest.raises(SystemExit) as e:
-        eval_py.main(args + [str(tmp_path / "peft") if x == "PEFT" else x for x in extra])
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    assert message in eval_error(capsys, args + [str(tmp_path / "peft") if x == "PEFT" else x for x in extra])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,3 +333,85 @@ def test_eval_py_diagnostics_predictions_and_no_silent_overwrite(tiny, tmp_path,
         eval_py.main(args)
     assert "exists (an earlier evaluation); pass --overwrite" in capsys.readouterr().err
     assert eval_py.main(args + ["--overwrite"])["accuracy"] == res["accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eval.py: damaged files and system errors are one line; what was asked but not done is said
+
+@pytest.mark.parametrize("damage, message", [
+    ("config-not-json", "adapter_config.json:1: not valid JSON"),
+    ("config-missing-key", "adapter_config.json: missing key 'rank'; the file is incomplete"),
+    ("config-not-object", "adapter_config.json: expected a JSON object, got list"),
+    ("safetensors-cut", "adapter.safetensors: not a readable safetensors file"),
+    ("tasks-not-json", "tasks.json:1: not valid JSON"),
+])
+def test_eval_py_damaged_adapter_is_one_line(tiny, tmp_path, capsys, damage, message):
+    """A damaged adapter directory (adapter_config.json not JSON, not an object or without a key; a truncated
+    adapter.safetensors; tasks.json not JSON) ends with one error line naming the file, no traceback."""
+    model = nanoalign.load_model(tiny)
+    apply_adapter(model, "lora", rank=2, targets=("q_proj",))
+    d = tmp_path / "adapter"
+    save_adapter(model, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    if damage == "config-not-json":
+        (d / "adapter_config.json").write_text("{not json")
+    elif damage == "config-missing-key":
+        (d / "adapter_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "rank"}))
+    elif damage == "config-not-object":
+        (d / "adapter_config.json").write_text("[1, 2]")
+    elif damage == "safetensors-cut":
+        (d / "adapter.safetensors").write_bytes((d / "adapter.safetensors").read_bytes()[:60])
+    else:
+        (d / "tasks.json").write_text('{"tasks": [')
+    data = make_jsonl(tmp_path / "test.jsonl", n=2, split="test")
+    error = eval_error(capsys, ["--model", tiny, "--adapter-dir", d, "--data", data, "--out", tmp_path / "r.json"])
+    assert error.startswith(f"error: {d}") and message in error, error
+
+
+def test_eval_py_system_errors_are_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """--device tpu, --device cuda without CUDA, a data file that is not UTF-8 (file and line named), a read-only
+    --out (mkdir made to fail with EROFS) and a full disk while the results are written (ENOSPC): one error line
+    each, naming what is wrong and what to do."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = make_jsonl(tmp_path / "test.jsonl", n=2, split="test")
+    args = ["--model", tiny, "--data", data, "--max-new-tokens", 2]
+    assert "--device tpu: not a device nanoalign runs on" in eval_error(capsys, args + ["--device", "tpu"])
+    assert "--device cuda: CUDA is not available here" in eval_error(capsys, args + ["--device", "cuda"])
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(data.read_bytes().split(b"\n")[0] + b"\n" + '{"task": "t", "prompt": "caf\u00e9"}\n'.encode(
+        "latin-1"))
+    assert f"{latin1}:2: not UTF-8 text" in eval_error(capsys, ["--model", tiny, "--data", latin1])
+    real_mkdir, real_write = Path.mkdir, Path.write_text
+
+    def read_only(self, *a, **k):
+        if "ro" in self.parts:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    def full(self, *a, **k):
+        if self.name.startswith(".full"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write(self, *a, **k)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    monkeypatch.setattr(Path, "write_text", full)
+    error = eval_error(capsys, args + ["--out", tmp_path / "ro" / "r.json"])
+    assert error == f"error: {tmp_path / 'ro'}: read-only file system; choose another --out"
+    error = eval_error(capsys, args + ["--out", tmp_path / "full.json"])
+    assert error.startswith(f"error: {tmp_path}/.full") and "the disk is full; free space and run again" in error
+    assert not list(tmp_path.glob(".full*"))
+
+
+def test_eval_py_loglik_names_the_tasks_it_generates_for(tiny, tmp_path, capsys):
+    """--mode loglik on data where one task has no options: one note on stderr names that task, and its result
+    records mode 'generate' while the others say 'loglik'."""
+    rows = [json.loads(line) for line in make_jsonl(tmp_path / "t.jsonl", n=2, split="test").read_text().splitlines()]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "options" or r["task"] != JSONL_TASKS[0]})
+                            + "\n" for r in rows))
+    res = eval_py.main(["--model", str(tiny), "--data", str(data), "--mode", "loglik", "--max-new-tokens", "2",
+                        "--out", str(tmp_path / "r.json")])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: --mode loglik scores options; {JSONL_TASKS[0]} (no options) will be scored by "
+                     "generation instead (its result says mode 'generate')"]
+    assert {t: r["mode"] for t, r in res["tasks"].items()} == {JSONL_TASKS[0]: "generate", JSONL_TASKS[1]: "loglik",
+                                                               JSONL_TASKS[2]: "loglik"}

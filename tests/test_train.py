@@ -6,9 +6,11 @@ Each run takes a second or two of compute; subprocesses are used only where a re
 torchrun).
 """
 
+import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +26,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train as train_py  # noqa: E402
 
-from conftest import JSONL_TASKS, make_jsonl  # noqa: E402
+from conftest import JSONL_TASKS, error_line, make_jsonl  # noqa: E402
+import nanoalign  # noqa: E402
+from nanoalign.adapters import load_adapter  # noqa: E402
+from nanoalign.data import load_tasks  # noqa: E402
+from nanoalign.evaluate import evaluate  # noqa: E402
 from nanoalign.tasks import BUILTIN_TASKS, builtin_examples  # noqa: E402
 
 LOG_LINE = re.compile(r"^step +\d+ \| loss \S+ \(ce \S+, align \S+\) \| lr \S+ \| [\d,]+ tok/s \| mfu \S+ \| "
@@ -132,23 +138,228 @@ def test_length_groups_split():
     assert train_py.length_groups([40, 300, 41], max_groups=1) == [[0, 1, 2]]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, data, tmp_path, capsys):
-    """A NaN loss (--align-lambda nan on resume) stops with exit code 1 and one line naming the step; the optimizer
-    step is not taken, the checkpoint from before is byte-for-byte intact and still resumes; no record is logged
-    for the failed step."""
+def main_error(capsys, args):
+    return error_line(capsys, train_py.main, args)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, data, tmp_path, capsys, monkeypatch):
+    """A NaN loss (the alignment loss made NaN on resume) stops with exit code 1 and one line naming the step and
+    the last good checkpoint; the checkpoint from before is byte-for-byte intact and still resumes; no record is
+    logged for the failed step."""
     run(*argv(tiny, tmp_path, data[0], "--max-steps", 6, "--stop-at", 3))
     saved = checkpoint_bytes(tmp_path)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train_py.main(argv(tiny, tmp_path, data[0], "--max-steps", 6, "--resume", "--align-lambda", "nan"))
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: loss is nan at step 4 ") and "Traceback" not in err
+    real = train_py.alignment_objective
+
+    def nan_align(*args):
+        ce, la = real(*args)
+        return ce, la * float("nan")
+    monkeypatch.setattr(train_py, "alignment_objective", nan_align)
+    error = main_error(capsys, argv(tiny, tmp_path, data[0], "--max-steps", 6, "--resume"))
+    assert error.startswith("error: loss is nan at step 4 ") and "last good checkpoint" in error
+    assert f"{tmp_path / 'r' / 'checkpoint'} (step 3)" in error
     assert checkpoint_bytes(tmp_path) == saved
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+    monkeypatch.setattr(train_py, "alignment_objective", real)
     run(*argv(tiny, tmp_path, data[0], "--max-steps", 6, "--resume"))
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_weights_after_an_update_are_never_checkpointed(tiny, data, tmp_path, capsys, monkeypatch):
+    """An update that leaves a weight inf (AdamW made to write one at step 3, with finite loss and gradient) stops
+    the run before step 3's checkpoint: one error line naming step 3 and the step-2 checkpoint, which is on disk,
+    finite, and resumes to the end."""
+    real = torch.optim.AdamW.step
+    calls = []
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    error = main_error(capsys, argv(tiny, tmp_path, data[0], "--max-steps", 5, "--ckpt-every", 1))
+    assert error.startswith("error: the update made adapter weights non-finite at step 3 ")
+    assert f"the last good checkpoint is {tmp_path / 'r' / 'checkpoint'} (step 2)" in error
+    state = json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2 and not (tmp_path / "r" / "checkpoint.tmp").exists()
+    weights = load_file(tmp_path / "r" / "checkpoint" / "adapter.safetensors")
+    assert all(bool(t.isfinite().all()) for t in weights.values())
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    run(*argv(tiny, tmp_path, data[0], "--max-steps", 5, "--ckpt-every", 1, "--resume"))
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "inf"], "error: --lr must be a finite number, got inf"),
+    (["--lr", "1e6"], "error: --lr must be in (0, 1], got 1000000.0"),
+    (["--grad-clip", "nan"], "error: --grad-clip must be a finite number, got nan"),
+    (["--align-lambda", "nan"], "error: --align-lambda must be a finite number, got nan"),
+    (["--align-lambda", "-0.1"], "error: --align-lambda must not be negative"),
+    (["--weight-decay", "inf"], "error: --weight-decay must be a finite number"),
+    (["--dropout", "1"], "error: --dropout must be in [0, 1)"),
+    (["--alpha", "0"], "error: --alpha must be positive"),
+    (["--lr", "0"], "error: --lr must be in (0, 1]"),
+])
+def test_numeric_flags_out_of_range_are_refused_before_anything_is_written(tiny, data, tmp_path, capsys, extra,
+                                                                          message):
+    """Non-finite or out-of-range numbers (which used to produce a NaN or a huge-weight checkpoint after the first
+    update) end with one error line naming the flag, before the run directory is even created."""
+    error = main_error(capsys, argv(tiny, tmp_path, data[0], "--ckpt-every", 1, *extra))
+    assert error.startswith(message), error
+    assert not (tmp_path / "r").exists()
+
+
+def test_forgetting_resume_destroys_nothing_and_overwrite_starts_fresh(tiny, data, tmp_path, capsys):
+    """A fresh start in a run directory holding a checkpoint and a log is refused with one line (checkpoint and log
+    byte-for-byte unchanged); --overwrite starts fresh (the old log is gone, the new one counts from step 1, the
+    checkpoint is the new run's); --resume together with --overwrite is refused."""
+    run(*argv(tiny, tmp_path, data[0], "--max-steps", 6, "--stop-at", 3))
+    saved, log = checkpoint_bytes(tmp_path), (tmp_path / "r" / "log.jsonl").read_bytes()
+    error = main_error(capsys, argv(tiny, tmp_path, data[0], "--max-steps", 6, "--stop-at", 2))
+    assert "holds an earlier run (checkpoint, log.jsonl): pass --resume to continue it, or --overwrite" in error
+    assert checkpoint_bytes(tmp_path) == saved and (tmp_path / "r" / "log.jsonl").read_bytes() == log
+    error = main_error(capsys, argv(tiny, tmp_path, data[0], "--resume", "--overwrite"))
+    assert "pass one of them" in error
+    (tmp_path / "r" / "checkpoint").rename(tmp_path / "r" / "checkpoint.old")  # a crash between the renames
+    assert "holds an earlier run (checkpoint.old, log.jsonl)" in main_error(capsys, argv(tiny, tmp_path, data[0]))
+    train_py.main(argv(tiny, tmp_path, data[0], "--max-steps", 6, "--stop-at", 2, "--overwrite"))
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+    assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert not (tmp_path / "r" / "checkpoint.old").exists()
+
+
+def test_resume_drops_a_torn_last_log_line_and_refuses_a_damaged_one(tiny, data, tmp_path, capsys):
+    """A log whose last line was cut short (a full disk, a power loss) resumes with a note, the torn line dropped,
+    and gives the same records as a run never interrupted; a damaged line before the last is one error line naming
+    the file and line."""
+    common = ("--max-steps", 5, "--dropout", 0)
+    run(*argv(tiny, tmp_path / "a", data[0], *common))
+    run(*argv(tiny, tmp_path / "b", data[0], *common, "--stop-at", 3))
+    log = tmp_path / "b" / "r" / "log.jsonl"
+    good = log.read_text()
+    log.write_text(good + '{"step": 4, "loss": 3.1')
+    capsys.readouterr()
+    run(*argv(tiny, tmp_path / "b", data[0], *common, "--resume"))
+    assert f"note: {log}:4: dropped a torn last line" in capsys.readouterr().out
+    keys = ("step", "loss", "ce", "align", "grad_norm")
+    assert [[r[k] for k in keys] for r in read_log(tmp_path / "a")] == [[r[k] for k in keys]
+                                                                       for r in read_log(tmp_path / "b")]
+    run(*argv(tiny, tmp_path / "c", data[0], *common, "--stop-at", 3))
+    log = tmp_path / "c" / "r" / "log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "\x00\x00garbage", *lines[1:]]) + "\n")
+    error = main_error(capsys, argv(tiny, tmp_path / "c", data[0], *common, "--resume"))
+    assert error.startswith(f"error: {log}:2: not a JSON record")
+
+
+@pytest.mark.parametrize("victim", ["adapter.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
+                                    "adapter_config.json"])
+def test_a_damaged_checkpoint_is_named_in_one_line(tiny, data, tmp_path, capsys, victim):
+    """Resuming from a checkpoint with one file damaged (garbage bytes) and no checkpoint.old: one error line naming
+    that file, no traceback."""
+    run(*argv(tiny, tmp_path, data[0], "--max-steps", 4, "--stop-at", 2))
+    bad = tmp_path / "r" / "checkpoint" / victim
+    bad.write_bytes(b"\x00garbage")
+    error = main_error(capsys, argv(tiny, tmp_path, data[0], "--max-steps", 4, "--resume"))
+    assert error.startswith("error: cannot resume: ") and str(bad) in error and "--overwrite" in error
+
+
+def test_a_damaged_live_checkpoint_falls_back_to_checkpoint_old(tiny, data, tmp_path, capsys):
+    """A damaged live checkpoint (truncated adapter.safetensors) with a complete checkpoint.old from step 1: resume
+    says so, continues from step 1 (later log records dropped), moves the damaged one to checkpoint.bad, and ends
+    with the adapter of a run never interrupted, bit for bit."""
+    common = ("--max-steps", 4, "--dropout", 0.1)
+    run(*argv(tiny, tmp_path / "a", data[0], *common))
+    run(*argv(tiny, tmp_path / "b", data[0], *common, "--stop-at", 1))
+    run_dir = tmp_path / "b" / "r"
+    shutil.copytree(run_dir / "checkpoint", tmp_path / "step1")
+    run(*argv(tiny, tmp_path / "b", data[0], *common, "--stop-at", 2, "--resume"))
+    shutil.copytree(tmp_path / "step1", run_dir / "checkpoint.old")
+    st = run_dir / "checkpoint" / "adapter.safetensors"
+    damaged = st.read_bytes()[:100]
+    st.write_bytes(damaged)
+    capsys.readouterr()
+    run(*argv(tiny, tmp_path / "b", data[0], *common, "--resume"))
+    out = capsys.readouterr().out
+    assert f"note: {st}: not a readable safetensors file" in out and "resuming from" in out
+    assert f"resumed from {run_dir / 'checkpoint.old'} at step 1" in out
+    assert (run_dir / "checkpoint.bad" / "adapter.safetensors").read_bytes() == damaged
+    assert not (run_dir / "checkpoint.old").exists()
+    assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4]
+    wa = load_file(tmp_path / "a" / "r" / "adapter" / "adapter.safetensors")
+    wb = load_file(run_dir / "adapter" / "adapter.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_the_last_one_and_no_tmp(tiny, data, tmp_path, capsys, monkeypatch):
+    """ENOSPC while the step-2 checkpoint is written (safetensors' writer made to fail after writing some bytes):
+    one error line naming the file and saying the disk is full, no checkpoint.tmp left behind, the step-1
+    checkpoint intact; after freeing space, --resume continues from step 1."""
+    import safetensors.torch
+    real, calls = safetensors.torch.save_file, []
+
+    def full(tensors, path, *a, **k):
+        calls.append(path)
+        if len(calls) > 3 and path.endswith("optimizer.safetensors"):
+            Path(path).write_bytes(b"\x00" * 10)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    error = main_error(capsys, argv(tiny, tmp_path, data[0], "--max-steps", 4, "--ckpt-every", 1))
+    tmp = tmp_path / "r" / "checkpoint.tmp"
+    assert error == f"error: {tmp / 'optimizer.safetensors'}: the disk is full; free space and run again (train.py: " \
+                    "--resume continues from the last checkpoint)"
+    assert not tmp.exists()
+    assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["step"] == 1
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    run(*argv(tiny, tmp_path, data[0], "--max-steps", 4, "--ckpt-every", 1, "--resume"))
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_an_unwritable_out_is_one_line(tiny, data, tmp_path, capsys, monkeypatch):
+    """--out on a read-only file system (mkdir made to fail with EROFS: root ignores permission bits) and --out
+    under a file: one error line naming the path and what to do."""
+    real = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *a, **k)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    error = main_error(capsys, argv(tiny, tmp_path / "ro", data[0], "--max-steps", 1))
+    assert error == f"error: {tmp_path / 'ro' / 'r'}: read-only file system; choose another --out"
+    error = main_error(capsys, argv(tiny, data[0], data[0], "--max-steps", 1))
+    assert error == f"error: {data[0] / 'r'}: a part of the path is a file, not a directory"
+
+
+def test_one_task_warns_that_the_alignment_loss_is_zero(tiny, tmp_path, capsys):
+    """Align-LoRA on a single task: one warning line at startup (the alignment loss compares tasks), and the logged
+    alignment loss is indeed 0; LoRA without --align-any gets no warning."""
+    one = make_jsonl(tmp_path / "one.jsonl", tasks=JSONL_TASKS[:1])
+    run(*argv(tiny, tmp_path / "a", one, "--max-steps", 2))
+    err = capsys.readouterr().err
+    assert sum(line.startswith("warning: one task") for line in err.splitlines()) == 1, err
+    assert [r["align"] for r in read_log(tmp_path / "a")] == [0.0, 0.0]
+    run(*argv(tiny, tmp_path / "b", one, "--max-steps", 1, "--adapter", "lora"))
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_eval_mode_loglik_names_the_tasks_it_generates_for(tiny, data, tmp_path, capsys):
+    """--eval-mode loglik with a held-out task whose examples have no options: one note names that task (it is
+    scored by generation, and its result says so)."""
+    rows = [json.loads(line) for line in data[1].read_text().splitlines()]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "options" or r["task"] != JSONL_TASKS[1]})
+                            + "\n" for r in rows))
+    res = run(*argv(tiny, tmp_path, data[0], "--max-steps", 1, "--eval-max", 2, "--eval-data", test, "--eval-mode",
+                    "loglik", "--eval-tokens", 2))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "scored by generation" in line]
+    assert notes == [f"note: --eval-mode loglik scores options; {JSONL_TASKS[1]} (no options) will be scored by "
+                     "generation instead"]
+    assert {t: r["mode"] for t, r in res["after"].items()} == {JSONL_TASKS[0]: "loglik", JSONL_TASKS[1]: "generate",
+                                                                JSONL_TASKS[2]: "loglik"}
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny, data, tmp_path):
@@ -184,10 +395,13 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny, data, tmp_path):
 def test_ddp_two_processes_gloo(tiny, data, tmp_path):
     """`torchrun --nproc_per_node 2 train.py` on CPU (gloo): finishes, logs every step once, and the checkpoint shows
     the global data stream (each task advanced by batch_per_task x 2 ranks x steps examples) and one RNG state per
-    rank, different between the ranks (different dropout masks)."""
+    rank, different between the ranks (different dropout masks). The evaluations (before, at step 2, after) are
+    shared out over both ranks and gathered: the after-training records are those of a one-process evaluation of
+    the saved adapter, example by example, in the same order."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"),
-           *argv(tiny, tmp_path, data[0], "--max-steps", 4, "--batch-per-task", 1, "--device", "cpu")]
+           *argv(tiny, tmp_path, data[0], "--max-steps", 4, "--batch-per-task", 1, "--device", "cpu", "--eval-max",
+                 3, "--eval-data", data[1], "--eval-mode", "loglik", "--eval-every", 2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -199,6 +413,21 @@ def test_ddp_two_processes_gloo(tiny, data, tmp_path):
     rng = load_file(tmp_path / "r" / "checkpoint" / "rng.safetensors")
     assert sorted(rng) == ["rank0", "rank1"] and not torch.equal(rng["rank0"], rng["rank1"])
     assert (tmp_path / "r" / "adapter" / "adapter.safetensors").is_file()
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert all(r["n"] == 3 for when in ("before", "after") for r in results[when].values())
+    evals = [r for r in map(json.loads, (tmp_path / "r" / "log.jsonl").read_text().splitlines()) if "eval" in r]
+    assert [r["step"] for r in evals] == [2] and sorted(evals[0]["eval"]) == list(JSONL_TASKS)
+    model = nanoalign.load_model(tiny)
+    load_adapter(model, tmp_path / "r" / "adapter")
+    tasks = load_tasks(str(data[1]), "test", max_per_task=3, seed=0)
+    alone = evaluate(model, nanoalign.load_tokenizer(tiny), tasks, mode="loglik",
+                     task_ids={t: i for i, t in enumerate(JSONL_TASKS)})
+    shared = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
+    expected = [r for res in alone.values() for r in res["records"]]
+    assert [(r["task"], r["index"], r["pred"]) for r in shared] == [(r["task"], r["index"], r["pred"])
+                                                                    for r in expected]
+    assert [x for r in shared for x in r["scores"]] == pytest.approx([x for r in expected for x in r["scores"]],
+                                                                     rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["lora", "hydra", "hydra-norouter", "rlora", "mlora", "mtl", "multilora"])
@@ -245,16 +474,21 @@ def test_adapter_options_reach_the_adapter_and_the_saved_config(tiny, data, tmp_
     ("option typo", ["--adapter", "rlora", "--adapter-options", "random_init=flase"],
      "error: adapter option random_init must be a bool"),
     ("option syntax", ["--adapter", "rlora", "--adapter-options", "random_init"], "takes key=value pairs"),
+    ("unknown device", ["--device", "tpu"], "error: --device tpu: not a device nanoalign runs on; use auto, cpu"),
+    ("no such device type", ["--device", "meta"], "error: --device meta: not a device nanoalign runs on"),
+    ("CUDA absent", ["--device", "cuda"], "error: --device cuda: CUDA is not available here; use --device cpu"),
+    ("non-UTF-8 data", ["--data", "LATIN1"], "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at column"),
 ])
-def test_bad_inputs_give_one_line_errors(tiny, data, tmp_path, capsys, case, extra, message):
-    """Bad inputs end with exit code 1 and a single `error: ...` line on stderr naming the problem, no traceback."""
+def test_bad_inputs_give_one_line_errors(tiny, data, tmp_path, capsys, monkeypatch, case, extra, message):
+    """Bad inputs end with exit code 1 and a single `error: ...` line on stderr naming the problem, no traceback
+    (CUDA is made absent, as on the CPU machines where the tests run)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(builtin_examples(JSONL_TASKS[0], "train", n=1)[0]) + "\n"
                    + json.dumps({"task": JSONL_TASKS[0], "prompt": "Q?\nAnswer:"}) + "\n")
-    args = argv(tiny, tmp_path, data[0]) + [str(bad) if x == "BAD" else x for x in extra]
-    with pytest.raises(SystemExit) as e:
-        train_py.main(args)
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(bad.read_bytes().split(b"\n")[0] + b"\n"
+                       + json.dumps({"task": "t", "prompt": "caf\u00e9\nAnswer:", "answer": " y"},
+                                    ensure_ascii=False).encode("latin-1") + b"\n")
+    files = {"BAD": str(bad), "LATIN1": str(latin1)}
+    assert message in main_error(capsys, argv(tiny, tmp_path, data[0]) + [files.get(x, x) for x in extra])
