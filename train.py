@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import dataclasses
+from functools import partial
 import errno
 import json
 import math
@@ -57,6 +58,7 @@ from nanoalign.data import IGNORE_INDEX, BalancedBatcher, answer_positions, enco
 from nanoalign.evaluate import (MODES, accuracies, diagnostics_table, evaluate, generation_fallback, markdown_table,
                                 task_result, without_records)
 from nanoalign.hub import HubError
+from nanoalign.meta import MetaConfig, MetaSampler, answer_loss, limit_shots, meta_step
 from nanoalign.tasks import FORMATS
 
 
@@ -82,7 +84,7 @@ class TrainConfig:
     """
     # model and adapter
     model: str = opt("smollm2-135m", "alias, local directory or HF repo id")
-    adapter: str = opt("align", "adapter kind", choices=list(KINDS))
+    adapter: str = opt("auto", "adapter kind (auto: align; lora with --trainer meta)", choices=["auto", *KINDS])
     rank: int = opt(8, "adapter rank r")
     alpha: float = opt(32.0, "scaling numerator: s = alpha / r")
     heads: int = opt(3, "multi-head adapters: number of B heads (multilora: number of A/B pairs)")
@@ -98,6 +100,8 @@ class TrainConfig:
                       "cloze (the answer is the correct option's text; score it with --eval-mode cloze)",
                       choices=list(FORMATS))
     max_per_task: int = opt(0, "training examples per task (0: all)")
+    shots: int = opt(0, "keep K training examples per task (drawn with --pool-seed; the 16 are among the 64), for "
+                     "either trainer (0: all)")
     pool_seed: int = opt(0, "seed of the --max-per-task training subsample and the --eval-max test subsample (apart "
                          "from --seed, so that seeds change init, dropout and data order, not the data)")
     seq_len: int = opt(256, "max tokens per example (the prompt is cut from the left)")
@@ -110,6 +114,19 @@ class TrainConfig:
     warmup: int = opt(10, "linear warmup steps, then cosine decay to 10%% of --lr")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    # the trainer: task-balanced micro-batches, or MeTA-LoRA's episodes (METHODS §2.9, nanoalign/meta.py)
+    trainer: str = opt("standard", "standard: task-balanced micro-batches; meta: MeTA-LoRA (two-stage MAML-style "
+                       "episodes on a plain LoRA)", choices=["standard", "meta"])
+    meta_tasks: int = opt(MetaConfig.tasks, "MeTA-LoRA: tasks per episode n (capped at the number of tasks)")
+    meta_support: int = opt(MetaConfig.support, "MeTA-LoRA: support examples per task and episode")
+    meta_query: int = opt(MetaConfig.query, "MeTA-LoRA: query examples per task and episode (disjoint from support)")
+    meta_inner_steps: int = opt(MetaConfig.inner_steps, "MeTA-LoRA: inner SGD steps k on the support batch (0: "
+                                "multi-task LoRA on the query batches)")
+    meta_inner_lr: float = opt(MetaConfig.inner_lr, "MeTA-LoRA: inner SGD learning rate α")
+    meta_agg: str = opt(MetaConfig.agg, "MeTA-LoRA: aggregate the query gradients over tasks",
+                        choices=["mean", "sum"])
+    meta_order: int = opt(MetaConfig.order, "MeTA-LoRA: 1 first order (FOMAML), 2 through the inner steps",
+                          choices=[1, 2])
     # alignment (METHODS §3)
     align_loss: str = opt("kl", "alignment loss: symmetric KL (A-LoRA-K) or multi-kernel MMD (A-LoRA-M)",
                           choices=["kl", "mmd"])
@@ -182,8 +199,8 @@ def check_config(cfg: TrainConfig, overwrite=False):
     bad = next((f for f in positive if getattr(cfg, f) < 1), None)
     if bad:
         raise ValueError(f"{flag(bad)} must be at least 1, got {getattr(cfg, bad)}")
-    bad = next((f for f in ["warmup", "max_per_task", "stop_at", "eval_every", "eval_max"] if getattr(cfg, f) < 0),
-               None)
+    bad = next((f for f in ["warmup", "max_per_task", "shots", "stop_at", "eval_every", "eval_max"]
+                if getattr(cfg, f) < 0), None)
     if bad:
         raise ValueError(f"{flag(bad)} must not be negative, got {getattr(cfg, bad)}")
     bad = next((f for f in ["lr", "alpha", "dropout", "weight_decay", "grad_clip", "align_lambda"]
@@ -202,6 +219,16 @@ def check_config(cfg: TrainConfig, overwrite=False):
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.resume and overwrite:
         raise ValueError("--resume continues the run in its directory, --overwrite starts it again: pass one of them")
+    if cfg.adapter == "auto":  # the default: Align-LoRA, or the plain LoRA that MeTA-LoRA trains
+        cfg.adapter = "lora" if cfg.trainer == "meta" else "align"
+    if cfg.trainer == "meta":
+        MetaConfig.from_flags(cfg)  # each bad value names its --meta-* flag
+        if aligns(cfg):
+            raise ValueError("--trainer meta trains a plain LoRA without an alignment loss (METHODS §2.9): use "
+                             "--adapter lora (or leave --adapter out) and no --align-any")
+        if cfg.grad_ckpt or cfg.compile:
+            raise ValueError("--trainer meta calls the model functionally (torch.func): drop --grad-ckpt and "
+                             "--compile")
     check_options(cfg.adapter, parse_options(cfg.adapter_options))
 
 
@@ -588,7 +615,8 @@ def load_checkpoint(ckpt: Checkpoint, model, opt, device, rank, world):
 
 
 MUST_MATCH = ["model", "adapter", "rank", "alpha", "heads", "adapter_options", "targets", "data", "format", "tasks",
-              "max_per_task", "pool_seed", "batch_per_task", "seq_len", "seed", "length_groups"]
+              "max_per_task", "pool_seed", "batch_per_task", "seq_len", "seed", "length_groups", "trainer", "shots",
+              "meta_tasks", "meta_support", "meta_query"]
 
 
 def check_resume_config(old: dict, cfg: TrainConfig, say):
@@ -633,7 +661,8 @@ def setup(cfg: TrainConfig, overwrite=False) -> Env:
     checkpoint to resume from, read whole, or the refusal to start fresh over an earlier run."""
     device = pick_device(cfg.device)
     rank, world, device = setup_distributed(device)
-    out = Path(cfg.out) / (cfg.run_name or f"{Path(cfg.model).name}-{cfg.adapter}-r{cfg.rank}")
+    out = Path(cfg.out) / (cfg.run_name or f"{Path(cfg.model).name}-{cfg.adapter}{'-meta' * (cfg.trainer == 'meta')}"
+                                            f"-r{cfg.rank}")
     say = print if rank == 0 else (lambda *a, **k: None)
     resumed = None
     if cfg.resume:
@@ -653,7 +682,7 @@ class Data:
     """Stage 2, data: the training tasks tokenised once into the task-balanced batcher, and the held-out tasks."""
     names: list  # sorted task names: task ids are their positions (nanoalign.data)
     tok: object
-    batcher: BalancedBatcher
+    batcher: BalancedBatcher | MetaSampler
     sizes: dict
     test_tasks: dict
 
@@ -663,6 +692,7 @@ def load_data(cfg: TrainConfig, env: Env) -> Data:
     subset = sorted({t.strip() for t in cfg.tasks.split(",") if t.strip()})
     train_tasks = select_tasks(load_tasks(cfg.data, "train", data_dir=cfg.data_dir, seed=cfg.pool_seed, fmt=cfg.format,
                                           max_per_task=cfg.max_per_task or None), subset, cfg.data)
+    train_tasks = limit_shots(train_tasks, cfg.shots, seed=cfg.pool_seed)  # both trainers: the same K examples
     test_tasks = load_eval_tasks(cfg, subset)
     names = sorted(train_tasks)
     tok = nanoalign.load_tokenizer(cfg.model)
@@ -671,8 +701,12 @@ def load_data(cfg: TrainConfig, env: Env) -> Data:
         for t in names:
             encoded[t] = [encode_example(tok, ex, cfg.seq_len) for ex in train_tasks[t]]
             bar.update(len(encoded[t]))
-    batcher = BalancedBatcher(encoded, per_task=cfg.batch_per_task, seed=cfg.seed, rank=env.rank,
+    if cfg.trainer == "meta":
+        batcher = MetaSampler(encoded, MetaConfig.from_flags(cfg), seed=cfg.seed, rank=env.rank,
                               world_size=env.world, pad_id=tok.pad_id)
+    else:
+        batcher = BalancedBatcher(encoded, per_task=cfg.batch_per_task, seed=cfg.seed, rank=env.rank,
+                                  world_size=env.world, pad_id=tok.pad_id)
     if env.master:  # say what was asked but will not happen
         if aligns(cfg) and len(names) == 1:
             print(f"warning: one task ({names[0]}): the alignment loss compares tasks, so it is 0 throughout and "
@@ -760,12 +794,22 @@ def train_step(cfg: TrainConfig, env: Env, s: State, batcher, stop) -> dict:
     tokens = flops = 0.0
     for micro in range(cfg.grad_accum):
         b = next(batcher)
+        if cfg.trainer == "meta":  # k inner SGD steps per task; the query gradients are left in .grad (meta.py)
+            st = meta_step(s.model, b, MetaConfig.from_flags(cfg), partial(answer_loss, autocast=env.autocast),
+                           scale=1 / cfg.grad_accum)
+            ce_sum = ce_sum + st["loss"]
+            tokens += st["tokens"]
+            flops += st["tokens"] * s.fpt[0] + s.fpt[1] * st["tokens_sq"]
+            continue
         with s.fwd.no_sync() if env.world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
             ce, la, n, padded = micro_batch_backward(s.fwd, s.model, b, cfg, aligns(cfg), len(batcher.tasks),
                                                      env.autocast, env.device)
         ce_sum, align_sum = ce_sum + ce.double(), align_sum + la.double()
         tokens += n
         flops += n * s.fpt[0] + s.fpt[1] * padded
+    if cfg.trainer == "meta" and env.world > 1:  # functional calls bypass DDP's hooks: sum the ranks' gradients
+        for p in s.trainable:                    # (each rank's share is already divided by the episode's n)
+            dist.all_reduce(p.grad)
     host = to_device(torch.tensor([tokens, flops, float(stop["flag"])], dtype=torch.float64), env.device)
     summed = all_sum(torch.cat([ce_sum[None], align_sum[None], host]), env.world)
     # clip_grad_norm_ also measures the norm (inf: no clipping), so NaN gradients are caught too

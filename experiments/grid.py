@@ -121,8 +121,15 @@ class Data:
         self.train_sizes = {t: len(v) for t, v in train_pool.items()}
 
 
+# train.py options added after FORMAT_VERSION 1, with the value that computes what the runs before them computed:
+# at that value a field stays out of the key, so adding an option to train.py does not orphan the cached runs
+ADDED_LATER = {"trainer": "standard", "shots": 0, "meta_tasks": 4, "meta_support": 4, "meta_query": 4,
+               "meta_inner_steps": 1, "meta_inner_lr": 3e-2, "meta_agg": "mean", "meta_order": 1}
+
+
 def run_key(cfg, suite: Suite, data: Data) -> str:
-    what = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY}
+    what = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return fingerprint({"v": FORMAT_VERSION, "train": what, "test": data.test_fp, "train_data": data.train_fp,
                         "mode": suite.mode, "probe": suite.probe_examples})[:16]
 

@@ -76,3 +76,12 @@ def test_killed_run_resumes_from_its_checkpoint(suite, tmp_path, one_thread):
     out = g.run()["lora"][0]
     assert out["resumed"] and out["curve"]["ce_every"] == ref["curve"]["ce_every"]
     assert out["average"] == ref["average"]
+
+
+def test_options_added_later_leave_the_keys_of_earlier_runs_alone():
+    """Every train.py option listed as added after the first result format has, as its TrainConfig default, the
+    value the grid leaves out of the key (so older cached runs keep their keys), and no other option is missing
+    from the key."""
+    defaults = {f.name: f.default for f in G.dataclasses.fields(G.train.TrainConfig)}
+    assert all(defaults[k] == v for k, v in G.ADDED_LATER.items())
+    assert not (set(G.ADDED_LATER) | G.NOT_IN_KEY) - set(defaults)

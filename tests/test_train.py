@@ -492,3 +492,45 @@ def test_bad_inputs_give_one_line_errors(tiny, data, tmp_path, capsys, monkeypat
                                     ensure_ascii=False).encode("latin-1") + b"\n")
     files = {"BAD": str(bad), "LATIN1": str(latin1)}
     assert message in main_error(capsys, argv(tiny, tmp_path, data[0]) + [files.get(x, x) for x in extra])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --trainer meta (MeTA-LoRA, nanoalign/meta.py; its algorithm is pinned in tests/test_meta.py)
+
+META = ("--trainer", "meta", "--meta-support", 2, "--meta-query", 2, "--meta-tasks", 2)
+
+
+def test_meta_trainer_runs_exports_peft_and_resumes_bitwise(tiny, data, tmp_path):
+    """--trainer meta --shots 8 (the default adapter becomes a plain LoRA): 6 steps straight vs 3 (--stop-at) then
+    --resume give bitwise-equal losses and adapters; the run saves a PEFT LoRA; the query loss falls."""
+    common = (*META, "--shots", 8, "--max-steps", 6, "--ckpt-every", 2)
+    run(*argv(tiny, tmp_path / "a", data[0], *common))
+    run(*argv(tiny, tmp_path / "b", data[0], *common, "--stop-at", 3))
+    run(*argv(tiny, tmp_path / "b", data[0], *common, "--resume"))
+    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 6
+    cfg = json.loads((tmp_path / "a" / "r" / "config.json").read_text())
+    assert cfg["adapter"] == "lora" and cfg["trainer"] == "meta"
+    assert json.loads((tmp_path / "a" / "r" / "peft" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (tmp_path / "a" / "r" / "adapter" / "adapter.safetensors").read_bytes() == \
+        (tmp_path / "b" / "r" / "adapter" / "adapter.safetensors").read_bytes()
+
+
+def test_shots_limit_both_trainers_to_the_same_examples(tiny, data, tmp_path, capsys):
+    """--shots K keeps K examples of every task, the same ones for the standard and the meta trainer."""
+    run(*argv(tiny, tmp_path / "s", data[0], "--shots", 5, "--max-steps", 1, "--adapter", "lora"))
+    run(*argv(tiny, tmp_path / "m", data[0], *META, "--shots", 5, "--max-steps", 1))
+    out = capsys.readouterr().out
+    assert out.count(", ".join(f"{t} (5)" for t in sorted(JSONL_TASKS))) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((*META, "--adapter", "align"), "--trainer meta trains a plain LoRA without an alignment loss"),
+    ((*META, "--grad-ckpt"), "drop --grad-ckpt and --compile"),
+    ((*META, "--meta-inner-lr", "nan"), "--meta-inner-lr must be a finite number"),
+    (("--trainer", "meta", "--shots", 6), "MeTA-LoRA needs --meta-support + --meta-query = 8 examples"),
+    (("--shots", -1), "--shots must not be negative"),
+])
+def test_meta_bad_options_are_one_line(tiny, data, tmp_path, capsys, extra, message):
+    """Options MeTA-LoRA cannot honour are refused with one line naming the flag."""
+    assert message in error_line(capsys, train_py.main, argv(tiny, tmp_path, data[0], "--max-steps", 2, *extra))
