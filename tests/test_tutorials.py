@@ -291,9 +291,8 @@ def test_reader_on_a_partial_grid(reader, tmp_path, capsys, one_thread):
     assert c.row("hydra")["seeds"] == [0, 1] and c.row("rlora")["seeds"] == [0]
     assert {(x["a"], x["b"]): x["seeds"] for x in c.report["comparisons"]} == {
         ("hydra+mt", "hydra"): 2, ("hydra+init", "hydra"): 1, ("rlora", "hydra"): 1}
-    cos = lambda r: r["analysis"]["head_cosine_mean"]  # noqa: E731
-    assert reader.seed_paired(c, "hydra+mt", "hydra", cos, False)["seeds"] == 2
-    one = reader.seed_paired(c, "hydra+init", "hydra", cos, False)
+    assert reader.seed_paired(c, "hydra+mt", "hydra", reader.head_cosine, False)["seeds"] == 2
+    one = reader.seed_paired(c, "hydra+init", "hydra", reader.head_cosine, False)
     assert one["seeds"] == 1 and one["low"] is None and one["verdict"] == "one seed: no interval"
 
 

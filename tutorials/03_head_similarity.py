@@ -23,7 +23,7 @@ Writes <out>/03_head_similarity.json and, with matplotlib, 03_head_similarity.pn
 # %% [setup]
 import math
 
-from claim_grids import Grids, finish, full_scale, markdown, name, parser, pm, seed_paired, suite_text
+from claim_grids import Grids, finish, full_scale, head_cosine, markdown, name, parser, pm, seed_paired, suite_text
 
 from nanoalign.stats import mean_se
 
@@ -97,9 +97,8 @@ print(markdown(["method", "seeds", "all modules", *MODULES, "paper"], rows))
 # "not resolved" then says the grid has too few seeds, not that the methods are equal.
 
 # %%
-cos = lambda r: r["analysis"]["head_cosine_mean"]  # noqa: E731
-ordering = [x for x in (seed_paired(c, "mlora", "rlora", cos, True), seed_paired(c, "mlora", "hydra", cos, True))
-            if x]
+ordering = [x for x in (seed_paired(c, "mlora", "rlora", head_cosine, True),
+                        seed_paired(c, "mlora", "hydra", head_cosine, True)) if x]
 print("\nhead cosine differences (paired over seeds, t interval 95%):\n")
 print(markdown(["difference", "mean [95% CI]", "seeds", "verdict"], [
     [f"{name(x['a'])} − {name(x['b'])}", f"{x['diff']:+.3f}" + (f" [{x['low']:+.3f}, {x['high']:+.3f}]"

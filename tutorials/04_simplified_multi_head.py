@@ -29,8 +29,8 @@ Writes <out>/04_simplified_multi_head.json and, with matplotlib, 04_simplified_m
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_table, bars, comparison_table, diffs, finish, full_scale, name, parser, \
-    suite_text, task_table
+from claim_grids import Grids, accuracy_table, bars, comparison_items, comparison_table, diffs, finish, full_scale, \
+    parser, suite_text, task_table
 
 import paper
 
@@ -108,8 +108,7 @@ print(comparison_table(c))
 def draw(plt):
     fig, ax = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.2]})
     bars(ax[0], c, LABELS, title="suite average (± SE over seeds)")
-    items = [(f"{name(x['a'])} − {name(x['b'])}", x, paper.paper_diff("1-2", x["a"], x["b"]))
-             for x in c.report["comparisons"]]
+    items = comparison_items(c)
     if items:
         diffs(ax[1], items)
     fig.suptitle(f"04 simplified vs complex multi-head LoRA (rank 4, 3 heads): {suite_text(c)}", fontsize=8)

@@ -25,8 +25,8 @@ Writes <out>/05_capacity.json and, with matplotlib, 05_capacity.png.
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_table, bars, comparison_table, diffs, finish, full_scale, markdown, name, \
-    parser, pm, suite_text, task_table
+from claim_grids import Grids, accuracy_table, bars, comparison_items, comparison_table, diffs, finish, full_scale, \
+    markdown, name, parser, pm, suite_text, task_table
 
 from nanoalign.stats import mean_se
 
@@ -107,8 +107,7 @@ print(markdown(["method", "seeds", "effective rank", "at most"], rows) if rows e
 def draw(plt):
     fig, ax = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [1, 1.2, 0.8]})
     bars(ax[0], c, LABELS, title="suite average (± SE over seeds)")
-    items = [(f"{name(x['a'])} − {name(x['b'])}", x, paper.paper_diff("3", x["a"], x["b"]))
-             for x in c.report["comparisons"]]
+    items = comparison_items(c)
     if items:
         ax[1].axvspan(-1, 1, color="palegreen", alpha=0.3, label="±1 point")
         diffs(ax[1], items, title="matched LoRA − multi-head, 95% CI")

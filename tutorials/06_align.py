@@ -32,10 +32,8 @@ Writes <out>/06_align.json and, with matplotlib, 06_align.png.
 """
 
 # %% [setup]
-from claim_grids import C, Grids, accuracy_table, bars, comparison_table, diffs, finish, full_scale, interval, \
-    markdown, name, parser, pm, seed_paired, suite_text, task_table
-
-from nanoalign.stats import mean_se
+from claim_grids import C, Grids, accuracy_table, bars, comparison_items, comparison_table, diffs, finish, full_scale, \
+    interval, markdown, name, parser, pm, print_paired, probe_table, seed_paired, sep_ratio, suite_text, task_table
 
 import paper
 
@@ -84,22 +82,10 @@ print(comparison_table(c))
 # difference is taken seed by seed (t interval, 95%); the claimed direction is "alignment lowers separation".
 
 # %%
-PROBE = ("sep_ratio", "sep_within", "heldout_kl")
-probe, rows = {}, []
-for k in LABELS:
-    runs = [r for r in c.runs.get(k) or [] if "probe" in r["analysis"]]
-    if runs:
-        probe[k] = {key: mean_se([r["analysis"]["probe"][key] for r in runs]) for key in PROBE}
-        rows.append([name(k), str(len(runs)), *[pm(*probe[k][key], 3) for key in PROBE]])
-print("\nheld-out A-output probe (mean ± SE over seeds):\n")
-print(markdown(["method", "seeds", "separation (between/within)", "within-task spread", "held-out KL"], rows)
-      if rows else "(not measured yet)")
-sep = lambda r: r["analysis"].get("probe", {}).get("sep_ratio")  # noqa: E731
-mechanism = [x for x in (seed_paired(c, "a-lora-k", "lora-r8", sep, False),
-                         seed_paired(c, "a-lora-m", "lora-r8", sep, False)) if x]
-for x in mechanism:
-    print(f"  separation, {name(x['a'])} − {name(x['b'])}: {interval(x, 3)} over {x['seeds']} seeds -> "
-          f"{x['verdict']} (claimed: lower)")
+probe = probe_table(c, LABELS)
+mechanism = [x for x in (seed_paired(c, "a-lora-k", "lora-r8", sep_ratio, False),
+                         seed_paired(c, "a-lora-m", "lora-r8", sep_ratio, False)) if x]
+print_paired(mechanism, "separation", "lower")
 # RESULT: how much the KL and MMD losses lower the held-out separation relative to plain LoRA (with intervals), and
 # whether the within-task spread stays (clusters closer, not collapsed: the paper's appendix I.1 picture).
 
@@ -140,8 +126,7 @@ if c6 is not None:
 def draw(plt):
     fig, ax = plt.subplots(2, 3, figsize=(16, 8))
     bars(ax[0, 0], c, LABELS, title="claims 4-5: suite average (± SE)")
-    items = [(f"{name(x['a'])} − {name(x['b'])}", x, paper.paper_diff("4-5", x["a"], x["b"]))
-             for x in c.report["comparisons"]]
+    items = comparison_items(c)
     if items:
         diffs(ax[0, 1], items, title="claims 4-5: paired differences, 95% CI")
     shown = [k for k in LABELS if k in probe]

@@ -39,8 +39,8 @@ Writes <out>/08_rlora_ingredients.json and, with matplotlib, 08_rlora_ingredient
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_table, bars, comparison_table, diffs, finish, full_scale, interval, \
-    markdown, name, parser, pm, seed_paired, suite_text, task_table
+from claim_grids import Grids, accuracy_table, bars, comparison_items, comparison_table, diffs, finish, full_scale, \
+    head_cosine, markdown, name, parser, pm, print_paired, seed_paired, suite_text, task_table
 
 from nanoalign.stats import mean_se
 
@@ -86,16 +86,13 @@ print(comparison_table(c))
 # is "the ingredient lowers the head cosine".
 
 # %%
-cos = lambda r: r["analysis"].get("head_cosine_mean")  # noqa: E731
-heads = {k: mean_se(list(v.values())) for k in LABELS if (v := c.values(k, cos))}
+heads = {k: mean_se(list(v.values())) for k in LABELS if (v := c.values(k, head_cosine))}
 print("\nmean inter-head cosine of B (± SE over seeds):\n")
-print(markdown(["method", "seeds", "head cosine"], [[name(k), str(len(c.values(k, cos))), pm(*heads[k], 3)]
+print(markdown(["method", "seeds", "head cosine"], [[name(k), str(len(c.values(k, head_cosine))), pm(*heads[k], 3)]
                                                     for k in heads]) if heads else "(not measured yet)")
-mechanism = [x for x in (seed_paired(c, "hydra+mt", "hydra", cos, False), seed_paired(c, "hydra+init", "hydra", cos,
-                                                                                      False)) if x]
-for x in mechanism:
-    print(f"  head cosine, {name(x['a'])} − {name(x['b'])}: {interval(x, 3)} over {x['seeds']} seeds -> "
-          f"{x['verdict']} (claimed: lower)")
+mechanism = [x for x in (seed_paired(c, "hydra+mt", "hydra", head_cosine, False),
+                         seed_paired(c, "hydra+init", "hydra", head_cosine, False)) if x]
+print_paired(mechanism, "head cosine", "lower")
 # RESULT: how alike each row's heads end up, which ingredient keeps them apart (with the paired differences), and
 # whether "more different heads" came with more accuracy (section 2).
 
@@ -106,8 +103,7 @@ for x in mechanism:
 def draw(plt):
     fig, ax = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1.2, 0.8]})
     bars(ax[0], c, LABELS, title="suite average (± SE over seeds)")
-    items = [(f"{name(x['a'])} − {name(x['b'])}", x, paper.paper_diff("8", x["a"], x["b"]))
-             for x in c.report["comparisons"]]
+    items = comparison_items(c)
     if items:
         diffs(ax[1], items)
     shown = list(heads)

@@ -23,10 +23,8 @@ Writes <out>/09_align_any_architecture.json and, with matplotlib, 09_align_any_a
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_table, bars, comparison_table, diffs, finish, full_scale, interval, \
-    markdown, name, parser, pm, seed_paired, suite_text, task_table
-
-from nanoalign.stats import mean_se
+from claim_grids import Grids, accuracy_table, bars, comparison_items, comparison_table, diffs, finish, full_scale, \
+    name, parser, print_paired, probe_table, seed_paired, sep_ratio, suite_text, task_table
 
 args = parser(__doc__).parse_args()
 if args.full:
@@ -71,22 +69,10 @@ print(comparison_table(c))
 # "alignment lowers separation".
 
 # %%
-PROBE = ("sep_ratio", "sep_within", "heldout_kl")
-probe = {}
-for k in LABELS:
-    runs = [r for r in c.runs.get(k) or [] if "probe" in r["analysis"]]
-    if runs:
-        probe[k] = {key: mean_se([r["analysis"]["probe"][key] for r in runs]) for key in PROBE}
-print("\nheld-out A-output probe (mean ± SE over seeds):\n")
-print(markdown(["method", "separation (between/within)", "within-task spread", "held-out KL"],
-               [[name(k), *[pm(*p[key], 3) for key in PROBE]] for k, p in probe.items()]) if probe else
-      "(not measured yet)")
-sep = lambda r: r["analysis"].get("probe", {}).get("sep_ratio")  # noqa: E731
-mechanism = [x for x in (seed_paired(c, "rlora+align", "rlora", sep, False),
-                         seed_paired(c, "mlora+align", "mlora", sep, False)) if x]
-for x in mechanism:
-    print(f"  separation, {name(x['a'])} − {name(x['b'])}: {interval(x, 3)} over {x['seeds']} seeds -> "
-          f"{x['verdict']} (claimed: lower)")
+probe = probe_table(c, LABELS)
+mechanism = [x for x in (seed_paired(c, "rlora+align", "rlora", sep_ratio, False),
+                         seed_paired(c, "mlora+align", "mlora", sep_ratio, False)) if x]
+print_paired(mechanism, "separation", "lower")
 # RESULT: whether the loss lowers the held-out separation for R-LoRA and M-LoRA as it does for LoRA (tutorial 06),
 # with the paired differences, and whether the within-task spread stays.
 
@@ -97,7 +83,7 @@ for x in mechanism:
 def draw(plt):
     fig, ax = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1.2, 0.8]})
     bars(ax[0], c, LABELS, title="suite average (± SE over seeds)")
-    items = [(f"{name(x['a'])} − {name(x['b'])}", x, None) for x in c.report["comparisons"]]
+    items = comparison_items(c)
     if items:
         diffs(ax[1], items)
     shown = list(probe)

@@ -237,6 +237,23 @@ def seed_paired(c: Claim, a, b, fn, expect_positive, scale=1.0):
             "verdict": verdict(m - half, m + half, expect_positive, identical=all(x == 0 for x in d))}
 
 
+def print_paired(items, what, claimed):
+    """One line per seed-paired difference: its interval, seeds and verdict, and the claimed direction."""
+    for x in items:
+        print(f"  {what}, {name(x['a'])} − {name(x['b'])}: {interval(x, 3)} over {x['seeds']} seeds -> "
+              f"{x['verdict']} (claimed: {claimed})")
+
+
+def sep_ratio(run):
+    """The separation probe's between/within ratio of a run (None where the grid did not probe it)."""
+    return run["analysis"].get("probe", {}).get("sep_ratio")
+
+
+def head_cosine(run):
+    """The run's mean inter-head cosine of B over layers and module types (None without a head analysis)."""
+    return run["analysis"].get("head_cosine_mean")
+
+
 def vs_base_words(row):
     """Is a trained method above the untrained base model on the suite average (paired over seed and example)?"""
     v = row.get("vs_base")
@@ -351,6 +368,23 @@ def task_table(c: Claim, labels, paper_cells=None, column_of=None):
     return markdown(head, rows) + note
 
 
+PROBE = ("sep_ratio", "sep_within", "heldout_kl")
+
+
+def probe_table(c: Claim, labels):
+    """Print the separation probe of each method (mean ± SE over seeds); return {label: {key: (mean, SE)}}."""
+    probe = {}
+    for k in labels:
+        runs = [r for r in c.runs.get(k) or [] if "probe" in r["analysis"]]
+        if runs:
+            probe[k] = {key: mean_se([r["analysis"]["probe"][key] for r in runs]) for key in PROBE}
+    print("\nheld-out A-output probe (mean ± SE over seeds):\n")
+    print(markdown(["method", "seeds", "separation (between/within)", "within-task spread", "held-out KL"],
+                   [[name(k), str(len(c.values(k, sep_ratio))), *[pm(*p[key], 3) for key in PROBE]]
+                    for k, p in probe.items()]) if probe else "(not measured yet)")
+    return probe
+
+
 def suite_text(c: Claim):
     s = c.report["suite"]
     n = sorted({len(r["seeds"]) for r in c.report["methods"].values()})
@@ -383,6 +417,12 @@ def bars(ax, c: Claim, labels, title=""):
         ax.set_ylim(max(0, min(ys) - 3), min(100, max(ys) + 3))
     ax.set(ylabel="suite average accuracy (%)", title=title)
     ax.legend(fontsize=7)
+
+
+def comparison_items(c: Claim):
+    """[(text, comparison, the paper's difference or None)] of the claim's comparisons, for `diffs`."""
+    return [(f"{name(x['a'])} − {name(x['b'])}", x, paper.paper_diff(c.claim, x["a"], x["b"]))
+            for x in c.report["comparisons"]]
 
 
 def diffs(ax, items, title="paired differences, 95% CI"):

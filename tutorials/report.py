@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from claim_grids import Grids, interval, markdown, name, pm, seed_paired, suite_text, task_table, vs_base_words
+from claim_grids import Grids, head_cosine, interval, markdown, name, pm, seed_paired, sep_ratio, suite_text, \
+    task_table, vs_base_words
 
 from nanoalign.stats import mean_se
 
@@ -177,15 +178,14 @@ def rows(grids, results=RESULTS):
         if title.startswith("1."):
             out.append(seed_row("1. (heads) the heads end up alike, M-LoRA's the most [03]", claim, c,
                                 ["mlora", "rlora", "hydra"], [("mlora", "rlora"), ("mlora", "hydra")],
-                                lambda r: r["analysis"].get("head_cosine_mean"), "mean inter-head cosine of B",
+                                head_cosine, "mean inter-head cosine of B",
                                 "HydraLoRA 0.76-0.80 per module; M-LoRA highest, median > 0.85 (Figure 2)", True))
         if title.startswith("2."):
             out.extend(mechanism_rows(results))
         if title.startswith("5."):
             out.append(seed_row("mechanism: alignment pulls the tasks' A-output clusters together [06]", claim, c,
                                 ["a-lora-k", "a-lora-m", "lora-r8"], [("a-lora-k", "lora-r8"), ("a-lora-m", "lora-r8")],
-                                lambda r: r["analysis"].get("probe", {}).get("sep_ratio"),
-                                "held-out between/within task separation", "clusters closer, not collapsed "
+                                sep_ratio, "held-out between/within task separation", "clusters closer, not collapsed "
                                 "(appendix I.1)", False))
     return out, read
 
