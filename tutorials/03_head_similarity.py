@@ -23,16 +23,13 @@ Writes <out>/03_head_similarity.json and, with matplotlib, 03_head_similarity.pn
 # %% [setup]
 import math
 
-from claim_grids import Grids, finish, full_scale, head_cosine, markdown, name, parser, pm, seed_paired, suite_text
+from claim_grids import Grids, finish, head_cosine, markdown, name, parse_args, pm, seed_pairs, suite_text
 
 from nanoalign.stats import mean_se
 
 import paper
 
-args = parser(__doc__).parse_args()
-if args.full:
-    full_scale(["1-2"])
-    raise SystemExit(0)
+args = parse_args(__doc__, ["1-2"])
 LABELS = ["hydra", "hydra-norouter", "rlora", "mlora"]
 MODULES = ("gate_proj", "up_proj", "down_proj")
 
@@ -44,10 +41,7 @@ MODULES = ("gate_proj", "up_proj", "down_proj")
 
 # %%
 grids = Grids.from_args(args)
-c = grids.read("1-2", script="03_head_similarity.py")
-if c is None:
-    raise SystemExit(0)
-print(f"\nsuite: {suite_text(c)}")
+c = grids.read_or_stop("1-2")
 
 
 def per_layer(run, module):
@@ -97,8 +91,7 @@ print(markdown(["method", "seeds", "all modules", *MODULES, "paper"], rows))
 # "not resolved" then says the grid has too few seeds, not that the methods are equal.
 
 # %%
-ordering = [x for x in (seed_paired(c, "mlora", "rlora", head_cosine, True),
-                        seed_paired(c, "mlora", "hydra", head_cosine, True)) if x]
+ordering = seed_pairs(c, [("mlora", "rlora"), ("mlora", "hydra")], head_cosine, True)
 print("\nhead cosine differences (paired over seeds, t interval 95%):\n")
 print(markdown(["difference", "mean [95% CI]", "seeds", "verdict"], [
     [f"{name(x['a'])} − {name(x['b'])}", f"{x['diff']:+.3f}" + (f" [{x['low']:+.3f}, {x['high']:+.3f}]"

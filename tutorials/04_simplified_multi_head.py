@@ -29,15 +29,12 @@ Writes <out>/04_simplified_multi_head.json and, with matplotlib, 04_simplified_m
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_table, bars, comparison_items, comparison_table, diffs, finish, full_scale, \
-    parser, suite_text, task_table
+from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, parse_args, suite_text, \
+    task_table
 
 import paper
 
-args = parser(__doc__).parse_args()
-if args.full:
-    full_scale(["1-2"])
-    raise SystemExit(0)
+args = parse_args(__doc__, ["1-2"])
 LABELS = ["hydra", "hydra-norouter", "rlora", "mlora"]
 
 # %% [markdown]
@@ -50,10 +47,7 @@ LABELS = ["hydra", "hydra-norouter", "rlora", "mlora"]
 
 # %%
 grids = Grids.from_args(args)
-c = grids.read("1-2", script="04_simplified_multi_head.py")
-if c is None:
-    raise SystemExit(0)
-print(f"\nsuite: {suite_text(c)}")
+c = grids.read_or_stop("1-2")
 
 # %% [markdown]
 # ## 2. Accuracy, beside the base model and the majority label
@@ -107,10 +101,7 @@ print(comparison_table(c))
 # %%
 def draw(plt):
     fig, ax = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.2]})
-    bars(ax[0], c, LABELS, title="suite average (± SE over seeds)")
-    items = comparison_items(c)
-    if items:
-        diffs(ax[1], items)
+    accuracy_panels(ax[0], ax[1], c, LABELS)
     fig.suptitle(f"04 simplified vs complex multi-head LoRA (rank 4, 3 heads): {suite_text(c)}", fontsize=8)
     fig.tight_layout()
     return fig

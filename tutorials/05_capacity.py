@@ -25,17 +25,14 @@ Writes <out>/05_capacity.json and, with matplotlib, 05_capacity.png.
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_table, bars, comparison_items, comparison_table, diffs, finish, full_scale, \
-    markdown, name, parser, pm, suite_text, task_table
+from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, markdown, name, parse_args, \
+    pm, suite_text, task_table, value_bars
 
 from nanoalign.stats import mean_se
 
 import paper
 
-args = parser(__doc__).parse_args()
-if args.full:
-    full_scale(["3"])
-    raise SystemExit(0)
+args = parse_args(__doc__, ["3"])
 LABELS = ["lora-budget", "hydra", "rlora"]
 
 # %% [markdown]
@@ -45,10 +42,7 @@ LABELS = ["lora-budget", "hydra", "rlora"]
 
 # %%
 grids = Grids.from_args(args)
-c = grids.read("3", script="05_capacity.py")
-if c is None:
-    raise SystemExit(0)
-print(f"\nsuite: {suite_text(c)}")
+c = grids.read_or_stop("3")
 ranks = {k: rs[0]["options"]["rank"] for k, rs in c.runs.items() if rs}
 for k in LABELS:
     if c.row(k):
@@ -106,18 +100,12 @@ print(markdown(["method", "seeds", "effective rank", "at most"], rows) if rows e
 # %%
 def draw(plt):
     fig, ax = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [1, 1.2, 0.8]})
-    bars(ax[0], c, LABELS, title="suite average (± SE over seeds)")
-    items = comparison_items(c)
-    if items:
+    if c.report["comparisons"]:
         ax[1].axvspan(-1, 1, color="palegreen", alpha=0.3, label="±1 point")
-        diffs(ax[1], items, title="matched LoRA − multi-head, 95% CI")
-    shown = [k for k in LABELS if k in eff]
-    ax[2].bar(range(len(shown)), [eff[k][0] for k in shown], yerr=[eff[k][1] for k in shown],
-              color="lightsteelblue", capsize=4)
-    for i, k in enumerate(shown):
+    accuracy_panels(ax[0], ax[1], c, LABELS, title="matched LoRA − multi-head, 95% CI")
+    value_bars(ax[2], eff, "effective rank of ΔW (dashed: the most it can be)", "effective rank")
+    for i, k in enumerate(eff):
         ax[2].plot([i - 0.4, i + 0.4], [LIMIT.get(k, ranks[k])] * 2, "k--", lw=1)
-    ax[2].set_xticks(range(len(shown)), [name(k) for k in shown], rotation=20, fontsize=7, ha="right")
-    ax[2].set(title="effective rank of ΔW (dashed: the most it can be)", ylabel="effective rank")
     fig.suptitle(f"05 capacity over architecture: {suite_text(c)}", fontsize=8)
     fig.tight_layout()
     return fig

@@ -32,15 +32,12 @@ Writes <out>/06_align.json and, with matplotlib, 06_align.png.
 """
 
 # %% [setup]
-from claim_grids import C, Grids, accuracy_table, bars, comparison_items, comparison_table, diffs, finish, full_scale, \
-    interval, markdown, name, parser, pm, print_paired, probe_table, seed_paired, sep_ratio, suite_text, task_table
+from claim_grids import C, Grids, accuracy_panels, accuracy_table, comparison_table, finish, interval, markdown, \
+    parse_args, pm, print_paired, probe_table, seed_pairs, sep_ratio, suite_text, task_table, value_bars
 
 import paper
 
-args = parser(__doc__).parse_args()
-if args.full:
-    full_scale(["4-5", "6"])
-    raise SystemExit(0)
+args = parse_args(__doc__, ["4-5", "6"])
 LABELS = ["lora-r8", "a-lora-k", "a-lora-m"]
 SWEEP = list(paper.SWEEP)  # claim 6's A-LoRA-K labels, by the paper's λ
 
@@ -52,11 +49,8 @@ SWEEP = list(paper.SWEEP)  # claim 6's A-LoRA-K labels, by the paper's λ
 
 # %%
 grids = Grids.from_args(args)
-c = grids.read("4-5", script="06_align.py")
-if c is None:
-    raise SystemExit(0)
+c = grids.read_or_stop("4-5")
 T = len(c.tasks())
-print(f"\nsuite: {suite_text(c)}")
 print(f"λ = 0.1 in the paper's units is {C.lam(0.1, T):g} in ours ({T} tasks, {T * (T - 1) // 2} pairs)")
 print("\nsuite average accuracy, mean ± SE over seeds:\n")
 print(accuracy_table(c, LABELS))
@@ -83,8 +77,7 @@ print(comparison_table(c))
 
 # %%
 probe = probe_table(c, LABELS)
-mechanism = [x for x in (seed_paired(c, "a-lora-k", "lora-r8", sep_ratio, False),
-                         seed_paired(c, "a-lora-m", "lora-r8", sep_ratio, False)) if x]
+mechanism = seed_pairs(c, [("a-lora-k", "lora-r8"), ("a-lora-m", "lora-r8")], sep_ratio, False)
 print_paired(mechanism, "separation", "lower")
 # RESULT: how much the KL and MMD losses lower the held-out separation relative to plain LoRA (with intervals), and
 # whether the within-task spread stays (clusters closer, not collapsed: the paper's appendix I.1 picture).
@@ -125,15 +118,9 @@ if c6 is not None:
 # %%
 def draw(plt):
     fig, ax = plt.subplots(2, 3, figsize=(16, 8))
-    bars(ax[0, 0], c, LABELS, title="claims 4-5: suite average (± SE)")
-    items = comparison_items(c)
-    if items:
-        diffs(ax[0, 1], items, title="claims 4-5: paired differences, 95% CI")
-    shown = [k for k in LABELS if k in probe]
-    ax[0, 2].bar(range(len(shown)), [probe[k]["sep_ratio"][0] for k in shown],
-                 yerr=[probe[k]["sep_ratio"][1] for k in shown], color="lightsteelblue", capsize=4)
-    ax[0, 2].set_xticks(range(len(shown)), [name(k) for k in shown], fontsize=8)
-    ax[0, 2].set(title="held-out task separation of A-outputs (± SE)", ylabel="between / within")
+    accuracy_panels(ax[0, 0], ax[0, 1], c, LABELS, title="claims 4-5: paired differences, 95% CI")
+    value_bars(ax[0, 2], {k: p["sep_ratio"] for k, p in probe.items()}, "held-out task separation of A-outputs (± SE)",
+               "between / within")
     pts = [s for s in sweep if s["average"] is not None]
     if pts:
         ax[1, 0].errorbar([s["paper_lambda"] for s in pts], [s["average"] for s in pts],
@@ -162,10 +149,8 @@ def draw(plt):
         ax[1, 1].set(xscale="log", xlabel="λ (paper's units)", ylabel="A-LoRA-K − LoRA (points)",
                      title="claim 6: difference with LoRA")
         ax[1, 1].legend(fontsize=7)
-    ax[1, 2].bar(range(len(shown)), [probe[k]["heldout_kl"][0] for k in shown],
-                 yerr=[probe[k]["heldout_kl"][1] for k in shown], color="mistyrose", capsize=4)
-    ax[1, 2].set_xticks(range(len(shown)), [name(k) for k in shown], fontsize=8)
-    ax[1, 2].set(title="held-out alignment loss (KL, ± SE)", ylabel="symmetric KL, mean over pairs and modules")
+    value_bars(ax[1, 2], {k: p["heldout_kl"] for k, p in probe.items()}, "held-out alignment loss (KL, ± SE)",
+               "symmetric KL, mean over pairs and modules", "mistyrose")
     fig.suptitle(f"06 align, don't divide: {suite_text(c)}", fontsize=8)
     fig.tight_layout()
     return fig

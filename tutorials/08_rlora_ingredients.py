@@ -39,17 +39,14 @@ Writes <out>/08_rlora_ingredients.json and, with matplotlib, 08_rlora_ingredient
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_table, bars, comparison_items, comparison_table, diffs, finish, full_scale, \
-    head_cosine, markdown, name, parser, pm, print_paired, seed_paired, suite_text, task_table
+from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, head_cosine, markdown, name, \
+    parse_args, pm, print_paired, seed_pairs, suite_text, task_table, value_bars
 
 from nanoalign.stats import mean_se
 
 import paper
 
-args = parser(__doc__).parse_args()
-if args.full:
-    full_scale(["8"])
-    raise SystemExit(0)
+args = parse_args(__doc__, ["8"])
 LABELS = ["hydra", "hydra+mt", "hydra+init", "rlora"]
 
 # %% [markdown]
@@ -57,10 +54,7 @@ LABELS = ["hydra", "hydra+mt", "hydra+init", "rlora"]
 
 # %%
 grids = Grids.from_args(args)
-c = grids.read("8", script="08_rlora_ingredients.py")
-if c is None:
-    raise SystemExit(0)
-print(f"\nsuite: {suite_text(c)}")
+c = grids.read_or_stop("8")
 print("\nsuite average accuracy, mean ± SE over seeds:\n")
 print(accuracy_table(c, LABELS))
 print("\nper task (%); R-LoRA's Table 4 names no tasks, so its averages only:\n")
@@ -90,8 +84,7 @@ heads = {k: mean_se(list(v.values())) for k in LABELS if (v := c.values(k, head_
 print("\nmean inter-head cosine of B (± SE over seeds):\n")
 print(markdown(["method", "seeds", "head cosine"], [[name(k), str(len(c.values(k, head_cosine))), pm(*heads[k], 3)]
                                                     for k in heads]) if heads else "(not measured yet)")
-mechanism = [x for x in (seed_paired(c, "hydra+mt", "hydra", head_cosine, False),
-                         seed_paired(c, "hydra+init", "hydra", head_cosine, False)) if x]
+mechanism = seed_pairs(c, [("hydra+mt", "hydra"), ("hydra+init", "hydra")], head_cosine, False)
 print_paired(mechanism, "head cosine", "lower")
 # RESULT: how alike each row's heads end up, which ingredient keeps them apart (with the paired differences), and
 # whether "more different heads" came with more accuracy (section 2).
@@ -102,15 +95,9 @@ print_paired(mechanism, "head cosine", "lower")
 # %%
 def draw(plt):
     fig, ax = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1.2, 0.8]})
-    bars(ax[0], c, LABELS, title="suite average (± SE over seeds)")
-    items = comparison_items(c)
-    if items:
-        diffs(ax[1], items)
-    shown = list(heads)
-    ax[2].bar(range(len(shown)), [heads[k][0] for k in shown], yerr=[heads[k][1] for k in shown],
-              color="lightsteelblue", capsize=4)
-    ax[2].set_xticks(range(len(shown)), [name(k) for k in shown], rotation=20, fontsize=7, ha="right")
-    ax[2].set(ylabel="mean inter-head cosine of B", ylim=(-0.05, 1.05), title="how alike the heads end up (± SE)")
+    accuracy_panels(ax[0], ax[1], c, LABELS)
+    value_bars(ax[2], heads, "how alike the heads end up (± SE)", "mean inter-head cosine of B")
+    ax[2].set_ylim(-0.05, 1.05)
     fig.suptitle(f"08 R-LoRA's ingredients: {suite_text(c)}", fontsize=8)
     fig.tight_layout()
     return fig

@@ -23,13 +23,10 @@ Writes <out>/09_align_any_architecture.json and, with matplotlib, 09_align_any_a
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_table, bars, comparison_items, comparison_table, diffs, finish, full_scale, \
-    name, parser, print_paired, probe_table, seed_paired, sep_ratio, suite_text, task_table
+from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, name, parse_args, \
+    print_paired, probe_table, seed_pairs, sep_ratio, suite_text, task_table, value_bars
 
-args = parser(__doc__).parse_args()
-if args.full:
-    full_scale(["9"])
-    raise SystemExit(0)
+args = parse_args(__doc__, ["9"])
 LABELS = ["rlora", "rlora+align", "mlora", "mlora+align"]
 
 # %% [markdown]
@@ -38,10 +35,7 @@ LABELS = ["rlora", "rlora+align", "mlora", "mlora+align"]
 
 # %%
 grids = Grids.from_args(args)
-c = grids.read("9", script="09_align_any_architecture.py")
-if c is None:
-    raise SystemExit(0)
-print(f"\nsuite: {suite_text(c)}")
+c = grids.read_or_stop("9")
 print("\nsuite average accuracy, mean ± SE over seeds:\n")
 print(accuracy_table(c, LABELS))
 print("\nper task (%):\n")
@@ -70,8 +64,7 @@ print(comparison_table(c))
 
 # %%
 probe = probe_table(c, LABELS)
-mechanism = [x for x in (seed_paired(c, "rlora+align", "rlora", sep_ratio, False),
-                         seed_paired(c, "mlora+align", "mlora", sep_ratio, False)) if x]
+mechanism = seed_pairs(c, [("rlora+align", "rlora"), ("mlora+align", "mlora")], sep_ratio, False)
 print_paired(mechanism, "separation", "lower")
 # RESULT: whether the loss lowers the held-out separation for R-LoRA and M-LoRA as it does for LoRA (tutorial 06),
 # with the paired differences, and whether the within-task spread stays.
@@ -82,16 +75,9 @@ print_paired(mechanism, "separation", "lower")
 # %%
 def draw(plt):
     fig, ax = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1.2, 0.8]})
-    bars(ax[0], c, LABELS, title="suite average (± SE over seeds)")
-    items = comparison_items(c)
-    if items:
-        diffs(ax[1], items)
-    shown = list(probe)
-    ax[2].bar(range(len(shown)), [probe[k]["sep_ratio"][0] for k in shown],
-              yerr=[probe[k]["sep_ratio"][1] for k in shown], capsize=4,
-              color=["salmon" if k.endswith("+align") else "lightsteelblue" for k in shown])
-    ax[2].set_xticks(range(len(shown)), [name(k) for k in shown], rotation=20, fontsize=7, ha="right")
-    ax[2].set(ylabel="between / within task distance", title="held-out task separation of A-outputs (± SE)")
+    accuracy_panels(ax[0], ax[1], c, LABELS)
+    value_bars(ax[2], {k: p["sep_ratio"] for k, p in probe.items()}, "held-out task separation of A-outputs (± SE)",
+               "between / within task distance", lambda k: "salmon" if k.endswith("+align") else "lightsteelblue")
     fig.suptitle(f"09 alignment on multi-head adapters (KL, λ = 0.1 in the paper's units): {suite_text(c)}",
                  fontsize=8)
     fig.tight_layout()

@@ -60,6 +60,15 @@ def parser(doc):
     return p
 
 
+def parse_args(doc, claims):
+    """The reader's flags; with --full, print the paper's setting of its claims and exit."""
+    args = parser(doc).parse_args()
+    if args.full:
+        full_scale(claims)
+        raise SystemExit(0)
+    return args
+
+
 def tiny_suite(d: Path):
     """The smoke test's suite: the tiny random model, 2 builtin tasks, 3 steps, 8 test examples per task."""
     return G.Suite(TINY_TASKS, model=str(tiny_model_dir(d / "model")), steps=3, batch_per_task=1, lr=1e-2, warmup=1,
@@ -180,6 +189,16 @@ class Grids:
         return claim_
 
 
+    def read_or_stop(self, claim):
+        """`read` for the tutorial running now, printing the suite; when there is nothing to read, stop (status 0)
+        after read's message saying what to run."""
+        c = self.read(claim, script=Path(sys.argv[0]).name)
+        if c is None:
+            raise SystemExit(0)
+        print(f"\nsuite: {suite_text(c)}")
+        return c
+
+
 def model_params(model):
     """Parameters of the base model (meta device: no weights read), for the trainable share in %."""
     import torch
@@ -235,6 +254,11 @@ def seed_paired(c: Claim, a, b, fn, expect_positive, scale=1.0):
     half = t975(len(seeds) - 1) * se
     return {**out, "low": m - half, "high": m + half,
             "verdict": verdict(m - half, m + half, expect_positive, identical=all(x == 0 for x in d))}
+
+
+def seed_pairs(c: Claim, pairs, fn, expect_positive):
+    """`seed_paired` of each (A, B) in pairs that both have runs."""
+    return [x for a, b in pairs if (x := seed_paired(c, a, b, fn, expect_positive))]
 
 
 def print_paired(items, what, claimed):
@@ -314,7 +338,6 @@ def comparison_table(c: Claim):
     """Each claimed difference: ours (paired bootstrap over seed and example, 95%), the verdict, the paper's."""
     rows = []
     for x in c.report["comparisons"]:
-        pd = paper.paper_diff(c.claim, x["a"], x["b"])
         rows.append([f"{name(x['a'])} − {name(x['b'])}", interval(x), f"{x['seed_mean']:+.2f} ± {x['seed_se']:.2f}",
                      str(x["seeds"]), x["verdict"], paper_text(c.claim, x)])
     if not rows:
@@ -443,6 +466,22 @@ def diffs(ax, items, title="paired differences, 95% CI"):
     ax.set(title=title, xlabel="points")
     if any(pd is not None for _, _, pd in items):
         ax.legend(fontsize=7)
+
+
+def accuracy_panels(ax_bars, ax_diffs, c: Claim, labels, title="paired differences, 95% CI"):
+    """The two panels every accuracy claim has: `bars` of the methods, `diffs` of the claimed comparisons."""
+    bars(ax_bars, c, labels, title="suite average (± SE over seeds)")
+    if c.report["comparisons"]:
+        diffs(ax_diffs, comparison_items(c), title)
+
+
+def value_bars(ax, values, title, ylabel, color="lightsteelblue"):
+    """One bar per method of a per-run analysis, {label: (mean, SE)}: mean with ± SE error bars."""
+    shown = list(values)
+    ax.bar(range(len(shown)), [values[k][0] for k in shown], yerr=[values[k][1] for k in shown], capsize=4,
+           color=color if isinstance(color, str) else [color(k) for k in shown])
+    ax.set_xticks(range(len(shown)), [name(k) for k in shown], rotation=20, fontsize=7, ha="right")
+    ax.set(title=title, ylabel=ylabel)
 
 
 def finish(args, stem, results, draw=None):

@@ -58,12 +58,13 @@ _ALIGN = ("lr 2e-4, effective batch 50 (10 examples per task per step), one epoc
           "§5.1 (qnli, piqa, arc 10k; winogrande 20k), seq_len 512, bf16, greedy decoding scored after the last 'Answer:'")
 SETTINGS = {
     "1-2": ("Qwen2.5-3B", ("qnli", "piqa", "winogrande", "arc-easy", "arc-challenge", "gsm8k"),
-            "rank 4, 3 heads, gate/up/down; " + _ALIGN),
+            "rank 4, 3 heads, gate/up/down, ARC easy + challenge as one task; " + _ALIGN),
     "3": ("Qwen2.5-7B", ("flan-v2 -> bbh",), "HydraLoRA/R-LoRA rank 4 x 3 heads vs LoRA at rank 10 (HydraLoRA's "
           "budget), gate/up/down, trained on Flan-v2, scored on BBH (3-shot); " + _ALIGN),
     "4-5": ("Qwen2.5-3B", ("qnli", "piqa", "winogrande", "arc-easy", "arc-challenge", "gsm8k", "boolq", "openbookqa",
                            "siqa"), "LoRA vs A-LoRA-K / A-LoRA-M at rank 8, λ 0.1 (summed over task pairs), "
-            "gate/up/down, the 8-task suite of Table 5 (columns unlabelled; METHODS §6.2 guesses these); " + _ALIGN),
+            "gate/up/down, the 8-task suite of Table 5 (ARC easy + challenge count as one; its columns are unlabelled, "
+            "METHODS §6.2 guesses these); " + _ALIGN),
     "6": ("Qwen2.5-3B", ("the Table 1 suite (setting of Figure 3 not stated)",), "A-LoRA-K rank 8 at λ 0.01, 0.05, "
           "0.1, 0.5 (summed over task pairs) vs LoRA rank 8; " + _ALIGN),
     "8": ("Qwen2.5-0.5B", ("5 unnamed tasks",), "R-LoRA's script: rank 4, 5 heads, lr 2e-4, gate/up/down; "
