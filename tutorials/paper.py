@@ -55,7 +55,8 @@ def paper_diff(claim, a, b):
 # The paper's setting of each claim, for `--full` (METHODS §5; the papers' step budgets were not found: the released
 # Align-LoRA code trains one epoch over the capped sets at effective batch 50).
 _ALIGN = ("lr 2e-4, effective batch 50 (10 examples per task per step), one epoch over the per-task caps of METHODS "
-          "§5.1 (qnli, piqa, arc 10k; winogrande 20k), seq_len 512, bf16, greedy decoding scored after the last 'Answer:'")
+          "§5.1 (qnli, piqa, arc 10k; winogrande 20k), seq_len 512, bf16, greedy decoding scored after the last "
+          "'Answer:'")
 SETTINGS = {
     "1-2": ("Qwen2.5-3B", ("qnli", "piqa", "winogrande", "arc-easy", "arc-challenge", "gsm8k"),
             "rank 4, 3 heads, gate/up/down, ARC easy + challenge as one task; " + _ALIGN),
