@@ -85,6 +85,10 @@ def claim_row(title, claim, c, labels, pairs, paper_text):
         return not_measured(title, claim, paper_text)
     ours = "; ".join(f"{name(k)} {pm(c.row(k)['average'], c.row(k)['se'])}" if c.row(k) else f"{name(k)} not run"
                      for k in labels) + base_text(c)
+    collapsed = [f"{name(k)} {t} {s['collapsed']}/{s['seeds']}" for k in labels for t, s in c.per_task(k).items()
+                 if s["collapsed"]]
+    if collapsed:
+        ours += "; collapsed (one prediction > 90%, in k/n seeds): " + ", ".join(collapsed)
     found = [(a, b, c.comparison(a, b)) for a, b in pairs]
     diff = "; ".join(f"{name(a)} − {name(b)} {interval(x)}" if x else f"{name(a)} − {name(b)}: not run"
                      for a, b, x in found)
