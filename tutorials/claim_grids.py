@@ -3,7 +3,7 @@
 The accuracy tutorials train nothing by default. Every claim (METHODS §7) is a grid of runs — methods x seeds on
 one suite, one budget, one test set — that `python experiments/claims.py run` trains once, for hours, and caches in
 experiments/results/runs/ (experiments/grid.py). A tutorial reads its claim's cached runs, renders tables and plots
-in seconds and writes tutorials/results/NN_*.json (+ PNG). Three modes, the same code path:
+in seconds and writes tutorials/results/NN_*.json (+ PNG). The modes share one code path:
 
     (default)  read the cache; say exactly which runs are missing and the command that trains them
     --rerun    train what is missing first (`Grid.run()` resumes the cache), then render
@@ -37,9 +37,9 @@ import paper  # noqa: E402
 from nanoalign.stats import mean_se, verdict  # noqa: E402
 
 TINY_TASKS = ("alphabet-first", "colour-review")
-CURVE = ("ce_first5", "ce_last5", "align_last5")  # the training-curve summary kept in the tutorials' JSON
 TINY_SEEDS = [0, 1]
 TINY_OUT = ROOT / "out" / "tutorials-tiny"  # git-ignored: a smoke run never replaces the committed renders
+CURVE = ("ce_first5", "ce_last5", "align_last5")  # the training-curve summary kept in the tutorials' JSON
 NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora": "R-LoRA", "mlora": "M-LoRA",
          "lora-r8": "LoRA r=8", "a-lora-k": "A-LoRA-K", "a-lora-m": "A-LoRA-M", "lora-budget": "matched LoRA",
          "rlora+align": "R-LoRA + align", "mlora+align": "M-LoRA + align", "hydra+mt": "HydraLoRA +MT",
@@ -84,11 +84,13 @@ def full_scale(claims):
     for c in claims:
         model, tasks, what = paper.SETTINGS[c]
         print(f"claim {c} at the paper's scale: {model}, tasks {', '.join(tasks)}; {what}.")
+    model, tasks, _ = paper.SETTINGS[claims[0]]
+    tasks = tasks if all(" " not in t for t in tasks) else ("...",)
     print("\nThis needs a GPU box and real weights. There, set SUITE in experiments/claims.py to that setting, e.g.\n"
-          "    Suite(tasks=(...), model=\"qwen2.5-3b\", fmt=\"label\", mode=\"generate\", steps=2000,\n"
-          "          batch_per_task=10, lr=2e-4, warmup=100, seq_len=512, test_per_task=0)\n"
-          "and run\n    python experiments/claims.py run "
-          f"--only {','.join(claims)}\nthen this tutorial without flags renders it.")
+          f"    Suite(tasks={tasks}, model=\"{model.lower()}\", fmt=\"label\", mode=\"generate\",\n"
+          "          steps=2000, batch_per_task=10, lr=2e-4, warmup=100, seq_len=512, test_per_task=0)\n"
+          f"and run\n    python experiments/claims.py run --only {','.join(claims)}\n"
+          "then this tutorial without flags renders it.")
 
 
 # ----------------------------------------------------------------------------------------------- reading a claim
