@@ -264,7 +264,8 @@ def test_reader_full_prints_the_papers_setting(tmp_path):
 
 
 @pytest.fixture
-def reader(monkeypatch):
+def reader():
+    """tutorials/claim_grids.py, imported as the tutorials import it."""
     sys.path.insert(0, str(TUTORIALS))
     import claim_grids
     return claim_grids
@@ -339,7 +340,6 @@ def test_report_tiny(tmp_path):
 
 def test_report_without_runs(reader, tmp_path):
     """An empty cache: every claim row says "not measured yet" and names the command that trains it."""
-    sys.path.insert(0, str(TUTORIALS))
     import report
     table, read = report.rows(reader.Grids(where=tiny_where(reader, tmp_path)))
     grid_rows = [r for r in table if not r[0].startswith(("2. (mechanism)", "7."))]
