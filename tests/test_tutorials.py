@@ -1,7 +1,11 @@
-"""Smoke tests of tutorials/: each runs end to end in `--tiny` mode (a 2-layer random Llama built in code, a handful
-of steps) in a subprocess, writing to a temp dir (`--out`), and its results JSON is checked against what the
-tutorial demonstrates: exact zero-init, merges equal to fp32 round-off, METHODS §1 parameter counts, which adapters
-can merge, identical heads for HydraLoRA without router. The committed results in tutorials/results are not touched.
+"""Smoke tests of tutorials/: each runs end to end in `--tiny` mode in a subprocess, writing to a temp dir (`--out`),
+and its results JSON is checked against what the tutorial demonstrates. 01, 02 and 07 build a 2-layer random Llama
+and check exact facts (zero-init, merges equal to fp32 round-off, METHODS §1 parameter counts, which adapters can
+merge, identical heads for HydraLoRA without router). The claim readers (03-06, 08, 09, report.py) train a tiny
+claim grid (experiments/claims.py on the tiny model: 2 builtin tasks, 3 steps, 2 seeds) in a temp dir and render
+it; their JSON is checked for the paired statistics (intervals around their estimates, verdict words, seeds) and
+for the mechanisms the grid's analyses measure (identical heads without router, zero-init heads more alike than
+random ones, ΔW rank limits, matched budgets). The committed results in tutorials/results are not touched.
 """
 
 import importlib.util
@@ -13,13 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from nanoalign.stats import VERDICTS as STATS_VERDICTS
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "tutorials"
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 MERGEABLE = {"lora": True, "align": True, "hydra": False, "hydra-norouter": True, "rlora": False, "mlora": True,
              "mtl": False, "multilora": True}  # METHODS §2 "Mergeable" lines and §7 claim 7
-VERDICTS = {"reproduced", "same direction, within noise", "opposite, within noise", "contradicted", "no difference"}
+# nanoalign/stats.py's verdicts, claim 3's equivalence verdicts (experiments/claims.py), and the per-run analyses'
+# one-seed case (tutorials/claim_grids.py seed_paired)
+VERDICTS = {*STATS_VERDICTS, "equivalent within ±1 point", "not worse (interval above −1)", "not resolved", "worse",
+            "one seed: no interval"}
 
 
 def run_tutorial(script, out, *flags):
@@ -87,27 +95,6 @@ def test_02_multi_head_family(tmp_path):
         assert abs(r["real_model"]["adapters"][k]["head_cos_mean_per_step"][0]) < 0.3, k  # independent random heads
 
 
-def test_03_head_similarity(tmp_path):
-    """Trains HydraLoRA, R-LoRA and M-LoRA with train.train for 2 seeds and aggregates: one row per seed and method,
-    cosines in [-1, 1] for every (layer, module), router statistics only where there is a router, and the
-    zero-init symmetry: HydraLoRA's heads end far more alike than R-LoRA's/M-LoRA's independent random heads."""
-    r = run_tutorial("03_head_similarity.py", tmp_path)
-    assert set(r["runs"]) == {"hydra", "rlora", "mlora"} and r["seeds"] == 2
-    for method, rows in r["runs"].items():
-        assert [row["seed"] for row in rows] == [0, 1]
-        for row in rows:
-            for per_layer in row["cos_by_module_per_layer"].values():
-                assert len(per_layer) == 2 and all(-1.0 <= c <= 1.0 for c in per_layer)
-            assert 1 / 3 - 1e-6 <= row["top1_energy_mean"] <= 1.0
-            assert (row["router"] is None) == (method == "mlora")
-            if row["router"]:
-                assert 0.0 < row["router"]["entropy_over_logN"] <= 1.0 + 1e-6
-    s = r["summary"]
-    assert s["hydra"]["cos_mean"]["min"] > max(s["rlora"]["cos_mean"]["max"], s["mlora"]["cos_mean"]["max"]) + 0.3
-    assert s["hydra"]["cos_mean"]["min"] <= s["hydra"]["cos_mean"]["mean"] <= s["hydra"]["cos_mean"]["max"]
-    assert set(r["verdict"]) >= {"reproduced", "mlora_highest_mean", "mlora_highest_separated"}
-
-
 def check_cost(r, kinds):
     assert list(r["adapters"]) == kinds
     for k in kinds:
@@ -151,91 +138,214 @@ def test_07_cost_rejects_unknown_kind(tmp_path):
 
 
 
-def check_grid(r, setups, seeds=(0, 1)):
-    """Rows of a methods x seeds grid (tutorials/common.py Experiment): one per seed, accuracies in [0, 100] with the
-    average equal to the mean over tasks, summaries whose mean lies inside their seed range."""
-    assert list(r["runs"]) == setups and r["seeds"] == list(seeds)
-    for label, rows in r["runs"].items():
-        assert [row["seed"] for row in rows] == list(seeds)
-        for row in rows:
-            acc = row["accuracy"]
-            assert set(acc) == {*r["tasks"], "average"} and all(0.0 <= v <= 100.0 for v in acc.values())
-            assert abs(acc["average"] - sum(acc[t] for t in r["tasks"]) / len(r["tasks"])) < 1e-9
-            assert row["trainable"] > 0 and row["ce_first5"] > 0 and row["step_ms_median"] > 0
-        s = r["summary"][label]["average"]
-        assert s["min"] <= s["mean"] <= s["max"] and s["n"] == len(seeds)
-    assert 0.0 <= r["base"]["average"] <= 100.0
+def check_claim(r, claim, labels, pairs, seeds=(0, 1)):
+    """A claim grid as a reader wrote it: every method with its seeds, a suite average inside [0, 100] whose mean is
+    that of its per-seed values, a paired comparison with the base model, per-task cells for every task; the
+    claimed pairs in claims.py's order with the interval around the estimate and a verdict."""
+    c = r["claims"][claim]
+    rep = c["report"]
+    assert list(rep["methods"]) == labels and c["missing"] == [] and rep["base"] is not None
+    for k, row in rep["methods"].items():
+        assert row["seeds"] == list(seeds), k
+        assert 0.0 <= row["average"] <= 100.0 and row["average"] == pytest.approx(sum(row["per_seed"]) / len(seeds))
+        v = row["vs_base"]
+        assert v["low"] <= v["diff"] <= v["high"] and v["verdict"] in VERDICTS
+        assert set(c["per_task"][k]) == set(rep["suite"]["tasks"])
+        assert all(0.0 <= t["mean"] <= 100.0 and 0 <= t["collapsed"] <= len(seeds) for t in c["per_task"][k].values())
+    assert 0.0 < c["majority"]["average"] <= 100.0
+    assert [(x["a"], x["b"]) for x in rep["comparisons"]] == pairs
+    for x in rep["comparisons"]:
+        assert x["low"] <= x["diff"] <= x["high"] and x["verdict"] in VERDICTS and x["seeds"] == len(seeds)
+    return c
+
+
+def check_paired(items, pairs):
+    """Seed-paired differences of a per-run analysis: the claimed pairs, the interval around the mean, a verdict."""
+    assert [(x["a"], x["b"]) for x in items] == pairs
+    for x in items:
+        assert x["low"] <= x["diff"] <= x["high"] and x["verdict"] in VERDICTS and len(x["per_seed"]) == x["seeds"]
+
+
+def trainable(c):
+    return {k: row["trainable"] for k, row in c["report"]["methods"].items()}
+
+
+def test_03_head_similarity(tmp_path):
+    """Claim 1's head analysis read from the tiny grid: per-layer cosines in [-1, 1] for both layers of every module
+    type; HydraLoRA w/o Router's heads identical (cosine 1 to float round-off: claim 2's mechanism, exact); the
+    zero-init symmetry: HydraLoRA's heads end far more alike than R-LoRA's/M-LoRA's independent random heads."""
+    r = run_tutorial("03_head_similarity.py", tmp_path)
+    check_claim(r, "1-2", ["hydra", "hydra-norouter", "rlora", "mlora"],
+                [("mlora", "rlora"), ("mlora", "hydra"), ("hydra-norouter", "hydra")])
+    for method, modules in r["per_layer"].items():
+        for per_seed in modules.values():
+            assert len(per_seed) == 2 and all(len(v) == 2 and all(abs(x) <= 1 + 1e-6 for x in v) for v in per_seed)
+    assert r["norouter_identical_heads"]["values"] == 2 * 2 * 3  # seeds x layers x module types
+    assert r["norouter_identical_heads"]["max_abs_one_minus_cos"] < 1e-5
+    h = r["head_cosine"]
+    assert h["hydra"]["all"][0] - 3 * h["hydra"]["all"][1] > max(h["rlora"]["all"][0], h["mlora"]["all"][0]) + 0.3
+    check_paired(r["ordering"], [("mlora", "rlora"), ("mlora", "hydra")])
 
 
 def test_04_simplified_multi_head(tmp_path):
-    """Four multi-head adapters x 2 seeds through train.train and the log-likelihood scorer; the parameter counts
-    order as METHODS §1 says (no router = fewer), and each claim gets a verdict in the four words the README uses."""
+    """Claims 1-2 read from the tiny grid: four methods x 2 seeds, each against the base model, the three claimed
+    pairs with the paper's differences (METHODS §6.2 Table 1); parameter counts as METHODS §1 says (no router =
+    fewer)."""
     r = run_tutorial("04_simplified_multi_head.py", tmp_path)
-    check_grid(r, ["hydra", "hydra-norouter", "rlora", "mlora"])
-    n = {k: rows[0]["trainable"] for k, rows in r["runs"].items()}
+    c = check_claim(r, "1-2", ["hydra", "hydra-norouter", "rlora", "mlora"],
+                    [("mlora", "rlora"), ("mlora", "hydra"), ("hydra-norouter", "hydra")])
+    n = trainable(c)
     assert n["mlora"] == n["hydra-norouter"] < n["hydra"] == n["rlora"]
-    for key in ("claim1_mlora_vs_rlora", "claim1_mlora_vs_hydra", "claim2_norouter_vs_hydra"):
-        v = r["verdict"][key]
-        assert v["verdict"] in VERDICTS and v["se"] >= 0
-        assert v["paper_diff"] == pytest.approx({"claim1_mlora_vs_rlora": 0.78, "claim1_mlora_vs_hydra": 1.41,
-                                                 "claim2_norouter_vs_hydra": -0.46}[key])
+    assert r["paper"]["mlora"]["Avg"] - r["paper"]["rlora"]["Avg"] == pytest.approx(0.78)
 
 
 def test_05_capacity(tmp_path):
-    """The matched rank reproduces HydraLoRA's parameter budget within one rank step; the ΔW spectra have at most r
-    non-zero values for LoRA r and HydraLoRA (shared A), at most 2r for R-LoRA (+ frozen compensation) and at most
-    the matched rank for the matched LoRA."""
+    """Claim 3 from the tiny grid: the matched LoRA's count equals HydraLoRA's within half a rank step; the effective
+    rank of ΔW stays within what each architecture allows (HydraLoRA ≤ r: shared A; R-LoRA ≤ 2r: + the frozen
+    compensation; the matched LoRA ≤ its rank) and is positive; the comparisons use claim 3's equivalence verdicts."""
     r = run_tutorial("05_capacity.py", tmp_path)
-    m = r["matched_rank"]
-    check_grid(r, ["lora-r4", f"lora-r{m} (matched)", "hydra", "rlora"])
-    n = {k: rows[0]["trainable"] for k, rows in r["runs"].items()}
-    per_rank = n["lora-r4"] // 4
-    assert abs(n[f"lora-r{m} (matched)"] - n["hydra"]) <= per_rank / 2 + 1 and n["hydra"] == r["budget"]
-    for label, limit in (("lora-r4", 4), ("hydra", 4), ("rlora", 8), (f"lora-r{m} (matched)", m)):
-        for row in r["runs"][label]:
-            assert 0 < row["numerical_rank"] <= limit and 0 < row["effective_rank"] <= limit + 1e-6
-    assert r["verdict"]["matched_vs_hydra"]["verdict"] in {"reproduced (not worse)", "contradicted"}
+    c = check_claim(r, "3", ["lora-budget", "hydra", "rlora"], [("lora-budget", "hydra"), ("lora-budget", "rlora")])
+    n, rank = trainable(c), r["ranks"]["lora-budget"]
+    assert abs(n["lora-budget"] - n["hydra"]) <= n["lora-budget"] / rank / 2 and rank > 4
+    for label, limit in (("hydra", 4), ("rlora", 8), ("lora-budget", rank)):
+        assert 0.0 < r["effective_rank"][label][0] <= limit + 1e-6, label
+    assert all(x["verdict"] not in STATS_VERDICTS for x in c["report"]["comparisons"])
 
 
 def test_06_align(tmp_path):
-    """LoRA vs A-LoRA-K vs A-LoRA-M and the λ sweep, 2 seeds: plain LoRA logs no alignment loss and the aligned runs
-    do; the held-out KL and task separation are finite and positive; a fresh adapter's representation is probed per
-    seed; the PCA coordinates cover every probe prompt."""
+    """Claims 4-6 from the tiny grids: LoRA vs A-LoRA-K vs A-LoRA-M with the probe on every run (separation and
+    held-out KL positive), the λ sweep at the paper's four λ converted to our units (λ·T(T−1)/2 with T = 2), each
+    paired with LoRA; only the aligned runs log an alignment loss."""
     r = run_tutorial("06_align.py", tmp_path)
-    check_grid(r, ["lora", "align-kl", "align-mmd", "align-kl λ=1"])
-    assert all(row["align_last5"] == 0.0 for row in r["runs"]["lora"])
-    assert all(row["align_last5"] > 0.0 for k in ("align-kl", "align-mmd") for row in r["runs"][k])
-    for rows in [r["fresh_adapter"], *r["runs"].values()]:
-        for row in rows:
-            assert row["sep_ratio"] > 0 and row["sep_within"] > 0 and row["heldout_kl"] > 0
-    pc = r["fresh_adapter"][0]["pca"]
-    assert len(pc["xy"]) == len(pc["task_ids"]) == 4 * len(r["tasks"]) and 0 < sum(pc["share"]) <= 1 + 1e-6
-    assert set(r["verdict"]["claim6_sweep"]) == {"0.1", "1"}
+    c = check_claim(r, "4-5", ["lora-r8", "a-lora-k", "a-lora-m"], [("a-lora-k", "lora-r8"), ("a-lora-k", "a-lora-m")])
+    check_claim(r, "6", ["lora-r8", "a-lora-k-l0.01", "a-lora-k-l0.05", "a-lora-k", "a-lora-k-l0.5"],
+                [(k, "lora-r8") for k in ("a-lora-k-l0.01", "a-lora-k-l0.05", "a-lora-k", "a-lora-k-l0.5")])
+    assert [s["paper_lambda"] for s in r["sweep"]] == [0.01, 0.05, 0.1, 0.5]
+    assert all(s["our_lambda"] == pytest.approx(s["paper_lambda"]) and s["seeds"] == 2 for s in r["sweep"])
+    for k in ("lora-r8", "a-lora-k", "a-lora-m"):
+        assert r["probe"][k]["sep_ratio"][0] > 0 and r["probe"][k]["heldout_kl"][0] > 0
+        assert all((x["align_last5"] > 0) == k.startswith("a-lora") for x in c["curves"][k]), k
+    check_paired(r["separation"], [("a-lora-k", "lora-r8"), ("a-lora-m", "lora-r8")])
 
 
 def test_08_rlora_ingredients(tmp_path):
-    """The four-way ablation through train.train with --adapter-options: every setup has R-LoRA's parameter count
-    (the ingredients add none), the zero-init setups (hydra, +MT) end with more alike heads than the random-init
-    ones, and each claim gets a verdict with the paper's difference (METHODS §6.1 Table 4)."""
+    """Claim 8 from the tiny grid: the ingredients add no parameters (one count for all four rows); the zero-init
+    rows (HydraLoRA, +MT) end with more alike heads than the random-init rows (+Init, R-LoRA); the claimed pairs."""
     r = run_tutorial("08_rlora_ingredients.py", tmp_path)
-    check_grid(r, ["hydra", "hydra+mt", "hydra+init", "rlora"])
-    assert len({rows[0]["trainable"] for rows in r["runs"].values()}) == 1
-    c = r["head_cosine"]
-    assert min(c["hydra"]["min"], c["hydra+mt"]["min"]) > max(c["hydra+init"]["max"], c["rlora"]["max"]) + 0.3
-    assert r["verdict"]["claim8_both_vs_hydra"]["paper_diff"] == pytest.approx(73.59 - 72.69)
-    assert all(r["verdict"][k]["verdict"] in VERDICTS for k in r["verdict"] if k.startswith(("claim", "mechanism")))
+    c = check_claim(r, "8", ["hydra", "hydra+mt", "hydra+init", "rlora"],
+                    [("hydra+mt", "hydra"), ("hydra+init", "hydra"), ("rlora", "hydra")])
+    assert len(set(trainable(c).values())) == 1
+    h = {k: v[0] for k, v in r["head_cosine"].items()}
+    assert min(h["hydra"], h["hydra+mt"]) > max(h["hydra+init"], h["rlora"]) + 0.3
+    check_paired(r["mechanism"], [("hydra+mt", "hydra"), ("hydra+init", "hydra")])
 
 
 def test_09_align_any_architecture(tmp_path):
-    """R-LoRA and M-LoRA with and without --align-any: only the aligned runs log an alignment loss, the probe's
-    separation and held-out KL are finite and positive, and both claims get a verdict."""
+    """Claim 9 from the tiny grid: R-LoRA and M-LoRA with and without --align-any; only the aligned runs log an
+    alignment loss, the loss adds no parameters, the probe's separation and held-out KL are positive."""
     r = run_tutorial("09_align_any_architecture.py", tmp_path)
-    check_grid(r, ["rlora", "rlora+align", "mlora", "mlora+align"])
-    for label, rows in r["runs"].items():
-        assert all((row["align_last5"] > 0) == label.endswith("+align") for row in rows), label
-        assert all(row["sep_ratio"] > 0 and row["heldout_kl"] > 0 for row in rows)
-    assert r["runs"]["rlora"][0]["trainable"] == r["runs"]["rlora+align"][0]["trainable"]
-    assert {"claim9_rlora", "claim9_mlora"} <= set(r["verdict"])
+    c = check_claim(r, "9", ["rlora", "rlora+align", "mlora", "mlora+align"],
+                    [("rlora+align", "rlora"), ("mlora+align", "mlora")])
+    n = trainable(c)
+    assert n["rlora"] == n["rlora+align"] and n["mlora"] == n["mlora+align"]
+    for k, curves in c["curves"].items():
+        assert all((x["align_last5"] > 0) == k.endswith("+align") for x in curves), k
+        assert r["probe"][k]["sep_ratio"][0] > 0 and r["probe"][k]["heldout_kl"][0] > 0
+    check_paired(r["separation"], [("rlora+align", "rlora"), ("mlora+align", "mlora")])
+
+
+def test_reader_full_prints_the_papers_setting(tmp_path):
+    """--full trains nothing and writes nothing: it names the paper's model and the command that runs the grid."""
+    res = subprocess.run([sys.executable, str(TUTORIALS / "04_simplified_multi_head.py"), "--full", "--out",
+                          str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Qwen2.5-3B" in res.stdout and "python experiments/claims.py run --only 1-2" in res.stdout
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def reader():
+    """tutorials/claim_grids.py, imported as the tutorials import it."""
+    sys.path.insert(0, str(TUTORIALS))
+    import claim_grids
+    return claim_grids
+
+
+def tiny_where(cg, tmp_path):
+    return {"suite": cg.tiny_suite(tmp_path), "seeds": [0, 1], "results_dir": tmp_path / "res",
+            "work_dir": tmp_path / "work"}
+
+
+def test_reader_on_a_partial_grid(reader, tmp_path, capsys, one_thread):
+    """A grid stopped after 6 of its 8 runs: the reader names exactly the missing (method, seed) runs and the
+    command that trains them, warns that the seed sets differ, keeps each method's own seeds, and pairs only over the
+    seeds both methods have (one for +Init vs HydraLoRA, where the per-run analysis then has no interval)."""
+    where = tiny_where(reader, tmp_path)
+    reader.C.grid("8", **where).run(limit=6)  # seed-major: all four at seed 0, then hydra and hydra+mt at seed 1
+    capsys.readouterr()
+    c = reader.Grids(where=where).read("8", script="08_rlora_ingredients.py")
+    out = capsys.readouterr().out
+    assert c.missing == [("hydra+init", 1), ("rlora", 1)]
+    assert "6 of 8 runs cached" in out and "hydra+init (seed 1); rlora (seed 1)" in out
+    assert "python experiments/claims.py run --only 8" in out and "08_rlora_ingredients.py --rerun" in out
+    assert "different seed sets" in out
+    assert c.row("hydra")["seeds"] == [0, 1] and c.row("rlora")["seeds"] == [0]
+    assert {(x["a"], x["b"]): x["seeds"] for x in c.report["comparisons"]} == {
+        ("hydra+mt", "hydra"): 2, ("hydra+init", "hydra"): 1, ("rlora", "hydra"): 1}
+    assert reader.seed_paired(c, "hydra+mt", "hydra", reader.head_cosine, False)["seeds"] == 2
+    one = reader.seed_paired(c, "hydra+init", "hydra", reader.head_cosine, False)
+    assert one["seeds"] == 1 and one["low"] is None and one["verdict"] == "one seed: no interval"
+
+
+def test_reader_without_a_suite_says_what_to_run(reader, monkeypatch, capsys):
+    """While experiments/claims.py has no SUITE, a reader reads nothing and says so, with the command to run."""
+    monkeypatch.setattr(reader.C, "SUITE", None)
+    assert reader.Grids().read("4-5", script="06_align.py") is None
+    out = capsys.readouterr().out
+    assert "NOT MEASURED YET" in out and "python experiments/claims.py run --only 4-5" in out
+
+
+def test_seed_paired_t_interval(reader):
+    """The per-run analyses' paired difference: mean ± t(0.975, n−1)·SE over common seeds, checked by hand on
+    three common seeds (differences 0.5, 0.6, 0.7: mean 0.6, SE 0.1/√3, t = 4.303, so [0.352, 0.848]: resolved;
+    differences 0.1, 0.2, 0.3 give [−0.048, 0.448]: not resolved); identical values -> "no difference"."""
+    runs = lambda vals: [{"seed": s, "v": v} for s, v in enumerate(vals)]  # noqa: E731
+    c = reader.Claim("x", {"methods": {}, "comparisons": []}, {"a": runs([1.5, 1.6, 1.7, 9.0]), "b": runs([1, 1, 1]),
+                                                               "c": runs([1.1, 1.2, 1.3])},
+                     None, [], [0, 1, 2], ["a", "b", "c"], 1)
+    x = reader.seed_paired(c, "a", "b", lambda r: r["v"], True)
+    assert x["seeds"] == 3 and x["diff"] == pytest.approx(0.6)
+    assert (x["low"], x["high"]) == pytest.approx((0.6 - 4.303 * 0.1 / 3 ** 0.5, 0.6 + 4.303 * 0.1 / 3 ** 0.5))
+    assert x["verdict"] == "reproduced"
+    y = reader.seed_paired(c, "c", "b", lambda r: r["v"], True)
+    assert y["low"] == pytest.approx(0.2 - 0.2484, abs=1e-3) and y["verdict"] == "same direction, not resolved"
+    assert reader.seed_paired(c, "b", "b", lambda r: r["v"], True)["verdict"] == "no difference"
+
+
+def test_report_tiny(tmp_path):
+    """tutorials/report.py --tiny: the README table from a tiny grid of every claim: one 6-cell row per claim line
+    (claims 1-9, the head and separation analyses, claim 2's and 7's exact mechanisms), each measured row with
+    its intervals, and the per-task tables of claims 1 and 4 with the paper's Table 1 cells."""
+    res = subprocess.run([sys.executable, str(TUTORIALS / "report.py"), "--tiny"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| claim (tutorial)")))
+    table = [line for line in lines[start + 2:] if line.startswith("| ")][:12]
+    assert len(table) == 12 and all(line.count(" | ") == 5 for line in table)
+    assert not any("not measured yet" in line for line in table)
+    assert sum("[" in line.split(" | ")[3] for line in table) == 10  # every grid row has an interval
+    assert "Claims 1-2 per task" in res.stdout and "/ 75.45" in res.stdout and "Claims 4-5 per task" in res.stdout
+
+
+def test_report_without_runs(reader, tmp_path):
+    """An empty cache: every claim row says "not measured yet" and names the command that trains it."""
+    import report
+    table, read = report.rows(reader.Grids(where=tiny_where(reader, tmp_path)))
+    grid_rows = [r for r in table if not r[0].startswith(("2. (mechanism)", "7."))]
+    assert len(grid_rows) == 10 and all(r[2] == "not measured yet" and "claims.py run --only" in r[5]
+                                        for r in grid_rows)
+    assert report.compute_text(read) == "No grid runs cached yet."
 
 
 def test_pick_data_prepares_real_tasks_or_falls_back(tmp_path, monkeypatch, capsys):
@@ -264,15 +374,3 @@ def test_pick_data_prepares_real_tasks_or_falls_back(tmp_path, monkeypatch, caps
     args.source = str(tmp_path / "nothing-here")                           # a wrong path given by hand: an error
     with pytest.raises(SystemExit, match="is not a directory"):
         common.pick_data(args, data_dir=tmp_path / "empty")
-
-
-def test_report_builds_the_readme_table_from_committed_results():
-    """tutorials/report.py turns the committed results JSON into the README's claim table: one 4-cell row per claim,
-    no cell broken by a stray '|', and every tutorial that measures a claim has its JSON committed."""
-    res = subprocess.run([sys.executable, str(TUTORIALS / "report.py")], capture_output=True, text=True, cwd=ROOT,
-                         timeout=60)
-    assert res.returncode == 0, res.stderr[-2000:]
-    table = [line for line in res.stdout.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
-    assert len(table) >= 11
-    assert all(line.count(" | ") == 3 for line in table)
-    assert not any("not run" in line or "not measured" in line for line in table)

@@ -1,180 +1,242 @@
-"""The README's "What the tutorials show" table, built from the results JSON the tutorials wrote (no number typed by
-hand): claim by claim (METHODS.md §7), the paper's number (§6), our measurement, and the verdict.
+"""The README's "What the tutorials show": one row per claim (METHODS.md §7), generated from the claim grids of
+experiments/claims.py (no number typed by hand), plus the per-task tables of claims 1 and 4 in the shape of the
+paper's Table 1.
 
-    python tutorials/report.py                     # reads tutorials/results/*.json, prints markdown
-    python tutorials/report.py --results DIR
+Each row: the paper's numbers (METHODS §6), ours — mean ± SE over seeds of the suite average per method, beside
+the base model and the majority rate —, the paired differences with their 95% interval (bootstrap over seed and
+example; for per-run analyses a t interval over seeds), the verdict, and the suite, budget and seed count. A claim
+whose grid has no runs yet gets a row saying "not measured yet" and the command that trains it. Claim 7 (merging
+and cost) and claim 2's mechanism come from tutorials 07 and 02, which measure them exactly in minutes.
 
-A tutorial whose JSON is missing gets a row saying so.
+    python tutorials/report.py            # reads the cached grids (seconds), prints markdown
+    python tutorials/report.py --tiny     # smoke test: a tiny grid of every claim in a temp dir, trained + rendered
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from claim_grids import Grids, head_cosine, interval, markdown, name, pm, seed_paired, sep_ratio, suite_text, \
+    task_table, vs_base_words
+
+from nanoalign.stats import mean_se
+
+import paper
+
 RESULTS = Path(__file__).resolve().parent / "results"
+CLAIM_GRIDS = ("1-2", "3", "4-5", "6", "8", "9")
+HEADER = ["claim (tutorial)", "paper (METHODS §6)", "ours: mean ± SE over seeds", "paired difference [95% CI]",
+          "verdict", "suite, budget, seeds"]
+T1, T5, R4 = ({k: v["Avg"] for k, v in paper.TABLE1.items()}, paper.TABLE5_3B, paper.RLORA_TABLE4)
+
+# (row title, grid, methods shown, claimed pairs (A, B), the paper's numbers)
+ROWS = [
+    ("1. simplified multi-head (M-LoRA) ≥ R-LoRA, HydraLoRA [04]", "1-2", ["mlora", "rlora", "hydra"],
+     [("mlora", "rlora"), ("mlora", "hydra")],
+     f"M-LoRA {T1['mlora']}, R-LoRA {T1['rlora']}, HydraLoRA {T1['hydra']} (Table 1, Qwen2.5-3B, 5 tasks)"),
+    ("2. removing the router alone does not help [02, 03, 04]", "1-2", ["hydra-norouter", "hydra"],
+     [("hydra-norouter", "hydra")], f"w/o Router {T1['hydra-norouter']} vs {T1['hydra']} (Table 1)"),
+    ("3. a LoRA at the multi-head budget matches it [05]", "3", ["lora-budget", "hydra", "rlora"],
+     [("lora-budget", "hydra"), ("lora-budget", "rlora")],
+     f"LoRA¹⁰ {paper.TABLE3_7B['lora-budget']}, HydraLoRA {paper.TABLE3_7B['hydra']}, R-LoRA "
+     f"{paper.TABLE3_7B['rlora']} (Table 3, Qwen2.5-7B BBH)"),
+    ("4. KL alignment (A-LoRA-K) beats LoRA [06]", "4-5", ["a-lora-k", "lora-r8"], [("a-lora-k", "lora-r8")],
+     f"A-LoRA-K {T5['a-lora-k']} vs LoRA {T5['lora-r8']} (Table 5, Qwen2.5-3B, 8 tasks)"),
+    ("5. MMD alignment does not match KL [06]", "4-5", ["a-lora-k", "a-lora-m"], [("a-lora-k", "a-lora-m")],
+     f"A-LoRA-K {T5['a-lora-k']} vs A-LoRA-M {T5['a-lora-m']} (Table 5)"),
+    ("6. A-LoRA-K ≥ LoRA at every λ ∈ [0.01, 0.5] (paper's units) [06]", "6", ["lora-r8", *paper.SWEEP],
+     [(k, "lora-r8") for k in paper.SWEEP],
+     f"A-LoRA-K {paper.FIGURE3['a-lora-k'][0]}-{paper.FIGURE3['a-lora-k'][1]} at every λ, LoRA "
+     f"{paper.FIGURE3['lora']} (Figure 3)"),
+    ("8. R-LoRA's multi-head dropout (+MT) and random init (+Init) each add points [08]", "8",
+     ["hydra", "hydra+mt", "hydra+init", "rlora"], [("hydra+mt", "hydra"), ("hydra+init", "hydra"),
+                                                   ("rlora", "hydra")],
+     f"HydraLoRA {R4['hydra']}, +MT {R4['hydra+mt']}, +Init {R4['hydra+init']}, both {R4['rlora']} (R-LoRA Table 4, "
+     f"Qwen2.5-0.5B)"),
+    ("9. alignment also helps R-LoRA / M-LoRA [09]", "9", ["rlora", "rlora+align", "mlora", "mlora+align"],
+     [("rlora+align", "rlora"), ("mlora+align", "mlora")], "improves both (appendix Table 9; no numbers reachable)"),
+]
 
 
-def load(results, name):
-    path = Path(results) / f"{name}.json"
+def not_measured(title, claim, paper_text):
+    return [title, paper_text, "not measured yet", "–", "–",
+            f"train: `python experiments/claims.py run --only {claim}`"]
+
+
+def base_text(c):
+    parts = []
+    if c.report["base"]:
+        parts.append(f"base {c.report['base']['average']:.1f}")
+    if c.majority():
+        parts.append(f"majority {c.majority()['average']:.1f}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def seeds_text(c, labels):
+    n = sorted({len(c.row(k)["seeds"]) for k in labels if c.row(k)})
+    return "no runs" if not n else f"{n[0]} seeds" if len(n) == 1 else f"{n[0]}-{n[-1]} seeds per method"
+
+
+def claim_row(title, claim, c, labels, pairs, paper_text):
+    """One claim's row from its grid: methods' means, the claimed pairs' intervals and verdicts, and a warning for a
+    method that is not clearly above the base model (its row does not test the claim at this budget, issue 14)."""
+    if c is None or not any(c.row(k) for k in labels):
+        return not_measured(title, claim, paper_text)
+    ours = "; ".join(f"{name(k)} {pm(c.row(k)['average'], c.row(k)['se'])}" if c.row(k) else f"{name(k)} not run"
+                     for k in labels) + base_text(c)
+    collapsed = [f"{name(k)} {t} {s['collapsed']}/{s['seeds']}" for k in labels for t, s in c.per_task(k).items()
+                 if s["collapsed"]]
+    if collapsed:
+        ours += "; collapsed (one prediction > 90%, in k/n seeds): " + ", ".join(collapsed)
+    found = [(a, b, c.comparison(a, b)) for a, b in pairs]
+    diff = "; ".join(f"{name(a)} − {name(b)} {interval(x)}" if x else f"{name(a)} − {name(b)}: not run"
+                     for a, b, x in found)
+    verdict = verdicts(found)
+    weak = [name(k) for k in labels if c.row(k) and vs_base_words(c.row(k)) != "above base"]
+    if weak:
+        verdict += f"; NOT above base: {', '.join(weak)} (not a claim test at this budget)"
+    return [title, paper_text, ours, diff, verdict or "–", budget_text(c, labels)]
+
+
+def verdicts(found):
+    """'verdict' for one pair, 'A − B: verdict; ...' for several."""
+    found = [(a, b, x) for a, b, x in found if x]
+    if len(found) == 1:
+        return found[0][2]["verdict"]
+    return "; ".join(f"{name(a)} − {name(b)}: {x['verdict']}" for a, b, x in found)
+
+
+def budget_text(c, labels):
+    """The row's budget and seeds (the suite itself is named once above the table), and what is missing."""
+    s = c.report["suite"]
+    return (f"{s['steps']} steps x {s['batch_per_task']} per task, {s['test_per_task'] or 'all'} test per task; "
+            f"{seeds_text(c, labels)}" + (f"; {len(c.missing)} runs missing" if c.missing else ""))
+
+
+def seed_row(title, claim, c, labels, pairs, value, what, paper_text, expect_positive):
+    """A row for a per-run analysis (head cosine, separation): means ± SE and paired differences over seeds."""
+    vals = {k: v for k in labels if (v := c.values(k, value))} if c else {}
+    if not vals:
+        return not_measured(title, claim, paper_text)
+    ours = f"{what}: " + "; ".join(f"{name(k)} {pm(*mean_se(list(v.values())), 3)}" for k, v in vals.items())
+    found = [(a, b, seed_paired(c, a, b, value, expect_positive)) for a, b in pairs]
+    diff = "; ".join(f"{name(a)} − {name(b)} {interval(x, 3)}" for a, b, x in found if x) or "–"
+    return [title, paper_text, ours, diff + " (t interval over seeds)", verdicts(found) or "–",
+            budget_text(c, labels)]
+
+
+def sweep_row(title, claim, c, labels, pairs, paper_text):
+    """Claim 6's row: as claim_row, with the verdict counted over the λ values."""
+    row = claim_row(title, claim, c, labels, pairs, paper_text)
+    if row[2] == "not measured yet":
+        return row
+    verdicts = [x["verdict"] for a, b in pairs if (x := c.comparison(a, b))]
+    row[4] = (f"above LoRA at {verdicts.count('reproduced')} of {len(pairs)} λ, below at "
+              f"{verdicts.count('contradicted')}, not resolved at "
+              f"{len(verdicts) - verdicts.count('reproduced') - verdicts.count('contradicted')}"
+              + (f", not run at {len(pairs) - len(verdicts)}" if len(verdicts) < len(pairs) else "")
+              + (row[4][row[4].index("; NOT above"):] if "; NOT above" in row[4] else ""))
+    return row
+
+
+def load(results, stem):
+    path = Path(results) / f"{stem}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def ms(s, digits=1):
-    """'mean ± std' of a spread dict."""
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
-
-
-def diff(v):
-    return f"{v['diff']:+.2f} ± {v['se']:.2f}"
-
-
-def weak(v):
-    """Claim 3's verdict, saying when 'not worse' only means 'within seed noise'."""
-    if v["verdict"].startswith("reproduced") and not v["clear"]:
-        return "consistent: not clearly worse (within seed noise)"
-    return v["verdict"]
-
-
-def rows(results):
-    out = []
-    r02, r03, r04, r05, r06, r07, r08, r09 = (load(results, n) for n in (
-        "02_multi_head_family", "03_head_similarity", "04_simplified_multi_head", "05_capacity", "06_align", "07_cost",
-        "08_rlora_ingredients", "09_align_any_architecture"))
-    missing = lambda n: (n, "–", "not run (no results JSON)", "–")  # noqa: E731
-
-    # claim 1: accuracy and head similarity
-    if r04:
-        s, v = r04["summary"], r04["verdict"]
-        ours = (f"M-LoRA {ms(s['mlora']['average'])}, R-LoRA {ms(s['rlora']['average'])}, HydraLoRA "
-                f"{ms(s['hydra']['average'])} (base {r04['base']['average']:.1f}); M-LoRA − R-LoRA "
-                f"{diff(v['claim1_mlora_vs_rlora'])}, − HydraLoRA {diff(v['claim1_mlora_vs_hydra'])}")
-        out.append(("1. simplified multi-head (M-LoRA) ≥ R-LoRA, HydraLoRA [04]",
-                    "75.45 / 74.67 / 74.04 (Qwen2.5-3B, 5 tasks)", ours,
-                    f"{v['claim1_mlora_vs_rlora']['verdict']} (vs R-LoRA); "
-                    f"{v['claim1_mlora_vs_hydra']['verdict']} (vs HydraLoRA)"))
-    else:
-        out.append(missing("1. M-LoRA ≥ R-LoRA, HydraLoRA [04]"))
-    if r03:
-        s = r03["summary"]
-        ours = ", ".join(f"{k} {ms(s[k]['cos_mean'], 3)}" for k in ("hydra", "rlora", "mlora") if k in s)
-        rep = r03["verdict"]["reproduced"] if r03.get("verdict") else None
-        out.append(("1. heads end up alike, M-LoRA's the most [03]",
-                    "HydraLoRA ≈0.76-0.80 per module; M-LoRA highest, median > 0.85",
-                    f"mean inter-head cosine of B after {r03['steps']} steps: {ours}",
-                    "reproduced" if rep else "not reproduced (ordering)"))
-    else:
-        out.append(missing("1. heads end up alike [03]"))
-
-    # claim 2
-    parts, verdict = [], []
+def mechanism_rows(results):
+    """Claim 2's exact mechanism (tutorial 02) and claim 7 (tutorial 07), from their committed results JSON."""
+    rows = []
+    r02, r07 = load(results, "02_multi_head_family"), load(results, "07_cost")
     if r02:
         nr = r02["real_model"]["adapters"]["hydra-norouter"]
-        parts.append(f"heads bit-identical after {r02['real_model']['steps']} steps (max abs B_i − B_j "
-                     f"{nr['max_abs_head_difference']:.1f}) = one rank-r LoRA")
-        verdict.append("mechanism exact")
-    if r04 and "claim2_norouter_vs_hydra" in r04["verdict"]:
-        v = r04["verdict"]["claim2_norouter_vs_hydra"]
-        parts.append(f"accuracy w/o router − with: {diff(v)}")
-        verdict.append(f"{v['verdict']} (accuracy)")
-    out.append(("2. removing the router alone does not help [02, 04]", "73.58 vs 74.04",
-                "; ".join(parts) or "not run", "; ".join(verdict) or "–"))
-
-    # claim 3
-    if r05:
-        s, v, m = r05["summary"], r05["verdict"], r05["matched_rank"]
-        key = f"lora-r{m} (matched)"
-        eff = {k: sum(r["effective_rank"] for r in rs) / len(rs) for k, rs in r05["runs"].items()}
-        low = s[f"lora-r{r05['rank']}"]["average"]
-        ours = (f"LoRA r={m} (HydraLoRA's budget) {ms(s[key]['average'])} vs HydraLoRA {ms(s['hydra']['average'])}, "
-                f"R-LoRA {ms(s['rlora']['average'])}, LoRA r={r05['rank']} {ms(low)}; "
-                f"ΔW effective rank {eff[key]:.1f} vs {eff['hydra']:.1f} / {eff['rlora']:.1f}")
-        out.append(("3. a LoRA at the same parameter budget matches multi-head [05]",
-                    "LoRA† 42.21 vs R-LoRA 42.24 (LLaMA2-7B BBH); LoRA r=10 49.51 vs HydraLoRA 49.51 (Qwen2.5-7B)",
-                    ours, f"{weak(v['matched_vs_hydra'])} (vs HydraLoRA); {weak(v['matched_vs_rlora'])} (vs R-LoRA)"))
+        rows.append(["2. (mechanism) HydraLoRA w/o Router is one rank-r LoRA [02]", "derived (METHODS §2.4)",
+                     f"heads bit-identical after {r02['real_model']['steps']} steps (max abs B_i − B_j "
+                     f"{nr['max_abs_head_difference']:.1f})", "–", "reproduced (exact)",
+                     f"{r02['model']}, tutorial 02"])
     else:
-        out.append(missing("3. capacity over architecture [05]"))
-
-    # claims 4-6 and the mechanism
-    if r06:
-        s, v, rep = r06["summary"], r06["verdict"], r06["representation"]
-        out.append(("4. KL alignment (A-LoRA-K) beats LoRA [06]", "80.06 vs 76.48 (+3.58, Qwen2.5-3B, 8 tasks)",
-                    f"A-LoRA-K {ms(s['align-kl']['average'])} vs LoRA {ms(s['lora']['average'])}: "
-                    f"{diff(v['claim4_kl_vs_lora'])}", v["claim4_kl_vs_lora"]["verdict"]))
-        out.append(("5. MMD alignment does not match KL [06]", "A-LoRA-M 78.35 vs A-LoRA-K 80.06",
-                    f"A-LoRA-M {ms(s['align-mmd']['average'])}; KL − MMD {diff(v['claim5_kl_vs_mmd'])}",
-                    v["claim5_kl_vs_mmd"]["verdict"]))
-        sweep = "; ".join(f"λ={lam}: {diff(x)}" for lam, x in v["claim6_sweep"].items())
-        out.append(("6. A-LoRA-K ≥ LoRA over λ ∈ [0.01, 0.5] (paper's units) [06]",
-                    "above LoRA at every λ, best near 0.1",
-                    f"A-LoRA-K − LoRA, λ in our units (mean over pairs; paper's = ours/10): {sweep}",
-                    "holds (none clearly below)" if v["claim6_none_clearly_below_lora"] else "does not hold"))
-        m = v["mechanism_separation_kl_vs_lora"]
-        out.append(("mechanism: alignment pulls task clusters of A-outputs together [06]",
-                    "clusters closer, not collapsed (appendix I.1)",
-                    f"held-out between/within task separation: fresh {ms(rep['fresh adapter']['sep_ratio'], 3)}, "
-                    f"LoRA {ms(rep['lora']['sep_ratio'], 3)}, A-LoRA-K {ms(rep['align-kl']['sep_ratio'], 3)}; "
-                    f"within-task spread {ms(rep['align-kl']['sep_within'], 3)} vs {ms(rep['lora']['sep_within'], 3)}",
-                    m["verdict"]))
-    else:
-        out.append(missing("4-6. alignment [06]"))
-
-    # claim 7
+        rows.append(["2. (mechanism) HydraLoRA w/o Router is one rank-r LoRA [02]", "derived (METHODS §2.4)",
+                     "not measured yet", "–", "–", "run `python tutorials/02_multi_head_family.py`"])
     if r07:
         a = r07["adapters"]
         merged = ", ".join(f"{k} {a[k]['merge_max_abs_logit_diff']:.0e}" for k in a if a[k]["mergeable"])
         refuse = ", ".join(k for k in a if not a[k]["mergeable"])
         step = ", ".join(f"{k} {r07['summary'][k]['step_vs_lora']:.2f}x" for k in a)
-        out.append(("7. LoRA, Align-LoRA, M-LoRA, MultiLoRA merge exactly; routers do not [02, 07]",
-                    "(derived, METHODS §7)", f"merged vs unmerged max abs logit diff: {merged}; refuse to merge: {refuse}; "
-                                             f"train step vs LoRA: {step}", "reproduced (exact)"))
+        rows.append(["7. LoRA, Align-LoRA, M-LoRA, MultiLoRA merge exactly; routers do not [02, 07]",
+                     "derived (METHODS §7)", f"merged vs unmerged max abs logit diff: {merged}; refuse to merge: "
+                     f"{refuse}; train step vs LoRA: {step}", "–", "reproduced (exact)", "tutorial 07"])
     else:
-        out.append(missing("7. merge and cost [07]"))
-
-    # claim 8
-    if r08:
-        s, v, c = r08["summary"], r08["verdict"], r08["head_cosine"]
-        ours = (f"HydraLoRA {ms(s['hydra']['average'])}, +MT {ms(s['hydra+mt']['average'])}, +Init "
-                f"{ms(s['hydra+init']['average'])}, both (R-LoRA) {ms(s['rlora']['average'])}; +MT − HydraLoRA "
-                f"{diff(v['claim8_mt_vs_hydra'])}, +Init − HydraLoRA {diff(v['claim8_init_vs_hydra'])}, both − "
-                f"HydraLoRA {diff(v['claim8_both_vs_hydra'])}; head cosine "
-                + ", ".join(f"{k} {ms(c[k], 3)}" for k in c))
-        out.append(("8. R-LoRA's multi-head dropout (+MT) and random init (+Init) each add points [08]",
-                    "HydraLoRA 72.69, +MT 73.02, +Init 72.98, both 73.59 (Qwen2.5-0.5B, 5 tasks)", ours,
-                    f"{v['claim8_mt_vs_hydra']['verdict']} (+MT); {v['claim8_init_vs_hydra']['verdict']} (+Init); "
-                    f"{v['claim8_both_vs_hydra']['verdict']} (both)"))
-    else:
-        out.append(missing("8. R-LoRA's ingredients [08]"))
-
-    # claim 9
-    if r09:
-        s, v, rep = r09["summary"], r09["verdict"], r09["representation"]
-        ours = "; ".join(
-            f"{name} {ms(s[k]['average'])} → +align {ms(s[k + '+align']['average'])} "
-            f"({diff(v['claim9_' + k])}), task separation {ms(rep[k]['sep_ratio'], 3)} → "
-            f"{ms(rep[k + '+align']['sep_ratio'], 3)}" for k, name in (("rlora", "R-LoRA"), ("mlora", "M-LoRA")))
-        out.append(("9. alignment also helps R-LoRA / M-LoRA [09]", "improves both (appendix Table 9; values not "
-                    "found)", ours, f"{v['claim9_rlora']['verdict']} (R-LoRA); {v['claim9_mlora']['verdict']} "
-                    f"(M-LoRA); separation: {v['mechanism_separation_rlora']['verdict']} / "
-                    f"{v['mechanism_separation_mlora']['verdict']}"))
-    else:
-        out.append(missing("9. alignment on multi-head adapters [09]"))
-    return out
+        rows.append(["7. merge and cost [07]", "derived (METHODS §7)", "not measured yet", "–", "–",
+                     "run `python tutorials/07_cost.py`"])
+    return rows
 
 
-def main():
+def rows(grids, results=RESULTS):
+    """The table's rows, and the Claim objects read (None where not measured)."""
+    read = {k: grids.read(k) for k in CLAIM_GRIDS}
+    out = []
+    for title, claim, labels, pairs, paper_text in ROWS:
+        c = read[claim]
+        out.append((sweep_row if claim == "6" else claim_row)(title, claim, c, labels, pairs, paper_text))
+        if title.startswith("1."):
+            out.append(seed_row("1. (heads) the heads end up alike, M-LoRA's the most [03]", claim, c,
+                                ["mlora", "rlora", "hydra"], [("mlora", "rlora"), ("mlora", "hydra")],
+                                head_cosine, "mean inter-head cosine of B",
+                                "HydraLoRA 0.76-0.80 per module; M-LoRA highest, median > 0.85 (Figure 2)", True))
+        if title.startswith("2."):
+            out.extend(mechanism_rows(results))
+        if title.startswith("5."):
+            out.append(seed_row("mechanism: alignment pulls the tasks' A-output clusters together [06]", claim, c,
+                                ["a-lora-k", "a-lora-m", "lora-r8"], [("a-lora-k", "lora-r8"), ("a-lora-m", "lora-r8")],
+                                sep_ratio, "held-out between/within task separation", "clusters closer, not collapsed "
+                                "(appendix I.1)", False))
+    return out, read
+
+
+def compute_text(read):
+    """Compute spent on the grids: distinct runs (shared runs counted once), their wall time, commits, machines."""
+    runs = {r["key"]: r for c in read.values() if c for rs in c.runs.values() for r in rs}
+    if not runs:
+        return "No grid runs cached yet."
+    hosts = sorted({(r["machine"]["host"], r["machine"]["cpu_count"], r["machine"]["cuda"]) for r in runs.values()},
+                   key=str)
+    commits = sorted({str(r["machine"]["commit"]) for r in runs.values()})
+    wall = sum(r["wall_s"] for r in runs.values())
+    return (f"{len(runs)} distinct runs, {wall / 3600:.1f} h ({wall / 60:.0f} min) of wall time "
+            f"(training + scoring; base-model evaluations not counted), commits {', '.join(commits)}; machines: "
+            + "; ".join(f"{h} ({n} CPUs{', ' + cuda if cuda else ''})" for h, n, cuda in hosts))
+
+
+def render(grids, results=RESULTS):
+    table, read = rows(grids, results)
+    suites = sorted({suite_text(c).rsplit(";", 1)[0] for c in read.values() if c})
+    parts = [("Suite: " + " | ".join(suites) + "." if suites else "Suite: not set yet (experiments/claims.py SUITE).")
+             + " Means ± SE are over seeds; differences are paired over the seeds both methods have, with the 95% "
+             "interval of the bootstrap over (seed, example) (nanoalign/stats.py) unless marked otherwise. Generated "
+             "by `python tutorials/report.py` from experiments/results/runs/.", markdown(HEADER, table)]
+    c = read["1-2"]
+    if c and c.report["methods"]:
+        parts.append("Claims 1-2 per task, ours (mean ± SE over seeds; (c k/n): collapsed in k of n seeds) / the "
+                     "paper's Table 1 cell where the task is one of its columns:\n\n"
+                     + task_table(c, ["hydra", "hydra-norouter", "rlora", "mlora"], paper.TABLE1,
+                                  paper.TABLE1_COLUMN_OF))
+    c = read["4-5"]
+    if c and c.report["methods"]:
+        parts.append("Claims 4-5 per task, ours / the paper's Table 5 average (its per-task cells are not in "
+                     "METHODS §6.2):\n\n" + task_table(c, ["lora-r8", "a-lora-k", "a-lora-m"],
+                                                       {k: {"Avg": paper.TABLE5_3B[k]} for k in paper.TABLE5_3B}))
+    parts.append("Compute: " + compute_text(read))
+    return "\n\n".join(parts) + "\n", table
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default=str(RESULTS))
-    args = p.parse_args()
-    print("| claim (tutorial) | paper (METHODS §6) | ours (small scale) | verdict |")
-    print("|---|---|---|---|")
-    for row in rows(args.results):
-        print("| " + " | ".join(row) + " |")
-    meta = [load(args.results, n) for n in ("03_head_similarity", "04_simplified_multi_head", "05_capacity",
-                                           "06_align", "08_rlora_ingredients", "09_align_any_architecture")]
-    for m in meta:
-        if m:
-            print(f"\n{m['meta']['command']}: commit {m['meta']['commit']}, {m['meta']['date']}, "
-                  f"{m['wall_s'] / 60:.1f} min, data {m['data']}")
+    p.add_argument("--tiny", action="store_true", help="smoke test: a tiny grid of every claim, trained + rendered")
+    p.add_argument("--results", default=str(RESULTS), help="where tutorials 02 and 07 wrote their JSON")
+    args = p.parse_args(argv)
+    text, _ = render(Grids(tiny=args.tiny, stream=sys.stderr), args.results)
+    print(text, end="")
 
 
 if __name__ == "__main__":

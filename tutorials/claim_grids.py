@@ -1,0 +1,499 @@
+"""Reading the claim grids of experiments/claims.py: what the tutorials 03-06, 08, 09 and report.py share.
+
+The accuracy tutorials train nothing by default. Every claim (METHODS §7) is a grid of runs — methods x seeds on
+one suite, one budget, one test set — that `python experiments/claims.py run` trains once, for hours, and caches in
+experiments/results/runs/ (experiments/grid.py). A tutorial reads its claim's cached runs, renders tables and plots
+in seconds and writes tutorials/results/NN_*.json (+ PNG). The modes share one code path:
+
+    (default)  read the cache; say exactly which runs are missing and the command that trains them
+    --rerun    train what is missing first (`Grid.run()` resumes the cache), then render
+    --tiny     the smoke test: a tiny suite (the random model of common.tiny_model_dir, 2 builtin tasks, 3 steps,
+               2 seeds, 8 test examples per task) in a temporary results dir, trained and rendered
+    --full     print the paper's setting of the claim and how to run the grid at that scale (a GPU box)
+
+The statistics are experiments/claims.py's `claim_report` (nanoalign/stats.py): per method the mean ± SE over its
+seeds of the suite average and its paired comparison with the base model; per claimed difference the paired
+bootstrap over (seed, example), 95% interval and verdict, over the seeds both methods have. For the analyses that
+have one number per run (head cosine, separation ratio, effective rank) `seed_paired` gives the paired difference
+over common seeds with a t interval.
+"""
+
+import argparse
+import atexit
+import contextlib
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import RESULTS, ROOT, machine, pyplot, save_figure, tiny_model_dir, write_json
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import claims as C  # noqa: E402
+import grid as G  # noqa: E402
+
+import paper  # noqa: E402
+from nanoalign.stats import mean_se, verdict  # noqa: E402
+
+TINY_TASKS = ("alphabet-first", "colour-review")
+TINY_SEEDS = [0, 1]
+TINY_OUT = ROOT / "out" / "tutorials-tiny"  # git-ignored: a smoke run never replaces the committed renders
+CURVE = ("ce_first5", "ce_last5", "align_last5")  # the training-curve summary kept in the tutorials' JSON
+NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora": "R-LoRA", "mlora": "M-LoRA",
+         "lora-r8": "LoRA r=8", "a-lora-k": "A-LoRA-K", "a-lora-m": "A-LoRA-M", "lora-budget": "matched LoRA",
+         "rlora+align": "R-LoRA + align", "mlora+align": "M-LoRA + align", "hydra+mt": "HydraLoRA +MT",
+         "hydra+init": "HydraLoRA +Init", "a-lora-k-l0.01": "A-LoRA-K λ=0.01", "a-lora-k-l0.05": "A-LoRA-K λ=0.05",
+         "a-lora-k-l0.5": "A-LoRA-K λ=0.5"}
+
+
+def parser(doc):
+    """The readers' flags; the tutorial's docstring is the help text."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--rerun", action="store_true", help="train the runs missing from the cached grid (resumes "
+                      "it; hours on a CPU), then render")
+    mode.add_argument("--tiny", action="store_true", help="smoke test: a tiny grid in a temp dir, trained and rendered")
+    mode.add_argument("--full", action="store_true", help="print the paper's setting and how to run it (a GPU box)")
+    p.add_argument("--out", default=None, help=f"directory for the JSON and PNG (default {RESULTS.relative_to(ROOT)}; "
+                   f"--tiny: {TINY_OUT.relative_to(ROOT)})")
+    return p
+
+
+def parse_args(doc, claims):
+    """The reader's flags; with --full, print the paper's setting of its claims and exit."""
+    args = parser(doc).parse_args()
+    if args.full:
+        full_scale(claims)
+        raise SystemExit(0)
+    return args
+
+
+def tiny_suite(d: Path):
+    """The smoke test's suite: the tiny random model, 2 builtin tasks, 3 steps, 8 test examples per task."""
+    return G.Suite(TINY_TASKS, model=str(tiny_model_dir(d / "model")), steps=3, batch_per_task=1, lr=1e-2, warmup=1,
+                   seq_len=160, train_pool=16, test_per_task=8, data_dir=str(d / "data"), probe_examples=4)
+
+
+def out_dir(args):
+    return Path(args.out) if args.out else TINY_OUT if args.tiny else RESULTS
+
+
+def full_scale(claims):
+    """--full: the paper's setting of each claim and how to run its grid at that scale."""
+    for c in claims:
+        model, tasks, what = paper.SETTINGS[c]
+        print(f"claim {c} at the paper's scale: {model}, tasks {', '.join(tasks)}; {what}.")
+    model, tasks, _ = paper.SETTINGS[claims[0]]
+    tasks = tasks if all(" " not in t for t in tasks) else ("...",)
+    print("\nThis needs a GPU box and real weights. There, set SUITE in experiments/claims.py to that setting, e.g.\n"
+          f"    Suite(tasks={tasks}, model=\"{model.lower()}\", fmt=\"label\", mode=\"generate\",\n"
+          "          steps=2000, batch_per_task=10, lr=2e-4, warmup=100, seq_len=512, test_per_task=0)\n"
+          f"and run\n    python experiments/claims.py run --only {','.join(claims)}\n"
+          "then this tutorial without flags renders it.")
+
+
+# ----------------------------------------------------------------------------------------------- reading a claim
+
+@dataclass
+class Claim:
+    """One claim's grid as read from the cache: claim_report's numbers plus the raw runs (for per-task and
+    per-layer views), what is missing, and the suite it was measured on."""
+    claim: str
+    report: dict
+    runs: dict        # {label: [run result of each cached seed]}
+    base: dict        # the base model's evaluation, or None
+    missing: list     # [(label, seed)] not cached yet
+    seeds: list       # the grid's seeds
+    labels: list      # the grid's methods, in the claim's order
+    model_params: int
+    tiny: bool = False
+
+    def row(self, label):
+        return self.report["methods"].get(label)
+
+    def comparison(self, a, b):
+        return next((x for x in self.report["comparisons"] if (x["a"], x["b"]) == (a, b)), None)
+
+    def tasks(self):
+        return list(self.report["suite"]["tasks"])
+
+    def majority(self):
+        """{task: majority-class rate (%)} of the test set (the same for every run), and its mean over tasks."""
+        src = self.base or next((rs[0] for rs in self.runs.values() if rs), None)
+        if src is None:
+            return None
+        m = {t: 100 * v["majority_rate"] for t, v in src["tasks"].items()}
+        return {**m, "average": sum(m.values()) / len(m)}
+
+    def per_task(self, label):
+        """{task: {"mean", "se", "collapsed": seeds where one prediction > 90%, "seeds"}} over the method's seeds."""
+        runs = self.runs.get(label) or []
+        out = {}
+        for t in (runs[0]["tasks"] if runs else {}):
+            m, se = mean_se([100 * r["tasks"][t]["accuracy"] for r in runs])
+            out[t] = {"mean": m, "se": se, "collapsed": sum(r["tasks"][t]["collapsed"] for r in runs),
+                      "seeds": len(runs)}
+        return out
+
+    def values(self, label, fn):
+        """{seed: fn(run)} for the method's cached runs where fn gives a number."""
+        return {r["seed"]: v for r in self.runs.get(label) or [] if (v := fn(r)) is not None}
+
+    def base_collapsed(self):
+        return sorted(t for t, v in self.base["tasks"].items() if v["collapsed"]) if self.base else []
+
+    def to_json(self):
+        return {"claim": self.claim, "report": self.report, "missing": [list(m) for m in self.missing],
+                "seeds": self.seeds, "labels": self.labels, "majority": self.majority(),
+                "per_task": {k: self.per_task(k) for k in self.labels if self.runs.get(k)},
+                "curves": {k: [{"seed": r["seed"], **{x: r["curve"][x] for x in CURVE}} for r in rs]
+                           for k, rs in self.runs.items() if rs},
+                "base_collapsed": self.base_collapsed(), "model_params": self.model_params}
+
+
+class Grids:
+    """Where the claim grids are: the cache of experiments/claims.py (its SUITE), or with --tiny a tiny suite in a
+    temporary directory. `read(claim)` trains what is missing when asked to (--rerun, --tiny), then reads."""
+
+    def __init__(self, tiny=False, train=False, where=None, stream=None):
+        if tiny and where is None:
+            d = Path(tempfile.mkdtemp(prefix="nanoalign-tiny-grid-"))
+            atexit.register(shutil.rmtree, d, True)
+            where = {"suite": tiny_suite(d), "seeds": TINY_SEEDS, "results_dir": d / "results", "work_dir": d / "work"}
+        self.where = where or {}
+        self.suite = self.where.get("suite") or C.SUITE
+        self.train = train or tiny
+        self.tiny = tiny
+        self.stream = stream  # where notices and training logs go (None: stdout); report.py keeps stdout for markdown
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(tiny=args.tiny, train=args.rerun)
+
+    def read(self, claim, script=None):
+        """The claim's Claim, or None (with a message saying why and what to run) when nothing can be read."""
+        run_cmd = f"python experiments/claims.py run --only {claim}"
+        with contextlib.redirect_stdout(self.stream or sys.stdout):
+            if self.suite is None:
+                print(f"claim {claim}: NOT MEASURED YET. experiments/claims.py has no SUITE: the task screening "
+                      f"(experiments/screening.py) picks the suite and budget. Once SUITE is set, train this grid "
+                      f"with\n    {run_cmd}" + (f"\nor `python tutorials/{script} --rerun`" if script else ""))
+                return None
+            g = C.grid(claim, **self.where)
+            if self.train:
+                g.run()
+            res = g.results()
+            base = res.pop("base")
+            claim_ = Claim(claim, C.claim_report(claim, **self.where), res, base, g.missing(), list(g.seeds),
+                           list(g.methods), model_params(g.suite.model), self.tiny)
+            report_missing(claim_, run_cmd, script)
+        return claim_
+
+
+    def read_or_stop(self, claim):
+        """`read` for the tutorial running now, printing the suite; when there is nothing to read, stop (status 0)
+        after read's message saying what to run."""
+        c = self.read(claim, script=Path(sys.argv[0]).name)
+        if c is None:
+            raise SystemExit(0)
+        print(f"\nsuite: {suite_text(c)}")
+        return c
+
+
+def model_params(model):
+    """Parameters of the base model (meta device: no weights read), for the trainable share in %."""
+    import torch
+    from nanoalign.model import CausalLM
+    with torch.device("meta"):
+        return sum(p.numel() for p in CausalLM(C.model_config(model)).parameters())
+
+
+def report_missing(c: Claim, run_cmd, script):
+    """Say exactly which runs of the grid are not cached, and how to train them; warn about unequal seed sets."""
+    total = len(c.labels) * len(c.seeds)
+    if c.missing or c.base is None:
+        by = {}
+        for label, s in c.missing:
+            by.setdefault(label, []).append(s)
+        parts = [f"{k} (seed{'s' * (len(v) > 1)} {', '.join(map(str, v))})" for k, v in by.items()]
+        if c.base is None:
+            parts.append("the base model's evaluation")
+        print(f"claim {c.claim}: {total - len(c.missing)} of {total} runs cached; MISSING: {'; '.join(parts)}.\n"
+              f"  Train them with `{run_cmd}`" + (f" or `python tutorials/{script} --rerun`" if script else "")
+              + ". Below: what is cached.")
+    seed_sets = {k: tuple(r["seed"] for r in rs) for k, rs in c.runs.items() if rs}
+    if len(set(seed_sets.values())) > 1:
+        print(f"claim {c.claim}: the methods have different seed sets ("
+              + ", ".join(f"{k}: {len(v)}" for k, v in seed_sets.items()) + "): each mean ± SE is over that method's "
+              "own seeds; every paired difference uses only the seeds both methods have.")
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df):
+    """Student's t 97.5% quantile (a table; between its rows the next smaller df, which is conservative)."""
+    return T975[max(k for k in T975 if k <= df)] if df < 100 else 1.96
+
+
+def seed_paired(c: Claim, a, b, fn, expect_positive, scale=1.0):
+    """Paired over the seeds both methods have: the mean of fn(run_a) − fn(run_b), its SE, a t interval (95%) and
+    the verdict in stats.py's words. For per-run analyses (head cosine, separation ratio), where the test-example
+    bootstrap does not apply: the seed is the only noise."""
+    va, vb = c.values(a, fn), c.values(b, fn)
+    seeds = sorted(set(va) & set(vb))
+    if not seeds:
+        return None
+    d = [scale * (va[s] - vb[s]) for s in seeds]
+    m, se = mean_se(d)
+    out = {"a": a, "b": b, "seeds": len(seeds), "diff": m, "se": se, "per_seed": d}
+    if len(seeds) < 2:
+        return {**out, "low": None, "high": None, "verdict": "one seed: no interval"}
+    half = t975(len(seeds) - 1) * se
+    return {**out, "low": m - half, "high": m + half,
+            "verdict": verdict(m - half, m + half, expect_positive, identical=all(x == 0 for x in d))}
+
+
+def seed_pairs(c: Claim, pairs, fn, expect_positive):
+    """`seed_paired` of each (A, B) in pairs that both have runs."""
+    return [x for a, b in pairs if (x := seed_paired(c, a, b, fn, expect_positive))]
+
+
+def print_paired(items, what, claimed):
+    """One line per seed-paired difference: its interval, seeds and verdict, and the claimed direction."""
+    for x in items:
+        print(f"  {what}, {name(x['a'])} − {name(x['b'])}: {interval(x, 3)} over {x['seeds']} seeds -> "
+              f"{x['verdict']} (claimed: {claimed})")
+
+
+def sep_ratio(run):
+    """The separation probe's between/within ratio of a run (None where the grid did not probe it)."""
+    return run["analysis"].get("probe", {}).get("sep_ratio")
+
+
+def head_cosine(run):
+    """The run's mean inter-head cosine of B over layers and module types (None without a head analysis)."""
+    return run["analysis"].get("head_cosine_mean")
+
+
+def vs_base_words(row):
+    """Is a trained method above the untrained base model on the suite average (paired over seed and example)?"""
+    v = row.get("vs_base")
+    if v is None:
+        return "base not evaluated"
+    return {"reproduced": "above base", "contradicted": "BELOW base", "no difference": "= base"}.get(
+        v["verdict"], "not resolved")
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+
+def name(label):
+    return NAMES.get(label, label)
+
+
+def pm(mean, se, digits=1):
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def interval(x, digits=2):
+    """'+0.78 [−0.40, +1.90]' of a comparison (or '+0.780' without an interval)."""
+    if x.get("low") is None:
+        return f"{x['diff']:+.{digits}f} (no interval)"
+    return f"{x['diff']:+.{digits}f} [{x['low']:+.{digits}f}, {x['high']:+.{digits}f}]"
+
+
+def markdown(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows])
+
+
+def accuracy_table(c: Claim, labels=None):
+    """Per method: seeds, suite average mean ± SE over seeds, the paired difference with the base model (95%) and
+    whether it is above it, trainable parameters, tasks collapsed in some seed; the base and majority rows first."""
+    maj = c.majority()
+    rows = []
+    if c.report["base"]:
+        b = c.report["base"]
+        rows.append(["base model (no training)", "–", f"{b['average']:.1f}", "–", "–", "0",
+                     ", ".join(c.base_collapsed()) or "–"])
+    if maj:
+        rows.append(["majority label of each task", "–", f"{maj['average']:.1f}", "–", "–", "–", "–"])
+    for k in labels or c.labels:
+        r = c.row(k)
+        if r is None:
+            rows.append([name(k), "0", "not run yet", "", "", "", ""])
+            continue
+        v = r.get("vs_base")
+        coll = ", ".join(f"{t} ({n}/{s['seeds']})" for t, s in c.per_task(k).items() if (n := s["collapsed"]))
+        rows.append([name(k), str(len(r["seeds"])), pm(r["average"], r["se"]), interval(v) if v else "–",
+                     vs_base_words(r), f"{r['trainable']:,} ({100 * r['trainable'] / c.model_params:.2f}%)",
+                     coll or "–"])
+    return markdown(["method", "seeds", "average (%) ± SE", "− base [95% CI]", "vs base", "trainable",
+                     "collapsed in (seeds)"], rows)
+
+
+def comparison_table(c: Claim):
+    """Each claimed difference: ours (paired bootstrap over seed and example, 95%), the verdict, the paper's."""
+    rows = []
+    for x in c.report["comparisons"]:
+        rows.append([f"{name(x['a'])} − {name(x['b'])}", interval(x), f"{x['seed_mean']:+.2f} ± {x['seed_se']:.2f}",
+                     str(x["seeds"]), x["verdict"], paper_text(c.claim, x)])
+    if not rows:
+        return "(no comparison yet: a claimed pair needs both methods' runs)"
+    return markdown(["difference (points)", "ours [95% CI]", "seed-level mean ± SE", "seeds", "verdict", "paper"],
+                    rows)
+
+
+def paper_text(claim, x):
+    """The paper's numbers of one comparison, with its difference where claims.py's text does not give it."""
+    pd = paper.paper_diff(claim, x["a"], x["b"])
+    return x["paper"] + (f" ({pd:+.2f})" if pd is not None and f"{pd:+.2f}" not in x["paper"] else "")
+
+
+def task_cell(s):
+    cell = pm(s["mean"], s["se"])
+    return cell + (f" (c {s['collapsed']}/{s['seeds']})" if s["collapsed"] else "")
+
+
+def task_table(c: Claim, labels, paper_cells=None, column_of=None):
+    """In the shape of the paper's Table 1: one row per method, one column per task of our suite (mean ± SE over
+    seeds, "(c k/n)": collapsed in k of n seeds), the average and the trainable share; where a task is one of the
+    paper's columns (`column_of`), the paper's cell beside ours ("ours / paper"). The base model and the majority
+    rate first."""
+    tasks, maj = c.tasks(), c.majority()
+    paper_cells, column_of = paper_cells or {}, column_of or {}
+    head = ["method", *[t + (f" / {column_of[t]}" if t in column_of else "") for t in tasks], "average",
+            "trainable %"]
+    rows = []
+    if c.base:
+        rows.append(["base model", *[f"{100 * c.base['tasks'][t]['accuracy']:.1f}"
+                                     + (" (c)" if c.base["tasks"][t]["collapsed"] else "") for t in tasks],
+                     f"{100 * c.base['average']:.1f}", "0"])
+    if maj:
+        rows.append(["majority label", *[f"{maj[t]:.1f}" for t in tasks], f"{maj['average']:.1f}", "–"])
+    for k in labels:
+        r, pt, pc = c.row(k), c.per_task(k), paper_cells.get(k, {})
+        if r is None:
+            rows.append([name(k), *["not run yet"] * len(tasks), "", ""])
+            continue
+        cells = [task_cell(pt[t]) + (f" / {pc[column_of[t]]:.2f}" if t in column_of and column_of[t] in pc else "")
+                 for t in tasks]
+        avg = pm(r["average"], r["se"]) + (f" / {pc['Avg']:.2f}" if "Avg" in pc else "")
+        share = f"{100 * r['trainable'] / c.model_params:.2f}" + (f" / {pc['%Param']:.2f}" if "%Param" in pc else "")
+        rows.append([name(k), *cells, avg, share])
+    missing = [col for col in paper.TABLE1_COLUMNS if col not in {column_of.get(t) for t in tasks}]
+    note = ""
+    if column_of and missing:
+        note = (f"\n\nThe paper's columns not in our suite: {', '.join(missing)}; its averages are over its own "
+                f"tasks, ours over ours.")
+    return markdown(head, rows) + note
+
+
+PROBE = ("sep_ratio", "sep_within", "heldout_kl")
+
+
+def probe_table(c: Claim, labels):
+    """Print the separation probe of each method (mean ± SE over seeds); return {label: {key: (mean, SE)}}."""
+    probe = {}
+    for k in labels:
+        runs = [r for r in c.runs.get(k) or [] if "probe" in r["analysis"]]
+        if runs:
+            probe[k] = {key: mean_se([r["analysis"]["probe"][key] for r in runs]) for key in PROBE}
+    print("\nheld-out A-output probe (mean ± SE over seeds):\n")
+    print(markdown(["method", "seeds", "separation (between/within)", "within-task spread", "held-out KL"],
+                   [[name(k), str(len(c.values(k, sep_ratio))), *[pm(*p[key], 3) for key in PROBE]]
+                    for k, p in probe.items()]) if probe else "(not measured yet)")
+    return probe
+
+
+def suite_text(c: Claim):
+    s = c.report["suite"]
+    n = sorted({len(r["seeds"]) for r in c.report["methods"].values()})
+    seeds = "no runs" if not n else f"{n[0]} seeds" if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
+    model = "the tiny random model" if c.tiny else s["model"]
+    return (f"{model}, {len(s['tasks'])} tasks ({', '.join(s['tasks'])}), {s['fmt']} format scored by {s['mode']}"
+            f", {s['steps']} steps x {s['batch_per_task']} per task, lr {s['lr']:g}, "
+            f"{s['test_per_task'] or 'all'} test examples per task; {seeds}")
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+def bars(ax, c: Claim, labels, title=""):
+    """Suite average per method: bar = mean over seeds, error bar = ± SE, dots = the seeds; the base model (dashed)
+    and the majority rate (dotted) as lines."""
+    labels = [k for k in labels if c.row(k)]
+    mean = [c.row(k)["average"] for k in labels]
+    ax.bar(range(len(labels)), mean, yerr=[c.row(k)["se"] for k in labels], color="lightsteelblue", capsize=4)
+    for i, k in enumerate(labels):
+        ax.plot([i] * len(c.row(k)["per_seed"]), c.row(k)["per_seed"], "k.", ms=4)
+    ys = [v for k in labels for v in c.row(k)["per_seed"]]
+    if c.report["base"]:
+        ax.axhline(c.report["base"]["average"], color="gray", ls="--", lw=1, label="base model")
+        ys.append(c.report["base"]["average"])
+    if c.majority():
+        ax.axhline(c.majority()["average"], color="gray", ls=":", lw=1, label="majority label")
+        ys.append(c.majority()["average"])
+    ax.set_xticks(range(len(labels)), [name(k) for k in labels], rotation=20, fontsize=7, ha="right")
+    if ys:
+        ax.set_ylim(max(0, min(ys) - 3), min(100, max(ys) + 3))
+    ax.set(ylabel="suite average accuracy (%)", title=title)
+    ax.legend(fontsize=7)
+
+
+def comparison_items(c: Claim):
+    """[(text, comparison, the paper's difference or None)] of the claim's comparisons, for `diffs`."""
+    return [(f"{name(x['a'])} − {name(x['b'])}", x, paper.paper_diff(c.claim, x["a"], x["b"]))
+            for x in c.report["comparisons"]]
+
+
+def diffs(ax, items, title="paired differences, 95% CI"):
+    """Horizontal interval per difference ([low, high] with the point estimate), the paper's difference as a red x
+    where it gives one, and zero as a line. items: [(text, comparison dict, paper diff or None)]."""
+    labelled = False
+    for i, (text, x, pd) in enumerate(items):
+        if x.get("low") is not None:
+            ax.errorbar(x["diff"], i, xerr=[[x["diff"] - x["low"]], [x["high"] - x["diff"]]], fmt="o", color="k",
+                        capsize=4)
+        else:
+            ax.plot(x["diff"], i, "ko")
+        if pd is not None:
+            ax.plot(pd, i, "rx", ms=8, label=None if labelled else "paper")
+            labelled = True
+    ax.axvline(0, color="gray", lw=1)
+    ax.set_yticks(range(len(items)), [t for t, _, _ in items], fontsize=7)
+    ax.set(title=title, xlabel="points")
+    if any(pd is not None for _, _, pd in items):
+        ax.legend(fontsize=7)
+
+
+def accuracy_panels(ax_bars, ax_diffs, c: Claim, labels, title="paired differences, 95% CI"):
+    """The two panels every accuracy claim has: `bars` of the methods, `diffs` of the claimed comparisons."""
+    bars(ax_bars, c, labels, title="suite average (± SE over seeds)")
+    if c.report["comparisons"]:
+        diffs(ax_diffs, comparison_items(c), title)
+
+
+def value_bars(ax, values, title, ylabel, color="lightsteelblue"):
+    """One bar per method of a per-run analysis, {label: (mean, SE)}: mean with ± SE error bars."""
+    shown = list(values)
+    ax.bar(range(len(shown)), [values[k][0] for k in shown], yerr=[values[k][1] for k in shown], capsize=4,
+           color=color if isinstance(color, str) else [color(k) for k in shown])
+    ax.set_xticks(range(len(shown)), [name(k) for k in shown], rotation=20, fontsize=7, ha="right")
+    ax.set(title=title, ylabel=ylabel)
+
+
+def finish(args, stem, results, draw=None):
+    """Write <out>/<stem>.json and, with matplotlib and something to draw, <out>/<stem>.png (draw(plt) -> figure)."""
+    out = out_dir(args)
+    results = {"meta": machine(), "mode": "tiny" if args.tiny else "rerun" if args.rerun else "read", **results}
+    print(f"\nwrote {write_json(out / f'{stem}.json', results)}")
+    plt = pyplot() if draw else None
+    if plt is not None:
+        fig = draw(plt)
+        if fig is not None:
+            print(f"wrote {save_figure(fig, out / f'{stem}.png')}")
+
