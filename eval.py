@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 import nanoalign
-from nanoalign.adapters import merge_adapters
+from nanoalign.adapters import load_adapter, merge_adapters
 from nanoalign.data import load_tasks
 from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, generation_fallback, without_records
 from nanoalign.hub import HubError
 from nanoalign.tasks import FORMATS
-from train import load_checked_adapter, os_error_line, pick_device, read_json  # train.py sits beside this script
+from train import os_error_line, pick_device, read_json  # train.py sits beside this script
 
 
 def parse_args(argv=None):
@@ -136,7 +136,7 @@ def run(args):
     model = nanoalign.load_model(model_name, dtype=dtype, device=device)
     label = "base"
     if adapter_dir:
-        load_checked_adapter(model, adapter_dir)
+        load_adapter(model, adapter_dir)  # a damaged file is one ValueError naming it
         kind = model.adapter_config["kind"]
         label = kind
         if not args.no_merge:

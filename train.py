@@ -586,26 +586,12 @@ def continue_run_dir(out: Path, ckpt: Checkpoint, say=print):
         write_atomic(log, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def load_checked_adapter(model, directory: Path):
-    """load_adapter, with a damaged adapter directory named in one line (an incomplete adapter_config.json, an
-    unreadable adapter.safetensors) instead of a traceback."""
-    from safetensors import SafetensorError
-    try:
-        load_adapter(model, directory)
-    except KeyError as e:
-        raise ValueError(f"{directory / 'adapter_config.json'}: missing key {e}; the file is incomplete (train.py "
-                         "writes it whole: re-save the adapter)") from None
-    except SafetensorError as e:
-        raise ValueError(f"{directory / 'adapter.safetensors'}: not a readable safetensors file ({e}); the file is "
-                         "damaged or cut short") from None
-
-
 def load_checkpoint(ckpt: Checkpoint, model, opt, device, rank, world):
     """Adapter, optimizer and this rank's RNG state from a checkpoint (the data position is the caller's)."""
     if ckpt.state["world_size"] != world:
         raise ValueError(f"{ckpt.path} was written by {ckpt.state['world_size']} process(es); resume with the same "
                          f"number (this run has {world})")
-    load_checked_adapter(model, ckpt.path)
+    load_adapter(model, ckpt.path)  # a damaged file is one ValueError naming it
     state_by_param = {}
     for key, t in ckpt.optimizer.items():
         i, name = key.split(".", 1)

@@ -340,9 +340,9 @@ def test_eval_py_diagnostics_predictions_and_no_silent_overwrite(tiny, tmp_path,
 
 @pytest.mark.parametrize("damage, message", [
     ("config-not-json", "adapter_config.json:1: not valid JSON"),
-    ("config-missing-key", "adapter_config.json: missing key 'rank'; the file is incomplete"),
+    ("config-missing-key", "adapter_config.json: incomplete adapter config, missing rank"),
     ("config-not-object", "adapter_config.json: expected a JSON object, got list"),
-    ("safetensors-cut", "adapter.safetensors: not a readable safetensors file"),
+    ("safetensors-cut", "adapter.safetensors: corrupt or truncated safetensors file"),
     ("tasks-not-json", "tasks.json:1: not valid JSON"),
 ])
 def test_eval_py_damaged_adapter_is_one_line(tiny, tmp_path, capsys, damage, message):

@@ -283,7 +283,7 @@ def test_a_damaged_live_checkpoint_falls_back_to_checkpoint_old(tiny, data, tmp_
     capsys.readouterr()
     run(*argv(tiny, tmp_path / "b", data[0], *common, "--resume"))
     out = capsys.readouterr().out
-    assert f"note: {st}: not a readable safetensors file" in out and "resuming from" in out
+    assert f"note: {st}: corrupt or truncated safetensors file" in out and "resuming from" in out
     assert f"resumed from {run_dir / 'checkpoint.old'} at step 1" in out
     assert (run_dir / "checkpoint.bad" / "adapter.safetensors").read_bytes() == damaged
     assert not (run_dir / "checkpoint.old").exists()

@@ -232,12 +232,12 @@ def test_08_rlora_ingredients(tmp_path):
     """Claim 8 from the tiny grid: the ingredients add no parameters (one count for all four rows); the zero-init
     rows (HydraLoRA, +MT) end with more alike heads than the random-init rows (+Init, R-LoRA); the claimed pairs."""
     r = run_tutorial("08_rlora_ingredients.py", tmp_path)
-    c = check_claim(r, "8", ["hydra", "hydra+mt", "hydra+init", "rlora"],
-                    [("hydra+mt", "hydra"), ("hydra+init", "hydra"), ("rlora", "hydra")])
+    c = check_claim(r, "8", ["hydra-rs", "hydra+mt", "hydra+init", "rlora"],
+                    [("hydra+mt", "hydra-rs"), ("hydra+init", "hydra-rs"), ("rlora", "hydra-rs")])
     assert len(set(trainable(c).values())) == 1
     h = {k: v[0] for k, v in r["head_cosine"].items()}
-    assert min(h["hydra"], h["hydra+mt"]) > max(h["hydra+init"], h["rlora"]) + 0.3
-    check_paired(r["mechanism"], [("hydra+mt", "hydra"), ("hydra+init", "hydra")])
+    assert min(h["hydra-rs"], h["hydra+mt"]) > max(h["hydra+init"], h["rlora"]) + 0.3
+    check_paired(r["mechanism"], [("hydra+mt", "hydra-rs"), ("hydra+init", "hydra-rs")])
 
 
 def test_09_align_any_architecture(tmp_path):
@@ -281,7 +281,7 @@ def test_reader_on_a_partial_grid(reader, tmp_path, capsys, one_thread):
     command that trains them, warns that the seed sets differ, keeps each method's own seeds, and pairs only over the
     seeds both methods have (one for +Init vs HydraLoRA, where the per-run analysis then has no interval)."""
     where = tiny_where(reader, tmp_path)
-    reader.C.grid("8", **where).run(limit=6)  # seed-major: all four at seed 0, then hydra and hydra+mt at seed 1
+    reader.C.grid("8", **where).run(limit=6)  # seed-major: all four at seed 0, then hydra-rs and hydra+mt at seed 1
     capsys.readouterr()
     c = reader.Grids(where=where).read("8", script="08_rlora_ingredients.py")
     out = capsys.readouterr().out
@@ -289,11 +289,11 @@ def test_reader_on_a_partial_grid(reader, tmp_path, capsys, one_thread):
     assert "6 of 8 runs cached" in out and "hydra+init (seed 1); rlora (seed 1)" in out
     assert "python experiments/claims.py run --only 8" in out and "08_rlora_ingredients.py --rerun" in out
     assert "different seed sets" in out
-    assert c.row("hydra")["seeds"] == [0, 1] and c.row("rlora")["seeds"] == [0]
+    assert c.row("hydra-rs")["seeds"] == [0, 1] and c.row("rlora")["seeds"] == [0]
     assert {(x["a"], x["b"]): x["seeds"] for x in c.report["comparisons"]} == {
-        ("hydra+mt", "hydra"): 2, ("hydra+init", "hydra"): 1, ("rlora", "hydra"): 1}
-    assert reader.seed_paired(c, "hydra+mt", "hydra", reader.head_cosine, False)["seeds"] == 2
-    one = reader.seed_paired(c, "hydra+init", "hydra", reader.head_cosine, False)
+        ("hydra+mt", "hydra-rs"): 2, ("hydra+init", "hydra-rs"): 1, ("rlora", "hydra-rs"): 1}
+    assert reader.seed_paired(c, "hydra+mt", "hydra-rs", reader.head_cosine, False)["seeds"] == 2
+    one = reader.seed_paired(c, "hydra+init", "hydra-rs", reader.head_cosine, False)
     assert one["seeds"] == 1 and one["low"] is None and one["verdict"] == "one seed: no interval"
 
 

@@ -16,14 +16,15 @@ The R-LoRA paper's ablation (its Table 4, Qwen2.5-0.5B, 5 unnamed tasks; METHODS
 
 Align-LoRA's reading (tutorials 03-05) is that whatever the heads do, the adapter behaves much like one LoRA.
 
-This tutorial trains nothing. It reads the grid "8" of experiments/claims.py: HydraLoRA, R-LoRA with one ingredient
-switched off (`--adapter rlora --adapter-options random_init=false` is "+MT", `multi_head_dropout=false` is
-"+Init"), and R-LoRA, rank 4, 3 heads, gate/up/down, the same seeds, budget and test set; each run carries the
-inter-head cosine of its B matrices (what the ingredients are meant to lower; nanoalign.analysis,
-tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop). Note what the rows share: "+MT",
-"+Init" and R-LoRA are one adapter class at R-LoRA's scaling s = α/√r, while the HydraLoRA row is HydraLoRA itself
-at s = α/r (tests/test_adapters.py::test_rlora_without_its_ingredients_is_hydra checks that R-LoRA with both
-ingredients off is HydraLoRA at α/√r exactly), so "+MT − HydraLoRA" includes that change of scale.
+This tutorial trains nothing. It reads the grid "8" of experiments/claims.py: HydraLoRA, HydraLoRA +MT, +Init and
+R-LoRA, rank 4, 3 heads, gate/up/down, the same seeds, budget and test set, all four as one adapter class at R-LoRA's
+scaling s = α/√r: the HydraLoRA row is R-LoRA with both ingredients off (`--adapter rlora --adapter-options
+multi_head_dropout=false,random_init=false`, which is HydraLoRA at α/√r exactly:
+tests/test_adapters.py::test_rlora_without_its_ingredients_is_hydra), "+MT" switches random init off
+(`random_init=false`), "+Init" switches per-head dropout off (`multi_head_dropout=false`). So each comparison
+changes one ingredient and nothing else (with plain HydraLoRA at s = α/r, "+MT − HydraLoRA" would include a doubling
+of the scale at rank 4). Each run carries the inter-head cosine of its B matrices (what the ingredients are meant to
+lower; nanoalign.analysis, tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop).
 
     python tutorials/08_rlora_ingredients.py          # read the cached grid: tables and plot in seconds
     python tutorials/08_rlora_ingredients.py --rerun  # train what the cache lacks first (hours on a CPU)
@@ -47,7 +48,7 @@ from nanoalign.stats import mean_se
 import paper
 
 args = parse_args(__doc__, ["8"])
-LABELS = ["hydra", "hydra+mt", "hydra+init", "rlora"]
+LABELS = ["hydra-rs", "hydra+mt", "hydra+init", "rlora"]
 
 # %% [markdown]
 # ## 1. Accuracy of the four rows, beside the base model and the majority label
@@ -84,7 +85,7 @@ heads = {k: mean_se(list(v.values())) for k in LABELS if (v := c.values(k, head_
 print("\nmean inter-head cosine of B (± SE over seeds):\n")
 print(markdown(["method", "seeds", "head cosine"], [[name(k), str(len(c.values(k, head_cosine))), pm(*heads[k], 3)]
                                                     for k in heads]) if heads else "(not measured yet)")
-mechanism = seed_pairs(c, [("hydra+mt", "hydra"), ("hydra+init", "hydra")], head_cosine, False)
+mechanism = seed_pairs(c, [("hydra+mt", "hydra-rs"), ("hydra+init", "hydra-rs")], head_cosine, False)
 print_paired(mechanism, "head cosine", "lower")
 # RESULT: how alike each row's heads end up, which ingredient keeps them apart (with the paired differences), and
 # whether "more different heads" came with more accuracy (section 2).

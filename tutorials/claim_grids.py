@@ -42,7 +42,8 @@ TINY_OUT = ROOT / "out" / "tutorials-tiny"  # git-ignored: a smoke run never rep
 CURVE = ("ce_first5", "ce_last5", "align_last5")  # the training-curve summary kept in the tutorials' JSON
 NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora": "R-LoRA", "mlora": "M-LoRA",
          "lora-r8": "LoRA r=8", "a-lora-k": "A-LoRA-K", "a-lora-m": "A-LoRA-M", "lora-budget": "matched LoRA",
-         "rlora+align": "R-LoRA + align", "mlora+align": "M-LoRA + align", "hydra+mt": "HydraLoRA +MT",
+         "rlora+align": "R-LoRA + align", "mlora+align": "M-LoRA + align", "hydra-rs": "HydraLoRA (α/√r)",
+         "hydra+mt": "HydraLoRA +MT",
          "hydra+init": "HydraLoRA +Init", "a-lora-k-l0.01": "A-LoRA-K λ=0.01", "a-lora-k-l0.05": "A-LoRA-K λ=0.05",
          "a-lora-k-l0.5": "A-LoRA-K λ=0.5"}
 

@@ -26,7 +26,7 @@ TABLE5_3B = {"lora-r8": 76.48, "hydra": 76.80, "rlora": 77.99, "mlora": 78.51, "
 # Align-LoRA Table 3, Qwen2.5-7B, Flan-v2 -> BBH; LoRA¹⁰ has HydraLoRA's budget (our `lora-budget`).
 TABLE3_7B = {"lora-r8": 46.66, "lora-budget": 49.51, "hydra": 49.12, "rlora": 49.51, "mlora": 49.74}
 # R-LoRA Table 4 (METHODS §6.1): Qwen2.5-0.5B, five unnamed tasks, the ingredients one at a time.
-RLORA_TABLE4 = {"hydra": 72.69, "hydra+mt": 73.02, "hydra+init": 72.98, "rlora": 73.59}
+RLORA_TABLE4 = {"hydra-rs": 72.69, "hydra+mt": 73.02, "hydra+init": 72.98, "rlora": 73.59}
 # Align-LoRA Figure 3 (METHODS §6.2, from reviews): A-LoRA-K between these at every λ in [0.01, 0.5], LoRA at 74.00.
 FIGURE3 = {"a-lora-k": (75.10, 75.75), "lora": 74.00}
 # claim 6's labels -> the paper's λ (a sum over task pairs; experiments/claims.py `lam` converts to ours)

@@ -50,9 +50,9 @@ ROWS = [
      f"A-LoRA-K {paper.FIGURE3['a-lora-k'][0]}-{paper.FIGURE3['a-lora-k'][1]} at every λ, LoRA "
      f"{paper.FIGURE3['lora']} (Figure 3)"),
     ("8. R-LoRA's multi-head dropout (+MT) and random init (+Init) each add points [08]", "8",
-     ["hydra", "hydra+mt", "hydra+init", "rlora"], [("hydra+mt", "hydra"), ("hydra+init", "hydra"),
-                                                   ("rlora", "hydra")],
-     f"HydraLoRA {R4['hydra']}, +MT {R4['hydra+mt']}, +Init {R4['hydra+init']}, both {R4['rlora']} (R-LoRA Table 4, "
+     ["hydra-rs", "hydra+mt", "hydra+init", "rlora"], [("hydra+mt", "hydra-rs"), ("hydra+init", "hydra-rs"),
+                                                      ("rlora", "hydra-rs")],
+     f"HydraLoRA {R4['hydra-rs']}, +MT {R4['hydra+mt']}, +Init {R4['hydra+init']}, both {R4['rlora']} (R-LoRA Table 4, "
      f"Qwen2.5-0.5B)"),
     ("9. alignment also helps R-LoRA / M-LoRA [09]", "9", ["rlora", "rlora+align", "mlora", "mlora+align"],
      [("rlora+align", "rlora"), ("mlora+align", "mlora")], "improves both (appendix Table 9; no numbers reachable)"),
