@@ -543,7 +543,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         try:
             tensors[name] = load_file(str(file))
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+            raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
     if not all(bool(t.isfinite().all()) for t in tensors["adapter"].values()):
         raise ValueError(f"{path / 'adapter.safetensors'}: holds non-finite weights")
     return Checkpoint(path, state, tensors["optimizer"], tensors["rng"])
