@@ -15,9 +15,11 @@ FLOPs convention (model FLOPs, 2 per multiply-add, counted for the work the step
                      recomputation of gradient checkpointing (hardware FLOPs, not model FLOPs).
 
 Inference (train=False) counts the forward only: 2·N per token, 4·n_layers·d_attn·Σ L_i², 2·V·d per logit.
-Small overcounts, stated rather than modelled: the first block's input gradient (autograd skips it when the
-embeddings are frozen), and adapter tensors that are not per-token matmuls (MTL-LoRA's per-task Λ_t and mixing
-logits, MultiLoRA's scales) — together well under 1% of a step.
+Stated rather than modelled (together well under 1% of a step): the first block's q/k/v input gradient is
+counted though autograd skips it (the frozen embeddings need no gradient); adapter tensors that are not per-token
+matmuls (MTL-LoRA's per-task Λ_t and mixing logits, MultiLoRA's scales) count as if they were; R-LoRA's fused
+matmul also computes a discarded gradient for its frozen compensation, which is not counted
+(tests/test_system.py checks all three against torch.utils.flop_counter).
 MFU = flops_per_token · tokens / seconds / peak_flops(device).
 """
 

@@ -62,7 +62,8 @@ def test_compiled_checkpointed_forward_is_one_graph(kind, one_thread):
     """With gradient checkpointing and A-outputs collected, dynamo traces the whole forward as one graph (the
     blocks return their A-outputs instead of writing them into the context, which a checkpointed region may not
     do); also when padding is left undecided (right_padded=None). fullgraph=True then runs forward + backward,
-    and a second step with a new context, new values and another task order compiles nothing new."""
+    a second step with a new context, new values and another task order compiles nothing new, and new sequence
+    lengths compile one dynamic-shape graph, not one per length."""
     torch._dynamo.reset()
     model = tiny(kind, ckpt=True)
     b = batch(0)
@@ -81,6 +82,16 @@ def test_compiled_checkpointed_forward_is_one_graph(kind, one_thread):
     b2 = (*b2[:4], b2[4].flip(0))
     with torch._dynamo.config.patch(error_on_recompile=True):
         step(model, fwd, b2)
+    if kind == "align":  # new lengths: one recompile with dynamic shapes, then none (no graph per length)
+        from torch._dynamo.utils import counters
+        before = counters["stats"]["unique_graphs"]
+        for T in (9, 11, 15):  # the sequence length and the number of logits both change
+            ids, tasks = torch.randint(1, 61, (6, T)), b[4]
+            mask = torch.ones(6, T, dtype=torch.bool)
+            at = torch.zeros_like(mask)
+            at[:, T // 2:-1] = True
+            step(model, fwd, (ids, mask, logit_indices(at), ids[:, 1:][at[:, :-1]], tasks))
+        assert counters["stats"]["unique_graphs"] - before == 1
 
 
 @pytest.mark.parametrize("kind,loss", [("align", "kl"), ("rlora", "mmd")])
