@@ -26,8 +26,8 @@ Deviations from the released code (METHODS §3.6), on purpose:
     token-level (μ_t, σ²_t ∈ R^r over all counted tokens of task t); `position_wise=True` keeps the code's per-position
     statistics, with masked positions excluded from them (pass an all-True mask to include padding as the code does);
   * fp32 throughout (the code runs KL/MMD in bf16 and stores the MMD bandwidths in bf16), autocast disabled inside;
-  * MMD keeps at most MMD_MAX_ROWS evenly spaced rows per task by default (the code compares ~10 examples per task
-    and position; token-level groups have thousands of rows, and the kernel grows with their square);
+  * MMD keeps at most MMD_MAX_ROWS (32) evenly spaced rows per task by default (the code compares ~10 examples per
+    task and position; token-level groups have thousands of rows, and the kernel grows with their square);
   * the A-outputs come from the forward itself (no hooks) and the loss goes into the same backward as the LM loss,
     so no graph is stale and (non-reentrant) gradient checkpointing gives the same gradient (§3.6.3).
 
@@ -43,7 +43,6 @@ on a SUM over pairs (pair_reduction="sum"); whether it also sums over modules is
 """
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 # METHODS §3.4: the released code's 19 bandwidths. σ enters un-squared, exp(-‖u-v‖²/(2σ)), so it acts as a variance.
 # Kept in fp32 (the code stores them in bf16, which rounds e.g. 0.1 -> 0.10009765625 and 1e4 -> 9984); pass
@@ -51,9 +50,11 @@ from torch.utils.checkpoint import checkpoint
 MMD_SIGMAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 100.0,
               1e3, 1e4, 1e5, 1e6)
 # Default cap on the rows per task for MMD (evenly spaced, deterministic; None keeps all). The kernel costs
-# (tasks · rows)² per module and position: with 4 tasks of 256 token rows and 210 modules (SmolLM2, all linear) all
-# rows would make an MMD step ~3x a KL step on a CPU; 64 rows per task keep it within 1.25x (benchmarks/RESULTS.md).
-MMD_MAX_ROWS = 64
+# (tasks · rows)² · 19 exponentials per module and position, against a few passes over the rows for KL: with 4
+# tasks of 256 token rows and 210 modules (SmolLM2, all linear) 64 rows per task made the loss alone ~10x the KL
+# loss on the 2-core CPU; 32 keep an MMD step within 1.25x a KL step there (benchmarks/RESULTS.md). On a GPU the
+# exponentials are cheap: raise it with max_rows=.
+MMD_MAX_ROWS = 32
 KERNEL_CHUNK = 2 ** 26  # elements of [positions, rows, rows, bandwidths] evaluated at once (256 MB in fp32)
 
 
@@ -192,9 +193,9 @@ def mmd_alignment_loss(groups, sigmas=None, max_rows=MMD_MAX_ROWS, pair_reductio
     at the same position only and average MMD² over positions where both tasks have ≥1 unmasked row. Mean (code)
     or sum (paper) over unordered task pairs. fp32, bandwidths in fp32 (the code: bf16). Fewer than 2 groups: zero.
 
-    Cost: one kernel matrix over the rows of all groups per position, all bandwidths in one evaluation, in chunks
-    of positions that are checkpointed (only the rows are kept for the backward; the kernel is recomputed there).
-    `max_rows` keeps that many evenly spaced rows per group (deterministic; default MMD_MAX_ROWS; None: all).
+    Cost: one kernel matrix over the rows R of all groups per position, all bandwidths in one evaluation, in
+    chunks of positions; the backward keeps the distances and k'(d) (GaussianKernels). `max_rows` keeps that many
+    evenly spaced rows per group (deterministic; default MMD_MAX_ROWS; None: all rows, at R² cost).
     """
     zero = _check_and_zero(groups, pair_reduction)
     return zero if zero is not None else _mmd(_stack_groups(groups), sigmas, max_rows, pair_reduction)
@@ -235,17 +236,12 @@ def _pick_rows(member, m):
 
 
 def _kernel_means(x, w, sig):
-    """[S, G, G]: per position, the mean over counted row pairs (r in p, t in q) of Σ_σ exp(−‖x_r − x_t‖² / (2σ))."""
+    """[S, G, G]: per position, the mean over counted row pairs (r in p, t in q) of Σ_σ exp(−‖x_r − x_t‖² / (2σ)),
+    in chunks of positions so that the [positions, R, R, bandwidths] exponentials stay within KERNEL_CHUNK."""
     R, S = x.shape[:2]
     chunk = max(1, KERNEL_CHUNK // (R * R * len(sig)))
-    out = []
-    for s in range(0, S, chunk):
-        xs, ws = x[:, s:s + chunk], w if w.shape[2] == 1 else w[:, :, s:s + chunk]
-        if torch.is_grad_enabled() and xs.requires_grad:
-            out.append(checkpoint(_kernel_means_chunk, xs, ws, sig, use_reentrant=False))
-        else:
-            out.append(_kernel_means_chunk(xs, ws, sig))
-    return torch.cat(out)
+    return torch.cat([_kernel_means_chunk(x[:, s:s + chunk], w if w.shape[2] == 1 else w[:, :, s:s + chunk], sig)
+                      for s in range(0, S, chunk)])
 
 
 def _kernel_means_chunk(x, w, sig):
@@ -253,10 +249,30 @@ def _kernel_means_chunk(x, w, sig):
     # exact differences (not the |x|²+|y|²−2xy expansion): with σ down to 1e-6 the round-off of the expansion
     # (~1e-7·|x|²) would turn exp(−0/2σ)=1 into ~0.6 on the diagonal
     d = torch.cdist(xs, xs, compute_mode="donot_use_mm_for_euclid_dist") ** 2          # [S, R, R]
-    k = torch.exp(d[..., None] / (-2.0 * sig)).sum(-1)                   # all bandwidths in one evaluation
+    k = GaussianKernels.apply(d, sig)
     ws = w.permute(2, 0, 1)                                              # [S', G, R]
-    n = ws.sum(-1)                                                       # [S', G]
-    return (ws @ k @ ws.transpose(1, 2)) / (n[:, :, None] * n[:, None, :]).clamp(min=1)
+    n = ws.sum(-1)
+    return ws @ k @ ws.transpose(1, 2) / (n[:, :, None] * n[:, None, :]).clamp(min=1)
+
+
+class GaussianKernels(torch.autograd.Function):
+    """k(d) = Σ_σ exp(−d/(2σ)) for squared distances d, all bandwidths in one evaluation.
+
+    Autograd would keep the [.., n_σ] exponentials for the backward (19x the kernel); this keeps only the
+    derivative k'(d) = Σ_σ −exp(−d/(2σ))/(2σ), computed from them in the same pass.
+    """
+
+    @staticmethod
+    def forward(ctx, d, sig):
+        c = -0.5 / sig
+        e = (d[..., None] * c).exp_()                                    # [.., n_σ]: exp(−d/(2σ))
+        ctx.save_for_backward(e @ c)
+        return e.sum(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (dk,) = ctx.saved_tensors
+        return g * dk, None
 
 
 # ----------------------------------------------------------------------------- grouping by task

@@ -338,6 +338,25 @@ def test_alignment_loss_has_no_data_dependent_host_reads(kind, position_wise):
     torch.testing.assert_close(traced(zs, mask, task, **kw), alignment_loss(zs, mask, task, **kw))
 
 
+def test_mmd_fp32_gradient_with_duplicate_rows():
+    """A shared prompt prefix makes A-outputs identical across examples and tasks, and near-duplicates happen: at
+    such pairs the σ=1e-6 kernel's slope is ~5e5. The fp32 gradient still matches the float64 one (and the old
+    formula's, autograd through cdist) to fp32 round-off: no cancellation of huge terms."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 6, 4, generator=g)
+    z[:, :2] = z[0, :2]                                          # identical prefix rows
+    z[3, 4] = z[2, 4] + 1e-3 * torch.randn(4, generator=g)      # a near-duplicate in another task
+    mask, task = torch.ones(8, 6, dtype=torch.bool), torch.arange(8) % 3
+    grads = []
+    for dtype in (torch.float64, torch.float32):
+        zz = z.to(dtype, copy=True).requires_grad_()
+        (gz,) = torch.autograd.grad(alignment_loss({"m": zz}, mask, task, kind="mmd", max_rows=None), zz)
+        grads.append(gz.double())
+    ref = old_formula({"m": z.double()}, mask, task, "mmd", False, "mean", "mean", None, None, MMD_SIGMAS)
+    torch.testing.assert_close(alignment_loss({"m": z.double()}, mask, task, kind="mmd", max_rows=None), ref)
+    assert (grads[1] - grads[0]).abs().max() < 1e-5 * grads[0].abs().max()
+
+
 def test_mmd_row_cap_picks_linspace_rows():
     """The row cap keeps, for every group at once, the rows torch.linspace(0, n-1, m).round() picks (the old
     per-group subsampling), for every group size n and cap m up to 70; smaller groups keep all their rows."""
