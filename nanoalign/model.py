@@ -367,8 +367,11 @@ class CausalLM(nn.Module):
             # only the chosen positions: a 152k-word vocab makes full logits the largest tensor
             if logits_at.dtype == torch.bool:
                 h = h[logits_at]
+            elif logits_at.dim() == 1 and not logits_at.is_floating_point():
+                h = h.flatten(0, 1).index_select(0, logits_at)
             else:
-                h = h.flatten(0, 1).index_select(0, logits_at.reshape(-1))
+                raise ValueError(f"logits_at must be a bool [batch, seq] mask or a 1-D integer tensor of flat indices "
+                                 f"(logit_indices), got {logits_at.dtype} of shape {tuple(logits_at.shape)}")
         return self.lm_head(h)
 
     @torch.no_grad()

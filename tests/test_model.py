@@ -113,6 +113,8 @@ def test_logits_at_indices_and_host_padding_flag(pair):
     assert is_right_padded(mask) and not is_right_padded(padded_batch([7, 3], 7, left=True)[1])
     with pytest.raises(ValueError, match="bool"):
         logit_indices(sel.long())
+    with pytest.raises(ValueError, match="logits_at"):
+        ours(ids, mask, logits_at=sel.long())   # a 0/1 integer mask is not a list of indices
 
 
 def test_pad_to_multiple():
