@@ -2,7 +2,7 @@
 
     python benchmarks/train_speed.py                          # CPU: smollm2-135m (real weights), 8 x 128
     python benchmarks/train_speed.py --config qwen2.5-0.5b --seq 1024 --batch 8 --grad-ckpt   # CUDA, random weights
-    python benchmarks/train_speed.py --suite gpu --out benchmarks/RESULTS-gpu.md              # every GPU row
+    python benchmarks/train_speed.py --suite gpu --out benchmarks/RESULTS-gpu.md    # all GPU rows (or gpu-0.5b/-7b)
     python benchmarks/train_speed.py --suite gpu --dry-run    # the same rows on a tiny config, CPU, seconds
 
 GPU rows of RESULTS.md (--suite gpu): qwen2.5-0.5b at seq 1024 (batch 8) and qwen2.5-7b at seq 4096 (batch 2),
@@ -59,8 +59,9 @@ CONFIGS = {
                  num_attention_heads=4, num_hidden_layers=2, num_key_value_heads=2, rms_norm_eps=1e-5,
                  vocab_size=512, tie_word_embeddings=True, hidden_act="silu"),
 }
-# --suite gpu: (config, seq, batch), each with and without --grad-ckpt
-GPU_SUITE = [("qwen2.5-0.5b", 1024, 8), ("qwen2.5-7b", 4096, 2)]  # 7B: 2 rows, so align has 2 tasks
+# --suite: (config, seq, batch) cells, each with and without --grad-ckpt (7B: 2 rows, so that align has 2 tasks)
+SUITES = {"gpu-0.5b": [("qwen2.5-0.5b", 1024, 8)], "gpu-7b": [("qwen2.5-7b", 4096, 2)]}
+SUITES["gpu"] = SUITES["gpu-0.5b"] + SUITES["gpu-7b"]
 SUITE_ADAPTERS = "lora,hydra,mlora,align"
 HF_ADAPTERS = ("lora", "align")  # PEFT has no multi-head LoRA
 
@@ -344,7 +345,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--suite", choices=["gpu"], help="run the GPU rows of RESULTS.md (GPU_SUITE), with and without "
+    p.add_argument("--suite", choices=list(SUITES), help="run the GPU rows of RESULTS.md (SUITES), with and without "
                    "--grad-ckpt; --config/--seq/--batch/--grad-ckpt/--adapters are then taken from the suite")
     p.add_argument("--dry-run", action="store_true", help="a tiny config on the CPU, 1 step, in this process: "
                    "checks the script end to end in seconds, measures nothing")
@@ -358,8 +359,8 @@ def main():
     if args.dry_run:
         args.device, args.steps, args.warmup, args.repeats = "cpu", 1, 0, 1
     cells = [(args.config, args.seq, args.batch, args.grad_ckpt, args.adapters)]
-    if args.suite == "gpu":
-        cells = [(c, s, b, ck, SUITE_ADAPTERS) for c, s, b in GPU_SUITE for ck in (False, True)]
+    if args.suite:
+        cells = [(c, s, b, ck, SUITE_ADAPTERS) for c, s, b in SUITES[args.suite] for ck in (False, True)]
     for config, seq, batch, ckpt, adapters in cells:
         cell = argparse.Namespace(**{**vars(args), "config": config, "seq": seq, "batch": batch, "grad_ckpt": ckpt,
                                      "adapters": adapters})

@@ -35,7 +35,8 @@ def test_flops_per_token_counts_what_autograd_runs(kind):
     attn0 = model.model.layers[0].self_attn
     # every matrix that multiplies the first block's q/k/v input: W0, A, the router and R-LoRA's C_A
     first = [t for m in (attn0.q_proj, attn0.k_proj, attn0.v_proj)
-             for t in (m.weight, m.lora_A.weight, getattr(getattr(m, "lora_router", None), "weight", None), getattr(m, "comp_A", None))
+             for t in (m.weight, m.lora_A.weight, getattr(getattr(m, "lora_router", None), "weight", None),
+                       getattr(m, "comp_A", None))
              if t is not None]
     skipped = 2 * B * T * sum(t.numel() for t in first)
     # R-LoRA's one fused matmul [u, C_A x]·[W | −C_B]^T also computes the (discarded) weight gradient of the frozen
