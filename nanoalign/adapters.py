@@ -142,8 +142,7 @@ class RouterLogits(torch.autograd.Function):
 
 
 class AdapterLinear(nn.Module):
-    """Frozen base linear + adapter. Subclasses define `adapter_out(x) -> (output, A-output)` and `lowrank()`
-    (ΔW = B_eff A_eff)."""
+    """Frozen base linear + adapter. Subclasses define `adapter_out(x)` and `lowrank()` (ΔW = B_eff A_eff)."""
     mergeable = True
     unmergeable_reason = ""
 
@@ -169,7 +168,8 @@ class AdapterLinear(nn.Module):
         return Weight(*shape, device=self.weight.device)
 
     def forward(self, x, a_outputs=None):
-        """h = W0 x + b + adapter(x). `a_outputs`: a dict (from the decoder block) that receives the A-output."""
+        """h = W0 x + b + adapter(x), with (adapter(x), A-output) = self.adapter_out(x). `a_outputs`: a dict (from
+        the decoder block) that receives the A-output."""
         y = F.linear(x, self.weight, self.bias)
         # adapter weights stay fp32 on a bf16 base; under autocast the matmuls pick their dtype themselves
         xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
