@@ -34,8 +34,8 @@ from nanoalign.adapters import load_adapter, merge_adapters
 from nanoalign.data import load_tasks
 from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, generation_fallback, without_records
 from nanoalign.hub import HubError
+from nanoalign.system import base_dtype, os_error_line, pick_device, read_json, write_atomic
 from nanoalign.tasks import FORMATS
-from train import os_error_line, pick_device, read_json  # train.py sits beside this script
 
 
 def parse_args(argv=None):
@@ -107,8 +107,7 @@ def run(args):
     if args.max_per_task < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--max-per-task must be >= 0, --batch-size and --max-new-tokens >= 1")
     device = pick_device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = base_dtype(device, args.dtype)
     adapter_dir = find_adapter_dir(args.adapter_dir) if args.adapter_dir else None
     model_name = args.model
     task_ids = None
@@ -175,15 +174,6 @@ def run(args):
 def rounded(record):
     """A per-example record with its scores rounded to 4 decimals (enough to rank options, a third of the bytes)."""
     return {k: [round(x, 4) for x in v] if k == "scores" else v for k, v in record.items()}
-
-
-def write_atomic(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None):

@@ -33,11 +33,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import dataclasses
 from functools import partial
-import errno
 import json
 import math
-import resource
-import shutil
 import signal
 import sys
 import time
@@ -52,13 +49,17 @@ from tqdm import tqdm
 
 import nanoalign
 from nanoalign.adapters import (KINDS, adapter_context, apply_adapter, check_options, count_trainable, export_peft,
-                                load_adapter, save_adapter)
-from nanoalign.align import alignment_loss
+                                save_adapter)
+from nanoalign.align import MMD_MAX_ROWS, alignment_loss
+from nanoalign.checkpoint import (Checkpoint, all_finite, check_fresh_start, clear_run_state, continue_run_dir,
+                                  find_checkpoint, load_checkpoint, read_log, save_checkpoint)
 from nanoalign.data import IGNORE_INDEX, BalancedBatcher, answer_positions, encode_example, load_tasks
 from nanoalign.evaluate import (MODES, accuracies, diagnostics_table, evaluate, generation_fallback, markdown_table,
                                 task_result, without_records)
 from nanoalign.hub import HubError
 from nanoalign.meta import MetaConfig, MetaSampler, answer_loss, limit_shots, meta_step
+from nanoalign.system import (base_dtype, flops_coefficients, os_error_line, peak_flops, peak_memory_mib, pick_device,
+                              use_autocast, write_atomic)
 from nanoalign.tasks import FORMATS
 
 
@@ -135,6 +136,8 @@ class TrainConfig:
     align_tokens: str = opt("all", "tokens whose A-outputs are aligned: every real token (METHODS §3.7) or the "
                             "answer tokens", choices=["all", "answer"])
     align_position_wise: bool = opt(False, "per-position statistics, as the released code (METHODS §3.3)")
+    mmd_rows: int = opt(MMD_MAX_ROWS, "A-LoRA-M: rows (tokens) per task the MMD compares, evenly spaced (the kernel "
+                        "grows with their square; 0: every row, the exact estimator)")
     # system
     device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     dtype: str = opt("auto", "base weights: auto (bf16 on CUDA, fp32 on CPU)", choices=["auto", "float32", "bfloat16"])
@@ -199,7 +202,7 @@ def check_config(cfg: TrainConfig, overwrite=False):
     bad = next((f for f in positive if getattr(cfg, f) < 1), None)
     if bad:
         raise ValueError(f"{flag(bad)} must be at least 1, got {getattr(cfg, bad)}")
-    bad = next((f for f in ["warmup", "max_per_task", "shots", "stop_at", "eval_every", "eval_max"]
+    bad = next((f for f in ["warmup", "max_per_task", "shots", "stop_at", "eval_every", "eval_max", "mmd_rows"]
                 if getattr(cfg, f) < 0), None)
     if bad:
         raise ValueError(f"{flag(bad)} must not be negative, got {getattr(cfg, bad)}")
@@ -254,24 +257,6 @@ def aligns(cfg):
 
 # ----------------------------------------------------------------------------- helpers
 
-def pick_device(name):
-    """--device: auto (cuda when available), cpu, cuda or cuda:N; anything else is a one-line error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: not a device nanoalign runs on; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def lr_at(step, cfg):
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine decay to 10% of the peak."""
     if step < cfg.warmup:
@@ -280,82 +265,12 @@ def lr_at(step, cfg):
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def flops_per_token(model):
-    """Training FLOPs per token for LoRA (STYLE.md), as (a, b) with FLOPs/token = a + b·T for sequence length T:
-    a = 4·N_frozen (forward + input gradient; frozen weights get no weight gradient) + 6·N_trainable,
-    b·T = 12·L·T·d_attn (attention scores and values). Embeddings and lm_head are left out."""
-    c = model.config
-    frozen = sum(p.numel() for n, p in model.named_parameters()
-                 if not p.requires_grad and n.startswith("model.layers") and p.ndim == 2)
-    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return 4 * frozen + 6 * lora, 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim
-
-
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}  # bf16
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def fsync(path):
-    """Flush a file's or a directory's entries to disk (a rename is durable only once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str):
-    """`text` into a temporary file beside `path`, synced, then renamed over it: `path` is the old or the new text,
-    never a torn one; the temporary file does not outlive a failure."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync(path.parent)
-
-
-def read_json(path: Path):
-    """The JSON object of a file, or a ValueError naming the file (and line) and what is wrong with it."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text (damaged?)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}; damaged or cut short?)") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def to_device(t, device):
     """A host tensor on `device`; on CUDA through pinned memory and without blocking: the copy queues behind the
     kernels already launched instead of waiting for them."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-@torch.no_grad()
-def all_finite(params):
-    """A 0-dim bool tensor on the parameters' device (no host sync): whether every value is finite. One norm over
-    all of them (foreach kernels); a NaN or inf anywhere, or a weight past ~1e19 (the float32 norm overflows), makes
-    it False."""
-    return torch.nn.utils.get_total_norm(params).isfinite()
 
 
 def select_tasks(by_task, subset, spec):
@@ -403,25 +318,6 @@ def all_sum(t, world):
     return t
 
 
-def rng_states(device, world):
-    """Every rank's torch RNG state (CPU, plus CUDA) as uint8 tensors, gathered so rank 0 can save them all."""
-    state = torch.get_rng_state()
-    if device.type == "cuda":
-        state = torch.cat([state, torch.cuda.get_rng_state(device)])
-    if world == 1:
-        return [state]
-    out = [torch.empty_like(state, device=device) for _ in range(world)]
-    dist.all_gather(out, state.to(device))
-    return [s.cpu() for s in out]
-
-
-def set_rng_state(state, device):
-    n = torch.get_rng_state().numel()
-    torch.set_rng_state(state[:n].clone())
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state[n:].clone(), device)
-
-
 def evaluate_all_ranks(model, tok, tasks, env, **kw):
     """`evaluate` with the examples shared out over the ranks (rank r scores examples r, r + world, ...) and the
     records gathered back in their order, so every rank gets the whole result. Every rank works during an
@@ -441,164 +337,7 @@ def evaluate_all_ranks(model, tok, tasks, env, **kw):
     return results
 
 
-# ----------------------------------------------------------------------------- the run directory: log, checkpoints
-
-RUN_STATE = ("checkpoint", "checkpoint.old", "log.jsonl")  # what a fresh start would destroy
-
-
-def check_fresh_start(out: Path, overwrite):
-    """Forgetting --resume must not destroy a run: a fresh start in a directory holding a checkpoint or a log
-    needs --overwrite."""
-    found = [name for name in RUN_STATE if (out / name).exists()]
-    if found and not overwrite:
-        raise FileExistsError(f"{out} holds an earlier run ({', '.join(found)}): pass --resume to continue it, or "
-                              "--overwrite to delete it and start fresh")
-
-
-def clear_run_state(out: Path):
-    """--overwrite: the earlier run's checkpoints and log go (its adapter and results are replaced at the end)."""
-    for name in (*RUN_STATE, "checkpoint.tmp"):
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def read_log(path: Path, say=print):
-    """The records of log.jsonl. A torn last line (a write cut short by a full disk or a power loss) is dropped with
-    a note; a damaged line before the last one is an error naming it."""
-    lines = path.read_bytes().split(b"\n")
-    records = []
-    for i, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ValueError("not a record")
-            records.append(record)
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            if any(line.strip() for line in lines[i:]):
-                raise ValueError(f"{path}:{i}: not a JSON record; the log is damaged (delete the line, or start "
-                                 "again with --overwrite)") from None
-            say(f"note: {path}:{i}: dropped a torn last line ({len(raw)} bytes)")
-    return records
-
-
-def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, world, params):
-    """Called on every rank (the RNG states are gathered); rank 0 writes `<path>.tmp/` completely, syncs it to disk,
-    then swaps it in with renames, so a crash at any moment leaves a complete checkpoint at `path` or `<path>.old`.
-    A failed write (a full disk) removes `<path>.tmp`; weights that are not finite are never written."""
-    from safetensors.torch import save_file
-    rngs = rng_states(device, world)
-    if rank != 0:
-        return
-    if not bool(all_finite(params)):
-        raise FloatingPointError(f"refusing to write {path} at step {step}: the adapter weights are not finite")
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        save_adapter(model, tmp)
-        sd = opt.state_dict()
-        save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()},
-                  str(tmp / "optimizer.safetensors"))
-        save_file({f"rank{r}": s for r, s in enumerate(rngs)}, str(tmp / "rng.safetensors"))
-        state = {"step": step, "world_size": world, "batcher": batcher.state_dict(),
-                 "optimizer_groups": sd["param_groups"], **extra}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        for f in tmp.iterdir():
-            fsync(f)
-        fsync(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-    tmp.rename(path)
-    fsync(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@dataclass
-class Checkpoint:
-    """A checkpoint read back whole: its directory, state.json, optimizer and RNG tensors (the adapter is checked
-    here and loaded from the directory by load_adapter)."""
-    path: Path
-    state: dict
-    optimizer: dict
-    rng: dict
-
-
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Read and check every file of a checkpoint directory, or a ValueError naming the bad file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    state = read_json(path / "state.json") if (path / "state.json").is_file() else None
-    if state is None or not all(k in state for k in ("step", "world_size", "batcher", "optimizer_groups", "config")):
-        raise ValueError(f"{path / 'state.json'}: missing or incomplete")
-    read_json(path / "adapter_config.json")
-    tensors = {}
-    for name in ("adapter", "optimizer", "rng"):
-        file = path / f"{name}.safetensors"
-        try:
-            tensors[name] = load_file(str(file))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
-    if not all(bool(t.isfinite().all()) for t in tensors["adapter"].values()):
-        raise ValueError(f"{path / 'adapter.safetensors'}: holds non-finite weights")
-    return Checkpoint(path, state, tensors["optimizer"], tensors["rng"])
-
-
-def find_checkpoint(path: Path, say=print) -> Checkpoint:
-    """The checkpoint to resume from: `path`, else `<path>.old` (a crash between the two renames of save_checkpoint
-    leaves only that one; damage to `path` is noted); a clear error when neither is there or readable."""
-    old = path.with_name(path.name + ".old")
-    problems = []
-    for d in (path, old):
-        if not d.is_dir():
-            continue
-        try:
-            ckpt = read_checkpoint(d)
-        except ValueError as e:
-            problems.append(str(e))
-            continue
-        if problems:
-            say(f"note: {problems[0]}; resuming from {d} instead")
-        return ckpt
-    if problems:
-        raise ValueError(f"cannot resume: {'; '.join(problems)}. Restore the file, or start again with --overwrite")
-    fresh = "--overwrite" if (path.parent / "log.jsonl").exists() else "without --resume"
-    raise FileNotFoundError(f"{path}: no checkpoint to resume from; run {fresh} to start fresh")
-
-
-def continue_run_dir(out: Path, ckpt: Checkpoint, say=print):
-    """On resume (rank 0): a damaged live checkpoint that lost to checkpoint.old goes to checkpoint.bad (else the
-    next save would rotate it over the good one); log.jsonl keeps the records up to the checkpoint's step (a crash
-    after it logged more) without a torn last line."""
-    live = out / "checkpoint"
-    if ckpt.path != live and live.exists():
-        shutil.rmtree(out / "checkpoint.bad", ignore_errors=True)
-        live.rename(out / "checkpoint.bad")
-        say(f"note: moved the damaged checkpoint to {out / 'checkpoint.bad'}")
-    log = out / "log.jsonl"
-    if log.exists():
-        keep = [r for r in read_log(log, say) if r["step"] <= ckpt.state["step"]]
-        write_atomic(log, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def load_checkpoint(ckpt: Checkpoint, model, opt, device, rank, world):
-    """Adapter, optimizer and this rank's RNG state from a checkpoint (the data position is the caller's)."""
-    if ckpt.state["world_size"] != world:
-        raise ValueError(f"{ckpt.path} was written by {ckpt.state['world_size']} process(es); resume with the same "
-                         f"number (this run has {world})")
-    load_adapter(model, ckpt.path)  # a damaged file is one ValueError naming it
-    state_by_param = {}
-    for key, t in ckpt.optimizer.items():
-        i, name = key.split(".", 1)
-        state_by_param.setdefault(int(i), {})[name] = t
-    opt.load_state_dict({"state": state_by_param, "param_groups": ckpt.state["optimizer_groups"]})
-    set_rng_state(ckpt.rng[f"rank{rank}"], device)
-
+# ----------------------------------------------------------------------------- resume
 
 MUST_MATCH = ["model", "adapter", "rank", "alpha", "heads", "adapter_options", "targets", "data", "format", "tasks",
               "max_per_task", "pool_seed", "batch_per_task", "seq_len", "seed", "length_groups", "trainer", "shots",
@@ -657,10 +396,7 @@ def setup(cfg: TrainConfig, overwrite=False) -> Env:
     else:
         check_fresh_start(out, overwrite)
     torch.manual_seed(cfg.seed)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[cfg.dtype]
-    use_autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
-    return Env(device, rank, world, dtype, use_autocast, out, resumed)
+    return Env(device, rank, world, base_dtype(device, cfg.dtype), use_autocast(device, cfg.autocast), out, resumed)
 
 
 @dataclass
@@ -713,7 +449,7 @@ class State:
     step: int
     saved_step: int | None  # the step of the last checkpoint written or resumed from: the last good one
     extra: dict  # what every checkpoint's state.json carries besides the step (config, accuracy before, tasks)
-    fpt: tuple  # flops_per_token
+    fpt: tuple  # system.flops_coefficients: FLOPs per token, per Σ L², per logit position
     peak: float | None
 
 
@@ -764,7 +500,7 @@ def build(cfg: TrainConfig, env: Env, data: Data, overwrite=False) -> State:
         fwd = DistributedDataParallel(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                       broadcast_buffers=False)
     extra = {"config": dataclasses.asdict(cfg), "before": before, "tasks": data.names}
-    return State(model, fwd, opt, trainable, step, saved, extra, flops_per_token(model), peak_flops(env.device))
+    return State(model, fwd, opt, trainable, step, saved, extra, flops_coefficients(model), peak_flops(env.device))
 
 
 def train_step(cfg: TrainConfig, env: Env, s: State, batcher, stop) -> dict:
@@ -785,14 +521,14 @@ def train_step(cfg: TrainConfig, env: Env, s: State, batcher, stop) -> dict:
                            scale=1 / cfg.grad_accum)
             ce_sum = ce_sum + st["loss"]
             tokens += st["tokens"]
-            flops += st["tokens"] * s.fpt[0] + s.fpt[1] * st["tokens_sq"]
+            flops += st["tokens"] * s.fpt[0] + st["tokens_sq"] * s.fpt[1] + st["logits"] * s.fpt[2]
             continue
         with s.fwd.no_sync() if env.world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
-            ce, la, n, padded = micro_batch_backward(s.fwd, s.model, b, cfg, aligns(cfg), len(batcher.tasks),
-                                                     env.autocast, env.device)
+            ce, la, n, n_sq, n_logits = micro_batch_backward(s.fwd, s.model, b, cfg, aligns(cfg),
+                                                             len(batcher.tasks), env.autocast, env.device)
         ce_sum, align_sum = ce_sum + ce.double(), align_sum + la.double()
         tokens += n
-        flops += n * s.fpt[0] + s.fpt[1] * padded
+        flops += n * s.fpt[0] + n_sq * s.fpt[1] + n_logits * s.fpt[2]
     if cfg.trainer == "meta" and env.world > 1:  # functional calls bypass DDP's hooks: sum the ranks' gradients
         for p in s.trainable:                    # (each rank's share is already divided by the episode's n)
             dist.all_reduce(p.grad)
@@ -814,7 +550,7 @@ def train_step(cfg: TrainConfig, env: Env, s: State, batcher, stop) -> dict:
     dt = time.perf_counter() - t0
     return {"step": s.step, "loss": total, "ce": ce_avg, "align": align_avg, "lr": lr, "grad_norm": gnorm,
             "tokens": int(tokens), "tok_s": tokens / dt,
-            "mfu": flops / dt / (s.peak * env.world) if s.peak else None, "mem_mb": memory_mb(env.device),
+            "mfu": flops / dt / (s.peak * env.world) if s.peak else None, "mem_mb": peak_memory_mib(env.device),
             "ms": 1000 * dt}
 
 
@@ -974,10 +710,10 @@ def length_groups(lengths, max_groups=4, overhead=16):
     return best[1]
 
 
-def micro_batch_backward(fwd, model, batch, cfg, align_on, num_tasks, use_autocast, device):
+def micro_batch_backward(fwd, model, batch, cfg, align_on, num_tasks, autocast, device):
     """Forward and backward of one task-balanced micro-batch: L = CE over its answer tokens (+ λ·L_align over all
     its rows), divided by --grad-accum. Returns (ce, align loss) as 0-dim tensors on the device (read by the host
-    once per step, not per micro-batch), and (real tokens, Σ_rows T_row²) as Python numbers.
+    once per step, not per micro-batch), and (real tokens, Σ_rows T_row², logit positions) as Python numbers.
 
     Without gradient checkpointing the rows run as length groups (`length_groups`), one forward each; the CE is
     summed over the groups' answer tokens and divided by their total, and the alignment loss sees every row's
@@ -997,7 +733,7 @@ def micro_batch_backward(fwd, model, batch, cfg, align_on, num_tasks, use_autoca
         ids, mask, labels, at, targets, task_ids = (to_device(t, device) for t in (
             ids, mask, labels, at, targets, batch["task_ids"][rows]))
         with adapter_context(model, task_ids=task_ids, collect=align_on) as actx:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = fwd(ids, mask, logits_at=at)
             ce_sum = ce_sum + F.cross_entropy(logits.float(), targets, reduction="sum")
             parts.append((actx.a_outputs, mask if cfg.align_tokens == "all" else labels != IGNORE_INDEX, task_ids))
@@ -1007,7 +743,7 @@ def micro_batch_backward(fwd, model, batch, cfg, align_on, num_tasks, use_autoca
     if len(groups) > 1:
         ce, la = alignment_objective(ce_sum / n_targets, parts, cfg, align_on, num_tasks)
         ((ce + cfg.align_lambda * la) / cfg.grad_accum).backward()
-    return ce.detach(), la.detach(), int(sum(lengths)), float(sum(t * t for t in lengths))
+    return ce.detach(), la.detach(), int(sum(lengths)), float(sum(t * t for t in lengths)), n_targets
 
 
 def alignment_objective(ce, parts, cfg, align_on, num_tasks):
@@ -1019,28 +755,15 @@ def alignment_objective(ce, parts, cfg, align_on, num_tasks):
                  for name in parts[0][0]}
     token_mask = torch.cat([F.pad(mask, (0, T - mask.shape[1])) for _, mask, _ in parts])
     task_ids = torch.cat([t for _, _, t in parts])
+    kw = {"max_rows": cfg.mmd_rows or None} if cfg.align_loss == "mmd" else {}
     return ce, alignment_loss(a_outputs, token_mask, task_ids, kind=cfg.align_loss,
-                              position_wise=cfg.align_position_wise, num_tasks=num_tasks)
+                              position_wise=cfg.align_position_wise, num_tasks=num_tasks, **kw)
 
 
 def ce_summary(log_path):
     """Mean CE of the first and last 5 logged steps (a one-glance "did it learn")."""
     ce = [r["ce"] for r in read_log(log_path) if "ce" in r]
     return {"ce_first5": sum(ce[:5]) / len(ce[:5]), "ce_last5": sum(ce[-5:]) / len(ce[-5:])} if ce else {}
-
-
-def os_error_line(e: OSError):
-    """An OSError as one line naming the file and what to do: a full disk, a read-only or unwritable --out."""
-    if e.filename is None:
-        return str(e)
-    what = {errno.ENOSPC: "the disk is full; free space and run again (train.py: --resume continues from the last "
-                          "checkpoint)",
-            errno.EDQUOT: "the disk quota is used up; free space and run again",
-            errno.EROFS: "read-only file system; choose another --out",
-            errno.EACCES: "permission denied; choose a writable --out",
-            errno.EPERM: "not permitted; choose a writable --out",
-            errno.ENOTDIR: "a part of the path is a file, not a directory"}.get(e.errno, e.strerror)
-    return f"{e.filename}: {what}"
 
 
 def main(argv=None):

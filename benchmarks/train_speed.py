@@ -2,29 +2,34 @@
 
     python benchmarks/train_speed.py                          # CPU: smollm2-135m (real weights), 8 x 128
     python benchmarks/train_speed.py --config qwen2.5-0.5b --seq 1024 --batch 8 --grad-ckpt   # CUDA, random weights
-    python benchmarks/train_speed.py --device cpu --config tiny --steps 1 --repeats 1        # the same code, tiny
+    python benchmarks/train_speed.py --suite gpu --out benchmarks/RESULTS-gpu.md    # all GPU rows (or gpu-0.5b/-7b)
+    python benchmarks/train_speed.py --suite gpu --dry-run    # the same rows on a tiny config, CPU, seconds
 
-GPU rows of RESULTS.md: --config qwen2.5-0.5b | qwen2.5-7b, --seq 1024 | 4096, with and without --grad-ckpt, on a
-CUDA device (bf16 frozen base, fp32 adapters and AdamW state, bf16 autocast, fused AdamW).
+GPU rows of RESULTS.md (--suite gpu): qwen2.5-0.5b at seq 1024 (batch 8) and qwen2.5-7b at seq 4096 (batch 2),
+random weights, with and without --grad-ckpt, adapters lora / hydra / mlora / align (bf16 frozen base, fp32 adapters
+and AdamW state, bf16 autocast, fused AdamW).
 
-Each (implementation, adapter) runs in its own subprocess, so peak memory (RSS on CPU, max_memory_allocated on CUDA)
-belongs to that run alone; the runs alternate nanoalign / HF and repeat `--repeats` times, and the table reports
-medians. A step is forward + backward + AdamW over adapter parameters, on a batch with no padding whose last
-`--answer` tokens of each row carry labels (prompt tokens are masked, as in multi-task SFT). nanoalign computes logits
-only at labelled positions; HF computes the full logits, as `model(..., labels=...)` does: that is what a PEFT user
-gets, and part of what is measured. Both: same weights and dtype, dropout 0, the same labelled tokens, and for
-`align` the same loss function (on hooked lora_A outputs for HF, as the Align-LoRA code does). A run that fails with
+Each (implementation, adapter) runs in its own subprocess, so peak memory (RSS on CPU, max_memory_allocated after
+the warm-up steps on CUDA) belongs to that run alone; the runs alternate nanoalign / HF and repeat `--repeats`
+times, and the table reports medians (--dry-run runs everything in this process: it checks the script, it measures
+nothing). A step is forward + backward + AdamW over adapter parameters, on a batch with no padding whose last
+`--answer` tokens of each row carry labels (prompt tokens are masked, as in multi-task SFT). nanoalign takes the
+trainer's sync-free path: logits only at labelled positions, chosen by flat indices computed on the host, and the
+padding decided on the host (right_padded=True). HF computes the full logits, as `model(..., labels=...)` does: that
+is what a PEFT user gets, and part of what is measured. Both: same weights and dtype, dropout 0, the same labelled
+tokens, and for `align` the same loss function (on hooked lora_A outputs for HF, as the Align-LoRA code does);
+`align-mmd` is nanoalign's align step with the MMD loss (A-LoRA-M) instead of KL. A run that fails with
 out-of-memory is reported as OOM. The second table checks the issue's targets (the 3-head and alignment rows
-compare nanoalign with its own plain LoRA: alignment share = 1 - step(lora) / step(align)).
+compare nanoalign with its own plain LoRA).
 
-FLOPs for MFU (CUDA only) follow STYLE.md: 4·N_frozen + 6·N_lora + 12·L·T·d_attn per token.
+MFU (CUDA only) uses nanoalign.system's FLOPs convention and peak table: the FLOPs each implementation's step asks
+for, so HF's full logits count as done and nanoalign's labelled-position logits as done.
 """
 
 import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanoalign import system  # noqa: E402
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,6 +59,11 @@ CONFIGS = {
                  num_attention_heads=4, num_hidden_layers=2, num_key_value_heads=2, rms_norm_eps=1e-5,
                  vocab_size=512, tie_word_embeddings=True, hidden_act="silu"),
 }
+# --suite: (config, seq, batch) cells, each with and without --grad-ckpt (7B: 2 rows, so that align has 2 tasks)
+SUITES = {"gpu-0.5b": [("qwen2.5-0.5b", 1024, 8)], "gpu-7b": [("qwen2.5-7b", 4096, 2)]}
+SUITES["gpu"] = SUITES["gpu-0.5b"] + SUITES["gpu-7b"]
+SUITE_ADAPTERS = "lora,hydra,mlora,align"
+HF_ADAPTERS = ("lora", "align")  # PEFT has no multi-head LoRA
 
 
 def model_dir_or_config(name):
@@ -63,13 +74,22 @@ def model_dir_or_config(name):
     return None, CONFIGS[name]
 
 
-def make_batch(batch, seq, answer, vocab, device):
+def hf_config(name):
+    path, cfg = model_dir_or_config(name)
+    return cfg if cfg is not None else json.loads((path / "config.json").read_text())
+
+
+def make_batch(batch, seq, answer, vocab):
+    """CPU tensors: ids, an all-ones mask and labels on the last `answer` tokens of each row."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, vocab - 10, (batch, seq), generator=g)
     labels = torch.full_like(ids, -100)
     labels[:, -answer:] = ids[:, -answer:]
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    return ids.to(device), mask.to(device), labels.to(device)
+    return ids, torch.ones_like(ids, dtype=torch.bool), labels
+
+
+def kind_of(adapter):
+    return "align" if adapter.startswith("align") else adapter
 
 
 def build_nanoalign(args, device, dtype):
@@ -81,8 +101,8 @@ def build_nanoalign(args, device, dtype):
     else:
         with torch.device(device):
             model = CausalLM(ModelConfig.from_hf_dict(cfg)).to(dtype)
-    kind = "align" if args.adapter == "align" else args.adapter
-    apply_adapter(model, kind, rank=args.rank, alpha=2 * args.rank, targets=ALL_LINEAR, heads=args.heads)
+    apply_adapter(model, kind_of(args.adapter), rank=args.rank, alpha=2 * args.rank, targets=ALL_LINEAR,
+                  heads=args.heads)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -119,37 +139,41 @@ def hf_align_hooks(model, store):
             mod.register_forward_hook(lambda m, i, o, n=name: store.__setitem__(n, o))
 
 
-def worker(args):
+def measure(args):
+    """One (implementation, adapter) run: {"step_s": median step seconds, "mem_mib": peak memory}."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    autocast = device.type == "cuda"
+    dtype, autocast = system.base_dtype(device), system.use_autocast(device)
     model = build_nanoalign(args, device, dtype) if args.impl == "nanoalign" else build_hf(args, device, dtype)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
     vocab = (model.config.vocab_size if args.impl == "nanoalign" else model.base_model.model.config.vocab_size)
-    ids, mask, labels = make_batch(args.batch, args.seq, args.answer, vocab, device)
-    task_ids = torch.arange(args.batch, device=device) % args.tasks
-    align = args.adapter == "align"
+    ids, mask, labels = make_batch(args.batch, args.seq, args.answer, vocab)
+    tasks = torch.arange(args.batch) % args.tasks
+    loss_kind = "mmd" if args.adapter == "align-mmd" else "kl"
+    align = args.adapter.startswith("align")
+    from nanoalign.align import alignment_loss
     if args.impl == "nanoalign":
         from nanoalign.adapters import adapter_context
-        from nanoalign.align import alignment_loss
         from nanoalign.data import answer_positions
-        sel, targets = answer_positions(labels)
+        from nanoalign.model import logit_indices
+        at, targets = answer_positions(labels)
+        idx = logit_indices(at)  # on the host, before the copy: no sync, one shape
+        ids, mask, idx, targets, tasks = (t.to(device) for t in (ids, mask, idx, targets, tasks))
 
         def step():
-            with adapter_context(model, task_ids=task_ids, collect=align) as ctx, \
+            with adapter_context(model, task_ids=tasks, collect=align) as ctx, \
                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(ids, mask, logits_at=sel)
+                logits = model(ids, mask, logits_at=idx, right_padded=True)
             loss = F.cross_entropy(logits.float(), targets)
             if align:
-                loss = loss + 0.1 * alignment_loss(ctx.a_outputs, mask, task_ids, kind="kl")
+                loss = loss + 0.1 * alignment_loss(ctx.a_outputs, mask, tasks, kind=loss_kind, num_tasks=args.tasks)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
-        from nanoalign.align import alignment_loss
+        ids, mask, labels, tasks = (t.to(device) for t in (ids, mask, labels, tasks))
         store = {}
         if align:
             hf_align_hooks(model, store)
@@ -158,7 +182,7 @@ def worker(args):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
             if align:  # the same loss function on the hooked A-outputs, so only the plumbing differs
-                loss = loss + 0.1 * alignment_loss(dict(store), mask, task_ids, kind="kl")
+                loss = loss + 0.1 * alignment_loss(dict(store), mask, tasks, kind=loss_kind, num_tasks=args.tasks)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -167,88 +191,67 @@ def worker(args):
     for _ in range(args.warmup):
         step()
     sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    system.reset_peak_memory(device)  # the measured steps' peak (CPU: the process's max RSS, not resettable)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        mem = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and p.ndim == 2
-                 and "layers" in n)
-    n_lora = sum(p.numel() for p in trainable)
-    print(json.dumps({"step_s": statistics.median(times), "mem_mb": mem, "frozen": frozen, "lora": n_lora}))
+    return {"step_s": statistics.median(times), "mem_mib": system.peak_memory_mib(device)}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="smollm2-135m", choices=["smollm2-135m", *CONFIGS])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--answer", type=int, default=16, help="labelled tokens at the end of each row")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--tasks", type=int, default=4, help="task groups in the batch for the alignment loss")
-    p.add_argument("--adapters", default="lora,hydra,mlora,align")
-    p.add_argument("--grad-ckpt", action="store_true")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default=None, help="also append the markdown table to this file")
-    p.add_argument("--impl", help=argparse.SUPPRESS)
-    p.add_argument("--adapter", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.impl:
-        return worker(args)
+def step_flops(args, impl):
+    """FLOPs of one step by system.flops_per_token, on a meta-device copy of the model (shapes only)."""
+    from nanoalign.adapters import apply_adapter
+    from nanoalign.model import CausalLM, ModelConfig
+    with torch.device("meta"):
+        model = apply_adapter(CausalLM(ModelConfig.from_hf_dict(hf_config(args.config))), kind_of(args.adapter),
+                              rank=args.rank, targets=ALL_LINEAR, heads=args.heads)
+    logits = args.batch * (args.answer if impl == "nanoalign" else args.seq)  # HF: full logits
+    return system.flops_per_token(model, [args.seq] * args.batch, logit_positions=logits) * args.batch * args.seq
 
-    def run(impl, adapter):
-        keep = ["config", "device", "batch", "seq", "answer", "rank", "heads", "tasks", "steps", "warmup"]
-        cmd = [sys.executable, __file__, "--impl", impl, "--adapter", adapter]
-        cmd += [x for k in keep for x in (f"--{k}", str(getattr(args, k)))] + (["--grad-ckpt"] if args.grad_ckpt else [])
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode and "out of memory" in res.stderr.lower():
+
+def run(args, impl, adapter):
+    """measure() in a fresh subprocess (or in this process for --dry-run); None when it ran out of memory."""
+    if args.dry_run:
+        try:
+            return measure(argparse.Namespace(**{**vars(args), "impl": impl, "adapter": adapter}))
+        except torch.OutOfMemoryError:
             return None
-        if res.returncode:
-            raise SystemExit(f"{impl}/{adapter} failed:\n{res.stderr[-3000:]}")
-        return json.loads(res.stdout.strip().splitlines()[-1])
+    keep = ["config", "device", "batch", "seq", "answer", "rank", "heads", "tasks", "steps", "warmup"]
+    cmd = [sys.executable, __file__, "--impl", impl, "--adapter", adapter]
+    cmd += [x for k in keep for x in (f"--{k}", str(getattr(args, k)))] + (["--grad-ckpt"] if args.grad_ckpt else [])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode and "out of memory" in res.stderr.lower():
+        return None
+    if res.returncode:
+        raise SystemExit(f"{impl}/{adapter} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
+
+def table(args):
+    """Run every (implementation, adapter) of one configuration; the markdown tables of timings and targets."""
     adapters = args.adapters.split(",")
     results = {}
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
         for a in adapters:
-            impls = ["nanoalign"] + (["hf"] if a in ("lora", "align") else [])  # PEFT has no multi-head LoRA
-            for impl in (impls if _ % 2 == 0 else impls[::-1]):
-                results.setdefault((impl, a), []).append(run(impl, a))
+            impls = ["nanoalign"] + (["hf"] if a in HF_ADAPTERS else [])
+            for impl in (impls if rep % 2 == 0 else impls[::-1]):
+                results.setdefault((impl, a), []).append(run(args, impl, a))
     tokens = args.batch * args.seq
-    peak = None
-    if args.device.startswith("cuda"):
-        name = torch.cuda.get_device_name()
-        peak = 989e12 if ("H100" in name or "H200" in name) else None
-    from nanoalign.model import ModelConfig
-    _, cfg = model_dir_or_config(args.config)
-    if cfg is None:
-        path, _ = model_dir_or_config(args.config)
-        cfg = json.loads((path / "config.json").read_text())
-    mc = ModelConfig.from_hf_dict(cfg)
-    attn = 12 * mc.num_hidden_layers * args.seq * mc.num_attention_heads * mc.head_dim
+    cuda = torch.device(args.device).type == "cuda"
+    peak = system.peak_flops(args.device) if cuda else None
 
     def row(impl, a):
         rs = [r for r in results[(impl, a)] if r is not None]
         if not rs:
             return None
         step = statistics.median(r["step_s"] for r in rs)
-        mem = statistics.median(r["mem_mb"] for r in rs)
-        fpt = 4 * rs[0]["frozen"] + 6 * rs[0]["lora"] + attn
-        mfu = f"{100 * fpt * tokens / step / peak:.1f}%" if peak else "-"
-        return step, mem, mfu
+        mem = statistics.median(r["mem_mib"] for r in rs)
+        flops = step_flops(argparse.Namespace(**{**vars(args), "adapter": a}), impl)
+        return step, mem, flops / step / peak if peak else None
 
-    cuda = args.device.startswith("cuda")
     try:
         commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip() or "?"
@@ -256,13 +259,14 @@ def main():
         commit = "?"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     lines = [f"### {args.config}, batch {args.batch} x seq {args.seq}, rank {args.rank} (all linear), "
-             f"{'grad-ckpt' if args.grad_ckpt else 'no ckpt'}, {args.device}",
+             f"{'grad-ckpt' if args.grad_ckpt else 'no ckpt'}, {args.device}" + (" (DRY RUN)" if args.dry_run else ""),
              "", f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
              + (f", {torch.cuda.get_device_name()}" if cuda else f", {torch.get_num_threads()} threads")
              + f"; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, load average at end {load}",
              f"medians of {args.repeats} runs x {args.steps} steps, after {args.warmup} warm-up steps; "
-             f"{args.answer} labelled tokens per row", "",
-             "| adapter | impl | tok/s | step ms | peak mem MB | MFU | speed vs HF | mem vs HF | step vs our lora |",
+             f"{args.answer} labelled tokens per row; MFU by nanoalign.system (peak "
+             + (f"{peak / 1e12:.0f} TFLOP/s bf16 dense)" if peak else "unknown: CPU or unlisted GPU)"), "",
+             "| adapter | impl | tok/s | step ms | peak mem MiB | MFU | speed vs HF | mem vs HF | step vs our lora |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows = {k: row(*k) for k in results}
     lora_step = rows[("nanoalign", "lora")][0] if rows.get(("nanoalign", "lora")) else None
@@ -280,37 +284,92 @@ def main():
                 hs, hm, _ = rows[("hf", a)]
                 vs, mvs = f"{hs / step:.2f}x", f"{mem / hm:.2f}x"
             rel = f"{step / lora_step:.2f}x" if impl == "nanoalign" and lora_step else "-"
-            lines.append(f"| {a} | {name} | {tokens / step:,.0f} | "
-                         f"{1000 * step:.0f} | {mem:,.0f} | {mfu} | {vs} | {mvs} | {rel} |")
+            mfu = f"{100 * mfu:.1f}%" if mfu is not None else "-"
+            lines.append(f"| {a} | {name} | {tokens / step:,.0f} | {1000 * step:.0f} | {mem:,.0f} | {mfu} | {vs} | "
+                         f"{mvs} | {rel} |")
+    lines += targets(args, rows, lora_step, cuda)
+    return "\n".join(lines)
 
-    # the issue's targets, where this run measured them
+
+def targets(args, rows, lora_step, cuda):
+    """The issue's targets, where this run measured them, as a markdown table (or nothing)."""
     checks = []
     speed_goal, mem_goal = (1.5, 0.7) if cuda else (1.3, 0.8)
-    for a in ("lora", "align"):
+    for a in HF_ADAPTERS:
         if rows.get(("nanoalign", a)) and rows.get(("hf", a)):
             (s, m, _), (hs, hm, _) = rows[("nanoalign", a)], rows[("hf", a)]
             checks.append((f"{a}: tok/s nanoalign / HF+PEFT >= {speed_goal}", hs / s, hs / s >= speed_goal))
             if not cuda or args.grad_ckpt:
                 checks.append((f"{a}: peak memory nanoalign / HF+PEFT <= {mem_goal}", m / hm, m / hm <= mem_goal))
-    for a in ("hydra", "mlora"):
+    for a in ("hydra", "mlora", "rlora"):
         if rows.get(("nanoalign", a)) and lora_step:
             r = rows[("nanoalign", a)][0] / lora_step
             checks.append((f"{a} (3 heads) step / lora step <= 1.15", r, r <= 1.15))
     if rows.get(("nanoalign", "align")) and lora_step:
         share = 1 - lora_step / rows[("nanoalign", "align")][0]
         checks.append(("alignment loss share of the align step <= 5%", share, share <= 0.05))
-    if cuda and peak and args.config == "qwen2.5-0.5b" and args.seq == 1024 and rows.get(("nanoalign", "lora")):
-        mfu = float(rows[("nanoalign", "lora")][2].rstrip("%")) / 100
-        checks.append(("lora MFU >= 40%", mfu, mfu >= 0.40))
-    if checks:
-        lines += ["", "| target | measured | met |", "|---|---:|---|"]
-        lines += [f"| {t} | {v:.1%} | {'yes' if ok else 'no'} |" if "%" in t else
-                  f"| {t} | {v:.2f}x | {'yes' if ok else 'no'} |" for t, v, ok in checks]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table + "\n\n")
+    if rows.get(("nanoalign", "align-mmd")) and rows.get(("nanoalign", "align")):
+        r = rows[("nanoalign", "align-mmd")][0] / rows[("nanoalign", "align")][0]
+        checks.append(("MMD align step / KL align step <= 1.25", r, r <= 1.25))
+    lora = rows.get(("nanoalign", "lora"))
+    if cuda and args.config == "qwen2.5-0.5b" and args.seq == 1024 and lora and lora[2] is not None:
+        checks.append(("lora MFU >= 40%", lora[2], lora[2] >= 0.40))
+    if cuda and args.config == "qwen2.5-7b" and args.seq == 4096 and ("nanoalign", "lora") in rows:
+        checks.append(("qwen2.5-7b lora at seq 4096 fits", float(lora is not None), lora is not None))
+    if not checks:
+        return []
+    return ["", "| target | measured | met |", "|---|---:|---|"] + [
+        f"| {t} | {'yes' if v else 'no'} | {'yes' if ok else 'no'} |" if "fits" in t else
+        f"| {t} | {v:.1%} | {'yes' if ok else 'no'} |" if "%" in t else
+        f"| {t} | {v:.2f}x | {'yes' if ok else 'no'} |" for t, v, ok in checks]
+
+
+def append(path, text):
+    """Append `text` to the markdown file at `path`, atomically (the old content, then the new, or nothing)."""
+    path = Path(path)
+    system.write_atomic(path, (path.read_text() if path.exists() else "") + text + "\n\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="smollm2-135m", choices=["smollm2-135m", *CONFIGS])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--answer", type=int, default=16, help="labelled tokens at the end of each row")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--tasks", type=int, default=4, help="task groups in the batch for the alignment loss")
+    p.add_argument("--adapters", default="lora,hydra,mlora,align,align-mmd")
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--suite", choices=list(SUITES), help="run the GPU rows of RESULTS.md (SUITES), with and without "
+                   "--grad-ckpt; --config/--seq/--batch/--grad-ckpt/--adapters are then taken from the suite")
+    p.add_argument("--dry-run", action="store_true", help="a tiny config on the CPU, 1 step, in this process: "
+                   "checks the script end to end in seconds, measures nothing")
+    p.add_argument("--out", default=None, help="also append the markdown tables to this file")
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    p.add_argument("--adapter", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.impl:
+        print(json.dumps(measure(args)))
+        return
+    if args.dry_run:
+        args.device, args.steps, args.warmup, args.repeats = "cpu", 1, 0, 1
+    cells = [(args.config, args.seq, args.batch, args.grad_ckpt, args.adapters)]
+    if args.suite:
+        cells = [(c, s, b, ck, SUITE_ADAPTERS) for c, s, b in SUITES[args.suite] for ck in (False, True)]
+    for config, seq, batch, ckpt, adapters in cells:
+        cell = argparse.Namespace(**{**vars(args), "config": config, "seq": seq, "batch": batch, "grad_ckpt": ckpt,
+                                     "adapters": adapters})
+        if args.dry_run:  # the cell's structure on a tiny model
+            cell.config, cell.seq, cell.batch, cell.answer = "tiny", min(seq, 32), min(batch, 4), min(args.answer, 8)
+        text = table(cell)
+        print(text + "\n", flush=True)
+        if args.out:
+            append(args.out, text)
 
 
 if __name__ == "__main__":

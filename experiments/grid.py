@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import nanoalign  # noqa: E402
+from nanoalign import system  # noqa: E402
 import train  # noqa: E402
 from nanoalign.adapters import count_trainable, load_adapter, merge_adapters  # noqa: E402
 from nanoalign.analysis import delta_weight_spectrum, effective_rank, head_cosine_similarity, separation_probe  # noqa
@@ -91,7 +92,7 @@ def train_config(suite: Suite, options: dict, seed: int, out: Path) -> "train.Tr
                             data_dir=suite.data_dir, max_per_task=suite.train_pool, max_steps=suite.steps,
                             batch_per_task=suite.batch_per_task, lr=suite.lr, warmup=suite.warmup,
                             seq_len=suite.seq_len, seed=seed, eval_max=0, out=str(out), log_every=25,
-                            ckpt_every=25)
+                            ckpt_every=25, mmd_rows=0)  # MMD over every row: exact, and cheap at these lengths
     for k, v in options.items():
         if not hasattr(cfg, k):
             raise ValueError(f"unknown train.py option {k!r} in a grid method")
@@ -124,7 +125,8 @@ class Data:
 # train.py options added after FORMAT_VERSION 1, with the value that computes what the runs before them computed:
 # at that value a field stays out of the key, so adding an option to train.py does not orphan the cached runs
 ADDED_LATER = {"trainer": "standard", "shots": 0, "meta_tasks": 4, "meta_support": 4, "meta_query": 4,
-               "meta_inner_steps": 1, "meta_inner_lr": 3e-2, "meta_agg": "mean", "meta_order": 1}
+               "meta_inner_steps": 1, "meta_inner_lr": 3e-2, "meta_agg": "mean", "meta_order": 1,
+               "mmd_rows": 0}
 
 
 def run_key(cfg, suite: Suite, data: Data) -> str:
@@ -154,17 +156,8 @@ def machine() -> dict:
 
 
 def write_json(path: Path, obj):
-    """Atomic: a temp file in the same directory, fsynced, then renamed over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=1, default=float) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """nanoalign.system.write_json, one space of indent (the cached runs are large)."""
+    system.write_json(path, obj, indent=1)
 
 
 def compact_predictions(results):
@@ -256,7 +249,10 @@ class Grid:
 
     def base_model(self):
         if self._base_model is None:
-            self._base_model = nanoalign.load_model(self.suite.model).eval()
+            # scored where train.py trains: on a GPU with a bf16 base (as eval.py), fp32 on a CPU
+            device = system.pick_device()
+            self._base_model = nanoalign.load_model(self.suite.model, dtype=system.base_dtype(device),
+                                                    device=device).eval()
             self._tok = nanoalign.load_tokenizer(self.suite.model)
         return self._base_model, self._tok
 

@@ -27,13 +27,14 @@ valid, bf16 rounding of an edited W0 is avoided, and the saved adapter carries C
 reproduces the trained model exactly. Merging / PEFT export fold −C in (M-LoRA exports at rank 2r).
 
 Task ids and A-outputs travel through `adapter_context` (no hooks): the A-output each adapter reports is the
-tensor Align-LoRA aligns (METHODS §3.1).
+tensor Align-LoRA aligns (METHODS §3.1). Inside nanoalign's decoder an adapter puts it into a dict its decoder block
+returns (model.DecoderLayer), so a checkpointed or compiled block has no side effects; an adapter called on its own
+stores it in the context directly.
 """
 
 import inspect
 import json
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .system import write_atomic
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CAPABILITIES = ("mergeable", "merges_per_task", "needs_task_ids", "has_heads", "has_router")  # AdapterLinear's
@@ -54,32 +57,45 @@ class AdapterContext:
     collect: bool = False                  # store each adapter's A-output in `a_outputs`
     a_outputs: dict = field(default_factory=dict)  # module name -> A-output [B, T, r], with grad
 
+    def put(self, name, z):
+        """Store module `name`'s A-output; a call without grad never replaces an entry that has grad."""
+        if torch.is_grad_enabled() or name not in self.a_outputs:
+            self.a_outputs[name] = z
+
 
 @contextmanager
 def adapter_context(model, task_ids=None, collect=False):
     """Share one AdapterContext with every adapter of `model` for the duration of the block; yields it.
 
-    With gradient checkpointing the forward is re-run during backward: MTL-LoRA then needs its task ids again, so
-    call `.backward()` inside the block. Entries of `a_outputs` are overwritten, never appended, so a re-run never
+    The context also goes to the modules that hand A-outputs over (nanoalign's Decoder: `adapter_ctx`). With
+    gradient checkpointing the forward is re-run during backward: MTL-LoRA then needs its task ids again, so call
+    `.backward()` inside the block. Entries of `a_outputs` are overwritten, never appended, so a re-run never
     duplicates them, and a call without grad never replaces an entry that has grad.
     """
     mods = [m for m in model.modules() if isinstance(m, AdapterLinear)]
+    hosts = [m for m in model.modules() if hasattr(m, "adapter_ctx")]
     if task_ids is not None:
         if not torch.is_tensor(task_ids) or task_ids.dim() != 1 or task_ids.is_floating_point():
             raise ValueError("task_ids must be an integer tensor of shape [batch] (one task id per sample)")
         n = (getattr(model, "adapter_config", None) or {}).get("num_tasks")
-        if n is not None and task_ids.numel() and not (0 <= int(task_ids.min()) and int(task_ids.max()) < n):
+        # checked where it is free: reading GPU ids would stop the host until the GPU has caught up
+        if n is not None and task_ids.device.type == "cpu" and task_ids.numel() and \
+                not (0 <= int(task_ids.min()) and int(task_ids.max()) < n):
             raise ValueError(f"task ids must lie in [0, {n}) (the adapter was built with num_tasks={n}), "
                              f"got {task_ids.min().item()}..{task_ids.max().item()}")
     ctx = AdapterContext(task_ids=task_ids, collect=collect)
-    previous = [m.ctx for m in mods]
+    previous = [m.ctx for m in mods], [m.adapter_ctx for m in hosts]
     for m in mods:
         m.ctx = ctx
+    for m in hosts:
+        m.adapter_ctx = ctx
     try:
         yield ctx
     finally:
-        for m, p in zip(mods, previous):
+        for m, p in zip(mods, previous[0]):
             m.ctx = p
+        for m, p in zip(hosts, previous[1]):
+            m.adapter_ctx = p
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -103,6 +119,28 @@ def kaiming_(t):
 def side_by_side(B):
     """[N, out, r] -> [out, N·r] = [B_1 | … | B_N], so that Σ_i B_i u_i is one matmul with [u_1; …; u_N]."""
     return B.permute(1, 0, 2).reshape(B.shape[1], -1)
+
+
+class RouterLogits(torch.autograd.Function):
+    """Router logits x W_r^T computed in fp32, keeping x in its own dtype for the backward (METHODS §2.3).
+
+    `F.linear(x.float(), W_r)` would keep the fp32 copy of x for W_r's gradient: on a bf16 base a second, twice as
+    large copy of every routed layer's input (~7 GB for Qwen2.5-7B at 8 x 4096 tokens). Here the backward makes
+    that copy for one layer at a time. With an fp32 x it is the same computation as F.linear.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(x.float(), w.float())
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        with torch.autocast(g.device.type, enabled=False):
+            gx = (g @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+            gw = (g.flatten(0, -2).t() @ x.flatten(0, -2).float()).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return gx, gw
 
 
 class AdapterLinear(nn.Module):
@@ -145,18 +183,23 @@ class AdapterLinear(nn.Module):
     def new(self, *shape):
         return Weight(*shape, device=self.weight.device)
 
-    def forward(self, x):
+    def forward(self, x, a_outputs=None):
+        """h = W0 x + b + adapter(x), with (adapter(x), A-output) = self.adapter_out(x). `a_outputs`: a dict (from
+        the decoder block) that receives the A-output."""
         y = F.linear(x, self.weight, self.bias)
         # adapter weights stay fp32 on a bf16 base; under autocast the matmuls pick their dtype themselves
         xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
-        return y + self.adapter_out(xa).to(y.dtype)
+        out, z = self.adapter_out(xa)
+        self.report(z, a_outputs)
+        return y + out.to(y.dtype)
 
-    def report(self, z):
-        """Hand the A-output to the active context (METHODS §3.1). A no-grad call never replaces a grad entry."""
-        ctx = self.ctx
-        if ctx is not None and ctx.collect and (torch.is_grad_enabled() or self.adapter_name not in ctx.a_outputs):
-            ctx.a_outputs[self.adapter_name] = z
-        return z
+    def report(self, z, a_outputs=None):
+        """Hand the A-output z to the alignment loss (METHODS §3.1): into `a_outputs` when the decoder block passed
+        one (it returns them, model.DecoderLayer), else into the active context if it collects."""
+        if a_outputs is not None:
+            a_outputs[self.adapter_name] = z
+        elif self.ctx is not None and self.ctx.collect:
+            self.ctx.put(self.adapter_name, z)
 
     def delta_weight(self, task=None):
         """Dense eval-mode ΔW [out, in] in fp32 (compensation included), so that h = (W0 + ΔW) x + b."""
@@ -209,8 +252,8 @@ class LoRALinear(AdapterLinear):
         kaiming_(self.lora_A.weight)
 
     def adapter_out(self, x):
-        z = self.report(F.linear(self.lora_dropout(x), self.lora_A.weight))
-        return F.linear(z, self.scaling * self.lora_B.weight)  # s on the [out, r] weight, not the [.., out] output
+        z = F.linear(self.lora_dropout(x), self.lora_A.weight)
+        return F.linear(z, self.scaling * self.lora_B.weight), z  # s on the [out, r] weight, not the [.., out] output
 
     def lowrank(self, task=None):
         return self.scaling * self.lora_B.weight.float(), self.lora_A.weight.float()
@@ -265,32 +308,33 @@ class HydraLoRALinear(AdapterLinear):
         if self.lora_router is None:
             return self.fixed_head_weights().to(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.lora_router.weight.float())
+            logits = RouterLogits.apply(x, self.lora_router.weight)
         return logits.softmax(-1).to(x.dtype)
 
     def adapter_out(self, x):
-        return F.linear(*self.heads_input(x))
+        u, W, z = self.heads_input(x)
+        return F.linear(u, W), z
 
     def heads_input(self, x):
-        """(u, W) with adapter output u W^T: u = [ω_1 z_1; …; ω_N z_N], W = s·[B_1 | … | B_N] (s on the small
-        weight, not on the [.., out] output)."""
+        """(u, W, z) with adapter output u W^T: u = [ω_1 z_1; …; ω_N z_N], W = s·[B_1 | … | B_N] (s on the small
+        weight, not on the [.., out] output); z is the A-output."""
         N, r = self.heads, self.rank
         per_head_dropout = self.head_dropout and self.training and self.dropout_p > 0
         if self.head_dropout:  # R-LoRA: z = A x, then an independent dropout mask per head
-            z = self.report(F.linear(x, self.lora_A.weight))
+            z = F.linear(x, self.lora_A.weight)
         else:                  # HydraLoRA: one mask on x before A, shared by the heads
-            z = self.report(F.linear(self.lora_dropout(x), self.lora_A.weight))
+            z = F.linear(self.lora_dropout(x), self.lora_A.weight)
         if self.lora_router is None and not per_head_dropout:
             # fixed weights c_i and the same z for every head: Σ_i c_i B_i z = (Σ_i c_i B_i) z, an r-wide matmul
             # instead of an N·r-wide one (elementwise sum: stays fp32 under autocast)
             c = self.fixed_head_weights()
-            return z, self.scaling * (c[:, None, None] * self.lora_B.weight).sum(0)
+            return z, self.scaling * (c[:, None, None] * self.lora_B.weight).sum(0), z
         if per_head_dropout:
             u = F.dropout(z.unsqueeze(-2).expand(*z.shape[:-1], N, r), self.dropout_p, self.training)
         else:
             u = z.unsqueeze(-2)
         u = u * self.head_weights(x).unsqueeze(-1)  # [..., N, r]: head i's input ω_i·z_i
-        return u.flatten(-2), self.scaling * side_by_side(self.lora_B.weight)
+        return u.flatten(-2), self.scaling * side_by_side(self.lora_B.weight), z
 
     def lowrank(self, task=None):
         """ΔW with the fixed head weights (for a router: what a uniform router would give; analysis only)."""
@@ -344,8 +388,8 @@ class RLoRALinear(HydraLoRALinear):
 
     def adapter_out(self, x):
         # −C x joins the heads' matmul: [u, C_A x] · [W | −C_B]^T, one [.., out] output instead of three
-        u, W = self.heads_input(x)
-        return F.linear(torch.cat([u, F.linear(x, self.comp_A)], -1), torch.cat([W, -self.comp_B], 1))
+        u, W, z = self.heads_input(x)
+        return F.linear(torch.cat([u, F.linear(x, self.comp_A)], -1), torch.cat([W, -self.comp_B], 1)), z
 
     def lowrank(self, task=None):
         """[s·Σ_i c_i B_i | −C_B] · [A; C_A]: rank ≤ 2r, exact (c = fixed head weights)."""
@@ -419,11 +463,11 @@ class MTLLoRALinear(AdapterLinear):
     def adapter_out(self, x):
         t = self.task_ids(x)
         b, r = x.shape[0], self.rank
-        z = self.report(F.linear(self.lora_dropout(x), self.lora_A.weight))
-        z = z.reshape(b, -1, r) @ self.transform(t).transpose(1, 2)         # Λ_t z, one bmm over the batch
-        u = z.unsqueeze(-2) * self.mixing(t)[:, None, :, None]             # [b, L, n_B, r]
+        z = F.linear(self.lora_dropout(x), self.lora_A.weight)
+        zt = z.reshape(b, -1, r) @ self.transform(t).transpose(1, 2)       # Λ_t z, one bmm over the batch
+        u = zt.unsqueeze(-2) * self.mixing(t)[:, None, :, None]            # [b, L, n_B, r]
         y = self.scaling * F.linear(u.flatten(-2), side_by_side(self.lora_B.weight))
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features), z
 
     def task_problem(self, task):
         """Why `task` is not one of this adapter's task ids (None when it is)."""
@@ -471,8 +515,8 @@ class MultiLoRALinear(AdapterLinear):
 
     def adapter_out(self, x):
         B, A = self.stacked()
-        z = self.report(F.linear(self.lora_dropout(x), A))
-        return F.linear(z, self.scaling * B)
+        z = F.linear(self.lora_dropout(x), A)
+        return F.linear(z, self.scaling * B), z
 
     def lowrank(self, task=None):
         B, A = self.stacked()
@@ -685,18 +729,14 @@ def _require_adapter(model):
 
 
 def _atomic_write(path: Path, write):
-    """`write(tmp)` then rename tmp to `path`: `path` is either the old file or the complete new one. A failure
-    (disk full, read-only directory) removes tmp and raises one OSError line naming `path`."""
+    """system.write_atomic of `write(tmp)`: `path` is either the old file or the complete new one. A failure (disk
+    full, read-only directory) leaves no temporary file and raises one OSError line naming `path`."""
     from safetensors import SafetensorError  # what save_file raises when its own write fails
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write_atomic(path, write)
     except (OSError, SafetensorError) as e:
         raise OSError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); free disk space or choose a "
                       "writable directory") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _adapter_tensors(model):

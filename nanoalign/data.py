@@ -23,11 +23,11 @@ import os
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .system import write_atomic
 from .tasks import (BBH_TASKS, BUILTIN_TASKS, LABEL_ONLY, SUITES, TASK_SUITE, builtin_examples, check_format,
                     subsample)
 
@@ -101,18 +101,8 @@ def read_jsonl(path):
 
 
 def write_jsonl(path, rows):
-    """Write examples atomically (temp file in the same directory, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ex in rows:
-                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write examples atomically (nanoalign.system.write_atomic), one JSON object a line."""
+    write_atomic(path, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in rows))
 
 
 # ----------------------------------------------------------------------------------------------------------------

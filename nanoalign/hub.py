@@ -26,6 +26,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
 
+from .system import write_atomic
+
 ALIASES = {
     **{f"qwen2.5-{s}{t}": f"Qwen/Qwen2.5-{s.upper()}{T}" for s in ("0.5b", "1.5b", "3b", "7b")
        for t, T in (("", ""), ("-instruct", "-Instruct"))},
@@ -327,10 +329,3 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -47,7 +47,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import adapter_context
-from .data import answer_positions, pad_right
+from .data import IGNORE_INDEX, answer_positions, pad_right
 
 
 @dataclass
@@ -219,7 +219,8 @@ def meta_step(model, episode, cfg: MetaConfig, loss_fn=answer_loss, scale=1.0):
     loss_fn(model, params, batch) -> scalar loss with the trainable tensors replaced by `params` (answer_loss).
     Returns, over this rank's tasks: {"loss": mean query loss after adaptation, "support_loss": mean support loss
     before it (None for k = 0), "tokens": real tokens that went through a forward and backward, "tokens_sq": Σ T² of
-    those rows (T: real length; train.py's attention FLOPs); second order's extra backward is not counted}.
+    those rows (T: real length; train.py's attention FLOPs), "logits": labelled positions (lm_head FLOPs); second
+    order's extra backward is not counted}.
     """
     if getattr(model, "gradient_checkpointing", False):
         raise ValueError("MeTA-LoRA cannot use gradient checkpointing: its recompute would see the shared adapter, "
@@ -229,7 +230,7 @@ def meta_step(model, episode, cfg: MetaConfig, loss_fn=answer_loss, scale=1.0):
         raise ValueError("the model has no trainable tensors: apply_adapter(model, ...) first")
     second = cfg.order == 2 and cfg.inner_steps > 0
     weight = scale / episode["num_tasks"] if cfg.agg == "mean" else scale
-    query_losses, support_losses, tokens, tokens_sq = [], [], 0, 0
+    query_losses, support_losses, tokens, tokens_sq, logits = [], [], 0, 0, 0
     # second order differentiates a backward; the fused attention kernels have no derivative of their backward
     with sdpa_kernel([SDPBackend.MATH]) if second else nullcontext():
         for item in episode["tasks"]:
@@ -249,6 +250,7 @@ def meta_step(model, episode, cfg: MetaConfig, loss_fn=answer_loss, scale=1.0):
                 lengths = item[part]["attention_mask"].sum(1)
                 tokens += times * int(lengths.sum())
                 tokens_sq += times * int((lengths ** 2).sum())
+                logits += times * int((item[part]["labels"] != IGNORE_INDEX).sum())
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"loss": mean(query_losses), "support_loss": mean(support_losses), "tokens": tokens,
-            "tokens_sq": tokens_sq}
+            "tokens_sq": tokens_sq, "logits": logits}

@@ -205,6 +205,11 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def project(linear, x, a_outputs):
+    """linear(x); an adapter (nanoalign.adapters) also puts its A-output into `a_outputs` when that is a dict."""
+    return linear(x) if a_outputs is None or isinstance(linear, nn.Linear) else linear(x, a_outputs)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -215,18 +220,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, a_outputs=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = project(self.q_proj, x, a_outputs).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = project(self.k_proj, x, a_outputs).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = project(self.v_proj, x, a_outputs).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        # mask None means plain causal attention, which lets SDPA pick its flash kernel on GPU
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if mask is None:
+            # plain causal attention: SDPA's flash / cuDNN kernels take it, grouped-query heads included
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+        else:
+            # with a mask, enable_gqa can leave only the math kernel on GPU: give every q head its k/v instead
+            if self.n_kv != self.n_head:
+                k = k.repeat_interleave(self.n_head // self.n_kv, 1)
+                v = v.repeat_interleave(self.n_head // self.n_kv, 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), a_outputs)
 
 
 class SwiGLU(torch.autograd.Function):
@@ -257,8 +268,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x):
-        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x, a_outputs=None):
+        h = SwiGLU.apply(project(self.gate_proj, x, a_outputs), project(self.up_proj, x, a_outputs))
+        return project(self.down_proj, h, a_outputs)
 
 
 class DecoderLayer(nn.Module):
@@ -269,9 +281,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache=None, collect=False):
+        """-> (x, {adapter name: A-output}) with the A-outputs of this block's adapters when `collect`, else {}.
+
+        The dict is made here and returned, not stored anywhere: a block without side effects is what
+        torch.utils.checkpoint (which re-runs it in the backward) and torch.compile (which traces it) need.
+        """
+        a = {} if collect else None
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, a)
+        return x + self.mlp(self.post_attention_layernorm(x), a), a or {}
 
 
 class KVCache:
@@ -305,9 +323,42 @@ def attention_mask_4d(key_mask: torch.Tensor, T: int, past: int):
 
 
 def is_right_padded(mask: torch.Tensor) -> bool:
-    """True when every row is ones then zeros: plain causal attention is then exact for every real token."""
+    """True when every row is ones then zeros: plain causal attention is then exact for every real token.
+
+    Reads the mask's values: call it on the CPU batch before it moves to the device (on a GPU tensor it is a host
+    sync, and under torch.compile a graph break) and pass the answer as `model(..., right_padded=...)`.
+    """
     m = mask.to(torch.int8)
     return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
+def logit_indices(at: torch.Tensor) -> torch.Tensor:
+    """Flat indices b·T + t of the True entries of a bool [B, T] mask, for `model(..., logits_at=...)`.
+
+    A bool `logits_at` selects rows by value (a data-dependent shape: a host sync and a graph break); these
+    indices select the same rows in the same order by position. Compute them on the CPU batch, then move them.
+    """
+    if at.dtype != torch.bool or at.dim() != 2:
+        raise ValueError(f"logit_indices takes a bool [batch, seq] mask, got {at.dtype} of shape {tuple(at.shape)}")
+    return at.flatten().nonzero().squeeze(1)
+
+
+def pad_to_multiple(t: torch.Tensor, multiple: int, value, dim: int = -1) -> torch.Tensor:
+    """Pad `t` at the end of `dim` with `value` to the next multiple of `multiple` (e.g. 64).
+
+    Fewer distinct shapes mean fewer torch.compile recompiles and reused allocator blocks. For a right-padded
+    batch pad input_ids with the pad id, attention_mask with False and labels with -100; for `logit_indices` pad
+    the indices with 0 and their targets with -100 (the extra logits are computed and ignored by the loss).
+    """
+    if int(multiple) < 1:
+        raise ValueError(f"multiple must be a positive integer, got {multiple}")
+    n = t.shape[dim]
+    extra = -n % int(multiple)
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, torch.full(shape, value, dtype=t.dtype, device=t.device)], dim)
 
 
 class Decoder(nn.Module):
@@ -317,8 +368,10 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.adapter_ctx = None  # set by nanoalign.adapters.adapter_context: where the blocks' A-outputs go
 
-    def forward(self, input_ids, attention_mask=None, cache=None, position_ids=None, grad_ckpt=False):
+    def forward(self, input_ids, attention_mask=None, cache=None, position_ids=None, grad_ckpt=False,
+                right_padded=None):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if attention_mask is not None:
@@ -331,21 +384,32 @@ class Decoder(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        x = self.embed_tokens(input_ids)
         mask = None
-        if attention_mask is not None and not (cache is None and is_right_padded(attention_mask)):
+        if attention_mask is not None and cache is None and right_padded is None:
+            # undecided: look at the mask (a host sync on GPU); a traced graph cannot branch on values, so under
+            # torch.compile the mask is applied as it is (exact for any padding, but no flash kernel)
+            right_padded = False if torch.compiler.is_compiling() else is_right_padded(attention_mask)
+        if attention_mask is not None and (cache is not None or not right_padded):
             mask = attention_mask_4d(attention_mask, T, past)
         elif cache is not None and past > 0:
             mask = torch.ones(B, 1, T, past + T, dtype=torch.bool, device=input_ids.device).tril(past)
-        x = self.embed_tokens(input_ids)
+        if mask is not None:
+            # additive, once per forward: SDPA would turn a bool mask into this in every layer
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         freqs = position_ids[..., None].float() * rope_frequencies(self.cfg, x.device)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, head_dim]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        ctx = self.adapter_ctx
+        collect = ctx is not None and ctx.collect
         for layer in self.layers:
             if grad_ckpt and torch.is_grad_enabled():
                 # non-reentrant: gradients still reach adapters when the block input needs no grad (frozen embeddings)
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x, a = checkpoint(layer, x, cos, sin, mask, cache, collect, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x, a = layer(x, cos, sin, mask, cache, collect)
+            for name, z in a.items():  # outside the checkpointed block: a re-run in the backward stores nothing
+                ctx.put(name, z)
         if cache is not None:
             cache.length += T
         return self.norm(x)
@@ -363,10 +427,26 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask=None, *, logits_at=None, cache=None, position_ids=None):
-        h = self.model(input_ids, attention_mask, cache, position_ids, grad_ckpt=self.gradient_checkpointing)
+    def forward(self, input_ids, attention_mask=None, *, logits_at=None, cache=None, position_ids=None,
+                right_padded=None):
+        """Logits at every position, or only at `logits_at`: a bool [B, T] mask, or a LongTensor of flat indices
+        b·T + t (`logit_indices`, computed on the host: no sync, one shape for torch.compile).
+
+        right_padded: True when every row of `attention_mask` is real tokens then padding (then no mask is needed:
+        plain causal attention, SDPA's fastest kernels); False applies the mask; None decides from the mask's
+        values (`is_right_padded`: a host sync on GPU; under torch.compile the mask is applied).
+        """
+        h = self.model(input_ids, attention_mask, cache, position_ids, grad_ckpt=self.gradient_checkpointing,
+                       right_padded=right_padded)
         if logits_at is not None:
-            h = h[logits_at]  # only the chosen positions: a 152k-word vocab makes full logits the largest tensor
+            # only the chosen positions: a 152k-word vocab makes full logits the largest tensor
+            if logits_at.dtype == torch.bool:
+                h = h[logits_at]
+            elif logits_at.dim() == 1 and not logits_at.is_floating_point():
+                h = h.flatten(0, 1).index_select(0, logits_at)
+            else:
+                raise ValueError(f"logits_at must be a bool [batch, seq] mask or a 1-D integer tensor of flat indices "
+                                 f"(logit_indices), got {logits_at.dtype} of shape {tuple(logits_at.shape)}")
         return self.lm_head(h)
 
     @torch.no_grad()
@@ -388,18 +468,16 @@ class CausalLM(nn.Module):
         cache = KVCache(self.config, B, T + max_new_tokens, p.dtype, p.device)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         out, ids = [], input_ids
-        last = torch.zeros(B, T, dtype=torch.bool, device=input_ids.device)
-        last[:, -1] = True
         for _ in range(max_new_tokens):
-            logits = self(ids, attention_mask, logits_at=last, cache=cache).float()
+            h = self.model(ids, attention_mask, cache)
+            logits = self.lm_head(h[:, -1]).float()  # left padding: every row's next token comes from the last column
             nxt = sample(logits, temperature, top_k, top_p, generator)
             out.append(torch.where(done, torch.full_like(nxt, pad_token_id), nxt))
             done |= torch.isin(nxt, eos)
-            if bool(done.all()):
+            if bool(done.all()):  # one host sync per token, the price of stopping early
                 break
             ids = nxt[:, None]  # finished rows keep decoding real ids (their output is replaced by padding)
             attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=torch.bool, device=ids.device)], 1)
-            last = torch.ones(B, 1, dtype=torch.bool, device=ids.device)
         out = torch.stack(out, 1)
         return F.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_token_id)
 

@@ -606,3 +606,37 @@ def test_bf16_base_with_fp32_adapters(kind):
     assert half.dtype == torch.bfloat16
     tol = 0.05 * ref.abs().max()  # bf16 keeps ~3 significant digits; a dtype bug would be far off
     assert (auto.float() - ref).abs().max() < tol and (half.float() - ref).abs().max() < tol
+
+
+def old_router(x, w):
+    """HydraLoRA's router before RouterLogits: fp32 logits of an fp32 copy of x (which autograd keeps)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), w.float()).softmax(-1).to(x.dtype)
+
+
+def test_router_equals_old_computation_and_keeps_no_fp32_copy():
+    """The router weights ω(x) and their gradients (w.r.t. x and W_r) equal the old F.linear(x.float(), W_r)
+    computation exactly for fp32 x and to bf16 round-off for bf16 x; and for a bf16 x nothing of x's size is
+    saved for the backward in fp32 (the old code kept such a copy for every routed layer)."""
+    m = randomize(make("hydra"))
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 7, IN, generator=g).to(dtype)
+        dy = torch.randn(5, 7, N, generator=g).to(dtype)
+        out = []
+        for fn in (old_router, None):
+            xi = x.clone().requires_grad_()
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                y = old_router(xi, m.lora_router.weight) if fn else m.head_weights(xi)
+            (y.float() * dy.float()).sum().backward()
+            out.append((y, xi.grad, m.lora_router.weight.grad.clone(), saved))
+            m.lora_router.weight.grad = None
+        (y0, gx0, gw0, saved_old), (y1, gx1, gw1, saved_new) = out
+        tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
+        for a, b in ((y1, y0), (gx1, gx0), (gw1, gw0)):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, **tol)
+        big_fp32 = lambda ts: [t for t in ts if t.dtype == torch.float32 and t.numel() == x.numel()]
+        if dtype == torch.bfloat16:
+            assert big_fp32(saved_old) and not big_fp32(saved_new)

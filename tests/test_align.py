@@ -274,6 +274,116 @@ def test_bad_input_gives_clear_errors():
         kl_alignment_loss([torch.randn(4, 3), torch.randn(4, 5)])
 
 
+def old_formula(zs, mask, task, kind, position_wise, pair_reduction, module_reduction, num_tasks, max_rows, sigmas):
+    """The alignment loss as it was computed before the fixed-shape version: per module, task_groups cuts the
+    groups out (boolean indexing), MMD keeps linspace-spaced rows per group, then per task pair and position
+    torch.distributions' KL or the naive MMD loop on the counted rows, averaged over the valid positions."""
+    per_module = []
+    for z in zs.values():
+        groups = task_groups(z.double(), mask, task, num_tasks, position_wise)
+        groups = [g if position_wise else (g[:, None], torch.ones(len(g), 1, dtype=torch.bool)) for g in groups]
+        if kind == "mmd" and max_rows is not None:
+            groups = [(x[i], m[i]) for x, m in groups
+                      for i in [torch.linspace(0, len(x) - 1, max_rows).round().long() if len(x) > max_rows
+                                else torch.arange(len(x))]]
+        terms = []
+        for (xa, ma), (xb, mb) in itertools.combinations(groups, 2):
+            need = 2 if kind == "kl" else 1
+            d = [ref_sym_kl(xa[ma[:, s], s], xb[mb[:, s], s], 1e-8) if kind == "kl" else
+                 naive_mmd(xa[ma[:, s], s], xb[mb[:, s], s], sigmas)
+                 for s in range(xa.shape[1]) if ma[:, s].sum() >= need and mb[:, s].sum() >= need]
+            if d:
+                terms.append(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in d]).mean())
+        t = torch.stack(terms) if terms else torch.zeros(1, dtype=torch.float64)
+        per_module.append(t.mean() if pair_reduction == "mean" and terms else t.sum())
+    per_module = torch.stack(per_module)
+    return per_module.mean() if module_reduction == "mean" else per_module.sum()
+
+
+@pytest.mark.parametrize("kind", ["kl", "mmd"])
+@pytest.mark.parametrize("position_wise", [False, True])
+def test_alignment_loss_equals_old_formula_on_random_batches(kind, position_wise):
+    """Random batches with padding, an absent task, a task with a single example and one with a single counted
+    token, both reductions, row caps that bind and that do not: the fixed-shape loss equals the old formula
+    (old_formula) to float64 round-off."""
+    g = torch.Generator().manual_seed(7)
+    for trial in range(6):
+        B, T, r = 7, 5, 3
+        zs = {f"m{i}": torch.randn(B, T, r, generator=g, dtype=torch.float64) * (1 + i) + i for i in range(2)}
+        mask = torch.rand(B, T, generator=g) > 0.3
+        task = torch.tensor([0, 0, 1, 1, 1, 3, 0])             # task 2 absent, task 3 has one example
+        if trial % 2:
+            mask[2:5] = False
+            mask[3, 1] = True                                  # task 1: a single counted token
+        kw = dict(kind=kind, position_wise=position_wise, pair_reduction=["mean", "sum"][trial % 2],
+                  module_reduction=["mean", "sum"][trial // 3], num_tasks=4 if trial % 3 else None)
+        cap = [None, 2, 4][trial % 3] if kind == "mmd" else None
+        extra = dict(max_rows=cap, sigmas=[0.5, 2.0, 10.0]) if kind == "mmd" else {}
+        got = alignment_loss(zs, mask, task, **kw, **extra)
+        want = old_formula(zs, mask, task, **kw, max_rows=cap, sigmas=[0.5, 2.0, 10.0])
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"trial {trial} {kw} cap={cap}")
+
+
+@pytest.mark.parametrize("kind", ["kl", "mmd"])
+@pytest.mark.parametrize("position_wise", [False, True])
+def test_alignment_loss_has_no_data_dependent_host_reads(kind, position_wise):
+    """With num_tasks given, dynamo traces alignment_loss as one graph (fullgraph=True): no .item(), bool(tensor),
+    nonzero or boolean indexing, each of which would be a graph break here and a host sync on a GPU. The traced
+    loss equals the eager one."""
+    torch._dynamo.reset()
+    z, mask, task = batch()
+    zs = {"a": z, "b": z * 2 + 1}
+    traced = torch.compile(alignment_loss, backend="eager", fullgraph=True)
+    kw = dict(kind=kind, position_wise=position_wise, num_tasks=3)
+    torch.testing.assert_close(traced(zs, mask, task, **kw), alignment_loss(zs, mask, task, **kw))
+
+
+def test_mmd_fp32_gradient_with_duplicate_rows():
+    """A shared prompt prefix makes A-outputs identical across examples and tasks, and near-duplicates happen: at
+    such pairs the σ=1e-6 kernel's slope is ~5e5. The fp32 gradient still matches the float64 one (and the old
+    formula's, autograd through cdist) to fp32 round-off: no cancellation of huge terms."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 6, 4, generator=g)
+    z[:, :2] = z[0, :2]                                          # identical prefix rows
+    z[3, 4] = z[2, 4] + 1e-3 * torch.randn(4, generator=g)      # a near-duplicate in another task
+    mask, task = torch.ones(8, 6, dtype=torch.bool), torch.arange(8) % 3
+    grads = []
+    for dtype in (torch.float64, torch.float32):
+        zz = z.to(dtype, copy=True).requires_grad_()
+        (gz,) = torch.autograd.grad(alignment_loss({"m": zz}, mask, task, kind="mmd", max_rows=None), zz)
+        grads.append(gz.double())
+    ref = old_formula({"m": z.double()}, mask, task, "mmd", False, "mean", "mean", None, None, MMD_SIGMAS)
+    torch.testing.assert_close(alignment_loss({"m": z.double()}, mask, task, kind="mmd", max_rows=None), ref)
+    assert (grads[1] - grads[0]).abs().max() < 1e-5 * grads[0].abs().max()
+
+
+def test_mmd_row_cap_picks_linspace_rows():
+    """The row cap keeps, for every group at once, the rows torch.linspace(0, n-1, m).round() picks (the old
+    per-group subsampling), for every group size n and cap m up to 70; smaller groups keep all their rows."""
+    from nanoalign.align import _pick_rows
+    for n in range(1, 140):
+        for m in range(1, 70):
+            member = torch.zeros(2, n + 5, dtype=torch.bool)
+            member[0, 5:] = True                                # group 0: rows 5.., group 1: rows 0..4
+            member[1, :5] = True
+            idx, keep = _pick_rows(member, m)
+            want = torch.linspace(0, n - 1, m).round().long() if n > m else torch.arange(n)
+            assert torch.equal(idx[0][keep[0]] - 5, want), (n, m)
+            assert torch.equal(idx[1][keep[1]], torch.linspace(0, 4, m).round().long() if m < 5 else torch.arange(5))
+
+
+def test_mmd_default_row_cap():
+    """By default MMD keeps MMD_MAX_ROWS evenly spaced rows per task (the same loss as passing that cap and as
+    the naive MMD on those rows); max_rows=None keeps all rows."""
+    from nanoalign.align import MMD_MAX_ROWS
+    a, b = rand_groups([MMD_MAX_ROWS + 21, MMD_MAX_ROWS + 5], r=2, dtype=torch.float32)
+    capped = mmd_alignment_loss([a, b])
+    torch.testing.assert_close(capped, mmd_alignment_loss([a, b], max_rows=MMD_MAX_ROWS), rtol=0, atol=0)
+    pick = lambda x: x[torch.linspace(0, len(x) - 1, MMD_MAX_ROWS).round().long()]
+    torch.testing.assert_close(capped.double(), naive_mmd(pick(a), pick(b)), rtol=1e-5, atol=1e-6)
+    assert (mmd_alignment_loss([a, b], max_rows=None) - capped).abs() > 1e-6
+
+
 # ----------------------------------------------------------------------------- through a real model and adapters
 
 def tiny_adapted_model(kind, seed=0):

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import JSONL_TASKS, error_line, make_jsonl  # noqa: E402
 
 import nanoalign  # noqa: E402
+from nanoalign import system  # noqa: E402
 from nanoalign.adapters import apply_adapter, save_adapter  # noqa: E402
 from nanoalign.data import extract_answer  # noqa: E402
 from nanoalign.evaluate import (accuracies, choice_logprobs, diagnostics_table, encode_pair, evaluate,  # noqa: E402
@@ -381,19 +382,19 @@ def test_eval_py_system_errors_are_one_line(tiny, tmp_path, capsys, monkeypatch)
     latin1.write_bytes(data.read_bytes().split(b"\n")[0] + b"\n" + '{"task": "t", "prompt": "caf\u00e9"}\n'.encode(
         "latin-1"))
     assert f"{latin1}:2: not UTF-8 text" in eval_error(capsys, ["--model", tiny, "--data", latin1])
-    real_mkdir, real_write = Path.mkdir, Path.write_text
+    real_mkdir = Path.mkdir
 
     def read_only(self, *a, **k):
         if "ro" in self.parts:
             raise OSError(errno.EROFS, "Read-only file system", str(self))
         return real_mkdir(self, *a, **k)
 
-    def full(self, *a, **k):
-        if self.name.startswith(".full"):
-            raise OSError(errno.ENOSPC, "No space left on device", str(self))
-        return real_write(self, *a, **k)
+    def full(file, *a, **k):  # the disk fills up when write_atomic opens its temporary file
+        if Path(file).name.startswith(".full"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return open(file, *a, **k)
     monkeypatch.setattr(Path, "mkdir", read_only)
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(system, "open", full, raising=False)  # module globals come before builtins
     error = eval_error(capsys, args + ["--out", tmp_path / "ro" / "r.json"])
     assert error == f"error: {tmp_path / 'ro'}: read-only file system; choose another --out"
     error = eval_error(capsys, args + ["--out", tmp_path / "full.json"])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from nanoalign.model import CausalLM, ModelConfig
+from nanoalign.model import CausalLM, ModelConfig, is_right_padded, logit_indices, pad_to_multiple
 
 transformers = pytest.importorskip("transformers")
 
@@ -93,6 +93,40 @@ def test_logits_at_selects_positions(pair):
         part = ours(ids, mask, logits_at=sel)
     assert part.shape == (3, 97)
     torch.testing.assert_close(part, full[sel], rtol=0, atol=1e-6)  # a smaller matmul: round-off only
+
+
+def test_logits_at_indices_and_host_padding_flag(pair):
+    """Flat indices from logit_indices select the same rows as the bool mask, bit for bit; right_padded=True on
+    a right-padded batch (plain causal attention, no mask) and right_padded=False (the mask applied) give the
+    same logits at real tokens as the undecided default, which checks the mask itself."""
+    _, ours, _ = pair
+    ids, mask = padded_batch([7, 3, 5], 7, left=False)
+    sel = mask.clone()
+    sel[:, 0] = False
+    with torch.no_grad():
+        by_mask = ours(ids, mask, logits_at=sel)
+        by_index = ours(ids, mask, logits_at=logit_indices(sel))
+        torch.testing.assert_close(by_index, by_mask, rtol=0, atol=0)
+        auto = ours(ids, mask)
+        for flag in (True, False):
+            torch.testing.assert_close(ours(ids, mask, right_padded=flag)[mask], auto[mask], rtol=0, atol=1e-5)
+    assert is_right_padded(mask) and not is_right_padded(padded_batch([7, 3], 7, left=True)[1])
+    with pytest.raises(ValueError, match="bool"):
+        logit_indices(sel.long())
+    with pytest.raises(ValueError, match="logits_at"):
+        ours(ids, mask, logits_at=sel.long())   # a 0/1 integer mask is not a list of indices
+
+
+def test_pad_to_multiple():
+    """Pads the end of a dimension with the given value up to the next multiple; a multiple already is kept."""
+    ids, mask = padded_batch([5, 3], 5, left=False)
+    p = pad_to_multiple(ids, 4, 0)
+    assert p.shape == (2, 8) and torch.equal(p[:, :5], ids) and bool((p[:, 5:] == 0).all())
+    assert not pad_to_multiple(mask, 4, False)[:, 5:].any()
+    assert torch.equal(pad_to_multiple(torch.arange(6), 3, -100), torch.arange(6))
+    assert pad_to_multiple(torch.arange(7), 4, -100).tolist() == [0, 1, 2, 3, 4, 5, 6, -100]
+    with pytest.raises(ValueError, match="positive"):
+        pad_to_multiple(ids, 0, 0)
 
 
 def test_greedy_generation_cache_equals_no_cache_and_hf(pair):

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 import nanoalign
 from nanoalign.adapters import KINDS, adapter_context, adapter_modules, apply_adapter
+from nanoalign import system
 from nanoalign.align import alignment_loss
 
 p = parser(__doc__)
@@ -102,8 +103,8 @@ def plain_linear(m):
 
 # %%
 def worker(kind):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = system.pick_device()
+    dtype = system.base_dtype(device)
     torch.manual_seed(args.seed)
     model = nanoalign.load_model(args.model, dtype=dtype, device=device).eval()
     n_base = sum(t.numel() for t in model.parameters())

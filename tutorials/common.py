@@ -18,7 +18,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import atexit
-import json
 import platform
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `import nanoalign` / `import train` work from a plain checkout
 
 import nanoalign  # noqa: E402
+from nanoalign import system  # noqa: E402
 from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks, load_tasks  # noqa: E402
 from nanoalign.model import CausalLM, ModelConfig  # noqa: E402
 
@@ -196,16 +196,9 @@ def machine() -> dict:
 
 
 def write_json(path, obj):
-    """Write JSON atomically (temp file + os.replace): a crash never leaves half a results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """nanoalign.system.write_json (atomic: a crash never leaves half a results file); returns the path."""
+    system.write_json(path, obj)
+    return Path(path)
 
 
 def pyplot():
@@ -222,14 +215,7 @@ def pyplot():
 
 def save_figure(fig, path):
     """savefig atomically, then close the figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    system.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     import matplotlib.pyplot as plt
     plt.close(fig)
     return path

@@ -1,0 +1,203 @@
+"""The run directory's saved state (train.py): the log, checkpoints written so that a crash at any moment leaves a
+complete one, and everything a resume reads back, checked file by file.
+
+A checkpoint is a directory: the adapter (adapter.safetensors + adapter_config.json, as save_adapter writes it),
+the AdamW state (optimizer.safetensors), every rank's RNG state (rng.safetensors) and state.json (step, world size,
+the batcher's position, the optimizer's param groups, the run's config). Safetensors and JSON only: nothing is
+unpickled on resume.
+"""
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .adapters import load_adapter, save_adapter
+from .system import fsync, read_json, write_atomic
+
+
+@torch.no_grad()
+def all_finite(params):
+    """A 0-dim bool tensor on the parameters' device (no host sync): whether every value is finite. One norm over
+    all of them (foreach kernels); a NaN or inf anywhere, or a weight past ~1e19 (the float32 norm overflows), makes
+    it False."""
+    return torch.nn.utils.get_total_norm(params).isfinite()
+
+
+def rng_states(device, world):
+    """Every rank's torch RNG state (CPU, plus CUDA) as uint8 tensors, gathered so rank 0 can save them all."""
+    state = torch.get_rng_state()
+    if device.type == "cuda":
+        state = torch.cat([state, torch.cuda.get_rng_state(device)])
+    if world == 1:
+        return [state]
+    out = [torch.empty_like(state, device=device) for _ in range(world)]
+    dist.all_gather(out, state.to(device))
+    return [s.cpu() for s in out]
+
+
+def set_rng_state(state, device):
+    n = torch.get_rng_state().numel()
+    torch.set_rng_state(state[:n].clone())
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[n:].clone(), device)
+
+
+RUN_STATE = ("checkpoint", "checkpoint.old", "log.jsonl")  # what a fresh start would destroy
+
+
+def check_fresh_start(out: Path, overwrite):
+    """Forgetting --resume must not destroy a run: a fresh start in a directory holding a checkpoint or a log
+    needs --overwrite."""
+    found = [name for name in RUN_STATE if (out / name).exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"{out} holds an earlier run ({', '.join(found)}): pass --resume to continue it, or "
+                              "--overwrite to delete it and start fresh")
+
+
+def clear_run_state(out: Path):
+    """--overwrite: the earlier run's checkpoints and log go (its adapter and results are replaced at the end)."""
+    for name in (*RUN_STATE, "checkpoint.tmp"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def read_log(path: Path, say=print):
+    """The records of log.jsonl. A torn last line (a write cut short by a full disk or a power loss) is dropped with
+    a note; a damaged line before the last one is an error naming it."""
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record")
+            records.append(record)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if any(line.strip() for line in lines[i:]):
+                raise ValueError(f"{path}:{i}: not a JSON record; the log is damaged (delete the line, or start "
+                                 "again with --overwrite)") from None
+            say(f"note: {path}:{i}: dropped a torn last line ({len(raw)} bytes)")
+    return records
+
+
+def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, world, params):
+    """Called on every rank (the RNG states are gathered); rank 0 writes `<path>.tmp/` completely, syncs it to disk,
+    then swaps it in with renames, so a crash at any moment leaves a complete checkpoint at `path` or `<path>.old`.
+    A failed write (a full disk) removes `<path>.tmp`; weights that are not finite are never written."""
+    from safetensors.torch import save_file
+    rngs = rng_states(device, world)
+    if rank != 0:
+        return
+    if not bool(all_finite(params)):
+        raise FloatingPointError(f"refusing to write {path} at step {step}: the adapter weights are not finite")
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_adapter(model, tmp)
+        sd = opt.state_dict()
+        save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()},
+                  str(tmp / "optimizer.safetensors"))
+        save_file({f"rank{r}": s for r, s in enumerate(rngs)}, str(tmp / "rng.safetensors"))
+        state = {"step": step, "world_size": world, "batcher": batcher.state_dict(),
+                 "optimizer_groups": sd["param_groups"], **extra}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for f in tmp.iterdir():
+            fsync(f)
+        fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    tmp.rename(path)
+    fsync(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back whole: its directory, state.json, optimizer and RNG tensors (the adapter is checked
+    here and loaded from the directory by load_adapter)."""
+    path: Path
+    state: dict
+    optimizer: dict
+    rng: dict
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read and check every file of a checkpoint directory, or a ValueError naming the bad file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    state = read_json(path / "state.json") if (path / "state.json").is_file() else None
+    if state is None or not all(k in state for k in ("step", "world_size", "batcher", "optimizer_groups", "config")):
+        raise ValueError(f"{path / 'state.json'}: missing or incomplete")
+    read_json(path / "adapter_config.json")
+    tensors = {}
+    for name in ("adapter", "optimizer", "rng"):
+        file = path / f"{name}.safetensors"
+        try:
+            tensors[name] = load_file(str(file))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    if not all(bool(t.isfinite().all()) for t in tensors["adapter"].values()):
+        raise ValueError(f"{path / 'adapter.safetensors'}: holds non-finite weights")
+    return Checkpoint(path, state, tensors["optimizer"], tensors["rng"])
+
+
+def find_checkpoint(path: Path, say=print) -> Checkpoint:
+    """The checkpoint to resume from: `path`, else `<path>.old` (a crash between the two renames of save_checkpoint
+    leaves only that one; damage to `path` is noted); a clear error when neither is there or readable."""
+    old = path.with_name(path.name + ".old")
+    problems = []
+    for d in (path, old):
+        if not d.is_dir():
+            continue
+        try:
+            ckpt = read_checkpoint(d)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            say(f"note: {problems[0]}; resuming from {d} instead")
+        return ckpt
+    if problems:
+        raise ValueError(f"cannot resume: {'; '.join(problems)}. Restore the file, or start again with --overwrite")
+    fresh = "--overwrite" if (path.parent / "log.jsonl").exists() else "without --resume"
+    raise FileNotFoundError(f"{path}: no checkpoint to resume from; run {fresh} to start fresh")
+
+
+def continue_run_dir(out: Path, ckpt: Checkpoint, say=print):
+    """On resume (rank 0): a damaged live checkpoint that lost to checkpoint.old goes to checkpoint.bad (else the
+    next save would rotate it over the good one); log.jsonl keeps the records up to the checkpoint's step (a crash
+    after it logged more) without a torn last line."""
+    live = out / "checkpoint"
+    if ckpt.path != live and live.exists():
+        shutil.rmtree(out / "checkpoint.bad", ignore_errors=True)
+        live.rename(out / "checkpoint.bad")
+        say(f"note: moved the damaged checkpoint to {out / 'checkpoint.bad'}")
+    log = out / "log.jsonl"
+    if log.exists():
+        keep = [r for r in read_log(log, say) if r["step"] <= ckpt.state["step"]]
+        write_atomic(log, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def load_checkpoint(ckpt: Checkpoint, model, opt, device, rank, world):
+    """Adapter, optimizer and this rank's RNG state from a checkpoint (the data position is the caller's)."""
+    if ckpt.state["world_size"] != world:
+        raise ValueError(f"{ckpt.path} was written by {ckpt.state['world_size']} process(es); resume with the same "
+                         f"number (this run has {world})")
+    load_adapter(model, ckpt.path)  # a damaged file is one ValueError naming it
+    state_by_param = {}
+    for key, t in ckpt.optimizer.items():
+        i, name = key.split(".", 1)
+        state_by_param.setdefault(int(i), {})[name] = t
+    opt.load_state_dict({"state": state_by_param, "param_groups": ckpt.state["optimizer_groups"]})
+    set_rng_state(ckpt.rng[f"rank{rank}"], device)
