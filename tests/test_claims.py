@@ -59,3 +59,47 @@ def test_claim_report_from_cached_runs(tiny, tmp_path, one_thread):
                                                               ("hydra-norouter", "hydra")]
     for c in rep["comparisons"]:
         assert c["low"] <= c["diff"] <= c["high"] and c["verdict"] in VERDICTS and c["seeds"] == 2
+
+
+# every method defined before claim 10, by label -> its run key (stub data fingerprints), digested: adding methods
+# must leave these keys alone, or every cached run of experiments/results/runs/ would be orphaned
+KEYS_BEFORE_CLAIM_10 = "03b5784a6ab19653"
+
+
+def test_claim_10_methods_share_lora_r8_and_leave_earlier_keys_alone():
+    """Claim 10 (MeTA-LoRA): for K = 64 (first), 16, 256 a MeTA-LoRA and a standard-trainer row that are `lora-r8`'s
+    options plus --shots K (and the meta trainer with 2 + 2 episode examples: the standard trainer's 2 per task per
+    step, and support + query within K = 16, which MetaSampler accepts); `lora-r8` itself is the full-data row shared
+    with claim 4-5; every option is a train.TrainConfig field and passes train.py's checks; the run keys of the claim
+    are distinct, and those of every earlier method equal the digest pinned at the commit that added claim 10."""
+    import hashlib
+    import json
+    from types import SimpleNamespace
+
+    import train
+    from nanoalign.meta import MetaConfig, MetaSampler
+
+    m = C.methods(3, ModelConfig.from_hf_dict(SMOLLM2))
+    labels, seeds, comparisons = C.CLAIMS["10"]
+    assert labels[:3] == ["meta-k64", "lora-k64", "lora-r8"] and seeds == C.SEEDS and C.SHOTS[0] == 64
+    assert "lora-r8" in C.CLAIMS["4-5"][0]
+    assert set(labels) == {"lora-r8", *(f"{kind}-k{k}" for k in (16, 64, 256) for kind in ("meta", "lora"))}
+    assert [(a, b, s) for a, b, s, _ in comparisons] == [
+        (f"meta-k{k}", b, s) for k in (64, 16, 256) for b, s in ((f"lora-k{k}", True), ("lora-r8", None))]
+    base = m["lora-r8"].options
+    for k in (16, 64, 256):
+        assert m[f"lora-k{k}"].options == {**base, "shots": k}
+        assert m[f"meta-k{k}"].options == {**base, "shots": k, "trainer": "meta", "meta_support": 2, "meta_query": 2}
+    data = SimpleNamespace(test_fp="test", train_fp="train")  # run_key reads only these two fingerprints of Data
+    keys = {}
+    for label, method in m.items():
+        cfg = G.train_config(C.SUITE, method.options, 0, "w")  # raises on an option train.py does not have
+        keys[label] = G.run_key(cfg, C.SUITE, data)
+        train.check_config(cfg)
+        if cfg.trainer == "meta":
+            pools = {t: [None] * min(C.SHOTS) for t in C.SUITE.tasks}  # the smallest K-shot pools
+            assert MetaSampler(pools, MetaConfig.from_flags(cfg)).n == len(C.SUITE.tasks)
+            assert cfg.meta_query == C.SUITE.batch_per_task
+    assert len({keys[k] for k in labels}) == len(labels)
+    before = {k: v for k, v in sorted(keys.items()) if k not in labels or k == "lora-r8"}
+    assert hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16] == KEYS_BEFORE_CLAIM_10

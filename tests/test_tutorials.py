@@ -254,6 +254,41 @@ def test_09_align_any_architecture(tmp_path):
     check_paired(r["separation"], [("rlora+align", "rlora"), ("mlora+align", "mlora")])
 
 
+def test_10_meta_lora(tmp_path):
+    """Claim 10 from the tiny grid: MeTA-LoRA and LoRA at K = 64, 16, 256 and the full-data LoRA, all one plain
+    LoRA (one trainable count); the tiny pools hold 16 examples per task, so every --shots K keeps them all, in their
+    order: each K-shot LoRA run is the full-data run exactly (per seed, per example: the gap is 0) and the three
+    MeTA-LoRA rows are one run, while the meta trainer itself gives other numbers (its training CE is the query loss
+    after adaptation); the same-K comparisons carry stats.py's verdicts, the full-data ones claim 3's ±1-point ones."""
+    r = run_tutorial("10_meta_lora.py", tmp_path)
+    labels = ["meta-k64", "lora-k64", "lora-r8", "meta-k16", "lora-k16", "meta-k256", "lora-k256"]
+    pairs = [(f"meta-k{k}", b) for k in (64, 16, 256) for b in (f"lora-k{k}", "lora-r8")]
+    c = check_claim(r, "10", labels, pairs)
+    assert len(set(trainable(c).values())) == 1
+    rows, curves = c["report"]["methods"], c["curves"]
+    for k in (16, 64, 256):
+        assert rows[f"lora-k{k}"]["per_seed"] == rows["lora-r8"]["per_seed"]
+        assert curves[f"lora-k{k}"] == curves["lora-r8"] and curves[f"meta-k{k}"] == curves["meta-k64"]
+        assert r["gaps"][str(k)]["diff"] == 0.0 and r["gaps"][str(k)]["verdict"] == "no difference"
+    assert [x["ce_first5"] for x in curves["meta-k64"]] != [x["ce_first5"] for x in curves["lora-r8"]]
+    assert all(x["align_last5"] == 0 for rs in curves.values() for x in rs)  # MeTA-LoRA has no alignment loss
+    assert [b["K"] for b in r["by_k"]] == [16, 64, 256]
+    for b in r["by_k"]:
+        assert b["vs_same_k"]["verdict"] in STATS_VERDICTS and b["vs_full"]["verdict"] not in STATS_VERDICTS
+    assert set(r["cost"]) == set(labels) and all(v["step_ms_median"] > 0 for v in r["cost"].values())
+
+
+def test_10_full_prints_what_is_known_and_the_gpu_commands(tmp_path):
+    """--full trains nothing and writes nothing: the paper's setting is not known (METHODS §2.9), so it says so and
+    prints the grid command and a MeTA-LoRA / LoRA train.py pair with --shots."""
+    res = subprocess.run([sys.executable, str(TUTORIALS / "10_meta_lora.py"), "--full", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "not found" in res.stdout and "python experiments/claims.py run --only 10" in res.stdout
+    assert "--trainer meta" in res.stdout and "--shots 64" in res.stdout
+    assert not list(tmp_path.iterdir())
+
+
 def test_reader_full_prints_the_papers_setting(tmp_path):
     """--full trains nothing and writes nothing: it names the paper's model and the command that runs the grid."""
     res = subprocess.run([sys.executable, str(TUTORIALS / "04_simplified_multi_head.py"), "--full", "--out",
@@ -324,17 +359,18 @@ def test_seed_paired_t_interval(reader):
 
 def test_report_tiny(tmp_path):
     """tutorials/report.py --tiny: the README table from a tiny grid of every claim: one 6-cell row per claim line
-    (claims 1-9, the head and separation analyses, claim 2's and 7's exact mechanisms), each measured row with
+    (claims 1-10, the head and separation analyses, claim 2's and 7's exact mechanisms), each measured row with
     its intervals, and the per-task tables of claims 1 and 4 with the paper's Table 1 cells."""
     res = subprocess.run([sys.executable, str(TUTORIALS / "report.py"), "--tiny"], capture_output=True, text=True,
                          cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("| claim (tutorial)")))
-    table = [line for line in lines[start + 2:] if line.startswith("| ")][:12]
-    assert len(table) == 12 and all(line.count(" | ") == 5 for line in table)
+    table = [line for line in lines[start + 2:] if line.startswith("| ")][:13]
+    assert len(table) == 13 and all(line.count(" | ") == 5 for line in table)
     assert not any("not measured yet" in line for line in table)
-    assert sum("[" in line.split(" | ")[3] for line in table) == 10  # every grid row has an interval
+    assert sum("[" in line.split(" | ")[3] for line in table) == 11  # every grid row has an interval
+    assert table[-1].startswith("| 10. MeTA-LoRA") and "MeTA-LoRA K=16 − LoRA r=8" in table[-1]
     assert "Claims 1-2 per task" in res.stdout and "/ 75.45" in res.stdout and "Claims 4-5 per task" in res.stdout
 
 
@@ -343,7 +379,7 @@ def test_report_without_runs(reader, tmp_path):
     import report
     table, read = report.rows(reader.Grids(where=tiny_where(reader, tmp_path)))
     grid_rows = [r for r in table if not r[0].startswith(("2. (mechanism)", "7."))]
-    assert len(grid_rows) == 10 and all(r[2] == "not measured yet" and "claims.py run --only" in r[5]
+    assert len(grid_rows) == 11 and all(r[2] == "not measured yet" and "claims.py run --only" in r[5]
                                         for r in grid_rows)
     assert report.compute_text(read) == "No grid runs cached yet."
 

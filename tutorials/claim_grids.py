@@ -46,6 +46,8 @@ NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora"
          "hydra+mt": "HydraLoRA +MT",
          "hydra+init": "HydraLoRA +Init", "a-lora-k-l0.01": "A-LoRA-K λ=0.01", "a-lora-k-l0.05": "A-LoRA-K λ=0.05",
          "a-lora-k-l0.5": "A-LoRA-K λ=0.5"}
+NAMES.update({f"{kind}-k{k}": f"{what} K={k}" for k in C.SHOTS  # claim 10: K examples per task
+              for kind, what in (("meta", "MeTA-LoRA"), ("lora", "LoRA"))})
 
 
 def parser(doc):

@@ -43,6 +43,7 @@ ANCHORS = {
     "8": (RLORA_TABLE4, "R-LoRA Table 4, Qwen2.5-0.5B, 5 tasks"),
     "6": ({}, "Align-LoRA Figure 3 (A-LoRA-K 75.10-75.75 at every λ, LoRA 74.00)"),
     "9": ({}, "Align-LoRA appendix Table 9 (no numbers reachable)"),
+    "10": ({}, "MeTA-LoRA abstract (arXiv 2510.11598; no numbers reachable, METHODS §2.9)"),
 }
 
 
@@ -72,4 +73,18 @@ SETTINGS = {
           "HydraLoRA, +multi-head dropout, +random init, both"),
     "9": ("Qwen2.5-3B", ("the Table 1 suite",), "R-LoRA / M-LoRA rank 4 x 3 heads with and without the KL "
           "alignment loss at λ 0.1 (appendix Table 9; its numbers were not reachable); " + _ALIGN),
+}
+
+# MeTA-LoRA (claim 10, METHODS §2.9): what is known of the paper's setting. Its models, tasks, K and hyperparameters
+# were not found (only the abstract and machine-written summaries), so tutorial 10's --full states this instead of a
+# SETTINGS row; the values below are the summaries' and a third-party reimplementation's, not the paper's.
+META_SETTING = {
+    "claim": "with only a few samples per task, MeTA-LoRA matches or beats ordinary multi-task LoRA trained on the "
+             "full data, in multi-task and multilingual settings (abstract)",
+    "known": "one plain LoRA trained MAML-style: n tasks per iteration, support/query split per task, k inner "
+             "gradient steps on the support set, the query gradients aggregated into the shared LoRA",
+    "not found": "the models, task suites, K, k, inner and outer learning rates, n, support/query sizes, first or "
+                 "second order",
+    "third party": "a reimplementation (not the authors') used n = 4 tasks, k = 10, inner lr 1e-4, outer lr 5e-5; "
+                   "'about 100 samples per task' appears only in third-party notes",
 }
