@@ -1,4 +1,4 @@
-"""Reading the claim grids of experiments/claims.py: what the tutorials 03-06, 08, 09 and report.py share.
+"""Reading the claim grids of experiments/claims.py: what the tutorials 03-06, 08-10 and report.py share.
 
 The accuracy tutorials train nothing by default. Every claim (METHODS §7) is a grid of runs — methods x seeds on
 one suite, one budget, one test set — that `python experiments/claims.py run` trains once, for hours, and caches in
