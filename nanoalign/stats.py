@@ -26,11 +26,12 @@ VERDICTS = ("reproduced", "same direction, not resolved", "opposite, not resolve
 
 
 def mean_se(values):
-    """(mean, standard error of the mean) of a list of numbers; the SE is 0 for a single value."""
+    """(mean, standard error of the mean) of a list of numbers; the SE of a single value is unknown: NaN (printed
+    as "n/a", never as a reassuring 0)."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         raise ValueError("mean_se needs at least one value")
-    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
 
 
 def binomial_se(p, n):
@@ -123,4 +124,9 @@ def compare(correct_a, correct_b, expect_positive=True, n_boot=10_000, seed=0):
 def describe(c):
     """'+1.23 [−0.40, +2.90] (5 seeds; seed-level +1.20 ± 0.55)' for a `compare` result."""
     return (f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] ({c['seeds']} seed{'s' * (c['seeds'] > 1)}; "
-            f"seed-level {c['seed_mean']:+.2f} ± {c['seed_se']:.2f})")
+            f"seed-level {c['seed_mean']:+.2f} ± {se_text(c['seed_se'])})")
+
+
+def se_text(se, digits=2):
+    """A standard error for print: "n/a" where it is unknown (one seed)."""
+    return "n/a" if math.isnan(se) else f"{se:.{digits}f}"

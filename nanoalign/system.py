@@ -25,6 +25,7 @@ MFU = flops_per_token · tokens / seconds / peak_flops(device).
 
 import errno
 import json
+import math
 import os
 import resource
 from pathlib import Path
@@ -182,8 +183,22 @@ def write_atomic(path, data):
 
 
 def write_json(path, obj, indent=2):
-    """write_atomic of `obj` as JSON with a final newline (numpy scalars as floats, non-ASCII kept as is)."""
-    write_atomic(path, json.dumps(obj, indent=indent, default=float, ensure_ascii=False) + "\n")
+    """write_atomic of `obj` as JSON with a final newline (numpy scalars as floats, non-ASCII kept as is; NaN and
+    ±inf, which JSON does not have, as null: e.g. the unknown SE of a single seed)."""
+    write_atomic(path, json.dumps(_finite_or_none(obj), indent=indent, default=float, ensure_ascii=False,
+                                  allow_nan=False) + "\n")
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    if hasattr(obj, "dtype") and getattr(obj, "ndim", None) == 0:  # numpy scalars
+        return _finite_or_none(float(obj)) if obj.dtype.kind == "f" else obj.item()
+    return obj
 
 
 def read_json(path):

@@ -1,5 +1,7 @@
 """Paired statistics (nanoalign/stats.py) on synthetic cases whose answers are known in closed form."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -68,7 +70,9 @@ def test_verdicts_and_errors():
     assert verdict(-0.01, 0.03) == "same direction, not resolved"
     assert verdict(-0.03, 0.01) == "opposite, not resolved"
     assert verdict(-0.03, 0.01, expect_positive=False) == "same direction, not resolved"
-    assert mean_se([1.0, 3.0]) == (2.0, 1.0) and mean_se([5.0]) == (5.0, 0.0)
+    assert mean_se([1.0, 3.0]) == (2.0, 1.0)
+    m, se = mean_se([5.0])  # one value: its SE is unknown, not 0
+    assert m == 5.0 and math.isnan(se)
     assert binomial_se(0.5, 100) == 0.05
     with pytest.raises(ValueError, match="same tasks"):
         paired_bootstrap({"t": np.ones((1, 3))}, {"u": np.ones((1, 3))})

@@ -32,7 +32,7 @@ Writes <out>/06_align.json and, with matplotlib, 06_align.png.
 """
 
 # %% [setup]
-from claim_grids import C, Grids, accuracy_panels, accuracy_table, comparison_table, finish, interval, markdown, \
+from claim_grids import C, Grids, accuracy_panels, bar, accuracy_table, comparison_table, finish, interval, markdown, \
     parse_args, pm, print_paired, probe_table, seed_pairs, sep_ratio, suite_text, task_table, value_bars
 
 import paper
@@ -124,11 +124,12 @@ def draw(plt):
     pts = [s for s in sweep if s["average"] is not None]
     if pts:
         ax[1, 0].errorbar([s["paper_lambda"] for s in pts], [s["average"] for s in pts],
-                          yerr=[s["se"] for s in pts], fmt="o-", capsize=4, label="A-LoRA-K (± SE)")
+                          yerr=[bar(s["se"]) for s in pts], fmt="o-", capsize=4, label="A-LoRA-K (± SE)")
         lora = c6.row("lora-r8")
         if lora:
             ax[1, 0].axhline(lora["average"], color="k", lw=1, label="LoRA r=8")
-            ax[1, 0].axhspan(lora["average"] - lora["se"], lora["average"] + lora["se"], color="gray", alpha=0.2)
+            ax[1, 0].axhspan(lora["average"] - bar(lora["se"]), lora["average"] + bar(lora["se"]), color="gray",
+                             alpha=0.2)
         if c6.report["base"]:
             ax[1, 0].axhline(c6.report["base"]["average"], color="gray", ls="--", lw=1, label="base model")
         if c6.majority():

@@ -39,7 +39,7 @@ Writes <out>/10_meta_lora.json and, with matplotlib, 10_meta_lora.png.
 
 # %% [setup]
 import numpy as np
-from claim_grids import C, Grids, accuracy_table, comparison_items, comparison_table, diffs, finish, interval, \
+from claim_grids import C, Grids, accuracy_table, bar, comparison_items, comparison_table, diffs, finish, interval, \
     markdown, name, parser, pm, suite_text, task_table
 
 from nanoalign.stats import compare
@@ -168,12 +168,13 @@ def draw(plt):
     for kind, label, dx, fmt in (("meta", "MeTA-LoRA", 1.04, "o-"), ("lora", "LoRA on the K", 1 / 1.04, "s--")):
         pts = [(k, c.row(f"{kind}-k{k}")) for k in SHOTS if c.row(f"{kind}-k{k}")]
         if pts:
-            ax[0].errorbar([k * dx for k, _ in pts], [r["average"] for _, r in pts], yerr=[r["se"] for _, r in pts],
+            ax[0].errorbar([k * dx for k, _ in pts], [r["average"] for _, r in pts],
+                           yerr=[bar(r["se"]) for _, r in pts],
                            fmt=fmt, capsize=4, label=f"{label} (± SE)")
     if c.row(FULL):
         f = c.row(FULL)
         ax[0].axhline(f["average"], color="k", lw=1, label="LoRA on all the data")
-        ax[0].axhspan(f["average"] - f["se"], f["average"] + f["se"], color="gray", alpha=0.25)
+        ax[0].axhspan(f["average"] - bar(f["se"]), f["average"] + bar(f["se"]), color="gray", alpha=0.25)
     if base:
         ax[0].axhline(base["average"], color="gray", ls="--", lw=1, label="base model")
     if maj:

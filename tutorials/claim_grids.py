@@ -21,6 +21,7 @@ over common seeds with a t interval.
 import argparse
 import atexit
 import contextlib
+import math
 import shutil
 import sys
 import tempfile
@@ -34,7 +35,7 @@ import claims as C  # noqa: E402
 import grid as G  # noqa: E402
 
 import paper  # noqa: E402
-from nanoalign.stats import mean_se, verdict  # noqa: E402
+from nanoalign.stats import mean_se, se_text, verdict  # noqa: E402
 
 TINY_TASKS = ("alphabet-first", "colour-review")
 TINY_SEEDS = [0, 1]
@@ -299,7 +300,13 @@ def name(label):
 
 
 def pm(mean, se, digits=1):
-    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+    """'62.6 ± 0.8', or '62.6 (1 seed)' where the SE is unknown (stats.mean_se of one value is NaN)."""
+    return f"{mean:.{digits}f} (1 seed)" if math.isnan(se) else f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def bar(se):
+    """An error-bar half-width: 0 where the SE is unknown (one seed)."""
+    return 0.0 if math.isnan(se) else se
 
 
 def interval(x, digits=2):
@@ -343,7 +350,8 @@ def comparison_table(c: Claim):
     """Each claimed difference: ours (paired bootstrap over seed and example, 95%), the verdict, the paper's."""
     rows = []
     for x in c.report["comparisons"]:
-        rows.append([f"{name(x['a'])} − {name(x['b'])}", interval(x), f"{x['seed_mean']:+.2f} ± {x['seed_se']:.2f}",
+        rows.append([f"{name(x['a'])} − {name(x['b'])}", interval(x),
+                     f"{x['seed_mean']:+.2f} ± {se_text(x['seed_se'])}",
                      str(x["seeds"]), x["verdict"], paper_text(c.claim, x)])
     if not rows:
         return "(no comparison yet: a claimed pair needs both methods' runs)"
@@ -430,7 +438,7 @@ def bars(ax, c: Claim, labels, title=""):
     and the majority rate (dotted) as lines."""
     labels = [k for k in labels if c.row(k)]
     mean = [c.row(k)["average"] for k in labels]
-    ax.bar(range(len(labels)), mean, yerr=[c.row(k)["se"] for k in labels], color="lightsteelblue", capsize=4)
+    ax.bar(range(len(labels)), mean, yerr=[bar(c.row(k)["se"]) for k in labels], color="lightsteelblue", capsize=4)
     for i, k in enumerate(labels):
         ax.plot([i] * len(c.row(k)["per_seed"]), c.row(k)["per_seed"], "k.", ms=4)
     ys = [v for k in labels for v in c.row(k)["per_seed"]]
