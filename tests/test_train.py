@@ -433,13 +433,37 @@ def test_ddp_two_processes_gloo(tiny, data, tmp_path):
 @pytest.mark.parametrize("kind", ["lora", "hydra", "hydra-norouter", "rlora", "mlora", "mtl", "multilora"])
 def test_every_adapter_trains_and_evaluates(tiny, data, tmp_path, kind):
     """Each adapter kind goes through the same loop (2 steps, finite losses), is saved, exported to PEFT when it is
-    a plain LoRA at inference (not for routers or per-task adapters), and evaluated (MTL-LoRA with its task ids)."""
+    a plain LoRA at inference (not for routers; MTL-LoRA as one PEFT LoRA per task, peft/<task>), and evaluated
+    (MTL-LoRA with its task ids)."""
     res = run(*argv(tiny, tmp_path, data[0], "--adapter", kind, "--max-steps", 2, "--eval-max", 2,
                     "--eval-data", data[1], "--eval-tokens", 2, "--heads", 2))
     log = read_log(tmp_path)
     assert len(log) == 2 and all(r["ce"] == r["ce"] and r["align"] == 0 for r in log)
-    assert (tmp_path / "r" / "peft").exists() == (kind not in ("hydra", "rlora", "mtl"))
+    assert (tmp_path / "r" / "peft").exists() == (kind not in ("hydra", "rlora"))
+    per_task = sorted(p.parent.name for p in (tmp_path / "r" / "peft").glob("*/adapter_config.json"))
+    assert per_task == (sorted(JSONL_TASKS) if kind == "mtl" else [])
     assert sorted(res["after"]) == list(JSONL_TASKS)
+
+
+def test_per_task_peft_export_keeps_task_names_inside_the_run(tmp_path):
+    """MTL-LoRA's per-task PEFT directories are named after the tasks, except a name that is not a plain file name
+    (a task name comes from a data file): that one becomes task<id>, inside peft/, and holds that task id's ΔW_t."""
+    from nanoalign.adapters import apply_adapter
+    from nanoalign.model import CausalLM, ModelConfig
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=32)
+    model = apply_adapter(CausalLM(cfg), "mtl", rank=2, num_tasks=2, targets=["q_proj"])
+    with torch.no_grad():  # every adapter tensor away from its init (B = 0, equal task mixes), so ΔW_t differ
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    text = train_py.export_peft_dirs(model, tmp_path, ["good-task_1", "../../evil"], train_py.TrainConfig())
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["good-task_1", "task1"], text
+    assert not (tmp_path.parent / "evil").exists()
+    a, b = (load_file(tmp_path / "peft" / d / "adapter_model.safetensors") for d in ("good-task_1", "task1"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_adapter_options_reach_the_adapter_and_the_saved_config(tiny, data, tmp_path):
