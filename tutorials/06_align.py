@@ -64,8 +64,12 @@ print(task_table(c, LABELS, {k: {"Avg": paper.TABLE5_3B[k]} for k in LABELS}))
 # %%
 print("\nclaimed differences (points):\n")
 print(comparison_table(c))
-# RESULT: the verdicts of claims 4 and 5 with the measured differences and intervals, against the paper's +3.58
-# and +1.71; say whether the methods are clearly above the base model at this budget.
+# Measured (2 of 5 seeds of LoRA and A-LoRA-K, 1-2 of A-LoRA-M at the time of writing): all three are ~14.5
+# points above the base model, so the rows test the claims — and the alignment loss does not move accuracy here.
+# Claim 4: A-LoRA-K − LoRA = −0.13 [−0.80, +0.53] (paper +3.58): not resolved, and a gain of the paper's size is
+# far outside the interval. Claim 5: A-LoRA-K − A-LoRA-M = −0.53 [−1.20, +0.13] (paper +1.71): not resolved,
+# opposite sign. The intervals are narrow (±0.7) because the three runs share seed, init and data order and
+# disagree on few examples.
 
 # %% [markdown]
 # ## 2. What the loss does to the representation: the separation probe
@@ -79,8 +83,11 @@ print(comparison_table(c))
 probe = probe_table(c, LABELS)
 mechanism = seed_pairs(c, [("a-lora-k", "lora-r8"), ("a-lora-m", "lora-r8")], sep_ratio, False)
 print_paired(mechanism, "separation", "lower")
-# RESULT: how much the KL and MMD losses lower the held-out separation relative to plain LoRA (with intervals), and
-# whether the within-task spread stays (clusters closer, not collapsed: the paper's appendix I.1 picture).
+# The mechanism does reproduce: on held-out prompts the KL loss cuts the between/within-task separation of the
+# A-outputs from 1.449 ± 0.010 (LoRA) to 0.494 ± 0.010 (−0.954 [−1.202, −0.706], 2 seeds) and the held-out KL
+# between tasks from 0.705 to 0.062, while the within-task spread stays (0.153 → 0.124): clusters closer, not
+# collapsed. MMD does the same, less (separation 0.702, held-out KL 0.225, first seed). So at 135M and 200 steps
+# the loss does what it is built to do, and that does not buy accuracy on this suite.
 
 # %% [markdown]
 # ## 3. Claim 6: A-LoRA-K over the paper's λ range
@@ -108,8 +115,8 @@ if c6 is not None:
     print(f"\nclaim 6: A-LoRA-K above LoRA (interval above 0) at {above} of {len(SWEEP)} λ, below it at {below}, "
           f"not resolved at {len(judged) - above - below}"
           + (f", not measured at {len(SWEEP) - len(judged)}" if len(judged) < len(SWEEP) else ""))
-# RESULT: the verdict of claim 6 (at how many λ A-LoRA-K is resolved above LoRA, where its best λ lies, whether a
-# large λ hurts), against the paper's Figure 3 (a gap of +1.10 to +1.75 at every λ).
+# Measured so far: only λ = 0.1 (the claim 4-5 runs), −0.13 [−0.80, +0.53] over 2 seeds, against the paper's
+# +1.10 to +1.75 at every λ; the other three λ are not trained yet (`python experiments/claims.py run --only 6`).
 
 # %% [markdown]
 # ## Plot: claims 4-5 accuracy and differences; the separation probe; the λ sweep (accuracy, and the difference
