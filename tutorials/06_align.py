@@ -64,10 +64,10 @@ print(task_table(c, LABELS, {k: {"Avg": paper.TABLE5_3B[k]} for k in LABELS}))
 # %%
 print("\nclaimed differences (points):\n")
 print(comparison_table(c))
-# Measured (2 of 5 seeds of LoRA and A-LoRA-K, 1-2 of A-LoRA-M at the time of writing): all three are ~14.5
+# Measured (2 of 5 seeds at the time of writing): all three are ~14.5
 # points above the base model, so the rows test the claims — and the alignment loss does not move accuracy here.
 # Claim 4: A-LoRA-K − LoRA = −0.13 [−0.80, +0.53] (paper +3.58): not resolved, and a gain of the paper's size is
-# far outside the interval. Claim 5: A-LoRA-K − A-LoRA-M = −0.53 [−1.20, +0.13] (paper +1.71): not resolved,
+# far outside the interval. Claim 5: A-LoRA-K − A-LoRA-M = −0.23 [−1.00, +0.60] (paper +1.71): not resolved,
 # opposite sign. The intervals are narrow (±0.7) because the three runs share seed, init and data order and
 # disagree on few examples.
 
@@ -86,7 +86,7 @@ print_paired(mechanism, "separation", "lower")
 # The mechanism does reproduce: on held-out prompts the KL loss cuts the between/within-task separation of the
 # A-outputs from 1.449 ± 0.010 (LoRA) to 0.494 ± 0.010 (−0.954 [−1.202, −0.706], 2 seeds) and the held-out KL
 # between tasks from 0.705 to 0.062, while the within-task spread stays (0.153 → 0.124): clusters closer, not
-# collapsed. MMD does the same, less (separation 0.702, held-out KL 0.225, first seed). So at 135M and 200 steps
+# collapsed. MMD does the same, less (separation 0.686 ± 0.016, −0.763 [−1.087, −0.438]; held-out KL 0.221). So at 135M and 200 steps
 # the loss does what it is built to do, and that does not buy accuracy on this suite.
 
 # %% [markdown]
