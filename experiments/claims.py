@@ -2,6 +2,7 @@
 
     python experiments/claims.py run                 # trains what is missing, claims in the order below (hours)
     python experiments/claims.py run --only 1-2,4-5  # some claims only
+    python experiments/claims.py run --only 10 --seeds 0,1 --methods meta-k64,lora-k64  # a subset of a grid
     python experiments/claims.py report              # the claim table (markdown) from the cached runs, in seconds
 
 Every claim is a grid (experiments/grid.py) on the same suite, budget and test set, with the same seeds for every
@@ -222,6 +223,8 @@ def main(argv=None):
     p.add_argument("--only", default="", help="comma list of claims (default: all, in order)")
     p.add_argument("--seeds", default="", help="comma list: run only these of each claim's seeds (e.g. 0,1 first "
                                                "for every claim, the rest later; the cache keeps what is done)")
+    p.add_argument("--methods", default="", help="comma list: run only these of each claim's methods (e.g. "
+                                                 "meta-k64,lora-k64 for claim 10's first K)")
     args = p.parse_args(argv)
     claims = [c for c in CLAIMS if not args.only or c in args.only.split(",")]
     if args.what == "run":
@@ -229,8 +232,15 @@ def main(argv=None):
             seeds = CLAIMS[c][1]
             if args.seeds:
                 seeds = [s for s in seeds if str(s) in args.seeds.split(",")]
-            if seeds:
-                grid(c, seeds=seeds).run()
+            g = grid(c, seeds=seeds)
+            if args.methods:
+                unknown = set(args.methods.split(",")) - set().union(*(CLAIMS[x][0] for x in claims))
+                if unknown:
+                    raise SystemExit(f"error: --methods {','.join(sorted(unknown))}: no such method in claims "
+                                     f"{','.join(claims)} (see CLAIMS in experiments/claims.py)")
+                g.methods = {k: v for k, v in g.methods.items() if k in args.methods.split(",")}
+            if seeds and g.methods:
+                g.run()
     report = {c: claim_report(c) for c in claims}
     write_json(ROOT / "experiments" / "claims.json", report)
     print(json.dumps({c: [x["text"] + f" {x['a']} vs {x['b']}: {x['verdict']}" for x in r["comparisons"]]
