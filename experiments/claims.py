@@ -242,7 +242,10 @@ def main(argv=None):
             if seeds and g.methods:
                 g.run()
     report = {c: claim_report(c) for c in claims}
-    write_json(ROOT / "experiments" / "claims.json", report)
+    # --only updates its claims and keeps the others' last report
+    path = ROOT / "experiments" / "claims.json"
+    kept = json.loads(path.read_text()) if args.only and path.exists() else {}
+    write_json(path, {c: report.get(c, kept.get(c)) for c in CLAIMS if c in report or c in kept})
     print(json.dumps({c: [x["text"] + f" {x['a']} vs {x['b']}: {x['verdict']}" for x in r["comparisons"]]
                       for c, r in report.items()}, indent=1))
 

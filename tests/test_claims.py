@@ -103,3 +103,33 @@ def test_claim_10_methods_share_lora_r8_and_leave_earlier_keys_alone():
     assert len({keys[k] for k in labels}) == len(labels)
     before = {k: v for k, v in sorted(keys.items()) if k not in labels or k == "lora-r8"}
     assert hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16] == KEYS_BEFORE_CLAIM_10
+
+
+def test_cli_runs_a_subset_and_report_only_keeps_the_other_claims(tmp_path, monkeypatch):
+    """`run --only 10 --seeds 0 --methods meta-k64,lora-k64` trains just those rows of that seed; an unknown method
+    is one error line; `report --only 3` rewrites claim 3 in experiments/claims.json and keeps every other claim."""
+    import json
+    from types import SimpleNamespace
+
+    ran = []
+
+    def fake_grid(claim, seeds=None, **_):
+        g = SimpleNamespace(methods={k: None for k in C.CLAIMS[claim][0]}, seeds=seeds)
+        g.run = lambda: ran.append((claim, sorted(g.methods), g.seeds))
+        return g
+
+    monkeypatch.setattr(C, "grid", fake_grid)
+    monkeypatch.setattr(C, "claim_report", lambda c: {"claim": c, "comparisons": [], "new": True})
+    monkeypatch.setattr(C, "ROOT", tmp_path)
+    (tmp_path / "experiments").mkdir()
+    out = tmp_path / "experiments" / "claims.json"
+    out.write_text(json.dumps({"1-2": {"claim": "1-2", "old": True}, "3": {"claim": "3", "old": True}}))
+    C.main(["run", "--only", "10", "--seeds", "0", "--methods", "meta-k64,lora-k64"])
+    assert ran == [("10", ["lora-k64", "meta-k64"], [0])]
+    report = json.loads(out.read_text())
+    assert report["1-2"] == {"claim": "1-2", "old": True} and report["3"]["old"] and report["10"]["new"]
+    C.main(["report", "--only", "3"])
+    report = json.loads(out.read_text())
+    assert report["3"]["new"] and report["1-2"]["old"] and list(report) == ["1-2", "3", "10"]
+    with pytest.raises(SystemExit, match="--methods hydra: no such method in claims 10"):
+        C.main(["run", "--only", "10", "--methods", "hydra"])
