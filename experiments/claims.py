@@ -172,6 +172,18 @@ def correctness(runs, seeds):
     return {t: np.array([by_seed[s]["predictions"][t]["correct"] for s in seeds]) for t in tasks}
 
 
+def equivalence_verdict(low, high, margin=1.0):
+    """The verdict on "A matches B" (claims 3 and 10) from the 95% interval [low, high] of A − B in points."""
+    if -margin < low and high < margin:
+        return "equivalent within ±1 point"
+    if low > -margin:
+        return "not worse (interval above −1)"
+    if high < -margin:
+        return "worse"
+    # reaches past −1 and up to above it: undecided, unless it stays under 0 (below, but not by a resolved point)
+    return "below (interval under 0)" if high < 0 else "not resolved"
+
+
 def claim_report(claim, **grid_args):
     """The measured rows of one claim: per method mean ± SE over seeds of the suite average, the base model, and
     each paired comparison with its interval and verdict (`grid_args`: see `grid`)."""
@@ -210,9 +222,7 @@ def claim_report(claim, **grid_args):
         c = compare(correctness(res[a], seeds), correctness(res[b], seeds),
                     expect_positive=True if positive is None else positive, n_boot=10_000)
         if positive is None:  # "matches": judged by whether the interval lies within ±1 point
-            c["verdict"] = "equivalent within ±1 point" if -1 < c["low"] and c["high"] < 1 else \
-                ("not worse (interval above −1)" if c["low"] > -1 else "not resolved" if c["high"] > -1 else
-                 "worse")
+            c["verdict"] = equivalence_verdict(c["low"], c["high"])
         out["comparisons"].append({"a": a, "b": b, "paper": paper, **c, "text": describe(c)})
     return out
 

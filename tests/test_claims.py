@@ -133,3 +133,11 @@ def test_cli_runs_a_subset_and_report_only_keeps_the_other_claims(tmp_path, monk
     assert report["3"]["new"] and report["1-2"]["old"] and list(report) == ["1-2", "3", "10"]
     with pytest.raises(SystemExit, match="--methods hydra: no such method in claims 10"):
         C.main(["run", "--only", "10", "--methods", "hydra"])
+
+
+def test_equivalence_verdicts():
+    """Claims 3 and 10 ("A matches B") by where the interval of A − B lies against ±1 point and 0."""
+    v = C.equivalence_verdict
+    assert v(-0.8, 0.9) == "equivalent within ±1 point" and v(-0.5, 1.9) == "not worse (interval above −1)"
+    assert v(-3.0, -1.2) == "worse" and v(-3.8, -0.07) == "below (interval under 0)"
+    assert v(-1.0, 1.4) == "not resolved" and v(-2.0, 0.5) == "not resolved"

@@ -27,6 +27,7 @@ MERGEABLE = {"lora": True, "align": True, "hydra": False, "hydra-norouter": True
 # nanoalign/stats.py's verdicts, claim 3's equivalence verdicts (experiments/claims.py), and the per-run analyses'
 # one-seed case (tutorials/claim_grids.py seed_paired)
 VERDICTS = {*STATS_VERDICTS, "equivalent within ±1 point", "not worse (interval above −1)", "not resolved", "worse",
+            "below (interval under 0)",
             "one seed: no interval"}
 
 

@@ -62,7 +62,8 @@ print(task_table(c, LABELS))
 # ## 3. Is the matched LoRA as good? An equivalence, judged by its interval
 # The paper's gaps are 0.0-0.4 points. A difference whose whole 95% interval (paired bootstrap over seed and
 # example) lies inside ±1 point is "equivalent within ±1 point"; one whose interval lies above −1 is "not worse";
-# an interval that reaches below −1 and above it is "not resolved", one entirely below −1 "worse"
+# an interval that reaches below −1 and above it is "not resolved" ("below (interval under 0)" if it stays under
+# 0), one entirely below −1 "worse"
 # (experiments/claims.py). Note the bar: with n test examples per task, one task's accuracy has a binomial SE of
 # about 50/√n points, so ±1 needs the test set and the seeds of the grid to be large.
 

@@ -99,8 +99,10 @@ print(markdown(["K per task", "MeTA-LoRA", "LoRA on the K", "LoRA on all the dat
                [[str(k), cell(f"meta-k{k}"), cell(f"lora-k{k}"), cell(FULL), base_cell, maj_cell] for k in SHOTS]))
 print("\nper task (%):\n")
 print(task_table(c, [label for k in SHOTS for label in (f"meta-k{k}", f"lora-k{k}")] + [FULL]))
-# RESULT: where each trainer lands at each K relative to the base model and the majority rate; whether any run
-# collapses (MeTA-LoRA's inner SGD step or 25 passes over K = 16 can push a task to one answer).
+# Measured (K = 64 only, 2 of 5 seeds at the time of writing; grid at commit 6ac5779; K = 16 and 256 not run yet):
+# MeTA-LoRA 61.0 ± 0.3 and LoRA on the same 64 examples per task 61.2 ± 0.2, both ~13 points above the base model
+# (48.3%) and ~22 above the majority rate, no task collapsed in any run. Per task the two are level on SST-2
+# (83.5 / 83.2) and ARC-Easy (57.0 / 56.7); LoRA is 1.4 points ahead on SIQA (43.8 / 42.4).
 
 # %% [markdown]
 # ## 2. Is there a gap to close? LoRA on all the data − LoRA on K
@@ -118,14 +120,16 @@ print("\nthe gap (points):\n")
 print(markdown(["K", "LoRA all − LoRA K [95% CI]", "seeds", "verdict (positive = a gap)"],
                [[str(k), interval(gaps[k]) if k in gaps else "not run yet", str(gaps[k]["seeds"]) if k in gaps else
                  "0", gaps[k]["verdict"] if k in gaps else "–"] for k in SHOTS]))
-# RESULT: at which K the full-data LoRA is resolved above the K-shot LoRA, and by how many points.
+# Measured (K = 64, 2 seeds): LoRA on all the data (here 400 examples per task, 200 steps x 2) − LoRA on 64 =
+# +1.63 [−0.27, +3.53]: the gap has the expected sign but is not resolved with 2 seeds. It sits almost wholly in
+# ARC-Easy (62.5 vs 56.7); on SST-2 and SIQA 64 examples per task do as well as 400.
 
 # %% [markdown]
 # ## 3. The claim: MeTA-LoRA − LoRA on the same K, and MeTA-LoRA − LoRA on all the data
 # The first is expected positive (verdict words of nanoalign/stats.py). The second is "closes the gap": the
 # abstract says "matches or beats", judged as claim 3's equivalence is (experiments/claims.py): the whole interval
-# above −1 point is "not worse", inside ±1 "equivalent", reaching both sides of −1 "not resolved", below it
-# "worse".
+# above −1 point is "not worse", inside ±1 "equivalent", wholly below −1 "worse", reaching both sides of −1
+# "not resolved", or "below (interval under 0)" where it also stays under 0 (below, but not by a resolved point).
 
 # %%
 print("\nclaimed differences (points):\n")
@@ -136,8 +140,10 @@ for k in SHOTS:
     by_k.append({"K": k, "vs_same_k": same, "vs_full": full_, "gap": gaps.get(k)})
     print(f"  K={k}: MeTA-LoRA − LoRA K={k}: " + (f"{interval(same)} -> {same['verdict']}" if same else "not run yet")
           + "; − LoRA all data: " + (f"{interval(full_)} -> {full_['verdict']}" if full_ else "not run yet"))
-# RESULT: per K, whether MeTA-LoRA beats LoRA on the same K examples and whether it closes the gap to the full-data
-# LoRA (reading the verdict together with section 2: "not worse" where there was no gap says nothing).
+# Measured (K = 64, 2 seeds): MeTA-LoRA − LoRA on the same 64 = −0.27 [−1.63, +1.07] (the abstract: positive):
+# opposite sign, not resolved; a gain above ~1 point is outside the interval. MeTA-LoRA − LoRA on all the data =
+# −1.90 [−3.80, −0.07]: below, the interval under 0, so at K = 64 MeTA-LoRA does not close the gap here — it lands
+# where the plain LoRA on the same 64 examples lands. K = 16 (where the gap should be widest) and 256 are not run.
 
 # %% [markdown]
 # ## 4. What it cost
@@ -156,7 +162,9 @@ print("\ncost per run, mean over seeds:\n")
 print(markdown(["method", "median step (ms)", "training per run (min)", "seeds"],
                [[name(k), f"{v['step_ms_median']:.0f}", f"{v['train_s'] / 60:.1f}", str(v["seeds"])]
                 for k, v in cost.items()]))
-# RESULT: MeTA-LoRA's step time relative to the standard trainer's at the same K.
+# Measured (K = 64, 2 seeds, 2-core CPU): a MeTA-LoRA step takes 3125 ms (median) against 1521 ms for the standard
+# trainer on the same K, 2.05x, as expected from its extra support forward-backward (2 + 2 examples per task and
+# episode against 2); 10.5 against 5.3 min of training per run.
 
 # %% [markdown]
 # ## Plot: accuracy vs K (± SE over seeds), the full-data LoRA as a band; the paired differences
