@@ -120,9 +120,9 @@ print("\nthe gap (points):\n")
 print(markdown(["K", "LoRA all − LoRA K [95% CI]", "seeds", "verdict (positive = a gap)"],
                [[str(k), interval(gaps[k]) if k in gaps else "not run yet", str(gaps[k]["seeds"]) if k in gaps else
                  "0", gaps[k]["verdict"] if k in gaps else "–"] for k in SHOTS]))
-# Measured (K = 64, 2 seeds): LoRA on all the data (here 400 examples per task, 200 steps x 2) − LoRA on 64 =
+# Measured (K = 64, paired over seeds 0-1): LoRA on all the data (here 400 examples per task, 200 steps x 2) − LoRA on 64 =
 # +1.63 [−0.27, +3.53]: the gap has the expected sign but is not resolved with 2 seeds. It sits almost wholly in
-# ARC-Easy (62.5 vs 56.7); on SST-2 and SIQA 64 examples per task do as well as 400.
+# ARC-Easy (63.0 over 3 seeds vs 56.7); on SST-2 and SIQA 64 examples per task do as well as 400.
 
 # %% [markdown]
 # ## 3. The claim: MeTA-LoRA − LoRA on the same K, and MeTA-LoRA − LoRA on all the data
