@@ -172,13 +172,13 @@ def correctness(runs, seeds):
     return {t: np.array([by_seed[s]["predictions"][t]["correct"] for s in seeds]) for t in tasks}
 
 
-def equivalence_verdict(low, high, margin=1.0):
+def equivalence_verdict(low, high):
     """The verdict on "A matches B" (claims 3 and 10) from the 95% interval [low, high] of A − B in points."""
-    if -margin < low and high < margin:
+    if -1 < low and high < 1:
         return "equivalent within ±1 point"
-    if low > -margin:
+    if low > -1:
         return "not worse (interval above −1)"
-    if high < -margin:
+    if high < -1:
         return "worse"
     # reaches past −1 and up to above it: undecided, unless it stays under 0 (below, but not by a resolved point)
     return "below (interval under 0)" if high < 0 else "not resolved"
@@ -238,19 +238,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     claims = [c for c in CLAIMS if not args.only or c in args.only.split(",")]
     if args.what == "run":
+        wanted = set(args.methods.split(",")) if args.methods else None
+        if wanted and (unknown := wanted - set().union(*(CLAIMS[c][0] for c in claims))):
+            raise SystemExit(f"error: --methods {','.join(sorted(unknown))}: no such method in claims "
+                             f"{','.join(claims)} (see CLAIMS in experiments/claims.py)")
         for c in claims:
             seeds = CLAIMS[c][1]
             if args.seeds:
                 seeds = [s for s in seeds if str(s) in args.seeds.split(",")]
+            if not seeds or (wanted and not wanted & set(CLAIMS[c][0])):
+                continue
             g = grid(c, seeds=seeds)
-            if args.methods:
-                unknown = set(args.methods.split(",")) - set().union(*(CLAIMS[x][0] for x in claims))
-                if unknown:
-                    raise SystemExit(f"error: --methods {','.join(sorted(unknown))}: no such method in claims "
-                                     f"{','.join(claims)} (see CLAIMS in experiments/claims.py)")
-                g.methods = {k: v for k, v in g.methods.items() if k in args.methods.split(",")}
-            if seeds and g.methods:
-                g.run()
+            if wanted:
+                g.methods = {k: v for k, v in g.methods.items() if k in wanted}
+            g.run()
     report = {c: claim_report(c) for c in claims}
     # --only updates its claims and keeps the others' last report
     path = ROOT / "experiments" / "claims.json"
