@@ -70,10 +70,9 @@ print(task_table(c, LABELS))
 # %%
 print("\nmatched LoRA − multi-head (points):\n")
 print(comparison_table(c))
-# Measured (the matched LoRA has 2 of 5 seeds at the time of writing, HydraLoRA and R-LoRA 3; the differences
-# are paired over seeds 0-1; grid at commit 0cf2ed4): the matched LoRA (rank 10) is level with both: +0.17 [−1.00, +1.40] against HydraLoRA (paper +0.39) and +0.63 [−0.67, +1.93] against R-LoRA (paper
-# 0.00). Against R-LoRA the interval lies above −1 ("not worse"); against HydraLoRA its lower end touches −1, so
-# with 2 seeds the ±1 bar is just missed. Neither interval fits inside ±1 yet (each is ~2.5 points wide): an
+# Measured (3 of 5 seeds at the time of writing; grid at commit 0cf2ed4): the matched LoRA (rank 10) is level
+# with both: +0.22 [−0.64, +1.09] against HydraLoRA (paper +0.39) and +0.67 [−0.40, +1.67] against R-LoRA (paper
+# 0.00). Both intervals lie above −1 ("not worse"); neither fits inside ±1 yet (each is ~1.7-2 points wide), so an
 # "equivalent" verdict needs the remaining seeds. Nothing here says the multi-head architecture buys accuracy.
 
 # %% [markdown]
@@ -95,8 +94,8 @@ for k in LABELS:
         rows.append([name(k), str(len(vals)), pm(*eff[k], 2), str(LIMIT.get(k, ranks.get(k)))])
 print("\neffective rank of ΔW (mean over modules; ± SE over seeds):\n")
 print(markdown(["method", "seeds", "effective rank", "at most"], rows) if rows else "(not measured yet)")
-# Measured (2-3 seeds): HydraLoRA's ΔW uses 3.47 ± 0.01 of its 4 possible directions, R-LoRA's 7.09 ± 0.01 of 8
-# (its frozen random compensation supplies the second four), the matched LoRA's 7.25 ± 0.04 of 10. So R-LoRA and
+# Measured (3 seeds): HydraLoRA's ΔW uses 3.47 ± 0.01 of its 4 possible directions, R-LoRA's 7.09 ± 0.01 of 8
+# (its frozen random compensation supplies the second four), the matched LoRA's 7.27 ± 0.02 of 10. So R-LoRA and
 # the matched LoRA change about twice as many directions as HydraLoRA, yet all three land within 0.8 points of
 # each other (section 3): at this budget the extra directions do not show up as accuracy.
 
