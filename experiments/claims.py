@@ -4,6 +4,7 @@
     python experiments/claims.py run --only 1-2,4-5  # some claims only
     python experiments/claims.py run --only 10 --seeds 0,1 --methods meta-k64,lora-k64  # a subset of a grid
     python experiments/claims.py report              # the claim table (markdown) from the cached runs, in seconds
+    python experiments/claims.py recheck --only 4-5 --seeds 0 --methods lora-r8   # retrain a cached run, compare
 
 Every claim is a grid (experiments/grid.py) on the same suite, budget and test set, with the same seeds for every
 method, so methods are compared seed by seed and example by example (nanoalign/stats.py: paired difference over
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import ROOT, Grid, Method, Suite, write_json  # noqa: E402
+from grid import RESULTS, ROOT, WORK, Grid, Method, Suite, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -227,16 +228,45 @@ def claim_report(claim, **grid_args):
     return out
 
 
+def recheck(claims, args):
+    """Retrain the selected cached runs (`--methods`, "base" for the base model; `--seeds`) into --scratch and write
+    each comparison with the cache (grid.compare_runs) to experiments/results/rechecks/<key>.json: the evidence
+    that runs made on another machine or commit are the same runs."""
+    if not args.methods or not args.seeds:
+        raise SystemExit("error: recheck needs --methods (or base) and --seeds: it retrains, so say which runs")
+    out = []
+    for c in claims:
+        labels = [m for m in args.methods.split(",") if m in CLAIMS[c][0] or m == "base"]
+        seeds = [int(s) for s in args.seeds.split(",")]
+        g = grid(c, seeds=seeds)
+        for label in labels:
+            for seed in ([None] if label == "base" else seeds):
+                r = g.recheck(label, seed, Path(args.scratch))
+                write_json(RESULTS / "rechecks" / f"{r['key']}.json", r)
+                out.append(r)
+                where = lambda m: f"{m['host']}, {m['torch_threads']} threads, commit {m['commit']}"  # noqa: E731
+                print(f"{label} seed {seed}: cache {100 * r['old']['average']:.2f}% ({where(r['old']['machine'])}) vs "
+                      f"now {100 * r['new']['average']:.2f}% ({where(r['new']['machine'])}); predictions agree on "
+                      f"{r['agree']} of {r['n']}", flush=True)
+    if not out:
+        raise SystemExit(f"error: --methods {args.methods}: no such method in claims {','.join(claims)}")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["run", "report"])
+    p.add_argument("what", choices=["run", "report", "recheck"])
     p.add_argument("--only", default="", help="comma list of claims (default: all, in order)")
     p.add_argument("--seeds", default="", help="comma list: run only these of each claim's seeds (e.g. 0,1 first "
                                                "for every claim, the rest later; the cache keeps what is done)")
     p.add_argument("--methods", default="", help="comma list: run only these of each claim's methods (e.g. "
                                                  "meta-k64,lora-k64 for claim 10's first K)")
+    p.add_argument("--scratch", default=str(WORK / "recheck"), help="recheck: where the retrained runs go "
+                                                                   "(resumable; default %(default)s)")
     args = p.parse_args(argv)
     claims = [c for c in CLAIMS if not args.only or c in args.only.split(",")]
+    if args.what == "recheck":
+        return recheck(claims, args)
     if args.what == "run":
         wanted = set(args.methods.split(",")) if args.methods else None
         if wanted and (unknown := wanted - set().union(*(CLAIMS[c][0] for c in claims))):

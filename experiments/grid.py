@@ -151,6 +151,7 @@ def machine() -> dict:
         commit, dirty = None, None
     return {"commit": commit, "dirty": dirty, "host": platform.node(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels' ISA (AVX2, AVX512, ...)
             "load_average_1min": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
@@ -204,6 +205,27 @@ def analyse(model, tok, names, data: Data, suite: Suite, analyses):
     if "probe" in analyses:
         out["probe"] = separation_probe(model, tok, data.test, n=suite.probe_examples)
     return out
+
+
+def compare_runs(old, new):
+    """Two results of the same run key (e.g. the cache and a retraining on another machine): suite averages, and
+    per task the accuracies, how many per-example predictions agree and the largest score difference. On one
+    machine a rerun is bitwise equal (agree = n, score difference 0); across CPUs or thread counts fp32 round-off
+    may flip a few near-tied examples."""
+    if old["key"] != new["key"]:
+        raise ValueError(f"different runs: keys {old['key']} and {new['key']}")
+    tasks = {}
+    for t, a in old["predictions"].items():
+        b = new["predictions"][t]
+        diff = [abs(u - v) for x, y in zip(a.get("scores", []), b.get("scores", [])) for u, v in zip(x, y)]
+        tasks[t] = {"old": old["tasks"][t]["accuracy"], "new": new["tasks"][t]["accuracy"], "n": len(a["pred"]),
+                    "agree": sum(x == y for x, y in zip(a["pred"], b["pred"])),
+                    "max_abs_score_diff": max(diff) if diff else None}
+    side = lambda r: {"machine": r["machine"], "average": r["average"], "wall_s": r["wall_s"],  # noqa: E731
+                      "ce_last5": r.get("curve", {}).get("ce_last5")}
+    return {"label": old["label"], "seed": old.get("seed"), "key": old["key"], "old": side(old), "new": side(new),
+            "average_diff": new["average"] - old["average"], "tasks": tasks,
+            "agree": sum(v["agree"] for v in tasks.values()), "n": sum(v["n"] for v in tasks.values())}
 
 
 class Grid:
@@ -314,6 +336,22 @@ class Grid:
         write_json(self.path(label, seed), out)
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # the adapter stays; optimizer state is done
         return out
+
+    def recheck(self, label, seed, scratch: Path):
+        """Train one cached run again from scratch into `scratch` (its own results and work dirs, resuming there)
+        and compare it with the cache (`compare_runs`): does this machine, this commit, reproduce that number?
+        The cache itself is not touched. label "base" re-scores the untrained base model instead."""
+        other = Grid(self.name, self.suite, self.methods, self.seeds, results_dir=Path(scratch) / "results",
+                     work_dir=Path(scratch) / "work")
+        if label == "base":
+            old = json.loads(self.base_path().read_text()) if self.base_path().exists() else None
+            new = None if old is None else other.run_base()
+        else:
+            old = self.cached(label, seed)
+            new = None if old is None else other.cached(label, seed) or other.run_one(label, seed)
+        if old is None:
+            raise ValueError(f"{label} seed {seed} is not in the cache ({self.runs_dir}): nothing to recheck")
+        return compare_runs(old, new)
 
     def run(self, limit=None):
         """Train and evaluate what is missing, seed by seed (so a partial grid has every method on its first

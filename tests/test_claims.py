@@ -141,3 +141,12 @@ def test_equivalence_verdicts():
     assert v(-0.8, 0.9) == "equivalent within ±1 point" and v(-0.5, 1.9) == "not worse (interval above −1)"
     assert v(-3.0, -1.2) == "worse" and v(-3.8, -0.07) == "below (interval under 0)"
     assert v(-1.0, 1.4) == "not resolved" and v(-2.0, 0.5) == "not resolved"
+
+
+def test_recheck_cli_needs_runs_named():
+    """`claims.py recheck` retrains, so it refuses to guess: no --methods or --seeds is one error line, and so is a
+    method that is in none of the selected claims."""
+    with pytest.raises(SystemExit, match="recheck needs --methods"):
+        C.main(["recheck", "--only", "4-5", "--seeds", "0"])
+    with pytest.raises(SystemExit, match="recheck needs --methods"):
+        C.main(["recheck", "--only", "4-5", "--methods", "lora-r8"])

@@ -87,3 +87,24 @@ def test_options_added_later_leave_the_keys_of_earlier_runs_alone():
     built = G.dataclasses.asdict(G.train_config(G.Suite(("a",)), {}, 0, Path("unused")))
     assert all(built[k] == v for k, v in G.ADDED_LATER.items())
     assert not (set(G.ADDED_LATER) | G.NOT_IN_KEY) - set(defaults)
+
+
+def test_recheck_retrains_a_cached_run_elsewhere_and_compares(suite, tmp_path, one_thread):
+    """`Grid.recheck`: a cached run trained again from scratch into another directory is, on the same machine, the
+    same run: every prediction agrees, scores and average are equal; the cache is untouched; a run not in the cache
+    is an error, and so is comparing two different runs."""
+    g = G.Grid("t", suite, methods(), [0], results_dir=tmp_path / "res", work_dir=tmp_path / "work")
+    g.run()
+    cached = g.path("hydra", 0).read_bytes()
+    r = g.recheck("hydra", 0, tmp_path / "scratch")
+    assert r["key"] == g.key("hydra", 0) and r["n"] == 2 * 6 and r["agree"] == r["n"]
+    assert r["average_diff"] == 0.0 and all(t["max_abs_score_diff"] == 0.0 for t in r["tasks"].values())
+    assert (tmp_path / "scratch" / "results" / "runs" / f"{r['key']}.json").exists()
+    assert g.path("hydra", 0).read_bytes() == cached
+    base = g.recheck("base", None, tmp_path / "scratch")
+    assert base["label"] == "base" and base["agree"] == base["n"] == 12
+    with pytest.raises(ValueError, match="not in the cache"):
+        g.recheck("lora", 1, tmp_path / "scratch")
+    other = json.loads(g.path("lora", 0).read_text())
+    with pytest.raises(ValueError, match="different runs"):
+        G.compare_runs(json.loads(cached), other)

@@ -361,9 +361,17 @@ def test_report_tiny(tmp_path):
     """tutorials/report.py --tiny: the README table from a tiny grid of every claim: one 6-cell row per claim line
     (claims 1-10, the head and separation analyses, claim 2's and 7's exact mechanisms), each measured row with
     its intervals, and the per-task tables of claims 1 and 4 with the paper's Table 1 cells."""
-    res = subprocess.run([sys.executable, str(TUTORIALS / "report.py"), "--tiny"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    sys.path.insert(0, str(TUTORIALS))
+    import report
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# prose above\n\n{report.BEGIN}\nan old table\n{report.END}\n\nprose below\n")
+    res = subprocess.run([sys.executable, str(TUTORIALS / "report.py"), "--tiny", "--readme", str(readme)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
+    # --readme: the printed markdown, and nothing else, replaced the old block; the hand-written prose stays
+    assert readme.read_text() == (f"# prose above\n\n{report.BEGIN}\n\n{res.stdout.strip()}\n\n{report.END}\n\n"
+                                  "prose below\n")
     lines = res.stdout.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("| claim (tutorial)")))
     table = [line for line in lines[start + 2:] if line.startswith("| ")][:13]
@@ -372,6 +380,18 @@ def test_report_tiny(tmp_path):
     assert sum("[" in line.split(" | ")[3] for line in table) == 11  # every grid row has an interval
     assert table[-1].startswith("| 10. MeTA-LoRA") and "MeTA-LoRA K=16 − LoRA r=8" in table[-1]
     assert "Claims 1-2 per task" in res.stdout and "/ 75.45" in res.stdout and "Claims 4-5 per task" in res.stdout
+
+
+def test_report_readme_needs_its_markers():
+    """--readme refuses a README without the two marker lines (it never guesses where the table goes)."""
+    sys.path.insert(0, str(TUTORIALS))
+    import report
+    with pytest.raises(ValueError, match="add the two lines"):
+        report.replace_block("# no markers here\n", "| table |")
+    with pytest.raises(ValueError):
+        report.replace_block(f"{report.END}\n{report.BEGIN}\n", "| table |")  # in the wrong order
+    text = f"a\n{report.BEGIN}\nold\n{report.END}\nb\n"
+    assert report.replace_block(text, "\nnew\n") == f"a\n{report.BEGIN}\n\nnew\n\n{report.END}\nb\n"
 
 
 def test_report_without_runs(reader, tmp_path):
