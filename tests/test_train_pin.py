@@ -1,6 +1,8 @@
 """train.py's numerics pinned: short runs on the tiny random Llama give bitwise the loss curves, gradient norms, final
 adapter tensors and before/after accuracies recorded from the code at commit 9c9a005 (before train() was split into
-stages), so a refactor of the loop cannot change what a run computes (on CPU, one thread).
+stages), so a refactor of the loop cannot change what a run computes (on CPU, one thread; one record per CPU
+capability, since AVX-512 kernels round differently from AVX2: the AVX-512 one was added with `--add` from code
+that matched the AVX2 record bitwise).
 
 The record is tests/train_pin.json, written by `python tests/test_train_pin.py` (run it only to re-pin after a change
 of numerics that is meant, and say so in the commit). It holds a fingerprint of its inputs (the tiny model's weights
@@ -88,19 +90,31 @@ def test_short_runs_are_bitwise_the_recorded_ones(tiny, tmp_path, pin, case, one
     train_data = make_jsonl(tmp_path / "train.jsonl")
     test_data = make_jsonl(tmp_path / "test.jsonl", n=4, split="test")
     got = pinned_run(tiny, train_data, test_data, tmp_path / "out", CASES[case])
-    want = pin["cases"][case]
+    # CPU kernels of another ISA round differently (AVX-512 vs AVX2), so each has its own record of the same code
+    cap = torch.backends.cpu.get_cpu_capability()
+    cases = pin["cases"] if cap == pin.get("cpu_capability", "AVX2") else pin.get("by_capability", {}).get(cap)
+    if cases is None:
+        pytest.skip(f"no record for CPU capability {cap}: pin it with `python tests/test_train_pin.py --add`")
+    want = cases[case]
     assert got["steps"] == want["steps"]
     assert got["evals"] == want["evals"] and got["accuracy"] == want["accuracy"]
     assert got["adapter_sha256"] == want["adapter_sha256"]
 
 
-if __name__ == "__main__":  # re-pin: python tests/test_train_pin.py
+if __name__ == "__main__":  # re-pin: python tests/test_train_pin.py [--add]
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         tiny = make_tiny_model(d / "tiny")
         train_data, test_data = make_jsonl(d / "train.jsonl"), make_jsonl(d / "test.jsonl", n=4, split="test")
-        record = {"inputs": fingerprint(tiny), "cases": {}}
-        for case, flags in CASES.items():
-            record["cases"][case] = pinned_run(tiny, train_data, test_data, d / case, flags)
+        cases = {case: pinned_run(tiny, train_data, test_data, d / case, flags) for case, flags in CASES.items()}
+        inputs = fingerprint(tiny)
+    # --add: keep the record and add this CPU capability's (only for code that passes the existing record)
+    record = json.loads(PIN.read_text()) if "--add" in sys.argv else {"inputs": inputs, "cpu_capability":
+                                                                     torch.backends.cpu.get_cpu_capability()}
+    if "--add" in sys.argv:
+        assert record["inputs"] == inputs, "the tiny model differs from the recorded one: re-pin from scratch"
+        record.setdefault("by_capability", {})[torch.backends.cpu.get_cpu_capability()] = cases
+    else:
+        record["cases"] = cases
     PIN.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {PIN}")

@@ -72,10 +72,11 @@ print(accuracy_table(c, LABELS))
 # %%
 print("\nper task (%), ours / paper:\n")
 print(task_table(c, LABELS, paper.TABLE1, paper.TABLE1_COLUMN_OF))
-# Measured (3 of 5 seeds so far): every method is 11.6-14.2 points above the base model (48.3%) and 21-24 above
-# the majority rate (38.6%); no task is collapsed for any method. HydraLoRA, its router-free variant and R-LoRA are
-# within 1.6 points of each other on every task; M-LoRA is lower on ARC-Easy (58.1 vs 61.1-62.7) and SIQA (41.1 vs
-# 42.5-43.5) and about level on SST-2 (80.8 vs 81.7-82.0).
+# Measured (5 seeds): every method is on average 10.6-13.4 points above the base model (48.3%) and 20-23 above
+# the majority rate (38.6%); no task is collapsed in any run. HydraLoRA, its router-free variant and R-LoRA are
+# within 1.2 points of each other on ARC-Easy and SIQA; M-LoRA is lower on ARC-Easy (57.7 vs 60.9-62.1) and SIQA
+# (41.0 vs 42.5-43.1). SST-2 swings with the seed for every method (seeds 3-4 tilt towards "positive"; M-LoRA's
+# seed 4 falls to 66.2%), which the paired comparisons below cancel.
 
 # %% [markdown]
 # ## 4. The claimed differences, with their intervals
@@ -88,11 +89,11 @@ print(task_table(c, LABELS, paper.TABLE1, paper.TABLE1_COLUMN_OF))
 # %%
 print("\nclaimed differences (points):\n")
 print(comparison_table(c))
-# Verdicts (3 of 5 seeds): claim 1 is contradicted at this scale — M-LoRA is below R-LoRA by 2.11 points [−3.56,
-# −0.67] and below HydraLoRA by 2.56 [−4.13, −1.00], where the paper has it above by 0.78 and 1.41. Claim 2 (the
-# router removed alone does not help) goes the paper's way, −0.38 [−1.38, +0.58] against the paper's −0.46, but
-# the interval (±1 point) is too wide to resolve a gap that size. Every method is far above the base model,
-# so every row tests the claim. Two more seeds will narrow the intervals (the seed-level SE is 0.1-0.5).
+# Verdicts (5 seeds): claim 1 is contradicted at this scale — M-LoRA is below R-LoRA by 2.76 points [−4.61,
+# −1.15] and below HydraLoRA by 2.37 [−4.35, −0.39], where the paper has it above by 0.78 and 1.41. Claim 2 (the
+# router removed alone does not help) is not resolved: +0.47 [−0.77, +1.84] against the paper's −0.46 (at 3 seeds
+# it was −0.38; the interval, ±1.3 points, is too wide for a gap that size). Every method is far above the base
+# model, so every row tests the claim.
 
 # %% [markdown]
 # The mechanism behind claim 2 needs no statistics: HydraLoRA w/o Router *is* a rank-4 LoRA (tutorial 02: its

@@ -70,10 +70,10 @@ print(task_table(c, LABELS))
 # %%
 print("\nmatched LoRA − multi-head (points):\n")
 print(comparison_table(c))
-# Measured (3 of 5 seeds at the time of writing; grid at commit 0cf2ed4): the matched LoRA (rank 10) is level
-# with both: +0.22 [−0.64, +1.09] against HydraLoRA (paper +0.39) and +0.67 [−0.40, +1.67] against R-LoRA (paper
-# 0.00). Both intervals lie above −1 ("not worse"); neither fits inside ±1 yet (each is ~1.7-2 points wide), so an
-# "equivalent" verdict needs the remaining seeds. Nothing here says the multi-head architecture buys accuracy.
+# Measured (5 seeds; seeds 0-2 at commit 0cf2ed4, 3-4 at 75699d6, the same runs on either machine:
+# experiments/results/rechecks/): the matched LoRA (rank 10) is level with both: −0.01 [−0.72, +0.71] against
+# HydraLoRA (paper +0.39), "equivalent within ±1 point"; −0.40 [−1.87, +1.01] against R-LoRA (paper 0.00), not
+# resolved (its interval reaches past −1). Nothing here says the multi-head architecture buys accuracy.
 
 # %% [markdown]
 # ## 4. Where the capacity goes: the effective rank of ΔW

@@ -64,12 +64,11 @@ print(task_table(c, LABELS, {k: {"Avg": paper.TABLE5_3B[k]} for k in LABELS}))
 # %%
 print("\nclaimed differences (points):\n")
 print(comparison_table(c))
-# Measured (3 of 5 seeds at the time of writing): all three are ~14.5 points above the base model, so the rows
-# test the claims — and the alignment loss does not move accuracy here. Claim 4: A-LoRA-K − LoRA = +0.16 [−0.56,
-# +0.98] (paper +3.58): the paper's sign, not resolved, and a gain of the paper's size is far outside the interval.
-# Claim 5: A-LoRA-K − A-LoRA-M = 0.00 [−0.73, +0.78] (paper +1.71): exactly level on the 3 × 1500 paired
-# answers, not resolved. The intervals are narrow (±0.8) because the three runs share seed, init and data order
-# and disagree on few examples.
+# Measured (5 seeds): all three are ~13 points above the base model, so the rows test the claims — and the
+# alignment loss does not move accuracy here. Claim 4: A-LoRA-K − LoRA = −0.27 [−1.00, +0.52] (paper +3.58): not
+# resolved (at 3 seeds +0.16), and a gain of the paper's size is far outside the interval. Claim 5: A-LoRA-K −
+# A-LoRA-M = −0.36 [−1.12, +0.39] (paper +1.71): not resolved. The intervals are narrow (±0.8) because the three
+# runs share seed, init and data order and disagree on few examples.
 
 # %% [markdown]
 # ## 2. What the loss does to the representation: the separation probe
