@@ -228,28 +228,28 @@ def claim_report(claim, **grid_args):
     return out
 
 
-def recheck(claims, args):
+def recheck(claims, args, wanted):
     """Retrain the selected cached runs (`--methods`, "base" for the base model; `--seeds`) into --scratch and write
     each comparison with the cache (grid.compare_runs) to experiments/results/rechecks/<key>.json: the evidence
     that runs made on another machine or commit are the same runs."""
-    if not args.methods or not args.seeds:
+    if not wanted or not args.seeds:
         raise SystemExit("error: recheck needs --methods (or base) and --seeds: it retrains, so say which runs")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    where = lambda m: f"{m['host']}, {m['torch_threads']} threads, commit {m['commit']}"  # noqa: E731
     out = []
     for c in claims:
         labels = [m for m in args.methods.split(",") if m in CLAIMS[c][0] or m == "base"]
-        seeds = [int(s) for s in args.seeds.split(",")]
+        if not labels:
+            continue
         g = grid(c, seeds=seeds)
         for label in labels:
             for seed in ([None] if label == "base" else seeds):
                 r = g.recheck(label, seed, Path(args.scratch))
                 write_json(RESULTS / "rechecks" / f"{r['key']}.json", r)
                 out.append(r)
-                where = lambda m: f"{m['host']}, {m['torch_threads']} threads, commit {m['commit']}"  # noqa: E731
                 print(f"{label} seed {seed}: cache {100 * r['old']['average']:.2f}% ({where(r['old']['machine'])}) vs "
                       f"now {100 * r['new']['average']:.2f}% ({where(r['new']['machine'])}); predictions agree on "
                       f"{r['agree']} of {r['n']}", flush=True)
-    if not out:
-        raise SystemExit(f"error: --methods {args.methods}: no such method in claims {','.join(claims)}")
     return out
 
 
@@ -265,13 +265,14 @@ def main(argv=None):
                                                                    "(resumable; default %(default)s)")
     args = p.parse_args(argv)
     claims = [c for c in CLAIMS if not args.only or c in args.only.split(",")]
+    wanted = set(args.methods.split(",")) if args.methods else None
+    known = set().union(*(CLAIMS[c][0] for c in claims)) | ({"base"} if args.what == "recheck" else set())
+    if wanted and (unknown := wanted - known):
+        raise SystemExit(f"error: --methods {','.join(sorted(unknown))}: no such method in claims "
+                         f"{','.join(claims)} (see CLAIMS in experiments/claims.py)")
     if args.what == "recheck":
-        return recheck(claims, args)
+        return recheck(claims, args, wanted)
     if args.what == "run":
-        wanted = set(args.methods.split(",")) if args.methods else None
-        if wanted and (unknown := wanted - set().union(*(CLAIMS[c][0] for c in claims))):
-            raise SystemExit(f"error: --methods {','.join(sorted(unknown))}: no such method in claims "
-                             f"{','.join(claims)} (see CLAIMS in experiments/claims.py)")
         for c in claims:
             seeds = CLAIMS[c][1]
             if args.seeds:

@@ -150,3 +150,5 @@ def test_recheck_cli_needs_runs_named():
         C.main(["recheck", "--only", "4-5", "--seeds", "0"])
     with pytest.raises(SystemExit, match="recheck needs --methods"):
         C.main(["recheck", "--only", "4-5", "--methods", "lora-r8"])
+    with pytest.raises(SystemExit, match="--methods hydra: no such method in claims 4-5"):
+        C.main(["recheck", "--only", "4-5", "--seeds", "0", "--methods", "hydra,base"])

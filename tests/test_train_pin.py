@@ -108,13 +108,12 @@ if __name__ == "__main__":  # re-pin: python tests/test_train_pin.py [--add]
         train_data, test_data = make_jsonl(d / "train.jsonl"), make_jsonl(d / "test.jsonl", n=4, split="test")
         cases = {case: pinned_run(tiny, train_data, test_data, d / case, flags) for case, flags in CASES.items()}
         inputs = fingerprint(tiny)
-    # --add: keep the record and add this CPU capability's (only for code that passes the existing record)
-    record = json.loads(PIN.read_text()) if "--add" in sys.argv else {"inputs": inputs, "cpu_capability":
-                                                                     torch.backends.cpu.get_cpu_capability()}
-    if "--add" in sys.argv:
+    cap = torch.backends.cpu.get_cpu_capability()
+    if "--add" in sys.argv:  # keep the record and add this CPU capability's (only for code that passes the record)
+        record = json.loads(PIN.read_text())
         assert record["inputs"] == inputs, "the tiny model differs from the recorded one: re-pin from scratch"
-        record.setdefault("by_capability", {})[torch.backends.cpu.get_cpu_capability()] = cases
+        record.setdefault("by_capability", {})[cap] = cases
     else:
-        record["cases"] = cases
+        record = {"inputs": inputs, "cpu_capability": cap, "cases": cases}
     PIN.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {PIN}")
