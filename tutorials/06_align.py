@@ -114,8 +114,10 @@ if c6 is not None:
     print(f"\nclaim 6: A-LoRA-K above LoRA (interval above 0) at {above} of {len(SWEEP)} λ, below it at {below}, "
           f"not resolved at {len(judged) - above - below}"
           + (f", not measured at {len(SWEEP) - len(judged)}" if len(judged) < len(SWEEP) else ""))
-# Measured so far: only λ = 0.1 (the claim 4-5 runs), +0.16 [−0.56, +0.98] over 3 seeds, against the paper's
-# +1.10 to +1.75 at every λ; the other three λ are not trained yet (`python experiments/claims.py run --only 6`).
+# Measured (3 seeds; λ = 0.1 at commit 0cf2ed4, the others at e000a5e): A-LoRA-K − LoRA = +0.22 [−0.31, +0.78],
+# +0.29 [−0.38, +1.04], +0.16 [−0.56, +0.98] and −0.71 [−1.56, +0.11] at λ = 0.01, 0.05, 0.1, 0.5, against the
+# paper's +1.10 to +1.75 at every λ: not resolved at any λ, the paper's gaps outside every interval, and the
+# largest λ leaning below LoRA (62.0 against 62.8).
 
 # %% [markdown]
 # ## Plot: claims 4-5 accuracy and differences; the separation probe; the λ sweep (accuracy, and the difference
