@@ -93,7 +93,8 @@ print_paired(mechanism, "head cosine", "lower")
 # Measured (3 seeds): HydraLoRA's heads end near-copies (0.932 ± 0.002); per-head dropout lowers that a little
 # (0.856, −0.076 [−0.087, −0.065], reproduced); random init keeps them far apart (0.147, −0.785 [−0.806, −0.764],
 # reproduced), as does R-LoRA with both (0.136). More different heads did not come with more accuracy: the row
-# with the most alike heads (HydraLoRA, 62.9%) is the best, the two random-init rows (62.1%) the worst.
+# with the most alike heads (HydraLoRA, 62.9%) has the highest mean and the two random-init rows (62.1%) the
+# lowest, though none of these differences is resolved (section 2).
 
 # %% [markdown]
 # ## Plot: accuracy per row, the paired differences beside the paper's, and the heads' similarity

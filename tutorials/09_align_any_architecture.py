@@ -56,7 +56,8 @@ print(comparison_table(c))
 # the base model (48.3%), none collapsed, so the rows test the claim. The loss does not move accuracy:
 # R-LoRA + align − R-LoRA = +0.00 [−0.67, +0.67], M-LoRA + align − M-LoRA = −0.25 [−1.07, +0.56]; both "not
 # resolved" (the 2-seed reading of +0.20 and +0.27 did not survive seeds 2-4). Gains above ~0.7 (R-LoRA) and
-# ~0.6 points (M-LoRA) are outside the intervals. M-LoRA stays ~2 points below R-LoRA with or without the loss (claim 1, tutorial 04).
+# ~0.6 points (M-LoRA) are outside the intervals. M-LoRA stays ~2-3 points below R-LoRA with or without the loss
+# (claim 1, tutorial 04).
 
 # %% [markdown]
 # ## 3. The mechanism: does the loss pull the task clusters together when A feeds several heads?
