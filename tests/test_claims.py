@@ -90,6 +90,14 @@ def test_claim_10_methods_share_lora_r8_and_leave_earlier_keys_alone():
     for k in (16, 64, 256):
         assert m[f"lora-k{k}"].options == {**base, "shots": k}
         assert m[f"meta-k{k}"].options == {**base, "shots": k, "trainer": "meta", "meta_support": 2, "meta_query": 2}
+    # the α sensitivity grid: the K = 16 pair of claim 10 plus MeTA-LoRA at the other inner learning rates, each
+    # compared with the same LoRA on 16 (its default-α row is claim 10's run, not a second one)
+    alpha_labels, alpha_seeds, alpha_comparisons = C.CLAIMS["10-alpha"]
+    assert alpha_labels == ["lora-k16", "meta-k16-a0.01", "meta-k16", "meta-k16-a0.1"] and alpha_seeds == C.SEEDS
+    assert [(a, b, s) for a, b, s, _ in alpha_comparisons] == [
+        (a, "lora-k16", True) for a in ("meta-k16-a0.01", "meta-k16", "meta-k16-a0.1")]
+    for a in C.META_ALPHAS:
+        assert m[f"meta-k16-a{a}"].options == {**m["meta-k16"].options, "meta_inner_lr": a}
     data = SimpleNamespace(test_fp="test", train_fp="train")  # run_key reads only these two fingerprints of Data
     keys = {}
     for label, method in m.items():
@@ -101,7 +109,9 @@ def test_claim_10_methods_share_lora_r8_and_leave_earlier_keys_alone():
             assert MetaSampler(pools, MetaConfig.from_flags(cfg)).n == len(C.SUITE.tasks)
             assert cfg.meta_query == C.SUITE.batch_per_task
     assert len({keys[k] for k in labels}) == len(labels)
-    before = {k: v for k, v in sorted(keys.items()) if k not in labels or k == "lora-r8"}
+    assert len({keys[k] for k in {*labels, *alpha_labels}}) == len(labels) + len(C.META_ALPHAS)
+    claim_10 = {*labels, *alpha_labels}
+    before = {k: v for k, v in sorted(keys.items()) if k not in claim_10 or k == "lora-r8"}
     assert hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16] == KEYS_BEFORE_CLAIM_10
 
 
