@@ -49,6 +49,7 @@ NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora"
          "a-lora-k-l0.5": "A-LoRA-K λ=0.5"}
 NAMES.update({f"{kind}-k{k}": f"{what} K={k}" for k in C.SHOTS  # claim 10: K examples per task
               for kind, what in (("meta", "MeTA-LoRA"), ("lora", "LoRA"))})
+NAMES.update({f"meta-k16-a{a}": f"MeTA-LoRA K=16 α={a}" for a in C.META_ALPHAS})  # grid 10-alpha
 
 
 def parser(doc):

@@ -44,6 +44,7 @@ ANCHORS = {
     "6": ({}, "Align-LoRA Figure 3 (A-LoRA-K 75.10-75.75 at every λ, LoRA 74.00)"),
     "9": ({}, "Align-LoRA appendix Table 9 (no numbers reachable)"),
     "10": ({}, "MeTA-LoRA abstract (arXiv 2510.11598; no numbers reachable, METHODS §2.9)"),
+    "10-alpha": ({}, "MeTA-LoRA abstract (claim 10 at K = 16, at other inner learning rates; α not reachable)"),
 }
 
 
