@@ -14,6 +14,10 @@ set and the most frequent predictions, with collapsed tasks (one prediction > 90
 and one record per example (`.predictions.jsonl`: task, index in its split, gold, prediction, per-option scores)
 under the run (`<run>/eval/`), or `out/eval/<model>/` for a base model, or `--out FILE`; an existing result is never
 replaced unless `--overwrite` is given.
+
+`--export-peft DIR` writes the adapter's Hugging Face PEFT LoRA form instead of evaluating (the same as train.py
+writes to <run>/peft): DIR itself, or for MTL-LoRA one directory per training task, DIR/<task>, holding ΔW_t of that
+task id (PEFT then loads each as a plain LoRA). Routers (HydraLoRA, R-LoRA) have no PEFT form: a one-line error.
 """
 
 import os
@@ -30,7 +34,7 @@ from pathlib import Path
 import torch
 
 import nanoalign
-from nanoalign.adapters import load_adapter, merge_adapters
+from nanoalign.adapters import export_peft_dirs, load_adapter, merge_adapters
 from nanoalign.data import load_tasks
 from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, generation_fallback, without_records
 from nanoalign.hub import HubError
@@ -64,7 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--no-merge", action="store_true", help="keep a mergeable adapter unmerged")
     p.add_argument("--out", default=None, help="results file (default: <run>/eval/<data>-<split>-<format>-<mode>-n<N>"
                    ".json, or out/eval/<model>/... for a base model); predictions go beside it")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing result of the same evaluation")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing result of the same evaluation (or "
+                   "an existing --export-peft directory)")
+    p.add_argument("--export-peft", default=None, metavar="DIR", help="write the adapter of --adapter-dir as PEFT "
+                   "LoRA (MTL-LoRA: DIR/<task> per training task) and exit without evaluating")
     return p.parse_args(argv)
 
 
@@ -103,6 +110,21 @@ def find_adapter_dir(path):
     return d
 
 
+def export(args, adapter_dir, model_name, task_names):
+    """--export-peft: the adapter's PEFT LoRA directories under args.export_peft; nothing else is run."""
+    if adapter_dir is None:
+        raise ValueError("--export-peft needs --adapter-dir (the adapter to export)")
+    out = Path(args.export_peft)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise FileExistsError(f"--export-peft {out} exists and is not empty; pass --overwrite to write into it or "
+                              "choose another directory")
+    model = nanoalign.load_model(model_name, dtype=torch.float32, device="cpu")  # exported in fp32 either way
+    load_adapter(model, adapter_dir)
+    written = export_peft_dirs(model, out, task_names or (), base_model_name_or_path=model_name)
+    print(f"wrote {written}")
+    return {"exported": written}
+
+
 def run(args):
     if args.max_per_task < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--max-per-task must be >= 0, --batch-size and --max-new-tokens >= 1")
@@ -110,16 +132,18 @@ def run(args):
     dtype = base_dtype(device, args.dtype)
     adapter_dir = find_adapter_dir(args.adapter_dir) if args.adapter_dir else None
     model_name = args.model
-    task_ids = None
+    task_ids, names = None, None
     if adapter_dir:
         saved = read_json(adapter_dir / "adapter_config.json")
         model_name = model_name or saved.get("base_model")
         if (adapter_dir / "tasks.json").is_file():  # training task ids (MTL-LoRA needs them at inference)
             names = read_json(adapter_dir / "tasks.json").get("tasks")
-            if not isinstance(names, list):
+            if not isinstance(names, list) or not all(isinstance(t, str) for t in names):
                 raise ValueError(f"{adapter_dir / 'tasks.json'}: expected {{\"tasks\": [task names]}}")
             task_ids = {t: i for i, t in enumerate(names)}
     model_name = model_name or "smollm2-135m"
+    if args.export_peft:
+        return export(args, adapter_dir, model_name, names)
     fmt = args.format or ("cloze" if args.mode == "cloze" else "label")
     out, preds_path = result_paths(args, adapter_dir, model_name, fmt)  # before any work: refuse to overwrite
 

@@ -35,7 +35,6 @@ import dataclasses
 from functools import partial
 import json
 import math
-import re
 import signal
 import sys
 import time
@@ -49,8 +48,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import nanoalign
-from nanoalign.adapters import (KINDS, adapter_capabilities, adapter_context, apply_adapter, check_options,
-                                count_trainable, export_peft, save_adapter)
+from nanoalign.adapters import (KINDS, adapter_context, apply_adapter, check_options, count_trainable,
+                                export_peft_dirs, save_adapter)
 from nanoalign.align import MMD_MAX_ROWS, alignment_loss
 from nanoalign.checkpoint import (Checkpoint, all_finite, check_fresh_start, clear_run_state, continue_run_dir,
                                   find_checkpoint, load_checkpoint, read_log, save_checkpoint)
@@ -634,23 +633,6 @@ def save(cfg, env, s, data):
     s.saved_step = s.step
 
 
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-def export_peft_dirs(model, out: Path, names, cfg):
-    """PEFT LoRA directories: `out/peft`, or for an adapter with one ΔW per task (MTL-LoRA) `out/peft/<task>` per
-    task, each the plain LoRA ΔW_t of that task id (a task name that is not a plain file name, as one read from a
-    data file may be, becomes `task<id>`). Returns what was written, for the log; a ValueError when there is no
-    PEFT form (routers)."""
-    if not adapter_capabilities(model)["merges_per_task"]:
-        export_peft(model, out / "peft", base_model_name_or_path=cfg.model)
-        return f"{out / 'peft'} (PEFT LoRA)"
-    dirs = [t if SAFE_NAME.fullmatch(t) else f"task{i}" for i, t in enumerate(names)]
-    for i, d in enumerate(dirs):
-        export_peft(model, out / "peft" / d, base_model_name_or_path=cfg.model, task=i)
-    return f"{out / 'peft'}/{{{','.join(dirs)}}} (one PEFT LoRA per task)"
-
-
 def finish(cfg: TrainConfig, env: Env, data: Data, s: State):
     """Stage 6, final save and evaluation: the last checkpoint, the adapter (nanoalign format, plus PEFT when it is
     a plain LoRA at inference), the evaluation after training (on every rank), results.json. Returns the result on
@@ -660,7 +642,8 @@ def finish(cfg: TrainConfig, env: Env, data: Data, s: State):
         save_adapter(s.model, env.out / "adapter")
         write_atomic(env.out / "adapter" / "tasks.json", json.dumps({"tasks": data.names}))  # task ids, for MTL-LoRA
         try:
-            env.say(f"saved {env.out / 'adapter'} (nanoalign) and {export_peft_dirs(s.model, env.out, data.names, cfg)}")
+            peft = export_peft_dirs(s.model, env.out / "peft", data.names, cfg.model)
+            env.say(f"saved {env.out / 'adapter'} (nanoalign) and {peft}")
         except ValueError as e:  # routers are not a plain LoRA at inference
             env.say(f"saved {env.out / 'adapter'} (nanoalign); no PEFT export: {e}")
     after = evaluate_all_ranks(s.model, data.tok, data.test_tasks, env, mode=cfg.eval_mode,

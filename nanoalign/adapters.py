@@ -35,6 +35,7 @@ stores it in the context directly.
 import inspect
 import json
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -858,3 +859,26 @@ def export_peft(model, directory, base_model_name_or_path=None, task=None):
     _atomic_write(d / "adapter_config.json", lambda p: p.write_text(json.dumps(peft_cfg, indent=2)))
     _atomic_write(d / "nanoalign_export.json", lambda p: p.write_text(json.dumps(note, indent=2)))
     return d
+
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a task name usable as a directory name as it is
+
+
+def export_peft_dirs(model, directory, task_names=(), base_model_name_or_path=None):
+    """The PEFT LoRA form of a trained adapter: `directory` itself, or for an adapter with one ΔW per task
+    (MTL-LoRA, `merges_per_task`) `directory/<task>` for each of `task_names` (in task-id order: the i-th holds
+    ΔW_i). A task name that is not a plain file name (names come from data files) becomes `task<id>`, so no
+    directory is written outside `directory`. Returns what was written, for a log line; a ValueError where there
+    is no PEFT form (routers) or no task names for a per-task adapter."""
+    d = Path(directory)
+    if not adapter_capabilities(model)["merges_per_task"]:
+        export_peft(model, d, base_model_name_or_path=base_model_name_or_path)
+        return f"{d} (PEFT LoRA)"
+    if not task_names:
+        raise ValueError("a per-task adapter (MTL-LoRA) exports one PEFT LoRA per task and needs the task names "
+                         "(adapter/tasks.json, written by train.py)")
+    dirs = [t if SAFE_NAME.fullmatch(t) else f"task{i}" for i, t in enumerate(task_names)]
+    for i, name in enumerate(dirs):
+        export_peft(model, d / name, base_model_name_or_path=base_model_name_or_path, task=i)
+    return f"{d}/{{{','.join(dirs)}}} (one PEFT LoRA per task)"

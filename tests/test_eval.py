@@ -193,6 +193,46 @@ def test_eval_py_base_model_generate(tiny, tmp_path, capsys):
     assert "base" in capsys.readouterr().out
 
 
+def test_eval_py_exports_peft_per_task(tiny, tmp_path, capsys):
+    """--export-peft DIR: a saved MTL-LoRA becomes one PEFT LoRA per training task (DIR/<task>, holding ΔW_t of that
+    task id, the same tensors as export_peft(task=t) in memory; a task name that is not a plain file name becomes
+    task<id>, inside DIR), without evaluating; an existing DIR is not written into without --overwrite; a router
+    (no PEFT form) and a missing --adapter-dir are one error line each."""
+    from safetensors.torch import load_file
+    from nanoalign.adapters import export_peft
+    model = nanoalign.load_model(tiny)
+    apply_adapter(model, "mtl", rank=2, heads=2, num_tasks=2, targets=("q_proj", "up_proj"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # away from the init (B = 0, equal mixes), so the two tasks' ΔW_t differ
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.5)
+    save_adapter(model, tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "adapter" / "tasks.json").write_text(json.dumps({"tasks": ["task-a", "../../evil"]}))
+    out = tmp_path / "exported"
+    res = eval_py.main(["--adapter-dir", str(tmp_path / "run"), "--export-peft", str(out)])
+    assert "one PEFT LoRA per task" in res["exported"] and "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["task-a", "task1"] and not (tmp_path / "evil").exists()
+    assert not (tmp_path / "run" / "eval").exists()  # nothing evaluated
+    for i, d in enumerate(["task-a", "task1"]):
+        export_peft(model, tmp_path / "direct" / d, task=i)
+        ours, direct = (load_file(root / d / "adapter_model.safetensors") for root in (out, tmp_path / "direct"))
+        assert ours.keys() == direct.keys() and all(torch.equal(ours[k], direct[k]) for k in ours)
+        assert json.loads((out / d / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny)
+    a, b = (load_file(out / d / "adapter_model.safetensors") for d in ("task-a", "task1"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert "exists and is not empty; pass --overwrite" in eval_error(
+        capsys, ["--adapter-dir", tmp_path / "run", "--export-peft", out])
+    eval_py.main(["--adapter-dir", str(tmp_path / "run"), "--export-peft", str(out), "--overwrite"])
+    hydra = nanoalign.load_model(tiny)
+    apply_adapter(hydra, "hydra", rank=2, heads=2, targets=("q_proj",))
+    save_adapter(hydra, tmp_path / "hydra" / "adapter")
+    assert "no PEFT LoRA form" in eval_error(capsys, ["--adapter-dir", tmp_path / "hydra", "--export-peft",
+                                                      tmp_path / "h"])
+    assert "--export-peft needs --adapter-dir" in eval_error(capsys, ["--model", tiny, "--export-peft",
+                                                                      tmp_path / "x"])
+
+
 def eval_error(capsys, args):
     return error_line(capsys, eval_py.main, args)
 

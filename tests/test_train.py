@@ -448,7 +448,7 @@ def test_every_adapter_trains_and_evaluates(tiny, data, tmp_path, kind):
 def test_per_task_peft_export_keeps_task_names_inside_the_run(tmp_path):
     """MTL-LoRA's per-task PEFT directories are named after the tasks, except a name that is not a plain file name
     (a task name comes from a data file): that one becomes task<id>, inside peft/, and holds that task id's ΔW_t."""
-    from nanoalign.adapters import apply_adapter
+    from nanoalign.adapters import apply_adapter, export_peft_dirs
     from nanoalign.model import CausalLM, ModelConfig
     from safetensors.torch import load_file
     torch.manual_seed(0)
@@ -459,7 +459,7 @@ def test_per_task_peft_export_keeps_task_names_inside_the_run(tmp_path):
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_()
-    text = train_py.export_peft_dirs(model, tmp_path, ["good-task_1", "../../evil"], train_py.TrainConfig())
+    text = export_peft_dirs(model, tmp_path / "peft", ["good-task_1", "../../evil"])
     assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["good-task_1", "task1"], text
     assert not (tmp_path.parent / "evil").exists()
     a, b = (load_file(tmp_path / "peft" / d / "adapter_model.safetensors") for d in ("good-task_1", "task1"))
