@@ -93,9 +93,10 @@ def test_claim_10_methods_share_lora_r8_and_leave_earlier_keys_alone():
     # the α sensitivity grid: the K = 16 pair of claim 10 plus MeTA-LoRA at the other inner learning rates, each
     # compared with the same LoRA on 16 (its default-α row is claim 10's run, not a second one)
     alpha_labels, alpha_seeds, alpha_comparisons = C.CLAIMS["10-alpha"]
-    assert alpha_labels == ["lora-k16", "meta-k16-a0.01", "meta-k16", "meta-k16-a0.1"] and alpha_seeds == C.SEEDS
+    assert alpha_labels == ["lora-k16", "meta-k16-a0.01", "meta-k16", "meta-k16-a0.1", "meta-k16-a0.3"]
+    assert alpha_seeds == C.SEEDS
     assert [(a, b, s) for a, b, s, _ in alpha_comparisons] == [
-        (a, "lora-k16", True) for a in ("meta-k16-a0.01", "meta-k16", "meta-k16-a0.1")]
+        (a, "lora-k16", True) for a in ("meta-k16-a0.01", "meta-k16", "meta-k16-a0.1", "meta-k16-a0.3")]
     for a in C.META_ALPHAS:
         assert m[f"meta-k16-a{a}"].options == {**m["meta-k16"].options, "meta_inner_lr": a}
     data = SimpleNamespace(test_fp="test", train_fp="train")  # run_key reads only these two fingerprints of Data

@@ -280,12 +280,13 @@ def test_10_meta_lora(tmp_path):
     # others are trained with their own α (other training curves), one table row per method
     a = r["claims"]["10-alpha"]
     assert [(x["a"], x["b"]) for x in a["report"]["comparisons"]] == [
-        (m, "lora-k16") for m in ("meta-k16-a0.01", "meta-k16", "meta-k16-a0.1")]
+        (m, "lora-k16") for m in ("meta-k16-a0.01", "meta-k16", "meta-k16-a0.1", "meta-k16-a0.3")]
     assert a["curves"]["meta-k16"] == curves["meta-k16"] and a["curves"]["lora-k16"] == curves["lora-k16"]
-    ce = {k: [x["ce_first5"] for x in a["curves"][k]] for k in ("meta-k16-a0.01", "meta-k16", "meta-k16-a0.1")}
-    assert len({tuple(v) for v in ce.values()}) == 3
+    alphas = ("meta-k16-a0.01", "meta-k16", "meta-k16-a0.1", "meta-k16-a0.3")
+    ce = {k: [x["ce_first5"] for x in a["curves"][k]] for k in alphas}
+    assert len({tuple(v) for v in ce.values()}) == 4
     assert [row[0] for row in r["alpha"]] == ["LoRA K=16", "MeTA-LoRA K=16 α=0.01", "MeTA-LoRA K=16",
-                                              "MeTA-LoRA K=16 α=0.1"]
+                                              "MeTA-LoRA K=16 α=0.1", "MeTA-LoRA K=16 α=0.3"]
 
 
 def test_10_full_prints_what_is_known_and_the_gpu_commands(tmp_path):
