@@ -1,13 +1,14 @@
 """train.py's numerics pinned: short runs on the tiny random Llama give bitwise the loss curves, gradient norms, final
 adapter tensors and before/after accuracies recorded from the code at commit 9c9a005 (before train() was split into
-stages), so a refactor of the loop cannot change what a run computes (on CPU, one thread; one record per CPU
-capability, since AVX-512 kernels round differently from AVX2: the AVX-512 one was added with `--add` from code
-that matched the AVX2 record bitwise).
+stages), so a refactor of the loop cannot change what a run computes (on CPU, one thread; one record per kind of
+CPU, since AVX-512 kernels round differently from AVX2, and an Intel AVX-512 + AMX box differently from an AMD
+AVX-512 one: each later record was added with `--add` from code that matched an earlier record bitwise).
 
 The record is tests/train_pin.json, written by `python tests/test_train_pin.py` (run it only to re-pin after a change
 of numerics that is meant, and say so in the commit). It holds a fingerprint of its inputs (the tiny model's weights
-and tokenizer, built by conftest.make_tiny_model with the installed transformers/tokenizers): where the fixture comes
-out different (other library versions), the test is skipped rather than compared against other inputs.
+and tokenizer, built by conftest.make_tiny_model with the installed transformers/tokenizers, and its config without
+the version stamp): where the fixture comes out different (other library versions), the test is skipped rather than
+compared against other inputs.
 """
 
 import hashlib
@@ -42,10 +43,36 @@ KEYS = ("step", "loss", "ce", "align", "lr", "grad_norm", "tokens")
 
 
 def fingerprint(tiny):
+    """The tiny model's tokenizer, weights and config, but not the config's "transformers_version" stamp: a new
+    transformers release that builds the same model must not turn the pin into a skip (5.24.0 -> 5.25.0 did)."""
     h = hashlib.sha256()
-    for name in ("tokenizer.json", "model.safetensors", "config.json"):
+    for name in ("tokenizer.json", "model.safetensors"):
         h.update((Path(tiny) / name).read_bytes())
+    config = json.loads((Path(tiny) / "config.json").read_text())
+    config.pop("transformers_version", None)
+    h.update(json.dumps(config, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def cpu_kind():
+    """The CPU as far as its float rounding goes: torch's kernel capability, the vendor, and AMX (oneDNN takes other
+    paths with it). An Intel AVX-512 + AMX box rounds a gradient norm 1 ulp away from an AMD AVX-512 one."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return cap
+    vendor = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("vendor_id")), "")
+    return " ".join(x for x in (cap, vendor, "amx" * (" amx_bf16" in info)) if x)
+
+
+def recorded_cases(pin):
+    """The record for this CPU: its own (by_cpu), else its capability's (by_capability; the AVX-512 one is an AMD
+    EPYC's), else the original AVX2 record (cases), or None."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cpu_kind() in pin.get("by_cpu", {}):
+        return pin["by_cpu"][cpu_kind()]
+    return pin["cases"] if cap == pin.get("cpu_capability", "AVX2") else pin.get("by_capability", {}).get(cap)
 
 
 def exact(x):
@@ -90,11 +117,10 @@ def test_short_runs_are_bitwise_the_recorded_ones(tiny, tmp_path, pin, case, one
     train_data = make_jsonl(tmp_path / "train.jsonl")
     test_data = make_jsonl(tmp_path / "test.jsonl", n=4, split="test")
     got = pinned_run(tiny, train_data, test_data, tmp_path / "out", CASES[case])
-    # CPU kernels of another ISA round differently (AVX-512 vs AVX2), so each has its own record of the same code
-    cap = torch.backends.cpu.get_cpu_capability()
-    cases = pin["cases"] if cap == pin.get("cpu_capability", "AVX2") else pin.get("by_capability", {}).get(cap)
+    # CPU kernels of another ISA (AVX-512 vs AVX2) or vendor round differently, so each has its record of the same code
+    cases = recorded_cases(pin)
     if cases is None:
-        pytest.skip(f"no record for CPU capability {cap}: pin it with `python tests/test_train_pin.py --add`")
+        pytest.skip(f"no record for this CPU ({cpu_kind()}): pin it with `python tests/test_train_pin.py --add`")
     want = cases[case]
     assert got["steps"] == want["steps"]
     assert got["evals"] == want["evals"] and got["accuracy"] == want["accuracy"]
@@ -109,10 +135,10 @@ if __name__ == "__main__":  # re-pin: python tests/test_train_pin.py [--add]
         cases = {case: pinned_run(tiny, train_data, test_data, d / case, flags) for case, flags in CASES.items()}
         inputs = fingerprint(tiny)
     cap = torch.backends.cpu.get_cpu_capability()
-    if "--add" in sys.argv:  # keep the record and add this CPU capability's (only for code that passes the record)
+    if "--add" in sys.argv:  # keep the record and add this CPU's (only for code that passes the record elsewhere)
         record = json.loads(PIN.read_text())
         assert record["inputs"] == inputs, "the tiny model differs from the recorded one: re-pin from scratch"
-        record.setdefault("by_capability", {})[cap] = cases
+        record.setdefault("by_cpu", {})[cpu_kind()] = cases
     else:
         record = {"inputs": inputs, "cpu_capability": cap, "cases": cases}
     PIN.write_text(json.dumps(record, indent=1) + "\n")
