@@ -120,7 +120,7 @@ def export(args, adapter_dir, model_name, task_names):
                               "choose another directory")
     model = nanoalign.load_model(model_name, dtype=torch.float32, device="cpu")  # exported in fp32 either way
     load_adapter(model, adapter_dir)
-    written = export_peft_dirs(model, out, task_names or (), base_model_name_or_path=model_name)
+    written = export_peft_dirs(model, out, task_names, base_model_name_or_path=model_name)
     print(f"wrote {written}")
     return {"exported": written}
 

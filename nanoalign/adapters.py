@@ -861,7 +861,6 @@ def export_peft(model, directory, base_model_name_or_path=None, task=None):
     return d
 
 
-
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a task name usable as a directory name as it is
 
 

@@ -418,8 +418,8 @@ def test_merge_adapters_model(kind):
     """merge_adapters turns a model with random adapters back into plain nn.Linear layers with the same logits, up
     to float32 rounding (the merge is computed in fp32 by design): 1e-4 on logits of order 1, far below what a wrong
     term of ΔW moves them by (with these random adapters, std 0.2, halving the B of one module shifts the logits by
-    0.09 to 2.2 depending on the kind), and above the rounding, whose last bits depend on the CPU's kernels (an earlier 1e-5 held on an AMD box
-    and missed by 1.4e-5 on an Intel one, for HydraLoRA's summed heads)."""
+    0.09 to 2.2 depending on the kind), and above the rounding, whose last bits depend on the CPU's kernels (an
+    earlier 1e-5 held on an AMD box and missed by 1.4e-5 on an Intel one, for HydraLoRA's summed heads)."""
     ids, tids = batch()
     model = randomize(apply_adapter(tiny(), kind, rank=4, heads=3, targets=MLP + ("q_proj", "v_proj")), std=0.2)
     before = logits(model, ids, tids)

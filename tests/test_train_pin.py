@@ -69,9 +69,9 @@ def cpu_kind():
 def recorded_cases(pin):
     """The record for this CPU: its own (by_cpu), else its capability's (by_capability; the AVX-512 one is an AMD
     EPYC's), else the original AVX2 record (cases), or None."""
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cpu_kind() in pin.get("by_cpu", {}):
-        return pin["by_cpu"][cpu_kind()]
+    cap, kind = torch.backends.cpu.get_cpu_capability(), cpu_kind()
+    if kind in pin.get("by_cpu", {}):
+        return pin["by_cpu"][kind]
     return pin["cases"] if cap == pin.get("cpu_capability", "AVX2") else pin.get("by_capability", {}).get(cap)
 
 
