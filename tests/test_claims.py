@@ -52,11 +52,13 @@ def test_claim_report_from_cached_runs(tiny, tmp_path, one_thread):
     where = dict(suite=suite, seeds=[0, 1], results_dir=tmp_path / "res", work_dir=tmp_path / "w")
     C.grid("1-2", **where).run()
     rep = C.claim_report("1-2", **where)
-    assert set(rep["methods"]) == {"hydra", "hydra-norouter", "rlora", "mlora"} and rep["base"] is not None
+    assert set(rep["methods"]) == {"hydra", "hydra-norouter", "rlora", "mlora", *C.CONTROLS_1_2}
+    assert rep["base"] is not None
     row = rep["methods"]["mlora"]
     assert row["seeds"] == [0, 1] and len(row["per_seed"]) == 2 and "head_cosine" in row and "vs_base" in row
-    assert [(c["a"], c["b"]) for c in rep["comparisons"]] == [("mlora", "rlora"), ("mlora", "hydra"),
-                                                              ("hydra-norouter", "hydra")]
+    assert [(c["a"], c["b"]) for c in rep["comparisons"]] == [
+        ("mlora", "rlora"), ("mlora", "hydra"), ("hydra-norouter", "hydra"), ("mlora-mean", "rlora"),
+        ("mlora-mean", "hydra"), ("mlora-cf", "rlora-cf"), ("mlora-cf", "hydra"), ("hydra-norouter-mean", "hydra")]
     for c in rep["comparisons"]:
         assert c["low"] <= c["diff"] <= c["high"] and c["verdict"] in VERDICTS and c["seeds"] == 2
 
@@ -112,7 +114,10 @@ def test_claim_10_methods_share_lora_r8_and_leave_earlier_keys_alone():
     assert len({keys[k] for k in labels}) == len(labels)
     assert len({keys[k] for k in {*labels, *alpha_labels}}) == len(labels) + len(C.META_ALPHAS)
     claim_10 = {*labels, *alpha_labels}
-    before = {k: v for k, v in sorted(keys.items()) if k not in claim_10 or k == "lora-r8"}
+    controls = {*C.CONTROLS_1_2, *C.CONTROLS_8}  # added later, with keys of their own
+    assert len({keys[k] for k in controls}) == len(controls) and not {keys[k] for k in controls} & {
+        v for k, v in keys.items() if k not in controls}
+    before = {k: v for k, v in sorted(keys.items()) if (k not in claim_10 or k == "lora-r8") and k not in controls}
     assert hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16] == KEYS_BEFORE_CLAIM_10
 
 
@@ -163,3 +168,17 @@ def test_recheck_cli_needs_runs_named():
         C.main(["recheck", "--only", "4-5", "--methods", "lora-r8"])
     with pytest.raises(SystemExit, match="--methods hydra: no such method in claims 4-5"):
         C.main(["recheck", "--only", "4-5", "--seeds", "0", "--methods", "hydra,base"])
+
+
+def test_step_size_and_init_controls():
+    """The controls of claims 1, 2 and 8 are their base method with one option changed: heads averaged instead of
+    summed (M-LoRA, Hydra w/o router), or R-LoRA's released-code init (R-LoRA, M-LoRA, HydraLoRA +Init)."""
+    m = C.methods(3, ModelConfig.from_hf_dict(SMOLLM2))
+    for label, base, extra in (("mlora-mean", "mlora", "head_reduction=mean"),
+                               ("hydra-norouter-mean", "hydra-norouter", "head_reduction=mean"),
+                               ("rlora-cf", "rlora", "code_faithful=true"), ("mlora-cf", "mlora", "code_faithful=true"),
+                               ("hydra+init-cf", "hydra+init", "multi_head_dropout=false,code_faithful=true")):
+        o = dict(m[label].options)
+        assert o.pop("adapter_options") == extra and o == {k: v for k, v in m[base].options.items()
+                                                           if k != "adapter_options"}
+        assert m[label].analyses == m[base].analyses and "heads" in m[label].analyses

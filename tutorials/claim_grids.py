@@ -46,7 +46,9 @@ NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora"
          "rlora+align": "R-LoRA + align", "mlora+align": "M-LoRA + align", "hydra-rs": "HydraLoRA (α/√r)",
          "hydra+mt": "HydraLoRA +MT",
          "hydra+init": "HydraLoRA +Init", "a-lora-k-l0.01": "A-LoRA-K λ=0.01", "a-lora-k-l0.05": "A-LoRA-K λ=0.05",
-         "a-lora-k-l0.5": "A-LoRA-K λ=0.5"}
+         "a-lora-k-l0.5": "A-LoRA-K λ=0.5", "mlora-mean": "M-LoRA (heads mean)",
+         "hydra-norouter-mean": "HydraLoRA w/o Router (heads mean)", "rlora-cf": "R-LoRA (code init)",
+         "mlora-cf": "M-LoRA (code init)", "hydra+init-cf": "HydraLoRA +Init (code init)"}
 NAMES.update({f"{kind}-k{k}": f"{what} K={k}" for k in C.SHOTS  # claim 10: K examples per task
               for kind, what in (("meta", "MeTA-LoRA"), ("lora", "LoRA"))})
 NAMES.update({f"meta-k16-a{a}": f"MeTA-LoRA K=16 α={a}" for a in C.META_ALPHAS})  # grid 10-alpha
