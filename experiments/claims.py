@@ -26,7 +26,7 @@ from grid import RESULTS, ROOT, WORK, Grid, Method, Suite, write_json  # noqa: E
 
 import numpy as np  # noqa: E402
 
-from nanoalign.stats import compare, describe, mean_se  # noqa: E402
+from nanoalign.stats import TILT_FLAG, auroc, compare, compare_threshold_free, describe, mean_se, tilt  # noqa: E402
 
 # The small-scale suite and budget, from experiments/screening.md (see the README's "What the tutorials show").
 # The screening (experiments/screening.md) found four task/format pairs that a plain LoRA lifts by >= 5 points above
@@ -209,6 +209,56 @@ def correctness(runs, seeds):
     return {t: np.array([by_seed[s]["predictions"][t]["correct"] for s in seeds]) for t in tasks}
 
 
+def margins(run, task):
+    """(margin, positive) of a two-option task from a run's stored option scores: margin = score of option 1 −
+    score of option 0, positive = the gold answer is option 1; None for a task with another number of options.
+    Option order is read back from the predictions (a prediction is the label of the highest score)."""
+    p = run["predictions"][task]
+    if not p.get("scores") or any(len(x) != 2 for x in p["scores"]):
+        return None
+    scores = np.asarray(p["scores"], dtype=float)
+    labels = set(p["gold"]) | set(p["pred"])
+    option = {label: int(i) for label, i in zip(p["pred"], scores.argmax(1))}  # label -> its option index
+    if len(labels) != 2 or len(set(option.values())) != len(option):
+        return None
+    one = [k for k, i in option.items() if i == 1] or [k for k in labels if k not in option]
+    return scores[:, 1] - scores[:, 0], np.array([g == one[0] for g in p["gold"]])
+
+
+def scored_tasks(runs, seeds):
+    """{task: {"margin", "positive"}} for two-option tasks, {"correct"} otherwise: compare_threshold_free's input."""
+    by_seed = {r["seed"]: r for r in runs}
+    out = {}
+    for t in sorted(runs[0]["predictions"]):
+        m = [margins(by_seed[s], t) for s in seeds]
+        if all(x is not None for x in m) and all(np.array_equal(x[1], m[0][1]) for x in m):
+            out[t] = {"margin": np.stack([x[0] for x in m]), "positive": m[0][1]}
+        else:
+            out[t] = {"correct": np.array([by_seed[s]["predictions"][t]["correct"] for s in seeds])}
+    return out
+
+
+def threshold_diagnostics(runs):
+    """Per task over the runs (seeds): mean and largest tilt (stats.tilt, points), seeds tilted past
+    stats.TILT_FLAG, the AUROC of two-option tasks; and the suite average scored threshold-free (AUROC for
+    two-option tasks, accuracy otherwise) per seed."""
+    tasks, suite = {}, []
+    for r in runs:
+        scores = []
+        for t, v in r["tasks"].items():
+            d = tasks.setdefault(t, {"tilt": [], "auroc": []})
+            d["tilt"].append(100 * tilt(v["predicted"], v["gold"]))
+            m = margins(r, t)
+            if m is not None:
+                d["auroc"].append(100 * auroc(*m))
+            scores.append(d["auroc"][-1] if m is not None else 100 * v["accuracy"])
+        suite.append(float(np.mean(scores)))
+    out = {t: {"tilt": float(np.mean(d["tilt"])), "tilt_max": max(d["tilt"]),
+               "tilted_seeds": sum(x > 100 * TILT_FLAG for x in d["tilt"]), "seeds": len(d["tilt"]),
+               **({"auroc": float(np.mean(d["auroc"]))} if d["auroc"] else {})} for t, d in tasks.items()}
+    return out, suite
+
+
 def equivalence_verdict(low, high):
     """The verdict on "A matches B" (claims 3 and 10) from the 95% interval [low, high] of A − B in points."""
     if -1 < low and high < 1:
@@ -229,8 +279,10 @@ def claim_report(claim, **grid_args):
     base = res.pop("base")
     out = {"claim": claim, "suite": g.suite.describe(), "methods": {}, "comparisons": [], "base": None}
     if base:
+        diag, tf = threshold_diagnostics([base])
         out["base"] = {"average": 100 * base["average"], "tasks": {t: 100 * v["accuracy"] for t, v in
-                                                                   base["tasks"].items()}}
+                                                                   base["tasks"].items()},
+                       "diagnostics": diag, "threshold_free": tf[0]}
     for label, runs in res.items():
         if not runs:
             continue
@@ -240,6 +292,9 @@ def claim_report(claim, **grid_args):
                "tasks": {t: float(np.mean([100 * r["tasks"][t]["accuracy"] for r in runs])) for t in runs[0]["tasks"]},
                "collapsed": sorted({t for r in runs for t, v in r["tasks"].items() if v["collapsed"]}),
                "trainable": runs[0]["trainable"], "wall_s": sum(r["wall_s"] for r in runs)}
+        row["diagnostics"], tf = threshold_diagnostics(runs)
+        row["threshold_free"] = mean_se(tf)
+        row["tilted"] = sorted(t for t, d in row["diagnostics"].items() if d["tilted_seeds"])
         heads = [r["analysis"]["head_cosine_mean"] for r in runs if r["analysis"].get("head_cosine_mean") is not None]
         if heads:
             row["head_cosine"] = mean_se(heads)
@@ -250,7 +305,8 @@ def claim_report(claim, **grid_args):
             seeds = row["seeds"]
             c = compare(correctness(runs, seeds), {t: np.tile(base["predictions"][t]["correct"], (len(seeds), 1))
                                                    for t in base["predictions"]}, n_boot=4000)
-            row["vs_base"] = {k: c[k] for k in ("diff", "low", "high", "verdict")}
+            row["vs_base"] = {k: c[k] for k in ("diff", "low", "high", "t_low", "t_high", "verdict", "verdict_boot",
+                                                "verdict_t")}
         out["methods"][label] = row
     for a, b, positive, paper in CLAIMS[claim][2]:
         if a not in out["methods"] or b not in out["methods"]:
@@ -258,8 +314,14 @@ def claim_report(claim, **grid_args):
         seeds = sorted(set(out["methods"][a]["seeds"]) & set(out["methods"][b]["seeds"]))
         c = compare(correctness(res[a], seeds), correctness(res[b], seeds),
                     expect_positive=True if positive is None else positive, n_boot=10_000)
-        if positive is None:  # "matches": judged by whether the interval lies within ±1 point
-            c["verdict"] = equivalence_verdict(c["low"], c["high"])
+        c["threshold_free"] = compare_threshold_free(scored_tasks(res[a], seeds), scored_tasks(res[b], seeds),
+                                                     expect_positive=True if positive is None else positive)
+        if positive is None:  # "matches": judged by whether each interval lies within ±1 point
+            for x in (c, c["threshold_free"]):
+                x["verdict_boot"] = equivalence_verdict(x["low"], x["high"])
+                x["verdict_t"] = None if x["t_low"] is None else equivalence_verdict(x["t_low"], x["t_high"])
+                x["verdict"] = (x["verdict_boot"] if x["verdict_t"] in (None, x["verdict_boot"]) else
+                                "borderline")
         out["comparisons"].append({"a": a, "b": b, "paper": paper, **c, "text": describe(c)})
     return out
 

@@ -13,16 +13,32 @@ test examples, so their difference is measured pair by pair:
 The suite average is the unweighted mean over tasks of each task's accuracy (averaged over seeds), as the paper
 reports it. Accuracies are fractions in [0, 1] here; multiply by 100 for points.
 
-Verdict for a claimed sign (the paper says A > B): "reproduced" (our interval is above 0), "contradicted" (below
-0), "same direction, not resolved" / "opposite, not resolved" (the interval contains 0), "no difference" (A and B
-made the same predictions).
+  seed t       the seed-level paired t interval: mean(d) ± t_{0.975, S−1} · sd(d)/√S. The seed is the unit of
+               replication; with few seeds and large seed noise the bootstrap is narrower than this, with small seed
+               noise it can be wider (it also resamples the test set).
+
+Verdict for a claimed sign (the paper says A > B), from one interval: "reproduced" (above 0), "contradicted" (below
+0), "same direction, not resolved" / "opposite, not resolved" (it contains 0), "no difference" (A and B made the
+same predictions). A comparison's verdict needs both intervals: "reproduced" or "contradicted" only when both
+exclude 0 on the same side, "borderline" when one does and the other does not (`combined_verdict`).
+
+Two diagnostics of a classifier that a small model needs (its accuracy can move by tilting a threshold):
+  tilt         per task, the largest |predicted share − gold share| over the labels (0: the predicted label
+               histogram equals the gold one); past TILT_FLAG a task's accuracy is mostly its threshold.
+  AUROC        for a two-option task, P(margin of a random positive > margin of a random negative), ties ½, with
+               margin = score(option 1) − score(option 0): threshold-free, so a shift of every margin leaves it
+               unchanged. `compare_threshold_free` compares suites scored with it on two-option tasks.
 """
 
 import math
 
 import numpy as np
 
-VERDICTS = ("reproduced", "same direction, not resolved", "opposite, not resolved", "contradicted", "no difference")
+VERDICTS = ("reproduced", "same direction, not resolved", "opposite, not resolved", "contradicted", "no difference",
+            "borderline")
+TILT_FLAG = 0.10  # a task whose predicted-label shares are this far from the gold shares is flagged "tilted"
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
 
 
 def mean_se(values):
@@ -108,23 +124,131 @@ def verdict(low, high, expect_positive=True, identical=False):
     return "same direction, not resolved" if (mid > 0) == expect_positive else "opposite, not resolved"
 
 
+def t975(df):
+    """Student's t 97.5% quantile (a table; between its rows the next smaller df, which is conservative)."""
+    return T975[max(k for k in T975 if k <= df)] if df < 100 else 1.96
+
+
+def t_interval(diffs):
+    """(mean, low, high): the 95% paired t interval over seeds of per-seed differences (None, None with one seed)."""
+    m, se = mean_se(diffs)
+    if len(diffs) < 2:
+        return m, None, None
+    return m, m - t975(len(diffs) - 1) * se, m + t975(len(diffs) - 1) * se
+
+
+def combined_verdict(boot, t):
+    """One verdict from the bootstrap's and the t interval's: resolved only when both are (on the same side),
+    "borderline" when exactly one is; unresolved words are the bootstrap's. With one seed (no t) the bootstrap's."""
+    resolved = ("reproduced", "contradicted")
+    if t is None or boot == t or boot == "no difference":
+        return boot
+    if boot in resolved or t in resolved:
+        return "borderline"
+    return boot
+
+
 def compare(correct_a, correct_b, expect_positive=True, n_boot=10_000, seed=0):
-    """Everything a claim row needs: the seed-level paired difference (mean ± SE), the bootstrap interval, the
-    verdict. Differences in accuracy points (×100)."""
+    """Everything a claim row needs, in points (×100): the bootstrap interval and the seed-level t interval of the
+    suite-average difference, each one's verdict and the combined one, and the same per task."""
     diffs = seed_differences(correct_a, correct_b)
     boot = paired_bootstrap(correct_a, correct_b, n_boot=n_boot, seed=seed)
     mean, se = mean_se(diffs)
     identical = all(np.array_equal(np.asarray(correct_a[t]), np.asarray(correct_b[t])) for t in correct_a)
-    return {"diff": 100 * boot["diff"], "seed_mean": 100 * mean, "seed_se": 100 * se, "seed_diffs":
-            [100 * d for d in diffs], "low": 100 * boot["low"], "high": 100 * boot["high"],
-            "per_task": {t: {k: 100 * v for k, v in d.items()} for t, d in boot["per_task"].items()},
-            "seeds": boot["seeds"], "verdict": verdict(boot["low"], boot["high"], expect_positive, identical)}
+    out = {"diff": 100 * boot["diff"], "seed_mean": 100 * mean, "seed_se": 100 * se, "seed_diffs":
+           [100 * d for d in diffs], "low": 100 * boot["low"], "high": 100 * boot["high"],
+           "per_task": {}, "seeds": boot["seeds"]}
+    out.update(verdicts(boot["low"], boot["high"], diffs, expect_positive, identical, scale=100))
+    m = _as_matrices(correct_a, correct_b)
+    for t, d in boot["per_task"].items():
+        a, b = m[t]
+        task_diffs = (a.mean(1) - b.mean(1)).tolist()
+        out["per_task"][t] = {k: 100 * v for k, v in d.items()}
+        out["per_task"][t].update(verdicts(d["low"], d["high"], task_diffs, expect_positive,
+                                           np.array_equal(a, b), scale=100))
+    return out
+
+
+def verdicts(low, high, diffs, expect_positive, identical, scale=1.0):
+    """The bootstrap interval's verdict, the seed-level t interval over `diffs` and its verdict, and the combined
+    verdict (`combined_verdict`), with the t interval in `scale` units."""
+    _, tl, th = t_interval(diffs)
+    vb = verdict(low, high, expect_positive, identical)
+    vt = None if tl is None else verdict(tl, th, expect_positive, identical)
+    return {"t_low": None if tl is None else scale * tl, "t_high": None if th is None else scale * th,
+            "verdict_boot": vb, "verdict_t": vt, "verdict": combined_verdict(vb, vt)}
 
 
 def describe(c):
-    """'+1.23 [−0.40, +2.90] (5 seeds; seed-level +1.20 ± 0.55)' for a `compare` result."""
-    return (f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] ({c['seeds']} seed{'s' * (c['seeds'] > 1)}; "
-            f"seed-level {c['seed_mean']:+.2f} ± {se_text(c['seed_se'])})")
+    """'+1.23 [−0.40, +2.90], t [−0.60, +3.10] (5 seeds)' for a `compare` result."""
+    t = "" if c.get("t_low") is None else f", t [{c['t_low']:+.2f}, {c['t_high']:+.2f}]"
+    return f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]{t} ({c['seeds']} seed{'s' * (c['seeds'] > 1)})"
+
+
+# ------------------------------------------------------------------------------- threshold diagnostics
+
+def tilt(predicted, gold):
+    """The largest |predicted share − gold share| over the labels of a task, from the two label histograms
+    ({label: count}); 0 when the predictions have the gold label distribution."""
+    n_pred, n_gold = sum(predicted.values()), sum(gold.values())
+    labels = set(predicted) | set(gold)
+    return max(abs(predicted.get(k, 0) / n_pred - gold.get(k, 0) / n_gold) for k in labels)
+
+
+def auroc(margin, positive):
+    """P(margin_i > margin_j) for a random positive i and negative j, ties counted ½ (the Mann-Whitney U / n₊n₋):
+    threshold-free, so adding a constant to every margin leaves it unchanged. NaN without both classes."""
+    margin, positive = np.asarray(margin, dtype=float), np.asarray(positive, dtype=bool)
+    pos, neg = margin[positive], margin[~positive]
+    if pos.size == 0 or neg.size == 0:
+        return math.nan
+    return float(_pairwise(pos, neg).mean())
+
+
+def _pairwise(pos, neg):
+    """[n₊, n₋] matrix of 1[pos_i > neg_j] + ½·1[pos_i = neg_j]."""
+    return (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+
+
+def compare_threshold_free(tasks_a, tasks_b, expect_positive=True, n_boot=2000, seed=0):
+    """`compare` for a suite scored threshold-free: each two-option task by its AUROC, every other task by its
+    accuracy, averaged over tasks. tasks_x: {task: {"correct": [seeds, N] 0/1} or {"margin": [seeds, N],
+    "positive": [N] bool}} (the same kind for A and B). The bootstrap resamples seeds and examples as
+    `paired_bootstrap` does; a replicate's AUROC weights each pair (i, j) by the counts k_i·k_j of its examples."""
+    if set(tasks_a) != set(tasks_b) or not tasks_a:
+        raise ValueError("threshold-free comparison needs the same tasks for both methods")
+    rng = np.random.default_rng(seed)
+    first = next(iter(tasks_a.values()))
+    S = np.asarray(first.get("correct", first.get("margin"))).shape[0]
+    seed_counts = rng.multinomial(S, np.full(S, 1.0 / S), size=n_boot).astype(float)  # [B, S]
+    per_seed, reps, identical = [], [], True  # identical: the same correctness and the same ranking everywhere
+    for t in sorted(tasks_a):
+        a, b = tasks_a[t], tasks_b[t]
+        if "correct" in a:
+            D = np.asarray(a["correct"], dtype=float) - np.asarray(b["correct"], dtype=float)  # [S, N]
+            k = rng.multinomial(D.shape[1], np.full(D.shape[1], 1.0 / D.shape[1]), size=n_boot).astype(float)
+            per_seed.append(D.mean(1))
+            identical &= not D.any()
+            reps.append(((seed_counts @ D) * k).sum(1) / (S * D.shape[1]))
+            continue
+        pos = np.asarray(a["positive"], dtype=bool)
+        ma, mb = np.asarray(a["margin"], dtype=float), np.asarray(b["margin"], dtype=float)
+        H = np.stack([_pairwise(x[pos], x[~pos]) - _pairwise(y[pos], y[~pos]) for x, y in zip(ma, mb)])  # [S,+,-]
+        N = pos.size
+        k = rng.multinomial(N, np.full(N, 1.0 / N), size=n_boot).astype(float)
+        kp, kn = k[:, pos], k[:, ~pos]
+        per_rep_seed = np.stack([((kp @ h) * kn).sum(1) for h in H], 1) / (kp.sum(1) * kn.sum(1))[:, None]
+        per_seed.append(H.mean((1, 2)))
+        identical &= not H.any()
+        reps.append((seed_counts * per_rep_seed).sum(1) / S)
+    diffs = np.mean(per_seed, axis=0)  # [S]: suite-score difference per seed
+    reps = np.mean(reps, axis=0)
+    ci = _interval(reps, 0.95)
+    lo, hi = ci["low"], ci["high"]
+    out = {"diff": 100 * float(diffs.mean()), "low": 100 * lo, "high": 100 * hi, "seeds": S,
+           "seed_diffs": (100 * diffs).tolist()}
+    out.update(verdicts(lo, hi, diffs.tolist(), expect_positive, identical, scale=100))
+    return out
 
 
 def se_text(se, digits=2):

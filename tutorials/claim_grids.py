@@ -35,7 +35,7 @@ import claims as C  # noqa: E402
 import grid as G  # noqa: E402
 
 import paper  # noqa: E402
-from nanoalign.stats import mean_se, se_text, verdict  # noqa: E402
+from nanoalign.stats import TILT_FLAG, mean_se, t975, verdict  # noqa: E402
 
 TINY_TASKS = ("alphabet-first", "colour-review")
 TINY_SEEDS = [0, 1]
@@ -238,15 +238,6 @@ def report_missing(c: Claim, run_cmd, script):
 
 # ----------------------------------------------------------------------------------------------- statistics
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def t975(df):
-    """Student's t 97.5% quantile (a table; between its rows the next smaller df, which is conservative)."""
-    return T975[max(k for k in T975 if k <= df)] if df < 100 else 1.96
-
-
 def seed_paired(c: Claim, a, b, fn, expect_positive, scale=1.0):
     """Paired over the seeds both methods have: the mean of fn(run_a) − fn(run_b), its SE, a t interval (95%) and
     the verdict in stats.py's words. For per-run analyses (head cosine, separation ratio), where the test-example
@@ -292,8 +283,8 @@ def vs_base_words(row):
     v = row.get("vs_base")
     if v is None:
         return "base not evaluated"
-    return {"reproduced": "above base", "contradicted": "BELOW base", "no difference": "= base"}.get(
-        v["verdict"], "not resolved")
+    return {"reproduced": "above base", "contradicted": "BELOW base", "no difference": "= base",
+            "borderline": "borderline"}.get(v["verdict"], "not resolved")
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -313,10 +304,19 @@ def bar(se):
 
 
 def interval(x, digits=2):
-    """'+0.78 [−0.40, +1.90]' of a comparison (or '+0.780' without an interval)."""
+    """'+0.78 [−0.40, +1.90]' of a comparison, with its seed-level t interval where it has one beside the
+    bootstrap's: '+0.78 [−0.40, +1.90] t [−0.55, +2.11]' (or '+0.780 (no interval)')."""
     if x.get("low") is None:
         return f"{x['diff']:+.{digits}f} (no interval)"
-    return f"{x['diff']:+.{digits}f} [{x['low']:+.{digits}f}, {x['high']:+.{digits}f}]"
+    t = f" t [{x['t_low']:+.{digits}f}, {x['t_high']:+.{digits}f}]" if x.get("t_low") is not None else ""
+    return f"{x['diff']:+.{digits}f} [{x['low']:+.{digits}f}, {x['high']:+.{digits}f}]{t}"
+
+
+def verdict_text(x):
+    """The combined verdict, and where it is borderline which interval resolves it."""
+    if x["verdict"] != "borderline":
+        return x["verdict"]
+    return f"borderline (bootstrap: {x['verdict_boot']}; t: {x['verdict_t']})"
 
 
 def markdown(header, rows):
@@ -342,24 +342,41 @@ def accuracy_table(c: Claim, labels=None):
             continue
         v = r.get("vs_base")
         coll = ", ".join(f"{t} ({n}/{s['seeds']})" for t, s in c.per_task(k).items() if (n := s["collapsed"]))
-        rows.append([name(k), str(len(r["seeds"])), pm(r["average"], r["se"]), interval(v) if v else "–",
+        rows.append([name(k), str(len(r["seeds"])), pm(r["average"], r["se"]),
+                     pm(*r["threshold_free"]) if "threshold_free" in r else "–", interval(v) if v else "–",
                      vs_base_words(r), f"{r['trainable']:,} ({100 * r['trainable'] / c.model_params:.2f}%)",
-                     coll or "–"])
-    return markdown(["method", "seeds", "average (%) ± SE", "− base [95% CI]", "vs base", "trainable",
-                     "collapsed in (seeds)"], rows)
+                     coll or "–", tilt_text(r)])
+    return markdown(["method", "seeds", "average (%) ± SE", "threshold-free average ± SE", "− base [95% CI]",
+                     "vs base", "trainable", "collapsed in (seeds)", f"tilted > {100 * TILT_FLAG:.0f} pts in (seeds)"],
+                    rows)
+
+
+def tilt_text(row):
+    """'sst2 (5/5, up to 35.4)': tasks whose predicted-label shares were off the gold shares past stats.TILT_FLAG."""
+    d = row.get("diagnostics", {})
+    return ", ".join(f"{t} ({v['tilted_seeds']}/{v['seeds']}, up to {v['tilt_max']:.1f})" for t, v in d.items()
+                     if v["tilted_seeds"]) or "–"
 
 
 def comparison_table(c: Claim):
     """Each claimed difference: ours (paired bootstrap over seed and example, 95%), the verdict, the paper's."""
-    rows = []
+    rows, tasks = [], []
     for x in c.report["comparisons"]:
-        rows.append([f"{name(x['a'])} − {name(x['b'])}", interval(x),
-                     f"{x['seed_mean']:+.2f} ± {se_text(x['seed_se'])}",
-                     str(x["seeds"]), x["verdict"], paper_text(c.claim, x)])
+        tf = x.get("threshold_free")
+        rows.append([f"{name(x['a'])} − {name(x['b'])}", interval(x), str(x["seeds"]), verdict_text(x),
+                     f"{interval(tf)}: {verdict_text(tf)}" if tf else "–", paper_text(c.claim, x)])
+        tasks += [[f"{name(x['a'])} − {name(x['b'])}", t, interval(v), verdict_text(v)]
+                  for t, v in x["per_task"].items() if "verdict" in v]
     if not rows:
         return "(no comparison yet: a claimed pair needs both methods' runs)"
-    return markdown(["difference (points)", "ours [95% CI]", "seed-level mean ± SE", "seeds", "verdict", "paper"],
-                    rows)
+    return (markdown(["difference (points)", "ours: bootstrap [95%] t [95%]", "seeds", "verdict",
+                      "threshold-free (AUROC on two-option tasks)", "paper"], rows)
+            + "
+
+Per task:
+
+" + markdown(["difference (points)", "task", "bootstrap [95%] t [95%]", "verdict"],
+                                             tasks))
 
 
 def paper_text(claim, x):

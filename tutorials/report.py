@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from claim_grids import C, Grids, head_cosine, interval, markdown, name, pm, seed_paired, sep_ratio, suite_text, \
-    task_table, vs_base_words
+    task_table, verdict_text, vs_base_words
 
 from nanoalign.stats import mean_se
 from nanoalign.system import write_atomic
@@ -29,8 +29,9 @@ import paper
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
 CLAIM_GRIDS = ("1-2", "3", "4-5", "6", "8", "9", "10")
-HEADER = ["claim (tutorial)", "paper (METHODS §6)", "ours: mean ± SE over seeds", "paired difference [95% CI]",
-          "verdict", "suite, budget, seeds"]
+HEADER = ["claim (tutorial)", "paper (METHODS §6)", "ours: mean ± SE over seeds",
+          "paired difference: bootstrap [95%] t [95%]", "verdict", "threshold-free difference (AUROC on SST-2)",
+          "suite, budget, seeds"]
 T1, T5, R4 = ({k: v["Avg"] for k, v in paper.TABLE1.items()}, paper.TABLE5_3B, paper.RLORA_TABLE4)
 
 # (row title, grid, methods shown, claimed pairs (A, B), the paper's numbers)
@@ -68,7 +69,7 @@ ROWS = [
 
 
 def not_measured(title, claim, paper_text):
-    return [title, paper_text, "not measured yet", "–", "–",
+    return [title, paper_text, "not measured yet", "–", "–", "–",
             f"train: `python experiments/claims.py run --only {claim}`"]
 
 
@@ -104,15 +105,21 @@ def claim_row(title, claim, c, labels, pairs, paper_text):
     weak = [name(k) for k in labels if c.row(k) and vs_base_words(c.row(k)) != "above base"]
     if weak:
         verdict += f"; NOT above base: {', '.join(weak)} (not a claim test at this budget)"
-    return [title, paper_text, ours, diff, verdict or "–", budget_text(c, labels)]
+    tilted = [f"{name(k)} {t} {d['tilted_seeds']}/{d['seeds']}" for k in labels if c.row(k)
+              for t, d in c.row(k).get("diagnostics", {}).items() if d["tilted_seeds"]]
+    tf = "; ".join(f"{interval(x['threshold_free'])}: {verdict_text(x['threshold_free'])}" for a, b, x in found
+                   if x and "threshold_free" in x)
+    if tilted:
+        tf += "; tilted > 10 pts (k/n seeds): " + ", ".join(tilted)
+    return [title, paper_text, ours, diff, verdict or "–", tf or "–", budget_text(c, labels)]
 
 
 def verdicts(found):
     """'verdict' for one pair, 'A − B: verdict; ...' for several."""
     found = [(a, b, x) for a, b, x in found if x]
     if len(found) == 1:
-        return found[0][2]["verdict"]
-    return "; ".join(f"{name(a)} − {name(b)}: {x['verdict']}" for a, b, x in found)
+        return verdict_text(found[0][2])
+    return "; ".join(f"{name(a)} − {name(b)}: {verdict_text(x)}" for a, b, x in found)
 
 
 def budget_text(c, labels):
@@ -130,7 +137,7 @@ def seed_row(title, claim, c, labels, pairs, value, what, paper_text, expect_pos
     ours = f"{what}: " + "; ".join(f"{name(k)} {pm(*mean_se(list(v.values())), 3)}" for k, v in vals.items())
     found = [(a, b, seed_paired(c, a, b, value, expect_positive)) for a, b in pairs]
     diff = "; ".join(f"{name(a)} − {name(b)} {interval(x, 3)}" for a, b, x in found if x) or "–"
-    return [title, paper_text, ours, diff + " (t interval over seeds)", verdicts(found) or "–",
+    return [title, paper_text, ours, diff + " (t interval over seeds only)", verdicts(found) or "–", "–",
             budget_text(c, labels)]
 
 
@@ -141,8 +148,8 @@ def sweep_row(title, claim, c, labels, pairs, paper_text):
         return row
     verdicts = [x["verdict"] for a, b in pairs if (x := c.comparison(a, b))]
     row[4] = (f"above LoRA at {verdicts.count('reproduced')} of {len(pairs)} λ, below at "
-              f"{verdicts.count('contradicted')}, not resolved at "
-              f"{len(verdicts) - verdicts.count('reproduced') - verdicts.count('contradicted')}"
+              f"{verdicts.count('contradicted')}, borderline at {verdicts.count('borderline')}, not resolved at "
+              f"{len(verdicts) - sum(map(verdicts.count, ('reproduced', 'contradicted', 'borderline')))}"
               + (f", not run at {len(pairs) - len(verdicts)}" if len(verdicts) < len(pairs) else "")
               + (row[4][row[4].index("; NOT above"):] if "; NOT above" in row[4] else ""))
     return row
@@ -193,7 +200,7 @@ def rows(grids, results=RESULTS):
                                 head_cosine, "mean inter-head cosine of B",
                                 "HydraLoRA 0.76-0.80 per module; M-LoRA highest, median > 0.85 (Figure 2)", True))
         if title.startswith("2."):
-            out.extend(mechanism_rows(results))
+            out.extend(r[:5] + ["–"] + r[5:] for r in mechanism_rows(results))  # exact: no threshold-free column
         if title.startswith("5."):
             out.append(seed_row("mechanism: alignment pulls the tasks' A-output clusters together [06]", claim, c,
                                 ["a-lora-k", "a-lora-m", "lora-r8"], [("a-lora-k", "lora-r8"), ("a-lora-m", "lora-r8")],
@@ -220,9 +227,14 @@ def render(grids, results=RESULTS):
     table, read = rows(grids, results)
     suites = sorted({suite_text(c).rsplit(";", 1)[0] for c in read.values() if c})
     parts = [("Suite: " + " | ".join(suites) + "." if suites else "Suite: not set yet (experiments/claims.py SUITE).")
-             + " Means ± SE are over seeds; differences are paired over the seeds both methods have, with the 95% "
-             "interval of the bootstrap over (seed, example) (nanoalign/stats.py) unless marked otherwise. Generated "
-             "by `python tutorials/report.py` from experiments/results/runs/.", markdown(HEADER, table)]
+             + " Means ± SE are over seeds; differences are paired over the seeds both methods have, each with two "
+             "95% intervals (nanoalign/stats.py): the bootstrap over (seed, example) and the seed-level t interval "
+             "(df = seeds − 1). A verdict is 'reproduced' or 'contradicted' only when both intervals exclude 0 on "
+             "the same side, 'borderline' when one does and the other does not. The threshold-free column scores "
+             "SST-2 (two options) by the AUROC of its option-score margin instead of accuracy, so a shifted decision "
+             "threshold does not count; 'tilted': a task whose predicted-label shares are more than 10 points from "
+             "the gold shares. Generated by `python tutorials/report.py` from experiments/results/runs/.",
+             markdown(HEADER, table)]
     c = read["1-2"]
     if c and c.report["methods"]:
         parts.append("Claims 1-2 per task, ours (mean ± SE over seeds; (c k/n): collapsed in k of n seeds) / the "
