@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="builtin", help="suite, comma list of tasks, or a normalised .jsonl file")
     p.add_argument("--tasks", default="", help="subset of the tasks of --data, comma separated")
     p.add_argument("--data-dir", default="data", help="where data/prepare.py wrote <suite>/<task>-<split>.jsonl")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--max-per-task", type=int, default=500, help="examples per task, a random subsample in file "
                    "order (0: the whole split in file order)")
     p.add_argument("--mode", choices=MODES, default="generate", help="generate: greedy decoding + answer extraction "

@@ -10,7 +10,10 @@ Reads the ORIGINAL file layouts (GLUE tsv, PIQA/SIQA jsonl + labels.lst, BoolQ, 
 ARC/OpenBookQA, GSM8K, BBH json) under `<source>/<suite>/<task>/` and writes `<out>/<suite>/<task>-{train,test}.jsonl`
 (the paper's label format) and `<out>/<suite>/cloze/<task>-{train,test}.jsonl` (lm-evaluation-harness's cloze format).
 GLUE dev is the test split; a task with one labelled split is split deterministically; training splits are capped as
-in the Align-LoRA data code (nanoalign/tasks.py TRAIN_CAPS, seed 42). Tasks whose files are absent are skipped.
+in the Align-LoRA data code (nanoalign/tasks.py TRAIN_CAPS, seed 42). `<task>-dev.jsonl` (both formats, the same rows)
+holds up to DEV_SIZE examples drawn from the training rows the cap leaves out, else from an official held-out split that
+is not the test split (ARC, OpenBookQA, MRPC), never an input of train or test; the train and test files do not depend
+on it. Tasks whose files are absent are skipped.
 Without --source (and no ../shared/data beside the repo) the original files are downloaded from their public homes
 into ~/.cache/nanoalign/data when online.
 """
@@ -28,18 +31,19 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from nanoalign.data import data_file, write_jsonl  # noqa: E402
-from nanoalign.tasks import (FORMATS, LABEL_ONLY, SUITES, TRAIN_CAPS, builtin_examples, read_task,  # noqa: E402
-                             subsample, task_dir)
+from nanoalign.tasks import (FORMATS, LABEL_ONLY, SUITES, TRAIN_CAPS, builtin_examples, dev_positions,  # noqa: E402
+                             read_task, subsample, task_dir)
 
 GLUE_ZIP = "https://dl.fbaipublicfiles.com/glue/data/"
 AI2 = "https://ai2-public-datasets.s3.amazonaws.com/"
 MOSAIC = "https://storage.googleapis.com/ai2-mosaic/public/"
+SENTEVAL = "https://dl.fbaipublicfiles.com/senteval/senteval_data/"
 # task -> original files (a URL, or (URL, file name) where the URL does not end in it); zips are unpacked flat into
 # the task directory, keeping only members under ZIP_KEEP[task] when given
 URLS = {
     "sst2": [GLUE_ZIP + "SST-2.zip"], "cola": [GLUE_ZIP + "CoLA.zip"], "qqp": [GLUE_ZIP + "QQP-clean.zip"],
     "mnli": [GLUE_ZIP + "MNLI.zip"], "qnli": [GLUE_ZIP + "QNLIv2.zip"], "rte": [GLUE_ZIP + "RTE.zip"],
-    "mrpc": ["https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt",
+    "mrpc": [SENTEVAL + "msr_paraphrase_train.txt", SENTEVAL + "msr_paraphrase_test.txt",
              ("https://firebasestorage.googleapis.com/v0/b/mtl-sentence-representations.appspot.com/o/data%2F"
               "mrpc_dev_ids.tsv?alt=media&token=ec5c0836-31d5-48f4-b431-7480817f1adc", "dev_ids.tsv")],
     "boolq": ["https://storage.googleapis.com/boolq/train.jsonl", "https://storage.googleapis.com/boolq/dev.jsonl"],
@@ -128,6 +132,7 @@ def main():
     written = 0
     formats = ["label"] if args.suite in LABEL_ONLY else FORMATS
     for t in tasks:
+        dev_at = None  # dev positions, chosen on the label rows and reused for cloze: the same rows in both formats
         for fmt in formats:  # the same rows in both formats: the caps' subsample depends on the row count only
             if args.suite == "builtin":
                 splits = {s: builtin_examples(t, s) for s in ("train", "test")}
@@ -143,8 +148,19 @@ def main():
                 if empty:
                     d = task_dir(source, t)
                     sys.exit(f"error: {t}: no {empty[0]} examples in {d}{empty_hint(d)}")
+            pool = splits.pop("dev", [])  # an official held-out split: the dev pool when the cap leaves nothing out
             if "train" in splits and not args.no_caps:
-                splits["train"] = subsample(splits["train"], TRAIN_CAPS.get(t), seed=args.seed, salt=t)
+                full, cap = splits["train"], TRAIN_CAPS.get(t)
+                splits["train"] = subsample(full, cap, seed=args.seed, salt=t)
+                kept = set(subsample(range(len(full)), cap, seed=args.seed, salt=t))  # the same draw, on positions
+                pool = [ex for i, ex in enumerate(full) if i not in kept] or pool
+            if dev_at is None:
+                dev_at = dev_positions(pool, splits.get("train", []) + splits.get("test", []), seed=args.seed,
+                                       salt=f"{t}/dev")
+                if not dev_at and args.suite not in LABEL_ONLY:
+                    print(f"no dev split for {t}: its cap keeps every training row and it has no other held-out split")
+            if dev_at:
+                splits["dev"] = [pool[i] for i in dev_at]
             for split, rows in splits.items():
                 path = data_file(args.out, t, split, fmt)
                 write_jsonl(path, tqdm(rows, desc=f"{t}-{split} ({fmt})", unit="row", leave=False))

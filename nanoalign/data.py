@@ -108,9 +108,10 @@ def write_jsonl(path, rows):
 # ----------------------------------------------------------------------------------------------------------------
 # loading
 
-def prepare_hint(suite, task=None):
+def prepare_hint(suite, task=None, split="train"):
     tasks = f" --tasks {task}" if task else ""
-    return f"run `python data/prepare.py {suite} --source DIR{tasks}` first"
+    dev = " (the dev split: see data/README.md for the tasks that have one)" if split == "dev" else ""
+    return f"run `python data/prepare.py {suite} --source DIR{tasks}` first{dev}"
 
 
 def data_file(data_dir, task, split, fmt="label"):
@@ -130,9 +131,11 @@ def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None
     is an error. fmt: "label" (the paper's prompts) or "cloze" (lm-evaluation-harness's; not for builtin and BBH).
     max_per_task: keep at most this many examples per task (random subsample in file order, deterministic in
     `seed`); None or 0 keeps the whole split in file order. Every example gets "index", its position in the split.
+    split "dev" (file-backed tasks only): examples for choosing hyperparameters, in neither train nor test; a task
+    without a dev source has no dev file (data/README.md).
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"split must be 'train', 'dev' or 'test', got {split!r}")
     check_format(fmt)
     data_dir = Path(data_dir)
     by_task = {}
@@ -155,8 +158,8 @@ def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None
             files = {t: data_file(data_dir, t, split, fmt) for t in SUITES[spec]}
             present = {t: p for t, p in files.items() if p.exists()}
             if not present:
-                raise FileNotFoundError(f"no prepared {spec} {fmt}-format data in {data_dir / spec}: "
-                                        f"{prepare_hint(spec)}")
+                raise FileNotFoundError(f"no prepared {spec} {fmt}-format {split} data in {data_dir / spec}: "
+                                        f"{prepare_hint(spec, split=split)}")
             missing = sorted(set(files) - set(present))
             if missing:
                 print(f"note: {spec} tasks without prepared {split} data are left out: {', '.join(missing)}",
@@ -179,7 +182,7 @@ def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None
                 raise ValueError(f"{t} is a BBH task: evaluation-only, use split='test'")
             path = data_file(data_dir, t, split, fmt)
             if not path.exists():
-                raise FileNotFoundError(f"{path} not found: {prepare_hint(suite, t)}")
+                raise FileNotFoundError(f"{path} not found: {prepare_hint(suite, t, split)}")
             by_task[t] = read_jsonl(path)
     for t, rows in by_task.items():
         if not rows:

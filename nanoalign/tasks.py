@@ -63,6 +63,7 @@ TRAIN_CAPS = {"sst2": 20_000, "qqp": 20_000, "mnli": 10_000, "qnli": 10_000, "bo
               "piqa": 10_000, "siqa": 10_000, "winogrande": 20_000, "arc-easy": 10_000, "arc-challenge": 10_000}
 BBH_SHOTS = 3
 TEST_FRACTION = 0.1  # held out when a task has a single labelled split (e.g. our local QNLI and BoolQ)
+DEV_SIZE = 300  # dev examples per task, for choices (lr, budget, lambda, ...) made on neither train nor test
 
 
 def example(task, instruction, question, answer, options=None, choices=None, answer_format=None):
@@ -108,6 +109,15 @@ def subsample(rows, cap, seed=42, salt=""):
         return list(rows)
     keep = sorted(random.Random(f"{seed}/{salt}").sample(range(len(rows)), cap))
     return [rows[i] for i in keep]
+
+
+def dev_positions(pool, seen, n=DEV_SIZE, seed=42, salt=""):
+    """Positions in `pool` of up to n dev examples (seeded, ascending), passing over any whose input (prompt,
+    options, contexts) is also in `seen` (the train and test rows), so that dev is neither trained on nor tested."""
+    def key(ex):
+        return ex["prompt"], tuple(ex.get("options", ())), tuple(ex.get("contexts", ()))
+    seen = {key(ex) for ex in seen}
+    return subsample([i for i, ex in enumerate(pool) if key(ex) not in seen], n, seed=seed, salt=salt)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,6 +242,8 @@ def read_glue(task, d, fmt="label"):
     splits = {split: parse_glue(task, d / name, fmt) for split, name in files.items() if (d / name).exists()}
     if task == "mrpc" and "train" not in splits and (d / "msr_paraphrase_train.txt").exists():
         splits.update(mrpc_from_msr(d, fmt))
+    if task == "mrpc" and (d / "msr_paraphrase_test.txt").exists():  # GLUE's test, labelled in the MSR release
+        splits["dev"] = parse_glue(task, d / "msr_paraphrase_test.txt", fmt)
     return splits
 
 
@@ -396,9 +408,9 @@ def read_commonsense(task, d, fmt="label"):
     # arc-easy / arc-challenge / openbookqa: HF-converted names or AI2's original ones
     prefix = {"arc-easy": "ARC-Easy-", "arc-challenge": "ARC-Challenge-", "openbookqa": ""}[task]
     local = "openbookqa-" if task == "openbookqa" else "ai2_arc-"
-    out = {}
-    for split, word in (("train", "train"), ("test", "test")):
-        path = first_existing(d, [f"{local}{word}.jsonl", f"{prefix}{word.capitalize()}.jsonl", f"{word}.jsonl"])
+    out = {}  # "dev": the official validation split (not our test split)
+    for split, hf, word in (("train", "train", "train"), ("test", "test", "test"), ("dev", "validation", "dev")):
+        path = first_existing(d, [f"{local}{hf}.jsonl", f"{prefix}{word.capitalize()}.jsonl", f"{word}.jsonl"])
         if path:
             out[split] = parse_jsonl(path, partial(parse_ai2_mc, task, fmt=fmt))
     return out
@@ -468,9 +480,10 @@ def task_dir(source, task):
 
 def read_task(task, source, seed=42, fmt="label"):
     """Labelled splits of one task from the original files under `source` -> {"train": [...], "test": [...]}, in
-    the label or cloze format. A task with a single labelled split is split deterministically (TEST_FRACTION held
-    out; the same rows in both formats). Raises FileNotFoundError when the task's files are absent (MNLI, QQP,
-    HellaSwag are not in shared/data)."""
+    the label or cloze format, plus "dev" where the task ships an official held-out split that is not our test split
+    (ARC and OpenBookQA validation, MRPC's MSR test). A task with a single labelled split is split deterministically
+    (TEST_FRACTION held out; the same rows in both formats). Raises FileNotFoundError when the task's files are absent
+    (MNLI, QQP, HellaSwag are not in shared/data)."""
     check_format(fmt)
     suite, d = TASK_SUITE[task], task_dir(source, task)
     if fmt != "label" and suite in LABEL_ONLY:
@@ -485,12 +498,13 @@ def read_task(task, source, seed=42, fmt="label"):
     if not d.is_dir():
         raise FileNotFoundError(f"{d} not found")
     splits = {"glue": read_glue, "commonsense": read_commonsense, "math": read_math}[suite](task, d, fmt)
+    dev = splits.pop("dev", None)
     if not splits:
         raise FileNotFoundError(f"{d} holds none of the expected {task} files")
     if len(splits) == 1:
         (only,) = splits.values()
         splits = split_one(only, seed=seed)
-    return splits
+    return {**splits, "dev": dev} if dev else splits
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -256,11 +256,12 @@ def test_real_shared_files_parse():
             for rows in splits.values():
                 assert rows and all(check_example(ex) is None and ex["task"] == task for ex in rows), (task, fmt)
     assert counts["sst2"] == {"train": 67349, "test": 872} and counts["cola"] == {"train": 8551, "test": 1043}
-    assert counts["mrpc"] == {"train": 3667, "test": 408} and counts["rte"] == {"train": 2490, "test": 277}
+    assert counts["mrpc"] == {"train": 3667, "test": 408, "dev": 1725} and counts["rte"] == {"train": 2490, "test": 277}
     assert sum(counts["qnli"].values()) == 5463 and sum(counts["boolq"].values()) == 3270
     assert counts["piqa"] == {"train": 16113, "test": 1838} and counts["siqa"] == {"train": 33410, "test": 1954}
-    assert counts["arc-easy"] == {"train": 2251, "test": 2376} and counts["arc-challenge"] == {"train": 1119, "test": 1172}
-    assert counts["openbookqa"] == {"train": 4957, "test": 500}
+    assert counts["arc-easy"] == {"train": 2251, "test": 2376, "dev": 570}
+    assert counts["arc-challenge"] == {"train": 1119, "test": 1172, "dev": 299}
+    assert counts["openbookqa"] == {"train": 4957, "test": 500, "dev": 500}
     assert counts["winogrande"] == {"train": 10234, "test": 1267} and counts["gsm8k"] == {"train": 7473, "test": 1319}
     assert len([t for t in T.BBH_TASKS if t in counts]) == 27
     assert sum(c["test"] for t, c in counts.items() if t in T.BBH_TASKS) == 6511 - 27 * 3
