@@ -371,11 +371,7 @@ def comparison_table(c: Claim):
         return "(no comparison yet: a claimed pair needs both methods' runs)"
     return (markdown(["difference (points)", "ours: bootstrap [95%] t [95%]", "seeds", "verdict",
                       "threshold-free (AUROC on two-option tasks)", "paper"], rows)
-            + "
-
-Per task:
-
-" + markdown(["difference (points)", "task", "bootstrap [95%] t [95%]", "verdict"],
+            + "\n\nPer task:\n\n" + markdown(["difference (points)", "task", "bootstrap [95%] t [95%]", "verdict"],
                                              tasks))
 
 

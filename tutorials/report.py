@@ -223,6 +223,82 @@ def compute_text(read):
             + "; ".join(f"{h} ({n} CPUs{', ' + cuda if cuda else ''})" for h, n, cuda in hosts))
 
 
+# control row -> (the row it stands in for, what it changes): claims 1, 2 and 8's step-size and init controls
+CONTROLS = {"mlora-mean": ("mlora", "step size: heads averaged, not summed"),
+            "hydra-norouter-mean": ("hydra-norouter", "step size: heads averaged, not summed"),
+            "mlora-cf": ("mlora", "init: the released code's"), "rlora-cf": ("rlora", "init: the released code's"),
+            "hydra+init-cf": ("hydra+init", "init: the released code's")}
+
+
+def comparison_text(x):
+    """'A − B +0.47 [−0.77, +1.84] t [−0.9, +1.9]: verdict; threshold-free ...: verdict' of one comparison."""
+    out = f"{name(x['a'])} − {name(x['b'])} {interval(x)}: **{verdict_text(x)}**"
+    tf = x.get("threshold_free")
+    if tf:
+        out += f" (threshold-free {interval(tf)}: {verdict_text(tf)})"
+    return out
+
+
+def reading(claim, c):
+    """One claim's comparisons in words, each control beside the comparison it repeats with one thing changed,
+    saying whether the verdict holds."""
+    lines, by_pair = [], {(x["a"], x["b"]): x for x in c.report["comparisons"]}
+    for x in c.report["comparisons"]:
+        a, b = CONTROLS.get(x["a"], (x["a"],))[0], CONTROLS.get(x["b"], (x["b"],))[0]
+        if (a, b) == (x["a"], x["b"]):
+            lines.append(comparison_text(x))
+            continue
+        what = CONTROLS.get(x["a"], CONTROLS.get(x["b"]))[1]
+        orig = by_pair.get((a, b))
+        same = orig is not None and orig["verdict"] == x["verdict"]
+        lines.append(f"control ({what}): {comparison_text(x)}; " + (
+            "the original pair is not measured" if orig is None else
+            "the verdict holds" if same else f"the verdict changes (was {verdict_text(orig)})"))
+    return lines
+
+
+def spread_text(read):
+    """How far the trained runs are above the base model and the majority rate, the lowest run, collapses, tilts."""
+    runs = {r["key"]: r for c in read.values() if c for rs in c.runs.values() for r in rs}
+    bases = [c for c in read.values() if c and c.base and c.majority()]
+    if not runs or not bases:
+        return None
+    base, maj = 100 * bases[0].base["average"], bases[0].majority()["average"]
+    avgs = sorted((100 * r["average"], r["label"], r["seed"]) for r in runs.values())
+    coll = sum(any(v["collapsed"] for v in r["tasks"].values()) for r in runs.values())
+    from nanoalign.stats import TILT_FLAG, tilt
+    tilted = {}
+    for r in runs.values():
+        for t, v in r["tasks"].items():
+            tilted.setdefault(t, 0)
+            tilted[t] += tilt(v["predicted"], v["gold"]) > TILT_FLAG
+    return (f"{len(runs)} trained runs: suite averages {avgs[0][0]:.1f}-{avgs[-1][0]:.1f}% (lowest: {name(avgs[0][1])} "
+            f"seed {avgs[0][2]}), against the base model's {base:.1f}% and the majority rate's {maj:.1f}%; "
+            f"{coll} run(s) with a task collapsed (one answer > 90%); tilted past {100 * TILT_FLAG:.0f} points: "
+            + ", ".join(f"{t} in {n} of {len(runs)}" for t, n in sorted(tilted.items())) + ".")
+
+
+def plain_reading(read):
+    """The claims in words, every number from the cache: per claim its comparisons with both intervals, the
+    combined verdict and the threshold-free one, and each control next to the comparison it repeats."""
+    parts = ["What the grids say, claim by claim (generated with the table):", ""]
+    if (sp := spread_text(read)):
+        parts.append(f"- **The budget**: {sp}")
+    for claim in CLAIM_GRIDS:
+        c = read[claim]
+        if c is None or not c.report["comparisons"]:
+            continue
+        seeds = sorted({x["seeds"] for x in c.report["comparisons"]})
+        parts.append(f"- **Claim {claim}** ({'-'.join(map(str, (seeds[0], seeds[-1]))) if len(seeds) > 1 else seeds[0]}"
+                     " seeds): " + "; ".join(reading(claim, c)) + ".")
+        if claim == "1-2":
+            heads = {k: mean_se(list(v.values())) for k in ("hydra", "rlora", "mlora", *CONTROLS)
+                     if (v := c.values(k, head_cosine))}
+            parts.append("  Mean inter-head cosine of B: " + ", ".join(f"{name(k)} {pm(*v, 3)}"
+                                                                       for k, v in heads.items()) + ".")
+    return "\n".join(parts)
+
+
 def render(grids, results=RESULTS):
     table, read = rows(grids, results)
     suites = sorted({suite_text(c).rsplit(";", 1)[0] for c in read.values() if c})
@@ -246,6 +322,7 @@ def render(grids, results=RESULTS):
         parts.append("Claims 4-5 per task, ours / the paper's Table 5 average (its per-task cells are not in "
                      "METHODS §6.2):\n\n" + task_table(c, ["lora-r8", "a-lora-k", "a-lora-m"],
                                                        {k: {"Avg": paper.TABLE5_3B[k]} for k in paper.TABLE5_3B}))
+    parts.append(plain_reading(read))
     parts.append("Compute: " + compute_text(read))
     return "\n\n".join(parts) + "\n", table
 
