@@ -271,10 +271,10 @@ def equivalence_verdict(low, high):
     return "below (interval under 0)" if high < 0 else "not resolved"
 
 
-def claim_report(claim, **grid_args):
+def claim_report(claim, g=None, **grid_args):
     """The measured rows of one claim: per method mean ± SE over seeds of the suite average, the base model, and
-    each paired comparison with its interval and verdict (`grid_args`: see `grid`)."""
-    g = grid(claim, **grid_args)
+    each paired comparison with its interval and verdict (`g`: its grid, else `grid(claim, **grid_args)`)."""
+    g = g or grid(claim, **grid_args)
     res = g.results()
     base = res.pop("base")
     out = {"claim": claim, "suite": g.suite.describe(), "methods": {}, "comparisons": [], "base": None}
@@ -342,7 +342,10 @@ def recheck(claims, args, wanted):
         g = grid(c, seeds=seeds)
         for label in labels:
             for seed in ([None] if label == "base" else seeds):
-                r = g.recheck(label, seed, Path(args.scratch))
+                try:
+                    r = g.recheck(label, seed, Path(args.scratch))
+                except ValueError as e:
+                    raise SystemExit(f"error: {e}; train it first with `python experiments/claims.py run --only {c}`")
                 write_json(RESULTS / "rechecks" / f"{r['key']}.json", r)
                 out.append(r)
                 print(f"{label} seed {seed}: cache {100 * r['old']['average']:.2f}% ({where(r['old']['machine'])}) vs "
@@ -370,6 +373,7 @@ def main(argv=None):
                          f"{','.join(claims)} (see CLAIMS in experiments/claims.py)")
     if args.what == "recheck":
         return recheck(claims, args, wanted)
+    busy = []  # runs another driver was training (run): listed at the end
     if args.what == "run":
         for c in claims:
             seeds = CLAIMS[c][1]
@@ -381,13 +385,22 @@ def main(argv=None):
             if wanted:
                 g.methods = {k: v for k, v in g.methods.items() if k in wanted}
             g.run()
-    report = {c: claim_report(c) for c in claims}
+            busy += [f"claim {c} {label}{'' if s is None else f' seed {s}'} ({who})" for label, s, who in g.busy]
+    grids = {c: grid(c) for c in claims}
+    report = {c: claim_report(c, grids[c]) for c in claims}
+    for c, g in grids.items():  # what the report lacks, damaged runs (moved aside) included
+        if missing := g.missing():
+            print(f"claim {c}: {len(missing)} run(s) missing: " + ", ".join(f"{m} seed {s}" for m, s in missing)
+                  + (f" (damaged, moved aside: {', '.join(g.damaged)})" if g.damaged else ""), file=sys.stderr)
     # --only updates its claims and keeps the others' last report
     path = ROOT / "experiments" / "claims.json"
     kept = json.loads(path.read_text()) if args.only and path.exists() else {}
     write_json(path, {c: report.get(c, kept.get(c)) for c in CLAIMS if c in report or c in kept})
     print(json.dumps({c: [x["text"] + f" {x['a']} vs {x['b']}: {x['verdict']}" for x in r["comparisons"]]
                       for c, r in report.items()}, indent=1))
+    if busy:
+        print(f"skipped {len(busy)} run(s) another driver was training (run again when it is done): "
+              + "; ".join(busy), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ so a grid killed at any point continues where it stopped, in another process or 
 training resumes from its last checkpoint in experiments/work/<key>/, bitwise on CPU); a run shared by two grids
 (the same method, seed and suite) is trained once; and a finished grid re-renders its tables without training.
 The untrained base model is evaluated once per suite the same way.
+
+Reading needs no data: where the suite's prepared files are missing (a fresh clone), a run is found by what it was
+(`run_id`: the suite, the train.py fields of its key and the seed, all stored in its JSON) instead of by its key.
+Each result also stores its data fingerprints, so that runs of one grid trained on different data are never mixed.
+A damaged result file (cut short, empty, fields missing or of the wrong type) is moved to runs/damaged/ with one
+line naming it, and counts as missing, so `run` trains it again. Several drivers may run one grid at once: each run
+is claimed by one of them through a lock file (`claim`), and the others skip it.
 """
 
 import copy
@@ -45,6 +52,7 @@ import train  # noqa: E402
 from nanoalign.adapters import count_trainable, load_adapter, merge_adapters  # noqa: E402
 from nanoalign.analysis import delta_weight_spectrum, effective_rank, head_cosine_similarity, separation_probe  # noqa
 from nanoalign.data import load_tasks  # noqa: E402
+from nanoalign.tasks import TASK_SUITE  # noqa: E402
 from nanoalign.evaluate import evaluate, without_records  # noqa: E402
 
 # where results and the runs' checkpoints/adapters go; the variables let a grid run from another checkout (a git
@@ -122,6 +130,25 @@ class Data:
         self.train_sizes = {t: len(v) for t, v in train_pool.items()}
 
 
+def load_data(suite: Suite, need=True):
+    """The suite's Data. Where its prepared files are missing: None when `need` is False (reading the cache), else
+    an `error:` exit (training needs them). A data directory that is not a directory, or a broken file in it, is an
+    `error:` exit either way."""
+    d = Path(suite.data_dir)
+    if any(TASK_SUITE.get(t) != "builtin" for t in suite.tasks) and not d.is_dir():
+        raise SystemExit(f"error: the data directory {d} is not a directory: point NANOALIGN_DATA_DIR at the folder "
+                         f"data/prepare.py writes (holding glue/ and commonsense/), or unset it")
+    try:
+        return Data(suite)
+    except FileNotFoundError as e:
+        if not need:
+            return None
+        raise SystemExit(f"error: {e} (training needs the prepared data; reading the cache does not)")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}: prepare it again with data/prepare.py, or point NANOALIGN_DATA_DIR at a "
+                         f"prepared folder")
+
+
 # train.py options added after FORMAT_VERSION 1, with the value that computes what the runs before them computed:
 # at that value a field stays out of the key, so adding an option to train.py does not orphan the cached runs
 ADDED_LATER = {"trainer": "standard", "shots": 0, "meta_tasks": 4, "meta_support": 4, "meta_query": 4,
@@ -138,6 +165,97 @@ def run_key(cfg, suite: Suite, data: Data) -> str:
 
 def base_key(suite: Suite, data: Data) -> str:
     return fingerprint({"v": FORMAT_VERSION, "base": suite.model, "test": data.test_fp, "mode": suite.mode})[:16]
+
+
+# the suite's fields that pick the base model's evaluation: the model, the test set (tasks, format, size), scoring
+BASE_FIELDS = ("model", "tasks", "fmt", "test_per_task", "mode")
+
+
+def run_id(suite_desc: dict, config: dict) -> str:
+    """What a run was, without its data: the suite (Suite.describe(), which names the data: tasks, format, pool
+    and test sizes) and the train.py fields of its key (seed included). Two results of one id differ only if the
+    prepared data did; the key tells them apart where the data is here."""
+    what = {k: v for k, v in config.items()
+            if k not in NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    return fingerprint({"v": FORMAT_VERSION, "train": what, "suite": suite_desc})
+
+
+def base_id(suite_desc: dict) -> str:
+    return fingerprint({"v": FORMAT_VERSION, "base": {k: suite_desc[k] for k in BASE_FIELDS}})
+
+
+def result_id(r: dict) -> str:
+    return base_id(r["suite"]) if r["label"] == "base" else run_id(r["suite"], r["config"])
+
+
+NUM = (int, float)
+
+
+def problem(r, key):
+    """Why a cached result cannot be used (None when it can): not an object, another key than its file name's, or
+    a field the readers compute with missing or of the wrong type."""
+    if not isinstance(r, dict):
+        return "not a JSON object"
+    if r.get("key") != key:
+        return f"its key is {r.get('key')!r}, not {key!r} as its file name says"
+    need = {"label": str, "suite": dict, "average": NUM, "wall_s": NUM, "tasks": dict, "predictions": dict,
+            "machine": dict}
+    if r.get("label") != "base":
+        need.update(seed=int, config=dict, trainable=int, curve=dict, analysis=dict)
+    for k, t in need.items():
+        if not isinstance(r.get(k), t) or isinstance(r.get(k), bool):
+            return f"{k!r} is {str(r.get(k))[:40]!r}, not {'a number' if t is NUM else 'an ' + t.__name__}"
+    if not r["tasks"]:
+        return "no tasks"
+    for t, v in r["tasks"].items():
+        if not isinstance(v, dict) or not isinstance(v.get("accuracy"), NUM) or not isinstance(v.get("collapsed"),
+                                                                                                 bool):
+            return f"task {t!r} has no numeric accuracy or no collapse flag"
+        p = r["predictions"].get(t)
+        if not isinstance(p, dict) or not isinstance(p.get("correct"), list) or \
+                not all(x in (0, 1) for x in p["correct"]):
+            return f"task {t!r} has no 0/1 list of per-example predictions"
+    return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(lock: Path):
+    """Claim a run for this process: create `lock` atomically (O_CREAT|O_EXCL) holding "pid host". Returns None
+    when this process holds it now, else who does ("pid host"). A lock left by a process of this host that is gone
+    is taken over with a note; one from another host is respected (delete it by hand if that driver is gone)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    host = platform.node()
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = lock.read_text().strip()
+            except FileNotFoundError:
+                continue  # released just now: try again
+            pid, _, where = holder.partition(" ")
+            if where != host or not pid.isdigit() or alive(int(pid)):
+                return holder or "another driver (empty lock file)"
+            print(f"note: {lock} was held by process {pid} on {host}, which is gone: taking it over", flush=True)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {host}\n")
+        return None
+    return "another driver"
+
+
+# {runs dir: (its files' names, mtimes and sizes, {result_id: path})}: the index is built once per state of the dir
+_INDEX = {}
 
 
 def machine() -> dict:
@@ -235,13 +353,22 @@ class Grid:
     def __init__(self, name, suite: Suite, methods: dict, seeds, results_dir=RESULTS, work_dir=WORK):
         self.name, self.suite, self.methods, self.seeds = name, suite, methods, list(seeds)
         self.runs_dir, self.work_dir = Path(results_dir) / "runs", Path(work_dir)
-        self._data, self._base_model, self._tok = None, None, None
+        self._data, self._keyed, self._base_model, self._tok = None, None, None, None
+        self.damaged, self.busy = [], []  # result files moved to runs/damaged/; runs another driver is training
 
     @property
     def data(self) -> Data:
+        """The suite's data (training needs it: an `error:` exit where it is missing)."""
         if self._data is None:
-            self._data = Data(self.suite)
+            self._data = load_data(self.suite)
         return self._data
+
+    def keyed(self):
+        """Is the suite's prepared data here, so that runs are found by key? Else by what they were (`index`)."""
+        if self._keyed is None:
+            self._data = self._data or load_data(self.suite, need=False)
+            self._keyed = self._data is not None
+        return self._keyed
 
     def key(self, label, seed):
         return run_key(train_config(self.suite, self.methods[label].options, seed, self.work_dir), self.suite,
@@ -253,19 +380,89 @@ class Grid:
     def base_path(self):
         return self.runs_dir / f"base-{base_key(self.suite, self.data)}.json"
 
+    def load(self, path: Path):
+        """The result in `path`, or None where there is none. A damaged file (not JSON, cut short, empty, fields
+        missing or of the wrong type, another key) is moved to runs/damaged/<name>.<time> with one line naming it:
+        it then counts as missing, so `run` trains it again."""
+        try:
+            r = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError) as e:
+            why = f"not valid JSON ({str(e)[:60]})"
+        else:
+            why = problem(r, path.stem.removeprefix("base-"))
+        if why is None:
+            return r
+        dest = self.runs_dir / "damaged" / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.parent.mkdir(exist_ok=True)
+        try:
+            os.replace(path, dest)
+        except FileNotFoundError:
+            return None  # another process moved it first
+        self.damaged.append(path.name)
+        print(f"damaged cached run {path}: {why}; moved to {dest} (it counts as missing: "
+              f"`python experiments/claims.py run` trains it again)", file=sys.stderr, flush=True)
+        return None
+
+    def index(self):
+        """{result_id: path} over the runs directory, for finding runs without the data. Where two files have one
+        id (the same run on different data: two keys) the id is left out with a note, as only the data can pick."""
+        files = sorted(self.runs_dir.glob("*.json"))
+        stamp = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.exists()]
+        if _INDEX.get(self.runs_dir, (None,))[0] != stamp:
+            found = {}
+            for p in files:
+                if (r := self.load(p)) is not None:
+                    found.setdefault(result_id(r), []).append(p)
+            for ps in found.values():
+                if len(ps) > 1:
+                    print(f"note: {', '.join(p.name for p in ps)} are one run on different data: without the "
+                          f"prepared data ({self.suite.data_dir}) neither is read", file=sys.stderr)
+            stamp = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.exists()]
+            _INDEX[self.runs_dir] = (stamp, {i: ps[0] for i, ps in found.items() if len(ps) == 1})
+        return _INDEX[self.runs_dir][1]
+
+    def find(self, label, seed):
+        """The result file of a run (label "base": the base model's), or None: by key where the data is here, else
+        by what the run was."""
+        if self.keyed():
+            p = self.base_path() if label == "base" else self.path(label, seed)
+            return p if p.exists() else None
+        desc = self.suite.describe()
+        i = base_id(desc) if label == "base" else run_id(desc, dataclasses.asdict(
+            train_config(self.suite, self.methods[label].options, seed, self.work_dir)))
+        return self.index().get(i)
+
     def cached(self, label, seed):
-        p = self.path(label, seed)
-        return json.loads(p.read_text()) if p.exists() else None
+        """The cached result of a run (label "base": the base model's evaluation), or None."""
+        p = self.find(label, seed)
+        r = None if p is None else self.load(p)
+        if r is not None and self.keyed() and "data" in r and r["data"] != self.data_fp(label == "base"):
+            raise SystemExit(f"error: {p} records other data fingerprints than its key's: move it aside and rerun")
+        return r
+
+    def data_fp(self, base=False):
+        """The data fingerprints a result stores (test set; and training pool for a trained run)."""
+        return {"test": self.data.test_fp} if base else {"test": self.data.test_fp, "train": self.data.train_fp}
 
     def results(self):
-        """{label: [result of each seed that finished]} plus "base" (None where not run yet)."""
+        """{label: [result of each seed that finished]} plus "base" (None where not run yet). Read without the
+        data, runs whose stored data fingerprints differ are an `error:` exit: one grid is one test set."""
         out = {label: [r for s in self.seeds if (r := self.cached(label, s)) is not None] for label in self.methods}
-        base = self.base_path()
-        out["base"] = json.loads(base.read_text()) if base.exists() else None
+        out["base"] = self.cached("base", None)
+        runs = [r for rs in out.values() if rs for r in (rs if isinstance(rs, list) else [rs]) if "data" in r]
+        for what in ("test", "train"):
+            seen = {r["data"][what]: r["key"] for r in runs if what in r["data"]}
+            if len(seen) > 1:
+                raise SystemExit(f"error: cached runs {', '.join(seen.values())} of grid {self.name} in "
+                                 f"{self.runs_dir} were made on different {what} data: prepare the data "
+                                 f"(data/prepare.py) so that each run is read by its key, or move the stale ones aside")
         return out
 
     def missing(self):
-        return [(label, s) for s in self.seeds for label in self.methods if not self.path(label, s).exists()]
+        """[(label, seed)] not cached (or damaged: moved aside when found), seed by seed."""
+        return [(label, s) for s in self.seeds for label in self.methods if self.cached(label, s) is None]
 
     # ------------------------------------------------------------------------------------------------ running
 
@@ -285,13 +482,14 @@ class Grid:
         return res, time.perf_counter() - t0
 
     def run_base(self):
-        if self.base_path().exists():
-            return json.loads(self.base_path().read_text())
+        if (r := self.cached("base", None)) is not None:
+            return r
         model, _ = self.base_model()
         t0 = time.perf_counter()
         res, eval_s = self.evaluate(model, sorted(self.suite.tasks))
         out = {"label": "base", "key": base_key(self.suite, self.data), "suite": self.suite.describe(),
-               "machine": machine(), "eval_s": round(eval_s, 1), "wall_s": round(time.perf_counter() - t0, 1),
+               "data": self.data_fp(base=True), "machine": machine(), "eval_s": round(eval_s, 1),
+               "wall_s": round(time.perf_counter() - t0, 1),
                "tasks": without_records(res), "average": sum(r["accuracy"] for r in res.values()) / len(res),
                "predictions": compact_predictions(res)}
         write_json(self.base_path(), out)
@@ -327,8 +525,8 @@ class Grid:
         res, eval_s = self.evaluate(model, names)
         del model
         out = {"label": label, "seed": seed, "key": key, "grid": self.name, "suite": self.suite.describe(),
-               "options": method.options, "config": dataclasses.asdict(cfg), "train_sizes": self.data.train_sizes,
-               "machine": machine(), "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
+               "options": method.options, "config": dataclasses.asdict(cfg), "data": self.data_fp(),
+               "train_sizes": self.data.train_sizes, "machine": machine(), "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
                "wall_s": round(time.perf_counter() - t0, 1), "resumed": has_ckpt, "trainable": trainable,
                "merged_for_eval": merged, "curve": curve_summary(run_dir / "log.jsonl"), "analysis": analysis,
                "tasks": without_records(res), "average": sum(r["accuracy"] for r in res.values()) / len(res),
@@ -344,7 +542,7 @@ class Grid:
         other = Grid(self.name, self.suite, self.methods, self.seeds, results_dir=Path(scratch) / "results",
                      work_dir=Path(scratch) / "work")
         if label == "base":
-            old = json.loads(self.base_path().read_text()) if self.base_path().exists() else None
+            old = self.cached("base", None)
             new = None if old is None else other.run_base()
         else:
             old = self.cached(label, seed)
@@ -353,19 +551,43 @@ class Grid:
             raise ValueError(f"{label} seed {seed} is not in the cache ({self.runs_dir}): nothing to recheck")
         return compare_runs(old, new)
 
+    def claimed(self, label, seed, fn):
+        """fn() under the run's lock (`claim`, work_dir/<key>.lock), unless the run is claimed by another driver
+        or was cached meanwhile: then None. Who holds a claimed run is kept in self.busy."""
+        name = f"base-{base_key(self.suite, self.data)}" if label == "base" else self.key(label, seed)
+        lock = self.work_dir / f"{name}.lock"
+        holder = claim(lock)
+        if holder is not None:
+            self.busy.append((label, seed, holder))
+            print(f"[{self.name}] {label}{'' if seed is None else f' seed {seed}'}: being trained by process "
+                  f"{holder} ({lock}): skipped", flush=True)
+            return None
+        try:
+            return fn() if self.cached(label, seed) is None else None  # another driver may have just finished it
+        finally:
+            lock.unlink(missing_ok=True)
+
     def run(self, limit=None):
         """Train and evaluate what is missing, seed by seed (so a partial grid has every method on its first
-        seeds), printing one line per finished run with the time left at the mean time per run so far."""
-        self.run_base()
+        seeds), printing one line per finished run with the time left at the mean time per run so far. A run that
+        another driver is training is skipped, and listed at the end."""
+        self.busy = []
+        self.claimed("base", None, self.run_base)
         todo = self.missing()[:limit]
         times = []
         for i, (label, seed) in enumerate(todo, 1):
             t0 = time.perf_counter()
-            r = self.run_one(label, seed)
+            r = self.claimed(label, seed, lambda: self.run_one(label, seed))  # noqa: B023 (called at once)
+            if r is None:
+                continue
             times.append(time.perf_counter() - t0)
             left = (len(todo) - i) * sum(times) / len(times)
             tasks = ", ".join(f"{t} {100 * v['accuracy']:.1f}{'c' if v['collapsed'] else ''}"
                               for t, v in r["tasks"].items())
             print(f"[{self.name} {i}/{len(todo)}] {label} seed {seed}: average {100 * r['average']:.1f}% ({tasks}); "
                   f"{times[-1] / 60:.1f} min; ETA {left / 3600:.1f} h", flush=True)
+        if self.busy:
+            print(f"[{self.name}] skipped {len(self.busy)} run(s) another driver is training: "
+                  + "; ".join(f"{label}{'' if s is None else f' seed {s}'} ({h})" for label, s, h in self.busy),
+                  flush=True)
         return self.results()

@@ -108,3 +108,110 @@ def test_recheck_retrains_a_cached_run_elsewhere_and_compares(suite, tmp_path, o
     other = json.loads(g.path("lora", 0).read_text())
     with pytest.raises(ValueError, match="different runs"):
         G.compare_runs(json.loads(cached), other)
+
+
+def fake_glue(d: Path, tag=""):
+    """Prepared SST-2 and CoLA files (label format, 24 train / 6 test rows each) of made-up sentences: a
+    file-backed suite for the tiny model; `tag` changes the test sentences (other data, same suite)."""
+    from nanoalign.data import write_jsonl
+    for t, words in (("sst2", (" negative", " positive")), ("cola", (" unacceptable", " acceptable"))):
+        for split, n in (("train", 24), ("test", 6)):
+            write_jsonl(d / "glue" / f"{t}-{split}.jsonl",
+                        [{"task": t, "prompt": f"{t} {split}{tag} sentence {i}:", "answer": words[i % 2],
+                          "options": list(words)} for i in range(n)])
+    return d
+
+
+def glue_grid(tiny, tmp_path, data_dir, seeds=(0, 1)):
+    s = G.Suite(("sst2", "cola"), model=str(tiny), steps=2, batch_per_task=1, lr=1e-2, warmup=1, seq_len=64,
+                test_per_task=6, mode="loglik", data_dir=str(data_dir), probe_examples=3)
+    m = {"lora": G.Method({"adapter": "lora", "rank": 2, "targets": "q_proj,v_proj"})}
+    return G.Grid("t", s, m, list(seeds), results_dir=tmp_path / "res", work_dir=tmp_path / "work")
+
+
+def keys(res):
+    return {k: [r["key"] for r in v] if isinstance(v, list) else v and v["key"] for k, v in res.items()}
+
+
+def test_cache_is_read_without_the_data(tiny, tmp_path, one_thread, capsys):
+    """A fresh clone has no prepared data: the cached runs are found by what they were (suite, train options, seed),
+    the same ones as by key; training without the data, or from a data directory that is a file, missing or broken,
+    is one `error:` line. Runs made on different data are never mixed: one run cached on two data versions is not
+    read without the data, and a grid whose runs disagree on their data is an error."""
+    ran = glue_grid(tiny, tmp_path, fake_glue(tmp_path / "data")).run()
+    assert ran["lora"][0]["data"] == {"test": ran["base"]["data"]["test"], "train": ran["lora"][0]["data"]["train"]}
+    (tmp_path / "empty").mkdir()
+    g = glue_grid(tiny, tmp_path, tmp_path / "empty")
+    assert not g.keyed() and keys(g.results()) == keys(ran) and g.missing() == []
+    with pytest.raises(SystemExit, match=r"^error: .*sst2-test.jsonl not found.*training needs the prepared data"):
+        g.run()
+    (tmp_path / "a-file").write_text("x")
+    for d in (tmp_path / "nothing", tmp_path / "a-file"):
+        with pytest.raises(SystemExit, match=r"^error: the data directory .* is not a directory: point "):
+            glue_grid(tiny, tmp_path, d).results()
+    junk = fake_glue(tmp_path / "junk")
+    (junk / "glue" / "cola-test.jsonl").write_text("{not json\n")
+    with pytest.raises(SystemExit, match=r"^error: .*cola-test.jsonl:1: not valid JSON.*prepare it again"):
+        glue_grid(tiny, tmp_path, junk).results()
+    # seed 1 again on other test data: by key each data version finds its own; without data seed 1 has two results
+    glue_grid(tiny, tmp_path, fake_glue(tmp_path / "v2", tag="v2"), seeds=[1]).run()
+    capsys.readouterr()
+    g = glue_grid(tiny, tmp_path, tmp_path / "empty")
+    assert keys(g.results()) == {"lora": [ran["lora"][0]["key"]], "base": None}
+    assert "one run on different data" in capsys.readouterr().err
+    for p in (tmp_path / "res" / "runs").glob("*.json"):  # keep seed 0 on the first data, seed 1 on v2, no base
+        r = json.loads(p.read_text())
+        if r["label"] == "base" or (r["seed"] == 1) != ("v2" in r["config"]["data_dir"]):
+            p.unlink()
+    with pytest.raises(SystemExit, match=r"^error: cached runs .* were made on different test data"):
+        glue_grid(tiny, tmp_path, tmp_path / "empty").results()
+
+
+DAMAGE = {"cut in half": lambda t: t[:len(t) // 2], "empty": lambda t: "", "{}": lambda t: "{}",
+          "a string for a number": lambda t: t.replace('"average": ', '"average": "high", "was": ', 1)}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_run_file_is_moved_aside_and_retrained(suite, tmp_path, one_thread, capsys, damage):
+    """A cached run file cut in half, empty, `{}` or with a string where a number belongs: reading moves it to
+    runs/damaged/ with one line naming it and counts it as missing (the reports list it), `run` trains it again,
+    and recheck says it is not in the cache (an `error:` line in claims.py)."""
+    m = {"lora": methods()["lora"]}
+    g = G.Grid("t", suite, m, [0], results_dir=tmp_path / "res", work_dir=tmp_path / "work")
+    good = g.run()["lora"][0]
+    path = g.path("lora", 0)
+    path.write_text(DAMAGE[damage](path.read_text()))
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="not in the cache"):
+        g.recheck("lora", 0, tmp_path / "scratch")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"damaged cached run {path}: ") and "moved to" in err[0]
+    assert not path.exists() and len(list((path.parent / "damaged").glob(f"{path.name}.*"))) == 1
+    g = G.Grid("t", suite, m, [0], results_dir=tmp_path / "res", work_dir=tmp_path / "work")
+    assert g.results()["lora"] == [] and g.missing() == [("lora", 0)]
+    assert g.run()["lora"][0]["average"] == good["average"] and json.loads(path.read_text())["key"] == good["key"]
+
+
+def test_a_run_is_trained_by_one_driver_at_a_time(suite, tmp_path, one_thread, capsys):
+    """Two drivers on one grid: a run whose lock (work_dir/<key>.lock, "pid host") is held by a live process is
+    skipped and listed at the end, its lock left alone; a lock left by a process of this host that is gone is taken
+    over with a note and the run trained; the lock is released after the run."""
+    import os
+    import platform
+    import subprocess
+    g = G.Grid("t", suite, methods(), [0], results_dir=tmp_path / "res", work_dir=tmp_path / "work")
+    held, stale = g.work_dir / f"{g.key('hydra', 0)}.lock", g.work_dir / f"{g.key('lora', 0)}.lock"
+    held.parent.mkdir(parents=True)
+    held.write_text(f"{os.getppid()} {platform.node()}\n")  # the process that started pytest: alive
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale.write_text(f"{dead.pid} {platform.node()}\n")
+    res = g.run()
+    out = capsys.readouterr().out
+    assert [r["seed"] for r in res["lora"]] == [0] and res["hydra"] == []
+    assert g.busy == [("hydra", 0, f"{os.getppid()} {platform.node()}")] and held.exists() and not stale.exists()
+    assert f"was held by process {dead.pid}" in out and "skipped 1 run(s) another driver is training: hydra seed 0" \
+        in out
+    assert G.claim(stale) is None and G.claim(stale) == f"{os.getpid()} {platform.node()}"  # O_EXCL: one holder
+    held.write_text("123 another-host\n")  # another host's process cannot be checked from here: respected
+    assert G.claim(held) == "123 another-host"

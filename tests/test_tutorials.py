@@ -440,3 +440,84 @@ def test_pick_data_prepares_real_tasks_or_falls_back(tmp_path, monkeypatch, caps
     args.source = str(tmp_path / "nothing-here")                           # a wrong path given by hand: an error
     with pytest.raises(SystemExit, match="is not a directory"):
         common.pick_data(args, data_dir=tmp_path / "empty")
+
+
+def test_cached_grids_render_without_data_and_touch_no_tracked_file(tmp_path):
+    """A fresh clone (the tracked files, no prepared data, NANOALIGN_DATA_DIR an empty dir) renders a claim tutorial
+    and the README report from the committed cache in experiments/results/runs, writes the tutorial's JSON under the
+    git-ignored out/tutorials and leaves the committed tutorials/results as they were; claims.py with a data
+    directory that is a file ends in one `error:` line."""
+    import shutil
+    try:
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    for name in files.decode().split("\0"):
+        src = ROOT / name
+        if name and src.is_file() and not src.is_symlink():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, clone / name)
+    assert not list((clone / "data").rglob("*.jsonl"))
+    committed = {p.name: p.read_bytes() for p in (clone / "tutorials" / "results").iterdir()}
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOALIGN_DATA_DIR": str(tmp_path / "empty")}
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=clone,  # noqa
+                                      env=env, timeout=600)
+    res = run("tutorials/03_head_similarity.py")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert f"wrote {clone / 'out' / 'tutorials' / '03_head_similarity.json'}" in res.stdout
+    out = json.loads((clone / "out" / "tutorials" / "03_head_similarity.json").read_text())
+    assert out["mode"] == "read" and len(out["claims"]["1-2"]["report"]["methods"]) >= 4
+    res = run("tutorials/report.py")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 4. KL alignment")]
+    assert len(rows) == 1 and "[" in rows[0] and "distinct runs" in res.stdout
+    assert {p.name: p.read_bytes() for p in (clone / "tutorials" / "results").iterdir()} == committed
+    env["NANOALIGN_DATA_DIR"] = str(clone / "README.md")
+    res = run("experiments/claims.py", "report", "--only", "4-5")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 1 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "README.md is not a directory: point NANOALIGN_DATA_DIR at" in errors[0]
+
+
+def test_tutorials_write_out_unless_asked_to_update(reader, tmp_path, monkeypatch):
+    """Where the tutorials write: out/tutorials by default (git-ignored), out/tutorials-tiny with --tiny, the
+    committed tutorials/results only with --update (or --out naming it); --tiny --update is refused, and so is
+    --update on the builtin synthetic tasks (tutorial 02 without the real data must not replace its real-task
+    results)."""
+    import argparse
+    import common
+    for p in (common.parser("doc"), reader.parser("doc")):
+        assert p.parse_args([]).out == common.OUT and not p.parse_args([]).update
+        assert p.parse_args(["--tiny"]).out == common.TINY_OUT
+        assert p.parse_args(["--update"]).out == common.RESULTS and p.parse_args(["--update"]).update
+        assert p.parse_args(["--out", str(common.RESULTS)]).update
+        assert p.parse_args(["--out", str(tmp_path)]).out == tmp_path
+        with pytest.raises(SystemExit, match="^error: --tiny would write its smoke-test results over the committed"):
+            p.parse_args(["--tiny", "--update"])
+    monkeypatch.setattr(common, "default_source", lambda: None)
+    args = argparse.Namespace(data=None, tiny=False, full=False, source=None, update=True)
+    with pytest.raises(SystemExit, match="^error: --update would replace the committed real-task results"):
+        common.pick_data(args, data_dir=tmp_path / "empty")
+    args.data = "builtin"
+    with pytest.raises(SystemExit, match="^error: --update would replace"):
+        common.pick_data(args, data_dir=tmp_path / "empty")
+    args.update = False
+    assert common.pick_data(args, data_dir=tmp_path / "empty")[0] == "builtin"
+
+
+def test_reader_lists_a_damaged_run_as_missing(reader, tmp_path, capsys, one_thread):
+    """A cached run file cut in half: the reader (and the report built on it) renders the rest, names the file as
+    damaged and moved aside, and lists the run as missing with the command that trains it again."""
+    where = {**tiny_where(reader, tmp_path), "seeds": [0]}
+    g = reader.C.grid("4-5", **where)
+    g.run()
+    path = g.path("a-lora-m", 0)
+    path.write_text(path.read_text()[:1000])
+    capsys.readouterr()
+    c = reader.Grids(where=where).read("4-5", script="06_align.py")
+    out, err = capsys.readouterr()
+    assert c.missing == [("a-lora-m", 0)] and c.damaged == (path.name,) and "a-lora-m" not in c.report["methods"]
+    assert f"damaged and moved aside: {path.name}" in out and "python experiments/claims.py run --only 4-5" in out
+    assert err.count(f"damaged cached run {path}: not valid JSON") == 1

@@ -2,8 +2,9 @@
 
 The accuracy tutorials train nothing by default. Every claim (METHODS §7) is a grid of runs — methods x seeds on
 one suite, one budget, one test set — that `python experiments/claims.py run` trains once, for hours, and caches in
-experiments/results/runs/ (experiments/grid.py). A tutorial reads its claim's cached runs, renders tables and plots
-in seconds and writes tutorials/results/NN_*.json (+ PNG). The modes share one code path:
+experiments/results/runs/ (experiments/grid.py), each found by what it was, so reading needs no prepared data. A
+tutorial reads its claim's cached runs, renders tables and plots in seconds and writes out/tutorials/NN_*.json
+(+ PNG; git-ignored), or with --update the committed tutorials/results/NN_*.json. The modes share one code path:
 
     (default)  read the cache; say exactly which runs are missing and the command that trains them
     --rerun    train what is missing first (`Grid.run()` resumes the cache), then render
@@ -28,7 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import RESULTS, ROOT, machine, pyplot, save_figure, tiny_model_dir, write_json
+from common import OUT, ROOT, TINY_OUT, Parser, add_out, machine, pyplot, save_figure, tiny_model_dir, write_json
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import claims as C  # noqa: E402
@@ -39,7 +40,6 @@ from nanoalign.stats import TILT_FLAG, mean_se, t975, verdict  # noqa: E402
 
 TINY_TASKS = ("alphabet-first", "colour-review")
 TINY_SEEDS = [0, 1]
-TINY_OUT = ROOT / "out" / "tutorials-tiny"  # git-ignored: a smoke run never replaces the committed renders
 CURVE = ("ce_first5", "ce_last5", "align_last5")  # the training-curve summary kept in the tutorials' JSON
 NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora": "R-LoRA", "mlora": "M-LoRA",
          "lora-r8": "LoRA r=8", "a-lora-k": "A-LoRA-K", "a-lora-m": "A-LoRA-M", "lora-budget": "matched LoRA",
@@ -56,14 +56,13 @@ NAMES.update({f"meta-k16-a{a}": f"MeTA-LoRA K=16 α={a}" for a in C.META_ALPHAS}
 
 def parser(doc):
     """The readers' flags; the tutorial's docstring is the help text."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--rerun", action="store_true", help="train the runs missing from the cached grid (resumes "
                       "it; hours on a CPU), then render")
     mode.add_argument("--tiny", action="store_true", help="smoke test: a tiny grid in a temp dir, trained and rendered")
     mode.add_argument("--full", action="store_true", help="print the paper's setting and how to run it (a GPU box)")
-    p.add_argument("--out", default=None, help=f"directory for the JSON and PNG (default {RESULTS.relative_to(ROOT)}; "
-                   f"--tiny: {TINY_OUT.relative_to(ROOT)})")
+    add_out(p, f"{OUT.relative_to(ROOT)}; --tiny: {TINY_OUT.relative_to(ROOT)}")
     return p
 
 
@@ -83,7 +82,9 @@ def tiny_suite(d: Path):
 
 
 def out_dir(args):
-    return Path(args.out) if args.out else TINY_OUT if args.tiny else RESULTS
+    """Where the JSON and PNG go (resolved by common.Parser: --out, --update's tutorials/results, out/tutorials,
+    --tiny's out/tutorials-tiny)."""
+    return Path(args.out)
 
 
 def full_scale(claims):
@@ -115,6 +116,7 @@ class Claim:
     labels: list      # the grid's methods, in the claim's order
     model_params: int
     tiny: bool = False
+    damaged: tuple = ()  # result files found damaged and moved to runs/damaged/ (they count as missing)
 
     def row(self, label):
         return self.report["methods"].get(label)
@@ -192,8 +194,8 @@ class Grids:
                 g.run()
             res = g.results()
             base = res.pop("base")
-            claim_ = Claim(claim, C.claim_report(claim, **self.where), res, base, g.missing(), list(g.seeds),
-                           list(g.methods), model_params(g.suite.model), self.tiny)
+            claim_ = Claim(claim, C.claim_report(claim, g), res, base, g.missing(), list(g.seeds), list(g.methods),
+                           model_params(g.suite.model), self.tiny, tuple(g.damaged))
             report_missing(claim_, run_cmd, script)
         return claim_
 
@@ -226,6 +228,8 @@ def report_missing(c: Claim, run_cmd, script):
         parts = [f"{k} (seed{'s' * (len(v) > 1)} {', '.join(map(str, v))})" for k, v in by.items()]
         if c.base is None:
             parts.append("the base model's evaluation")
+        if c.damaged:
+            parts.append(f"damaged and moved aside: {', '.join(c.damaged)}")
         print(f"claim {c.claim}: {total - len(c.missing)} of {total} runs cached; MISSING: {'; '.join(parts)}.\n"
               f"  Train them with `{run_cmd}`" + (f" or `python tutorials/{script} --rerun`" if script else "")
               + ". Below: what is cached.")

@@ -7,8 +7,10 @@ The mechanism tutorials (01, 02, 07) take three size flags (`parser`):
     --tiny     a 2-layer random Llama (hidden 64) with a byte-level tokenizer, built here in a temp dir: the smoke test
     --full     the paper's GPU-scale setting, documented in each tutorial (model, tasks, steps)
 
-and `--out DIR` (default tutorials/results) for the JSON and PNG they write. The claim tutorials (03-06, 08, 09) read
-the cached claim grids instead and have their own flags (tutorials/claim_grids.py).
+and `--out DIR` for the JSON and PNG they write: by default out/tutorials/ (git-ignored), so that running a
+tutorial never rewrites a tracked file; `--update` writes the committed tutorials/results/ instead (and refuses a
+run on the builtin synthetic tasks, which would replace a real-task result). The claim tutorials (03-06, 08-10)
+read the cached claim grids instead and have their own flags (tutorials/claim_grids.py).
 """
 
 import os
@@ -38,7 +40,9 @@ from nanoalign import system  # noqa: E402
 from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks, load_tasks  # noqa: E402
 from nanoalign.model import CausalLM, ModelConfig  # noqa: E402
 
-RESULTS = ROOT / "tutorials" / "results"
+RESULTS = ROOT / "tutorials" / "results"  # the committed renders: written with --update only
+OUT = ROOT / "out" / "tutorials"  # git-ignored: where a tutorial writes by default
+TINY_OUT = ROOT / "out" / "tutorials-tiny"  # git-ignored: where --tiny writes by default
 MLP = ("gate_proj", "up_proj", "down_proj")  # the Align-LoRA / R-LoRA / HydraLoRA targets (METHODS §1)
 
 # Qwen2.5-3B as in its config.json: the model of Align-LoRA's Table 1 (METHODS §1 parameter table). Meta device only.
@@ -48,13 +52,35 @@ QWEN25_3B = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidde
              "rope_theta": 1e6, "max_position_embeddings": 32768}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose parse_args resolves where the results go: --out DIR, else --update's tutorials/results, else
+    out/tutorials (--tiny: out/tutorials-tiny). `args.update`: are the committed results written (also when --out
+    names them)?"""
+
+    def parse_args(self, args=None, namespace=None):
+        args = super().parse_args(args, namespace)
+        args.out = Path(args.out or (RESULTS if args.update else TINY_OUT if getattr(args, "tiny", False) else OUT))
+        args.update = args.out.resolve() == RESULTS.resolve()
+        if args.update and getattr(args, "tiny", False):
+            raise SystemExit(f"error: --tiny would write its smoke-test results over the committed {RESULTS}: drop "
+                             f"--update (or --out)")
+        return args
+
+
+def add_out(p: argparse.ArgumentParser, default_text):
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None, help=f"directory for the results JSON and PNG (default {default_text})")
+    where.add_argument("--update", action="store_true", help=f"write the committed {RESULTS.relative_to(ROOT)}/ "
+                       "(the results the README shows) instead")
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """argparse with the shared flags; the tutorial's docstring is the help text."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="tiny random model, a handful of steps (smoke test)")
     size.add_argument("--full", action="store_true", help="the paper's GPU-scale setting (see the docstring)")
-    p.add_argument("--out", default=str(RESULTS), help="directory for the results JSON and PNG (default: %(default)s)")
+    add_out(p, f"{OUT.relative_to(ROOT)}; --tiny: {TINY_OUT.relative_to(ROOT)}")
     p.add_argument("--model", default="smollm2-135m", help="alias or local directory (ignored with --tiny)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -85,7 +111,17 @@ def default_source():
 def pick_data(args, data_dir=DATA_DIR):
     """(data spec for train.py, data dir): --data if given; else the real tasks (prepared from the originals once,
     by data/prepare.py) when their files are there; else the builtin suite, with a printed notice. --tiny keeps the
-    builtin suite unless --data is given (the tiny byte-level tokenizer makes real prompts 4x longer)."""
+    builtin suite unless --data is given (the tiny byte-level tokenizer makes real prompts 4x longer). With --update
+    the builtin suite is an `error:` exit: the committed results were measured on the real tasks."""
+    data, data_dir = choose_data(args, data_dir)
+    if data == "builtin" and getattr(args, "update", False):
+        raise SystemExit(f"error: --update would replace the committed real-task results in {RESULTS} with a run on "
+                         f"the builtin synthetic tasks: pass --source DIR with the original GLUE/commonsense files (or "
+                         f"prepare them with data/prepare.py), or drop --update")
+    return data, data_dir
+
+
+def choose_data(args, data_dir):
     if args.data:
         return args.data, Path(data_dir)
     if args.tiny:

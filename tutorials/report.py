@@ -8,7 +8,7 @@ example; for per-run analyses a t interval over seeds), the verdict, and the sui
 whose grid has no runs yet gets a row saying "not measured yet" and the command that trains it. Claim 7 (merging
 and cost) and claim 2's mechanism come from tutorials 07 and 02, which measure them exactly in minutes.
 
-    python tutorials/report.py            # reads the cached grids (seconds), prints markdown
+    python tutorials/report.py            # reads the cached grids (no prepared data needed), prints markdown only
     python tutorials/report.py --readme   # ... and writes it into README.md between its two report markers
     python tutorials/report.py --tiny     # smoke test: a tiny grid of every claim in a temp dir, trained + rendered
 """
@@ -25,8 +25,7 @@ from nanoalign.stats import mean_se
 from nanoalign.system import write_atomic
 
 import paper
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import OUT, RESULTS
 README = Path(__file__).resolve().parents[1] / "README.md"
 CLAIM_GRIDS = ("1-2", "3", "4-5", "6", "8", "9", "10")
 HEADER = ["claim (tutorial)", "paper (METHODS §6)", "ours: mean ± SE over seeds",
@@ -343,7 +342,8 @@ def replace_block(text, block):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="smoke test: a tiny grid of every claim, trained + rendered")
-    p.add_argument("--results", default=str(RESULTS), help="where tutorials 02 and 07 wrote their JSON")
+    p.add_argument("--results", default=str(RESULTS), help="where tutorials 02 and 07 wrote their JSON (default: the "
+                   f"committed %(default)s; your own runs: {OUT})")
     p.add_argument("--readme", nargs="?", const=str(README), default=None, metavar="PATH",
                    help=f"also write the table into PATH (default {README.name}) between its report markers")
     args = p.parse_args(argv)
