@@ -191,10 +191,13 @@ CLAIMS = {
 }
 
 
-def grid(claim, suite=None, seeds=None, **where):
-    """The grid of one claim: its methods on SUITE (or `suite`) for its seeds (or `seeds`); `where`: Grid's
-    results_dir / work_dir (the tutorials' --tiny smoke runs use a temporary one)."""
+def grid(claim, suite=None, seeds=None, controls=True, **where):
+    """The grid of one claim: its methods on SUITE (or `suite`) for its seeds (or `seeds`), without the step-size and
+    init controls if `controls` is False (the tutorials' --tiny smoke runs); `where`: Grid's results_dir / work_dir
+    (the smoke runs use a temporary one)."""
     labels, claim_seeds, _ = CLAIMS[claim]
+    if not controls:
+        labels = [k for k in labels if k not in {*CONTROLS_1_2, *CONTROLS_8}]
     suite = suite or SUITE
     if suite is None:
         raise SystemExit("error: experiments/claims.py has no SUITE yet: run experiments/screening.py and set it")

@@ -318,7 +318,7 @@ def reader():
 
 def tiny_where(cg, tmp_path):
     return {"suite": cg.tiny_suite(tmp_path), "seeds": [0, 1], "results_dir": tmp_path / "res",
-            "work_dir": tmp_path / "work"}
+            "work_dir": tmp_path / "work", "controls": False}
 
 
 def test_reader_on_a_partial_grid(reader, tmp_path, capsys, one_thread):
