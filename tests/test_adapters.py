@@ -233,6 +233,23 @@ def test_rlora_without_its_ingredients_is_hydra():
             assert (a.grad - b.grad).abs().max() <= 1e-5 * a.grad.abs().max()
 
 
+@pytest.mark.parametrize("case, differ", [("hydra", False), ("rlora-init-only", False), ("rlora-mt-only", True),
+                                           ("rlora", True)])
+def test_head_gradients_at_a_uniform_router_differ_only_with_per_head_dropout(case, differ):
+    """Tutorial 08's mechanism: with a uniform router (ω_i = 1/N) head i's gradient is s/N·Σ_tokens δ zᵀ, the same for
+    every head whatever the heads' values, so HydraLoRA and R-LoRA's random init alone ("+Init") give identical head
+    gradients (random init separates where the heads start, not how they move), while per-head dropout ("+MT", and
+    R-LoRA) gives each head its own masked z and its own gradient. (A kaiming router also separates them, by ω_i(x).)"""
+    m = make(case, dropout=0.3).train()
+    with torch.no_grad():
+        m.lora_router.weight.zero_()
+    torch.manual_seed(3)
+    m(torch.randn(4, 6, IN)).square().sum().backward()
+    g = m.lora_B.weight.grad
+    spread = ((g - g[:1]).abs().max() / g.abs().max()).item()
+    assert (spread > 1e-2) if differ else (spread <= 1e-6), spread
+
+
 def test_rlora_init_scales():
     """Unit init × stable rescaling (METHODS §2.5): paper std(A) = f/√in, std(B_i) = f/√out with f = out^¼/√γ;
     code_faithful: f = r^¼/√γ applied N times to A and N−i times to head i; R-LoRA's scale is α/√r."""

@@ -452,6 +452,17 @@ def test_alignment_gradient_reaches_every_A_and_never_the_own_B(kind):
         assert is_zero(own[f"{n}.lora_B.weight"]) and not is_zero(own[f"{n}.lora_A.weight"]), n
 
 
+def test_alignment_gradient_on_rlora_reaches_its_A_only():
+    """R-LoRA (tutorial 09's mechanism): its A-output is the shared A·x, so one module's alignment loss is defined,
+    finite and positive there, and of that module's tensors it reaches A only, never its heads B_i or its router."""
+    model = tiny_adapted_model("rlora")
+    for n in ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]:
+        loss, own, _ = align_grads(model, "kl", modules=[n])
+        assert torch.isfinite(loss) and loss.item() > 0
+        assert not is_zero(own[f"{n}.lora_A.weight"]), n
+        assert is_zero(own[f"{n}.lora_B.weight"]) and is_zero(own[f"{n}.lora_router.weight"]), n
+
+
 @pytest.mark.parametrize("adapter,kind,position_wise",
                          [("lora", "kl", False), ("lora", "mmd", True), ("mlora", "kl", True), ("mlora", "mmd", False)])
 def test_alignment_gradient_same_with_gradient_checkpointing(adapter, kind, position_wise):

@@ -5,7 +5,10 @@ merge, identical heads for HydraLoRA without router). The claim readers (03-06, 
 claim grid (experiments/claims.py on the tiny model: 2 builtin tasks, 3 steps, 2 seeds) in a temp dir and render
 it; their JSON is checked for the paired statistics (intervals around their estimates, verdict words, seeds) and
 for the mechanisms the grid's analyses measure (identical heads without router, zero-init heads more alike than
-random ones, ΔW rank limits, matched budgets). The committed results in tutorials/results are not touched.
+random ones, ΔW rank limits, matched budgets). Each claim reader (03, 05, 06, 08, 09, 10) first runs its mechanism
+cell, a toy of seconds whose numbers land under "mechanism": they are checked (by hand against the library, or the
+direction the toy shows), and every test the cell names as pinning the same fact must exist. The committed results in
+tutorials/results are not touched.
 """
 
 import importlib.util
@@ -170,6 +173,17 @@ def trainable(c):
     return {k: row["trainable"] for k, row in c["report"]["methods"].items()}
 
 
+def mechanism(r):
+    """The tutorial's mechanism cell (its toy, run first in every mode): its numbers, after checking that every test
+    it names as pinning the same fact exists."""
+    m = r["mechanism"]
+    assert m["tests"]
+    for t in m["tests"]:
+        path, test = t.split("::")
+        assert f"def {test}(" in (ROOT / path).read_text(), t
+    return m
+
+
 def test_03_head_similarity(tmp_path):
     """Claim 1's head analysis read from the tiny grid: per-layer cosines in [-1, 1] for both layers of every module
     type; HydraLoRA w/o Router's heads identical (cosine 1 to float round-off: claim 2's mechanism, exact); the
@@ -185,6 +199,14 @@ def test_03_head_similarity(tmp_path):
     h = r["head_cosine"]
     assert h["hydra"]["all"][0] - 3 * h["hydra"]["all"][1] > max(h["rlora"]["all"][0], h["mlora"]["all"][0]) + 0.3
     check_paired(r["ordering"], [("mlora", "rlora"), ("mlora", "hydra")])
+    # the mechanism cell: 5 AdamW steps on the toy; zero heads have no direction at step 0, then HydraLoRA's are
+    # alike, HydraLoRA w/o Router's identical, R-LoRA's random heads near orthogonal at the grids' lr 1e-3
+    curves = mechanism(r)["head_cosine_per_step"]
+    assert all(len(v) == 6 for v in curves.values())
+    assert curves["hydra lr=0.001"][0] is None and min(curves["hydra lr=0.001"][1:]) > 0.4
+    assert curves["hydra-norouter lr=0.001"][0] is None
+    assert all(abs(v - 1) < 1e-5 for v in curves["hydra-norouter lr=0.001"][1:])
+    assert all(abs(v) < 0.2 for v in curves["rlora lr=0.001"])
 
 
 def test_04_simplified_multi_head(tmp_path):
@@ -210,6 +232,12 @@ def test_05_capacity(tmp_path):
     for label, limit in (("hydra", 4), ("rlora", 8), ("lora-budget", rank)):
         assert 0.0 < r["effective_rank"][label][0] <= limit + 1e-6, label
     assert all(x["verdict"] not in STATS_VERDICTS for x in c["report"]["comparisons"])
+    # the mechanism cell: the budget by hand equals count_trainable, the rank by hand equals rank_for_budget
+    m = mechanism(r)
+    for model in ("tiny random Llama", "Qwen2.5-3B"):
+        assert m[model]["budget_by_hand"] == m[model]["count_trainable"], model
+        assert m[model]["rank_by_hand"] == m[model]["rank_for_budget"], model
+    assert m["Qwen2.5-3B"]["count_trainable"] == 14_201_856  # METHODS §1: HydraLoRA r=4 x 3 on Qwen2.5-3B
 
 
 def test_06_align(tmp_path):
@@ -226,6 +254,11 @@ def test_06_align(tmp_path):
         assert r["probe"][k]["sep_ratio"][0] > 0 and r["probe"][k]["heldout_kl"][0] > 0
         assert all((x["align_last5"] > 0) == k.startswith("a-lora") for x in c["curves"][k]), k
     check_paired(r["separation"], [("a-lora-k", "lora-r8"), ("a-lora-m", "lora-r8")])
+    # the mechanism cell: the symmetric KL by hand equals the library's to round-off; L_align alone gives the
+    # module's A a gradient and its B none
+    m = mechanism(r)
+    assert m["pairs"] == 3 and m["kl_by_hand"] > 0 and m["max_abs_diff"] < 1e-5 * max(1.0, m["kl_by_hand"])
+    assert m["grad_A_norm"] > 0 and m["grad_B_max_abs"] == 0.0
 
 
 def test_08_rlora_ingredients(tmp_path):
@@ -237,7 +270,16 @@ def test_08_rlora_ingredients(tmp_path):
     assert len(set(trainable(c).values())) == 1
     h = {k: v[0] for k, v in r["head_cosine"].items()}
     assert min(h["hydra-rs"], h["hydra+mt"]) > max(h["hydra+init"], h["rlora"]) + 0.3
-    check_paired(r["mechanism"], [("hydra+mt", "hydra-rs"), ("hydra+init", "hydra-rs")])
+    check_paired(r["head_cosine_paired"], [("hydra+mt", "hydra-rs"), ("hydra+init", "hydra-rs")])
+    # the mechanism cell, step 0: at a uniform router the head gradients are identical without per-head dropout
+    # (random init or not) and differ with it; random init starts the heads near orthogonal, zero init at zero
+    rows = mechanism(r)["rows"]
+    for k, per_head_dropout, random_init in (("hydra-rs", False, False), ("hydra+mt", True, False),
+                                             ("hydra+init", False, True), ("rlora", True, True)):
+        spread = rows[k]["grad_spread_uniform_router"]
+        assert (spread > 1e-2) if per_head_dropout else (spread <= 1e-6), k
+        assert (abs(rows[k]["head_cosine_at_init"]) < 0.3) if random_init else rows[k]["head_cosine_at_init"] is None
+        assert -1 <= rows[k]["grad_cosine_kaiming_router"] <= 1
 
 
 def test_09_align_any_architecture(tmp_path):
@@ -252,6 +294,10 @@ def test_09_align_any_architecture(tmp_path):
         assert all((x["align_last5"] > 0) == k.endswith("+align") for x in curves), k
         assert r["probe"][k]["sep_ratio"][0] > 0 and r["probe"][k]["heldout_kl"][0] > 0
     check_paired(r["separation"], [("rlora+align", "rlora"), ("mlora+align", "mlora")])
+    # the mechanism cell: R-LoRA's A-output is A·x; the loss on it is positive; of the module, only A gets a gradient
+    m = mechanism(r)
+    assert m["z_vs_Ax_max_abs_diff"] < 1e-6 and m["alignment_loss"] > 0
+    assert m["grad_norm"]["A"] > 0 and m["grad_norm"]["B"] == 0.0 and m["grad_norm"]["router"] == 0.0
 
 
 def test_10_meta_lora(tmp_path):
@@ -286,6 +332,11 @@ def test_10_meta_lora(tmp_path):
     assert len({tuple(v) for v in ce.values()}) == 4
     assert [row[0] for row in r["alpha"]] == ["LoRA K=16", "MeTA-LoRA K=16 α=0.01", "MeTA-LoRA K=16",
                                               "MeTA-LoRA K=16 α=0.1", "MeTA-LoRA K=16 α=0.3"]
+    # the mechanism cell: one first-order episode by hand equals meta_step's gradient to round-off, differs from the
+    # plain gradient at θ, and leaves θ unchanged
+    m = mechanism(r)
+    assert m["max_rel_diff_vs_meta_step"] < 1e-5 and m["max_rel_diff_vs_plain_gradient"] > 1e-3
+    assert m["theta_unchanged"] is True
 
 
 def test_10_full_prints_what_is_known_and_the_gpu_commands(tmp_path):

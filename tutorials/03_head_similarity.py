@@ -17,6 +17,9 @@ after training, before the adapter is merged for scoring.
     python tutorials/03_head_similarity.py --tiny   # smoke test: a tiny grid in a temp dir, trained + rendered
     python tutorials/03_head_similarity.py --full   # the paper's setting and how to run it on a GPU box
 
+Section 0 runs first, in seconds (every mode but --full): a few optimizer steps of a toy (the tiny random Llama),
+where zero-init and random-init heads start and where they go.
+
 Writes <out>/03_head_similarity.json and, with matplotlib, 03_head_similarity.png.
 """
 
@@ -32,6 +35,55 @@ import paper
 args = parse_args(__doc__, ["1-2"])
 LABELS = ["hydra", "hydra-norouter", "rlora", "mlora"]
 MODULES = ("gate_proj", "up_proj", "down_proj")
+
+# %% [markdown]
+# ## 0. The mechanism on a toy, in seconds
+# Where the heads start and where a few optimizer steps take them: the mean inter-head cosine of B over 5 AdamW
+# steps (dropout 0.1) of the LM loss on the tiny random Llama, for zero-init heads with a router (HydraLoRA),
+# zero-init heads without one (HydraLoRA w/o Router) and random-init heads (R-LoRA), at the claim grids' lr 1e-3,
+# and R-LoRA once more at 1e-2: its random start is forgotten once the (shared) steps outgrow the init's scale.
+
+# %%
+import torch
+from common import lm_loss, toy
+
+from nanoalign.analysis import head_cosine_similarity
+
+TESTS_03 = ["tests/test_adapters.py::test_hydra_without_router_keeps_identical_heads",
+            "tests/test_adapters.py::test_random_init_heads_differ_and_compensation",
+            "tests/test_analysis.py::test_zero_init_heads_become_alike_random_init_heads_stay_apart"]
+
+
+def toy_mechanism(steps=5):
+    """Mean inter-head cosine of B (head_cosine_similarity, mean over the 6 adapted modules; None while the heads are
+    zero) at steps 0..`steps` of AdamW on the tiny random Llama (rank 4, 3 heads, gate/up/down, 3 builtin tasks x 2
+    examples per step), for HydraLoRA, HydraLoRA w/o Router and R-LoRA from the same seed. Pinned by
+    tests/test_adapters.py::test_hydra_without_router_keeps_identical_heads,
+    ::test_random_init_heads_differ_and_compensation and
+    tests/test_analysis.py::test_zero_init_heads_become_alike_random_init_heads_stay_apart."""
+    def mean_cos(model):
+        v = list(head_cosine_similarity(model).values())
+        return None if any(math.isnan(x) for x in v) else sum(v) / len(v)
+
+    curves = {}
+    for kind, lr in (("hydra", 1e-3), ("hydra-norouter", 1e-3), ("rlora", 1e-3), ("rlora", 1e-2)):
+        model, batches, _ = toy(kind, dropout=0.1)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        curve = curves[f"{kind} lr={lr:g}"] = [mean_cos(model)]
+        for _ in range(steps):
+            lm_loss(model, next(batches)).backward()
+            opt.step()
+            opt.zero_grad()
+            curve.append(mean_cos(model))
+    print(f"mechanism (tiny random Llama, rank 4, 3 heads): mean inter-head cosine of B at steps 0..{steps}")
+    for key, curve in curves.items():
+        kind, lr = key.split()
+        print(f"  {name(kind) + ', ' + lr:30s} " + "  ".join("zero heads" if v is None else f"{v:.4f}" for v in curve))
+    print(f"  pinned by {TESTS_03[0]}, ::{TESTS_03[1].rsplit('::')[1]}, {TESTS_03[2]}")
+    return {"steps": steps, "head_cosine_per_step": curves, "tests": TESTS_03}
+
+
+mechanism_toy = toy_mechanism()
 
 # %% [markdown]
 # ## 1. Read the grid's head analyses
@@ -155,7 +207,8 @@ def draw(plt):
     return fig
 
 
-finish(args, "03_head_similarity", {"claims": {"1-2": c.to_json()}, "head_cosine": summary, "ordering": ordering,
+finish(args, "03_head_similarity", {"mechanism": mechanism_toy,
+                                    "claims": {"1-2": c.to_json()}, "head_cosine": summary, "ordering": ordering,
                                     "norouter_identical_heads": exact,
                                     "per_layer": {k: {m: [per_layer(r, m) for r in c.runs[k]] for m in MODULES}
                                                   for k in LABELS if c.runs.get(k)},

@@ -21,6 +21,9 @@ effective rank averaged over the adapted modules.
     python tutorials/05_capacity.py --tiny   # smoke test: a tiny grid in a temp dir, trained + rendered
     python tutorials/05_capacity.py --full   # the paper's setting and how to run it on a GPU box
 
+Section 0 runs first, in seconds (every mode but --full): the budget arithmetic by hand, on the tiny random Llama
+and Qwen2.5-3B, against count_trainable and rank_for_budget.
+
 Writes <out>/05_capacity.json and, with matplotlib, 05_capacity.png.
 """
 
@@ -34,6 +37,52 @@ import paper
 
 args = parse_args(__doc__, ["3"])
 LABELS = ["lora-budget", "hydra", "rlora"]
+
+# %% [markdown]
+# ## 0. The mechanism on a toy, in seconds: the budget arithmetic
+# HydraLoRA at rank r with N heads on a module d_in -> d_out trains A (r·d_in), N heads B_i (N·d_out·r) and a router
+# W_r (N·d_in); a plain LoRA at rank k trains k·(d_in + d_out). The matched rank is the k whose count is closest:
+# round(budget / Σ_modules (d_in + d_out)). By hand, on the tiny random Llama and on Qwen2.5-3B (Align-LoRA's Table 1
+# model; meta device, no weights), against count_trainable and rank_for_budget.
+
+# %%
+import torch
+import torch.nn as nn
+from common import MLP, QWEN25_3B, toy
+
+from nanoalign.adapters import apply_adapter, count_trainable, rank_for_budget
+from nanoalign.model import CausalLM, ModelConfig
+
+TESTS_05 = ["tests/test_adapters.py::test_rank_for_budget",
+            "tests/test_adapters.py::test_parameter_counts_match_methods_table"]
+
+
+def toy_mechanism(r=4, heads=3):
+    """The HydraLoRA budget (rank r, `heads` heads, router; gate/up/down) and the matched LoRA rank by hand, against
+    count_trainable and rank_for_budget, for the tiny random Llama and Qwen2.5-3B. Pinned by
+    tests/test_adapters.py::test_rank_for_budget and ::test_parameter_counts_match_methods_table."""
+    out = {}
+    print(f"mechanism: HydraLoRA r={r} x {heads} heads + router on gate/up/down vs a LoRA of matched rank")
+    configs = {"tiny random Llama": toy("lora")[0].config, "Qwen2.5-3B": ModelConfig.from_hf_dict(QWEN25_3B)}
+    for label, cfg in configs.items():
+        with torch.device("meta"):  # shapes only, no weights
+            base, hydra = CausalLM(cfg), apply_adapter(CausalLM(cfg), "hydra", rank=r, heads=heads, targets=MLP)
+        shapes = [(m.in_features, m.out_features) for n, m in base.named_modules()
+                  if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in MLP]
+        budget = sum(r * d_in + heads * d_out * r + heads * d_in for d_in, d_out in shapes)   # A + B_i + W_r
+        per_rank = sum(d_in + d_out for d_in, d_out in shapes)
+        row = out[label] = {"modules": len(shapes), "budget_by_hand": budget,
+                            "count_trainable": count_trainable(hydra), "per_rank": per_rank,
+                            "rank_by_hand": round(budget / per_rank),
+                            "rank_for_budget": rank_for_budget(cfg, MLP, budget)}
+        print(f"  {label}: {len(shapes)} modules, Σ[r·d_in + N·r·d_out + N·d_in] = {budget:,} (count_trainable "
+              f"{row['count_trainable']:,}); a LoRA rank costs Σ(d_in + d_out) = {per_rank:,}, so the matched rank is "
+              f"round({budget:,} / {per_rank:,}) = {row['rank_by_hand']} (rank_for_budget {row['rank_for_budget']})")
+    print(f"  pinned by {TESTS_05[0]}, ::{TESTS_05[1].rsplit('::')[1]}")
+    return {**out, "rank": r, "heads": heads, "tests": TESTS_05}
+
+
+mechanism_toy = toy_mechanism()
 
 # %% [markdown]
 # ## 1. Read the grid, and check the budgets match
@@ -116,5 +165,6 @@ def draw(plt):
     return fig
 
 
-finish(args, "05_capacity", {"claims": {"3": c.to_json()}, "ranks": ranks, "effective_rank": eff,
+finish(args, "05_capacity", {"mechanism": mechanism_toy,
+                             "claims": {"3": c.to_json()}, "ranks": ranks, "effective_rank": eff,
                              "paper": {"Table 3, Qwen2.5-7B BBH": paper.TABLE3_7B}}, draw)

@@ -28,6 +28,9 @@ tests/test_analysis.py::test_task_separation_against_loops) and the alignment lo
     python tutorials/06_align.py --tiny   # smoke test: tiny grids in a temp dir, trained + rendered
     python tutorials/06_align.py --full   # the paper's setting and how to run it on a GPU box
 
+Section 0 runs first, in seconds (every mode but --full): the symmetric KL by hand on a toy's A-outputs (the tiny
+random Llama) against nanoalign.align, and where the gradient of the loss goes.
+
 Writes <out>/06_align.json and, with matplotlib, 06_align.png.
 """
 
@@ -40,6 +43,62 @@ import paper
 args = parse_args(__doc__, ["4-5", "6"])
 LABELS = ["lora-r8", "a-lora-k", "a-lora-m"]
 SWEEP = list(paper.SWEEP)  # claim 6's A-LoRA-K labels, by the paper's λ
+
+# %% [markdown]
+# ## 0. The mechanism on a toy, in seconds
+# L_align by hand: one module's A-outputs Z = A·x over every real token, grouped by task, each task a diagonal
+# Gaussian (mean and unbiased variance per rank dim, + eps 1e-8), the symmetric KL ½[KL(p‖q) + KL(q‖p)] summed over
+# the r dims and averaged over the task pairs (METHODS §3.3, §3.5; the pair mean is the released code's reduction).
+# Then the backward of that loss alone: it reaches the module's A and never its B, which acts after Z.
+
+# %%
+import itertools
+
+from common import toy
+
+from nanoalign.adapters import adapter_context
+from nanoalign.align import alignment_loss, kl_alignment_loss, task_groups
+
+TESTS_06 = ["tests/test_align.py::test_kl_matches_torch_distributions",
+            "tests/test_align.py::test_alignment_gradient_reaches_every_A_and_never_the_own_B"]
+
+
+def toy_mechanism():
+    """The symmetric KL between the tasks' A-outputs of one module of the tiny random Llama (LoRA r=4 on gate/up/down,
+    one micro-batch of 3 builtin tasks x 2 examples) by hand against nanoalign.align, and where its gradient goes.
+    Pinned by tests/test_align.py::test_kl_matches_torch_distributions and
+    ::test_alignment_gradient_reaches_every_A_and_never_the_own_B."""
+    model, batches, _ = toy("lora")
+    b, name = next(batches), "model.layers.0.mlp.up_proj"
+    with adapter_context(model, collect=True) as ctx:
+        model(b["input_ids"], b["attention_mask"])
+    z, mask, tasks = ctx.a_outputs[name], b["attention_mask"], b["task_ids"]    # z: [B, T, r]
+    gauss = []
+    for t in tasks.unique():
+        rows = z[mask & (tasks == t)[:, None]]                                  # task t's tokens, [N_t, r]
+        gauss.append((rows.mean(0), rows.var(0) + 1e-8))                        # (μ_t, σ²_t + eps)
+    kl = lambda p, q: 0.5 * (q[1].log() - p[1].log() + p[1] / q[1] + (q[0] - p[0]) ** 2 / q[1] - 1).sum()  # noqa
+    pairs = list(itertools.combinations(gauss, 2))
+    hand = sum(0.5 * (kl(p, q) + kl(q, p)) for p, q in pairs) / len(pairs)
+    lib = alignment_loss({name: z}, mask, tasks, kind="kl")                     # what train.py adds, λ-weighted
+    groups = kl_alignment_loss(task_groups(z, mask, tasks))
+    lib.backward()                                                              # L_align alone, no LM loss
+    m = model.get_submodule(name)
+    grad_a = m.lora_A.weight.grad.norm().item()
+    grad_b = 0.0 if m.lora_B.weight.grad is None else m.lora_B.weight.grad.abs().max().item()
+    out = {"module": name, "tasks": len(gauss), "pairs": len(pairs), "kl_by_hand": hand.item(),
+           "alignment_loss": lib.item(), "kl_alignment_loss": groups.item(),
+           "max_abs_diff": max(abs(hand.item() - lib.item()), abs(hand.item() - groups.item())),
+           "grad_A_norm": grad_a, "grad_B_max_abs": grad_b, "tests": TESTS_06}
+    print(f"mechanism (tiny random Llama, LoRA r=4, {name}, {len(gauss)} tasks = {len(pairs)} pairs):")
+    print(f"  symmetric KL by hand {hand.item():.6f}; alignment_loss {lib.item():.6f}; kl_alignment_loss"
+          f"(task_groups) {groups.item():.6f}; largest difference {out['max_abs_diff']:.1e}")
+    print(f"  backward of L_align alone: |grad lora_A| = {grad_a:.3e}, max |grad lora_B| = {grad_b:g}")
+    print(f"  pinned by {TESTS_06[0]}, ::{TESTS_06[1].rsplit('::')[1]}")
+    return out
+
+
+mechanism_toy = toy_mechanism()
 
 # %% [markdown]
 # ## 1. Claims 4 and 5: accuracy of LoRA, A-LoRA-K and A-LoRA-M
@@ -165,6 +224,7 @@ def draw(plt):
     return fig
 
 
-finish(args, "06_align", {"claims": {"4-5": c.to_json(), **({"6": c6.to_json()} if c6 else {})}, "probe": probe,
+finish(args, "06_align", {"mechanism": mechanism_toy,
+                          "claims": {"4-5": c.to_json(), **({"6": c6.to_json()} if c6 else {})}, "probe": probe,
                           "separation": mechanism, "sweep": sweep,
                           "paper": {"Table 5 (3B)": paper.TABLE5_3B, "Figure 3": paper.FIGURE3}}, draw)

@@ -19,6 +19,9 @@ adapters themselves (tests/test_adapters.py::test_forward_matches_reference_equa
 nanoalign.align.alignment_loss (tests/test_align.py), added by train.py exactly as for `--adapter align`
 (tests/test_train.py).
 
+Section 0 runs first, in seconds (every mode but --full): the alignment loss on a toy R-LoRA's A-output (the
+tiny random Llama) and where its gradient goes.
+
 Writes <out>/09_align_any_architecture.json and, with matplotlib, 09_align_any_architecture.png.
 """
 
@@ -28,6 +31,53 @@ from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table
 
 args = parse_args(__doc__, ["9"])
 LABELS = ["rlora", "rlora+align", "mlora", "mlora+align"]
+
+# %% [markdown]
+# ## 0. The mechanism on a toy, in seconds: the loss on R-LoRA's shared A
+# R-LoRA's A-output is z = A·x, taken before the per-head dropout, so the alignment loss of tutorial 06 is defined on
+# it as on a plain LoRA's. On the tiny random Llama with R-LoRA (dropout 0.1, train mode): z against A·x recomputed
+# from the module's input, the loss of one module, and where its gradient goes when it is the only loss: that
+# module's A, not its heads B_i nor its router. (Summed over modules, the loss also reaches the B and router of
+# modules upstream of later ones, through the residual stream, as for LoRA: nanoalign/align.py.)
+
+# %%
+from common import toy
+
+from nanoalign.adapters import adapter_context
+from nanoalign.align import alignment_loss
+
+TESTS_09 = ["tests/test_adapters.py::test_forward_matches_reference_equation",
+            "tests/test_align.py::test_alignment_gradient_on_rlora_reaches_its_A_only"]
+
+
+def toy_mechanism(module="model.layers.1.mlp.gate_proj"):
+    """The KL alignment loss on one R-LoRA module's A-output (tiny random Llama, rank 4, 3 heads, gate/up/down,
+    dropout 0.1; one batch of 3 builtin tasks x 2 examples): z = A·x, the loss finite and positive, and of that
+    module's tensors only A gets a gradient. Pinned by tests/test_adapters.py::test_forward_matches_reference_equation
+    (case rlora: z is A x) and tests/test_align.py::test_alignment_gradient_on_rlora_reaches_its_A_only."""
+    model, batches, _ = toy("rlora", dropout=0.1)
+    b, m, seen = next(batches), model.get_submodule(module), {}
+    hook = m.register_forward_pre_hook(lambda _, inputs: seen.update(x=inputs[0]))
+    with adapter_context(model, collect=True) as ctx:
+        model(b["input_ids"], b["attention_mask"])
+    hook.remove()
+    z = ctx.a_outputs[module]
+    z_diff = (z - seen["x"] @ m.lora_A.weight.T).abs().max().item()
+    loss = alignment_loss({module: z}, b["attention_mask"], b["task_ids"], kind="kl")
+    loss.backward()
+    grads = {k: 0.0 if p.grad is None else p.grad.norm().item()
+             for k, p in (("A", m.lora_A.weight), ("B", m.lora_B.weight), ("router", m.lora_router.weight))}
+    print(f"mechanism (tiny random Llama, R-LoRA r=4 x 3 heads, {module}, dropout 0.1, train mode):")
+    print(f"  A-output z vs A·x from the module's input: max |diff| = {z_diff:g}; KL alignment loss on z = "
+          f"{loss.item():.6f}")
+    print(f"  backward of that loss alone: |grad A| = {grads['A']:.3e}, |grad B_i| = {grads['B']:g}, "
+          f"|grad router| = {grads['router']:g}")
+    print(f"  pinned by {TESTS_09[0]} (case rlora), {TESTS_09[1]}")
+    return {"module": module, "z_vs_Ax_max_abs_diff": z_diff, "alignment_loss": loss.item(),
+            "grad_norm": grads, "tests": TESTS_09}
+
+
+mechanism_toy = toy_mechanism()
 
 # %% [markdown]
 # ## 1. Accuracy with and without the alignment loss, beside the base model and the majority label
@@ -92,5 +142,5 @@ def draw(plt):
     return fig
 
 
-finish(args, "09_align_any_architecture", {"claims": {"9": c.to_json()}, "probe": probe, "separation": mechanism},
-       draw)
+finish(args, "09_align_any_architecture", {"mechanism": mechanism_toy, "claims": {"9": c.to_json()}, "probe": probe,
+                                           "separation": mechanism}, draw)

@@ -196,6 +196,31 @@ def load_base(args):
     return model.eval(), tok, name
 
 
+# ----------------------------------------------------------------------------- the claim tutorials' mechanism cells
+
+TOY_TASKS = ("alphabet-first", "colour-review", "last-letter")  # three builtin tasks: three task pairs to align
+
+
+def toy(kind="lora", seed=0, per_task=2, dropout=0.0, **options):
+    """The mechanism cells' toy (claim tutorials 03-06, 08-10): the tiny random Llama of tiny_model_dir with a
+    `kind` adapter (rank 4, α 8, 3 heads, gate/up/down; `options` go to apply_adapter) applied after
+    torch.manual_seed(seed). Returns (model in train mode, batches, (pools, pad id)): an endless task-balanced stream
+    of micro-batches of TOY_TASKS with `per_task` examples of each task, and the encoded pools it draws from (what
+    meta.MetaSampler takes)."""
+    from nanoalign.adapters import apply_adapter
+    global _TOY_DIR
+    if _TOY_DIR is None:
+        _TOY_DIR = tiny_model_dir()
+    model, tok = nanoalign.load_model(str(_TOY_DIR)), nanoalign.load_tokenizer(str(_TOY_DIR))
+    torch.manual_seed(seed)
+    apply_adapter(model, kind, rank=4, alpha=8, heads=3, dropout=dropout, targets=MLP, **options)
+    pools = encode_tasks(tok, load_tasks(",".join(TOY_TASKS), "train", max_per_task=16, seed=seed), 128)
+    return model.train(), BalancedBatcher(pools, per_task=per_task, seed=seed, pad_id=tok.pad_id), (pools, tok.pad_id)
+
+
+_TOY_DIR = None
+
+
 # ----------------------------------------------------------------------------- data and a few bare steps
 
 def task_batches(tok, data="builtin", data_dir=None, per_task=1, seed=0, max_len=128, split="train"):
