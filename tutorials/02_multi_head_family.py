@@ -229,7 +229,7 @@ print(f"\n    hydra-norouter after {STEPS} steps: head cosine {nr['head_cos_mean
 
 # %% [markdown]
 # Reading the cosine columns: the first value is at step 0. HydraLoRA's and MTL-LoRA's zero heads have no direction
-# yet (n/a). After Adam's first step HydraLoRA's heads are already *nearly* parallel (0.92 on SmolLM2 in our run):
+# yet (n/a). After Adam's first step HydraLoRA's heads are already *nearly* parallel (the table above):
 # Adam normalises each entry's update, and the router only reweights head i's per-token gradients by ω_i(x) > 0, so
 # the heads take almost the same signed step; they differ only where the ω-weighted sums over tokens change sign.
 # Further steps push them closer, not apart. MTL-LoRA's heads share less (each task mixes them with its own

@@ -132,10 +132,8 @@ for k in LABELS:
     rows.append([name(k), str(len(runs)), pm(*s["all"], 3), *[pm(*s[m], 3) for m in MODULES], ref])
 print("\nmean inter-head cosine of B (mean over layers; ± SE over seeds):\n")
 print(markdown(["method", "seeds", "all modules", *MODULES, "paper"], rows))
-# Measured (5 seeds, grid at commits 0cf2ed4-75699d6): HydraLoRA's heads end up nearly copies of each other,
-# 0.927 ± 0.001 over all modules (gate 0.987, up 0.987, down 0.806) — more alike than the paper's 0.76-0.80 —
-# while R-LoRA's (0.135 ± 0.002) and M-LoRA's (0.119 ± 0.001) stay far apart; HydraLoRA w/o Router's are identical
-# (cosine 1 to 7e-7). The ordering here is HydraLoRA ≫ R-LoRA > M-LoRA, not the paper's M-LoRA highest.
+# Printed above, from the cache: the mean inter-head cosine of B per method, over seeds and per module type.
+# Read its ordering against the paper's (M-LoRA's heads the most alike).
 
 # %% [markdown]
 # ## 3. The claimed ordering, paired over seeds
@@ -151,12 +149,11 @@ print(markdown(["difference", "mean [95% CI]", "seeds", "verdict"], [
     [f"{name(x['a'])} − {name(x['b'])}", f"{x['diff']:+.3f}" + (f" [{x['low']:+.3f}, {x['high']:+.3f}]"
                                                                   if x["low"] is not None else ""),
      str(x["seeds"]), x["verdict"]] for x in ordering]) if ordering else "(not measured yet)")
-# Verdict (5 seeds): "M-LoRA's heads are the most alike" is contradicted against HydraLoRA (−0.808 [−0.813,
-# −0.804]) and against R-LoRA (−0.016 [−0.022, −0.011]). What explains it at this
-# budget: HydraLoRA's heads start at B_i = 0 and receive the same gradient up to the router's weights, so 200
-# steps make them near-copies; R-LoRA's and M-LoRA's heads start from independent random B_i (with the init
-# compensated), and 200 steps at lr 1e-3 move them too little to forget that start. The paper's similarity is
-# measured after full fine-tuning of 3-7B models, where that start has long been overwritten.
+# What can explain a contradiction at this budget: HydraLoRA's heads start at B_i = 0 and receive the same
+# gradient up to the router's weights, so training makes them near-copies; R-LoRA's and M-LoRA's heads start from
+# independent random B_i, and a short run at lr 1e-3 moves them too little to forget that start (section 0 shows
+# both on a toy). The released code's init is much smaller than the paper formula's: the "code init" control rows
+# start the heads near zero. The paper measures after full fine-tuning of 3-7B models.
 
 # %% [markdown]
 # ## 4. Claim 2's mechanism, exactly

@@ -133,11 +133,8 @@ print(task_table(c, LABELS, {k: {"Avg": v} for k, v in paper.RLORA_TABLE4.items(
 # %%
 print("\nclaimed differences (points):\n")
 print(comparison_table(c))
-# Measured (3 seeds, grid at commits 75699d6 and e000a5e): all four rows are 13.8-14.6 points above the base model
-# (48.3%), none collapsed. Neither ingredient adds points here: +MT − HydraLoRA = −0.09 [−0.73, +0.60] (paper
-# +0.33), +Init − HydraLoRA = −0.76 [−1.67, +0.16] (paper +0.29), both together (R-LoRA) −0.80 [−1.76, +0.18]
-# (paper +0.90): all "opposite, not resolved". The intervals are ±0.7-1 point wide, so with 3 seeds the grid
-# cannot resolve gaps of the paper's size (0.3-0.9); it can say a gain above ~0.6 (+MT) is unlikely at 135M.
+# Printed above, from the cache: both intervals (bootstrap over (seed, example) and the seed-level t) and the
+# verdict of each difference, beside the paper's; the README's claim-by-claim reading is generated the same way.
 
 # %% [markdown]
 # ## 3. What each ingredient does to the heads
@@ -153,11 +150,8 @@ print(markdown(["method", "seeds", "head cosine"], [[name(k), str(len(c.values(k
                                                     for k in heads]) if heads else "(not measured yet)")
 mechanism = seed_pairs(c, [("hydra+mt", "hydra-rs"), ("hydra+init", "hydra-rs")], head_cosine, False)
 print_paired(mechanism, "head cosine", "lower")
-# Measured (3 seeds): HydraLoRA's heads end near-copies (0.932 ± 0.002); per-head dropout lowers that a little
-# (0.856, −0.076 [−0.087, −0.065], reproduced); random init keeps them far apart (0.147, −0.785 [−0.806, −0.764],
-# reproduced), as does R-LoRA with both (0.136). More different heads did not come with more accuracy: the row
-# with the most alike heads (HydraLoRA, 62.9%) has the highest mean and the two random-init rows (62.1%) the
-# lowest, though none of these differences is resolved (section 2).
+# Printed above, from the cache: the mean inter-head cosine per row and its paired difference with HydraLoRA's
+# over seeds; read it beside the accuracy differences of section 2.
 
 # %% [markdown]
 # ## Plot: accuracy per row, the paired differences beside the paper's, and the heads' similarity

@@ -102,12 +102,8 @@ print("\nalignment loss of the last 5 training steps, per seed (0 without the lo
 # %%
 print("\nclaimed differences (points):\n")
 print(comparison_table(c))
-# Measured (5 seeds, grid at commits 0cf2ed4, 75699d6 and e000a5e): all four rows are 10-13 points above
-# the base model (48.3%), none collapsed, so the rows test the claim. The loss does not move accuracy:
-# R-LoRA + align − R-LoRA = +0.00 [−0.67, +0.67], M-LoRA + align − M-LoRA = −0.25 [−1.07, +0.56]; both "not
-# resolved" (the 2-seed reading of +0.20 and +0.27 did not survive seeds 2-4). Gains above ~0.7 (R-LoRA) and
-# ~0.6 points (M-LoRA) are outside the intervals. M-LoRA stays ~2-3 points below R-LoRA with or without the loss
-# (claim 1, tutorial 04).
+# Printed above, from the cache: both intervals (bootstrap over (seed, example) and the seed-level t) and the
+# verdict of each difference, beside the paper's; the README's claim-by-claim reading is generated the same way.
 
 # %% [markdown]
 # ## 3. The mechanism: does the loss pull the task clusters together when A feeds several heads?
@@ -120,12 +116,8 @@ print(comparison_table(c))
 probe = probe_table(c, LABELS)
 mechanism = seed_pairs(c, [("rlora+align", "rlora"), ("mlora+align", "mlora")], sep_ratio, False)
 print_paired(mechanism, "separation", "lower")
-# Measured (5 seeds): yes, as for LoRA in tutorial 06. The loss roughly halves R-LoRA's held-out separation
-# (−0.637 [−0.685, −0.589]; 1.232 -> 0.595) and cuts M-LoRA's by a third (−0.396 [−0.427, −0.366]; 1.077 ->
-# 0.681), both reproduced. The within-task spread barely changes (0.096 -> 0.091, 0.092 -> 0.088) and the
-# held-out KL falls 3-5x (0.267 -> 0.052, 0.221 -> 0.074). The loss
-# aligns whatever sits after A, as claimed; at this scale the alignment does not turn into resolved accuracy,
-# which is also what claim 4 shows (tutorial 06).
+# Printed above, from the cache: the held-out separation with and without the loss, per architecture, and its
+# paired difference over seeds.
 
 # %% [markdown]
 # ## Plot: accuracy, the paired differences, and the task separation of the A-outputs
