@@ -14,9 +14,18 @@ rank 4 with 3 heads on gate/up/down for the multi-head family (Align-LoRA Table 
 LoRA rank that matches HydraLoRA's parameter budget (`rank_for_budget`) for claim 3. Claim 10 (MeTA-LoRA) trains
 LoRA r=8 on K examples per task, with MeTA-LoRA's episodes and with the standard trainer (`meta_methods`).
 Grid 10-alpha is its one sensitivity check: MeTA-LoRA's inner learning rate α at K = 16.
+
+Fairness checks. Claims 1, 2 and 8 carry control rows (heads averaged instead of summed; R-LoRA's released-code
+init). Grid "lr" trains each method of LR_METHODS at each learning rate of LRS (3 seeds) on DEV_SUITE, which also
+scores every run on the dev split; `chosen_lrs` picks each method's learning rate there, and the claims "1-2@own"
+and "4-5@own" re-run claims 1, 2, 4 and 5 with every method at its own (a row appears once its lr is chosen):
+
+    python experiments/claims.py run --only lr               # 72 runs, then
+    python experiments/claims.py run --only 1-2@own,4-5@own
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -37,6 +46,11 @@ from nanoalign.stats import TILT_FLAG, auroc, compare, compare_threshold_free, d
 SUITE = Suite(tasks=("sst2", "arc-easy", "siqa"), fmt="cloze", mode="cloze", steps=200, batch_per_task=2, lr=1e-3,
               warmup=20, seq_len=256, test_per_task=500)
 SEEDS = [0, 1, 2, 3, 4]
+# every choice from now on is made on the dev split (data/README.md: 300 per task, neither trained on nor test): the
+# learning-rate grid scores each run on it as well as on the test set
+DEV_SUITE = dataclasses.replace(SUITE, dev_per_task=300)
+LRS = (3e-4, 1e-3, 3e-3)
+LR_METHODS = ("lora-r8", "hydra", "hydra-norouter", "rlora", "mlora", "mlora-mean", "a-lora-k", "a-lora-m")
 MLP = "gate_proj,up_proj,down_proj"
 
 
@@ -83,6 +97,9 @@ def methods(n_tasks, model_cfg):
         o = m[base].options
         m[label] = Method({**o, "adapter_options": ",".join(filter(None, (o.get("adapter_options"), opts)))},
                           analyses=m[base].analyses)
+    for label in LR_METHODS:  # each method at each learning rate of the lr grid
+        for lr in LRS:
+            m[f"{label}@lr{lr:g}"] = Method({**m[label].options, "lr": lr}, analyses=m[label].analyses)
     for lp in (0.01, 0.05, 0.5):
         m[f"a-lora-k-l{lp}"] = Method({**align, "align_loss": "kl", "align_lambda": lam(lp, n_tasks)})
     m.update(meta_methods(m["lora-r8"].options))
@@ -149,6 +166,8 @@ def model_config(name):
 CONTROLS_1_2 = ["mlora-mean", "rlora-cf", "mlora-cf", "hydra-norouter-mean"]
 CONTROLS_8 = ["hydra+init-cf", "rlora-cf"]
 
+OWN = "@own"  # a method at the learning rate the lr grid chose for it on dev (`chosen_lrs`)
+
 # claim -> (labels, seeds, [(A, B, the paper's sign of A − B is positive?, the paper's numbers)])
 CLAIMS = {
     # the rows after the first four are the controls (`methods`): does a verdict hold with the heads averaged
@@ -185,6 +204,16 @@ CLAIMS = {
         c for k in SHOTS for c in (
             (f"meta-k{k}", f"lora-k{k}", True, "abstract: above multi-task LoRA on the same few samples"),
             (f"meta-k{k}", "lora-r8", None, "abstract: matches or beats multi-task LoRA on all the data"))]),
+    # each method at each learning rate, 3 seeds, scored on dev too: its own learning rate is chosen there
+    "lr": ([f"{m}@lr{lr:g}" for m in LR_METHODS for lr in LRS], SEEDS[:3], []),
+    # claims 1, 2, 4 and 5 with every method at the learning rate the lr grid chose for it on dev
+    "1-2@own": ([f"{m}{OWN}" for m in ("hydra", "hydra-norouter", "rlora", "mlora", "mlora-mean")], SEEDS, [
+        (f"mlora{OWN}", f"rlora{OWN}", True, "75.45 vs 74.67"), (f"mlora{OWN}", f"hydra{OWN}", True, "75.45 vs 74.04"),
+        (f"hydra-norouter{OWN}", f"hydra{OWN}", False, "73.58 vs 74.04"),
+        (f"mlora-mean{OWN}", f"rlora{OWN}", True, "control: M-LoRA's heads averaged")]),
+    "4-5@own": ([f"{m}{OWN}" for m in ("lora-r8", "a-lora-k", "a-lora-m")], SEEDS, [
+        (f"a-lora-k{OWN}", f"lora-r8{OWN}", True, "Table 5 (3B): 80.06 vs 76.48"),
+        (f"a-lora-k{OWN}", f"a-lora-m{OWN}", True, "80.06 vs 78.35")]),
     # is claim 10's K = 16 verdict an artefact of the default α? the same comparison at α = 0.01, 0.03, 0.1, 0.3
     "10-alpha": (["lora-k16", *ALPHA_ROWS], SEEDS, [
         (a, "lora-k16", True, "abstract: above multi-task LoRA on the same few samples") for a in ALPHA_ROWS]),
@@ -198,11 +227,31 @@ def grid(claim, suite=None, seeds=None, controls=True, **where):
     labels, claim_seeds, _ = CLAIMS[claim]
     if not controls:
         labels = [k for k in labels if k not in {*CONTROLS_1_2, *CONTROLS_8}]
-    suite = suite or SUITE
+    suite = suite or (DEV_SUITE if claim == "lr" else SUITE)
     if suite is None:
         raise SystemExit("error: experiments/claims.py has no SUITE yet: run experiments/screening.py and set it")
     every = methods(len(suite.tasks), model_config(suite.model))
+    if any(k.endswith(OWN) for k in labels):
+        lr_where = {k: v for k, v in where.items() if k in ("results_dir", "work_dir")}
+        lr_suite = None if suite is SUITE else dataclasses.replace(suite, dev_per_task=suite.dev_per_task or
+                                                                   DEV_SUITE.dev_per_task)
+        chosen = chosen_lrs(claim_report("lr", suite=lr_suite, controls=controls, **lr_where))
+        every.update({f"{m}{OWN}": Method({**every[m].options, "lr": c["lr"]}, analyses=every[m].analyses)
+                      for m, c in chosen.items() if c["lr"] is not None})
+        labels = [k for k in labels if k in every]  # a method whose lr is not chosen yet has no row yet
     return Grid(f"claim-{claim}", suite, {k: every[k] for k in labels}, seeds or claim_seeds, **where)
+
+
+def chosen_lrs(lr_report):
+    """{method: {"lr": the learning rate of the highest mean dev accuracy over the lr grid's seeds (None until
+    every lr of it has every seed), "dev": {lr: mean dev accuracy (%)}}} from the lr grid's report."""
+    out = {}
+    for m in LR_METHODS:
+        rows = {lr: lr_report["methods"].get(f"{m}@lr{lr:g}") for lr in LRS}
+        dev = {lr: r["dev_average"][0] for lr, r in rows.items() if r and "dev_average" in r}
+        full = len(dev) == len(LRS) and len({tuple(r["seeds"]) for r in rows.values()}) == 1
+        out[m] = {"lr": max(dev, key=dev.get) if full else None, "dev": dev}
+    return out
 
 
 def correctness(runs, seeds):
@@ -295,6 +344,8 @@ def claim_report(claim, g=None, **grid_args):
                "tasks": {t: float(np.mean([100 * r["tasks"][t]["accuracy"] for r in runs])) for t in runs[0]["tasks"]},
                "collapsed": sorted({t for r in runs for t, v in r["tasks"].items() if v["collapsed"]}),
                "trainable": runs[0]["trainable"], "wall_s": sum(r["wall_s"] for r in runs)}
+        if all("dev" in r for r in runs):
+            row["dev_average"] = mean_se([100 * r["dev"]["average"] for r in runs])
         row["diagnostics"], tf = threshold_diagnostics(runs)
         row["threshold_free"] = mean_se(tf)
         row["tilted"] = sorted(t for t, d in row["diagnostics"].items() if d["tilted_seeds"])

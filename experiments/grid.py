@@ -79,10 +79,13 @@ class Suite:
     mode: str = "loglik"             # scoring (nanoalign.evaluate.MODES); cloze format -> "cloze"
     data_dir: str = DATA_DIR
     probe_examples: int = 16         # held-out examples per task for the separation probe
+    dev_per_task: int = 0            # also score every run on this many dev examples per task (0: no dev split)
 
     def describe(self):
         d = dataclasses.asdict(self)
         d.pop("data_dir")
+        if not d["dev_per_task"]:  # added later: suites without a dev split describe themselves as before
+            d.pop("dev_per_task")
         return d
 
 
@@ -128,6 +131,11 @@ class Data:
         self.test_fp = fingerprint(self.test)
         self.train_fp = fingerprint(train_pool)
         self.train_sizes = {t: len(v) for t, v in train_pool.items()}
+        self.dev = self.dev_fp = None
+        if suite.dev_per_task:  # the split every choice is made on (data/README.md): never trained on, never test
+            self.dev = load_tasks(",".join(suite.tasks), "dev", data_dir=suite.data_dir,
+                                  max_per_task=suite.dev_per_task, seed=0, fmt=suite.fmt)
+            self.dev_fp = fingerprint(self.dev)
 
 
 def load_data(suite: Suite, need=True):
@@ -159,16 +167,19 @@ ADDED_LATER = {"trainer": "standard", "shots": 0, "meta_tasks": 4, "meta_support
 def run_key(cfg, suite: Suite, data: Data) -> str:
     what = {k: v for k, v in dataclasses.asdict(cfg).items()
             if k not in NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    dev = {"dev": data.dev_fp} if data.dev_fp else {}  # only where there is one: earlier keys stay as they were
     return fingerprint({"v": FORMAT_VERSION, "train": what, "test": data.test_fp, "train_data": data.train_fp,
-                        "mode": suite.mode, "probe": suite.probe_examples})[:16]
+                        "mode": suite.mode, "probe": suite.probe_examples, **dev})[:16]
 
 
 def base_key(suite: Suite, data: Data) -> str:
-    return fingerprint({"v": FORMAT_VERSION, "base": suite.model, "test": data.test_fp, "mode": suite.mode})[:16]
+    dev = {"dev": data.dev_fp} if data.dev_fp else {}
+    return fingerprint({"v": FORMAT_VERSION, "base": suite.model, "test": data.test_fp, "mode": suite.mode,
+                        **dev})[:16]
 
 
 # the suite's fields that pick the base model's evaluation: the model, the test set (tasks, format, size), scoring
-BASE_FIELDS = ("model", "tasks", "fmt", "test_per_task", "mode")
+BASE_FIELDS = ("model", "tasks", "fmt", "test_per_task", "mode", "dev_per_task")
 
 
 def run_id(suite_desc: dict, config: dict) -> str:
@@ -181,7 +192,7 @@ def run_id(suite_desc: dict, config: dict) -> str:
 
 
 def base_id(suite_desc: dict) -> str:
-    return fingerprint({"v": FORMAT_VERSION, "base": {k: suite_desc[k] for k in BASE_FIELDS}})
+    return fingerprint({"v": FORMAT_VERSION, "base": {k: suite_desc[k] for k in BASE_FIELDS if k in suite_desc}})
 
 
 def result_id(r: dict) -> str:
@@ -444,7 +455,8 @@ class Grid:
 
     def data_fp(self, base=False):
         """The data fingerprints a result stores (test set; and training pool for a trained run)."""
-        return {"test": self.data.test_fp} if base else {"test": self.data.test_fp, "train": self.data.train_fp}
+        fp = {"test": self.data.test_fp} if base else {"test": self.data.test_fp, "train": self.data.train_fp}
+        return {**fp, "dev": self.data.dev_fp} if self.data.dev_fp else fp
 
     def results(self):
         """{label: [result of each seed that finished]} plus "base" (None where not run yet). Read without the
@@ -475,11 +487,19 @@ class Grid:
             self._tok = nanoalign.load_tokenizer(self.suite.model)
         return self._base_model, self._tok
 
-    def evaluate(self, model, names):
+    def evaluate(self, model, names, split="test"):
         t0 = time.perf_counter()
-        res = evaluate(model, self._tok, self.data.test, mode=self.suite.mode, task_ids={t: i for i, t in
-                                                                                        enumerate(names)})
+        res = evaluate(model, self._tok, getattr(self.data, split), mode=self.suite.mode,
+                       task_ids={t: i for i, t in enumerate(names)})
         return res, time.perf_counter() - t0
+
+    def dev_result(self, model, names):
+        """The model scored on the suite's dev split ({} without one): what every choice is made on."""
+        if self.data.dev is None:
+            return {}
+        res, eval_s = self.evaluate(model, names, "dev")
+        return {"dev": {"tasks": without_records(res), "average": sum(r["accuracy"] for r in res.values()) / len(res),
+                        "eval_s": round(eval_s, 1), "predictions": compact_predictions(res)}}
 
     def run_base(self):
         if (r := self.cached("base", None)) is not None:
@@ -491,7 +511,7 @@ class Grid:
                "data": self.data_fp(base=True), "machine": machine(), "eval_s": round(eval_s, 1),
                "wall_s": round(time.perf_counter() - t0, 1),
                "tasks": without_records(res), "average": sum(r["accuracy"] for r in res.values()) / len(res),
-               "predictions": compact_predictions(res)}
+               "predictions": compact_predictions(res), **self.dev_result(model, sorted(self.suite.tasks))}
         write_json(self.base_path(), out)
         print(f"[{self.name}] base: average {100 * out['average']:.1f}% in {out['wall_s']:.0f} s", flush=True)
         return out
@@ -523,14 +543,16 @@ class Grid:
         except ValueError:
             merged = False
         res, eval_s = self.evaluate(model, names)
+        dev = self.dev_result(model, names)
         del model
         out = {"label": label, "seed": seed, "key": key, "grid": self.name, "suite": self.suite.describe(),
                "options": method.options, "config": dataclasses.asdict(cfg), "data": self.data_fp(),
-               "train_sizes": self.data.train_sizes, "machine": machine(), "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
+               "train_sizes": self.data.train_sizes, "machine": machine(), "train_s": round(train_s, 1),
+               "eval_s": round(eval_s, 1),
                "wall_s": round(time.perf_counter() - t0, 1), "resumed": has_ckpt, "trainable": trainable,
                "merged_for_eval": merged, "curve": curve_summary(run_dir / "log.jsonl"), "analysis": analysis,
                "tasks": without_records(res), "average": sum(r["accuracy"] for r in res.values()) / len(res),
-               "predictions": compact_predictions(res)}
+               "predictions": compact_predictions(res), **dev}
         write_json(self.path(label, seed), out)
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # the adapter stays; optimizer state is done
         return out

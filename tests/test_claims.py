@@ -41,7 +41,9 @@ def test_methods_are_the_papers_configurations():
     assert m["hydra+mt"].options["adapter_options"] == "random_init=false"
     assert m["rlora+align"].options["align_any"] is True
     for labels, _, comparisons in C.CLAIMS.values():
-        assert set(labels) <= set(m) and all(a in labels and b in labels for a, b, _, _ in comparisons)
+        own = {k[:-len(C.OWN)] for k in labels if k.endswith(C.OWN)}  # resolved from the lr grid (test below)
+        assert own <= set(C.LR_METHODS) and {k for k in labels if not k.endswith(C.OWN)} <= set(m)
+        assert all(a in labels and b in labels for a, b, _, _ in comparisons)
 
 
 def test_claim_report_from_cached_runs(tiny, tmp_path, one_thread):
@@ -101,7 +103,7 @@ def test_claim_10_methods_share_lora_r8_and_leave_earlier_keys_alone():
         (a, "lora-k16", True) for a in ("meta-k16-a0.01", "meta-k16", "meta-k16-a0.1", "meta-k16-a0.3")]
     for a in C.META_ALPHAS:
         assert m[f"meta-k16-a{a}"].options == {**m["meta-k16"].options, "meta_inner_lr": a}
-    data = SimpleNamespace(test_fp="test", train_fp="train")  # run_key reads only these two fingerprints of Data
+    data = SimpleNamespace(test_fp="test", train_fp="train", dev_fp=None)  # run_key reads only these of Data
     keys = {}
     for label, method in m.items():
         cfg = G.train_config(C.SUITE, method.options, 0, "w")  # raises on an option train.py does not have
@@ -114,10 +116,16 @@ def test_claim_10_methods_share_lora_r8_and_leave_earlier_keys_alone():
     assert len({keys[k] for k in labels}) == len(labels)
     assert len({keys[k] for k in {*labels, *alpha_labels}}) == len(labels) + len(C.META_ALPHAS)
     claim_10 = {*labels, *alpha_labels}
+    # the lr grid runs on the suite with a dev split: its keys differ from every run on SUITE, the 1e-3 rows too
+    dev_data = SimpleNamespace(test_fp="test", train_fp="train", dev_fp="dev")
+    lr_keys = {G.run_key(G.train_config(C.DEV_SUITE, m[k].options, 0, "w"), C.DEV_SUITE, dev_data)
+               for k in C.CLAIMS["lr"][0]}
+    assert len(lr_keys) == len(C.CLAIMS["lr"][0]) and not lr_keys & set(keys.values())
     controls = {*C.CONTROLS_1_2, *C.CONTROLS_8}  # added later, with keys of their own
     assert len({keys[k] for k in controls}) == len(controls) and not {keys[k] for k in controls} & {
-        v for k, v in keys.items() if k not in controls}
-    before = {k: v for k, v in sorted(keys.items()) if (k not in claim_10 or k == "lora-r8") and k not in controls}
+        v for k, v in keys.items() if k not in controls and "@lr" not in k}
+    before = {k: v for k, v in sorted(keys.items()) if (k not in claim_10 or k == "lora-r8") and k not in controls
+              and "@lr" not in k}
     assert hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16] == KEYS_BEFORE_CLAIM_10
 
 
@@ -130,12 +138,13 @@ def test_cli_runs_a_subset_and_report_only_keeps_the_other_claims(tmp_path, monk
     ran = []
 
     def fake_grid(claim, seeds=None, **_):
-        g = SimpleNamespace(methods={k: None for k in C.CLAIMS[claim][0]}, seeds=seeds)
+        g = SimpleNamespace(methods={k: None for k in C.CLAIMS[claim][0]}, seeds=seeds, busy=[], damaged=[])
         g.run = lambda: ran.append((claim, sorted(g.methods), g.seeds))
+        g.missing = lambda: []
         return g
 
     monkeypatch.setattr(C, "grid", fake_grid)
-    monkeypatch.setattr(C, "claim_report", lambda c: {"claim": c, "comparisons": [], "new": True})
+    monkeypatch.setattr(C, "claim_report", lambda c, g=None: {"claim": c, "comparisons": [], "new": True})
     monkeypatch.setattr(C, "ROOT", tmp_path)
     (tmp_path / "experiments").mkdir()
     out = tmp_path / "experiments" / "claims.json"
@@ -182,3 +191,28 @@ def test_step_size_and_init_controls():
         assert o.pop("adapter_options") == extra and o == {k: v for k, v in m[base].options.items()
                                                            if k != "adapter_options"}
         assert m[label].analyses == m[base].analyses and "heads" in m[label].analyses
+
+
+def test_lr_grid_and_own_lr_rows(monkeypatch):
+    """The lr grid: every LR_METHODS method at every lr of LRS (its options otherwise unchanged), 3 seeds, on the
+    suite with a dev split; chosen_lrs picks, per method, the lr of the highest mean dev accuracy, and only once every
+    lr has the same seeds; a claim's @own rows are those methods at their chosen lr, and a method without one has no
+    row yet."""
+    m = C.methods(3, ModelConfig.from_hf_dict(SMOLLM2))
+    labels, seeds, comparisons = C.CLAIMS["lr"]
+    assert seeds == C.SEEDS[:3] and not comparisons and len(labels) == len(C.LR_METHODS) * len(C.LRS)
+    for base in C.LR_METHODS:
+        for lr in C.LRS:
+            o = dict(m[f"{base}@lr{lr:g}"].options)
+            assert o.pop("lr") == lr and o == m[base].options
+    assert C.DEV_SUITE.dev_per_task == 300 and C.SUITE.dev_per_task == 0
+    row = lambda dev, seeds=(0, 1, 2): {"dev_average": (dev, 0.1), "seeds": list(seeds)}  # noqa: E731
+    report = {"methods": {"mlora@lr0.0003": row(60.0), "mlora@lr0.001": row(58.0), "mlora@lr0.003": row(55.0),
+                          "hydra@lr0.0003": row(60.0), "hydra@lr0.001": row(61.0, (0, 1))}}
+    chosen = C.chosen_lrs(report)
+    assert chosen["mlora"] == {"lr": 3e-4, "dev": {3e-4: 60.0, 1e-3: 58.0, 3e-3: 55.0}}
+    assert chosen["hydra"]["lr"] is None and chosen["lora-r8"]["lr"] is None  # incomplete / not run
+    monkeypatch.setattr(C, "model_config", lambda name: ModelConfig.from_hf_dict(SMOLLM2))
+    monkeypatch.setattr(C, "claim_report", lambda claim, **kw: report)
+    g = C.grid("1-2@own")
+    assert list(g.methods) == ["mlora@own"] and g.methods["mlora@own"].options == {**m["mlora"].options, "lr": 3e-4}

@@ -215,3 +215,27 @@ def test_a_run_is_trained_by_one_driver_at_a_time(suite, tmp_path, one_thread, c
     assert G.claim(stale) is None and G.claim(stale) == f"{os.getpid()} {platform.node()}"  # O_EXCL: one holder
     held.write_text("123 another-host\n")  # another host's process cannot be checked from here: respected
     assert G.claim(held) == "123 another-host"
+
+
+def test_dev_split_is_scored_and_keyed_only_where_the_suite_has_one(tiny, tmp_path, one_thread):
+    """A suite with dev_per_task scores the base model and every run on that many dev examples per task too (the
+    split choices are made on), and its keys differ from the same suite's without it; a suite without it keys and
+    describes itself as before the field existed."""
+    from nanoalign.data import write_jsonl
+    d = fake_glue(tmp_path / "data")
+    for t in ("sst2", "cola"):
+        write_jsonl(d / "glue" / f"{t}-dev.jsonl", [{"task": t, "prompt": f"{t} dev sentence {i}:", "answer": " yes",
+                                                     "options": [" no", " yes"]} for i in range(5)])
+    plain = glue_grid(tiny, tmp_path, d, seeds=(0,))
+    with_dev = G.Grid("t", G.Suite(**{**plain.suite.__dict__, "dev_per_task": 4}), plain.methods, [0],
+                      results_dir=tmp_path / "res", work_dir=tmp_path / "work")
+    assert "dev_per_task" not in plain.suite.describe() and with_dev.suite.describe()["dev_per_task"] == 4
+    assert plain.key("lora", 0) != with_dev.key("lora", 0) and plain.base_path() != with_dev.base_path()
+    assert plain.data.dev is None and {t: len(v) for t, v in with_dev.data.dev.items()} == {"cola": 4, "sst2": 4}
+    res = with_dev.run()
+    run, base = res["lora"][0], res["base"]
+    for r in (run, base):
+        assert set(r["dev"]["tasks"]) == {"sst2", "cola"} and all(v["n"] == 4 for v in r["dev"]["tasks"].values())
+        assert 0 <= r["dev"]["average"] <= 1 and len(r["dev"]["predictions"]["sst2"]["correct"]) == 4
+        assert r["data"]["dev"] == with_dev.data.dev_fp
+    assert "dev" not in plain.run()["lora"][0]
