@@ -349,3 +349,76 @@ def test_prepare_with_a_malformed_row_is_one_line(tmp_path):
     r = prepare_winogrande(tmp_path / "src", tmp_path / "out")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {d / 'train_xl.jsonl'}:2: not valid JSON")
+
+
+# ----------------------------------------------------------------------------- exports never overwrite (issue 26)
+
+def script(name):
+    """The script train.py or eval.py as a module."""
+    import importlib
+    sys.path.insert(0, str(REPO))
+    return importlib.import_module(name)
+
+
+def script_error(capsys, main, args):
+    """A script's `main(args)` ends in exit 1 with one `error:` line and no traceback; that line."""
+    from conftest import error_line
+    return error_line(capsys, main, args)
+
+
+@pytest.fixture()
+def saved_mtl(tmp_path):
+    """A tiny base and an MTL-LoRA adapter over 3 tasks, its tensors away from the init (the tasks' ΔW_t differ)."""
+    base = tiny_dir(tmp_path / "model")
+    model = apply_adapter(CausalLM.from_pretrained(base), "mtl", rank=2, heads=2, num_tasks=3, targets=["q_proj"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    save_adapter(model, tmp_path / "run" / "adapter")
+    return base, model, tmp_path / "run" / "adapter"
+
+
+@pytest.mark.parametrize("names, dirs", [
+    (["../../evil", "task0", "b"], ["task0_", "task0", "b"]),  # the unsafe name's task<id> is a real task's name
+    (["a", "a", "A"], ["a", "task1", "task2"]),                   # repeated names (also case-only differences)
+    (["task1", "x/y", "task1"], ["task1", "task1_", "task2"]),
+])
+def test_per_task_export_directories_are_unique(saved_mtl, tmp_path, names, dirs):
+    """Every task id gets its own PEFT directory, holding its own ΔW_t. Before: `../../evil` and a real `task0`
+    (or a name repeated in tasks.json) both went to one directory, the later overwriting the earlier, exit 0."""
+    from safetensors.torch import load_file
+    from nanoalign.adapters import export_peft_dirs
+    _, model, _ = saved_mtl
+    export_peft_dirs(model, tmp_path / "peft", names)
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == sorted(dirs)
+    tensors = [load_file(tmp_path / "peft" / d / "adapter_model.safetensors") for d in dirs]
+    for i, d in enumerate(dirs):
+        assert json.loads((tmp_path / "peft" / d / "nanoalign_export.json").read_text())["task"] == i
+        assert all(any(not torch.equal(tensors[i][k], tensors[j][k]) for k in tensors[i]) for j in range(i))
+
+
+@pytest.mark.parametrize("where", ["adapter", "run"])
+def test_export_peft_refuses_the_adapters_own_directory(saved_mtl, capsys, where):
+    """`eval.py --export-peft <run>/adapter --overwrite` (or the run directory holding it) is one error line and the
+    adapter is untouched. Before: its adapter_config.json was replaced by the PEFT one (the adapter was lost)."""
+    eval_py = script("eval")
+    base, _, adapter = saved_mtl
+    (adapter / "tasks.json").write_text(json.dumps({"tasks": ["adapter", "b", "c"]}))
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    out = adapter if where == "adapter" else adapter.parent
+    line = script_error(capsys, eval_py.main, ["--model", base, "--adapter-dir", adapter, "--export-peft", out,
+                                               "--overwrite"])
+    assert "holds the adapter being exported" in line
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+
+
+def test_export_peft_empty_name_is_an_error(saved_mtl, capsys, tmp_path):
+    """`--export-peft ''` is one error line. Before: an empty string was taken as 'not given' and a full evaluation
+    ran instead of the export."""
+    eval_py = script("eval")
+    base, _, adapter = saved_mtl
+    assert "--export-peft ''" in script_error(capsys, eval_py.main, ["--model", base, "--adapter-dir", adapter,
+                                                                     "--export-peft", ""])
+    assert not (adapter.parent / "eval").exists()
