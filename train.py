@@ -53,7 +53,7 @@ from nanoalign.adapters import (KINDS, adapter_context, apply_adapter, check_opt
 from nanoalign.align import MMD_MAX_ROWS, alignment_loss
 from nanoalign.checkpoint import (Checkpoint, all_finite, check_fresh_start, clear_run_state, continue_run_dir,
                                   find_checkpoint, load_checkpoint, read_log, save_checkpoint)
-from nanoalign.data import IGNORE_INDEX, BalancedBatcher, answer_positions, encode_example, load_tasks
+from nanoalign.data import IGNORE_INDEX, BalancedBatcher, answer_positions, encode_fitting, load_tasks
 from nanoalign.evaluate import (MODES, accuracies, diagnostics_table, evaluate, generation_fallback, markdown_table,
                                 task_result, without_records)
 from nanoalign.hub import HubError
@@ -105,7 +105,8 @@ class TrainConfig:
                      "either trainer (0: all)")
     pool_seed: int = opt(0, "seed of the --max-per-task training subsample and the --eval-max test subsample (apart "
                          "from --seed, so that seeds change init, dropout and data order, not the data)")
-    seq_len: int = opt(256, "max tokens per example (the prompt is cut from the left)")
+    seq_len: int = opt(256, "max tokens per example (the prompt is cut from the left; an example whose answer "
+                       "does not fit is skipped, with a note)")
     # optimisation
     max_steps: int = opt(100, "optimizer steps (the cosine schedule ends here)")
     stop_at: int = opt(0, "save a checkpoint and exit after this step, as if interrupted (0: run to --max-steps)")
@@ -418,11 +419,17 @@ def load_data(cfg: TrainConfig, env: Env) -> Data:
     test_tasks = load_eval_tasks(cfg, subset)
     names = sorted(train_tasks)
     tok = nanoalign.load_tokenizer(cfg.model)
-    encoded = {}
+    encoded, notes = {}, []
     with tqdm(total=sum(map(len, train_tasks.values())), desc="tokenise", leave=False, disable=not env.master) as bar:
-        for t in names:
-            encoded[t] = [encode_example(tok, ex, cfg.seq_len) for ex in train_tasks[t]]
-            bar.update(len(encoded[t]))
+        for t in names:  # an example whose answer leaves no room for its prompt is left out, with one note
+            encoded[t], skipped = encode_fitting(tok, train_tasks[t], cfg.seq_len)
+            bar.update(len(train_tasks[t]))
+            if not encoded[t]:
+                raise ValueError(f"every {t} training example's answer is longer than --seq-len {cfg.seq_len} "
+                                 "leaves room for: raise --seq-len")
+            if skipped:
+                notes.append(f"note: skipped {skipped} of {len(train_tasks[t])} {t} training examples whose answer "
+                             f"(+ eos) leaves no room for the prompt in --seq-len {cfg.seq_len}")
     if cfg.trainer == "meta":
         batcher = MetaSampler(encoded, MetaConfig.from_flags(cfg), seed=cfg.seed, rank=env.rank,
                               world_size=env.world, pad_id=tok.pad_id)
@@ -430,6 +437,8 @@ def load_data(cfg: TrainConfig, env: Env) -> Data:
         batcher = BalancedBatcher(encoded, per_task=cfg.batch_per_task, seed=cfg.seed, rank=env.rank,
                                   world_size=env.world, pad_id=tok.pad_id)
     if env.master:  # say what was asked but will not happen
+        for note in notes:
+            print(note, file=sys.stderr)
         if aligns(cfg) and len(names) == 1:
             print(f"warning: one task ({names[0]}): the alignment loss compares tasks, so it is 0 throughout and "
                   "training is plain LoRA; give --data several tasks", file=sys.stderr)

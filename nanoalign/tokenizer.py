@@ -108,6 +108,14 @@ class Tokenizer:
         """Token ids, no BOS/EOS added. Special tokens written in the text (e.g. "<|im_start|>") stay whole."""
         return self.tk.encode(text, add_special_tokens=False).ids
 
+    @property
+    def max_token_chars(self) -> int:
+        """The longest token's length in characters (at most its bytes): a text of more than n·max_token_chars
+        characters has more than n tokens. data.text_tail uses it to bound what is tokenised."""
+        if not hasattr(self, "_max_chars"):
+            self._max_chars = max(map(len, self.tk.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_chars
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nanoalign import adapters, load_model, model as model_py
+from nanoalign import adapters, load_model, load_tokenizer, model as model_py
 from nanoalign.adapters import KINDS, apply_adapter, load_adapter, save_adapter
 from nanoalign.model import MAX_LAYERS, CausalLM, ModelConfig, memory_bytes
 
@@ -422,3 +422,79 @@ def test_export_peft_empty_name_is_an_error(saved_mtl, capsys, tmp_path):
     assert "--export-peft ''" in script_error(capsys, eval_py.main, ["--model", base, "--adapter-dir", adapter,
                                                                      "--export-peft", ""])
     assert not (adapter.parent / "eval").exists()
+
+
+# ----------------------------------------------------------------------------- long inputs never stop a run (issue 26)
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    """The tiny model with its byte-level BPE tokenizer (conftest.make_tiny_model), and that tokenizer."""
+    from conftest import make_tiny_model
+    d = make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    return d, load_tokenizer(d)
+
+
+def test_long_answers_are_skipped_with_one_note(tiny_tok, tmp_path, capsys):
+    """Training data with a few answers that leave no room for the prompt in --seq-len trains on the others, with
+    one note per task counting them (its flag is --seq-len). Before: `error: answer of a ... example is N tokens
+    with eos, more than max_len=256 leaves for the prompt: raise max_len` (a flag that does not exist) stopped the
+    whole run at the first such example; all of a task's answers too long is one error line naming --seq-len."""
+    from conftest import make_jsonl
+    from nanoalign.data import read_jsonl, write_jsonl
+    train_py = script("train")
+    d, _ = tiny_tok
+    rows = read_jsonl(make_jsonl(tmp_path / "train.jsonl"))
+    task = rows[0]["task"]
+    def lengthen(ex):
+        ex["options"] = [" long" * 100 if o == ex["answer"] else o for o in ex.get("options") or []] or None
+        ex["answer"] = " long" * 100
+    for ex in [r for r in rows if r["task"] == task][:3]:
+        lengthen(ex)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    args = ["--model", d, "--out", tmp_path, "--run-name", "r", "--rank", 2, "--seq-len", 96, "--max-steps", 1,
+            "--eval-max", 0, "--data", tmp_path / "train.jsonl"]
+    train_py.main([str(a) for a in args])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    n = sum(r["task"] == task for r in rows)
+    assert notes == [f"note: skipped 3 of {n} {task} training examples whose answer (+ eos) leaves no room for the "
+                     "prompt in --seq-len 96"]
+    for ex in rows:
+        if ex["task"] == task and ex["answer"] != " long" * 100:
+            lengthen(ex)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    line = script_error(capsys, train_py.main, [str(a) for a in args + ["--run-name", "r2"]])
+    assert line == f"error: every {task} training example's answer is longer than --seq-len 96 leaves room for: " \
+                   "raise --seq-len"
+
+
+def test_huge_prompts_are_cut_before_tokenising(tiny_tok, monkeypatch):
+    """Only the last 2·max_len·(longest token in characters) characters of a prompt are tokenised; what comes out
+    is what tokenising the whole prompt and cutting it gave, for prompts under that bound (bitwise the same
+    examples) and over it. Before: a 200 MB prompt was tokenised whole, then cut to max_len tokens."""
+    from nanoalign.data import encode_example
+    from nanoalign.evaluate import choice_logprobs, generate_texts
+    _, tok = tiny_tok
+    seen = []
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text: seen.append(len(text)) or encode(text))
+    max_len, bound = 64, 2 * 64 * tok.max_token_chars
+    words = "The quick brown fox jumps over the lazy dog; what does it do?\nAnswer:"
+    for chars in (100, bound - 7, bound + 1, 10**6):
+        prompt = (words * (chars // len(words) + 1))[-chars:]
+        ex = {"task": "t", "prompt": prompt, "answer": " jumps"}
+        answer = encode(ex["answer"]) + [tok.eos_id]
+        whole = encode(prompt)
+        old = whole[max(0, len(whole) - (max_len - len(answer))):] + answer
+        seen.clear()
+        assert encode_example(tok, ex, max_len)[0] == old
+        assert max(seen) <= bound
+    seen.clear()
+    with pytest.raises(ValueError, match="characters, more than max_len=64 tokens hold"):
+        encode_example(tok, {"task": "t", "prompt": "Q", "answer": "x" * 10**6}, max_len)
+    assert not seen  # never tokenised
+    model = CausalLM.from_pretrained(tiny_tok[0]).eval()
+    huge = words * 10**5
+    generate_texts(model, tok, [huge], max_new_tokens=1, max_prompt_len=max_len)
+    choice_logprobs(model, tok, [{"task": "t", "prompt": huge, "options": ["a", "b"], "answer": "a"}],
+                    max_len=max_len)
+    assert max(seen) <= bound
