@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import nanoalign
-from nanoalign.adapters import (KINDS, adapter_context, apply_adapter, check_options, count_trainable,
+from nanoalign.adapters import (KINDS, MAX_ALPHA, adapter_context, apply_adapter, check_options, count_trainable,
                                 export_peft_dirs, save_adapter)
 from nanoalign.align import MMD_MAX_ROWS, alignment_loss
 from nanoalign.checkpoint import (Checkpoint, all_finite, check_fresh_start, clear_run_state, continue_run_dir,
@@ -214,8 +214,8 @@ def check_config(cfg: TrainConfig, overwrite=False):
     if not 0 < cfg.lr <= 1:
         raise ValueError(f"--lr must be in (0, 1], got {cfg.lr} (AdamW moves each weight by about the learning rate "
                          "per step; LoRA learning rates are 1e-4 to 1e-2)")
-    if not cfg.alpha > 0:
-        raise ValueError(f"--alpha must be positive, got {cfg.alpha}")
+    if not 0 < cfg.alpha <= MAX_ALPHA:
+        raise ValueError(f"--alpha must be in (0, {MAX_ALPHA:g}], got {cfg.alpha}")
     bad = next((f for f in ["weight_decay", "grad_clip", "align_lambda"] if getattr(cfg, f) < 0), None)
     if bad:
         raise ValueError(f"{flag(bad)} must not be negative, got {getattr(cfg, bad)}")

@@ -722,6 +722,9 @@ def rank_for_budget(model_or_cfg, targets, budget_params) -> int:
 
 # ----------------------------------------------------------------------------- save / load / PEFT export
 
+MAX_ALPHA = 1e6  # no LoRA recipe comes near; alpha = 1e308 in a saved config made every logit non-finite
+
+
 def _require_adapter(model):
     cfg = getattr(model, "adapter_config", None)
     if not cfg:
@@ -784,6 +787,10 @@ def load_adapter(model, directory):
                          "damaged: save or copy it again")
     if not isinstance(saved["modules"], dict) or not isinstance(saved["options"], dict):
         raise ValueError(f"{cfg_file}: 'modules' and 'options' must be JSON objects; save or copy the adapter again")
+    alpha = saved["alpha"]
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha <= MAX_ALPHA:
+        raise ValueError(f"{cfg_file}: alpha {alpha!r} is not a scale numerator in (0, {MAX_ALPHA:g}]; the adapter is "
+                         "damaged: save or copy it again")
     have = {n: [m.out_features, m.in_features] for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, AdapterLinear))}
     for name, shape in saved["modules"].items():

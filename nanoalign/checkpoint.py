@@ -139,6 +139,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     state = read_json(path / "state.json") if (path / "state.json").is_file() else None
     if state is None or not all(k in state for k in ("step", "world_size", "batcher", "optimizer_groups", "config")):
         raise ValueError(f"{path / 'state.json'}: missing or incomplete")
+    _check_state(path / "state.json", state)
     read_json(path / "adapter_config.json")
     tensors = {}
     for name in ("adapter", "optimizer", "rng"):
@@ -149,7 +150,30 @@ def read_checkpoint(path: Path) -> Checkpoint:
             raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
     if not all(bool(t.isfinite().all()) for t in tensors["adapter"].values()):
         raise ValueError(f"{path / 'adapter.safetensors'}: holds non-finite weights")
+    n = torch.get_rng_state().numel()
+    rng = [tensors["rng"].get(f"rank{r}") for r in range(state["world_size"])]
+    if any(t is None or t.dtype != torch.uint8 or t.dim() != 1 or t.numel() < n for t in rng):
+        raise ValueError(f"{path / 'rng.safetensors'}: lacks a complete RNG state for each of its "
+                         f"{state['world_size']} rank(s)")
     return Checkpoint(path, state, tensors["optimizer"], tensors["rng"])
+
+
+def _check_state(file, state):
+    """state.json's values have the types and ranges train.py writes (a hand edit or damage must not pass silently:
+    a list as config skipped the resume check, a step of 10^9 or -1 resumed past or before the run)."""
+    def count(v, low, high):
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    cfg = state["config"]
+    last = cfg.get("max_steps") if isinstance(cfg, dict) and count(cfg.get("max_steps"), 1, 10**12) else 10**12
+    ok = {"config": isinstance(cfg, dict), "step": count(state["step"], 0, last),
+          "world_size": count(state["world_size"], 1, 10**6), "batcher": isinstance(state["batcher"], dict),
+          "optimizer_groups": isinstance(state["optimizer_groups"], list)
+          and all(isinstance(g, dict) for g in state["optimizer_groups"])}
+    bad = [f"{k}={repr(state[k])[:40]}" for k, good in ok.items() if not good]
+    if bad:
+        raise ValueError(f"{file}: {', '.join(bad)} is not what train.py writes (step: 0 to the run's max_steps "
+                         f"{last}; config, batcher: objects)")
 
 
 def find_checkpoint(path: Path, say=print) -> Checkpoint:

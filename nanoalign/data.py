@@ -94,6 +94,8 @@ def read_jsonl(path):
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{i}: JSON nested too deep to be an example") from None
             if problem := check_example(ex):
                 raise ValueError(f"{path}:{i}: {problem}")
             rows.append(ex)

@@ -498,3 +498,90 @@ def test_huge_prompts_are_cut_before_tokenising(tiny_tok, monkeypatch):
     choice_logprobs(model, tok, [{"task": "t", "prompt": huge, "options": ["a", "b"], "answer": "a"}],
                     max_len=max_len)
     assert max(seen) <= bound
+
+
+# ----------------------------------------------------------------------------- files read before they are checked (26)
+
+@pytest.mark.parametrize("file, text, match", [
+    ("tokenizer_config.json", "[1, 2]", "tokenizer_config.json: expected a JSON object, got list"),
+    ("config.json", '["LlamaForCausalLM"]', "config.json: expected a JSON object, got list"),
+    ("tokenizer_config.json", '{"eos_token": 5}', "eos_token is 5, expected a token's text"),
+    ("tokenizer_config.json", '{"eos_token": ["<|endoftext|>"]}', "eos_token is \\['<|endoftext|>'\\]"),
+    ("generation_config.json", '{"eos_token_id": "2"}', "eos_token_id '2' in generation_config.json"),
+    ("generation_config.json", '{"eos_token_id": [0, 99999]}', "eos_token_id \\[0, 99999\\]"),
+    ("tokenizer_config.json", "[" * 100_000 + "]" * 100_000, "tokenizer_config.json: JSON nested too deep"),
+])
+def test_tokenizer_files_of_the_wrong_shape(tiny_tok, tmp_path, file, text, match):
+    """A tokenizer_config.json or config.json that is a JSON list, a special token of the wrong type, a token id that
+    is not one: a ValueError naming the file. Before: AttributeError ('list' object has no attribute 'get'),
+    TypeError from tokenizers, or a stop id the tokenizer does not have."""
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_tok[0], d)
+    if file != "tokenizer_config.json":  # the eos comes from the other files when tokenizer_config.json names none
+        (d / "tokenizer_config.json").write_text("{}")
+    (d / file).write_text(text)
+    with pytest.raises(ValueError, match=match) as e:
+        load_tokenizer(d)
+    assert one_line(e)
+
+
+def test_deeply_nested_data_row_is_one_line(tmp_path):
+    """A JSONL row nested 100,000 deep is a ValueError naming the file and line (was a RecursionError traceback)."""
+    from nanoalign.data import read_jsonl
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"task": "t", "prompt": "p", "answer": "a"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=f"{f}:2: JSON nested too deep") as e:
+        read_jsonl(f)
+    assert one_line(e)
+
+
+@pytest.mark.parametrize("alpha", [-32, 0, 1e308, "16", True])
+def test_adapter_alpha_out_of_range(saved_adapter, alpha):
+    """adapter_config.json with alpha -32, 1e308 (every logit non-finite; eval.py wrote a result with average 0.0)
+    or not a number: a ValueError naming the file, the model left without an adapter. Before: loaded."""
+    base, d = saved_adapter
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "alpha": alpha}))
+    model = CausalLM.from_pretrained(base)
+    with pytest.raises(ValueError, match=r"adapter_config.json: alpha .* is not a scale numerator") as e:
+        load_adapter(model, d)
+    assert one_line(e) and not hasattr(model, "adapter_config")
+
+
+@pytest.fixture()
+def stopped_run(tiny_tok, tmp_path):
+    """A run stopped at step 1 of 3 with its checkpoint, and the train.py arguments that resume it."""
+    from conftest import make_jsonl
+    train_py = script("train")
+    args = [str(a) for a in ["--model", tiny_tok[0], "--out", tmp_path, "--run-name", "r", "--rank", 2, "--seq-len",
+                             96, "--max-steps", 3, "--eval-max", 0, "--data", make_jsonl(tmp_path / "train.jsonl")]]
+    train_py.main(args + ["--stop-at", "1"])
+    return train_py, args + ["--resume"], tmp_path / "r" / "checkpoint"
+
+
+@pytest.mark.parametrize("key, value", [("step", "1"), ("step", -1), ("step", 10**9), ("step", True),
+                                        ("config", ["model"]), ("world_size", 0), ("batcher", [])])
+def test_checkpoint_state_of_the_wrong_shape(stopped_run, capsys, key, value):
+    """state.json with a string, negative or 10^9 step, or a list as config: one error line naming state.json and
+    the key. Before: a TypeError traceback, a resume past the end (or before the start) of the run, or (a list
+    config) the check that the resumed run has the same model, adapter and data silently skipped."""
+    train_py, args, ckpt = stopped_run
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, key: value}))
+    line = script_error(capsys, train_py.main, args)
+    assert line.startswith(f"error: cannot resume: {ckpt / 'state.json'}: {key}=") and "--overwrite" in line
+
+
+@pytest.mark.parametrize("damage", ["short", "missing", "dtype"])
+def test_checkpoint_rng_state_incomplete(stopped_run, capsys, damage):
+    """rng.safetensors that is valid safetensors but holds a cut RNG state, none for rank 0, or the wrong dtype: one
+    error line naming it. Before: RuntimeError from torch.set_rng_state, or KeyError: 'rank0'."""
+    from safetensors.torch import load_file
+    train_py, args, ckpt = stopped_run
+    rng = load_file(ckpt / "rng.safetensors")["rank0"]
+    new = {"short": {"rank0": rng[:100].clone()}, "missing": {"rank1": rng},
+           "dtype": {"rank0": rng.to(torch.int32)}}[damage]
+    save_file(new, str(ckpt / "rng.safetensors"))
+    line = script_error(capsys, train_py.main, args)
+    assert line.startswith(f"error: cannot resume: {ckpt / 'rng.safetensors'}: lacks a complete RNG state")
