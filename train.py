@@ -623,6 +623,8 @@ def catch_interrupts(env):
     stop = {"flag": False}
 
     def on_signal(sig, frame):
+        if stop.get("saved"):  # the final saves are done (finish): stop the evaluation now
+            raise KeyboardInterrupt(f"interrupted after the final saves; evaluate {env.out / 'adapter'} with eval.py")
         if stop["flag"]:
             raise KeyboardInterrupt
         stop["flag"] = True
@@ -642,10 +644,11 @@ def save(cfg, env, s, data):
     s.saved_step = s.step
 
 
-def finish(cfg: TrainConfig, env: Env, data: Data, s: State):
+def finish(cfg: TrainConfig, env: Env, data: Data, s: State, stop):
     """Stage 6, final save and evaluation: the last checkpoint, the adapter (nanoalign format, plus PEFT when it is
     a plain LoRA at inference), the evaluation after training (on every rank), results.json. Returns the result on
-    rank 0, None on the others."""
+    rank 0, None on the others, and None when a signal came during the saves (they finish; the evaluation is
+    skipped, with a line)."""
     save(cfg, env, s, data)
     if env.master:
         save_adapter(s.model, env.out / "adapter")
@@ -655,6 +658,12 @@ def finish(cfg: TrainConfig, env: Env, data: Data, s: State):
             env.say(f"saved {env.out / 'adapter'} (nanoalign) and {peft}")
         except ValueError as e:  # routers are not a plain LoRA at inference
             env.say(f"saved {env.out / 'adapter'} (nanoalign); no PEFT export: {e}")
+    stop["saved"] = True
+    if all_sum(torch.tensor([float(stop["flag"])], dtype=torch.float64, device=env.device), env.world).item():
+        skipped = f"; skipped the evaluation: python eval.py --adapter-dir {env.out}" if data.test_tasks else ""
+        env.say(f"interrupted: saved {env.out / 'checkpoint'} and {env.out / 'adapter'} at step {s.step} (the "
+                f"last){skipped}")
+        return None
     after = evaluate_all_ranks(s.model, data.tok, data.test_tasks, env, mode=cfg.eval_mode,
                                max_new_tokens=cfg.eval_tokens, task_ids={t: i for i, t in enumerate(data.names)},
                                desc="eval after") if data.test_tasks else None
@@ -683,25 +692,26 @@ def train(cfg: TrainConfig, overwrite=False):
     env = setup(cfg, overwrite)
     data = load_data(cfg, env)
     s = build(cfg, env, data, overwrite)
-    with catch_interrupts(env) as stop, Progress(cfg, env, s.step) as log:
-        s.model.train()
-        while s.step < cfg.max_steps:
-            log.step(train_step(cfg, env, s, data.batcher, stop))
-            halt = s.step < cfg.max_steps and (stop["flag"] or (cfg.stop_at and s.step >= cfg.stop_at))
-            if halt or (s.step % cfg.ckpt_every == 0 and s.step < cfg.max_steps):
-                save(cfg, env, s, data)
-            if halt:
-                why = "interrupted" if stop["flag"] else "--stop-at"
-                log.say(f"{why}: saved {env.out / 'checkpoint'} at step {s.step}; continue with the same command "
-                        "plus --resume")
-                return None
-            if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < cfg.max_steps and data.test_tasks:
-                acc = accuracies(evaluate_all_ranks(s.model, data.tok, data.test_tasks, env, mode=cfg.eval_mode,
-                                                    max_new_tokens=cfg.eval_tokens, desc=f"eval step {s.step}",
-                                                    task_ids={t: i for i, t in enumerate(data.names)}))
-                log.say(f"eval step {s.step}: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in acc.items()))
-                log.record({"step": s.step, "eval": acc})
-    return finish(cfg, env, data, s)
+    with catch_interrupts(env) as stop:  # the final saves (finish) too: a signal there waits for them
+        with Progress(cfg, env, s.step) as log:
+            s.model.train()
+            while s.step < cfg.max_steps:
+                log.step(train_step(cfg, env, s, data.batcher, stop))
+                halt = s.step < cfg.max_steps and (stop["flag"] or (cfg.stop_at and s.step >= cfg.stop_at))
+                if halt or (s.step % cfg.ckpt_every == 0 and s.step < cfg.max_steps):
+                    save(cfg, env, s, data)
+                if halt:
+                    why = "interrupted" if stop["flag"] else "--stop-at"
+                    log.say(f"{why}: saved {env.out / 'checkpoint'} at step {s.step}; continue with the same command "
+                            "plus --resume")
+                    return None
+                if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < cfg.max_steps and data.test_tasks:
+                    acc = accuracies(evaluate_all_ranks(s.model, data.tok, data.test_tasks, env, mode=cfg.eval_mode,
+                                                        max_new_tokens=cfg.eval_tokens, desc=f"eval step {s.step}",
+                                                        task_ids={t: i for i, t in enumerate(data.names)}))
+                    log.say(f"eval step {s.step}: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in acc.items()))
+                    log.record({"step": s.step, "eval": acc})
+        return finish(cfg, env, data, s, stop)
 
 
 def length_groups(lengths, max_groups=4, overhead=16):
@@ -785,8 +795,8 @@ def main(argv=None):
             # the other ranks wait here while rank 0 writes the results: a gloo rank that tears down its process
             # group while a peer is still connected can abort ("terminate called without an active exception")
             dist.barrier()
-    except KeyboardInterrupt:
-        print("\nerror: interrupted before a checkpoint could be written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\nerror: {e or 'interrupted before a checkpoint could be written'}", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError, HubError, SafetensorError, torch.OutOfMemoryError) as e:
         if isinstance(e, torch.OutOfMemoryError):

@@ -7,7 +7,9 @@ the batcher's position, the optimizer's param groups, the run's config). Safeten
 unpickled on resume.
 """
 
+import errno
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,11 +88,22 @@ def read_log(path: Path, say=print):
     return records
 
 
+def save_tensors(tensors, file: Path):
+    """safetensors' save_file; a failed write (its SafetensorError 'Error while serializing: I/O error: No space left
+    on device (os error 28)' names no file) is the OSError it wraps, with its errno and the file, for one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, str(file))
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        raise OSError(int(code.group(1)) if code else errno.EIO, str(e), str(file)) from None
+
+
 def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, world, params):
     """Called on every rank (the RNG states are gathered); rank 0 writes `<path>.tmp/` completely, syncs it to disk,
     then swaps it in with renames, so a crash at any moment leaves a complete checkpoint at `path` or `<path>.old`.
     A failed write (a full disk) removes `<path>.tmp`; weights that are not finite are never written."""
-    from safetensors.torch import save_file
     rngs = rng_states(device, world)
     if rank != 0:
         return
@@ -102,9 +115,9 @@ def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, 
         tmp.mkdir(parents=True)
         save_adapter(model, tmp)
         sd = opt.state_dict()
-        save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()},
-                  str(tmp / "optimizer.safetensors"))
-        save_file({f"rank{r}": s for r, s in enumerate(rngs)}, str(tmp / "rng.safetensors"))
+        save_tensors({f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items()
+                      for k, v in st.items()}, tmp / "optimizer.safetensors")
+        save_tensors({f"rank{r}": s for r, s in enumerate(rngs)}, tmp / "rng.safetensors")
         state = {"step": step, "world_size": world, "batcher": batcher.state_dict(),
                  "optimizer_groups": sd["param_groups"], **extra}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))

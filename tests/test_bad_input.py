@@ -585,3 +585,66 @@ def test_checkpoint_rng_state_incomplete(stopped_run, capsys, damage):
     save_file(new, str(ckpt / "rng.safetensors"))
     line = script_error(capsys, train_py.main, args)
     assert line.startswith(f"error: cannot resume: {ckpt / 'rng.safetensors'}: lacks a complete RNG state")
+
+
+# ----------------------------------------------------------------------------- runs end with a line (issue 26)
+
+SIGNAL_DURING_FINAL_SAVE = """
+import os, signal, sys
+import train
+save = train.save_checkpoint
+def signalled(path, model, opt, step, *args):
+    if step == int(os.environ["FINAL_STEP"]):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled (or not) at the next bytecode: during this save
+    return save(path, model, opt, step, *args)
+train.save_checkpoint = signalled
+train.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_during_the_final_save_finishes_it(tiny_tok, tmp_path):
+    """SIGTERM while the final checkpoint is written: the checkpoint, adapter and PEFT export are completed (the
+    evaluation after training would be skipped), exit 0 with one line saying so. Before: the handler was removed before the final save,
+    so the default action killed the process (exit -15, no adapter, no line)."""
+    from conftest import make_jsonl
+    args = [str(a) for a in ["--model", tiny_tok[0], "--out", tmp_path, "--run-name", "r", "--rank", 2, "--seq-len",
+                             96, "--max-steps", 2, "--eval-max", 0, "--data", make_jsonl(tmp_path / "train.jsonl")]]
+    r = subprocess.run([sys.executable, "-c", SIGNAL_DURING_FINAL_SAVE, *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "FINAL_STEP": "2"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    assert f"interrupted: saved {tmp_path / 'r' / 'checkpoint'} and {tmp_path / 'r' / 'adapter'} at step 2" in r.stdout
+    assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert (tmp_path / "r" / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "r" / "peft" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+@pytest.mark.parametrize("victim", ["optimizer.safetensors", "rng.safetensors"])
+def test_full_disk_during_a_checkpoint_names_the_file(tiny_tok, tmp_path, capsys, monkeypatch, victim):
+    """safetensors' own error for a full disk (SafetensorError 'Error while serializing: I/O error: No space left on
+    device (os error 28)', simulated) while the step-2 checkpoint is written: one line naming the file and saying to
+    free space; the step-1 checkpoint is intact, byte for byte, and no checkpoint.tmp is left. Before: `error: Error
+    while serializing: I/O error: No space left on device`, naming nothing."""
+    import safetensors
+    import safetensors.torch
+    from conftest import make_jsonl
+    train_py = script("train")
+    real = safetensors.torch.save_file
+    args = [str(a) for a in ["--model", tiny_tok[0], "--out", tmp_path, "--run-name", "r", "--rank", 2, "--seq-len",
+                             96, "--max-steps", 3, "--eval-max", 0, "--data", make_jsonl(tmp_path / "train.jsonl")]]
+    train_py.main(args + ["--stop-at", "1"])
+    ckpt = tmp_path / "r" / "checkpoint"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    def full(tensors, path, *a, **k):
+        if path.endswith(victim):
+            Path(path).write_bytes(b"\x00" * 10)
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                              "error 28)")
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    line = script_error(capsys, train_py.main, args + ["--resume", "--ckpt-every", "1"])
+    assert line == f"error: {tmp_path / 'r' / 'checkpoint.tmp' / victim}: the disk is full; free space and run " \
+                   "again (train.py: --resume continues from the last checkpoint)"
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert not (tmp_path / "r" / "checkpoint.tmp").exists()
