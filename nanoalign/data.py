@@ -220,8 +220,8 @@ def encode_example(tok, ex, max_len):
     leaves no room for the prompt is a TooLong error. Only a bounded tail of each text is tokenised (text_tail).
     """
     if len(ex["answer"]) >= max_len * tok.max_token_chars:  # surely over max_len tokens: not worth tokenising
-        raise TooLong(f"answer of a {ex['task']} example is {len(ex['answer'])} characters, more than max_len={max_len} "
-                      "tokens hold")
+        raise TooLong(f"answer of a {ex['task']} example is {len(ex['answer'])} characters, more than "
+                      f"max_len={max_len} tokens hold")
     answer = [int(i) for i in tok.encode(ex["answer"])] + [int(tok.eos_id)]
     if len(answer) >= max_len:
         raise TooLong(f"answer of a {ex['task']} example is {len(answer)} tokens with eos, more than "
