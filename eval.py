@@ -114,7 +114,12 @@ def export(args, adapter_dir, model_name, task_names):
     """--export-peft: the adapter's PEFT LoRA directories under args.export_peft; nothing else is run."""
     if adapter_dir is None:
         raise ValueError("--export-peft needs --adapter-dir (the adapter to export)")
+    if not args.export_peft.strip():
+        raise ValueError("--export-peft '': name the directory to write the PEFT LoRA to")
     out = Path(args.export_peft)
+    if out.resolve() in (adapter_dir.resolve(), *adapter_dir.resolve().parents):
+        raise ValueError(f"--export-peft {out} holds the adapter being exported ({adapter_dir}); writing there "
+                         "would replace its files: choose another directory (e.g. <run>/peft)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise FileExistsError(f"--export-peft {out} exists and is not empty; pass --overwrite to write into it or "
                               "choose another directory")
@@ -142,7 +147,7 @@ def run(args):
                 raise ValueError(f"{adapter_dir / 'tasks.json'}: expected {{\"tasks\": [task names]}}")
             task_ids = {t: i for i, t in enumerate(names)}
     model_name = model_name or "smollm2-135m"
-    if args.export_peft:
+    if args.export_peft is not None:
         return export(args, adapter_dir, model_name, names)
     fmt = args.format or ("cloze" if args.mode == "cloze" else "label")
     out, preds_path = result_paths(args, adapter_dir, model_name, fmt)  # before any work: refuse to overwrite

@@ -48,12 +48,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import nanoalign
-from nanoalign.adapters import (KINDS, adapter_context, apply_adapter, check_options, count_trainable,
+from nanoalign.adapters import (KINDS, MAX_ALPHA, adapter_context, apply_adapter, check_options, count_trainable,
                                 export_peft_dirs, save_adapter)
 from nanoalign.align import MMD_MAX_ROWS, alignment_loss
 from nanoalign.checkpoint import (Checkpoint, all_finite, check_fresh_start, clear_run_state, continue_run_dir,
                                   find_checkpoint, load_checkpoint, read_log, save_checkpoint)
-from nanoalign.data import IGNORE_INDEX, BalancedBatcher, answer_positions, encode_example, load_tasks
+from nanoalign.data import IGNORE_INDEX, BalancedBatcher, answer_positions, encode_fitting, load_tasks
 from nanoalign.evaluate import (MODES, accuracies, diagnostics_table, evaluate, generation_fallback, markdown_table,
                                 task_result, without_records)
 from nanoalign.hub import HubError
@@ -105,7 +105,8 @@ class TrainConfig:
                      "either trainer (0: all)")
     pool_seed: int = opt(0, "seed of the --max-per-task training subsample and the --eval-max test subsample (apart "
                          "from --seed, so that seeds change init, dropout and data order, not the data)")
-    seq_len: int = opt(256, "max tokens per example (the prompt is cut from the left)")
+    seq_len: int = opt(256, "max tokens per example (the prompt is cut from the left; an example whose answer "
+                       "does not fit is skipped, with a note)")
     # optimisation
     max_steps: int = opt(100, "optimizer steps (the cosine schedule ends here)")
     stop_at: int = opt(0, "save a checkpoint and exit after this step, as if interrupted (0: run to --max-steps)")
@@ -213,8 +214,8 @@ def check_config(cfg: TrainConfig, overwrite=False):
     if not 0 < cfg.lr <= 1:
         raise ValueError(f"--lr must be in (0, 1], got {cfg.lr} (AdamW moves each weight by about the learning rate "
                          "per step; LoRA learning rates are 1e-4 to 1e-2)")
-    if not cfg.alpha > 0:
-        raise ValueError(f"--alpha must be positive, got {cfg.alpha}")
+    if not 0 < cfg.alpha <= MAX_ALPHA:
+        raise ValueError(f"--alpha must be in (0, {MAX_ALPHA:g}], got {cfg.alpha}")
     bad = next((f for f in ["weight_decay", "grad_clip", "align_lambda"] if getattr(cfg, f) < 0), None)
     if bad:
         raise ValueError(f"{flag(bad)} must not be negative, got {getattr(cfg, bad)}")
@@ -418,11 +419,17 @@ def load_data(cfg: TrainConfig, env: Env) -> Data:
     test_tasks = load_eval_tasks(cfg, subset)
     names = sorted(train_tasks)
     tok = nanoalign.load_tokenizer(cfg.model)
-    encoded = {}
+    encoded, notes = {}, []
     with tqdm(total=sum(map(len, train_tasks.values())), desc="tokenise", leave=False, disable=not env.master) as bar:
-        for t in names:
-            encoded[t] = [encode_example(tok, ex, cfg.seq_len) for ex in train_tasks[t]]
-            bar.update(len(encoded[t]))
+        for t in names:  # an example whose answer leaves no room for its prompt is left out, with one note
+            encoded[t], skipped = encode_fitting(tok, train_tasks[t], cfg.seq_len)
+            bar.update(len(train_tasks[t]))
+            if not encoded[t]:
+                raise ValueError(f"every {t} training example's answer is longer than --seq-len {cfg.seq_len} "
+                                 "leaves room for: raise --seq-len")
+            if skipped:
+                notes.append(f"note: skipped {skipped} of {len(train_tasks[t])} {t} training examples whose answer "
+                             f"(+ eos) leaves no room for the prompt in --seq-len {cfg.seq_len}")
     if cfg.trainer == "meta":
         batcher = MetaSampler(encoded, MetaConfig.from_flags(cfg), seed=cfg.seed, rank=env.rank,
                               world_size=env.world, pad_id=tok.pad_id)
@@ -430,6 +437,8 @@ def load_data(cfg: TrainConfig, env: Env) -> Data:
         batcher = BalancedBatcher(encoded, per_task=cfg.batch_per_task, seed=cfg.seed, rank=env.rank,
                                   world_size=env.world, pad_id=tok.pad_id)
     if env.master:  # say what was asked but will not happen
+        for note in notes:
+            print(note, file=sys.stderr)
         if aligns(cfg) and len(names) == 1:
             print(f"warning: one task ({names[0]}): the alignment loss compares tasks, so it is 0 throughout and "
                   "training is plain LoRA; give --data several tasks", file=sys.stderr)
@@ -614,6 +623,8 @@ def catch_interrupts(env):
     stop = {"flag": False}
 
     def on_signal(sig, frame):
+        if stop.get("saved"):  # the final saves are done (finish): stop the evaluation now
+            raise KeyboardInterrupt(f"interrupted after the final saves; evaluate {env.out / 'adapter'} with eval.py")
         if stop["flag"]:
             raise KeyboardInterrupt
         stop["flag"] = True
@@ -633,10 +644,11 @@ def save(cfg, env, s, data):
     s.saved_step = s.step
 
 
-def finish(cfg: TrainConfig, env: Env, data: Data, s: State):
+def finish(cfg: TrainConfig, env: Env, data: Data, s: State, stop):
     """Stage 6, final save and evaluation: the last checkpoint, the adapter (nanoalign format, plus PEFT when it is
     a plain LoRA at inference), the evaluation after training (on every rank), results.json. Returns the result on
-    rank 0, None on the others."""
+    rank 0, None on the others, and None when a signal came during the saves (they finish; the evaluation is
+    skipped, with a line)."""
     save(cfg, env, s, data)
     if env.master:
         save_adapter(s.model, env.out / "adapter")
@@ -646,6 +658,12 @@ def finish(cfg: TrainConfig, env: Env, data: Data, s: State):
             env.say(f"saved {env.out / 'adapter'} (nanoalign) and {peft}")
         except ValueError as e:  # routers are not a plain LoRA at inference
             env.say(f"saved {env.out / 'adapter'} (nanoalign); no PEFT export: {e}")
+    stop["saved"] = True
+    if all_sum(torch.tensor([float(stop["flag"])], dtype=torch.float64, device=env.device), env.world).item():
+        skipped = f"; skipped the evaluation: python eval.py --adapter-dir {env.out}" if data.test_tasks else ""
+        env.say(f"interrupted: saved {env.out / 'checkpoint'} and {env.out / 'adapter'} at step {s.step} (the "
+                f"last){skipped}")
+        return None
     after = evaluate_all_ranks(s.model, data.tok, data.test_tasks, env, mode=cfg.eval_mode,
                                max_new_tokens=cfg.eval_tokens, task_ids={t: i for i, t in enumerate(data.names)},
                                desc="eval after") if data.test_tasks else None
@@ -674,25 +692,26 @@ def train(cfg: TrainConfig, overwrite=False):
     env = setup(cfg, overwrite)
     data = load_data(cfg, env)
     s = build(cfg, env, data, overwrite)
-    with catch_interrupts(env) as stop, Progress(cfg, env, s.step) as log:
-        s.model.train()
-        while s.step < cfg.max_steps:
-            log.step(train_step(cfg, env, s, data.batcher, stop))
-            halt = s.step < cfg.max_steps and (stop["flag"] or (cfg.stop_at and s.step >= cfg.stop_at))
-            if halt or (s.step % cfg.ckpt_every == 0 and s.step < cfg.max_steps):
-                save(cfg, env, s, data)
-            if halt:
-                why = "interrupted" if stop["flag"] else "--stop-at"
-                log.say(f"{why}: saved {env.out / 'checkpoint'} at step {s.step}; continue with the same command "
-                        "plus --resume")
-                return None
-            if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < cfg.max_steps and data.test_tasks:
-                acc = accuracies(evaluate_all_ranks(s.model, data.tok, data.test_tasks, env, mode=cfg.eval_mode,
-                                                    max_new_tokens=cfg.eval_tokens, desc=f"eval step {s.step}",
-                                                    task_ids={t: i for i, t in enumerate(data.names)}))
-                log.say(f"eval step {s.step}: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in acc.items()))
-                log.record({"step": s.step, "eval": acc})
-    return finish(cfg, env, data, s)
+    with catch_interrupts(env) as stop:  # the final saves (finish) too: a signal there waits for them
+        with Progress(cfg, env, s.step) as log:
+            s.model.train()
+            while s.step < cfg.max_steps:
+                log.step(train_step(cfg, env, s, data.batcher, stop))
+                halt = s.step < cfg.max_steps and (stop["flag"] or (cfg.stop_at and s.step >= cfg.stop_at))
+                if halt or (s.step % cfg.ckpt_every == 0 and s.step < cfg.max_steps):
+                    save(cfg, env, s, data)
+                if halt:
+                    why = "interrupted" if stop["flag"] else "--stop-at"
+                    log.say(f"{why}: saved {env.out / 'checkpoint'} at step {s.step}; continue with the same command "
+                            "plus --resume")
+                    return None
+                if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < cfg.max_steps and data.test_tasks:
+                    acc = accuracies(evaluate_all_ranks(s.model, data.tok, data.test_tasks, env, mode=cfg.eval_mode,
+                                                        max_new_tokens=cfg.eval_tokens, desc=f"eval step {s.step}",
+                                                        task_ids={t: i for i, t in enumerate(data.names)}))
+                    log.say(f"eval step {s.step}: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in acc.items()))
+                    log.record({"step": s.step, "eval": acc})
+        return finish(cfg, env, data, s, stop)
 
 
 def length_groups(lengths, max_groups=4, overhead=16):
@@ -776,8 +795,8 @@ def main(argv=None):
             # the other ranks wait here while rank 0 writes the results: a gloo rank that tears down its process
             # group while a peer is still connected can abort ("terminate called without an active exception")
             dist.barrier()
-    except KeyboardInterrupt:
-        print("\nerror: interrupted before a checkpoint could be written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\nerror: {e or 'interrupted before a checkpoint could be written'}", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError, HubError, SafetensorError, torch.OutOfMemoryError) as e:
         if isinstance(e, torch.OutOfMemoryError):

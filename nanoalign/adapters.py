@@ -722,6 +722,9 @@ def rank_for_budget(model_or_cfg, targets, budget_params) -> int:
 
 # ----------------------------------------------------------------------------- save / load / PEFT export
 
+MAX_ALPHA = 1e6  # no LoRA recipe comes near; alpha = 1e308 in a saved config made every logit non-finite
+
+
 def _require_adapter(model):
     cfg = getattr(model, "adapter_config", None)
     if not cfg:
@@ -784,6 +787,10 @@ def load_adapter(model, directory):
                          "damaged: save or copy it again")
     if not isinstance(saved["modules"], dict) or not isinstance(saved["options"], dict):
         raise ValueError(f"{cfg_file}: 'modules' and 'options' must be JSON objects; save or copy the adapter again")
+    alpha = saved["alpha"]
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha <= MAX_ALPHA:
+        raise ValueError(f"{cfg_file}: alpha {alpha!r} is not a scale numerator in (0, {MAX_ALPHA:g}]; the adapter is "
+                         "damaged: save or copy it again")
     have = {n: [m.out_features, m.in_features] for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, AdapterLinear))}
     for name, shape in saved["modules"].items():
@@ -867,9 +874,10 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a task name usable
 def export_peft_dirs(model, directory, task_names=(), base_model_name_or_path=None):
     """The PEFT LoRA form of a trained adapter: `directory` itself, or for an adapter with one ΔW per task
     (MTL-LoRA, `merges_per_task`) `directory/<task>` for each of `task_names` (in task-id order: the i-th holds
-    ΔW_i). A task name that is not a plain file name (names come from data files) becomes `task<id>`, so no
-    directory is written outside `directory`. Returns what was written, for a log line; a ValueError where there
-    is no PEFT form (routers) or no task names for a per-task adapter."""
+    ΔW_i). A task name that is not a plain file name (names come from data files), or that repeats an earlier one
+    (case-insensitively), becomes `task<id>` (made unique), so no directory is written outside `directory` and no
+    task's export replaces another's. Returns what was written, for a log line; a ValueError where there is no PEFT
+    form (routers) or no task names for a per-task adapter."""
     d = Path(directory)
     if not adapter_capabilities(model)["merges_per_task"]:
         export_peft(model, d, base_model_name_or_path=base_model_name_or_path)
@@ -877,7 +885,14 @@ def export_peft_dirs(model, directory, task_names=(), base_model_name_or_path=No
     if not task_names:
         raise ValueError("a per-task adapter (MTL-LoRA) exports one PEFT LoRA per task and needs the task names "
                          "(adapter/tasks.json, written by train.py)")
-    dirs = [t if SAFE_NAME.fullmatch(t) else f"task{i}" for i, t in enumerate(task_names)]
+    dirs, seen = [], set()
+    keep = {t.lower(): i for i, t in reversed(list(enumerate(task_names))) if SAFE_NAME.fullmatch(t)}  # first
+    for i, t in enumerate(task_names):
+        name = t if keep.get(t.lower()) == i else f"task{i}"
+        while name.lower() in seen or (name != t and name.lower() in keep):
+            name += "_"
+        seen.add(name.lower())
+        dirs.append(name)
     for i, name in enumerate(dirs):
         export_peft(model, d / name, base_model_name_or_path=base_model_name_or_path, task=i)
     return f"{d}/{{{','.join(dirs)}}} (one PEFT LoRA per task)"

@@ -7,7 +7,9 @@ the batcher's position, the optimizer's param groups, the run's config). Safeten
 unpickled on resume.
 """
 
+import errno
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,11 +88,22 @@ def read_log(path: Path, say=print):
     return records
 
 
+def save_tensors(tensors, file: Path):
+    """safetensors' save_file; a failed write (its SafetensorError 'Error while serializing: I/O error: No space left
+    on device (os error 28)' names no file) is the OSError it wraps, with its errno and the file, for one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, str(file))
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        raise OSError(int(code.group(1)) if code else errno.EIO, str(e), str(file)) from None
+
+
 def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, world, params):
     """Called on every rank (the RNG states are gathered); rank 0 writes `<path>.tmp/` completely, syncs it to disk,
     then swaps it in with renames, so a crash at any moment leaves a complete checkpoint at `path` or `<path>.old`.
     A failed write (a full disk) removes `<path>.tmp`; weights that are not finite are never written."""
-    from safetensors.torch import save_file
     rngs = rng_states(device, world)
     if rank != 0:
         return
@@ -102,9 +115,9 @@ def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, 
         tmp.mkdir(parents=True)
         save_adapter(model, tmp)
         sd = opt.state_dict()
-        save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()},
-                  str(tmp / "optimizer.safetensors"))
-        save_file({f"rank{r}": s for r, s in enumerate(rngs)}, str(tmp / "rng.safetensors"))
+        save_tensors({f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items()
+                      for k, v in st.items()}, tmp / "optimizer.safetensors")
+        save_tensors({f"rank{r}": s for r, s in enumerate(rngs)}, tmp / "rng.safetensors")
         state = {"step": step, "world_size": world, "batcher": batcher.state_dict(),
                  "optimizer_groups": sd["param_groups"], **extra}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -139,6 +152,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     state = read_json(path / "state.json") if (path / "state.json").is_file() else None
     if state is None or not all(k in state for k in ("step", "world_size", "batcher", "optimizer_groups", "config")):
         raise ValueError(f"{path / 'state.json'}: missing or incomplete")
+    _check_state(path / "state.json", state)
     read_json(path / "adapter_config.json")
     tensors = {}
     for name in ("adapter", "optimizer", "rng"):
@@ -149,7 +163,30 @@ def read_checkpoint(path: Path) -> Checkpoint:
             raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
     if not all(bool(t.isfinite().all()) for t in tensors["adapter"].values()):
         raise ValueError(f"{path / 'adapter.safetensors'}: holds non-finite weights")
+    n = torch.get_rng_state().numel()
+    rng = [tensors["rng"].get(f"rank{r}") for r in range(state["world_size"])]
+    if any(t is None or t.dtype != torch.uint8 or t.dim() != 1 or t.numel() < n for t in rng):
+        raise ValueError(f"{path / 'rng.safetensors'}: lacks a complete RNG state for each of its "
+                         f"{state['world_size']} rank(s)")
     return Checkpoint(path, state, tensors["optimizer"], tensors["rng"])
+
+
+def _check_state(file, state):
+    """state.json's values have the types and ranges train.py writes (a hand edit or damage must not pass silently:
+    a list as config skipped the resume check, a step of 10^9 or -1 resumed past or before the run)."""
+    def count(v, low, high):
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    cfg = state["config"]
+    last = cfg.get("max_steps") if isinstance(cfg, dict) and count(cfg.get("max_steps"), 1, 10**12) else 10**12
+    ok = {"config": isinstance(cfg, dict), "step": count(state["step"], 0, last),
+          "world_size": count(state["world_size"], 1, 10**6), "batcher": isinstance(state["batcher"], dict),
+          "optimizer_groups": isinstance(state["optimizer_groups"], list)
+          and all(isinstance(g, dict) for g in state["optimizer_groups"])}
+    bad = [f"{k}={repr(state[k])[:40]}" for k, good in ok.items() if not good]
+    if bad:
+        raise ValueError(f"{file}: {', '.join(bad)} is not what train.py writes (step: 0 to the run's max_steps "
+                         f"{last}; config, batcher: objects)")
 
 
 def find_checkpoint(path: Path, say=print) -> Checkpoint:

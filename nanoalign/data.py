@@ -94,6 +94,8 @@ def read_jsonl(path):
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{i}: JSON nested too deep to be an example") from None
             if problem := check_example(ex):
                 raise ValueError(f"{path}:{i}: {problem}")
             rows.append(ex)
@@ -197,6 +199,19 @@ def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None
 # ----------------------------------------------------------------------------------------------------------------
 # tokenisation
 
+class TooLong(ValueError):
+    """An example whose answer (+ eos) leaves no room for the prompt in max_len tokens (train.py skips those)."""
+
+
+def text_tail(tok, text, max_tokens):
+    """`text`, or its last 2·max_tokens·tok.max_token_chars characters when it is longer: what must be tokenised to
+    keep its last max_tokens tokens. No token is longer than max_token_chars characters, so those tokens lie in the
+    second half of the tail, and the first half leaves room for the pre-tokeniser to fall back in step with the
+    whole text; a text that is not cut is tokenised exactly as before (a 200 MB prompt is not tokenised whole)."""
+    keep = 2 * max(max_tokens, 1) * tok.max_token_chars
+    return text[-keep:] if len(text) > keep else text
+
+
 def encode_example(tok, ex, max_len):
     """(input_ids, labels) as lists of Python ints, with the loss on the answer only (§5.1).
 
@@ -204,15 +219,31 @@ def encode_example(tok, ex, max_len):
     is the end marker the model learns to emit, so greedy decoding stops). Prompt and answer are tokenised apart;
     because the prompt ends with "Answer:" and the answer starts with a space, this matches the ids a model sees when
     it generates after the prompt. No BOS is added (tok.encode adds no special tokens).
-    Over max_len, the prompt is cut from the left: the answer and the "Answer:" cue always survive.
+    Over max_len, the prompt is cut from the left: the answer and the "Answer:" cue always survive. An answer that
+    leaves no room for the prompt is a TooLong error. Only a bounded tail of each text is tokenised (text_tail).
     """
-    prompt = [int(i) for i in tok.encode(ex["prompt"])]
+    if len(ex["answer"]) >= max_len * tok.max_token_chars:  # surely over max_len tokens: not worth tokenising
+        raise TooLong(f"answer of a {ex['task']} example is {len(ex['answer'])} characters, more than "
+                      f"max_len={max_len} tokens hold")
     answer = [int(i) for i in tok.encode(ex["answer"])] + [int(tok.eos_id)]
     if len(answer) >= max_len:
-        raise ValueError(f"answer of a {ex['task']} example is {len(answer)} tokens with eos, more than "
-                         f"max_len={max_len} leaves for the prompt: raise max_len")
-    prompt = prompt[max(0, len(prompt) - (max_len - len(answer))):]
+        raise TooLong(f"answer of a {ex['task']} example is {len(answer)} tokens with eos, more than "
+                      f"max_len={max_len} leaves for the prompt: raise max_len")
+    keep = max_len - len(answer)
+    prompt = [int(i) for i in tok.encode(text_tail(tok, ex["prompt"], keep))]
+    prompt = prompt[max(0, len(prompt) - keep):]
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+def encode_fitting(tok, rows, max_len):
+    """encode_example over `rows` without the examples whose answer does not fit (TooLong): (encoded, skipped)."""
+    out = []
+    for ex in rows:
+        try:
+            out.append(encode_example(tok, ex, max_len))
+        except TooLong:
+            pass
+    return out, len(rows) - len(out)
 
 
 def encode_tasks(tok, tasks, max_len):

