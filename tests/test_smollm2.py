@@ -217,16 +217,18 @@ def test_perplexity_on_english_paragraph(smollm2):
 
 
 def test_complete_cache_is_returned_without_download(tmp_path, monkeypatch):
-    """A directory marked complete (or holding config.json + model.safetensors) is returned at once."""
+    """A directory holding config.json, model.safetensors and tokenizer.json is returned at once (a `.complete`
+    marker beside them changes nothing: a copy missing a file is converted again, test_bad_input.py)."""
     def no_download(dest):
         raise AssertionError("must not download when the cache is complete")
     monkeypatch.setattr(embedded, "fetch_gguf", no_download)
     (tmp_path / "a" / embedded.SUBDIR).mkdir(parents=True)
-    (tmp_path / "a" / embedded.SUBDIR / ".complete").write_text("")
+    for name in (".complete", "config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / "a" / embedded.SUBDIR / name).write_text("")
     assert ensure_smollm2(tmp_path / "a") == tmp_path / "a" / embedded.SUBDIR
     monkeypatch.setenv("NANOALIGN_CACHE", str(tmp_path / "b"))
     (tmp_path / "b" / embedded.SUBDIR).mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
         (tmp_path / "b" / embedded.SUBDIR / name).write_text("")
     assert ensure_smollm2() == tmp_path / "b" / embedded.SUBDIR
 
