@@ -237,12 +237,14 @@ def compare_threshold_free(tasks_a, tasks_b, expect_positive=True, n_boot=2000, 
         N = pos.size
         k = rng.multinomial(N, np.full(N, 1.0 / N), size=n_boot).astype(float)
         kp, kn = k[:, pos], k[:, ~pos]
-        per_rep_seed = np.stack([((kp @ h) * kn).sum(1) for h in H], 1) / (kp.sum(1) * kn.sum(1))[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):  # a resample without both classes: NaN, dropped below
+            per_rep_seed = np.stack([((kp @ h) * kn).sum(1) for h in H], 1) / (kp.sum(1) * kn.sum(1))[:, None]
         per_seed.append(H.mean((1, 2)))
         identical &= not H.any()
         reps.append((seed_counts * per_rep_seed).sum(1) / S)
     diffs = np.mean(per_seed, axis=0)  # [S]: suite-score difference per seed
     reps = np.mean(reps, axis=0)
+    reps = reps[np.isfinite(reps)]  # only tiny test sets draw a resample with one class
     ci = _interval(reps, 0.95)
     lo, hi = ci["low"], ci["high"]
     out = {"diff": 100 * float(diffs.mean()), "low": 100 * lo, "high": 100 * hi, "seeds": S,
