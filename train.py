@@ -23,18 +23,14 @@ Writes out/<run>/: config.json, log.jsonl (one record per step), checkpoint/, ad
 peft/ (when the adapter is a plain LoRA at inference) and results.json (per-task accuracy before and after).
 """
 
-import os
-
-# Before torch starts OpenMP: threads that spin-wait while another process holds a core stall every parallel op
-# (measured on a shared 2-core machine: a SmolLM2-135M forward took 10 s instead of 1.3 s). Passive waiting should
-# cost little on a dedicated machine (not measured there).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import nanoalign  # before torch: it sets OMP_WAIT_POLICY (nanoalign/__init__.py)
 
 import argparse
 import dataclasses
 from functools import partial
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -47,7 +43,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import nanoalign
 from nanoalign.adapters import (KINDS, MAX_ALPHA, adapter_context, apply_adapter, check_options, count_trainable,
                                 export_peft_dirs, save_adapter)
 from nanoalign.align import MMD_MAX_ROWS, alignment_loss
