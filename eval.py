@@ -20,9 +20,7 @@ writes to <run>/peft): DIR itself, or for MTL-LoRA one directory per training ta
 task id (PEFT then loads each as a plain LoRA). Routers (HydraLoRA, R-LoRA) have no PEFT form: a one-line error.
 """
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see train.py (shared CPUs)
+import nanoalign  # before torch: it sets OMP_WAIT_POLICY (nanoalign/__init__.py)
 
 import argparse
 import json
@@ -33,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-import nanoalign
 from nanoalign.adapters import export_peft_dirs, load_adapter, merge_adapters
 from nanoalign.data import load_tasks
 from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, generation_fallback, without_records

@@ -23,18 +23,14 @@ Writes out/<run>/: config.json, log.jsonl (one record per step), checkpoint/, ad
 peft/ (when the adapter is a plain LoRA at inference) and results.json (per-task accuracy before and after).
 """
 
-import os
-
-# Before torch starts OpenMP: threads that spin-wait while another process holds a core stall every parallel op
-# (measured on a shared 2-core machine: a SmolLM2-135M forward took 10 s instead of 1.3 s). Passive waiting should
-# cost little on a dedicated machine (not measured there).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import nanoalign  # before torch: it sets OMP_WAIT_POLICY (nanoalign/__init__.py)
 
 import argparse
 import dataclasses
 from functools import partial
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -47,7 +43,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import nanoalign
 from nanoalign.adapters import (KINDS, MAX_ALPHA, adapter_context, apply_adapter, check_options, count_trainable,
                                 export_peft_dirs, save_adapter)
 from nanoalign.align import MMD_MAX_ROWS, alignment_loss
@@ -58,6 +53,7 @@ from nanoalign.evaluate import (MODES, accuracies, diagnostics_table, evaluate, 
                                 task_result, without_records)
 from nanoalign.hub import HubError
 from nanoalign.meta import MetaConfig, MetaSampler, answer_loss, limit_shots, meta_step
+from nanoalign.model import logit_indices
 from nanoalign.system import (base_dtype, flops_coefficients, os_error_line, peak_flops, peak_memory_mib, pick_device,
                               use_autocast, write_atomic)
 from nanoalign.tasks import FORMATS
@@ -739,7 +735,9 @@ def micro_batch_backward(fwd, model, batch, cfg, align_on, num_tasks, autocast, 
     A-outputs at once (right-padded to one length, the padding masked out), so L is the loss of the whole micro-batch
     and the backward is one. With checkpointing the blocks re-run the adapters during the backward, which must then
     happen inside the adapter context: one group (and under DDP, whose reducer expects one forward per backward).
-    The answer positions are found on the host, and the rows go to the device by `to_device`."""
+    The forward needs no host sync: the answer positions become flat indices (`logit_indices`) on the host, the rows
+    go to the device by `to_device`, and `right_padded=True` is what the batcher guarantees (BalancedBatcher pads on
+    the right; slicing a group to its longest row, `[:, :T]`, relies on it too)."""
     lengths = batch["attention_mask"].sum(1).tolist()
     one = cfg.grad_ckpt or dist.is_initialized()  # DDP: one forward per backward, as its reducer expects
     groups = [list(range(len(lengths)))] if one else length_groups(lengths, cfg.length_groups)
@@ -749,11 +747,11 @@ def micro_batch_backward(fwd, model, batch, cfg, align_on, num_tasks, autocast, 
         ids, mask, labels = (batch[k][rows, :T] for k in ("input_ids", "attention_mask", "labels"))
         at, targets = answer_positions(labels)  # logits only where the next token is labelled
         n_targets += targets.numel()
-        ids, mask, labels, at, targets, task_ids = (to_device(t, device) for t in (
-            ids, mask, labels, at, targets, batch["task_ids"][rows]))
+        ids, mask, labels, idx, targets, task_ids = (to_device(t, device) for t in (
+            ids, mask, labels, logit_indices(at), targets, batch["task_ids"][rows]))
         with adapter_context(model, task_ids=task_ids, collect=align_on) as actx:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = fwd(ids, mask, logits_at=at)
+                logits = fwd(ids, mask, logits_at=idx, right_padded=True)
             ce_sum = ce_sum + F.cross_entropy(logits.float(), targets, reduction="sum")
             parts.append((actx.a_outputs, mask if cfg.align_tokens == "all" else labels != IGNORE_INDEX, task_ids))
             if len(groups) == 1:  # inside the context: checkpointed blocks re-run the adapters in the backward

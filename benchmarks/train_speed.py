@@ -36,12 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: the machine may be shared
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanoalign import system  # noqa: E402
+from nanoalign import system  # noqa: E402  (before torch: nanoalign sets OMP_WAIT_POLICY, as in train.py)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -44,13 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `import train` and `import nanoalign` from a plain checkout
 
+import nanoalign  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY, nanoalign/__init__.py)
 import torch  # noqa: E402
 
-import nanoalign  # noqa: E402
 from nanoalign import system  # noqa: E402
 import train  # noqa: E402
 from nanoalign.adapters import count_trainable, load_adapter, merge_adapters  # noqa: E402
 from nanoalign.analysis import delta_weight_spectrum, effective_rank, head_cosine_similarity, separation_probe  # noqa
+from nanoalign.checkpoint import read_log  # noqa: E402
 from nanoalign.data import load_tasks  # noqa: E402
 from nanoalign.tasks import TASK_SUITE  # noqa: E402
 from nanoalign.evaluate import evaluate, without_records  # noqa: E402
@@ -270,7 +271,8 @@ _INDEX = {}
 
 
 def machine() -> dict:
-    """Where and when a number was measured (timings on a shared machine need this next to them)."""
+    """Where and when a number was measured (timings on a shared machine need this next to them); the tutorials
+    record it too (tutorials/common.py)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
@@ -278,10 +280,12 @@ def machine() -> dict:
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    return {"commit": commit, "dirty": dirty, "host": platform.node(), "cpu_count": os.cpu_count(),
+    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit, "dirty": dirty,
+            "host": platform.node(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels' ISA (AVX2, AVX512, ...)
-            "load_average_1min": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
@@ -307,8 +311,7 @@ def compact_predictions(results):
 def curve_summary(log_path: Path, every=10):
     """The training curve in a few numbers: mean CE of the first/last 5 steps, CE every `every` steps (mean over
     that window), the alignment loss of the last 5 steps, median step time."""
-    recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if "ce" in r]
+    recs = [r for r in read_log(log_path) if "ce" in r]
     ce = [r["ce"] for r in recs]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     ms = sorted(r["ms"] for r in recs)

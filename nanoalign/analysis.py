@@ -88,12 +88,6 @@ def collect_a_outputs(model, input_ids, attention_mask, task_ids=None) -> dict:
     return ctx.a_outputs
 
 
-def a_output_features(model, input_ids, attention_mask, task_ids=None):
-    """{module path: [B, r] per-example mean of the module's A-output over real tokens}: every example is one point
-    of its task's cluster."""
-    return pool_a_outputs(collect_a_outputs(model, input_ids, attention_mask, task_ids), attention_mask)
-
-
 def pool_a_outputs(a_outputs: dict, attention_mask) -> dict:
     """{module: [B, T, r]} -> {module: [B, r]}: each example's mean A-output over its real (mask True) tokens."""
     w = attention_mask.float()[..., None]
@@ -120,15 +114,6 @@ def task_separation(features: torch.Tensor, task_ids: torch.Tensor) -> dict:
     within = within.sqrt()
     return {"between": between.item(), "within": within.item(),
             "ratio": (between / within).item() if within > 0 else math.inf}
-
-
-def pca_2d(features: torch.Tensor):
-    """([N, 2] coordinates on the two leading principal axes of the centred rows, [2] share of variance each)."""
-    x = features.double()
-    x = x - x.mean(0)
-    _, s, vt = torch.linalg.svd(x, full_matrices=False)
-    share = (s[:2] ** 2) / (s ** 2).sum().clamp(min=1e-300)
-    return (x @ vt[:2].T).float(), share.float()
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ import torch
 
 from .system import write_atomic
 from .tasks import (BBH_TASKS, BUILTIN_TASKS, LABEL_ONLY, SUITES, TASK_SUITE, builtin_examples, check_format,
-                    subsample)
+                    read_json_lines, subsample)
 
 IGNORE_INDEX = -100
 
@@ -78,27 +78,13 @@ def choices_of(ex):
 
 
 def read_jsonl(path):
-    """Normalised examples of a JSONL file; a malformed row, or a line that is not UTF-8 text, raises ValueError
-    naming the file, line and problem. Lines are decoded one by one so that the error can name the line."""
+    """Normalised examples of a JSONL file; a line that is not UTF-8 text or not JSON (tasks.read_json_lines), or a
+    malformed example, raises ValueError naming the file, line and problem."""
     rows = []
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a BOM is allowed at the start
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                 "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            except RecursionError:
-                raise ValueError(f"{path}:{i}: JSON nested too deep to be an example") from None
-            if problem := check_example(ex):
-                raise ValueError(f"{path}:{i}: {problem}")
-            rows.append(ex)
+    for i, ex in read_json_lines(path):
+        if problem := check_example(ex):
+            raise ValueError(f"{path}:{i}: {problem}")
+        rows.append(ex)
     return rows
 
 
@@ -485,12 +471,7 @@ def extract_answer(generated_text, gold, prompt=None):
     return normalise(first_line) == normalise(gold)
 
 
-def task_id_map(tasks):
-    """{task name: task id}, ids by sorted name (the convention of BalancedBatcher and load_tasks)."""
-    return {t: i for i, t in enumerate(sorted(tasks))}
-
-
 __all__ = ["IGNORE_INDEX", "BBH_TASKS", "BUILTIN_TASKS", "SUITES", "BalancedBatcher", "check_example", "choices_of",
            "data_file", "encode_example", "encode_tasks", "extract_answer", "final_number", "left_pad",
            "listed_options", "load_tasks", "pad_right", "predicted_answer", "prediction_text", "read_jsonl",
-           "task_id_map", "write_jsonl"]
+           "write_jsonl"]

@@ -154,11 +154,6 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
     return scores, lengths
 
 
-def option_logprobs(model, tok, examples, batch_size=32, max_len=1024, task_id=None, bar=None):
-    """Summed log-probability of every option after its prompt (tokenised apart, as in training)."""
-    return choice_logprobs(model, tok, examples, batch_size, max_len, joint=False, task_id=task_id, bar=bar)[0]
-
-
 def needs_task_ids(model):
     """True for adapters whose output depends on the task id at inference (MTL-LoRA)."""
     return (getattr(model, "adapter_config", None) or {}).get("kind") == "mtl"

@@ -343,24 +343,6 @@ def logit_indices(at: torch.Tensor) -> torch.Tensor:
     return at.flatten().nonzero().squeeze(1)
 
 
-def pad_to_multiple(t: torch.Tensor, multiple: int, value, dim: int = -1) -> torch.Tensor:
-    """Pad `t` at the end of `dim` with `value` to the next multiple of `multiple` (e.g. 64).
-
-    Fewer distinct shapes mean fewer torch.compile recompiles and reused allocator blocks. For a right-padded
-    batch pad input_ids with the pad id, attention_mask with False and labels with -100; for `logit_indices` pad
-    the indices with 0 and their targets with -100 (the extra logits are computed and ignored by the loss).
-    """
-    if int(multiple) < 1:
-        raise ValueError(f"multiple must be a positive integer, got {multiple}")
-    n = t.shape[dim]
-    extra = -n % int(multiple)
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t, torch.full(shape, value, dtype=t.dtype, device=t.device)], dim)
-
-
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -50,11 +50,6 @@ def mean_se(values):
     return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
 
 
-def binomial_se(p, n):
-    """Standard error of an accuracy p measured on n independent examples: sqrt(p(1−p)/n)."""
-    return math.sqrt(p * (1 - p) / n) if n else 0.0
-
-
 def _as_matrices(correct_a, correct_b):
     """{task: [seeds, examples]} float arrays for A and B, checked to be paired (same tasks, seeds, examples)."""
     if set(correct_a) != set(correct_b) or not correct_a:
@@ -251,8 +246,3 @@ def compare_threshold_free(tasks_a, tasks_b, expect_positive=True, n_boot=2000, 
            "seed_diffs": (100 * diffs).tolist()}
     out.update(verdicts(lo, hi, diffs.tolist(), expect_positive, identical, scale=100))
     return out
-
-
-def se_text(se, digits=2):
-    """A standard error for print: "n/a" where it is unknown (one seed)."""
-    return "n/a" if math.isnan(se) else f"{se:.{digits}f}"

@@ -124,16 +124,21 @@ def dev_positions(pool, seen, n=DEV_SIZE, seed=42, salt=""):
 # low-level readers: every problem names the file and line
 
 def read_lines(path):
-    """Yield (line_number, text) with the UTF-8 BOM and line ending removed; blank lines are skipped."""
-    with open(path, encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
+    """Yield (line_number, text) with the UTF-8 BOM and line ending removed; blank lines are skipped. Lines are
+    decoded one by one, so that a line that is not UTF-8 text is a ValueError naming the file and line."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8").rstrip("\r\n")  # a BOM only at the start
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 "save the file as UTF-8") from None
             if line.strip():
                 yield i, line
 
 
 def read_json_lines(path):
-    """Yield (line_number, object) of a JSON Lines file."""
+    """Yield (line_number, object) of a JSON Lines file (nanoalign.data.read_jsonl for examples)."""
     for i, line in read_lines(path):
         try:
             yield i, json.loads(line)

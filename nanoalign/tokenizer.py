@@ -190,8 +190,3 @@ class Tokenizer:
         # No chat template (a base model): a readable "role: content" transcript.
         out = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return out + ("assistant: " if add_generation_prompt else "")
-
-
-def load_tokenizer(path) -> Tokenizer:
-    """The tokenizer of a local checkpoint directory (see `nanoalign.load_tokenizer` for aliases and repo ids)."""
-    return Tokenizer.from_dir(path)

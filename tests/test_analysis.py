@@ -1,6 +1,6 @@
 """Analysis helpers (nanoalign/analysis.py) against direct computations: pairwise cosine loops (METHODS §4.1) and
 torch.linalg.svdvals of the dense ΔW, task-cluster
-separation of pooled A-outputs against explicit loops, PCA against numpy's covariance eigenvectors."""
+separation of pooled A-outputs against explicit loops."""
 
 import math
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign.adapters import adapter_context, adapter_modules, apply_adapter
-from nanoalign.analysis import (a_output_features, delta_weight_spectrum, effective_rank, head_cosine_similarity,
-                                layer_index, pca_2d, task_separation)
+from nanoalign.analysis import (collect_a_outputs, delta_weight_spectrum, effective_rank, head_cosine_similarity,
+                                layer_index, pool_a_outputs, task_separation)
 from nanoalign.model import CausalLM, ModelConfig
 
 CFG = ModelConfig(arch="llama", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -116,9 +116,10 @@ def test_effective_rank():
     assert 1.0 < effective_rank(torch.tensor([4.0, 1.0])) < 2.0
 
 
-def test_a_output_features_pool_real_tokens_of_each_example():
-    """Per-example mean of A·x over the attention mask, equal to a direct computation from each module's input
-    (captured here with a hook, for the test only); padding positions do not count; dropout is off (eval)."""
+def test_pooled_a_outputs_average_real_tokens_of_each_example():
+    """collect_a_outputs then pool_a_outputs (what separation_probe does): per-example mean of A·x over the attention
+    mask, equal to a direct computation from each module's input (captured here with a hook, for the test only);
+    padding positions do not count; dropout is off (eval)."""
     model = tiny_with("lora", dropout=0.5).train()
     ids = torch.randint(0, 50, (3, 6))
     mask = torch.ones(3, 6, dtype=torch.bool)
@@ -126,7 +127,7 @@ def test_a_output_features_pool_real_tokens_of_each_example():
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: inputs.__setitem__(n, inp[0]))
              for n, m in adapter_modules(model)]
-    feats = a_output_features(model, ids, mask)
+    feats = pool_a_outputs(collect_a_outputs(model, ids, mask), mask)
     for h in hooks:
         h.remove()
     assert model.training                                    # restored
@@ -155,18 +156,3 @@ def test_task_separation_against_loops():
     assert task_separation(10 * x, t)["ratio"] == pytest.approx(got["ratio"], rel=1e-6)
     with pytest.raises(ValueError, match="at least 2 tasks"):
         task_separation(x, torch.zeros(12, dtype=torch.long))
-
-
-def test_pca_2d_matches_covariance_eigenvectors():
-    np = pytest.importorskip("numpy")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(50, 6, generator=g) @ torch.diag(torch.tensor([5.0, 2.0, 1.0, 0.5, 0.2, 0.1]))
-    xy, share = pca_2d(x)
-    xc = x.double().numpy() - x.double().numpy().mean(0)
-    w, v = np.linalg.eigh(np.cov(xc.T))
-    order = np.argsort(w)[::-1][:2]
-    ref = xc @ v[:, order]
-    for k in range(2):                                       # eigenvectors are defined up to sign
-        sign = np.sign((ref[:, k] * xy[:, k].double().numpy()).sum())
-        np.testing.assert_allclose(xy[:, k].double().numpy() * sign, ref[:, k], atol=1e-4)
-    np.testing.assert_allclose(share.double().numpy(), w[order] / w.sum(), rtol=1e-4)

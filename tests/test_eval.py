@@ -25,7 +25,7 @@ from nanoalign import system  # noqa: E402
 from nanoalign.adapters import apply_adapter, save_adapter  # noqa: E402
 from nanoalign.data import extract_answer  # noqa: E402
 from nanoalign.evaluate import (accuracies, choice_logprobs, diagnostics_table, encode_pair, evaluate,  # noqa: E402
-                                generate_texts, markdown_table, option_logprobs, summarise)
+                                generate_texts, markdown_table, summarise)
 
 eval_py = importlib.import_module("eval")  # the script (a module named `eval` shadows nothing once imported so)
 
@@ -55,21 +55,21 @@ def direct_logprob(model, tok, prompt, option):
     return sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(o))
 
 
-def test_option_logprobs_equal_direct_sums(model_tok):
+def test_choice_logprobs_equal_direct_sums(model_tok):
     """Batched, right-padded option scoring (logits only at option positions) equals the summed log-probs of one
     unpadded forward per (prompt, option) pair, to 1e-5."""
     model, tok = model_tok
-    scores = option_logprobs(model, tok, EXAMPLES, batch_size=3)
+    scores = choice_logprobs(model, tok, EXAMPLES, batch_size=3)[0]
     for ex, s in zip(EXAMPLES, scores):
         assert s == pytest.approx([direct_logprob(model, tok, ex["prompt"], o) for o in ex["options"]], abs=1e-5)
 
 
-def test_option_logprobs_match_transformers(tiny, model_tok):
+def test_choice_logprobs_match_transformers(tiny, model_tok):
     """The same scores from transformers' LlamaForCausalLM on the same checkpoint (independent model code)."""
     transformers = pytest.importorskip("transformers")
     model, tok = model_tok
     hf = transformers.LlamaForCausalLM.from_pretrained(tiny).eval()
-    ours = option_logprobs(model, tok, EXAMPLES, batch_size=4)
+    ours = choice_logprobs(model, tok, EXAMPLES, batch_size=4)[0]
     for ex, s in zip(EXAMPLES, ours):
         ref = []
         for o in ex["options"]:
@@ -129,8 +129,8 @@ def test_mtl_adapter_gets_its_task_ids(model_tok, tiny):
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.normal_(0, 0.5)
-    s0 = option_logprobs(model, tok, EXAMPLES[:2], task_id=0)
-    s1 = option_logprobs(model, tok, EXAMPLES[:2], task_id=1)
+    s0 = choice_logprobs(model, tok, EXAMPLES[:2], task_id=0)[0]
+    s1 = choice_logprobs(model, tok, EXAMPLES[:2], task_id=1)[0]
     assert max(abs(a - b) for x, y in zip(s0, s1) for a, b in zip(x, y)) > 1e-3
     acc = evaluate(model, tok, {"t1": EXAMPLES[:2]}, mode="loglik", task_ids={"t1": 1})
     assert set(acc) == {"t1"}
@@ -173,8 +173,8 @@ def test_eval_py_with_adapter_merged_and_unmerged(tiny, model_tok, tmp_path, cap
     merged = nanoalign.load_model(tiny)
     from nanoalign.adapters import load_adapter, merge_adapters
     merge_adapters(load_adapter(merged, tmp_path / "run" / "adapter"))
-    a = option_logprobs(model, tok, tasks[JSONL_TASKS[0]])
-    b = option_logprobs(merged, tok, tasks[JSONL_TASKS[0]])
+    a = choice_logprobs(model, tok, tasks[JSONL_TASKS[0]])[0]
+    b = choice_logprobs(merged, tok, tasks[JSONL_TASKS[0]])[0]
     assert [x for r in a for x in r] == pytest.approx([x for r in b for x in r], abs=1e-4)
     unmerged = eval_py.main(["--adapter-dir", str(tmp_path / "run" / "adapter"), "--data", str(data), "--mode",
                              "loglik", "--no-merge", "--out", str(tmp_path / "r2.json")])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from nanoalign.model import CausalLM, ModelConfig, is_right_padded, logit_indices, pad_to_multiple
+from nanoalign.model import CausalLM, ModelConfig, is_right_padded, logit_indices
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,18 +115,6 @@ def test_logits_at_indices_and_host_padding_flag(pair):
         logit_indices(sel.long())
     with pytest.raises(ValueError, match="logits_at"):
         ours(ids, mask, logits_at=sel.long())   # a 0/1 integer mask is not a list of indices
-
-
-def test_pad_to_multiple():
-    """Pads the end of a dimension with the given value up to the next multiple; a multiple already is kept."""
-    ids, mask = padded_batch([5, 3], 5, left=False)
-    p = pad_to_multiple(ids, 4, 0)
-    assert p.shape == (2, 8) and torch.equal(p[:, :5], ids) and bool((p[:, 5:] == 0).all())
-    assert not pad_to_multiple(mask, 4, False)[:, 5:].any()
-    assert torch.equal(pad_to_multiple(torch.arange(6), 3, -100), torch.arange(6))
-    assert pad_to_multiple(torch.arange(7), 4, -100).tolist() == [0, 1, 2, 3, 4, 5, 6, -100]
-    with pytest.raises(ValueError, match="positive"):
-        pad_to_multiple(ids, 0, 0)
 
 
 def test_greedy_generation_cache_equals_no_cache_and_hf(pair):

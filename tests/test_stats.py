@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from nanoalign.stats import binomial_se, compare, mean_se, paired_bootstrap, seed_differences, verdict
+from nanoalign.stats import compare, mean_se, paired_bootstrap, seed_differences, verdict
 
 
 def synthetic(seeds=5, n=400, p=0.6, seed=0):
@@ -73,7 +73,6 @@ def test_verdicts_and_errors():
     assert mean_se([1.0, 3.0]) == (2.0, 1.0)
     m, se = mean_se([5.0])  # one value: its SE is unknown, not 0
     assert m == 5.0 and math.isnan(se)
-    assert binomial_se(0.5, 100) == 0.05
     with pytest.raises(ValueError, match="same tasks"):
         paired_bootstrap({"t": np.ones((1, 3))}, {"u": np.ones((1, 3))})
     with pytest.raises(ValueError, match="same shape"):

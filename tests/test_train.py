@@ -138,6 +138,47 @@ def test_length_groups_split():
     assert train_py.length_groups([40, 300, 41], max_groups=1) == [[0, 1, 2]]
 
 
+def test_step_forward_is_sync_free_and_equals_the_bool_mask_path():
+    """micro_batch_backward calls the model with flat integer indices (`logit_indices`, computed on the host) and an
+    explicit right_padded=True, the form benchmarks/train_speed.py measures (no host sync: a bool `logits_at` and an
+    undecided right_padded each read device values); its losses and gradients equal those of the bool-mask call
+    with padding decided from the mask, bit for bit, over several length groups."""
+    from nanoalign.adapters import apply_adapter
+    from nanoalign.data import BalancedBatcher
+    from nanoalign.model import CausalLM, ModelConfig
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    apply_adapter(model, "align", rank=4, num_tasks=2)
+    rows = lambda n, lo: [([1 + (7 * i + j) % 60 for j in range(lo + 5 * i)], [-100] * (lo + 5 * i - 2) + [3, 4])
+                          for i in range(n)]
+    batch = next(BalancedBatcher({"a": rows(3, 4), "b": rows(3, 30)}, per_task=3))
+    cfg = train_py.TrainConfig(dropout=0.0)
+    calls = []
+
+    def recorded(ids, mask, **kw):
+        calls.append(kw)
+        return model(ids, mask, **kw)
+
+    def bool_mask(ids, mask, logits_at, right_padded):  # the old call: a bool mask, padding read from the mask
+        at = torch.zeros(ids.numel(), dtype=torch.bool).index_fill_(0, logits_at, True).view(ids.shape)
+        return model(ids, mask, logits_at=at)
+
+    def run_step(fwd):
+        model.zero_grad(set_to_none=True)
+        out = train_py.micro_batch_backward(fwd, model, batch, cfg, True, 2, False, torch.device("cpu"))
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (ce, la, *counts), grads = run_step(recorded)
+    assert len(calls) > 1  # several length groups
+    for kw in calls:
+        assert kw["right_padded"] is True
+        assert kw["logits_at"].dim() == 1 and kw["logits_at"].dtype == torch.long
+    (ce_ref, la_ref, *counts_ref), grads_ref = run_step(bool_mask)
+    assert torch.equal(ce, ce_ref) and torch.equal(la, la_ref) and counts == counts_ref and la > 0
+    assert grads.keys() == grads_ref.keys() and all(torch.equal(grads[n], grads_ref[n]) for n in grads)
+
+
 def main_error(capsys, args):
     return error_line(capsys, train_py.main, args)
 

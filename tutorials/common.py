@@ -13,14 +13,9 @@ run on the builtin synthetic tasks, which would replace a real-task result). The
 read the cached claim grids instead and have their own flags (tutorials/claim_grids.py).
 """
 
-import os
-
-# Before torch starts OpenMP: on a shared CPU a spin-waiting thread stalls every parallel op (see train.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import atexit
-import platform
+import os
 import shutil
 import subprocess
 import sys
@@ -28,17 +23,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `import nanoalign` / `import train` work from a plain checkout
 
-import nanoalign  # noqa: E402
+import nanoalign  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY, nanoalign/__init__.py)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 from nanoalign import system  # noqa: E402
 from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks, load_tasks  # noqa: E402
 from nanoalign.model import CausalLM, ModelConfig  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "experiments"))
+from grid import machine  # noqa: E402,F401  (where and when a result was measured: one definition for both)
 
 RESULTS = ROOT / "tutorials" / "results"  # the committed renders: written with --update only
 OUT = ROOT / "out" / "tutorials"  # git-ignored: where a tutorial writes by default
@@ -241,20 +239,6 @@ def lm_loss(model, batch):
 
 
 # ----------------------------------------------------------------------------- output
-
-def machine() -> dict:
-    """Where and when a number was measured (timings on a shared machine need this next to them)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
 
 def write_json(path, obj):
     """nanoalign.system.write_json (atomic: a crash never leaves half a results file); returns the path."""
