@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hub import loadable_name
 from .system import write_atomic
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -833,6 +834,8 @@ def export_peft(model, directory, base_model_name_or_path=None, task=None):
     low-rank form ΔW = B_eff A_eff with s folded into B_eff (PEFT sees r = lora_alpha = rank of the form, scale 1):
     rank r, 2r (M-LoRA: [s·ΣB_i | −C_B]·[A; C_A] carries the init compensation) and n·r. MTL-LoRA exports one task
     (`task=t`): ΔW_t = (s·B̃_t Λ_t)·A at rank r. Routers (hydra, rlora) have no PEFT LoRA form and raise.
+    `base_model_name_or_path` is written as `hub.loadable_name` spells it (an absolute directory, or a repo id), so
+    `AutoPeftModelForCausalLM.from_pretrained(directory)` finds the base without nanoalign and offline.
     """
     from safetensors.torch import save_file
     cfg = _require_adapter(model)
@@ -856,7 +859,7 @@ def export_peft(model, directory, base_model_name_or_path=None, task=None):
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {}, "revision": None,
-        "base_model_name_or_path": base_model_name_or_path or cfg.get("base_model"),
+        "base_model_name_or_path": loadable_name(base_model_name_or_path or cfg.get("base_model")),
     }
     note = {"exported_from": cfg["kind"], "rank": cfg["rank"], "alpha": cfg["alpha"], "heads": cfg["heads"],
             "exported_rank": r, "scaling_folded_into_B": folded, "task": task}

@@ -172,6 +172,21 @@ def resolve_model(name_or_path, *, files=None, offline=None, revision: str = "ma
                           "--model /path/to/dir") from None
 
 
+def loadable_name(name_or_path):
+    """The name of a model that transformers and PEFT load without nanoalign, for `base_model_name_or_path` of an
+    exported adapter: a local directory as its absolute path, the embedded model as its converted directory (it has
+    no hub repo with these weights), an alias as its repo id, a repo id as it is (None stays None)."""
+    if name_or_path is None:
+        return None
+    name = str(name_or_path)
+    if Path(name).expanduser().is_dir():
+        return os.path.abspath(Path(name).expanduser())
+    if name.lower() in EMBEDDED:
+        from nanoalign.embedded import ensure_smollm2
+        return str(ensure_smollm2().absolute())
+    return ALIASES.get(name.lower(), name)
+
+
 def looks_local(name: str) -> bool:
     """A name written as a path: `./x`, `../x`, `/x`, `~/x`, `.`, `..`, a Windows path, or more than one `/`.
     Hub repo ids are `Org/Name` and never start with a dot."""

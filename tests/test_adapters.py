@@ -601,6 +601,29 @@ def test_peft_export_loads_in_peft_with_same_logits(arch, tmp_path):
         assert diff < 1e-5 and (ours - base).abs().max() > 1e-2
 
 
+def test_peft_export_names_a_base_that_loads_offline(tmp_path, monkeypatch):
+    """base_model_name_or_path is what transformers loads without nanoalign: a local model directory as its absolute
+    path (the embedded model as its converted directory), an alias as its repo id; AutoPeftModelForCausalLM then
+    loads the export with local files only and gives our logits."""
+    peft = pytest.importorskip("peft")
+    import nanoalign
+    from nanoalign import embedded
+    from nanoalign.hub import loadable_name
+    d = hf_checkpoint("llama", tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = apply_adapter(nanoalign.load_model("base"), "lora", rank=4, alpha=8)  # a relative path, as typed
+    randomize(model, std=0.1)
+    out = export_peft(model, tmp_path / "peft")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(d)
+    pm = peft.AutoPeftModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids) - pm(input_ids=ids).logits).abs().max() < 1e-5
+    monkeypatch.setattr(embedded, "ensure_smollm2", lambda: d)
+    assert loadable_name("smollm2-135m") == str(d)
+    assert loadable_name("qwen2.5-0.5b") == "Qwen/Qwen2.5-0.5B" and loadable_name("Org/Name") == "Org/Name"
+
+
 @pytest.mark.parametrize("kind", ["hydra", "rlora", "mtl"])
 def test_peft_export_refuses_router_and_per_task(kind, tmp_path):
     """Router and per-task adapters have no PEFT LoRA form: export raises instead of writing something wrong."""
