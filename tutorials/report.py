@@ -231,7 +231,7 @@ CONTROLS = {"mlora-mean": ("mlora", "step size: heads averaged, not summed"),
 
 def comparison_text(x):
     """'A − B +0.47 [−0.77, +1.84] t [−0.9, +1.9]: verdict; threshold-free ...: verdict' of one comparison."""
-    out = f"{name(x['a'])} − {name(x['b'])} {interval(x)}: **{verdict_text(x)}**"
+    out = f"{name(x['a'])} − {name(x['b'])} {interval(x)} ({x['seeds']} seeds): **{verdict_text(x)}**"
     tf = x.get("threshold_free")
     if tf:
         out += f" (threshold-free {interval(tf)}: {verdict_text(tf)})"
@@ -252,7 +252,8 @@ def reading(claim, c):
         same = orig is not None and orig["verdict"] == x["verdict"]
         lines.append(f"control ({what}): {comparison_text(x)}; " + (
             "the original pair is not measured" if orig is None else
-            "the verdict holds" if same else f"the verdict changes (was {verdict_text(orig)})"))
+            "the verdict holds" if same else f"the verdict differs (the original's: {verdict_text(orig)}"
+            + (f", over {orig['seeds']} seeds)" if orig["seeds"] != x["seeds"] else ")")))
     return lines
 
 
