@@ -165,9 +165,13 @@ ADDED_LATER = {"trainer": "standard", "shots": 0, "meta_tasks": 4, "meta_support
                "mmd_rows": 0}
 
 
+def key_fields(config: dict) -> dict:
+    """The train.py fields that determine a run: all but NOT_IN_KEY, and ADDED_LATER ones only off their default."""
+    return {k: v for k, v in config.items() if k not in NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+
+
 def run_key(cfg, suite: Suite, data: Data) -> str:
-    what = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    what = key_fields(dataclasses.asdict(cfg))
     dev = {"dev": data.dev_fp} if data.dev_fp else {}  # only where there is one: earlier keys stay as they were
     return fingerprint({"v": FORMAT_VERSION, "train": what, "test": data.test_fp, "train_data": data.train_fp,
                         "mode": suite.mode, "probe": suite.probe_examples, **dev})[:16]
@@ -187,9 +191,7 @@ def run_id(suite_desc: dict, config: dict) -> str:
     """What a run was, without its data: the suite (Suite.describe(), which names the data: tasks, format, pool
     and test sizes) and the train.py fields of its key (seed included). Two results of one id differ only if the
     prepared data did; the key tells them apart where the data is here."""
-    what = {k: v for k, v in config.items()
-            if k not in NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
-    return fingerprint({"v": FORMAT_VERSION, "train": what, "suite": suite_desc})
+    return fingerprint({"v": FORMAT_VERSION, "train": key_fields(config), "suite": suite_desc})
 
 
 def base_id(suite_desc: dict) -> str:

@@ -146,21 +146,20 @@ def combined_verdict(boot, t):
 def compare(correct_a, correct_b, expect_positive=True, n_boot=10_000, seed=0):
     """Everything a claim row needs, in points (×100): the bootstrap interval and the seed-level t interval of the
     suite-average difference, each one's verdict and the combined one, and the same per task."""
-    diffs = seed_differences(correct_a, correct_b)
+    m = _as_matrices(correct_a, correct_b)
+    task_diffs = {t: a.mean(1) - b.mean(1) for t, (a, b) in m.items()}  # [seeds] per task
+    diffs = np.mean(list(task_diffs.values()), axis=0).tolist()          # seed_differences
     boot = paired_bootstrap(correct_a, correct_b, n_boot=n_boot, seed=seed)
     mean, se = mean_se(diffs)
-    identical = all(np.array_equal(np.asarray(correct_a[t]), np.asarray(correct_b[t])) for t in correct_a)
+    same = {t: np.array_equal(a, b) for t, (a, b) in m.items()}
     out = {"diff": 100 * boot["diff"], "seed_mean": 100 * mean, "seed_se": 100 * se, "seed_diffs":
            [100 * d for d in diffs], "low": 100 * boot["low"], "high": 100 * boot["high"],
            "per_task": {}, "seeds": boot["seeds"]}
-    out.update(verdicts(boot["low"], boot["high"], diffs, expect_positive, identical, scale=100))
-    m = _as_matrices(correct_a, correct_b)
+    out.update(verdicts(boot["low"], boot["high"], diffs, expect_positive, all(same.values()), scale=100))
     for t, d in boot["per_task"].items():
-        a, b = m[t]
-        task_diffs = (a.mean(1) - b.mean(1)).tolist()
         out["per_task"][t] = {k: 100 * v for k, v in d.items()}
-        out["per_task"][t].update(verdicts(d["low"], d["high"], task_diffs, expect_positive,
-                                           np.array_equal(a, b), scale=100))
+        out["per_task"][t].update(verdicts(d["low"], d["high"], task_diffs[t].tolist(), expect_positive, same[t],
+                                           scale=100))
     return out
 
 

@@ -36,7 +36,7 @@ import claims as C  # noqa: E402
 import grid as G  # noqa: E402
 
 import paper  # noqa: E402
-from nanoalign.stats import TILT_FLAG, mean_se, t975, verdict  # noqa: E402
+from nanoalign.stats import TILT_FLAG, mean_se, t_interval, verdict  # noqa: E402
 
 TINY_TASKS = ("alphabet-first", "colour-review")
 TINY_SEEDS = [0, 1]
@@ -252,13 +252,12 @@ def seed_paired(c: Claim, a, b, fn, expect_positive, scale=1.0):
     if not seeds:
         return None
     d = [scale * (va[s] - vb[s]) for s in seeds]
-    m, se = mean_se(d)
-    out = {"a": a, "b": b, "seeds": len(seeds), "diff": m, "se": se, "per_seed": d}
-    if len(seeds) < 2:
-        return {**out, "low": None, "high": None, "verdict": "one seed: no interval"}
-    half = t975(len(seeds) - 1) * se
-    return {**out, "low": m - half, "high": m + half,
-            "verdict": verdict(m - half, m + half, expect_positive, identical=all(x == 0 for x in d))}
+    m, low, high = t_interval(d)
+    out = {"a": a, "b": b, "seeds": len(seeds), "diff": m, "se": mean_se(d)[1], "per_seed": d, "low": low,
+           "high": high}
+    if low is None:
+        return {**out, "verdict": "one seed: no interval"}
+    return {**out, "verdict": verdict(low, high, expect_positive, identical=all(x == 0 for x in d))}
 
 
 def seed_pairs(c: Claim, pairs, fn, expect_positive):
