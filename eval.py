@@ -21,6 +21,7 @@ task id (PEFT then loads each as a plain LoRA). Routers (HydraLoRA, R-LoRA) have
 """
 
 import nanoalign  # before torch: it sets OMP_WAIT_POLICY (nanoalign/__init__.py)
+import nanoalign.plumbing
 
 import argparse
 import json
@@ -34,8 +35,8 @@ import torch
 from nanoalign.adapters import export_peft_dirs, load_adapter, merge_adapters
 from nanoalign.data import load_tasks
 from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, generation_fallback, without_records
-from nanoalign.hub import HubError
-from nanoalign.system import base_dtype, os_error_line, pick_device, read_json, write_atomic
+from nanoalign.plumbing.hub import HubError
+from nanoalign.plumbing.system import base_dtype, os_error_line, pick_device, read_json, write_atomic
 from nanoalign.tasks import FORMATS
 
 
@@ -120,7 +121,7 @@ def export(args, adapter_dir, model_name, task_names):
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise FileExistsError(f"--export-peft {out} exists and is not empty; pass --overwrite to write into it or "
                               "choose another directory")
-    model = nanoalign.load_model(model_name, dtype=torch.float32, device="cpu")  # exported in fp32 either way
+    model = nanoalign.plumbing.load_model(model_name, dtype=torch.float32, device="cpu")  # exported in fp32 either way
     load_adapter(model, adapter_dir)
     written = export_peft_dirs(model, out, task_names, base_model_name_or_path=model_name)
     print(f"wrote {written}")
@@ -157,8 +158,8 @@ def run(args):
         raise ValueError(f"--tasks {', '.join(unknown)}: not among the tasks of --data {args.data} "
                          f"({', '.join(tasks)})")
     tasks = {t: tasks[t] for t in sorted(subset)} if subset else tasks
-    tok = nanoalign.load_tokenizer(model_name)
-    model = nanoalign.load_model(model_name, dtype=dtype, device=device)
+    tok = nanoalign.plumbing.load_tokenizer(model_name)
+    model = nanoalign.plumbing.load_model(model_name, dtype=dtype, device=device)
     label = "base"
     if adapter_dir:
         load_adapter(model, adapter_dir)  # a damaged file is one ValueError naming it

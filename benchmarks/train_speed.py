@@ -22,7 +22,7 @@ tokens, and for `align` the same loss function (on hooked lora_A outputs for HF,
 out-of-memory is reported as OOM. The second table checks the issue's targets (the 3-head and alignment rows
 compare nanoalign with its own plain LoRA).
 
-MFU (CUDA only) uses nanoalign.system's FLOPs convention and peak table: the FLOPs each implementation's step asks
+MFU (CUDA only) uses nanoalign.plumbing.system's FLOPs convention and peak table: the FLOPs each implementation's step asks
 for, so HF's full logits count as done and nanoalign's labelled-position logits as done.
 """
 
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanoalign import system  # noqa: E402  (before torch: nanoalign sets OMP_WAIT_POLICY, as in train.py)
+from nanoalign.plumbing import system  # noqa: E402  (before torch: nanoalign sets OMP_WAIT_POLICY, as in train.py)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -67,7 +67,7 @@ HF_ADAPTERS = ("lora", "align")  # PEFT has no multi-head LoRA
 def model_dir_or_config(name):
     """smollm2-135m: the converted real checkpoint directory; other names: a config dict for random weights."""
     if name == "smollm2-135m":
-        from nanoalign.embedded import ensure_smollm2
+        from nanoalign.plumbing.embedded import ensure_smollm2
         return ensure_smollm2(), None
     return None, CONFIGS[name]
 
@@ -262,7 +262,7 @@ def table(args):
              + (f", {torch.cuda.get_device_name()}" if cuda else f", {torch.get_num_threads()} threads")
              + f"; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, load average at end {load}",
              f"medians of {args.repeats} runs x {args.steps} steps, after {args.warmup} warm-up steps; "
-             f"{args.answer} labelled tokens per row; MFU by nanoalign.system (peak "
+             f"{args.answer} labelled tokens per row; MFU by nanoalign.plumbing.system (peak "
              + (f"{peak / 1e12:.0f} TFLOP/s bf16 dense)" if peak else "unknown: CPU or unlisted GPU)"), "",
              "| adapter | impl | tok/s | step ms | peak mem MiB | MFU | speed vs HF | mem vs HF | step vs our lora |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -35,7 +35,7 @@ from grid import RESULTS, ROOT, WORK, Grid, Method, Suite, write_json  # noqa: E
 
 import numpy as np  # noqa: E402
 
-from nanoalign.stats import TILT_FLAG, auroc, compare, compare_threshold_free, describe, mean_se, tilt  # noqa: E402
+from experiments.stats import TILT_FLAG, auroc, compare, compare_threshold_free, describe, mean_se, tilt  # noqa: E402
 
 # The small-scale suite and budget, from experiments/screening.md (see the README's "What the tutorials show").
 # The screening (experiments/screening.md) found four task/format pairs that a plain LoRA lifts by >= 5 points above
@@ -158,7 +158,7 @@ def budget_rank(model_cfg):
 
 
 def model_config(name):
-    from nanoalign.hub import resolve_model
+    from nanoalign.plumbing.hub import resolve_model
     from nanoalign.model import ModelConfig
     return ModelConfig.from_json(resolve_model(name) / "config.json")
 

@@ -3,7 +3,7 @@
 A grid is a `Suite` (model, tasks, prompt format, training budget, test set, scoring) and a set of methods
 ({label: train.py options}), run for a list of seeds. Seeds change the adapter init, the dropout masks and the data
 order only: the training pool and the test set are the same for every seed and every method, so two methods can
-be compared seed by seed and example by example (nanoalign.stats).
+be compared seed by seed and example by example (experiments.stats).
 
 Every run is one call of train.py's loop (`train.train`, no evaluation inside), then one evaluation of the trained
 adapter on the grid's test set (merged where the adapter is mergeable, so at base-model speed) and the analyses the
@@ -45,13 +45,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `import train` and `import nanoalign` from a plain checkout
 
 import nanoalign  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY, nanoalign/__init__.py)
+import nanoalign.plumbing
 import torch  # noqa: E402
 
-from nanoalign import system  # noqa: E402
+from nanoalign.plumbing import system  # noqa: E402
 import train  # noqa: E402
 from nanoalign.adapters import count_trainable, load_adapter, merge_adapters  # noqa: E402
-from nanoalign.analysis import delta_weight_spectrum, effective_rank, head_cosine_similarity, separation_probe  # noqa
-from nanoalign.checkpoint import read_log  # noqa: E402
+from experiments.analysis import delta_weight_spectrum, effective_rank, head_cosine_similarity, separation_probe  # noqa
+from nanoalign.plumbing.checkpoint import read_log  # noqa: E402
 from nanoalign.data import load_tasks  # noqa: E402
 from nanoalign.tasks import TASK_SUITE  # noqa: E402
 from nanoalign.evaluate import evaluate, without_records  # noqa: E402
@@ -292,7 +293,7 @@ def machine() -> dict:
 
 
 def write_json(path: Path, obj):
-    """nanoalign.system.write_json, one space of indent (the cached runs are large)."""
+    """nanoalign.plumbing.system.write_json, one space of indent (the cached runs are large)."""
     system.write_json(path, obj, indent=1)
 
 
@@ -487,9 +488,9 @@ class Grid:
         if self._base_model is None:
             # scored where train.py trains: on a GPU with a bf16 base (as eval.py), fp32 on a CPU
             device = system.pick_device()
-            self._base_model = nanoalign.load_model(self.suite.model, dtype=system.base_dtype(device),
+            self._base_model = nanoalign.plumbing.load_model(self.suite.model, dtype=system.base_dtype(device),
                                                     device=device).eval()
-            self._tok = nanoalign.load_tokenizer(self.suite.model)
+            self._tok = nanoalign.plumbing.load_tokenizer(self.suite.model)
         return self._base_model, self._tok
 
     def evaluate(self, model, names, split="test"):

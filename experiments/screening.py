@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import RESULTS, ROOT, Grid, Method, Suite, write_json  # noqa: E402
 
-from nanoalign.stats import paired_bootstrap  # noqa: E402
+from experiments.stats import paired_bootstrap  # noqa: E402
 
 CHOICE_TASKS = ("sst2", "cola", "mrpc", "rte", "qnli", "boolq", "piqa", "siqa", "arc-easy", "arc-challenge",
                 "openbookqa", "winogrande")

@@ -13,19 +13,4 @@ import torch  # noqa: E402
 from .model import CausalLM, ModelConfig
 
 
-def load_model(name_or_path, dtype=torch.float32, device="cpu") -> CausalLM:
-    """An alias (`smollm2-135m`, `qwen2.5-0.5b`, ...), a local directory or an HF repo id -> CausalLM."""
-    from .hub import resolve_model
-    model = CausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype, device=device)
-    model.name_or_path = str(name_or_path)  # recorded in saved adapters, so eval.py finds the base model
-    return model
-
-
-def load_tokenizer(name_or_path):
-    """The tokenizer that belongs to a model, resolved the same way as `load_model`."""
-    from .hub import resolve_model
-    from .tokenizer import Tokenizer
-    return Tokenizer.from_dir(resolve_model(name_or_path))
-
-
-__all__ = ["CausalLM", "ModelConfig", "load_model", "load_tokenizer"]
+__all__ = ["CausalLM", "ModelConfig"]

@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hub import loadable_name
-from .system import write_atomic
+from .plumbing.hub import loadable_name
+from .plumbing.system import write_atomic
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CAPABILITIES = ("mergeable", "merges_per_task", "needs_task_ids", "has_heads", "has_router")  # AdapterLinear's

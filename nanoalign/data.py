@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .system import write_atomic
+from .plumbing.system import write_atomic
 from .tasks import (BBH_TASKS, BUILTIN_TASKS, LABEL_ONLY, SUITES, TASK_SUITE, builtin_examples, check_format,
                     read_json_lines, subsample)
 
@@ -89,7 +89,7 @@ def read_jsonl(path):
 
 
 def write_jsonl(path, rows):
-    """Write examples atomically (nanoalign.system.write_atomic), one JSON object a line."""
+    """Write examples atomically (nanoalign.plumbing.system.write_atomic), one JSON object a line."""
     write_atomic(path, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in rows))
 
 

@@ -515,7 +515,7 @@ class CausalLM(nn.Module):
 
 def weight_files(path: Path) -> list[Path]:
     """`model.safetensors`, or the shards named in `model.safetensors.index.json` (each must lie inside `path`)."""
-    from .hub import shard_names
+    from .plumbing.hub import shard_names
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = [path / s for s in shard_names(index)]

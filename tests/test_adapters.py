@@ -13,7 +13,7 @@ from nanoalign.adapters import (AdapterLinear, HydraLoRALinear, LoRALinear, MLoR
                                 MultiLoRALinear, RLoRALinear, adapter_context, adapter_modules, apply_adapter,
                                 count_trainable, export_peft, load_adapter, merge_adapters, rank_for_budget,
                                 save_adapter)
-from nanoalign.analysis import head_cosine_similarity
+from experiments.analysis import head_cosine_similarity
 from nanoalign.model import CausalLM, ModelConfig
 
 IN, OUT, R, N, T = 12, 10, 4, 3, 3
@@ -607,11 +607,11 @@ def test_peft_export_names_a_base_that_loads_offline(tmp_path, monkeypatch):
     loads the export with local files only and gives our logits."""
     peft = pytest.importorskip("peft")
     import nanoalign
-    from nanoalign import embedded
-    from nanoalign.hub import loadable_name
+    from nanoalign.plumbing import embedded
+    from nanoalign.plumbing.hub import loadable_name
     d = hf_checkpoint("llama", tmp_path / "base")
     monkeypatch.chdir(tmp_path)
-    model = apply_adapter(nanoalign.load_model("base"), "lora", rank=4, alpha=8)  # a relative path, as typed
+    model = apply_adapter(nanoalign.plumbing.load_model("base"), "lora", rank=4, alpha=8)  # a relative path, as typed
     randomize(model, std=0.1)
     out = export_peft(model, tmp_path / "peft")
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(d)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign.adapters import adapter_context, adapter_modules, apply_adapter
-from nanoalign.analysis import (collect_a_outputs, delta_weight_spectrum, effective_rank, head_cosine_similarity,
+from experiments.analysis import (collect_a_outputs, delta_weight_spectrum, effective_rank, head_cosine_similarity,
                                 layer_index, pool_a_outputs, task_separation)
 from nanoalign.model import CausalLM, ModelConfig
 

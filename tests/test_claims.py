@@ -14,7 +14,7 @@ import claims as C  # noqa: E402
 import grid as G  # noqa: E402
 
 from nanoalign.model import ModelConfig  # noqa: E402
-from nanoalign.stats import VERDICTS  # noqa: E402
+from experiments.stats import VERDICTS  # noqa: E402
 
 SMOLLM2 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
            "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,

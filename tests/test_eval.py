@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import JSONL_TASKS, error_line, make_jsonl  # noqa: E402
 
 import nanoalign  # noqa: E402
-from nanoalign import system  # noqa: E402
+import nanoalign.plumbing
+from nanoalign.plumbing import system  # noqa: E402
 from nanoalign.adapters import apply_adapter, save_adapter  # noqa: E402
 from nanoalign.data import extract_answer  # noqa: E402
 from nanoalign.evaluate import (accuracies, choice_logprobs, diagnostics_table, encode_pair, evaluate,  # noqa: E402
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only
 
 @pytest.fixture(scope="module")
 def model_tok(tiny):
-    return nanoalign.load_model(tiny), nanoalign.load_tokenizer(tiny)
+    return nanoalign.plumbing.load_model(tiny), nanoalign.plumbing.load_tokenizer(tiny)
 
 
 def direct_logprob(model, tok, prompt, option):
@@ -122,7 +123,7 @@ def test_mtl_adapter_gets_its_task_ids(model_tok, tiny):
     """An MTL-LoRA adapter (per-task ΔW) is evaluated with each task's training id: the scores of one task differ
     between ids 0 and 1, and evaluating a task it was not trained on is a clear error."""
     _, tok = model_tok
-    model = nanoalign.load_model(tiny)
+    model = nanoalign.plumbing.load_model(tiny)
     apply_adapter(model, "mtl", rank=4, heads=2, num_tasks=2, targets=("q_proj", "v_proj", "up_proj"))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -150,7 +151,7 @@ def test_eval_py_with_adapter_merged_and_unmerged(tiny, model_tok, tmp_path, cap
     evaluation (default) gives the same per-task accuracy and the same option scores (1e-4) as the unmerged adapter
     model in memory."""
     _, tok = model_tok
-    model = nanoalign.load_model(tiny)
+    model = nanoalign.plumbing.load_model(tiny)
     model.name_or_path = str(tiny)
     apply_adapter(model, "lora", rank=4, alpha=8, targets=("q_proj", "v_proj", "gate_proj", "down_proj"))
     torch.manual_seed(1)
@@ -170,7 +171,7 @@ def test_eval_py_with_adapter_merged_and_unmerged(tiny, model_tok, tmp_path, cap
     from nanoalign.data import load_tasks
     tasks = load_tasks(str(data), "test", max_per_task=500, seed=1337)
     assert accuracies(evaluate(model, tok, tasks, mode="loglik")) == res["accuracy"]
-    merged = nanoalign.load_model(tiny)
+    merged = nanoalign.plumbing.load_model(tiny)
     from nanoalign.adapters import load_adapter, merge_adapters
     merge_adapters(load_adapter(merged, tmp_path / "run" / "adapter"))
     a = choice_logprobs(model, tok, tasks[JSONL_TASKS[0]])[0]
@@ -200,7 +201,7 @@ def test_eval_py_exports_peft_per_task(tiny, tmp_path, capsys):
     (no PEFT form) and a missing --adapter-dir are one error line each."""
     from safetensors.torch import load_file
     from nanoalign.adapters import export_peft
-    model = nanoalign.load_model(tiny)
+    model = nanoalign.plumbing.load_model(tiny)
     apply_adapter(model, "mtl", rank=2, heads=2, num_tasks=2, targets=("q_proj", "up_proj"))
     torch.manual_seed(0)
     with torch.no_grad():  # away from the init (B = 0, equal mixes), so the two tasks' ΔW_t differ
@@ -224,7 +225,7 @@ def test_eval_py_exports_peft_per_task(tiny, tmp_path, capsys):
     assert "exists and is not empty; pass --overwrite" in eval_error(
         capsys, ["--adapter-dir", tmp_path / "run", "--export-peft", out])
     eval_py.main(["--adapter-dir", str(tmp_path / "run"), "--export-peft", str(out), "--overwrite"])
-    hydra = nanoalign.load_model(tiny)
+    hydra = nanoalign.plumbing.load_model(tiny)
     apply_adapter(hydra, "hydra", rank=2, heads=2, targets=("q_proj",))
     save_adapter(hydra, tmp_path / "hydra" / "adapter")
     assert "no PEFT LoRA form" in eval_error(capsys, ["--adapter-dir", tmp_path / "hydra", "--export-peft",
@@ -389,7 +390,7 @@ def test_eval_py_diagnostics_predictions_and_no_silent_overwrite(tiny, tmp_path,
 def test_eval_py_damaged_adapter_is_one_line(tiny, tmp_path, capsys, damage, message):
     """A damaged adapter directory (adapter_config.json not JSON, not an object or without a key; a truncated
     adapter.safetensors; tasks.json not JSON) ends with one error line naming the file, no traceback."""
-    model = nanoalign.load_model(tiny)
+    model = nanoalign.plumbing.load_model(tiny)
     apply_adapter(model, "lora", rank=2, targets=("q_proj",))
     d = tmp_path / "adapter"
     save_adapter(model, d)

@@ -1,4 +1,4 @@
-"""nanoalign.hub: alias / local dir / HF-cache resolution, and downloads from a fake hub on 127.0.0.1.
+"""nanoalign.plumbing.hub: alias / local dir / HF-cache resolution, and downloads from a fake hub on 127.0.0.1.
 
 The fake hub mimics huggingface.co's `resolve` endpoint: small files come back directly with `X-Repo-Commit`;
 `.safetensors` files come back as a 302 to a "CDN" path, with the size and sha256 only on the redirect
@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from nanoalign import hub
+from nanoalign.plumbing import hub
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "Org/Tiny"
@@ -212,7 +212,7 @@ def test_sharded_snapshot_needs_every_shard(tmp_path, monkeypatch):
 def test_embedded_alias_calls_ensure_smollm2(tmp_path, monkeypatch):
     """smollm2-135m(-instruct) is the embedded model: resolved by embedded.ensure_smollm2, not the hub."""
     no_network(monkeypatch)
-    monkeypatch.setattr("nanoalign.embedded.ensure_smollm2", lambda: tmp_path / "smol")
+    monkeypatch.setattr("nanoalign.plumbing.embedded.ensure_smollm2", lambda: tmp_path / "smol")
     assert hub.resolve_model("smollm2-135m") == tmp_path / "smol"
     assert hub.resolve_model("SmolLM2-135M-Instruct") == tmp_path / "smol"
 
@@ -504,9 +504,9 @@ def test_a_file_given_as_model_is_named(tmp_path, fake_hub, monkeypatch):
 
 
 def test_load_model_with_a_missing_directory(tmp_path, fake_hub, monkeypatch):
-    """nanoalign.load_model('./missing-dir') is the same one line, with no request to the hub."""
+    """nanoalign.plumbing.load_model('./missing-dir') is the same one line, with no request to the hub."""
     import nanoalign
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such model directory: ./missing-dir"):
-        nanoalign.load_model("./missing-dir")
+        nanoalign.plumbing.load_model("./missing-dir")
     assert fake_hub.requests == []

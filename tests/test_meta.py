@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoalign
+import nanoalign.plumbing
 from nanoalign.adapters import apply_adapter
 from nanoalign.data import IGNORE_INDEX, encode_tasks
 from nanoalign.meta import MetaConfig, MetaSampler, answer_loss, limit_shots, meta_step
@@ -35,14 +36,14 @@ def float64_norm():
 
 @pytest.fixture(scope="module")
 def pools(tiny, one_thread):
-    tok = nanoalign.load_tokenizer(str(tiny))
+    tok = nanoalign.plumbing.load_tokenizer(str(tiny))
     tasks = {t: builtin_examples(t, "train", n=12) for t in JSONL_TASKS}
     return encode_tasks(tok, tasks, 64), tok.pad_id
 
 
 def lora64(tiny, seed=0):
     """The tiny Llama with a LoRA on the MLP and q/v, in float64, B random so that ΔW ≠ 0 (every term matters)."""
-    model = nanoalign.load_model(str(tiny))
+    model = nanoalign.plumbing.load_model(str(tiny))
     torch.manual_seed(seed)
     apply_adapter(model, "lora", rank=4, alpha=8, targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))
     model.double().train()
@@ -219,7 +220,7 @@ def test_gradient_accumulates_and_scales(tiny, pools):
 def test_meta_steps_with_adamw_lower_the_query_loss(tiny, pools):
     """A few outer AdamW steps on fresh episodes (fp32, as train.py) lower the post-adaptation query loss of a fixed
     held-out episode: the gradient points downhill."""
-    model = nanoalign.load_model(str(tiny))
+    model = nanoalign.plumbing.load_model(str(tiny))
     torch.manual_seed(0)
     apply_adapter(model, "lora", rank=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj"))
     model.train()
@@ -329,7 +330,7 @@ def test_autocast_loss_is_close_to_fp32(tiny, pools):
     """answer_loss(autocast=True), the path train.py takes on CUDA, gives a meta gradient within bf16 precision of
     the fp32 one (checked on CPU, where bf16 autocast also works)."""
     import functools
-    model = nanoalign.load_model(str(tiny))
+    model = nanoalign.plumbing.load_model(str(tiny))
     torch.manual_seed(0)
     apply_adapter(model, "lora", rank=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj"))
     with torch.no_grad():

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from nanoalign import embedded
-from nanoalign.embedded import ensure_smollm2, unpermute
-from nanoalign.tokenizer import Tokenizer
+from nanoalign.plumbing import embedded
+from nanoalign.plumbing.embedded import ensure_smollm2, unpermute
+from nanoalign.plumbing.tokenizer import Tokenizer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

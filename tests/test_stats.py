@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from nanoalign.stats import compare, mean_se, paired_bootstrap, seed_differences, verdict
+from experiments.stats import compare, mean_se, paired_bootstrap, seed_differences, verdict
 
 
 def synthetic(seeds=5, n=400, p=0.6, seed=0):
@@ -82,7 +82,7 @@ def test_verdicts_and_errors():
 def test_t_interval_and_the_borderline_rule():
     """The seed-level t interval is mean ± t_{.975, S−1}·SE; a comparison is resolved only when the bootstrap and
     the t interval both exclude 0, "borderline" when exactly one does."""
-    from nanoalign.stats import combined_verdict, t_interval
+    from experiments.stats import combined_verdict, t_interval
     m, lo, hi = t_interval([1.0, 2.0, 3.0])  # SE 1/√3 · 1 = 0.577, t(2) = 4.303
     assert m == 2.0 and lo == pytest.approx(2 - 4.303 / math.sqrt(3)) and hi == pytest.approx(2 + 4.303 / math.sqrt(3))
     assert t_interval([1.0])[1:] == (None, None)
@@ -107,7 +107,7 @@ def test_t_interval_and_the_borderline_rule():
 def test_tilt_and_auroc_see_the_threshold_and_not_the_ranking():
     """A pure shift of every margin changes the predicted labels (tilt, accuracy) but not the AUROC; identical
     histograms have tilt 0; a perfect ranking has AUROC 1, a reversed one 0, ties ½."""
-    from nanoalign.stats import auroc, compare_threshold_free, tilt
+    from experiments.stats import auroc, compare_threshold_free, tilt
     assert tilt({"a": 50, "b": 50}, {"a": 50, "b": 50}) == 0.0
     assert tilt({"a": 90, "b": 10}, {"a": 50, "b": 50}) == pytest.approx(0.4)
     assert tilt({"a": 100}, {"a": 30, "b": 70}) == pytest.approx(0.7)

@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from nanoalign import system
+from nanoalign.plumbing import system
 from nanoalign.adapters import apply_adapter
 from nanoalign.model import CausalLM, ModelConfig, logit_indices
 

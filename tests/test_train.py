@@ -28,6 +28,7 @@ import train as train_py  # noqa: E402
 
 from conftest import JSONL_TASKS, error_line, make_jsonl  # noqa: E402
 import nanoalign  # noqa: E402
+import nanoalign.plumbing
 from nanoalign.adapters import load_adapter  # noqa: E402
 from nanoalign.data import load_tasks  # noqa: E402
 from nanoalign.evaluate import evaluate  # noqa: E402
@@ -459,10 +460,10 @@ def test_ddp_two_processes_gloo(tiny, data, tmp_path):
     assert all(r["n"] == 3 for when in ("before", "after") for r in results[when].values())
     evals = [r for r in map(json.loads, (tmp_path / "r" / "log.jsonl").read_text().splitlines()) if "eval" in r]
     assert [r["step"] for r in evals] == [2] and sorted(evals[0]["eval"]) == list(JSONL_TASKS)
-    model = nanoalign.load_model(tiny)
+    model = nanoalign.plumbing.load_model(tiny)
     load_adapter(model, tmp_path / "r" / "adapter")
     tasks = load_tasks(str(data[1]), "test", max_per_task=3, seed=0)
-    alone = evaluate(model, nanoalign.load_tokenizer(tiny), tasks, mode="loglik",
+    alone = evaluate(model, nanoalign.plumbing.load_tokenizer(tiny), tasks, mode="loglik",
                      task_ids={t: i for i, t in enumerate(JSONL_TASKS)})
     shared = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
     expected = [r for res in alone.values() for r in res["records"]]

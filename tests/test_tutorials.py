@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoalign.stats import VERDICTS as STATS_VERDICTS
+from experiments.stats import VERDICTS as STATS_VERDICTS
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "tutorials"

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from nanoalign.adapters import adapter_context, adapter_modules, apply_adapter, count_trainable, merge_adapters
-from nanoalign.analysis import head_cosine_similarity
+from experiments.analysis import head_cosine_similarity
 from nanoalign.model import CausalLM, ModelConfig
 
 p = parser(__doc__)
@@ -155,7 +155,7 @@ results["methods_qwen3b_match"] = {k: counts["qwen2.5-3b"][k]["trainable"] == v 
 # ## 3. On the real model: starting point, a few optimizer steps, and merging
 # Every adapter starts from the same base weights, sees the same task-balanced batches (one example of each
 # task per step) and takes the same AdamW steps. After each step we measure the mean inter-head cosine similarity
-# of the B matrices over all adapted modules (METHODS §4.1, nanoalign.analysis.head_cosine_similarity; checked
+# of the B matrices over all adapted modules (METHODS §4.1, experiments.analysis.head_cosine_similarity; checked
 # against a pairwise loop by tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop).
 #
 # Prediction for HydraLoRA without router (METHODS §2.4): every head gets exactly the same gradient and all start at

@@ -8,7 +8,7 @@ nothing to choose between: Σ_i ω_i(x) B_i ≈ (Σ_i ω_i(x) c_i) B — a singl
 
 This tutorial trains nothing. It reads the head analysis of the runs of grid "1-2" (experiments/claims.py; the
 same runs tutorial 04 scores): for every trained multi-head adapter, per (layer, module type), the mean pairwise
-cosine of its flattened heads B_i (nanoalign.analysis.head_cosine_similarity, checked by
+cosine of its flattened heads B_i (experiments.analysis.head_cosine_similarity, checked by
 tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop), computed by experiments/grid.py right
 after training, before the adapter is merged for scoring.
 
@@ -28,7 +28,7 @@ import math
 
 from claim_grids import Grids, finish, head_cosine, markdown, name, parse_args, pm, seed_pairs, suite_text
 
-from nanoalign.stats import mean_se
+from experiments.stats import mean_se
 
 import paper
 
@@ -47,7 +47,7 @@ MODULES = ("gate_proj", "up_proj", "down_proj")
 import torch
 from common import lm_loss, toy
 
-from nanoalign.analysis import head_cosine_similarity
+from experiments.analysis import head_cosine_similarity
 
 TESTS_03 = ["tests/test_adapters.py::test_hydra_without_router_keeps_identical_heads",
             "tests/test_adapters.py::test_random_init_heads_differ_and_compensation",

@@ -13,7 +13,7 @@ This tutorial trains nothing. It reads the grid "3" of experiments/claims.py: Hy
 heads on gate/up/down (the runs claims 1-2 also use), and a LoRA at the rank whose parameter count matches
 HydraLoRA's (`rank_for_budget`, tests/test_adapters.py::test_rank_for_budget; 10 on SmolLM2-135M, as the paper's
 LoRA¹⁰), the same seeds, budget and test set. Besides accuracy, each run carries the singular-value spectra of its
-learned ΔW (nanoalign.analysis.delta_weight_spectrum, tests/test_analysis.py) reduced to one number, the entropy
+learned ΔW (experiments.analysis.delta_weight_spectrum, tests/test_analysis.py) reduced to one number, the entropy
 effective rank averaged over the adapted modules.
 
     python tutorials/05_capacity.py          # read the cached grid: tables and plot in seconds
@@ -31,7 +31,7 @@ Writes <out>/05_capacity.json and, with matplotlib, 05_capacity.png.
 from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, markdown, name, parse_args, \
     pm, suite_text, task_table, value_bars
 
-from nanoalign.stats import mean_se
+from experiments.stats import mean_se
 
 import paper
 

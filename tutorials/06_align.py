@@ -20,7 +20,7 @@ MEAN over pairs (the released code's reduction), so the paper's λ is ours / (T(
 This tutorial trains nothing. It reads two grids of experiments/claims.py: "4-5" (LoRA r=8, A-LoRA-K and A-LoRA-M
 at rank 8 and the paper's λ = 0.1, 5 seeds) and "6" (LoRA r=8 and A-LoRA-K at λ = 0.01, 0.05, 0.1, 0.5; 3 seeds),
 plus the separation probe each run of "4-5" carries: on held-out prompts, how far apart the tasks' A-output
-clusters are (nanoalign.analysis.separation_probe: distance between task means / spread within a task,
+clusters are (experiments.analysis.separation_probe: distance between task means / spread within a task,
 tests/test_analysis.py::test_task_separation_against_loops) and the alignment loss on them.
 
     python tutorials/06_align.py          # read the cached grids: tables and plots in seconds

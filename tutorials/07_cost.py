@@ -43,8 +43,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nanoalign
+import nanoalign.plumbing
 from nanoalign.adapters import KINDS, adapter_context, adapter_modules, apply_adapter
-from nanoalign import system
+from nanoalign.plumbing import system
 from nanoalign.align import alignment_loss
 
 p = parser(__doc__)
@@ -106,7 +107,7 @@ def worker(kind):
     device = system.pick_device()
     dtype = system.base_dtype(device)
     torch.manual_seed(args.seed)
-    model = nanoalign.load_model(args.model, dtype=dtype, device=device).eval()
+    model = nanoalign.plumbing.load_model(args.model, dtype=dtype, device=device).eval()
     n_base = sum(t.numel() for t in model.parameters())
     g = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
@@ -211,7 +212,7 @@ if unknown:
     raise SystemExit(f"unknown adapter kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
 model_name = str(tiny_model_dir()) if args.tiny else args.model
 if not args.tiny:
-    nanoalign.load_tokenizer(model_name)  # resolve (and if needed fetch) the model once, before the workers
+    nanoalign.plumbing.load_tokenizer(model_name)  # resolve (and if needed fetch) the model once, before the workers
 flags = ["--model", model_name, "--seed", str(args.seed), "--batch", str(BATCH), "--seq", str(SEQ),
          "--steps", str(STEPS)] + (["--grad-ckpt"] if args.grad_ckpt else [])
 print(f"{model_name if not args.tiny else 'tiny random model'}: batch {BATCH} x {SEQ} tokens, rank {RANK}, "

@@ -24,7 +24,7 @@ tests/test_adapters.py::test_rlora_without_its_ingredients_is_hydra), "+MT" swit
 (`random_init=false`), "+Init" switches per-head dropout off (`multi_head_dropout=false`). So each comparison
 changes one ingredient and nothing else (with plain HydraLoRA at s = α/r, "+MT − HydraLoRA" would include a doubling
 of the scale at rank 4). Each run carries the inter-head cosine of its B matrices (what the ingredients are meant to
-lower; nanoalign.analysis, tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop).
+lower; experiments.analysis, tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop).
 
     python tutorials/08_rlora_ingredients.py          # read the cached grid: tables and plot in seconds
     python tutorials/08_rlora_ingredients.py --rerun  # train what the cache lacks first (hours on a CPU)
@@ -46,7 +46,7 @@ Writes <out>/08_rlora_ingredients.json and, with matplotlib, 08_rlora_ingredient
 from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, head_cosine, markdown, name, \
     parse_args, pm, print_paired, seed_pairs, suite_text, task_table, value_bars
 
-from nanoalign.stats import mean_se
+from experiments.stats import mean_se
 
 import paper
 

@@ -107,7 +107,7 @@ print(comparison_table(c))
 
 # %% [markdown]
 # ## 3. The mechanism: does the loss pull the task clusters together when A feeds several heads?
-# The probe of tutorial 06 (nanoalign.analysis.separation_probe): held-out prompts, each module's A-output averaged
+# The probe of tutorial 06 (experiments.analysis.separation_probe): held-out prompts, each module's A-output averaged
 # over an example's tokens, the between/within task separation averaged over modules, the within-task spread, and
 # the KL alignment loss on those held-out A-outputs. Paired over seeds (t interval, 95%); the claimed direction is
 # "alignment lowers separation".

@@ -45,7 +45,7 @@ import numpy as np
 from claim_grids import C, Grids, accuracy_table, bar, comparison_items, comparison_table, diffs, finish, interval, \
     markdown, name, parser, pm, suite_text, task_cell, task_table
 
-from nanoalign.stats import compare
+from experiments.stats import compare
 
 import paper
 

@@ -36,7 +36,7 @@ import claims as C  # noqa: E402
 import grid as G  # noqa: E402
 
 import paper  # noqa: E402
-from nanoalign.stats import TILT_FLAG, mean_se, t_interval, verdict  # noqa: E402
+from experiments.stats import TILT_FLAG, mean_se, t_interval, verdict  # noqa: E402
 
 TINY_TASKS = ("alphabet-first", "colour-review")
 TINY_SEEDS = [0, 1]

@@ -28,10 +28,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `import nanoalign` / `import train` work from a plain checkout
 
 import nanoalign  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY, nanoalign/__init__.py)
+import nanoalign.plumbing
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from nanoalign import system  # noqa: E402
+from nanoalign.plumbing import system  # noqa: E402
 from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks, load_tasks  # noqa: E402
 from nanoalign.model import CausalLM, ModelConfig  # noqa: E402
 
@@ -187,7 +188,7 @@ def load_base(args):
     """(model in eval mode, tokenizer, model name): smollm2-135m (or --model), or the tiny model for --tiny."""
     name = str(tiny_model_dir()) if args.tiny else args.model
     t0 = time.perf_counter()
-    model, tok = nanoalign.load_model(name), nanoalign.load_tokenizer(name)
+    model, tok = nanoalign.plumbing.load_model(name), nanoalign.plumbing.load_tokenizer(name)
     n = sum(p.numel() for p in model.parameters())
     print(f"loaded {'the tiny random model' if args.tiny else name}: {n:,} parameters "
           f"({time.perf_counter() - t0:.1f} s)")
@@ -209,7 +210,7 @@ def toy(kind="lora", seed=0, per_task=2, dropout=0.0, **options):
     global _TOY_DIR
     if _TOY_DIR is None:
         _TOY_DIR = tiny_model_dir()
-    model, tok = nanoalign.load_model(str(_TOY_DIR)), nanoalign.load_tokenizer(str(_TOY_DIR))
+    model, tok = nanoalign.plumbing.load_model(str(_TOY_DIR)), nanoalign.plumbing.load_tokenizer(str(_TOY_DIR))
     torch.manual_seed(seed)
     apply_adapter(model, kind, rank=4, alpha=8, heads=3, dropout=dropout, targets=MLP, **options)
     pools = encode_tasks(tok, load_tasks(",".join(TOY_TASKS), "train", max_per_task=16, seed=seed), 128)
@@ -241,7 +242,7 @@ def lm_loss(model, batch):
 # ----------------------------------------------------------------------------- output
 
 def write_json(path, obj):
-    """nanoalign.system.write_json (atomic: a crash never leaves half a results file); returns the path."""
+    """nanoalign.plumbing.system.write_json (atomic: a crash never leaves half a results file); returns the path."""
     system.write_json(path, obj)
     return Path(path)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from claim_grids import C, Grids, head_cosine, interval, markdown, name, pm, seed_paired, sep_ratio, suite_text, \
     task_table, verdict_text, vs_base_words
 
-from nanoalign.stats import TILT_FLAG, mean_se, tilt
-from nanoalign.system import write_atomic
+from experiments.stats import TILT_FLAG, mean_se, tilt
+from nanoalign.plumbing.system import write_atomic
 
 import paper
 from common import OUT, RESULTS

@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from .adapters import adapter_modules
+from nanoalign.adapters import adapter_modules
 
 
 def layer_index(name: str):
@@ -77,7 +77,7 @@ def effective_rank(s: torch.Tensor) -> float:
 def collect_a_outputs(model, input_ids, attention_mask, task_ids=None) -> dict:
     """{module path: [B, T, r] the module's A-output A·x} from one eval-mode forward (no dropout, no lm_head): the
     tensor Align-LoRA aligns (METHODS §3.1), collected through `adapter_context(collect=True)`, not hooks."""
-    from .adapters import adapter_context
+    from nanoalign.adapters import adapter_context
     was_training = model.training
     model.eval()
     try:
@@ -125,8 +125,8 @@ def separation_probe(model, tok, tasks: dict, n=16, max_len=128) -> dict:
     tokens; per module `task_separation` of those points, averaged over modules; and the KL alignment loss of the
     held-out A-outputs (token level, what training minimises). Returns {"sep_ratio", "sep_between", "sep_within",
     "heldout_kl", "n"}. Task ids are the positions of the sorted task names (as in training)."""
-    from .align import alignment_loss
-    from .data import encode_example, pad_right
+    from nanoalign.align import alignment_loss
+    from nanoalign.data import encode_example, pad_right
     names = sorted(tasks)
     rows = [(encode_example(tok, ex, max_len), i) for i, t in enumerate(names) for ex in tasks[t][:n]]
     ids, mask, _ = pad_right([r[0][0] for r in rows], [r[0][1] for r in rows], tok.pad_id)

@@ -148,7 +148,7 @@ def resolve_model(name_or_path, *, files=None, offline=None, revision: str = "ma
         raise FileNotFoundError(f"no such model directory: {name} ({path.absolute()}) does not exist; check the "
                                 "path, or pass an alias or an HF repo id like Org/Name")
     if name.lower() in EMBEDDED:
-        from nanoalign.embedded import ensure_smollm2
+        from nanoalign.plumbing.embedded import ensure_smollm2
         return ensure_smollm2()
     repo = ALIASES.get(name.lower(), name)
     if not REPO_ID.match(repo):
@@ -182,7 +182,7 @@ def loadable_name(name_or_path):
     if Path(name).expanduser().is_dir():
         return os.path.abspath(Path(name).expanduser())
     if name.lower() in EMBEDDED:
-        from nanoalign.embedded import ensure_smollm2
+        from nanoalign.plumbing.embedded import ensure_smollm2
         return str(ensure_smollm2().absolute())
     return ALIASES.get(name.lower(), name)
 
