@@ -39,9 +39,15 @@ from nanoalign.meta import MetaConfig, answer_loss, meta_step
 from nanoalign.model import logit_indices
 
 
+def opt(default, help):
+    """A TrainConfig field with its --help text (the launcher turns every field into a flag)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    """Training options; every field is a kebab-case flag (`max_steps` -> `--max-steps`, help texts in the launcher).
+    """Training options; every field is a kebab-case flag (`max_steps` -> `--max-steps`; the launcher adds the
+    choices of the flags that have a few).
 
     Adapter defaults follow the Align-LoRA code and paper (METHODS §2.1, §2.10): rank 8, α=32, dropout 0.1 on
     gate/up/down, AdamW without weight decay, symmetric-KL alignment with λ=0.1 (the paper's best; mean over task
@@ -52,67 +58,78 @@ class TrainConfig:
     effective batch 50, one epoch) is for GPUs: --lr 2e-4 --batch-per-task 2 --grad-accum 5 --max-steps 2000.
     """
     # model and adapter
-    model: str = "smollm2-135m"
-    adapter: str = "auto"             # auto: align, or the plain lora that --trainer meta trains
-    rank: int = 8
-    alpha: float = 32.0               # s = alpha / r
-    heads: int = 3                    # multi-head adapters: B heads (multilora: A/B pairs)
-    targets: str = "gate_proj,up_proj,down_proj"
-    dropout: float = 0.1
-    adapter_options: str = ""         # key=value options of the adapter's class
+    model: str = opt("smollm2-135m", "alias, local directory or HF repo id")
+    adapter: str = opt("auto", "adapter kind (auto: align; lora with --trainer meta)")
+    rank: int = opt(8, "adapter rank r")
+    alpha: float = opt(32.0, "scaling numerator: s = alpha / r")
+    heads: int = opt(3, "multi-head adapters: number of B heads (multilora: number of A/B pairs)")
+    targets: str = opt("gate_proj,up_proj,down_proj", "linear layers to adapt, comma separated")
+    dropout: float = opt(0.1, "adapter dropout rate")
+    adapter_options: str = opt("", "more options of the adapter's class (nanoalign/adapters.py) as key=value, comma "
+                               "separated, e.g. rlora: random_init=false,gamma=16")
     # data
-    data: str = "builtin"             # suite, comma list of tasks, or a .jsonl file
-    tasks: str = ""                   # subset of the tasks of --data
-    data_dir: str = "data"
-    format: str = "label"             # label words / numbered options, or lm-evaluation-harness's cloze
-    max_per_task: int = 0             # training examples per task (0: all)
-    shots: int = 0                    # keep K training examples per task (0: all)
-    pool_seed: int = 0                # seed of the subsamples (data), apart from --seed (init, dropout, order)
-    seq_len: int = 256
+    data: str = opt("builtin", "suite (builtin, glue, commonsense), comma list of tasks, or a normalised .jsonl file")
+    tasks: str = opt("", "subset of the tasks of --data, comma separated")
+    data_dir: str = opt("data", "where data/prepare.py wrote <suite>/<task>-<split>.jsonl")
+    format: str = opt("label", "prompt format: the paper's label words / numbered options, or lm-evaluation-harness's "
+                      "cloze (the answer is the correct option's text; score it with --eval-mode cloze)")
+    max_per_task: int = opt(0, "training examples per task (0: all)")
+    shots: int = opt(0, "keep K training examples per task (drawn with --pool-seed; the 16 are among the 64), for "
+                     "either trainer (0: all)")
+    pool_seed: int = opt(0, "seed of the --max-per-task training subsample and the --eval-max test subsample (apart "
+                         "from --seed, so that seeds change init, dropout and data order, not the data)")
+    seq_len: int = opt(256, "max tokens per example (the prompt is cut from the left; an example whose answer "
+                       "does not fit is skipped, with a note)")
     # optimisation
-    max_steps: int = 100
-    stop_at: int = 0                  # checkpoint and exit after this step, as if interrupted
-    batch_per_task: int = 1           # examples of EVERY task in each micro-batch (per rank)
-    grad_accum: int = 1
-    lr: float = 2e-3
-    warmup: int = 10                  # linear warmup, then cosine decay to 10% of lr
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0            # 0: no clipping
+    max_steps: int = opt(100, "optimizer steps (the cosine schedule ends here)")
+    stop_at: int = opt(0, "save a checkpoint and exit after this step, as if interrupted (0: run to --max-steps)")
+    batch_per_task: int = opt(1, "examples of EVERY task in each micro-batch (per rank)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(2e-3, "peak learning rate")
+    warmup: int = opt(10, "linear warmup steps, then cosine decay to 10%% of --lr")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
     # the trainer: task-balanced micro-batches, or MeTA-LoRA's episodes (METHODS §2.9, nanoalign/meta.py)
-    trainer: str = "standard"
-    meta_tasks: int = MetaConfig.tasks
-    meta_support: int = MetaConfig.support
-    meta_query: int = MetaConfig.query
-    meta_inner_steps: int = MetaConfig.inner_steps
-    meta_inner_lr: float = MetaConfig.inner_lr
-    meta_agg: str = MetaConfig.agg
-    meta_order: int = MetaConfig.order
+    trainer: str = opt("standard", "standard: task-balanced micro-batches; meta: MeTA-LoRA (two-stage MAML-style "
+                       "episodes on a plain LoRA)")
+    meta_tasks: int = opt(MetaConfig.tasks, "MeTA-LoRA: tasks per episode n (capped at the number of tasks)")
+    meta_support: int = opt(MetaConfig.support, "MeTA-LoRA: support examples per task and episode")
+    meta_query: int = opt(MetaConfig.query, "MeTA-LoRA: query examples per task and episode (disjoint from support)")
+    meta_inner_steps: int = opt(MetaConfig.inner_steps, "MeTA-LoRA: inner SGD steps k on the support batch (0: "
+                                "multi-task LoRA on the query batches)")
+    meta_inner_lr: float = opt(MetaConfig.inner_lr, "MeTA-LoRA: inner SGD learning rate α")
+    meta_agg: str = opt(MetaConfig.agg, "MeTA-LoRA: aggregate the query gradients over tasks")
+    meta_order: int = opt(MetaConfig.order, "MeTA-LoRA: 1 first order (FOMAML), 2 through the inner steps")
     # alignment (METHODS §3)
-    align_loss: str = "kl"            # kl (A-LoRA-K) or mmd (A-LoRA-M)
-    align_lambda: float = 0.1         # λ in L = L_LM + λ·L_align
-    align_any: bool = False           # the alignment loss on a non-align adapter too (METHODS §7 claim 9)
-    align_tokens: str = "all"         # align every real token's A-output (METHODS §3.7), or the answer's
-    align_position_wise: bool = False  # per-position statistics, as the released code (METHODS §3.3)
-    mmd_rows: int = MMD_MAX_ROWS      # rows per task the MMD compares (0: all, the exact estimator)
+    align_loss: str = opt("kl", "alignment loss: symmetric KL (A-LoRA-K) or multi-kernel MMD (A-LoRA-M)")
+    align_lambda: float = opt(0.1, "λ in L = L_LM + λ·L_align")
+    align_any: bool = opt(False, "add the alignment loss to a non-align adapter too (METHODS §7 claim 9)")
+    align_tokens: str = opt("all", "tokens whose A-outputs are aligned: every real token (METHODS §3.7) or the "
+                            "answer tokens")
+    align_position_wise: bool = opt(False, "per-position statistics, as the released code (METHODS §3.3)")
+    mmd_rows: int = opt(MMD_MAX_ROWS, "A-LoRA-M: rows (tokens) per task the MMD compares, evenly spaced (the kernel "
+                        "grows with their square; 0: every row, the exact estimator)")
     # system
-    device: str = "auto"
-    dtype: str = "auto"               # base weights: bf16 on CUDA, fp32 on CPU
-    autocast: str = "auto"            # bf16 autocast on CUDA
-    grad_ckpt: bool = False           # gradient checkpointing per decoder block
-    length_groups: int = 4            # at most this many forwards per micro-batch (rows grouped by length)
-    compile: bool = False
-    seed: int = 1337                  # adapter init, dropout and data order
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = opt("auto", "base weights: auto (bf16 on CUDA, fp32 on CPU)")
+    autocast: str = opt("auto", "bf16 autocast: auto (on CUDA only), bf16 (also on CPU), off")
+    grad_ckpt: bool = opt(False, "gradient checkpointing per decoder block")
+    length_groups: int = opt(4, "at most this many forwards per micro-batch, rows grouped by length so that each "
+                             "group is padded to its own longest row (1: one padded block, as with --grad-ckpt/DDP)")
+    compile: bool = opt(False, "torch.compile the model")
+    seed: int = opt(1337, "seed of adapter init, dropout and data order")
     # output and evaluation
-    out: str = "out"
-    run_name: str = ""                # default <model>-<adapter>-r<rank>
-    resume: bool = False
-    log_every: int = 1
-    ckpt_every: int = 50
-    eval_every: int = 0               # 0: only before and after training
-    eval_max: int = 40                # test examples per task (0: no evaluation)
-    eval_mode: str = "generate"
-    eval_tokens: int = 8
-    eval_data: str = ""               # held-out data (default: the test split of --data)
+    out: str = opt("out", "output root; the run writes to <out>/<run-name>")
+    run_name: str = opt("", "the run's directory name (default: <model>-<adapter>-r<rank>)")
+    resume: bool = opt(False, "continue from <out>/<run>/checkpoint")
+    log_every: int = opt(1, "print a log line every this many steps (log.jsonl gets every step)")
+    ckpt_every: int = opt(50, "checkpoint every this many steps")
+    eval_every: int = opt(0, "evaluate every this many steps (0: only before and after training)")
+    eval_max: int = opt(40, "test examples per task for the evaluations (0: no evaluation)")
+    eval_mode: str = opt("generate", "greedy generation + answer extraction, option log-likelihood (label "
+                         "format) or lm-evaluation-harness's cloze scoring")
+    eval_tokens: int = opt(8, "max new tokens per answer in generate mode")
+    eval_data: str = opt("", "held-out data for the evaluations (default: the test split of --data)")
 
 
 def aligns(cfg):

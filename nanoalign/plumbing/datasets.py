@@ -1,14 +1,5 @@
-"""Dataset loading (the plumbing around nanoalign/data.py): the prepared JSONL files, checked row by row, and
-`load_tasks`, which turns a --data spec (a suite, a comma list of tasks, or a .jsonl file) into examples by task.
-
-Normalised example (one JSON object per line in data/<suite>/<task>-<split>.jsonl, see data/README.md):
-
-    {"task": "sst2", "prompt": "...\\nAnswer:", "answer": " positive", "options": [" negative", " positive"]}
-
-Cloze examples (nanoalign/plumbing/tasks.py, the lm-evaluation-harness convention) add `"gold"`, the index of the
-correct option, and WinoGrande's partial scoring replaces `options` by `"contexts"`: one context per option, `answer`
-is the one scored continuation. `load_tasks` adds `"index"`, the example's position in its split, so that two
-evaluations can be compared example by example. Task ids are the positions of the task names in sorted order.
+"""Dataset loading around nanoalign/data.py: `load_tasks` turns a --data spec (a suite, a comma list of tasks, or a
+.jsonl file of normalised examples, data/README.md) into examples by task, each file checked row by row; JSONL I/O.
 """
 
 import json

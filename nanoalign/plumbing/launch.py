@@ -1,17 +1,13 @@
-"""train.py's launcher: the command line and everything around the book's training step and loop.
+"""train.py's launcher: everything around the book's training step and loop (train.py), which it builds and calls.
 
-train.py (the book) holds TrainConfig, the step and the loop; this file builds what they work on and meets the
-world: argparse from TrainConfig (every flag with its help and choices), the checks of the options (one `error:` line
-each), processes (torchrun), the run directory (fresh start, --overwrite, --resume from a checkpoint written
-atomically and synced, so a run killed at any moment resumes bitwise on CPU, also after a torn last log line or from
-checkpoint.old when the live checkpoint is damaged), Ctrl-C and SIGTERM (save a checkpoint, exit 0), a full disk
-(one line naming the file), data loading and tokenisation, model + adapter + optimizer, the log line with tok/s and
-MFU, the evaluations before, during and after training, the saved adapter and its PEFT export.
+The command line (argparse from TrainConfig) and the checks of the options, one `error:` line each; processes
+(torchrun: the process group, sums over ranks, evaluations shared out over the ranks); the run directory (a fresh
+start, --overwrite, or --resume from a checkpoint written atomically, so a run killed at any moment resumes bitwise
+on CPU); Ctrl-C and SIGTERM (save a checkpoint, exit 0); data loading and tokenisation; model + adapter + optimizer;
+log.jsonl and the log line with tok/s and MFU; the evaluations; the saved adapter and its PEFT export.
 
-`train(cfg)` is one run, stage by stage: `setup` (device, processes, seed, dtype, the run directory), `load_data`
-(tasks, tokenisation, the batcher), `build` (model, evaluation before, adapter, optimizer, resume), the book's loop
-with `Hooks` (log.jsonl and the printed line, checkpoints, evaluations, stop), and `finish` (final save and
-evaluation). Under DDP every rank evaluates a share of the examples.
+`train(cfg)` is one run: `setup` (device, processes, seed, dtype, run directory), `load_data`, `build` (model,
+evaluation before, adapter, optimizer, resume), the book's loop with `Hooks`, and `finish` (final save, evaluation).
 """
 
 import argparse
@@ -33,12 +29,12 @@ from tqdm import tqdm
 from . import load_model, load_tokenizer
 from ..adapters import KINDS, MAX_ALPHA, apply_adapter, check_options, count_trainable, export_peft_dirs, save_adapter
 from ..data import BalancedBatcher, encode_fitting
-from ..evaluate import MODES, accuracies, diagnostics_table, generation_fallback, markdown_table, without_records
+from ..evaluate import (MODES, accuracies, diagnostics_table, evaluate, generation_fallback, markdown_table,
+                        task_result, without_records)
 from ..meta import MetaConfig, MetaSampler, limit_shots
 from .checkpoint import (Checkpoint, check_fresh_start, clear_run_state, continue_run_dir, find_checkpoint,
                          load_checkpoint, read_log, save_checkpoint)
 from .datasets import load_tasks, select_tasks
-from .distributed import all_sum, evaluate_all_ranks, setup_distributed
 from .hub import HubError
 from .system import (base_dtype, flops_coefficients, os_error_line, peak_flops, peak_memory_mib, pick_device,
                      use_autocast, write_atomic)
@@ -46,87 +42,19 @@ from .tasks import FORMATS
 
 
 def book(module=None):
-    """train.py, the book's training step and loop, as a module: the one given (the running script hands itself
-    over), else imported from the repository root (tests, experiments/grid.py)."""
+    """train.py as a module: the one given (the running script hands itself over), else imported from the
+    repository root (tests, experiments/grid.py)."""
     return module or importlib.import_module("train")
 
 
 def book_of(cfg):
-    """The book module whose TrainConfig `cfg` is (`__main__` under `python train.py`)."""
-    return book(sys.modules.get(type(cfg).__module__))
+    """The train.py module that defines `cfg`'s class (`__main__` under `python train.py`)."""
+    return sys.modules[type(cfg).__module__]
 
 
 # ----------------------------------------------------------------------------- the command line
 
-HELP = {  # the --help text of every TrainConfig field (a field without one fails the first parse)
-    "model": "alias, local directory or HF repo id",
-    "adapter": "adapter kind (auto: align; lora with --trainer meta)",
-    "rank": "adapter rank r",
-    "alpha": "scaling numerator: s = alpha / r",
-    "heads": "multi-head adapters: number of B heads (multilora: number of A/B pairs)",
-    "targets": "linear layers to adapt, comma separated",
-    "dropout": "adapter dropout rate",
-    "adapter_options": "more options of the adapter's class (nanoalign/adapters.py) as key=value, comma "
-                       "separated, e.g. rlora: random_init=false,gamma=16",
-    "data": "suite (builtin, glue, commonsense), comma list of tasks, or a normalised .jsonl file",
-    "tasks": "subset of the tasks of --data, comma separated",
-    "data_dir": "where data/prepare.py wrote <suite>/<task>-<split>.jsonl",
-    "format": "prompt format: the paper's label words / numbered options, or lm-evaluation-harness's "
-              "cloze (the answer is the correct option's text; score it with --eval-mode cloze)",
-    "max_per_task": "training examples per task (0: all)",
-    "shots": "keep K training examples per task (drawn with --pool-seed; the 16 are among the 64), for "
-             "either trainer (0: all)",
-    "pool_seed": "seed of the --max-per-task training subsample and the --eval-max test subsample (apart "
-                 "from --seed, so that seeds change init, dropout and data order, not the data)",
-    "seq_len": "max tokens per example (the prompt is cut from the left; an example whose answer "
-               "does not fit is skipped, with a note)",
-    "max_steps": "optimizer steps (the cosine schedule ends here)",
-    "stop_at": "save a checkpoint and exit after this step, as if interrupted (0: run to --max-steps)",
-    "batch_per_task": "examples of EVERY task in each micro-batch (per rank)",
-    "grad_accum": "micro-batches per optimizer step",
-    "lr": "peak learning rate",
-    "warmup": "linear warmup steps, then cosine decay to 10%% of --lr",
-    "weight_decay": "AdamW weight decay",
-    "grad_clip": "clip the gradient norm to this (0: no clipping)",
-    "trainer": "standard: task-balanced micro-batches; meta: MeTA-LoRA (two-stage MAML-style "
-               "episodes on a plain LoRA)",
-    "meta_tasks": "MeTA-LoRA: tasks per episode n (capped at the number of tasks)",
-    "meta_support": "MeTA-LoRA: support examples per task and episode",
-    "meta_query": "MeTA-LoRA: query examples per task and episode (disjoint from support)",
-    "meta_inner_steps": "MeTA-LoRA: inner SGD steps k on the support batch (0: "
-                        "multi-task LoRA on the query batches)",
-    "meta_inner_lr": "MeTA-LoRA: inner SGD learning rate α",
-    "meta_agg": "MeTA-LoRA: aggregate the query gradients over tasks",
-    "meta_order": "MeTA-LoRA: 1 first order (FOMAML), 2 through the inner steps",
-    "align_loss": "alignment loss: symmetric KL (A-LoRA-K) or multi-kernel MMD (A-LoRA-M)",
-    "align_lambda": "λ in L = L_LM + λ·L_align",
-    "align_any": "add the alignment loss to a non-align adapter too (METHODS §7 claim 9)",
-    "align_tokens": "tokens whose A-outputs are aligned: every real token (METHODS §3.7) or the "
-                    "answer tokens",
-    "align_position_wise": "per-position statistics, as the released code (METHODS §3.3)",
-    "mmd_rows": "A-LoRA-M: rows (tokens) per task the MMD compares, evenly spaced (the kernel "
-                "grows with their square; 0: every row, the exact estimator)",
-    "device": "auto (cuda if available), cpu, cuda, cuda:1, ...",
-    "dtype": "base weights: auto (bf16 on CUDA, fp32 on CPU)",
-    "autocast": "bf16 autocast: auto (on CUDA only), bf16 (also on CPU), off",
-    "grad_ckpt": "gradient checkpointing per decoder block",
-    "length_groups": "at most this many forwards per micro-batch, rows grouped by length so that each "
-                     "group is padded to its own longest row (1: one padded block, as with --grad-ckpt/DDP)",
-    "compile": "torch.compile the model",
-    "seed": "seed of adapter init, dropout and data order",
-    "out": "output root; the run writes to <out>/<run-name>",
-    "run_name": "the run's directory name (default: <model>-<adapter>-r<rank>)",
-    "resume": "continue from <out>/<run>/checkpoint",
-    "log_every": "print a log line every this many steps (log.jsonl gets every step)",
-    "ckpt_every": "checkpoint every this many steps",
-    "eval_every": "evaluate every this many steps (0: only before and after training)",
-    "eval_max": "test examples per task for the evaluations (0: no evaluation)",
-    "eval_mode": "greedy generation + answer extraction, option log-likelihood (label "
-                 "format) or lm-evaluation-harness's cloze scoring",
-    "eval_tokens": "max new tokens per answer in generate mode",
-    "eval_data": "held-out data for the evaluations (default: the test split of --data)",
-}
-CHOICES = {
+CHOICES = {  # the flags with a few possible values (their help texts are in TrainConfig)
     "adapter": ["auto", *KINDS],
     "format": list(FORMATS),
     "trainer": ["standard", "meta"],
@@ -145,7 +73,7 @@ def make_parser(train_py=None):
     p = argparse.ArgumentParser(description=train_py.__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(train_py.TrainConfig):
-        kw = dict(default=f.default, help=HELP[f.name])
+        kw = dict(default=f.default, help=f.metadata["help"])
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -173,22 +101,22 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+RANGES = [  # (fields, test, what the error says), checked in this order
+    (["rank", "heads", "max_steps", "batch_per_task", "grad_accum", "seq_len", "log_every", "ckpt_every",
+      "eval_tokens", "length_groups"], lambda v: not v < 1, "must be at least 1"),
+    (["warmup", "max_per_task", "shots", "stop_at", "eval_every", "eval_max", "mmd_rows"], lambda v: not v < 0,
+     "must not be negative"),
+    (["lr", "alpha", "dropout", "weight_decay", "grad_clip", "align_lambda"], math.isfinite, "must be a finite number"),
+]
+
+
 def check_config(cfg, overwrite=False):
     """Every option in range before anything is loaded or written: a non-finite or absurd number would otherwise
     show up as a NaN loss after the first update, or worse as finite garbage saved in a checkpoint."""
-    positive = ["rank", "heads", "max_steps", "batch_per_task", "grad_accum", "seq_len", "log_every", "ckpt_every",
-                "eval_tokens", "length_groups"]
-    bad = next((f for f in positive if getattr(cfg, f) < 1), None)
-    if bad:
-        raise ValueError(f"{flag(bad)} must be at least 1, got {getattr(cfg, bad)}")
-    bad = next((f for f in ["warmup", "max_per_task", "shots", "stop_at", "eval_every", "eval_max", "mmd_rows"]
-                if getattr(cfg, f) < 0), None)
-    if bad:
-        raise ValueError(f"{flag(bad)} must not be negative, got {getattr(cfg, bad)}")
-    bad = next((f for f in ["lr", "alpha", "dropout", "weight_decay", "grad_clip", "align_lambda"]
-                if not math.isfinite(getattr(cfg, f))), None)
-    if bad:
-        raise ValueError(f"{flag(bad)} must be a finite number, got {getattr(cfg, bad)}")
+    for fields, ok, what in RANGES:
+        bad = next((f for f in fields if not ok(getattr(cfg, f))), None)
+        if bad:
+            raise ValueError(f"{flag(bad)} {what}, got {getattr(cfg, bad)}")
     if not 0 < cfg.lr <= 1:
         raise ValueError(f"--lr must be in (0, 1], got {cfg.lr} (AdamW moves each weight by about the learning rate "
                          "per step; LoRA learning rates are 1e-4 to 1e-2)")
@@ -247,6 +175,46 @@ def check_resume_config(old: dict, cfg, say):
                if k in old and k not in ("resume",) and old[k] != v and not (v != v and old[k] != old[k])]
     if changed:
         say("note: resuming with changed settings: " + ", ".join(changed))
+
+
+# ----------------------------------------------------------------------------- processes (torchrun)
+
+def setup_distributed(device):
+    """(rank, world size, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK. gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def all_sum(t, world):
+    """Sum a float64 tensor over ranks (the Ctrl-C flag), so every rank takes the same decision; no host sync."""
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def evaluate_all_ranks(model, tok, tasks, env, **kw):
+    """`evaluate` with the examples shared out over the ranks (rank r scores examples r, r + world, ...) and the
+    records gathered back in their order, so every rank gets the whole result. Every rank works during an
+    evaluation, and none waits inside a collective while another one evaluates alone (NCCL's watchdog kills a
+    collective that waits longer than its timeout, e.g. 10 minutes)."""
+    if env.world == 1:
+        return evaluate(model, tok, tasks, **kw)
+    shard = {t: rows[env.rank::env.world] for t, rows in tasks.items() if rows[env.rank::env.world]}
+    mine = evaluate(model, tok, shard, progress=env.master, **kw)
+    parts = [None] * env.world
+    dist.all_gather_object(parts, {t: (r["mode"], r["records"]) for t, r in mine.items()})
+    results = {}
+    for t, rows in tasks.items():
+        per_rank = [part.get(t, (None, [])) for part in parts]
+        records = [per_rank[i % env.world][1][i // env.world] for i in range(len(rows))]
+        results[t] = task_result(records, next(mode for mode, _ in per_rank if mode))
+    return results
 
 
 # ----------------------------------------------------------------------------- the stages of a run
