@@ -162,8 +162,8 @@ def to_device(t, device):
 # ----------------------------------------------------------------------------- the loss of one micro-batch
 
 def micro_batch_backward(fwd, model, batch, cfg, align_on, num_tasks, autocast, device, align_fn=alignment_loss):
-    """Forward and backward of one task-balanced micro-batch: L = CE over its answer tokens (+ λ·L_align over all
-    its rows), divided by --grad-accum. Returns (ce, align loss) as 0-dim tensors on the device (read by the host
+    """Forward and backward of one task-balanced micro-batch: L = CE over its answer tokens (METHODS §5.1) + λ·L_align
+    over all its rows (§3.5, §3.7), divided by --grad-accum. Returns (ce, align loss) as 0-dim tensors on the device (read by the host
     once per step, not per micro-batch), and (real tokens, Σ_rows T_row², logit positions) as Python numbers.
 
     Without gradient checkpointing the rows run as length groups (`length_groups`), one forward each; the CE is
