@@ -10,8 +10,8 @@ Reads the ORIGINAL file layouts (GLUE tsv, PIQA/SIQA jsonl + labels.lst, BoolQ, 
 ARC/OpenBookQA, GSM8K, BBH json) under `<source>/<suite>/<task>/` and writes `<out>/<suite>/<task>-{train,test}.jsonl`
 (the paper's label format) and `<out>/<suite>/cloze/<task>-{train,test}.jsonl` (lm-evaluation-harness's cloze format).
 GLUE dev is the test split; a task with one labelled split is split deterministically; training splits are capped as
-in the Align-LoRA data code (nanoalign/tasks.py TRAIN_CAPS, seed 42). `<task>-dev.jsonl` (both formats, the same rows)
-holds up to DEV_SIZE examples drawn from the training rows the cap leaves out, else from an official held-out split that
+in the Align-LoRA data code (nanoalign/plumbing/tasks.py TRAIN_CAPS, seed 42). `<task>-dev.jsonl` (both formats, the
+same rows) holds up to DEV_SIZE examples drawn from the training rows the cap leaves out, else from an official held-out split that
 is not the test split (ARC, OpenBookQA, MRPC), never an input of train or test; the train and test files do not depend
 on it. Tasks whose files are absent are skipped.
 Without --source (and no ../shared/data beside the repo) the original files are downloaded from their public homes
@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from nanoalign.data import data_file, write_jsonl  # noqa: E402
-from nanoalign.tasks import (FORMATS, LABEL_ONLY, SUITES, TRAIN_CAPS, builtin_examples, dev_positions,  # noqa: E402
-                             read_task, subsample, task_dir)
+from nanoalign.plumbing.datasets import data_file, write_jsonl  # noqa: E402
+from nanoalign.plumbing.tasks import (FORMATS, LABEL_ONLY, SUITES, TRAIN_CAPS, builtin_examples,  # noqa: E402
+                                      dev_positions, read_task, subsample, task_dir)
 
 GLUE_ZIP = "https://dl.fbaipublicfiles.com/glue/data/"
 AI2 = "https://ai2-public-datasets.s3.amazonaws.com/"

@@ -5,7 +5,7 @@ A grid is a `Suite` (model, tasks, prompt format, training budget, test set, sco
 order only: the training pool and the test set are the same for every seed and every method, so two methods can
 be compared seed by seed and example by example (experiments.stats).
 
-Every run is one call of train.py's loop (`train.train`, no evaluation inside), then one evaluation of the trained
+Every run is one call of train.py's loop (`launch.train`, no evaluation inside), then one evaluation of the trained
 adapter on the grid's test set (merged where the adapter is mergeable, so at base-model speed) and the analyses the
 grid asks for (inter-head similarity, ΔW spectra, the A-output separation probe). Its result — config, commit,
 machine, wall time, per-task diagnostics (accuracy, SE, majority rate, prediction histogram, collapse flag),
@@ -50,11 +50,12 @@ import torch  # noqa: E402
 
 from nanoalign.plumbing import system  # noqa: E402
 import train  # noqa: E402
+from nanoalign.plumbing import launch  # noqa: E402
 from nanoalign.adapters import count_trainable, load_adapter, merge_adapters  # noqa: E402
 from experiments.analysis import delta_weight_spectrum, effective_rank, head_cosine_similarity, separation_probe  # noqa
 from nanoalign.plumbing.checkpoint import read_log  # noqa: E402
-from nanoalign.data import load_tasks  # noqa: E402
-from nanoalign.tasks import TASK_SUITE  # noqa: E402
+from nanoalign.plumbing.datasets import load_tasks  # noqa: E402
+from nanoalign.plumbing.tasks import TASK_SUITE  # noqa: E402
 from nanoalign.evaluate import evaluate, without_records  # noqa: E402
 
 # where results and the runs' checkpoints/adapters go; the variables let a grid run from another checkout (a git
@@ -70,7 +71,7 @@ class Suite:
     """What every run of a grid shares: model, tasks, prompt format, training budget, test set and scoring."""
     tasks: tuple
     model: str = "smollm2-135m"
-    fmt: str = "label"               # prompt format (nanoalign.tasks.FORMATS)
+    fmt: str = "label"               # prompt format (nanoalign.plumbing.tasks.FORMATS)
     steps: int = 200
     batch_per_task: int = 2          # examples of every task per step
     lr: float = 1e-3
@@ -533,7 +534,7 @@ class Grid:
             shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to resume
         cfg.resume = has_ckpt
         t0 = time.perf_counter()
-        trained = train.train(cfg)
+        trained = launch.train(cfg)
         if trained is None:
             raise RuntimeError(f"run {label} seed {seed} stopped before its last step (interrupted); rerun to resume")
         train_s = time.perf_counter() - t0

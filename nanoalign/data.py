@@ -1,4 +1,4 @@
-"""Multi-task data for nanoalign: loading tasks, answer-only tokenisation, task-balanced micro-batches, scoring.
+"""Multi-task data for nanoalign: answer-only tokenisation, task-balanced micro-batches, answer scoring.
 
 Implements the data side of METHODS.md: the prompt/answer tokenisation of §5.1 (labels -100 on the prompt, the
 answer plus one end marker is the target), the task-balanced micro-batches of §3.7 (every micro-batch holds exactly
@@ -6,66 +6,22 @@ k examples of every task, so the alignment loss of §3 always sees every task an
 the answer extraction of the Align-LoRA evaluation (§5.1: text after the last "Answer:", numbers as floats, option
 letters by regex, otherwise lower-cased exact match without periods).
 
-Normalised example (one JSON object per line in data/<suite>/<task>-<split>.jsonl, see data/README.md):
+An example is a dict (data/README.md; loaded by nanoalign/plumbing/datasets.py `load_tasks`):
 
     {"task": "sst2", "prompt": "...\\nAnswer:", "answer": " positive", "options": [" negative", " positive"]}
 
-Cloze examples (nanoalign.tasks, the lm-evaluation-harness convention) add `"gold"`, the index of the correct
-option, and WinoGrande's partial scoring replaces `options` by `"contexts"`: one context per option, `answer` is the
-one scored continuation. `load_tasks` adds `"index"`, the example's position in its split, so that two evaluations
-can be compared example by example.
-
+Cloze examples (lm-evaluation-harness's convention) add `"gold"`, the index of the correct option; WinoGrande's
+partial scoring replaces `options` by `"contexts"`, one context per option, `answer` the one scored continuation.
 Task ids are the positions of the task names in sorted order, everywhere (batches, evaluation, alignment groups).
 """
 
-import json
-import os
 import random
 import re
-import sys
-from pathlib import Path
 
 import torch
 
-from .plumbing.system import write_atomic
-from .tasks import (BBH_TASKS, BUILTIN_TASKS, LABEL_ONLY, SUITES, TASK_SUITE, builtin_examples, check_format,
-                    read_json_lines, subsample)
-
 IGNORE_INDEX = -100
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# JSONL files of normalised examples
-
-def check_example(ex):
-    """The problem with one normalised example as a short phrase, or None when it is well-formed."""
-    if not isinstance(ex, dict):
-        return f"expected a JSON object, got {type(ex).__name__}"
-    for key in ("task", "prompt", "answer"):
-        if key not in ex:
-            return f"missing key {key!r}"
-        if not isinstance(ex[key], str) or not ex[key].strip():
-            return f"{key!r} must be a non-empty string"
-    if "options" in ex and "contexts" in ex:
-        return "an example has 'options' (one context, several continuations) or 'contexts' (several contexts, one "\
-               "continuation), not both"
-    choices = ex.get("options", ex.get("contexts"))
-    key = "contexts" if "contexts" in ex else "options"
-    if choices is not None:
-        if not isinstance(choices, list) or len(choices) < 2 or \
-                not all(isinstance(o, str) and o.strip() for o in choices):
-            return f"{key!r} must be a list of at least 2 non-empty strings"
-    if "gold" in ex:
-        gold = ex["gold"]
-        if choices is None or not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-            return f"'gold' must be the index of the correct one of the {key}"
-        if (choices[gold] != ex["answer"]) if key == "options" else (choices[gold] != ex["prompt"]):
-            return f"'gold' {gold} does not point at the {'answer' if key == 'options' else 'prompt'}"
-    elif key == "contexts":
-        return "an example with 'contexts' needs 'gold', the index of the correct context"
-    elif choices is not None and ex["answer"] not in choices:
-        return f"answer {ex['answer']!r} is not one of the options {choices}"
-    return None
+GENERATION_TOKENS = {"gsm8k": 256}  # max new tokens where the answer is a worked solution (others: one word)
 
 
 def choices_of(ex):
@@ -75,111 +31,6 @@ def choices_of(ex):
     if "options" in ex:
         return [(ex["prompt"], o) for o in ex["options"]], ex.get("gold", ex["options"].index(ex["answer"]))
     return [], None
-
-
-def read_jsonl(path):
-    """Normalised examples of a JSONL file; a line that is not UTF-8 text or not JSON (tasks.read_json_lines), or a
-    malformed example, raises ValueError naming the file, line and problem."""
-    rows = []
-    for i, ex in read_json_lines(path):
-        if problem := check_example(ex):
-            raise ValueError(f"{path}:{i}: {problem}")
-        rows.append(ex)
-    return rows
-
-
-def write_jsonl(path, rows):
-    """Write examples atomically (nanoalign.plumbing.system.write_atomic), one JSON object a line."""
-    write_atomic(path, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in rows))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# loading
-
-def prepare_hint(suite, task=None, split="train"):
-    tasks = f" --tasks {task}" if task else ""
-    dev = " (the dev split: see data/README.md for the tasks that have one)" if split == "dev" else ""
-    return f"run `python data/prepare.py {suite} --source DIR{tasks}` first{dev}"
-
-
-def data_file(data_dir, task, split, fmt="label"):
-    """Where data/prepare.py writes a task's split: <data_dir>/<suite>/<task>-<split>.jsonl (label format) or
-    <data_dir>/<suite>/cloze/<task>-<split>.jsonl."""
-    suite_dir = Path(data_dir) / TASK_SUITE[task]
-    return (suite_dir / "cloze" if fmt == "cloze" else suite_dir) / f"{task}-{split}.jsonl"
-
-
-def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None, seed=0, fmt="label"):
-    """Examples grouped by task: dict[task -> list[example]], keys sorted (the task-id order).
-
-    spec: a suite name ("builtin", "glue", "commonsense", "math", "bbh"), a comma list of task names (e.g.
-    "sst2,rte,piqa"), or a path to a JSONL file of normalised examples (task names come from the rows; `split` and
-    `fmt` are then ignored). Builtin tasks are generated in memory. For a file-backed suite, tasks whose prepared
-    file is missing are left out (MNLI, QQP and HellaSwag have no local source) with one warning line; none at all
-    is an error. fmt: "label" (the paper's prompts) or "cloze" (lm-evaluation-harness's; not for builtin and BBH).
-    max_per_task: keep at most this many examples per task (random subsample in file order, deterministic in
-    `seed`); None or 0 keeps the whole split in file order. Every example gets "index", its position in the split.
-    split "dev" (file-backed tasks only): examples for choosing hyperparameters, in neither train nor test; a task
-    without a dev source has no dev file (data/README.md).
-    """
-    if split not in ("train", "dev", "test"):
-        raise ValueError(f"split must be 'train', 'dev' or 'test', got {split!r}")
-    check_format(fmt)
-    data_dir = Path(data_dir)
-    by_task = {}
-    if spec.endswith(".jsonl") or os.sep in spec:
-        path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (spec is a path to a JSONL file of normalised examples)")
-        for ex in read_jsonl(path):
-            by_task.setdefault(ex["task"], []).append(ex)
-        if not by_task:
-            raise ValueError(f"{path} holds no examples")
-    elif spec in SUITES:
-        if spec == "bbh" and split == "train":
-            raise ValueError("bbh is evaluation-only (its files carry a do-not-train canary); use split='test'")
-        if fmt != "label" and spec in LABEL_ONLY:
-            raise ValueError(f"the {spec} suite has the label format only; use fmt='label'")
-        if spec == "builtin":
-            by_task = {t: builtin_examples(t, split) for t in BUILTIN_TASKS}
-        else:
-            files = {t: data_file(data_dir, t, split, fmt) for t in SUITES[spec]}
-            present = {t: p for t, p in files.items() if p.exists()}
-            if not present:
-                raise FileNotFoundError(f"no prepared {spec} {fmt}-format {split} data in {data_dir / spec}: "
-                                        f"{prepare_hint(spec, split=split)}")
-            missing = sorted(set(files) - set(present))
-            if missing:
-                print(f"note: {spec} tasks without prepared {split} data are left out: {', '.join(missing)}",
-                      file=sys.stderr)
-            by_task = {t: read_jsonl(p) for t, p in present.items()}
-    else:
-        names = [t.strip() for t in spec.split(",") if t.strip()]
-        unknown = [t for t in names if t not in TASK_SUITE]
-        if unknown or not names:
-            raise ValueError(f"unknown task {', '.join(unknown) or repr(spec)}: give a suite ({', '.join(SUITES)}), "
-                             f"a comma list of task names, or a path to a .jsonl file")
-        for t in names:
-            suite = TASK_SUITE[t]
-            if fmt != "label" and suite in LABEL_ONLY:
-                raise ValueError(f"{t} has the label format only; use fmt='label' (or leave it out of a cloze suite)")
-            if suite == "builtin":
-                by_task[t] = builtin_examples(t, split)
-                continue
-            if suite == "bbh" and split == "train":
-                raise ValueError(f"{t} is a BBH task: evaluation-only, use split='test'")
-            path = data_file(data_dir, t, split, fmt)
-            if not path.exists():
-                raise FileNotFoundError(f"{path} not found: {prepare_hint(suite, t, split)}")
-            by_task[t] = read_jsonl(path)
-    for t, rows in by_task.items():
-        if not rows:
-            raise ValueError(f"task {t!r} has no {split} examples")
-        wrong = next((ex["task"] for ex in rows if ex["task"] != t), None)
-        if wrong is not None:
-            raise ValueError(f"file for task {t!r} holds a row of task {wrong!r}")
-    indexed = {t: [{**ex, "index": i} for i, ex in enumerate(rows)] for t, rows in by_task.items()}
-    return {t: subsample(indexed[t], max_per_task or None, seed=seed, salt=t) for t in sorted(indexed)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,6 +210,21 @@ class BalancedBatcher:
         self._perm = [None] * len(self.tasks)
 
 
+def length_groups(lengths, max_groups=4, overhead=16):
+    """Rows of a micro-batch in groups of similar length, each padded only to its own longest row: of the splits of
+    the length-sorted rows into k equal groups (k <= max_groups), the one with the fewest padded tokens plus
+    `overhead` tokens per extra forward. A task-balanced batch mixes short and long tasks (SST-2 ~40 tokens, BoolQ
+    ~150-300), so one padded block wastes up to half its tokens."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best = None
+    for k in range(1, min(max_groups, len(order)) + 1):
+        groups = [sorted(order[i * len(order) // k:(i + 1) * len(order) // k]) for i in range(k)]  # rows in batch order
+        cost = sum(len(g) * max(lengths[j] for j in g) for g in groups) + overhead * (k - 1)
+        if best is None or cost < best[0]:
+            best = (cost, groups)
+    return best[1]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation: answer extraction (§5.1)
 
@@ -470,8 +336,3 @@ def extract_answer(generated_text, gold, prompt=None):
         return bare is not None and int(bare.group(1)) == int(label.group(2))
     return normalise(first_line) == normalise(gold)
 
-
-__all__ = ["IGNORE_INDEX", "BBH_TASKS", "BUILTIN_TASKS", "SUITES", "BalancedBatcher", "check_example", "choices_of",
-           "data_file", "encode_example", "encode_tasks", "extract_answer", "final_number", "left_pad",
-           "listed_options", "load_tasks", "pad_right", "predicted_answer", "prediction_text", "read_jsonl",
-           "write_jsonl"]

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .adapters import adapter_context
 from .data import choices_of, extract_answer, left_pad, predicted_answer, text_tail
 from .model import KVCache
-from .tasks import GENERATION_TOKENS
+from .data import GENERATION_TOKENS
 
 MODES = ("generate", "loglik", "cloze")
 COLLAPSED = 0.9  # a task is "collapsed" when one prediction covers more than this share of its examples

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign.data import write_jsonl
-from nanoalign.tasks import BUILTIN_TASKS, builtin_examples
+from nanoalign.plumbing.datasets import write_jsonl
+from nanoalign.plumbing.tasks import BUILTIN_TASKS, builtin_examples
 
 JSONL_TASKS = tuple(sorted(BUILTIN_TASKS)[:3])  # the small JSONL data set most tests train on
 

@@ -355,10 +355,11 @@ def test_prepare_with_a_malformed_row_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------- exports never overwrite (issue 26)
 
 def script(name):
-    """The script train.py or eval.py as a module."""
+    """The command line of the script train.py or eval.py (its `main`) as a module: nanoalign.plumbing.launch or
+    eval_cli, which import the script itself from the repository root."""
     import importlib
     sys.path.insert(0, str(REPO))
-    return importlib.import_module(name)
+    return importlib.import_module({"train": "nanoalign.plumbing.launch", "eval": "nanoalign.plumbing.eval_cli"}[name])
 
 
 def script_error(capsys, main, args):
@@ -441,7 +442,7 @@ def test_long_answers_are_skipped_with_one_note(tiny_tok, tmp_path, capsys):
     with eos, more than max_len=256 leaves for the prompt: raise max_len` (a flag that does not exist) stopped the
     whole run at the first such example; all of a task's answers too long is one error line naming --seq-len."""
     from conftest import make_jsonl
-    from nanoalign.data import read_jsonl, write_jsonl
+    from nanoalign.plumbing.datasets import read_jsonl, write_jsonl
     train_py = script("train")
     d, _ = tiny_tok
     rows = read_jsonl(make_jsonl(tmp_path / "train.jsonl"))
@@ -529,7 +530,7 @@ def test_tokenizer_files_of_the_wrong_shape(tiny_tok, tmp_path, file, text, matc
 
 def test_deeply_nested_data_row_is_one_line(tmp_path):
     """A JSONL row nested 100,000 deep is a ValueError naming the file and line (was a RecursionError traceback)."""
-    from nanoalign.data import read_jsonl
+    from nanoalign.plumbing.datasets import read_jsonl
     f = tmp_path / "d.jsonl"
     f.write_text('{"task": "t", "prompt": "p", "answer": "a"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(ValueError, match=f"{f}:2: JSON nested too deep") as e:
@@ -592,7 +593,7 @@ def test_checkpoint_rng_state_incomplete(stopped_run, capsys, damage):
 
 SIGNAL_DURING_FINAL_SAVE = """
 import os, signal, sys
-import train
+from nanoalign.plumbing import launch as train
 save = train.save_checkpoint
 def signalled(path, model, opt, step, *args):
     if step == int(os.environ["FINAL_STEP"]):

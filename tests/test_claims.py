@@ -80,8 +80,8 @@ def test_claim_10_methods_share_lora_r8_and_leave_earlier_keys_alone():
     import json
     from types import SimpleNamespace
 
-    import train
     from nanoalign.meta import MetaConfig, MetaSampler
+    from nanoalign.plumbing import launch
 
     m = C.methods(3, ModelConfig.from_hf_dict(SMOLLM2))
     labels, seeds, comparisons = C.CLAIMS["10"]
@@ -108,7 +108,7 @@ def test_claim_10_methods_share_lora_r8_and_leave_earlier_keys_alone():
     for label, method in m.items():
         cfg = G.train_config(C.SUITE, method.options, 0, "w")  # raises on an option train.py does not have
         keys[label] = G.run_key(cfg, C.SUITE, data)
-        train.check_config(cfg)
+        launch.check_config(cfg)
         if cfg.trainer == "meta":
             pools = {t: [None] * min(C.SHOTS) for t in C.SUITE.tasks}  # the smallest K-shot pools
             assert MetaSampler(pools, MetaConfig.from_flags(cfg)).n == len(C.SUITE.tasks)

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign import tasks as T
-from nanoalign.data import (IGNORE_INDEX, BalancedBatcher, check_example, encode_example, encode_tasks,
-                            extract_answer, left_pad, listed_options, load_tasks, read_jsonl, write_jsonl)
+from nanoalign.data import IGNORE_INDEX, BalancedBatcher, encode_example, encode_tasks, extract_answer, left_pad, \
+    listed_options
+from nanoalign.plumbing import tasks as T
+from nanoalign.plumbing.datasets import check_example, load_tasks, read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NANOALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from nanoalign import tasks as T
-from nanoalign.data import load_tasks, read_jsonl
+from nanoalign.plumbing import tasks as T
+from nanoalign.plumbing.datasets import load_tasks, read_jsonl
 
 from test_data import REPO, SHARED, write
 

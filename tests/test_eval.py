@@ -7,7 +7,6 @@ unmerged adapters, and the error paths of eval.py.
 """
 
 import errno
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from nanoalign.data import extract_answer  # noqa: E402
 from nanoalign.evaluate import (accuracies, choice_logprobs, diagnostics_table, encode_pair, evaluate,  # noqa: E402
                                 generate_texts, markdown_table, summarise)
 
-eval_py = importlib.import_module("eval")  # the script (a module named `eval` shadows nothing once imported so)
+from nanoalign.plumbing import eval_cli as eval_py  # noqa: E402  (eval.py's command line: `main`)
 
 EXAMPLES = [  # hand-made: different prompt lengths (padding), options of different token lengths
     {"task": "t1", "prompt": "Task: colour the review.\nQuestion: blue or green? \"The meal was great.\"\nAnswer:",
@@ -168,7 +167,7 @@ def test_eval_py_with_adapter_merged_and_unmerged(tiny, model_tok, tmp_path, cap
     assert "| **average** |" in out and f"| {JSONL_TASKS[0]}" in out and "majority" in out
     saved = json.loads((tmp_path / "run" / "eval" / "test-test-label-loglik-n500.json").read_text())
     assert saved["accuracy"] == res["accuracy"]
-    from nanoalign.data import load_tasks
+    from nanoalign.plumbing.datasets import load_tasks
     tasks = load_tasks(str(data), "test", max_per_task=500, seed=1337)
     assert accuracies(evaluate(model, tok, tasks, mode="loglik")) == res["accuracy"]
     merged = nanoalign.plumbing.load_model(tiny)

@@ -72,7 +72,7 @@ def test_killed_run_resumes_from_its_checkpoint(suite, tmp_path, one_thread):
     g = G.Grid("t", s, m, [0], results_dir=tmp_path / "b", work_dir=tmp_path / "wb")
     cfg = G.train_config(s, {**m["lora"].options, "stop_at": 2}, 0, tmp_path / "wb")
     cfg.run_name = g.key("lora", 0)
-    assert G.train.train(cfg) is None  # stopped at step 2 with a checkpoint, like a kill after it
+    assert G.launch.train(cfg) is None  # stopped at step 2 with a checkpoint, like a kill after it
     out = g.run()["lora"][0]
     assert out["resumed"] and out["curve"]["ce_every"] == ref["curve"]["ce_every"]
     assert out["average"] == ref["average"]
@@ -113,7 +113,7 @@ def test_recheck_retrains_a_cached_run_elsewhere_and_compares(suite, tmp_path, o
 def fake_glue(d: Path, tag=""):
     """Prepared SST-2 and CoLA files (label format, 24 train / 6 test rows each) of made-up sentences: a
     file-backed suite for the tiny model; `tag` changes the test sentences (other data, same suite)."""
-    from nanoalign.data import write_jsonl
+    from nanoalign.plumbing.datasets import write_jsonl
     for t, words in (("sst2", (" negative", " positive")), ("cola", (" unacceptable", " acceptable"))):
         for split, n in (("train", 24), ("test", 6)):
             write_jsonl(d / "glue" / f"{t}-{split}.jsonl",
@@ -221,7 +221,7 @@ def test_dev_split_is_scored_and_keyed_only_where_the_suite_has_one(tiny, tmp_pa
     """A suite with dev_per_task scores the base model and every run on that many dev examples per task too (the
     split choices are made on), and its keys differ from the same suite's without it; a suite without it keys and
     describes itself as before the field existed."""
-    from nanoalign.data import write_jsonl
+    from nanoalign.plumbing.datasets import write_jsonl
     d = fake_glue(tmp_path / "data")
     for t in ("sst2", "cola"):
         write_jsonl(d / "glue" / f"{t}-dev.jsonl", [{"task": t, "prompt": f"{t} dev sentence {i}:", "answer": " yes",

@@ -16,7 +16,7 @@ from nanoalign.adapters import apply_adapter
 from nanoalign.data import IGNORE_INDEX, encode_tasks
 from nanoalign.meta import MetaConfig, MetaSampler, answer_loss, limit_shots, meta_step
 from nanoalign.model import RMSNorm
-from nanoalign.tasks import builtin_examples
+from nanoalign.plumbing.tasks import builtin_examples
 from conftest import JSONL_TASKS
 
 ALPHA = 0.5  # large enough that the adaptation visibly changes the gradient on the tiny model

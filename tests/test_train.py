@@ -24,15 +24,17 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train as train_py  # noqa: E402
+import train as book  # noqa: E402  (the training step and loop)
 
 from conftest import JSONL_TASKS, error_line, make_jsonl  # noqa: E402
 import nanoalign  # noqa: E402
 import nanoalign.plumbing
+from nanoalign.plumbing import launch  # noqa: E402  (train.py's command line and run)
 from nanoalign.adapters import load_adapter  # noqa: E402
-from nanoalign.data import load_tasks  # noqa: E402
+from nanoalign.data import length_groups  # noqa: E402
+from nanoalign.plumbing.datasets import load_tasks  # noqa: E402
 from nanoalign.evaluate import evaluate  # noqa: E402
-from nanoalign.tasks import BUILTIN_TASKS, builtin_examples  # noqa: E402
+from nanoalign.plumbing.tasks import BUILTIN_TASKS, builtin_examples  # noqa: E402
 
 LOG_LINE = re.compile(r"^step +\d+ \| loss \S+ \(ce \S+, align \S+\) \| lr \S+ \| [\d,]+ tok/s \| mfu \S+ \| "
                       r"mem [\d,]+ MB \| \d+ ms$")
@@ -53,7 +55,7 @@ def argv(tiny, out, data=None, *extra):
 
 
 def run(*args):
-    return train_py.train(train_py.parse_args(list(args)))
+    return launch.train(launch.parse_args(list(args)))
 
 
 def read_log(out):
@@ -132,11 +134,11 @@ def test_length_groups_give_the_loss_of_the_whole_micro_batch(tiny, data, tmp_pa
 def test_length_groups_split():
     """Length-sorted rows in k equal groups, k chosen to minimise padded tokens + 16 per extra forward: uniform
     lengths stay one group, a long tail gets its own group, every row appears once."""
-    assert train_py.length_groups([10] * 6) == [list(range(6))]
-    groups = train_py.length_groups([40, 300, 41, 42, 290, 43], max_groups=4)
+    assert length_groups([10] * 6) == [list(range(6))]
+    groups = length_groups([40, 300, 41, 42, 290, 43], max_groups=4)
     assert sorted(i for g in groups for i in g) == list(range(6)) and len(groups) > 1
     assert {1, 4} in [set(g) for g in groups]
-    assert train_py.length_groups([40, 300, 41], max_groups=1) == [[0, 1, 2]]
+    assert length_groups([40, 300, 41], max_groups=1) == [[0, 1, 2]]
 
 
 def test_step_forward_is_sync_free_and_equals_the_bool_mask_path():
@@ -154,7 +156,7 @@ def test_step_forward_is_sync_free_and_equals_the_bool_mask_path():
     rows = lambda n, lo: [([1 + (7 * i + j) % 60 for j in range(lo + 5 * i)], [-100] * (lo + 5 * i - 2) + [3, 4])
                           for i in range(n)]
     batch = next(BalancedBatcher({"a": rows(3, 4), "b": rows(3, 30)}, per_task=3))
-    cfg = train_py.TrainConfig(dropout=0.0)
+    cfg = book.TrainConfig(dropout=0.0)
     calls = []
 
     def recorded(ids, mask, **kw):
@@ -167,7 +169,7 @@ def test_step_forward_is_sync_free_and_equals_the_bool_mask_path():
 
     def run_step(fwd):
         model.zero_grad(set_to_none=True)
-        out = train_py.micro_batch_backward(fwd, model, batch, cfg, True, 2, False, torch.device("cpu"))
+        out = book.micro_batch_backward(fwd, model, batch, cfg, True, 2, False, torch.device("cpu"))
         return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     (ce, la, *counts), grads = run_step(recorded)
@@ -181,7 +183,7 @@ def test_step_forward_is_sync_free_and_equals_the_bool_mask_path():
 
 
 def main_error(capsys, args):
-    return error_line(capsys, train_py.main, args)
+    return error_line(capsys, launch.main, args)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, data, tmp_path, capsys, monkeypatch):
@@ -190,18 +192,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, data, tmp_path,
     logged for the failed step."""
     run(*argv(tiny, tmp_path, data[0], "--max-steps", 6, "--stop-at", 3))
     saved = checkpoint_bytes(tmp_path)
-    real = train_py.alignment_objective
+    real = book.alignment_objective
 
     def nan_align(*args):
         ce, la = real(*args)
         return ce, la * float("nan")
-    monkeypatch.setattr(train_py, "alignment_objective", nan_align)
+    monkeypatch.setattr(book, "alignment_objective", nan_align)
     error = main_error(capsys, argv(tiny, tmp_path, data[0], "--max-steps", 6, "--resume"))
     assert error.startswith("error: loss is nan at step 4 ") and "last good checkpoint" in error
     assert f"{tmp_path / 'r' / 'checkpoint'} (step 3)" in error
     assert checkpoint_bytes(tmp_path) == saved
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
-    monkeypatch.setattr(train_py, "alignment_objective", real)
+    monkeypatch.setattr(book, "alignment_objective", real)
     run(*argv(tiny, tmp_path, data[0], "--max-steps", 6, "--resume"))
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
@@ -267,7 +269,7 @@ def test_forgetting_resume_destroys_nothing_and_overwrite_starts_fresh(tiny, dat
     assert "pass one of them" in error
     (tmp_path / "r" / "checkpoint").rename(tmp_path / "r" / "checkpoint.old")  # a crash between the renames
     assert "holds an earlier run (checkpoint.old, log.jsonl)" in main_error(capsys, argv(tiny, tmp_path, data[0]))
-    train_py.main(argv(tiny, tmp_path, data[0], "--max-steps", 6, "--stop-at", 2, "--overwrite"))
+    launch.main(argv(tiny, tmp_path, data[0], "--max-steps", 6, "--stop-at", 2, "--overwrite"))
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
     assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["step"] == 2
     assert not (tmp_path / "r" / "checkpoint.old").exists()
@@ -512,7 +514,7 @@ def test_per_task_peft_export_keeps_task_names_inside_the_run(tmp_path):
 def test_adapter_options_reach_the_adapter_and_the_saved_config(tiny, data, tmp_path):
     """--adapter-options key=value pairs (JSON scalars, true/false) go to the adapter class and into the saved
     adapter config, so load_adapter rebuilds the same variant: here R-LoRA without its random init (tutorial 08)."""
-    assert train_py.parse_options(" random_init=False, gamma=16,head_reduction=mean ,") == {
+    assert launch.parse_options(" random_init=False, gamma=16,head_reduction=mean ,") == {
         "random_init": False, "gamma": 16, "head_reduction": "mean"}
     run(*argv(tiny, tmp_path, data[0], "--adapter", "rlora", "--max-steps", 1, "--heads", 2,
               "--adapter-options", "random_init=false,multi_head_dropout=false"))
@@ -600,4 +602,4 @@ def test_shots_limit_both_trainers_to_the_same_examples(tiny, data, tmp_path, ca
 ])
 def test_meta_bad_options_are_one_line(tiny, data, tmp_path, capsys, extra, message):
     """Options MeTA-LoRA cannot honour are refused with one line naming the flag."""
-    assert message in error_line(capsys, train_py.main, argv(tiny, tmp_path, data[0], "--max-steps", 2, *extra))
+    assert message in error_line(capsys, launch.main, argv(tiny, tmp_path, data[0], "--max-steps", 2, *extra))

@@ -23,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-import train as train_py  # noqa: E402
+from nanoalign.plumbing import launch  # noqa: E402  (what `python train.py` runs)
 
 from conftest import make_jsonl, make_tiny_model  # noqa: E402
 
@@ -81,13 +81,13 @@ def exact(x):
 
 
 def pinned_run(tiny, train_data, test_data, out, flags):
-    """One run of `train.train` -> what is pinned: every step's record (floats in hex), a hash of the final adapter
+    """One run of `launch.train` -> what is pinned: every step's record (floats in hex), a hash of the final adapter
     tensors, the per-task accuracies before and after (when evaluated)."""
     torch.set_num_threads(1)
     argv = ["--model", str(tiny), "--out", str(out), "--run-name", "r", "--rank", "4", "--seq-len", "96", "--lr",
             "1e-2", "--warmup", "2", "--eval-max", "0", "--data", str(train_data)]
     argv += [str(test_data) if f == "TEST" else str(f) for f in flags]
-    result = train_py.train(train_py.parse_args(argv))
+    result = launch.train(launch.parse_args(argv))
     log = [json.loads(line) for line in (Path(out) / "r" / "log.jsonl").read_text().splitlines()]
     from safetensors.torch import load_file
     tensors = load_file(Path(out) / "r" / "adapter" / "adapter.safetensors")

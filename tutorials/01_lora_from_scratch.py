@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from nanoalign.adapters import (LoRALinear, adapter_modules, apply_adapter, count_trainable, export_peft,
                                 merge_adapters)
-from nanoalign.data import load_tasks
+from nanoalign.plumbing.datasets import load_tasks
 
 args = parser(__doc__).parse_args()
 if args.full:

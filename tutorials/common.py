@@ -33,7 +33,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from nanoalign.plumbing import system  # noqa: E402
-from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks, load_tasks  # noqa: E402
+from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks  # noqa: E402
+from nanoalign.plumbing.datasets import load_tasks  # noqa: E402
 from nanoalign.model import CausalLM, ModelConfig  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "experiments"))

@@ -54,7 +54,6 @@ SUITES = {"builtin": BUILTIN_TASKS, "glue": GLUE_TASKS, "commonsense": COMMONSEN
 TASK_SUITE = {task: suite for suite, tasks in SUITES.items() for task in tasks}
 FORMATS = ("label", "cloze")  # the paper's label words / numbered options, or lm-evaluation-harness's cloze
 LABEL_ONLY = {"builtin", "bbh"}  # suites with the label format only (synthetic label words; BBH's own targets)
-GENERATION_TOKENS = {"gsm8k": 256}  # max new tokens where the answer is a worked solution (others: one word)
 
 # Training-split caps of the Align-LoRA `load_data` (§5.1; random subsample, seed 42). The paper caps ARC (Easy and
 # Challenge together) at 10k; here each is capped on its own, which no real split reaches. Tasks not listed there
@@ -138,7 +137,7 @@ def read_lines(path):
 
 
 def read_json_lines(path):
-    """Yield (line_number, object) of a JSON Lines file (nanoalign.data.read_jsonl for examples)."""
+    """Yield (line_number, object) of a JSON Lines file (nanoalign.plumbing.datasets.read_jsonl for examples)."""
     for i, line in read_lines(path):
         try:
             yield i, json.loads(line)
