@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from nanoalign.adapters import export_peft_dirs, load_adapter, merge_adapters
+from nanoalign.adapters import merge_adapters
 from nanoalign.data import load_tasks
 from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, generation_fallback, without_records
+from nanoalign.plumbing.adapter_io import export_peft_dirs, load_adapter
 from nanoalign.plumbing.hub import HubError
 from nanoalign.plumbing.system import base_dtype, os_error_line, pick_device, read_json, write_atomic
 from nanoalign.tasks import FORMATS

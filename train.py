@@ -44,8 +44,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanoalign.adapters import (KINDS, MAX_ALPHA, adapter_context, apply_adapter, check_options, count_trainable,
-                                export_peft_dirs, save_adapter)
+from nanoalign.adapters import KINDS, adapter_context, count_trainable
+from nanoalign.plumbing.adapter_io import MAX_ALPHA, check_options, export_peft_dirs, save_adapter
+from nanoalign.plumbing.adapter_io import apply_adapter_checked as apply_adapter  # the rank's memory checked first
 from nanoalign.align import MMD_MAX_ROWS, alignment_loss
 from nanoalign.plumbing.checkpoint import (Checkpoint, all_finite, check_fresh_start, clear_run_state, continue_run_dir,
                                   find_checkpoint, load_checkpoint, read_log, save_checkpoint)
