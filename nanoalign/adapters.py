@@ -22,15 +22,13 @@ Each row is one class below, a sibling of `AdapterLinear` whose `forward` is tha
 matmul (`sum_heads`). `lowrank()` gives ΔW = s·B A for merging and PEFT export, or a ValueError saying why there is
 no fixed ΔW (a router: it depends on x; MTL-LoRA: on the task, pass task=t).
 
-R-LoRA / M-LoRA compensation. The R-LoRA code edits the base weight once, W0 ← W0 − C with C = s·(1/N)Σ_i B_i A at
-init. We keep W0 untouched and subtract C x in the forward, C kept as two frozen rank-r buffers (`comp_B` [out, r] =
-s·Σ_i c_i B_i⁰, `comp_A` [r, in] = A⁰): the same function, but the base checkpoint stays valid and the saved adapter
-carries C. Merging / PEFT export fold −C in (M-LoRA exports at rank 2r).
+R-LoRA's code edits the base weight once, W0 ← W0 − C with C = s·(1/N)Σ_i B_i A at init. We keep W0 and subtract C x
+in the forward, C held as two frozen rank-r buffers (`comp_B` = s·Σ_i c_i B_i⁰, `comp_A` = A⁰): the same function,
+but the base checkpoint stays valid and the saved adapter carries C.
 
 Task ids in, A-outputs out, through `adapter_context` (no hooks): the A-output an adapter reports is the tensor
-Align-LoRA aligns (METHODS §3.1). Inside nanoalign's decoder it goes into a dict the decoder block returns
-(model.DecoderLayer), so a checkpointed or compiled block has no side effects. Saving, loading, PEFT export and the
-checks of user input are in nanoalign/plumbing/adapter_io.py.
+Align-LoRA aligns (METHODS §3.1); inside nanoalign's decoder it goes into a dict the decoder block returns, so a
+checkpointed or compiled block has no side effects. Files, PEFT export and input checks: plumbing/adapter_io.py.
 """
 
 import inspect
@@ -62,14 +60,10 @@ class AdapterContext:
 
 @contextmanager
 def adapter_context(model, task_ids=None, collect=False):
-    """Share one AdapterContext with every adapter of `model` for the duration of the block; yields it.
-
-    The context also goes to the modules that hand A-outputs over (nanoalign's Decoder: `adapter_ctx`). With
-    gradient checkpointing the forward is re-run during backward: MTL-LoRA then needs its task ids again, so call
-    `.backward()` inside the block. Entries of `a_outputs` are overwritten, never appended, so a re-run never
-    duplicates them, and a call without grad never replaces an entry that has grad.
-    """
-    mods = [m for m in model.modules() if isinstance(m, AdapterLinear)]
+    """Share one AdapterContext with every adapter of `model` (and the decoder that hands A-outputs over: every
+    module with an `adapter_ctx`) for the duration of the block; yields it. With gradient checkpointing the forward
+    is re-run during backward: MTL-LoRA then needs its task ids again, so call `.backward()` inside the block.
+    Entries of `a_outputs` are overwritten, never appended, so a re-run never duplicates them."""
     hosts = [m for m in model.modules() if hasattr(m, "adapter_ctx")]
     if task_ids is not None:
         if not torch.is_tensor(task_ids) or task_ids.dim() != 1 or task_ids.is_floating_point():
@@ -80,22 +74,17 @@ def adapter_context(model, task_ids=None, collect=False):
                 not (0 <= int(task_ids.min()) and int(task_ids.max()) < n):
             raise ValueError(f"task ids must lie in [0, {n}) (the adapter was built with num_tasks={n}), "
                              f"got {task_ids.min().item()}..{task_ids.max().item()}")
-    ctx = AdapterContext(task_ids=task_ids, collect=collect)
-    previous = [m.ctx for m in mods], [m.adapter_ctx for m in hosts]
-    for m in mods:
-        m.ctx = ctx
+    ctx, previous = AdapterContext(task_ids=task_ids, collect=collect), [m.adapter_ctx for m in hosts]
     for m in hosts:
         m.adapter_ctx = ctx
     try:
         yield ctx
     finally:
-        for m, p in zip(mods, previous[0]):
-            m.ctx = p
-        for m, p in zip(hosts, previous[1]):
+        for m, p in zip(hosts, previous):
             m.adapter_ctx = p
 
 
-# ----------------------------------------------------------------------------- shared pieces
+# ----------------------------------------------------------------------------- the shared base
 
 class Weight(nn.Module):
     """A bare parameter holder, so state_dict keys read `lora_A.weight` like PEFT's. Adapter tensors are fp32."""
@@ -111,85 +100,6 @@ def kaiming_(t):
         for m in t.view(-1, *t.shape[-2:]):
             nn.init.kaiming_uniform_(m, a=math.sqrt(5))
     return t
-
-
-def sum_heads(u, B, v=None, C=None):
-    """Σ_i B_i u_i as one matmul [B_1 | … | B_N]·[u_1; …; u_N]: u [..., N, r], B [N, out, r] -> [..., out].
-    (v, C): one more term C v in the same matmul (R-LoRA / M-LoRA's −C x = (−comp_B)(comp_A x))."""
-    u, W = u.flatten(-2), B.permute(1, 0, 2).reshape(B.shape[1], -1)
-    if v is not None:
-        u, W = torch.cat([u, v], -1), torch.cat([W, C], 1)
-    return F.linear(u, W)
-
-
-def drop_heads(z, n, p, training):
-    """drop_i(z) for i = 1..n: [..., r] -> [..., n, r], an independent dropout mask per head (R-LoRA, M-LoRA)."""
-    if not (training and p > 0):
-        return z.unsqueeze(-2)  # no mask: every head sees the same z
-    return F.dropout(z.unsqueeze(-2).expand(*z.shape[:-1], n, z.shape[-1]), p, training)
-
-
-class RouterLogits(torch.autograd.Function):
-    """Router logits x W_r^T computed in fp32, keeping x in its own dtype for the backward (METHODS §2.3).
-
-    `F.linear(x.float(), W_r)` would keep the fp32 copy of x for W_r's gradient: on a bf16 base a second, twice as
-    large copy of every routed layer's input. Here the backward makes that copy for one layer at a time. With an
-    fp32 x it is the same computation as F.linear.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return F.linear(x.float(), w.float())
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        with torch.autocast(g.device.type, enabled=False):
-            gx = (g @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
-            gw = (g.flatten(0, -2).t() @ x.flatten(0, -2).float()).to(w.dtype) if ctx.needs_input_grad[1] else None
-        return gx, gw
-
-
-def route(x, w):
-    """ω(x) = softmax(W_r x) [..., N] on the un-dropped x, in fp32 even under autocast (a bf16 softmax is coarse)."""
-    with torch.autocast(x.device.type, enabled=False):
-        logits = RouterLogits.apply(x, w)
-    return logits.softmax(-1).to(x.dtype)
-
-
-def no_task(task):
-    """lowrank's refusal of task= for an adapter whose ΔW is the same for every task."""
-    if task is not None:
-        raise ValueError("task= is only for adapters whose ΔW depends on the task (mtl); this one has one ΔW, "
-                         "drop task=")
-
-
-def random_init_(m, gamma, code_faithful):
-    """R-LoRA's "unit" init with "stable" rescaling (METHODS §2.5): A ~ N(0, 1/max(r, in)), each B_i independently
-    ~ N(0, 1/max(out, r)), all times out^¼/√γ (paper); code_faithful: r^¼/√γ inside the per-head loop of the
-    released code, so A gets it N times and head i (0-based) N−i times."""
-    A, B, N = m.lora_A.weight, m.lora_B.weight, m.heads
-    with torch.no_grad():
-        nn.init.normal_(A, std=1 / math.sqrt(max(m.rank, m.in_features)))
-        nn.init.normal_(B, std=1 / math.sqrt(max(m.out_features, m.rank)))
-        if code_faithful:
-            f = m.rank ** 0.25 / math.sqrt(gamma)
-            A.mul_(f ** N)
-            B.mul_((f ** torch.arange(N, 0, -1, dtype=torch.float64)).to(B)[:, None, None])
-        else:
-            f = m.out_features ** 0.25 / math.sqrt(gamma)
-            A.mul_(f)
-            B.mul_(f)
-
-
-def compensate_(m, c):
-    """The frozen compensation C = s·Σ_i c_i B_i⁰ A⁰ as buffers comp_B [out, r], comp_A [r, in] (module docstring)."""
-    with torch.no_grad():
-        comp_B = m.scaling * torch.einsum("n,nor->or", c, m.lora_B.weight.float())
-    # detach: a clone of lora_A keeping its graph would make the "frozen" C send gradient into A
-    m.register_buffer("comp_A", m.lora_A.weight.float().detach().clone())
-    m.register_buffer("comp_B", comp_B.detach().clone())
 
 
 class AdapterLinear(nn.Module):
@@ -217,7 +127,7 @@ class AdapterLinear(nn.Module):
         self.scaling = alpha / math.sqrt(rank) if rank_stabilized else alpha / rank  # s (rsLoRA: α/√r)
         self.dropout_p = dropout
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.ctx: AdapterContext | None = None
+        self.adapter_ctx: AdapterContext | None = None
         self.adapter_name = ""  # full module path, set by apply_adapter; keys of ctx.a_outputs and saved tensors
 
     def new(self, *shape):
@@ -234,8 +144,8 @@ class AdapterLinear(nn.Module):
         `a_outputs` when the decoder block passed one (it returns them), else into the active context if it collects."""
         if a_outputs is not None:
             a_outputs[self.adapter_name] = z
-        elif self.ctx is not None and self.ctx.collect:
-            self.ctx.put(self.adapter_name, z)
+        elif self.adapter_ctx is not None and self.adapter_ctx.collect:
+            self.adapter_ctx.put(self.adapter_name, z)
         return h + delta.to(h.dtype)
 
     def delta_weight(self, task=None):
@@ -260,29 +170,114 @@ class AdapterLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}, s={self.scaling:.4g}"
 
 
-def head_options(heads, head_reduction="sum"):
-    """(N, head_reduction), checked."""
+def no_task(task):
+    """lowrank's refusal of task= where ΔW is the same for every task."""
+    if task is not None:
+        raise ValueError("task= is only for adapters whose ΔW depends on the task (mtl); this one has one ΔW, "
+                         "drop task=")
+
+
+# ----------------------------------------------------------------------------- pieces the multi-head adapters share
+
+def sum_heads(u, B, v=None, C=None):
+    """Σ_i B_i u_i as one matmul [B_1 | … | B_N]·[u_1; …; u_N]: u [..., N, r], B [N, out, r] -> [..., out].
+    (v, C): one more term C v in the same matmul (R-LoRA / M-LoRA's −C x = (−comp_B)(comp_A x))."""
+    u, W = u.flatten(-2), B.permute(1, 0, 2).reshape(B.shape[1], -1)
+    if v is not None:
+        u, W = torch.cat([u, v], -1), torch.cat([W, C], 1)
+    return F.linear(u, W)
+
+
+def drop_heads(z, n, p, training):
+    """drop_i(z) for i = 1..n: [..., r] -> [..., n, r], an independent dropout mask per head (R-LoRA, M-LoRA)."""
+    if not (training and p > 0):
+        return z.unsqueeze(-2)  # no mask: every head sees the same z
+    return F.dropout(z.unsqueeze(-2).expand(*z.shape[:-1], n, z.shape[-1]), p, training)
+
+
+class RouterLogits(torch.autograd.Function):
+    """Router logits x W_rᵀ in fp32 (METHODS §2.3) = F.linear(x.float(), W_r), but keeping x in its own dtype for the
+    backward: autograd would keep the fp32 copy of x, on a bf16 base a second copy of every routed layer's input."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(x.float(), w.float())
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        with torch.autocast(g.device.type, enabled=False):
+            gx = (g @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+            gw = (g.flatten(0, -2).t() @ x.flatten(0, -2).float()).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
+def route(x, w):
+    """ω(x) = softmax(W_r x) [..., N] on the un-dropped x, in fp32 even under autocast (a bf16 softmax is coarse)."""
+    with torch.autocast(x.device.type, enabled=False):
+        logits = RouterLogits.apply(x, w)
+    return logits.softmax(-1).to(x.dtype)
+
+
+def hydra_init_(m, heads, head_reduction="sum"):
+    """HydraLoRA's parts and init: A [r, in] kaiming-uniform, N heads B_i [out, r] at zero (options checked)."""
     if int(heads) < 1:
         raise ValueError(f"heads must be a positive integer, got {heads}")
     if head_reduction not in ("sum", "mean"):
         raise ValueError(f"head_reduction must be 'sum' or 'mean', got {head_reduction!r}")
-    return int(heads), head_reduction
+    m.heads, m.head_reduction = int(heads), head_reduction
+    m.lora_A = m.new(m.rank, m.in_features)
+    m.lora_B = m.new(m.heads, m.out_features, m.rank)
+    kaiming_(m.lora_A.weight)
 
 
-def head_weights(m):
-    """c [N]: 1 for heads summed (head_reduction="sum"), 1/N for heads averaged ("mean")."""
-    c = 1.0 if m.head_reduction == "sum" else 1.0 / m.heads
-    return torch.full((m.heads,), c, device=m.lora_A.weight.device)
+def head_weights(m, reduction):
+    """c [N]: 1 per head for heads summed ("sum"), 1/N for heads averaged or a uniform router ("mean")."""
+    return torch.full((m.heads,), 1.0 if reduction == "sum" else 1.0 / m.heads, device=m.lora_A.weight.device)
+
+
+def random_init_(m, gamma, code_faithful):
+    """R-LoRA's "unit" init with "stable" rescaling (METHODS §2.5): A ~ N(0, 1/max(r, in)), each B_i independently
+    ~ N(0, 1/max(out, r)), all times out^¼/√γ (paper); code_faithful: r^¼/√γ inside the per-head loop of the
+    released code, so A gets it N times and head i (0-based) N−i times."""
+    A, B, N = m.lora_A.weight, m.lora_B.weight, m.heads
+    with torch.no_grad():
+        nn.init.normal_(A, std=1 / math.sqrt(max(m.rank, m.in_features)))
+        nn.init.normal_(B, std=1 / math.sqrt(max(m.out_features, m.rank)))
+        if code_faithful:
+            f = m.rank ** 0.25 / math.sqrt(gamma)
+            A.mul_(f ** N)
+            B.mul_((f ** torch.arange(N, 0, -1, dtype=torch.float64)).to(B)[:, None, None])
+        else:
+            f = m.out_features ** 0.25 / math.sqrt(gamma)
+            A.mul_(f)
+            B.mul_(f)
+
+
+def compensate_(m, c):
+    """The frozen compensation C = s·Σ_i c_i B_i⁰ A⁰ as buffers comp_B [out, r], comp_A [r, in] (module docstring)."""
+    with torch.no_grad():
+        B, A, s = heads_lowrank(m, c)
+    # detach: a clone of lora_A keeping its graph would make the "frozen" C send gradient into A
+    m.register_buffer("comp_A", A.detach().clone())
+    m.register_buffer("comp_B", (s * B).detach().clone())
+
+
+def heads_lowrank(m, c):
+    """ΔW of fixed head weights c [N] as (Σ_i c_i B_i, A, s); with R-LoRA / M-LoRA's compensation C as the exact
+    rank-2r form ([s·Σ_i c_i B_i | −C_B], [A; C_A], 1)."""
+    B, A = torch.einsum("n,nor->or", c, m.lora_B.weight.float()), m.lora_A.weight.float()
+    if not hasattr(m, "comp_A"):
+        return B, A, m.scaling
+    return torch.cat([m.scaling * B, -m.comp_B.float()], 1), torch.cat([A, m.comp_A.float()]), 1.0
 
 
 # ----------------------------------------------------------------------------- the adapters
 
 class LoRALinear(AdapterLinear):
-    """LoRA (METHODS §2.1): h = W0 x + b + s·B A drop(x), A kaiming-uniform, B = 0, s = α/r.
-
-    Also high-rank LoRA (§2.2, pick the rank with `rank_for_budget`) and Align-LoRA (§2.10: the alignment loss on
-    the reported A-output A·drop(x) lives in align.py).
-    """
+    """LoRA (METHODS §2.1): h = W0 x + b + s·B A drop(x), A kaiming-uniform, B = 0, s = α/r. Also high-rank LoRA
+    (§2.2, `rank_for_budget`) and Align-LoRA (§2.10: align.py aligns the A-output A·drop(x))."""
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, rank_stabilized=False):
         super().__init__(base, rank, alpha, dropout, rank_stabilized)
@@ -296,26 +291,22 @@ class LoRALinear(AdapterLinear):
         return self.add(h, F.linear(z, self.scaling * self.lora_B.weight), z, a_outputs)  # s on the small weight
 
     def lowrank(self, task=None):
-        """A and B as they are, at the adapter's own scale (PEFT exports them 1:1 with its α)."""
-        no_task(task)
+        no_task(task)  # A and B as they are, at the adapter's own scale: PEFT takes them 1:1 with its α
         return self.lora_B.weight.float(), self.lora_A.weight.float(), self.scaling
 
 
 class HydraLoRALinear(AdapterLinear):
-    """HydraLoRA (METHODS §2.3): shared A, N heads B_i (zero init), dense softmax router W_r [N, in] (no bias).
+    """HydraLoRA (METHODS §2.3): shared A, N zero-init heads B_i, a dense softmax router W_r [N, in] (no bias).
 
         h = W0 x + b + s·Σ_i ω_i(x) B_i A drop(x),   ω(x) = softmax(W_r x) in fp32 on the un-dropped x
 
-    One dropout mask on x, shared by all heads. A-output: A·drop(x). Not mergeable: ω depends on x.
+    One dropout mask on x, shared by the heads. A-output: A·drop(x). Not mergeable: ω depends on x.
     """
     mergeable = False
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, rank_stabilized=False):
         super().__init__(base, rank, alpha, dropout, rank_stabilized)
-        self.heads, _ = head_options(heads)
-        self.lora_A = self.new(self.rank, self.in_features)
-        self.lora_B = self.new(self.heads, self.out_features, self.rank)  # zeros
-        kaiming_(self.lora_A.weight)
+        hydra_init_(self, heads)
         self.lora_router = self.new(self.heads, self.in_features)
         kaiming_(self.lora_router.weight)
 
@@ -326,12 +317,11 @@ class HydraLoRALinear(AdapterLinear):
         return self.add(h, sum_heads(u, self.scaling * self.lora_B.weight), z, a_outputs)
 
     def lowrank(self, task=None, uniform_router=False):
-        """None (ω depends on x); uniform_router=True: the ΔW = s·(1/N)Σ_i B_i A of ω_i = 1/N (analysis only)."""
+        """Refused (ω depends on x); uniform_router=True: the ΔW of ω_i = 1/N, the analyses' convention."""
         no_task(task)
         if not uniform_router:
             raise ValueError(ROUTED)
-        c = torch.full((self.heads,), 1.0 / self.heads, device=self.lora_A.weight.device)
-        return torch.einsum("n,nor->or", c, self.lora_B.weight.float()), self.lora_A.weight.float(), self.scaling
+        return heads_lowrank(self, head_weights(self, "mean"))
 
 
 class HydraNoRouterLinear(AdapterLinear):
@@ -340,49 +330,39 @@ class HydraNoRouterLinear(AdapterLinear):
         h = W0 x + b + s·Σ_i c B_i A drop(x),   c = 1 (head_reduction="sum") or 1/N ("mean")
 
     Every head gets the same gradient and, starting from 0, stays equal to the others: a rank-r LoRA in disguise.
-    Mergeable. A-output: A·drop(x).
     """
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, head_reduction="sum", rank_stabilized=False):
         super().__init__(base, rank, alpha, dropout, rank_stabilized)
-        self.heads, self.head_reduction = head_options(heads, head_reduction)
-        self.lora_A = self.new(self.rank, self.in_features)
-        self.lora_B = self.new(self.heads, self.out_features, self.rank)  # zeros
-        kaiming_(self.lora_A.weight)
+        hydra_init_(self, heads, head_reduction)
 
     def forward(self, x, a_outputs=None):
         h, x = self.frozen(x)
         z = F.linear(self.lora_dropout(x), self.lora_A.weight)
         # the same z for every head: Σ_i c B_i z = (Σ_i c B_i) z, an r-wide matmul instead of an N·r-wide one
-        B = self.scaling * (head_weights(self)[:, None, None] * self.lora_B.weight).sum(0)
+        B = self.scaling * (head_weights(self, self.head_reduction)[:, None, None] * self.lora_B.weight).sum(0)
         return self.add(h, F.linear(z, B), z, a_outputs)
 
     def lowrank(self, task=None):
         no_task(task)
-        c = head_weights(self)
-        return torch.einsum("n,nor->or", c, self.lora_B.weight.float()), self.lora_A.weight.float(), self.scaling
+        return heads_lowrank(self, head_weights(self, self.head_reduction))
 
 
 class RLoRALinear(AdapterLinear):
-    """R-LoRA (METHODS §2.5): HydraLoRA with multi-head dropout and multi-head random init.
+    """R-LoRA (METHODS §2.5): HydraLoRA with multi-head dropout and multi-head random init (`random_init_`).
 
         h = W0 x + b − C x + s·Σ_i ω_i(x) B_i drop_i(A x),   s = α/√r (rank_stabilized, as the R-LoRA script sets)
 
-    Init: `random_init_` (paper, or the released code with `code_faithful=True`). C = s·(1/N)Σ_i B_i⁰ A⁰, frozen
-    (module docstring): it cancels the initial output exactly only for a uniform router, as in the original.
-    A-output: A x (before the per-head dropout). The paper's ablation (METHODS §6.1 Table 4) switches the two
-    ingredients separately: `multi_head_dropout=False` keeps HydraLoRA's one mask on x ("+Init"), `random_init=False`
-    keeps HydraLoRA's init, so C = 0 ("+MT"). Both False is HydraLoRALinear(rank_stabilized=True), bit for bit.
+    C = s·(1/N)Σ_i B_i⁰ A⁰ cancels the initial output only for a uniform router, as in the original. A-output: A x.
+    Its paper's ablation (METHODS §6.1 Table 4): `multi_head_dropout=False` keeps HydraLoRA's one mask on x
+    ("+Init"), `random_init=False` HydraLoRA's init, so C = 0 ("+MT"); both False is HydraLoRA at α/√r, bit for bit.
     """
     mergeable = False
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, gamma=64.0, code_faithful=False,
                  rank_stabilized=True, multi_head_dropout=True, random_init=True):
         super().__init__(base, rank, alpha, dropout, rank_stabilized)
-        self.heads, _ = head_options(heads)
-        self.lora_A = self.new(self.rank, self.in_features)
-        self.lora_B = self.new(self.heads, self.out_features, self.rank)
-        kaiming_(self.lora_A.weight)  # HydraLoRA's init first (the random init redraws A): same random stream
+        hydra_init_(self, heads)
         self.lora_router = self.new(self.heads, self.in_features)
         kaiming_(self.lora_router.weight)
         self.multi_head_dropout = bool(multi_head_dropout)
@@ -390,7 +370,7 @@ class RLoRALinear(AdapterLinear):
             self.lora_dropout = nn.Identity()  # the dropout sits after A, one mask per head
         if random_init:
             random_init_(self, gamma, code_faithful)
-        compensate_(self, torch.full((self.heads,), 1.0 / self.heads, device=self.lora_A.weight.device))
+        compensate_(self, head_weights(self, "mean"))
 
     def forward(self, x, a_outputs=None):
         h, x = self.frozen(x)
@@ -405,13 +385,11 @@ class RLoRALinear(AdapterLinear):
         return self.add(h, delta, z, a_outputs)
 
     def lowrank(self, task=None, uniform_router=False):
-        """None (ω depends on x); uniform_router=True: [s(1/N)Σ_i B_i | −C_B]·[A; C_A] (analysis only)."""
+        """Refused (ω depends on x); uniform_router=True: the ΔW of ω_i = 1/N, the analyses' convention."""
         no_task(task)
         if not uniform_router:
             raise ValueError(ROUTED)
-        c = torch.full((self.heads,), 1.0 / self.heads, device=self.lora_A.weight.device)
-        B = self.scaling * torch.einsum("n,nor->or", c, self.lora_B.weight.float())
-        return torch.cat([B, -self.comp_B.float()], 1), torch.cat([self.lora_A.weight.float(), self.comp_A.float()]), 1.0
+        return heads_lowrank(self, head_weights(self, "mean"))
 
 
 class MLoRALinear(AdapterLinear):
@@ -419,27 +397,24 @@ class MLoRALinear(AdapterLinear):
 
         h = W0 x + b − C x + s·Σ_i c B_i drop_i(A x),   C = s·Σ_i c B_i⁰ A⁰ (exact: the initial function is the base's)
 
-    R-LoRA's init (`random_init_`, `code_faithful`) and scale α/√r. Mergeable: in eval mode ΔW = s·(Σ_i c B_i) A − C,
-    rank ≤ 2r. The paper's sum-vs-mean choice is unknown; it only rescales s. A-output: A x.
+    R-LoRA's init and scale α/√r. Mergeable: in eval mode ΔW = s·(Σ_i c B_i) A − C, rank ≤ 2r. The paper's
+    sum-vs-mean choice is unknown; it only rescales s. A-output: A x.
     """
     multi_head_dropout = True
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, head_reduction="sum", gamma=64.0,
                  code_faithful=False, rank_stabilized=True):
         super().__init__(base, rank, alpha, dropout, rank_stabilized)
-        self.heads, self.head_reduction = head_options(heads, head_reduction)
-        self.lora_A = self.new(self.rank, self.in_features)
-        self.lora_B = self.new(self.heads, self.out_features, self.rank)
-        kaiming_(self.lora_A.weight)  # redrawn below; kept so a seed draws what it always drew
+        hydra_init_(self, heads, head_reduction)  # its A is redrawn below; drawn anyway, so a seed gives what it gave
         self.lora_dropout = nn.Identity()  # the dropout sits after A, one mask per head
         random_init_(self, gamma, code_faithful)
-        compensate_(self, head_weights(self))
+        compensate_(self, head_weights(self, head_reduction))
 
     def forward(self, x, a_outputs=None):
         h, x = self.frozen(x)
         z = F.linear(x, self.lora_A.weight)                                          # A x: the A-output
-        c = head_weights(self)
-        if self.training and self.dropout_p > 0:  # c drop_i(z) per head, N·r wide
+        c = head_weights(self, self.head_reduction)
+        if self.training and self.dropout_p > 0:  # c·drop_i(z), one mask per head: N·r wide
             u = drop_heads(z, self.heads, self.dropout_p, True) * c.to(x.dtype).unsqueeze(-1)
             B = self.scaling * self.lora_B.weight
         else:  # the same z for every head: (Σ_i c B_i) z, r wide
@@ -447,10 +422,8 @@ class MLoRALinear(AdapterLinear):
         return self.add(h, sum_heads(u, B, F.linear(x, self.comp_A), -self.comp_B), z, a_outputs)
 
     def lowrank(self, task=None):
-        """[s·Σ_i c B_i | −C_B]·[A; C_A]: rank ≤ 2r, exact."""
         no_task(task)
-        B = self.scaling * torch.einsum("n,nor->or", head_weights(self), self.lora_B.weight.float())
-        return torch.cat([B, -self.comp_B.float()], 1), torch.cat([self.lora_A.weight.float(), self.comp_A.float()]), 1.0
+        return heads_lowrank(self, head_weights(self, self.head_reduction))
 
 
 class MTLLoRALinear(AdapterLinear):
@@ -459,9 +432,8 @@ class MTLLoRALinear(AdapterLinear):
         z = Λ_t A drop(x),   B̃_t = Σ_j softmax(w_t / τ)_j B_j,   h = W0 x + b + s·B̃_t z
 
     A kaiming-uniform, Λ_t = I (diagonal=True: a vector of ones), B_j = 0 (`heads` of them), mixing logits
-    w [T, n_B] kaiming-uniform, τ = 0.1. Task ids come from `adapter_context(model, task_ids=...)`.
-    Mergeable per task only: ΔW_t = s·B̃_t Λ_t A is a plain rank-r LoRA for one fixed task t (`merge_adapters(model,
-    task=t)`, PEFT export with task=t). A-output: A·drop(x) (before Λ_t).
+    w [T, n_B] kaiming-uniform, τ = 0.1; task ids from `adapter_context(model, task_ids=...)`. ΔW depends on t:
+    merge / export one task at a time (task=t), a plain rank-r LoRA. A-output: A·drop(x) (before Λ_t).
     """
     mergeable, needs_task_ids = False, True
 
@@ -484,7 +456,7 @@ class MTLLoRALinear(AdapterLinear):
             self.lora_lambda.weight.copy_(torch.ones(T, r) if diagonal else torch.eye(r).expand(T, r, r))
 
     def task_ids(self, x):
-        t = self.ctx.task_ids if self.ctx is not None else None
+        t = self.adapter_ctx.task_ids if self.adapter_ctx is not None else None
         if t is None:
             raise ValueError("MTL-LoRA needs per-sample task ids: run the forward (and, with gradient checkpointing, "
                              "the backward) inside adapter_context(model, task_ids=...)")
@@ -525,9 +497,8 @@ class MTLLoRALinear(AdapterLinear):
 class MultiLoRALinear(AdapterLinear):
     """MultiLoRA (METHODS §2.8): h = W0 x + b + s·Σ_i diag(g_i) B_i A_i drop(x), n = `heads` pairs.
 
-    A_i and B_i both kaiming-uniform (non-zero), g_i = 0 so ΔW = 0 at step 0. scale_granularity "vector"
-    (g_i ∈ R^out, the MTL-LoRA repo's version) or "scalar" (one g_i per pair; the paper's wording).
-    A-output: the n A-outputs side by side, [..., n·r] (one matmul with the stacked A).
+    A_i and B_i kaiming-uniform (non-zero), g_i = 0 so ΔW = 0 at step 0; g_i ∈ R^out (scale_granularity="vector",
+    the MTL-LoRA repo's) or one scalar per pair ("scalar", the paper's wording). A-output: [A_1; …; A_n] drop(x).
     """
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, scale_granularity="vector"):
@@ -543,19 +514,17 @@ class MultiLoRALinear(AdapterLinear):
         kaiming_(self.lora_B.weight)
 
     def gB(self):
-        """diag(g_i) B_i [n, out, r]."""
         g = self.lora_scale.weight
-        return self.lora_B.weight * (g[:, :, None] if g.dim() == 2 else g[:, None, None])
+        return self.lora_B.weight * (g[:, :, None] if g.dim() == 2 else g[:, None, None])  # diag(g_i) B_i [n, out, r]
 
     def forward(self, x, a_outputs=None):
         h, x = self.frozen(x)
-        z = F.linear(self.lora_dropout(x), self.lora_A.weight.flatten(0, 1))       # [A_1; …; A_n] drop(x)
+        z = F.linear(self.lora_dropout(x), self.lora_A.weight.flatten(0, 1))       # [A_1; …; A_n] drop(x), one matmul
         delta = sum_heads(z.unflatten(-1, (self.heads, self.rank)), self.scaling * self.gB())
         return self.add(h, delta, z, a_outputs)
 
     def lowrank(self, task=None):
-        """[diag(g_1)B_1 | … | diag(g_n)B_n]·[A_1; …; A_n]: rank ≤ n·r."""
-        no_task(task)
+        no_task(task)  # [diag(g_1)B_1 | … | diag(g_n)B_n]·[A_1; …; A_n]: rank ≤ n·r
         return torch.cat(list(self.gB()), 1).float(), self.lora_A.weight.flatten(0, 1).float(), self.scaling
 
 
@@ -579,6 +548,7 @@ def adapter_modules(model):
 
 
 def split_targets(targets):
+    """("q_proj", ...) from a tuple or a comma-separated string."""
     targets = tuple(t for t in (targets.split(",") if isinstance(targets, str) else targets) if t)
     if "lm_head" in targets:
         raise ValueError("lm_head is never adapted (it is tied to the embeddings in many models); drop it from targets")
@@ -606,7 +576,7 @@ def apply_adapter(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=
 
     Extra `options` go to the adapter class (e.g. rlora: gamma, code_faithful; mlora: head_reduction; mtl:
     temperature, diagonal; multilora: scale_granularity). The configuration is recorded in `model.adapter_config`.
-    (plumbing.adapter_io.apply_adapter_checked checks kind, options and memory first, with one-line errors.)
+    plumbing.adapter_io.apply_adapter_checked checks kind, options and memory first, with one-line errors.
     """
     if getattr(model, "adapter_config", None):
         raise ValueError(f"model already has a {model.adapter_config['kind']!r} adapter; merge_adapters() it or "

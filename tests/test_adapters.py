@@ -363,7 +363,7 @@ def test_context_reports_a_outputs_and_is_removed():
         assert list(first) == [n for n, _ in adapter_modules(model)]
         assert all(z.shape == (4, 7, width) and z.requires_grad for z in first.values())
         assert all(ctx.a_outputs[k] is first[k] for k in first)
-        assert all(m.ctx is None for _, m in adapter_modules(model))
+        assert all(m.adapter_ctx is None for _, m in adapter_modules(model))
     model = apply_adapter(tiny(), "mtl", rank=4, targets=MLP, num_tasks=2)
     with pytest.raises(ValueError, match="task ids"):
         model(ids)
