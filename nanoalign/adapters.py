@@ -106,8 +106,9 @@ class AdapterLinear(nn.Module):
     """Frozen base linear + adapter; the shared part of every adapter below.
 
     `mergeable`: the eval-mode ΔW is one fixed matrix (merge_adapters, PEFT export). `needs_task_ids`: the forward
-    reads per-sample task ids from adapter_context(task_ids=...). `lowrank(task=None)` -> (B, A, s) with
-    ΔW = s·B A in fp32, or a ValueError with the reason there is none.
+    reads per-sample task ids from adapter_context(task_ids=...). `lowrank(task=None)` -> (B, A, s) with ΔW = s·B A
+    in fp32 (LoRA: its own A, B and s, which PEFT takes 1:1; the others fold s into B, s = 1), or a ValueError
+    saying why there is no fixed ΔW.
     """
     mergeable = True
     needs_task_ids = False
@@ -258,19 +259,19 @@ def random_init_(m, gamma, code_faithful):
 def compensate_(m, c):
     """The frozen compensation C = s·Σ_i c_i B_i⁰ A⁰ as buffers comp_B [out, r], comp_A [r, in] (module docstring)."""
     with torch.no_grad():
-        B, A, s = heads_lowrank(m, c)
+        B, A, _ = heads_lowrank(m, c)
     # detach: a clone of lora_A keeping its graph would make the "frozen" C send gradient into A
     m.register_buffer("comp_A", A.detach().clone())
-    m.register_buffer("comp_B", (s * B).detach().clone())
+    m.register_buffer("comp_B", B.detach().clone())
 
 
 def heads_lowrank(m, c):
-    """ΔW of fixed head weights c [N] as (Σ_i c_i B_i, A, s); with R-LoRA / M-LoRA's compensation C as the exact
-    rank-2r form ([s·Σ_i c_i B_i | −C_B], [A; C_A], 1)."""
-    B, A = torch.einsum("n,nor->or", c, m.lora_B.weight.float()), m.lora_A.weight.float()
-    if not hasattr(m, "comp_A"):
-        return B, A, m.scaling
-    return torch.cat([m.scaling * B, -m.comp_B.float()], 1), torch.cat([A, m.comp_A.float()]), 1.0
+    """ΔW of fixed head weights c [N] with s folded in: (s·Σ_i c_i B_i, A, 1); with R-LoRA / M-LoRA's compensation
+    C, the exact rank-2r form ([s·Σ_i c_i B_i | −C_B], [A; C_A], 1)."""
+    B, A = m.scaling * torch.einsum("n,nor->or", c, m.lora_B.weight.float()), m.lora_A.weight.float()
+    if hasattr(m, "comp_A"):
+        B, A = torch.cat([B, -m.comp_B.float()], 1), torch.cat([A, m.comp_A.float()])
+    return B, A, 1.0
 
 
 # ----------------------------------------------------------------------------- the adapters
@@ -525,7 +526,7 @@ class MultiLoRALinear(AdapterLinear):
 
     def lowrank(self, task=None):
         no_task(task)  # [diag(g_1)B_1 | … | diag(g_n)B_n]·[A_1; …; A_n]: rank ≤ n·r
-        return torch.cat(list(self.gB()), 1).float(), self.lora_A.weight.flatten(0, 1).float(), self.scaling
+        return self.scaling * torch.cat(list(self.gB()), 1).float(), self.lora_A.weight.flatten(0, 1).float(), 1.0
 
 
 KINDS = {  # --adapter name -> (class, fixed options)

@@ -1,6 +1,6 @@
-"""Adapter capabilities (`mergeable`, `needs_task_ids`, `lowrank()`'s refusals) against what each adapter actually does, and MTL-LoRA's per-task merge and PEFT
-export (METHODS §2.7: ΔW_t = s·B̃_t Λ_t A) against the unmerged adapter and against `peft` itself; R-LoRA / M-LoRA's
-init compensation C stays a constant (METHODS §2.5)."""
+"""Adapter capabilities (`mergeable`, `needs_task_ids`, `lowrank()`'s refusals) against what each adapter actually
+does, and MTL-LoRA's per-task merge and PEFT export (METHODS §2.7: ΔW_t = s·B̃_t Λ_t A) against the unmerged adapter
+and against `peft` itself; R-LoRA / M-LoRA's init compensation C stays a constant (METHODS §2.5)."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""Adapters meet the world: checked application, adapter files, PEFT export (the methods are in nanoalign/adapters.py).
+"""Adapters meet the world: checked application, adapter files, PEFT export (the methods: nanoalign/adapters.py).
 
 - `apply_adapter_checked`: `adapters.apply_adapter` after checking the kind, its options and the memory the adapter
   tensors need, each failure one ValueError line;
@@ -194,8 +194,8 @@ def load_adapter(model, directory):
 def peft_forms(model, task=None):
     """{module path: (B, A, lora_alpha, use_rslora)} of the PEFT LoRA that computes each adapter's eval-mode ΔW.
 
-    PEFT scales by lora_alpha/r (rsLoRA: /√r). The adapter's own A and B at its own scale s (plain LoRA) keep its α
-    and rsLoRA flag, a 1:1 PEFT LoRA; any other form gets s folded into B and lora_alpha = its rank (scale 1).
+    PEFT scales by lora_alpha/r (rsLoRA: /√r). A form at the adapter's own rank and scale (plain LoRA: its A and B as
+    they are) keeps its α and rsLoRA flag, a 1:1 PEFT LoRA; any other has s in B and lora_alpha = its rank (scale 1).
     A ValueError "<kind> adapters have no PEFT LoRA form: <why>" where an adapter has no fixed ΔW."""
     forms = {}
     for name, m in adapter_modules(model):
