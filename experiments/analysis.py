@@ -22,13 +22,13 @@ def layer_index(name: str):
 def head_cosine_similarity(model) -> dict:
     """{(layer, module type): mean pairwise cosine similarity of the flattened heads B_i} (METHODS §4.1).
 
-    Covers every adapter with `has_heads` and N ≥ 2 up-projections in `lora_B` [N, out, r]: HydraLoRA (with/without
+    Covers every adapter with N ≥ 2 heads, up-projections in `lora_B` [N, out, r]: HydraLoRA (with/without
     router), R-LoRA, M-LoRA, and also MTL-LoRA's B_j and MultiLoRA's B_i (the latter pair with different A_i, so
     read those values with care). A zero head has no direction: the value is NaN (e.g. HydraLoRA at step 0).
     """
     out = {}
     for name, m in adapter_modules(model):
-        if not m.has_heads or m.heads < 2:
+        if getattr(m, "heads", 1) < 2:
             continue
         flat = m.lora_B.weight.detach().float().flatten(1)  # [N, out·r]
         norms = flat.norm(dim=1)
@@ -42,6 +42,11 @@ def head_cosine_similarity(model) -> dict:
     return out
 
 
+def lowrank(m, task=None):
+    """m.lowrank(task) = (B, A, s), ΔW = s·B A; for a router adapter the ΔW a uniform router gives (ω_i = 1/N)."""
+    return m.lowrank(task, uniform_router=True) if hasattr(m, "lora_router") else m.lowrank(task)
+
+
 @torch.no_grad()
 def delta_weight_spectrum(model, task=None) -> dict:
     """{module path: singular values of ΔW (descending, fp32)}, from the factored form ΔW = B_eff A_eff.
@@ -53,8 +58,8 @@ def delta_weight_spectrum(model, task=None) -> dict:
     """
     out = {}
     for name, m in adapter_modules(model):
-        B, A = m.lowrank(task)
-        _, rb = torch.linalg.qr(B.float())      # B = Q_B R_B
+        B, A, s = lowrank(m, task)
+        _, rb = torch.linalg.qr((s * B).float())  # B = Q_B R_B
         _, ra = torch.linalg.qr(A.float().T)    # Aᵀ = Q_A R_A
         out[name] = torch.linalg.svdvals(rb @ ra.T).cpu()  # ΔW = Q_B (R_B R_Aᵀ) Q_Aᵀ: same singular values
     return out

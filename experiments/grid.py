@@ -51,7 +51,8 @@ import torch  # noqa: E402
 from nanoalign.plumbing import system  # noqa: E402
 import train  # noqa: E402
 from nanoalign.plumbing import launch  # noqa: E402
-from nanoalign.adapters import count_trainable, load_adapter, merge_adapters  # noqa: E402
+from nanoalign.adapters import count_trainable, merge_adapters  # noqa: E402
+from nanoalign.plumbing.adapter_io import load_adapter  # noqa: E402
 from experiments.analysis import delta_weight_spectrum, effective_rank, head_cosine_similarity, separation_probe  # noqa
 from nanoalign.plumbing.checkpoint import read_log  # noqa: E402
 from nanoalign.plumbing.datasets import load_tasks  # noqa: E402

@@ -32,7 +32,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-from .adapters import adapter_context
+from .adapters import adapter_context, adapter_modules
 from .data import choices_of, extract_answer, left_pad, predicted_answer, text_tail
 from .model import KVCache
 from .data import GENERATION_TOKENS
@@ -156,7 +156,7 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
 
 def needs_task_ids(model):
     """True for adapters whose output depends on the task id at inference (MTL-LoRA)."""
-    return (getattr(model, "adapter_config", None) or {}).get("kind") == "mtl"
+    return any(m.needs_task_ids for _, m in adapter_modules(model))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,16 +1,17 @@
-"""Adapter capability attributes against what each adapter actually does, and MTL-LoRA's per-task merge and PEFT
-export (METHODS §2.7: ΔW_t = s·B̃_t Λ_t A) against the unmerged adapter and against `peft` itself; R-LoRA / M-LoRA's
-init compensation C stays a constant (METHODS §2.5)."""
+"""Adapter capabilities (`mergeable`, `needs_task_ids`, `lowrank()`'s refusals) against what each adapter actually
+does, and MTL-LoRA's per-task merge and PEFT export (METHODS §2.7: ΔW_t = s·B̃_t Λ_t A) against the unmerged adapter
+and against `peft` itself; R-LoRA / M-LoRA's init compensation C stays a constant (METHODS §2.5)."""
 
 import copy
 
 import pytest
 import torch
 
-from nanoalign.adapters import (KINDS, adapter_capabilities, adapter_context, adapter_modules, apply_adapter,
-                                export_peft, merge_adapters)
+from nanoalign.adapters import KINDS, adapter_context, adapter_modules, apply_adapter, merge_adapters
+from nanoalign.plumbing.adapter_io import check_options, export_peft
 from nanoalign.model import CausalLM
-from test_adapters import MLP, batch, hf_checkpoint, randomize, tiny
+from test_adapter_io import hf_checkpoint
+from test_adapters import MLP, batch, randomize, tiny
 
 
 def built(kind, **options):
@@ -42,39 +43,57 @@ def exports(model, path, task=None):
         return False
 
 
-@pytest.mark.parametrize("kind, options", [(k, {}) for k in KINDS] + [("rlora", {"router": False})])
+def refusal(m, task=None):
+    """lowrank()'s reason why `m` has no fixed ΔW, or None."""
+    try:
+        m.lowrank(task)
+        return None
+    except ValueError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("kind, options", [(k, {}) for k in KINDS] + [("rlora", {"multi_head_dropout": False}),
+                                                                        ("hydra-norouter", {"head_reduction": "mean"})])
 def test_capabilities_describe_behaviour(kind, options, tmp_path):
-    """For every kind, the capabilities read from the kind name, from the model and from one adapter module agree,
-    and each one is what the adapter does: mergeable iff merge_adapters succeeds, needs_task_ids iff a forward
-    without task ids is refused, has_heads iff lora_B holds N matrices, has_router iff it has a router,
-    peft_exportable iff export_peft writes a directory (per task when merges_per_task)."""
+    """For every kind, what an adapter says of itself is what it does, and every module of the model says the same:
+    mergeable iff merge_adapters succeeds and iff lowrank() gives a form, ΔW per task (merges with task=1) iff
+    needs_task_ids iff a forward without task ids is refused, heads iff lora_B holds N matrices, a router iff
+    lowrank() says ΔW depends on x, a PEFT LoRA (per task where ΔW depends on it) iff mergeable or per task."""
     model = built(kind, **options)
-    caps = adapter_capabilities(kind, **options)
-    assert caps == adapter_capabilities(model) == adapter_capabilities(adapter_modules(model)[0][1])
-    m = adapter_modules(model)[0][1]
+    mods = [m for _, m in adapter_modules(model)]
+    m = mods[0]
+    assert all((a.mergeable, a.needs_task_ids, refusal(a)) == (m.mergeable, m.needs_task_ids, refusal(m)) for a in mods)
     ids, _ = batch()
-    assert caps["mergeable"] is merges(model)
-    assert caps["merges_per_task"] is (not caps["mergeable"] and merges(model, task=1))
-    assert caps["needs_task_ids"] is not runs_without_task_ids(model, ids)
-    assert caps["has_heads"] is (m.lora_B.weight.dim() == 3)
-    assert caps["has_router"] is (getattr(m, "lora_router", None) is not None)
-    task = 0 if caps["merges_per_task"] else None
-    assert caps["peft_exportable"] is exports(model, tmp_path / "peft", task=task)
+    assert m.mergeable is merges(model) is (refusal(m) is None)
+    per_task = not m.mergeable and merges(model, task=1)
+    assert m.needs_task_ids is per_task
+    assert m.needs_task_ids is not runs_without_task_ids(model, ids)
+    assert hasattr(m, "heads") is (m.lora_B.weight.dim() == 3)
+    assert (getattr(m, "lora_router", None) is not None) is ("depend on the input x" in (refusal(m) or ""))
+    assert (m.mergeable or per_task) is exports(model, tmp_path / "peft", task=0 if per_task else None)
 
 
-def test_capabilities_of_the_kinds():
-    """The table the callers rely on (METHODS §2): which kinds merge, need task ids, have heads or a router."""
-    table = {k: adapter_capabilities(k) for k in KINDS}
-    assert [k for k, c in table.items() if c["mergeable"]] == ["lora", "align", "hydra-norouter", "mlora",
-                                                                "multilora"]
-    assert [k for k, c in table.items() if c["needs_task_ids"]] == ["mtl"]
-    assert [k for k, c in table.items() if c["has_router"]] == ["hydra", "rlora"]
-    assert [k for k, c in table.items() if not c["has_heads"]] == ["lora", "align"]
-    assert [k for k, c in table.items() if not c["peft_exportable"]] == ["hydra", "rlora"]
+def test_capabilities_of_the_kinds(tmp_path):
+    """The table the callers rely on (METHODS §2): which kinds merge, need task ids, have heads or a router, export a
+    PEFT LoRA; lowrank() says why where there is no fixed ΔW (a router: it depends on x; MTL-LoRA without task: it
+    depends on the task id)."""
+    models = {k: built(k) for k in KINDS}
+    table = {k: adapter_modules(model)[0][1] for k, model in models.items()}
+    assert [k for k, m in table.items() if m.mergeable] == ["lora", "align", "hydra-norouter", "mlora", "multilora"]
+    assert [k for k, m in table.items() if m.needs_task_ids] == ["mtl"]
+    assert [k for k, m in table.items() if hasattr(m, "lora_router")] == ["hydra", "rlora"]
+    assert [k for k, m in table.items() if not hasattr(m, "heads")] == ["lora", "align"]
+    assert [k for k, model in models.items()
+            if not exports(model, tmp_path / k, task=0 if table[k].needs_task_ids else None)] == ["hydra", "rlora"]
+    for k in ("hydra", "rlora"):
+        with pytest.raises(ValueError, match="its router makes ΔW depend on the input x"):
+            table[k].lowrank()
+    with pytest.raises(ValueError, match=r"ΔW depends on the task id .*pass task="):
+        table["mtl"].lowrank()
     with pytest.raises(ValueError, match="unknown adapter kind"):
-        adapter_capabilities("lora2")
+        check_options("lora2", {})
     with pytest.raises(ValueError, match="no adapter"):
-        adapter_capabilities(tiny())
+        export_peft(tiny(), tmp_path / "none")
 
 
 def task_logits(model, ids, t):

@@ -1,5 +1,6 @@
 """Adapters (nanoalign/adapters.py) against METHODS.md's equations, written out as naive per-head loops over dense
-matrices; parameter counts against METHODS §1; PEFT export against `peft` itself."""
+matrices; parameter counts against METHODS §1; each adapter's forward is its own. (Files and PEFT export:
+tests/test_adapter_io.py.)"""
 
 import json
 import math
@@ -9,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanoalign.adapters import (AdapterLinear, HydraLoRALinear, LoRALinear, MLoRALinear, MTLLoRALinear,
-                                MultiLoRALinear, RLoRALinear, adapter_context, adapter_modules, apply_adapter,
-                                count_trainable, export_peft, load_adapter, merge_adapters, rank_for_budget,
-                                save_adapter)
+from nanoalign.adapters import (KINDS, AdapterLinear, HydraLoRALinear, HydraNoRouterLinear, LoRALinear, MLoRALinear,
+                                MTLLoRALinear, MultiLoRALinear, RLoRALinear, adapter_context, adapter_modules,
+                                apply_adapter, count_trainable, merge_adapters, rank_for_budget, route)
+from nanoalign.plumbing.adapter_io import apply_adapter_checked
 from experiments.analysis import head_cosine_similarity
 from nanoalign.model import CausalLM, ModelConfig
 
@@ -22,8 +23,8 @@ CASES = {  # name: (class, options)
     "lora": (LoRALinear, {}),
     "lora-rslora": (LoRALinear, {"rank_stabilized": True}),
     "hydra": (HydraLoRALinear, {}),
-    "hydra-norouter": (HydraLoRALinear, {"router": False}),
-    "hydra-norouter-mean": (HydraLoRALinear, {"router": False, "head_reduction": "mean"}),
+    "hydra-norouter": (HydraNoRouterLinear, {}),
+    "hydra-norouter-mean": (HydraNoRouterLinear, {"head_reduction": "mean"}),
     "rlora": (RLoRALinear, {}),
     "rlora-code": (RLoRALinear, {"code_faithful": True}),
     "rlora-mt-only": (RLoRALinear, {"random_init": False}),         # R-LoRA ablation "+MT" (METHODS §6.1 Table 4)
@@ -35,7 +36,8 @@ CASES = {  # name: (class, options)
     "multilora": (MultiLoRALinear, {}),
     "multilora-scalar": (MultiLoRALinear, {"scale_granularity": "scalar"}),
 }
-MULTI = (HydraLoRALinear, MTLLoRALinear, MultiLoRALinear)
+HEADS = (HydraLoRALinear, HydraNoRouterLinear, RLoRALinear, MLoRALinear)  # shared A, N heads B_i (§2.3–2.6)
+MULTI = (*HEADS, MTLLoRALinear, MultiLoRALinear)
 MERGEABLE = ["lora", "lora-rslora", "hydra-norouter", "hydra-norouter-mean", "mlora", "mlora-mean", "multilora",
              "multilora-scalar"]
 
@@ -80,13 +82,13 @@ def reference(m, x, mask, task_ids=None):
     if isinstance(m, LoRALinear):                                  # §2.1
         z = (x * mask) @ d(m.lora_A.weight).T
         return h + s * (x * mask) @ (d(m.lora_B.weight) @ d(m.lora_A.weight)).T, z
-    if isinstance(m, HydraLoRALinear):                              # §2.3–2.6
+    if isinstance(m, HEADS):                                        # §2.3–2.6
         A, B = d(m.lora_A.weight), d(m.lora_B.weight)
-        if m.lora_router is not None:
+        if getattr(m, "lora_router", None) is not None:
             w = torch.softmax(x @ d(m.lora_router.weight).T, -1)
         else:
             w = torch.full((*x.shape[:-1], N), 1.0 if m.head_reduction == "sum" else 1.0 / N, dtype=x.dtype)
-        if m.head_dropout:                                          # R-LoRA: per-head dropout after A
+        if getattr(m, "multi_head_dropout", False):                 # R-LoRA: per-head dropout after A
             z = x @ A.T
             for i in range(N):
                 h = h + s * w[..., i:i + 1] * ((z * mask[..., i, :]) @ B[i].T)
@@ -94,7 +96,7 @@ def reference(m, x, mask, task_ids=None):
             z = (x * mask) @ A.T
             for i in range(N):
                 h = h + s * w[..., i:i + 1] * ((x * mask) @ (B[i] @ A).T)
-        if isinstance(m, RLoRALinear):                              # frozen compensation C
+        if isinstance(m, (RLoRALinear, MLoRALinear)):               # frozen compensation C
             h = h - x @ (d(m.comp_B) @ d(m.comp_A)).T
         return h, z
     if isinstance(m, MTLLoRALinear):                                # §2.7, sample by sample
@@ -133,7 +135,7 @@ def test_forward_matches_reference_equation(case, train):
     x = torch.randn(2, 5, IN)
     task_ids = torch.tensor([2, 0])
     y, z = run(m, x, task_ids, seed=7)
-    per_head = isinstance(m, HydraLoRALinear) and m.head_dropout
+    per_head = getattr(m, "multi_head_dropout", False)
     shape = (2, 5, N, R) if per_head else x.shape
     mask = masks(shape, p, 7) if train else torch.ones(shape)
     ref, ref_z = reference(m, x, mask, task_ids)
@@ -165,6 +167,16 @@ def test_eval_mode_is_deterministic_and_train_mode_is_not():
         assert torch.equal(run(m, x, t, 1)[0], run(m, x, t, 2)[0])
         m.train()
         assert not torch.equal(run(m, x, t, 1)[0], run(m, x, t, 2)[0])
+
+
+def test_each_adapter_is_a_sibling_with_its_own_forward():
+    """Every adapter class subclasses AdapterLinear directly and defines its own forward (its equation) and lowrank:
+    none inherits another adapter's; the shared base has no forward of its own to fall back on."""
+    classes = list(dict.fromkeys(cls for cls, _ in KINDS.values()))
+    assert len(classes) == 7 and "forward" not in vars(AdapterLinear)
+    for cls in classes:
+        assert cls.__bases__ == (AdapterLinear,), cls
+        assert "forward" in vars(cls) and "lowrank" in vars(cls), cls
 
 
 # ----------------------------------------------------------------------------- inits
@@ -201,7 +213,7 @@ def test_random_init_heads_differ_and_compensation(case):
     base = F.linear(x, m.weight, m.bias)
     if case in ("rlora", "rlora-init-only"):
         assert (m(x) - base).abs().max() > 1e-4  # a kaiming router is not uniform: cancellation is approximate
-    if m.lora_router is not None:
+    if getattr(m, "lora_router", None) is not None:
         with torch.no_grad():
             m.lora_router.weight.zero_()         # uniform router: ω_i = 1/N
     assert (m(x) - base).abs().max() < 1e-5
@@ -321,17 +333,18 @@ def test_apply_adapter_targets_and_freezing():
 
 
 @pytest.mark.parametrize("call, msg", [
-    (lambda m: apply_adapter(m, "dora"), "unknown adapter kind"),
-    (lambda m: apply_adapter(m, "lora", gamma=3), "no option 'gamma'"),
-    (lambda m: apply_adapter(m, "hydra", router=False), "no option 'router'"),
-    (lambda m: apply_adapter(m, "lora", targets=("lm_head",)), "lm_head is never adapted"),
-    (lambda m: apply_adapter(m, "lora", targets=("fc1",)), "no nn.Linear named"),
-    (lambda m: apply_adapter(m, "mtl"), "num_tasks"),
-    (lambda m: apply_adapter(apply_adapter(m, "lora"), "lora"), "already has"),
-    (lambda m: apply_adapter(m, "mlora", head_reduction="max"), "head_reduction"),
+    (lambda m: apply_adapter_checked(m, "dora"), "unknown adapter kind"),
+    (lambda m: apply_adapter_checked(m, "lora", gamma=3), "no option 'gamma'"),
+    (lambda m: apply_adapter_checked(m, "hydra", router=False), "no option 'router'"),
+    (lambda m: apply_adapter_checked(m, "lora", targets=("lm_head",)), "lm_head is never adapted"),
+    (lambda m: apply_adapter_checked(m, "lora", targets=("fc1",)), "no nn.Linear named"),
+    (lambda m: apply_adapter_checked(m, "mtl"), "num_tasks"),
+    (lambda m: apply_adapter_checked(apply_adapter_checked(m, "lora"), "lora"), "already has"),
+    (lambda m: apply_adapter_checked(m, "mlora", head_reduction="max"), "head_reduction"),
 ])
 def test_apply_adapter_errors(call, msg):
-    """Bad arguments give a one-line ValueError saying what is wrong."""
+    """Bad arguments give a one-line ValueError saying what is wrong (through the plumbing's checked form, which
+    checks kind and options before the book's apply_adapter)."""
     with pytest.raises(ValueError, match=msg):
         call(tiny())
 
@@ -350,7 +363,7 @@ def test_context_reports_a_outputs_and_is_removed():
         assert list(first) == [n for n, _ in adapter_modules(model)]
         assert all(z.shape == (4, 7, width) and z.requires_grad for z in first.values())
         assert all(ctx.a_outputs[k] is first[k] for k in first)
-        assert all(m.ctx is None for _, m in adapter_modules(model))
+        assert all(m.adapter_ctx is None for _, m in adapter_modules(model))
     model = apply_adapter(tiny(), "mtl", rank=4, targets=MLP, num_tasks=2)
     with pytest.raises(ValueError, match="task ids"):
         model(ids)
@@ -508,131 +521,6 @@ def test_rank_for_budget():
     assert rank_for_budget(hf, MLP, 12_570_624) == 9  # M-LoRA's 0.41% budget on Qwen2.5-3B = LoRA rank 8.9
 
 
-# ----------------------------------------------------------------------------- save / load
-
-@pytest.mark.parametrize("kind", ["lora", "hydra", "rlora", "mlora", "mtl", "multilora"])
-def test_save_load_round_trip(kind, tmp_path):
-    """save_adapter + load_adapter on a fresh copy of the base model reproduces the logits exactly — for R-LoRA
-    and M-LoRA too, whose init compensation travels with the adapter (the fresh model draws another random init)."""
-    ids, tids = batch()
-    model = randomize(apply_adapter(tiny(), kind, rank=4, heads=3, targets=MLP + ("o_proj",), num_tasks=2,
-                                    dropout=0.1), std=0.2)
-    before = logits(model, ids, tids)
-    save_adapter(model, tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
-    fresh = tiny()
-    torch.manual_seed(123)
-    load_adapter(fresh, tmp_path / "a")
-    assert torch.equal(logits(fresh, ids, tids), before)
-    assert fresh.adapter_config == json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    load_adapter(fresh, tmp_path / "a")  # into a model that already has the same adapter: fine
-
-
-def test_load_errors(tmp_path):
-    """Loading into another base shape, into another adapter kind, or from a non-adapter directory is a clear error."""
-    save_adapter(apply_adapter(tiny(), "lora", rank=4, targets=MLP), tmp_path / "a")
-    other = ModelConfig(**{**CFG.__dict__, "intermediate_size": 64})
-    with pytest.raises(ValueError, match="trained on a base where"):
-        load_adapter(tiny(cfg=other), tmp_path / "a")
-    with pytest.raises(ValueError, match="kind='lora'"):
-        load_adapter(apply_adapter(tiny(), "hydra", rank=4, targets=MLP), tmp_path / "a")
-    with pytest.raises(ValueError, match="rank=4"):
-        load_adapter(apply_adapter(tiny(), "lora", rank=8, targets=MLP), tmp_path / "a")
-    with pytest.raises(FileNotFoundError, match="not a nanoalign adapter directory"):
-        load_adapter(tiny(), tmp_path)
-    with pytest.raises(ValueError, match="no adapter"):
-        save_adapter(tiny(), tmp_path / "b")
-
-
-# ----------------------------------------------------------------------------- PEFT export
-
-def hf_checkpoint(arch, path):
-    transformers = pytest.importorskip("transformers")
-    cls = transformers.Qwen2Config if arch == "qwen2" else transformers.LlamaConfig
-    cfg = cls(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return path
-
-
-def test_peft_export_keys_and_shapes_match_peft(tmp_path):
-    """Exported keys/shapes equal `get_peft_model(hf, LoraConfig(...)).state_dict()`'s LoRA entries with the
-    `.default` adapter name removed."""
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    from safetensors import safe_open
-    d = hf_checkpoint("qwen2", tmp_path / "base")
-    model = apply_adapter(CausalLM.from_pretrained(d), "lora", rank=4, alpha=8)
-    export_peft(model, tmp_path / "peft", base_model_name_or_path=str(d))
-    with safe_open(tmp_path / "peft" / "adapter_model.safetensors", "pt") as f:
-        ours = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    hf = transformers.AutoModelForCausalLM.from_pretrained(d)
-    target = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target, task_type="CAUSAL_LM"))
-    theirs = {k.replace(".default", ""): tuple(v.shape) for k, v in pm.state_dict().items() if "lora_" in k}
-    assert ours == theirs
-    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert (cfg["peft_type"], cfg["task_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", "CAUSAL_LM", 4, 8)
-    assert sorted(cfg["target_modules"]) == sorted(target) and cfg["base_model_name_or_path"] == str(d)
-
-
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_peft_export_loads_in_peft_with_same_logits(arch, tmp_path):
-    """Our CausalLM + random adapter vs transformers + `PeftModel.from_pretrained(export)`: logits within 1e-5,
-    for LoRA directly and for hydra-norouter / M-LoRA (rank 2r, compensation folded in) / MultiLoRA (rank n·r)."""
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    d = hf_checkpoint(arch, tmp_path / "base")
-    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        base = transformers.AutoModelForCausalLM.from_pretrained(d)(input_ids=ids).logits
-    for kind, rank in (("lora", 4), ("align", 4), ("hydra-norouter", 4), ("mlora", 8), ("multilora", 12)):
-        model = apply_adapter(CausalLM.from_pretrained(d), kind, rank=4, alpha=8, heads=3)
-        randomize(model, std=0.1)
-        out = export_peft(model, tmp_path / kind)
-        assert json.loads((out / "adapter_config.json").read_text())["r"] == rank
-        with torch.no_grad():
-            ours = model(ids)
-            pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(d), out).eval()
-            theirs = pm(input_ids=ids).logits
-        diff = (ours - theirs).abs().max().item()
-        print(f"peft {arch:6s} {kind:15s} max|ours - peft| = {diff:.2e} (adapter effect {(ours - base).abs().max():.2f})")
-        assert diff < 1e-5 and (ours - base).abs().max() > 1e-2
-
-
-def test_peft_export_names_a_base_that_loads_offline(tmp_path, monkeypatch):
-    """base_model_name_or_path is what transformers loads without nanoalign: a local model directory as its absolute
-    path (the embedded model as its converted directory), an alias as its repo id; AutoPeftModelForCausalLM then
-    loads the export with local files only and gives our logits."""
-    peft = pytest.importorskip("peft")
-    import nanoalign
-    from nanoalign.plumbing import embedded
-    from nanoalign.plumbing.hub import loadable_name
-    d = hf_checkpoint("llama", tmp_path / "base")
-    monkeypatch.chdir(tmp_path)
-    model = apply_adapter(nanoalign.plumbing.load_model("base"), "lora", rank=4, alpha=8)  # a relative path, as typed
-    randomize(model, std=0.1)
-    out = export_peft(model, tmp_path / "peft")
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(d)
-    pm = peft.AutoPeftModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
-    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(ids) - pm(input_ids=ids).logits).abs().max() < 1e-5
-    monkeypatch.setattr(embedded, "ensure_smollm2", lambda: d)
-    assert loadable_name("smollm2-135m") == str(d)
-    assert loadable_name("qwen2.5-0.5b") == "Qwen/Qwen2.5-0.5B" and loadable_name("Org/Name") == "Org/Name"
-
-
-@pytest.mark.parametrize("kind", ["hydra", "rlora", "mtl"])
-def test_peft_export_refuses_router_and_per_task(kind, tmp_path):
-    """Router and per-task adapters have no PEFT LoRA form: export raises instead of writing something wrong."""
-    model = apply_adapter(tiny(), kind, rank=4, targets=MLP, num_tasks=2)
-    with pytest.raises(ValueError, match="no PEFT LoRA form"):
-        export_peft(model, tmp_path / "p")
-    assert not (tmp_path / "p" / "adapter_model.safetensors").exists()
-
-
 @pytest.mark.parametrize("kind", ["lora", "hydra", "rlora", "mlora", "mtl", "multilora"])
 def test_bf16_base_with_fp32_adapters(kind):
     """Adapter tensors are created in fp32 (STYLE.md) and work on a bf16 base, with and without autocast: the
@@ -672,7 +560,7 @@ def test_router_equals_old_computation_and_keeps_no_fp32_copy():
             xi = x.clone().requires_grad_()
             saved = []
             with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-                y = old_router(xi, m.lora_router.weight) if fn else m.head_weights(xi)
+                y = old_router(xi, m.lora_router.weight) if fn else route(xi, m.lora_router.weight)
             (y.float() * dy.float()).sum().backward()
             out.append((y, xi.grad, m.lora_router.weight.grad.clone(), saved))
             m.lora_router.weight.grad = None

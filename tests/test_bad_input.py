@@ -18,7 +18,9 @@ from safetensors.torch import save_file
 
 from nanoalign import adapters, model as model_py
 from nanoalign.plumbing import load_model, load_tokenizer
-from nanoalign.adapters import KINDS, apply_adapter, load_adapter, save_adapter
+from nanoalign.adapters import KINDS, apply_adapter
+from nanoalign.plumbing import adapter_io
+from nanoalign.plumbing.adapter_io import apply_adapter_checked, load_adapter, save_adapter
 from nanoalign.model import MAX_LAYERS, CausalLM, ModelConfig, memory_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +212,7 @@ def test_rank_too_large_for_memory(tmp_path):
     tensors that each fit, the machine running out of memory)."""
     model = CausalLM.from_pretrained(tiny_dir(tmp_path / "model"))
     with pytest.raises(ValueError, match=r"rank 1000000000: the lora adapters need [\d,]+ bytes .* more than") as e:
-        apply_adapter(model, "lora", rank=10**9)
+        apply_adapter_checked(model, "lora", rank=10**9)
     assert one_line(e)
     assert not hasattr(model, "adapter_config")
     assert not any(isinstance(m, adapters.AdapterLinear) for m in model.modules())
@@ -234,10 +236,10 @@ def test_allocation_failure_is_reported_with_the_size(tmp_path, monkeypatch, err
     RuntimeError / torch.OutOfMemoryError becomes a ValueError saying what rank r needs."""
     model = CausalLM.from_pretrained(tiny_dir(tmp_path / "model"))
     monkeypatch.setattr(adapters, "Weight", weight_failing_with(error))
-    found = adapters._target_linears(model, adapters.DEFAULT_TARGETS)
-    need = adapters._adapter_bytes(adapters.LoRALinear, found, dict(rank=4, alpha=16, dropout=0.0))
+    found = adapters.target_linears(model, adapters.DEFAULT_TARGETS)
+    need = adapter_io.adapter_bytes(adapters.LoRALinear, found, dict(rank=4, alpha=16, dropout=0.0))
     with pytest.raises(ValueError, match=f"rank 4: the lora adapters need {need:,} bytes .* cannot allocate now"):
-        apply_adapter(model, "lora", rank=4)
+        apply_adapter_checked(model, "lora", rank=4)
     assert not hasattr(model, "adapter_config")
 
 
@@ -246,7 +248,7 @@ def test_other_runtime_errors_are_not_masked(tmp_path, monkeypatch):
     model = CausalLM.from_pretrained(tiny_dir(tmp_path / "model"))
     monkeypatch.setattr(adapters, "Weight", weight_failing_with(RuntimeError("some bug")))
     with pytest.raises(RuntimeError, match="some bug"):
-        apply_adapter(model, "lora", rank=4)
+        apply_adapter_checked(model, "lora", rank=4)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -254,14 +256,14 @@ def test_adapter_bytes_match_what_is_allocated(tmp_path, kind):
     """The byte count in the rank message (counted on the meta device) equals the adapter tensors apply_adapter
     really allocates (parameters and buffers, base weights excluded), for every adapter kind."""
     model = CausalLM.from_pretrained(tiny_dir(tmp_path / "model"))
-    found = adapters._target_linears(model, adapters.DEFAULT_TARGETS)
+    found = adapters.target_linears(model, adapters.DEFAULT_TARGETS)
     cls, fixed = KINDS[kind]
     args = dict(rank=3, alpha=16, dropout=0.0, **fixed)
     if kind in ("hydra", "hydra-norouter", "rlora", "mlora", "mtl", "multilora"):
         args["heads"] = 2
     if kind == "mtl":
         args["num_tasks"] = 3
-    need = adapters._adapter_bytes(cls, found, args)
+    need = adapter_io.adapter_bytes(cls, found, args)
     apply_adapter(model, kind, rank=3, heads=2, num_tasks=3 if kind == "mtl" else None)
     got = sum(t.numel() * t.element_size() for _, m in adapters.adapter_modules(model)
               for t in (*m.parameters(), *m.buffers()) if t is not m.weight and t is not m.bias)
@@ -391,7 +393,7 @@ def test_per_task_export_directories_are_unique(saved_mtl, tmp_path, names, dirs
     """Every task id gets its own PEFT directory, holding its own ΔW_t. Before: `../../evil` and a real `task0`
     (or a name repeated in tasks.json) both went to one directory, the later overwriting the earlier, exit 0."""
     from safetensors.torch import load_file
-    from nanoalign.adapters import export_peft_dirs
+    from nanoalign.plumbing.adapter_io import export_peft_dirs
     _, model, _ = saved_mtl
     export_peft_dirs(model, tmp_path / "peft", names)
     assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == sorted(dirs)

@@ -22,7 +22,8 @@ from conftest import JSONL_TASKS, error_line, make_jsonl  # noqa: E402
 import nanoalign  # noqa: E402
 import nanoalign.plumbing
 from nanoalign.plumbing import system  # noqa: E402
-from nanoalign.adapters import apply_adapter, save_adapter  # noqa: E402
+from nanoalign.adapters import apply_adapter  # noqa: E402
+from nanoalign.plumbing.adapter_io import save_adapter  # noqa: E402
 from nanoalign.data import extract_answer  # noqa: E402
 from nanoalign.evaluate import (accuracies, choice_logprobs, diagnostics_table, encode_pair, evaluate,  # noqa: E402
                                 generate_texts, markdown_table, summarise)
@@ -171,7 +172,8 @@ def test_eval_py_with_adapter_merged_and_unmerged(tiny, model_tok, tmp_path, cap
     tasks = load_tasks(str(data), "test", max_per_task=500, seed=1337)
     assert accuracies(evaluate(model, tok, tasks, mode="loglik")) == res["accuracy"]
     merged = nanoalign.plumbing.load_model(tiny)
-    from nanoalign.adapters import load_adapter, merge_adapters
+    from nanoalign.adapters import merge_adapters
+    from nanoalign.plumbing.adapter_io import load_adapter
     merge_adapters(load_adapter(merged, tmp_path / "run" / "adapter"))
     a = choice_logprobs(model, tok, tasks[JSONL_TASKS[0]])[0]
     b = choice_logprobs(merged, tok, tasks[JSONL_TASKS[0]])[0]
@@ -199,7 +201,7 @@ def test_eval_py_exports_peft_per_task(tiny, tmp_path, capsys):
     task<id>, inside DIR), without evaluating; an existing DIR is not written into without --overwrite; a router
     (no PEFT form) and a missing --adapter-dir are one error line each."""
     from safetensors.torch import load_file
-    from nanoalign.adapters import export_peft
+    from nanoalign.plumbing.adapter_io import export_peft
     model = nanoalign.plumbing.load_model(tiny)
     apply_adapter(model, "mtl", rank=2, heads=2, num_tasks=2, targets=("q_proj", "up_proj"))
     torch.manual_seed(0)

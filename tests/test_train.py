@@ -30,7 +30,7 @@ from conftest import JSONL_TASKS, error_line, make_jsonl  # noqa: E402
 import nanoalign  # noqa: E402
 import nanoalign.plumbing
 from nanoalign.plumbing import launch  # noqa: E402  (train.py's command line and run)
-from nanoalign.adapters import load_adapter  # noqa: E402
+from nanoalign.plumbing.adapter_io import load_adapter  # noqa: E402
 from nanoalign.data import length_groups  # noqa: E402
 from nanoalign.plumbing.datasets import load_tasks  # noqa: E402
 from nanoalign.evaluate import evaluate  # noqa: E402
@@ -493,7 +493,8 @@ def test_every_adapter_trains_and_evaluates(tiny, data, tmp_path, kind):
 def test_per_task_peft_export_keeps_task_names_inside_the_run(tmp_path):
     """MTL-LoRA's per-task PEFT directories are named after the tasks, except a name that is not a plain file name
     (a task name comes from a data file): that one becomes task<id>, inside peft/, and holds that task id's ΔW_t."""
-    from nanoalign.adapters import apply_adapter, export_peft_dirs
+    from nanoalign.adapters import apply_adapter
+    from nanoalign.plumbing.adapter_io import export_peft_dirs
     from nanoalign.model import CausalLM, ModelConfig
     from safetensors.torch import load_file
     torch.manual_seed(0)

@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from nanoalign.adapters import (LoRALinear, adapter_modules, apply_adapter, count_trainable, export_peft,
-                                merge_adapters)
+from nanoalign.adapters import LoRALinear, adapter_modules, apply_adapter, count_trainable, merge_adapters
+from nanoalign.plumbing.adapter_io import export_peft
 from nanoalign.plumbing.datasets import load_tasks
 
 args = parser(__doc__).parse_args()
@@ -202,7 +202,7 @@ results["model_lora"] = {"base_params": n_base, "adapted_modules": len(adapter_m
 # %% [markdown]
 # ## 6. Export to PEFT, then merge the whole model
 # A plain LoRA exports to a Hugging Face PEFT directory by renaming keys (same module names, same A/B shapes).
-# Tests: tests/test_adapters.py::test_peft_export_keys_and_shapes_match_peft and
+# Tests: tests/test_adapter_io.py::test_peft_export_keys_and_shapes_match_peft and
 # ::test_peft_export_loads_in_peft_with_same_logits.
 # Then we give every B random values — a stand-in for training — and fold all adapters into their base weights with
 # `merge_adapters`: the logits match the unmerged model to fp32 round-off and the greedy next token is the same.

@@ -98,7 +98,7 @@ for kind in KINDS:
     tensors = {n.replace(".weight", ""): list(t.shape) for n, t in m.named_parameters() if t.requires_grad}
     one_layer[kind] = {"trainable": count_trainable(holder), "tensors": tensors, "init_max_abs_diff": init_diff,
                        "a_output_shape": list(ctx.a_outputs["up_proj"].shape), "mergeable": merge == "yes",
-                       "merge_message": merge, "uses_task_id": kind == "mtl"}
+                       "merge_message": merge, "uses_task_id": m.needs_task_ids}
     shape_txt = ", ".join(f"{n.replace('lora_', '')}{t}" for n, t in tensors.items())
     print(f"    {kind:15s} {count_trainable(holder):9,d}  {shape_txt:50s} {init_diff:13.2e}  "
           f"{str(list(ctx.a_outputs['up_proj'].shape[-1:])):>12s}  {merge}")

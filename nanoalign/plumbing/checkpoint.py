@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..adapters import load_adapter, save_adapter
+from .adapter_io import load_adapter, save_adapter
 from .system import fsync, read_json, write_atomic
 
 

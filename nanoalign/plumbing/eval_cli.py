@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import load_model, load_tokenizer
-from ..adapters import export_peft_dirs, load_adapter
+from .adapter_io import export_peft_dirs, load_adapter
 from ..evaluate import MODES, accuracies, diagnostics_table, generation_fallback, without_records
 from .datasets import load_tasks, select_tasks
 from .hub import HubError

@@ -27,11 +27,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import load_model, load_tokenizer
-from ..adapters import KINDS, MAX_ALPHA, apply_adapter, check_options, count_trainable, export_peft_dirs, save_adapter
+from ..adapters import KINDS, count_trainable
 from ..data import BalancedBatcher, encode_fitting
 from ..evaluate import (MODES, accuracies, diagnostics_table, evaluate, generation_fallback, markdown_table,
                         task_result, without_records)
 from ..meta import MetaConfig, MetaSampler, limit_shots
+from .adapter_io import MAX_ALPHA, check_options, export_peft_dirs, save_adapter
+from .adapter_io import apply_adapter_checked as apply_adapter  # the rank's memory checked first
 from .checkpoint import (Checkpoint, check_fresh_start, clear_run_state, continue_run_dir, find_checkpoint,
                          load_checkpoint, read_log, save_checkpoint)
 from .datasets import load_tasks, select_tasks
