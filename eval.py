@@ -36,6 +36,7 @@ from nanoalign.adapters import export_peft_dirs, load_adapter, merge_adapters
 from nanoalign.data import load_tasks
 from nanoalign.evaluate import MODES, accuracies, diagnostics_table, evaluate, generation_fallback, without_records
 from nanoalign.plumbing.hub import HubError
+from nanoalign.plumbing.scoring import progress_bar
 from nanoalign.plumbing.system import base_dtype, os_error_line, pick_device, read_json, write_atomic
 from nanoalign.tasks import FORMATS
 
@@ -55,8 +56,8 @@ def parse_args(argv=None):
                    "order (0: the whole split in file order)")
     p.add_argument("--mode", choices=MODES, default="generate", help="generate: greedy decoding + answer extraction "
                    "(the paper); loglik: option log-likelihood; cloze: lm-evaluation-harness's acc / acc_norm")
-    p.add_argument("--format", choices=FORMATS, default=None, help="prompt format of the tasks (default: cloze with "
-                   "--mode cloze, else label)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="prompt format of the tasks (default: lm-eval "
+                   "with --mode cloze, else label)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=16, help="generate mode: tokens per answer")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -147,7 +148,7 @@ def run(args):
     model_name = model_name or "smollm2-135m"
     if args.export_peft is not None:
         return export(args, adapter_dir, model_name, names)
-    fmt = args.format or ("cloze" if args.mode == "cloze" else "label")
+    fmt = args.format or ("lm-eval" if args.mode == "cloze" else "label")
     out, preds_path = result_paths(args, adapter_dir, model_name, fmt)  # before any work: refuse to overwrite
 
     tasks = load_tasks(args.data, args.split, data_dir=args.data_dir, max_per_task=args.max_per_task or None,
@@ -176,7 +177,8 @@ def run(args):
               "generation instead (its result says mode 'generate')", file=sys.stderr)
     t0 = time.perf_counter()
     results = evaluate(model, tok, tasks, mode=args.mode, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, task_ids=task_ids)
+                       max_new_tokens=args.max_new_tokens, task_ids=task_ids, progress=progress_bar("eval"),
+                       by_length=True)
     seconds = time.perf_counter() - t0
     acc = accuracies(results)
     n = sum(len(v) for v in tasks.values())
