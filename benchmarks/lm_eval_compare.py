@@ -8,14 +8,17 @@ lm-eval's own yaml and only points it at that file. Every string then comes from
     python benchmarks/lm_eval_compare.py docs --out /tmp/lm-eval-docs                 # any Python, stdlib only
     $LMEVAL/bin/python benchmarks/lm_eval_compare.py strings --docs /tmp/lm-eval-docs \\
         --out tests/fixtures/lm_eval_strings.json                                       # the test fixture
-    $LMEVAL/bin/python benchmarks/lm_eval_compare.py lm-eval --docs /tmp/lm-eval-docs --task piqa --out runs/
-    python benchmarks/lm_eval_compare.py ours --task piqa --out runs/                  # nanoalign's venv
-    python benchmarks/lm_eval_compare.py table --out runs/                             # the RESULTS.md rows
+    $LMEVAL/bin/python benchmarks/lm_eval_compare.py lm-eval --docs /tmp/lm-eval-docs --task piqa boolq \\
+        --limit 50 --threads 1 --out benchmarks/lm_eval_runs                           # lm-eval's venv
+    python benchmarks/lm_eval_compare.py ours --task piqa boolq --limit 50 --threads 1 \\
+        --out benchmarks/lm_eval_runs                                                  # nanoalign's venv
+    python benchmarks/lm_eval_compare.py table --out benchmarks/lm_eval_runs --write   # the RESULTS.md table
 
 $LMEVAL is a separate venv with lm-eval, transformers and peft (lm-eval is not a nanoalign dependency). Both scorers
 load the same directory (SmolLM2-135M-Instruct converted by nanoalign.plumbing.embedded.ensure_smollm2), in fp32 on
 the CPU, with the same batch size and thread count; each run writes <out>/<tool>-<task>.json: per example the
-option log-likelihoods and predictions, and the scoring's wall time (model loading excluded).
+option log-likelihoods and predictions, and the scoring's wall and CPU time (model loading excluded). --limit N
+scores the first N documents of each split (the table says so).
 """
 
 import argparse
@@ -181,42 +184,53 @@ def model_dir():
 
 
 def cmd_lm_eval(args):
-    """lm-eval's HF model (`--model hf`) on one task: per doc, its log-likelihoods, acc and acc_norm."""
+    """lm-eval's HF model (`--model hf`) on each task: per doc, its log-likelihoods, acc and acc_norm."""
     import torch
-    import lm_eval
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    tasks, tm = lm_eval_tasks(args.docs, [args.task])
     lm = HFLM(pretrained=str(args.model), dtype="float32", device="cpu", batch_size=args.batch_size)
-    t0 = time.perf_counter()
+    for task in args.task:
+        lm_eval_one(args, lm, task)
+
+
+def lm_eval_one(args, lm, task):
+    import lm_eval
+    from lm_eval import simple_evaluate
+    args = argparse.Namespace(**{**vars(args), "task": task})
+    tasks, tm = lm_eval_tasks(args.docs, [args.task])
+    t0, c0 = time.perf_counter(), time.process_time()
     res = simple_evaluate(model=lm, tasks=[f"nanoalign_{args.task}"], task_manager=tm, log_samples=True,
-                          batch_size=args.batch_size)
-    seconds = time.perf_counter() - t0
+                          batch_size=args.batch_size, limit=args.limit)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     samples = sorted(res["samples"][f"nanoalign_{args.task}"], key=lambda s: s["doc_id"])
     scores = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
     lengths = [[float(len(c)) for c in tasks[args.task].doc_to_choice(s["doc"])] for s in samples]
-    write_run(args, "lm-eval", f"lm-eval {lm_eval.__version__} (HFLM, transformers)", seconds, scores,
-              [int(s["target"]) for s in samples], lengths, reported=res["results"][f"nanoalign_{args.task}"])
+    write_run(args, "lm-eval", f"lm-eval {lm_eval.__version__} (HFLM, transformers)", seconds, cpu, scores,
+              [gold_index(tasks[args.task], s["doc"]) for s in samples], lengths, reported=res["results"][f"nanoalign_{args.task}"])
 
 
 def cmd_ours(args):
     """nanoalign's evaluate(mode="cloze") on the lm-eval format of the same split."""
     import torch
     import nanoalign.plumbing as P
-    from nanoalign.data import choices_of
-    from nanoalign.evaluate import char_length, evaluate
     torch.set_num_threads(args.threads)
     tok = P.load_tokenizer(str(args.model))
     model = P.load_model(str(args.model), dtype=torch.float32, device="cpu")
-    examples = [{**ex, "index": i} for i, ex in enumerate(ours_examples(args.task))]
-    t0 = time.perf_counter()
+    for task in args.task:
+        ours_one(argparse.Namespace(**{**vars(args), "task": task}), tok, model)
+
+
+def ours_one(args, tok, model):
+    from nanoalign.data import choices_of
+    from nanoalign.evaluate import char_length, evaluate
+    examples = [{**ex, "index": i} for i, ex in enumerate(ours_examples(args.task))][:args.limit]
+    t0, c0 = time.perf_counter(), time.process_time()
     res = evaluate(model, tok, {args.task: examples}, mode="cloze", batch_size=args.batch_size,
                    by_length=not args.plain)[args.task]
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     write_run(args, "ours" if not args.plain else "ours-plain", "nanoalign evaluate(mode='cloze'"
-              + (")" if args.plain else ", by_length=True)"), seconds, [r["scores"] for r in res["records"]],
+              + (")" if args.plain else ", by_length=True)"), seconds, cpu, [r["scores"] for r in res["records"]],
               [choices_of(ex)[1] for ex in examples],
               [[float(char_length(ex, c)) for c in range(len(choices_of(ex)[0]))] for ex in examples],
               reported={"acc": res["accuracy"], "acc_norm": res["acc_norm"]})
@@ -226,11 +240,14 @@ def argmax(xs):
     return max(range(len(xs)), key=xs.__getitem__)
 
 
-def write_run(args, tool, what, seconds, scores, gold, lengths, reported):
+def write_run(args, tool, what, seconds, cpu, scores, gold, lengths, reported):
+    """seconds: the scoring's wall time; cpu: its CPU time (all threads of the process), which other jobs on a
+    shared machine disturb far less than the wall time."""
     pred = [argmax(s) for s in scores]
     pred_norm = [argmax([v / max(n, 1) for v, n in zip(s, ls)]) for s, ls in zip(scores, lengths)]
     n = len(scores)
     run = {"tool": tool, "what": what, "task": args.task, "n": n, "seconds": seconds, "examples_per_s": n / seconds,
+           "cpu_seconds": cpu, "examples_per_cpu_s": n / cpu,
            "batch_size": args.batch_size, "threads": args.threads,
            "acc": sum(p == g for p, g in zip(pred, gold)) / n,
            "acc_norm": sum(p == g for p, g in zip(pred_norm, gold)) / n, "reported": reported,
@@ -240,31 +257,67 @@ def write_run(args, tool, what, seconds, scores, gold, lengths, reported):
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tool}-{args.task}.json").write_text(json.dumps(run) + "\n")
     print(f"{tool} {args.task}: n={n} acc={run['acc']:.4f} acc_norm={run['acc_norm']:.4f} "
-          f"{seconds:.1f} s ({run['examples_per_s']:.2f} examples/s)")
+          f"{seconds:.1f} s ({run['examples_per_s']:.2f} examples/s), {cpu:.1f} CPU s "
+          f"({run['examples_per_cpu_s']:.2f} examples/CPU s)")
+
+
+BEGIN, END = "<!-- lm_eval_compare.py table: begin -->", "<!-- lm_eval_compare.py table: end -->"
 
 
 def cmd_table(args):
-    """The markdown rows of every task with both runs in --out."""
+    """The markdown table of every task with both runs in --out; --write puts it (with the runs' settings) between
+    the markers in benchmarks/RESULTS.md, appending a section the first time."""
     out = Path(args.out)
-    lines = ["| task | n | acc ours / lm-eval | acc_norm ours / lm-eval | agree (acc) | agree (acc_norm) "
-             "| max abs. Δ log-lik | examples/s ours / lm-eval | speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| task | docs scored (split) | acc ours / lm-eval | acc_norm ours / lm-eval | agree (acc) "
+             "| agree (acc_norm) | max abs. Δ log-lik | examples/CPU-s ours / lm-eval | speed-up (CPU) "
+             "| examples/s (wall) ours / lm-eval |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    runs = []
     for task in ORDER:
         a, b = out / f"ours-{task}.json", out / f"lm-eval-{task}.json"
         if not (a.exists() and b.exists()):
-            lines.append(f"| {task} | not run | | | | | | | |")
+            lines.append(f"| {task} | not run | | | | | | | | |")
             continue
         a, b = json.loads(a.read_text()), json.loads(b.read_text())
         assert a["n"] == b["n"] and a["gold"] == b["gold"], task
-        n = a["n"]
+        runs += [a, b]
+        n, split = a["n"], len(hf_docs(task))
         agree = sum(x == y for x, y in zip(a["pred"], b["pred"]))
         agree_norm = sum(x == y for x, y in zip(a["pred_norm"], b["pred_norm"]))
         delta = max(abs(x - y) for s, t in zip(a["scores"], b["scores"]) for x, y in zip(s, t))
-        lines.append(f"| {task} | {n} | {100 * a['acc']:.2f} / {100 * b['acc']:.2f} | "
+        scored = f"{n} (all)" if n == split else f"first {n} of {split}"
+        lines.append(f"| {task} | {scored} | {100 * a['acc']:.2f} / {100 * b['acc']:.2f} | "
                      f"{100 * a['acc_norm']:.2f} / {100 * b['acc_norm']:.2f} | {agree}/{n} | {agree_norm}/{n} | "
-                     f"{delta:.1e} | {a['examples_per_s']:.2f} / {b['examples_per_s']:.2f} | "
-                     f"{a['examples_per_s'] / b['examples_per_s']:.2f}× |")
-    print("\n".join(lines))
+                     f"{delta:.1e} | {a['examples_per_cpu_s']:.2f} / {b['examples_per_cpu_s']:.2f} | "
+                     f"{a['examples_per_cpu_s'] / b['examples_per_cpu_s']:.2f}× | "
+                     f"{a['examples_per_s']:.2f} / {b['examples_per_s']:.2f} |")
+    tasks = [runs[i]["task"] for i in range(0, len(runs), 2)]
+    equal = [t for t, a, b in zip(tasks, runs[::2], runs[1::2]) if (a["acc"], a["acc_norm"]) == (b["acc"], b["acc_norm"])]
+    fast = [t for t, a, b in zip(tasks, runs[::2], runs[1::2]) if a["examples_per_cpu_s"] >= 1.5 * b["examples_per_cpu_s"]]
+    lines += ["", f"Targets: equal acc and acc_norm on {len(equal)} of {len(tasks)} tasks"
+              + (f" (not {', '.join(t for t in tasks if t not in equal)})" if len(equal) < len(tasks) else "")
+              + f"; ours >= 1.5x lm-eval's examples/CPU-s on {len(fast)} of {len(tasks)}"
+              + (f" (not {', '.join(t for t in tasks if t not in fast)})" if len(fast) < len(tasks) else "") + "."]
+    table = "\n".join(lines)
+    print(table)
+    if not args.write:
+        return
+    what = sorted({r["what"] for r in runs})
+    dates = sorted(r["date"] for r in runs)
+    loads = [r["load_before"][0] for r in runs]
+    body = (f"{BEGIN}\n"
+            f"Generated by `python benchmarks/lm_eval_compare.py table --out {args.out} --write` from the runs "
+            f"{dates[0]} to {dates[-1]} UTC ({', '.join(what)}); batch size {sorted({r['batch_size'] for r in runs})}, "
+            f"threads {sorted({r['threads'] for r in runs})}, fp32 on the CPU ({runs[0]['cpu']}); "
+            f"1-minute load average before each run {min(loads):.1f} to {max(loads):.1f}.\n\n{table}\n{END}")
+    path = ROOT / "benchmarks/RESULTS.md"
+    text = path.read_text(encoding="utf-8")
+    if BEGIN in text:
+        text = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Cloze scoring: nanoalign vs lm-evaluation-harness\n\n" + body + "\n"
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -279,17 +332,19 @@ def main(argv=None):
     s.add_argument("--keep", type=int, default=20, help="docs kept whole per task (plus as many with odd spaces)")
     for name in ("lm-eval", "ours"):
         r = sub.add_parser(name, help=f"score one task with {name}")
-        r.add_argument("--task", required=True, choices=list(TASKS))
+        r.add_argument("--task", required=True, nargs="+", choices=list(TASKS), help="one or more (one model load)")
         r.add_argument("--out", required=True)
         r.add_argument("--batch-size", type=int, default=32)
         r.add_argument("--threads", type=int, default=2)
         r.add_argument("--model", default=None, help="HF model directory (default: the converted SmolLM2-135M)")
+        r.add_argument("--limit", type=int, default=None, help="only the first N docs of the split (the table says so)")
         if name == "lm-eval":
             r.add_argument("--docs", required=True)
         else:
             r.add_argument("--plain", action="store_true", help="evaluate's default batching (by_length off)")
     t = sub.add_parser("table", help="markdown rows from the runs in --out")
     t.add_argument("--out", required=True)
+    t.add_argument("--write", action="store_true", help="put the table into benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     if args.cmd == "docs":
         return write_docs(args.out, args.source)

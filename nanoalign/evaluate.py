@@ -124,8 +124,8 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
             units.append((e, list(ctx[-keep:]), conts))
     scores = [[0.0] * len(choices_of(ex)[0]) for ex in examples]
     lengths = [[0] * len(s) for s in scores]
-    lengths = [len(u[1]) + by_length * max(len(cont) for _, cont in u[2]) for u in units]
-    for idx, ctxs in _batches([u[1] for u in units], batch_size, lengths):
+    sort_by = [len(u[1]) + by_length * max(len(cont) for _, cont in u[2]) for u in units]
+    for idx, ctxs in _batches([u[1] for u in units], batch_size, sort_by):
         ids, mask = left_pad(ctxs, tok.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         B, P = ids.shape
