@@ -48,11 +48,12 @@ def fold(model, merge=True):
         return kind
 
 
-def score(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None):
-    """Every task of `tasks` scored as `mode` says (nanoalign.evaluate.evaluate); (results, seconds)."""
+def score(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None, progress=None):
+    """Every task of `tasks` scored as `mode` says (nanoalign.evaluate.evaluate), options batched by continuation
+    length; (results, seconds)."""
     t0 = time.perf_counter()
     results = evaluate(model, tok, tasks, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       task_ids=task_ids)
+                       task_ids=task_ids, progress=progress, by_length=True)
     return results, time.perf_counter() - t0
 
 

@@ -58,6 +58,7 @@ from nanoalign.plumbing.checkpoint import read_log  # noqa: E402
 from nanoalign.plumbing.datasets import load_tasks  # noqa: E402
 from nanoalign.plumbing.tasks import TASK_SUITE  # noqa: E402
 from nanoalign.evaluate import evaluate, without_records  # noqa: E402
+from nanoalign.plumbing.scoring import progress_bar  # noqa: E402
 
 # where results and the runs' checkpoints/adapters go; the variables let a grid run from another checkout (a git
 # worktree at a fixed commit, so that edits here do not change a running grid) write into this one
@@ -498,7 +499,7 @@ class Grid:
     def evaluate(self, model, names, split="test"):
         t0 = time.perf_counter()
         res = evaluate(model, self._tok, getattr(self.data, split), mode=self.suite.mode,
-                       task_ids={t: i for i, t in enumerate(names)})
+                       task_ids={t: i for i, t in enumerate(names)}, progress=progress_bar("eval"))
         return res, time.perf_counter() - t0
 
     def dev_result(self, model, names):

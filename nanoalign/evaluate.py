@@ -30,7 +30,6 @@ import math
 from collections import Counter
 
 import torch
-from tqdm import tqdm
 
 from .adapters import adapter_context, adapter_modules
 from .data import choices_of, extract_answer, left_pad, predicted_answer, text_tail
@@ -41,9 +40,11 @@ MODES = ("generate", "loglik", "cloze")
 COLLAPSED = 0.9  # a task is "collapsed" when one prediction covers more than this share of its examples
 
 
-def _batches(seqs, batch_size):
-    """Length-sorted batches (less padding): yields (original indices, sequences)."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+def _batches(seqs, batch_size, lengths=None):
+    """Batches sorted by `lengths` (default: the sequences' lengths; less padding): yields (original indices,
+    sequences)."""
+    lengths = lengths or [len(s) for s in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: lengths[i])
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         yield idx, [seqs[i] for i in idx]
@@ -57,7 +58,7 @@ def _task_context(model, task_id, batch, device):
 
 @torch.no_grad()
 def generate_texts(model, tok, prompts, batch_size=32, max_new_tokens=16, max_prompt_len=1024, task_id=None,
-                   bar=None):
+                   advance=None):
     """Greedy continuation of each prompt, decoded up to the first stop token (special tokens dropped)."""
     device = next(model.parameters()).device
     encoded = [tok.encode(text_tail(tok, p, max_prompt_len))[-max_prompt_len:] for p in prompts]
@@ -71,8 +72,8 @@ def generate_texts(model, tok, prompts, batch_size=32, max_new_tokens=16, max_pr
         for i, row in zip(idx, new.tolist()):
             end = next((k for k, t in enumerate(row) if t in stops), len(row))
             out[i] = tok.decode(row[:end])
-        if bar is not None:
-            bar.update(len(idx))
+        if advance:
+            advance(len(idx))
     return out
 
 
@@ -93,7 +94,8 @@ def encode_pair(tok, context, continuation, joint):
 
 
 @torch.no_grad()
-def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=False, task_id=None, bar=None):
+def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=False, task_id=None,
+                    advance=None, by_length=False):
     """Summed log-probability of every choice of every example (`nanoalign.data.choices_of`: (context,
     continuation) pairs) -> (scores, lengths): lists (per example) of lists (per choice) of floats / token counts.
 
@@ -103,6 +105,11 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
     logits only where they predict a continuation token. One-token options (label words such as " yes") need only
     the first forward. Contexts longer than max_len are cut from the left; an empty context is scored after eos, as
     the harness scores it after its prefix token. Batches are length-sorted; `batch_size` counts contexts.
+
+    by_length: sort the contexts by context + longest continuation, and run the continuations of a batch in groups
+    of up to `batch_size` rows of similar length, one-token ones not at all (less padding where continuations are
+    long and uneven, as PIQA's). Off, every continuation of a batch runs in one forward: the cached grids were scored
+    so, and a rerun stays bitwise equal. Both agree to float round-off (tests/test_eval.py).
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -117,12 +124,12 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
             units.append((e, list(ctx[-keep:]), conts))
     scores = [[0.0] * len(choices_of(ex)[0]) for ex in examples]
     lengths = [[0] * len(s) for s in scores]
-    for idx, ctxs in _batches([u[1] for u in units], batch_size):
+    sort_by = [len(u[1]) + by_length * max(len(cont) for _, cont in u[2]) for u in units]
+    for idx, ctxs in _batches([u[1] for u in units], batch_size, sort_by):
         ids, mask = left_pad(ctxs, tok.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         B, P = ids.shape
         rows = [(j, c, cont) for j, i in enumerate(idx) for c, cont in units[i][2]]  # one row per choice
-        O = max(len(cont) for _, _, cont in rows)
         last = torch.zeros(B, P, dtype=torch.bool, device=device)
         last[:, -1] = True
         cache = KVCache(model.config, B, P, dtype, device)
@@ -130,27 +137,36 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
             first = model(ids, mask, logits_at=last, cache=cache).float().log_softmax(-1)  # [B, vocab]
         unit_of = torch.tensor([j for j, _, _ in rows], device=device)
         total = first[unit_of, torch.tensor([cont[0] for _, _, cont in rows], device=device)]
-        if O > 1:  # the continuations after their context: rows of one unit see the same cached keys/values
-            more = KVCache(model.config, len(rows), P + O - 1, dtype, device)
-            more.k[:, :, :, :P], more.v[:, :, :, :P] = cache.k[:, unit_of], cache.v[:, unit_of]
+        if by_length:
+            todo = sorted((r for r, row in enumerate(rows) if len(row[2]) > 1), key=lambda r: len(rows[r][2]))
+            groups = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+        else:
+            groups = [list(range(len(rows)))] if max(len(cont) for _, _, cont in rows) > 1 else []
+        for group in groups:  # the continuations after their context: rows of one unit see the same cached keys/values
+            at = unit_of[group]
+            O = max(len(rows[r][2]) for r in group)
+            more = KVCache(model.config, len(group), P + O - 1, dtype, device)
+            more.k[:, :, :, :P], more.v[:, :, :, :P] = cache.k[:, at], cache.v[:, at]
             more.length = P
-            tail = torch.full((len(rows), O - 1), int(tok.pad_id), dtype=torch.long)
-            tail_mask = torch.zeros(len(rows), O - 1, dtype=torch.bool)
-            for r, (_, _, cont) in enumerate(rows):
-                tail[r, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
-                tail_mask[r, :len(cont) - 1] = True
+            tail = torch.full((len(group), O - 1), int(tok.pad_id), dtype=torch.long)
+            tail_mask = torch.zeros(len(group), O - 1, dtype=torch.bool)
+            for g, r in enumerate(group):
+                cont = rows[r][2]
+                tail[g, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                tail_mask[g, :len(cont) - 1] = True
             tail, tail_mask = tail.to(device), tail_mask.to(device)
-            targets = torch.tensor([t for _, _, cont in rows for t in cont[1:]], device=device)
-            with _task_context(model, task_id, len(rows), device):
-                logp = model(tail, torch.cat([mask[unit_of], tail_mask], 1), logits_at=tail_mask,
+            targets = torch.tensor([t for r in group for t in rows[r][2][1:]], device=device)
+            with _task_context(model, task_id, len(group), device):
+                logp = model(tail, torch.cat([mask[at], tail_mask], 1), logits_at=tail_mask,
                              cache=more).float().log_softmax(-1)
             token_lp = logp.gather(-1, targets[:, None]).squeeze(-1)
-            total = total.index_add(0, tail_mask.nonzero()[:, 0], token_lp)
+            where = torch.tensor(group, device=device)[tail_mask.nonzero()[:, 0]]
+            total = total.index_add(0, where, token_lp)
         for (j, c, cont), v in zip(rows, total.tolist()):
             e = units[idx[j]][0]
             scores[e][c], lengths[e][c] = v, len(cont)
-        if bar is not None:
-            bar.update(len(rows))
+        if advance:
+            advance(len(rows))
     return scores, lengths
 
 
@@ -214,15 +230,18 @@ def task_result(records, mode):
     return {**summarise(records), "mode": mode, "records": records}
 
 
-def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None, desc="eval",
-             progress=True):
+def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None,
+             progress=None, by_length=False):
     """{task: [examples]} -> {task: result}, result = `task_result`: `summarise` of its records plus "mode" and
     "records" (one per example, in the order of the examples).
 
     mode "generate", "loglik" or "cloze"; loglik and cloze fall back to generate for a task whose examples have no
     options (BBH, GSM8K), and say so in the result's "mode" (`generation_fallback` names them beforehand).
     task_ids: {task name: id} as in training, for adapters that need it (MTL-LoRA); ignored by the others.
-    progress: show a tqdm bar.
+    progress: a callable progress(done, total, task), called after every batch with the options (or prompts) done
+    so far (nanoalign.plumbing.scoring.progress_bar draws a bar with it); None reports nothing. by_length:
+    `choice_logprobs`'s batching by
+    continuation length.
     """
     if mode not in MODES:
         raise ValueError(f"evaluation mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -233,38 +252,44 @@ def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=1
                              f"not trained on {', '.join(unknown)}")
     scored = scored_tasks(tasks, mode)
     total = sum(len(rows) * (len(choices_of(rows[0])[0]) if scored[t] else 1) for t, rows in tasks.items() if rows)
+    done, name = 0, None
+
+    def advance(n):
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total, name)
+
     was_training = model.training
     model.eval()
     results = {}
-    with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not progress) as bar:
-        for name, examples in tasks.items():
-            bar.set_postfix_str(name)
-            tid = (task_ids or {}).get(name)
-            records = []
-            if scored[name]:
-                scores, lengths = choice_logprobs(model, tok, examples, batch_size, joint=mode == "cloze",
-                                                  task_id=tid, bar=bar)
-                labels = choice_labels(examples)
-                for ex, s, n in zip(examples, scores, lengths):
-                    gold, best = choices_of(ex)[1], max(range(len(s)), key=s.__getitem__)
-                    r = {"task": name, "index": ex.get("index"), "gold": labels[gold], "pred": labels[best],
-                         "correct": best == gold, "scores": s, "tokens": n}
-                    if mode == "cloze":
-                        norm = [v / max(char_length(ex, c), 1) for c, v in enumerate(s)]
-                        r["pred_norm"] = labels[max(range(len(s)), key=norm.__getitem__)]
-                        r["correct_norm"] = r["pred_norm"] == r["gold"]
-                    records.append(r)
-            else:
-                budget = max(max_new_tokens, GENERATION_TOKENS.get(name, 0))
-                texts = generate_texts(model, tok, [ex["prompt"] for ex in examples], batch_size, budget,
-                                       task_id=tid, bar=bar)
-                for ex, text in zip(examples, texts):
-                    options = [o for o in ex.get("options", []) if extract_answer(text, o, ex["prompt"])]
-                    records.append({"task": name, "index": ex.get("index"), "gold": predicted_answer(ex["answer"],
-                                    ex["answer"]) if not ex.get("options") else ex["answer"].strip(),
-                                    "pred": options[0].strip() if options else predicted_answer(text, ex["answer"]),
-                                    "correct": extract_answer(text, ex["answer"], ex["prompt"]), "text": text})
-            results[name] = task_result(records, mode if scored[name] else "generate")
+    for name, examples in tasks.items():
+        tid = (task_ids or {}).get(name)
+        records = []
+        if scored[name]:
+            scores, lengths = choice_logprobs(model, tok, examples, batch_size, joint=mode == "cloze", task_id=tid,
+                                              advance=advance, by_length=by_length)
+            labels = choice_labels(examples)
+            for ex, s, n in zip(examples, scores, lengths):
+                gold, best = choices_of(ex)[1], max(range(len(s)), key=s.__getitem__)
+                r = {"task": name, "index": ex.get("index"), "gold": labels[gold], "pred": labels[best],
+                     "correct": best == gold, "scores": s, "tokens": n}
+                if mode == "cloze":
+                    norm = [v / max(char_length(ex, c), 1) for c, v in enumerate(s)]
+                    r["pred_norm"] = labels[max(range(len(s)), key=norm.__getitem__)]
+                    r["correct_norm"] = r["pred_norm"] == r["gold"]
+                records.append(r)
+        else:
+            budget = max(max_new_tokens, GENERATION_TOKENS.get(name, 0))
+            texts = generate_texts(model, tok, [ex["prompt"] for ex in examples], batch_size, budget, task_id=tid,
+                                   advance=advance)
+            for ex, text in zip(examples, texts):
+                options = [o for o in ex.get("options", []) if extract_answer(text, o, ex["prompt"])]
+                records.append({"task": name, "index": ex.get("index"), "gold": predicted_answer(ex["answer"],
+                                ex["answer"]) if not ex.get("options") else ex["answer"].strip(),
+                                "pred": options[0].strip() if options else predicted_answer(text, ex["answer"]),
+                                "correct": extract_answer(text, ex["answer"], ex["prompt"]), "text": text})
+        results[name] = task_result(records, mode if scored[name] else "generate")
     model.train(was_training)
     return results
 

@@ -73,9 +73,9 @@ def prepare_hint(suite, task=None, split="train"):
 
 def data_file(data_dir, task, split, fmt="label"):
     """Where data/prepare.py writes a task's split: <data_dir>/<suite>/<task>-<split>.jsonl (label format) or
-    <data_dir>/<suite>/cloze/<task>-<split>.jsonl."""
+    <data_dir>/<suite>/<fmt>/<task>-<split>.jsonl (cloze, lm-eval)."""
     suite_dir = Path(data_dir) / TASK_SUITE[task]
-    return (suite_dir / "cloze" if fmt == "cloze" else suite_dir) / f"{task}-{split}.jsonl"
+    return (suite_dir if fmt == "label" else suite_dir / fmt) / f"{task}-{split}.jsonl"
 
 
 def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None, seed=0, fmt="label"):

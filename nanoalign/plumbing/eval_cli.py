@@ -17,6 +17,7 @@ from ..evaluate import MODES, accuracies, diagnostics_table, generation_fallback
 from .datasets import load_tasks, select_tasks
 from .hub import HubError
 from .system import base_dtype, os_error_line, pick_device, read_json, write_atomic
+from .scoring import progress_bar
 from .tasks import FORMATS
 
 
@@ -36,7 +37,7 @@ def parse_args(argv=None, eval_py=None):
                    "order (0: the whole split in file order)")
     p.add_argument("--mode", choices=MODES, default="generate", help="generate: greedy decoding + answer extraction "
                    "(the paper); loglik: option log-likelihood; cloze: lm-evaluation-harness's acc / acc_norm")
-    p.add_argument("--format", choices=FORMATS, default=None, help="prompt format of the tasks (default: cloze with "
+    p.add_argument("--format", choices=FORMATS, default=None, help="prompt format of the tasks (default: lm-eval with "
                    "--mode cloze, else label)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=16, help="generate mode: tokens per answer")
@@ -128,7 +129,7 @@ def run(args, eval_py):
     model_name = model_name or "smollm2-135m"
     if args.export_peft is not None:
         return export(args, adapter_dir, model_name, names)
-    fmt = args.format or ("cloze" if args.mode == "cloze" else "label")
+    fmt = args.format or ("lm-eval" if args.mode == "cloze" else "label")
     out, preds_path = result_paths(args, adapter_dir, model_name, fmt)  # before any work: refuse to overwrite
 
     tasks = load_tasks(args.data, args.split, data_dir=args.data_dir, max_per_task=args.max_per_task or None,
@@ -143,7 +144,8 @@ def run(args, eval_py):
         print(f"note: --mode {args.mode} scores options; {', '.join(fallback)} (no options) will be scored by "
               "generation instead (its result says mode 'generate')", file=sys.stderr)
     results, seconds = eval_py.score(model, tok, tasks, mode=args.mode, batch_size=args.batch_size,
-                                     max_new_tokens=args.max_new_tokens, task_ids=task_ids)
+                                     max_new_tokens=args.max_new_tokens, task_ids=task_ids,
+                                     progress=progress_bar("eval"))
     acc = accuracies(results)
     n = sum(len(v) for v in tasks.values())
     print(diagnostics_table(results, title=f"{model_name} + {adapter_dir or 'no adapter'} ({label}): {args.mode}, "

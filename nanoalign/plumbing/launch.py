@@ -38,6 +38,7 @@ from .checkpoint import (Checkpoint, check_fresh_start, clear_run_state, continu
                          load_checkpoint, read_log, save_checkpoint)
 from .datasets import load_tasks, select_tasks
 from .hub import HubError
+from .scoring import progress_bar
 from .system import (base_dtype, flops_coefficients, os_error_line, peak_flops, peak_memory_mib, pick_device,
                      use_autocast, write_atomic)
 from .tasks import FORMATS
@@ -205,10 +206,11 @@ def evaluate_all_ranks(model, tok, tasks, env, **kw):
     records gathered back in their order, so every rank gets the whole result. Every rank works during an
     evaluation, and none waits inside a collective while another one evaluates alone (NCCL's watchdog kills a
     collective that waits longer than its timeout, e.g. 10 minutes)."""
+    progress = progress_bar("eval") if env.master else None
     if env.world == 1:
-        return evaluate(model, tok, tasks, **kw)
+        return evaluate(model, tok, tasks, progress=progress, **kw)
     shard = {t: rows[env.rank::env.world] for t, rows in tasks.items() if rows[env.rank::env.world]}
-    mine = evaluate(model, tok, shard, progress=env.master, **kw)
+    mine = evaluate(model, tok, shard, progress=progress, **kw)
     parts = [None] * env.world
     dist.all_gather_object(parts, {t: (r["mode"], r["records"]) for t, r in mine.items()})
     results = {}

@@ -20,6 +20,13 @@ partial scoring: each option substituted into the blank gives one context (`cont
 is the one scored continuation. Cloze examples carry `gold`, the index of the correct option (option texts can
 repeat). GSM8K (both formats) is scored by generation and its final number.
 
+The **lm-eval** format (`fmt="lm-eval"`) is the cloze format with the strings exactly as lm-evaluation-harness
+builds them from its datasets: fields are not stripped (SST-2 sentences end in " ", some PIQA solutions start or end
+with spaces) and BoolQ's passage is SuperGLUE's "<title> -- <passage>". `cloze` keeps its stripped strings, which
+the cached claim grids were run on; tests/test_lm_eval_strings.py checks the lm-eval format against strings made
+by lm-eval's own task code (PIQA, SIQA, WinoGrande, ARC, OpenBookQA, BoolQ, SST-2; the other tasks' lm-eval rows
+follow the same rule unchecked, and HellaSwag and GSM8K are those of `cloze`).
+
 Original file layouts (see shared/data/SOURCES.md) live under `<source>/<suite>/<task dir>/`; each task reader
 returns its labelled splits as {"train": [...], "test": [...]} (GLUE dev is our test split). BBH is evaluation only:
 the first 3 examples of each task file are the few-shot demonstrations and are never scored.
@@ -52,7 +59,7 @@ MATH_TASKS = ["gsm8k"]
 SUITES = {"builtin": BUILTIN_TASKS, "glue": GLUE_TASKS, "commonsense": COMMONSENSE_TASKS, "math": MATH_TASKS,
           "bbh": BBH_TASKS}
 TASK_SUITE = {task: suite for suite, tasks in SUITES.items() for task in tasks}
-FORMATS = ("label", "cloze")  # the paper's label words / numbered options, or lm-evaluation-harness's cloze
+FORMATS = ("label", "cloze", "lm-eval")  # the paper's prompts, the harness's cloze, the same with its raw strings
 LABEL_ONLY = {"builtin", "bbh"}  # suites with the label format only (synthetic label words; BBH's own targets)
 
 # Training-split caps of the Align-LoRA `load_data` (§5.1; random subsample, seed 42). The paper caps ARC (Easy and
@@ -85,6 +92,11 @@ def cloze(task, context, choices, gold):
         raise ValueError(f"gold index {gold} is outside the {len(choices)} choices")
     return {"task": task, "prompt": context, "answer": " " + choices[gold], "options": [" " + c for c in choices],
             "gold": gold}
+
+
+def field(text, fmt):
+    """A field of the original row as a cloze prompt uses it: stripped in `cloze`, as it is in `lm-eval`."""
+    return text if fmt == "lm-eval" else text.strip()
 
 
 def check_format(fmt):
@@ -226,13 +238,13 @@ def parse_glue(task, path, fmt="label"):
         cols = line.split("\t")
         if len(cols) < len(header):
             raise row_error(path, i, f"expected {len(header)} tab-separated columns, found {len(cols)}")
-        texts = [cols[header.index(c)].strip() for c in text_cols]
+        texts = [field(cols[header.index(c)], fmt) for c in text_cols]
         raw = None
         if labelled:
             raw = cols[header.index(label_col)].strip()
             if raw not in words:
                 raise row_error(path, i, f"unknown {task} label {raw!r} (expected one of {sorted(words)})")
-        if fmt == "cloze":
+        if fmt != "label":
             if raw is not None:  # an unlabelled row has no cloze example (nothing to score)
                 out.append(cloze(task, template.format(*texts), list(choice_of.values()),
                                  list(choice_of).index(raw)))
@@ -275,6 +287,9 @@ def parse_boolq(row, fmt="label"):
     if not isinstance(answer, bool):
         raise ValueError(f"'answer' should be a JSON true/false, got {answer!r}")
     question = row["question"].strip().rstrip("?") + "?"
+    if fmt == "lm-eval":  # super_glue/boolq: the passage is "<title> -- <passage>"; the template adds the "?"
+        passage = f"{row['title']} -- {row['passage']}" if "title" in row else row["passage"]
+        return cloze("boolq", f"{passage}\nQuestion: {row['question']}?\nAnswer:", ["no", "yes"], int(answer))
     if fmt == "cloze":
         return cloze("boolq", f"{row['passage'].strip()}\nQuestion: {question}\nAnswer:", ["no", "yes"], int(answer))
     return example("boolq", "Task: yes/no reading comprehension (BoolQ).",
@@ -283,9 +298,9 @@ def parse_boolq(row, fmt="label"):
 
 
 def parse_piqa(row, label, fmt="label"):
-    if fmt == "cloze":
-        return cloze("piqa", f"Question: {row['goal'].strip()}\nAnswer:", [row["sol1"].strip(), row["sol2"].strip()],
-                     int(label))
+    if fmt != "label":
+        return cloze("piqa", f"Question: {field(row['goal'], fmt)}\nAnswer:",
+                     [field(row["sol1"], fmt), field(row["sol2"], fmt)], int(label))
     choices = [("Solution1", row["sol1"].strip()), ("Solution2", row["sol2"].strip())]
     return example("piqa", "Task: physical commonsense reasoning (PIQA).",
                    f"Question: Which solution reaches the goal: {row['goal'].strip()}",
@@ -293,9 +308,9 @@ def parse_piqa(row, label, fmt="label"):
 
 
 def parse_siqa(row, label, fmt="label"):
-    if fmt == "cloze":
-        return cloze("siqa", f"Q: {row['context'].strip()} {row['question'].strip()}\nA:",
-                     [row[k].strip() for k in ("answerA", "answerB", "answerC")], int(label) - 1)
+    if fmt != "label":
+        return cloze("siqa", f"Q: {field(row['context'], fmt)} {field(row['question'], fmt)}\nA:",
+                     [field(row[k], fmt) for k in ("answerA", "answerB", "answerC")], int(label) - 1)
     choices = [(f"Answer{i + 1}", row[k].strip()) for i, k in enumerate(["answerA", "answerB", "answerC"])]
     return example("siqa", "Task: social commonsense reasoning (SIQA).",
                    f"Context: {row['context'].strip()}\nQuestion: {row['question'].strip()}",
@@ -313,7 +328,7 @@ def parse_hellaswag(row, fmt="label"):
     endings = row["endings"]
     if len(endings) != 4:
         raise ValueError(f"expected 4 endings, found {len(endings)}")
-    if fmt == "cloze":  # the harness's preprocess: ctx_a + " " + ctx_b.capitalize(), markup removed
+    if fmt != "label":  # the harness's preprocess: ctx_a + " " + ctx_b.capitalize(), markup removed
         ctx = f"{row['ctx_a']} {row['ctx_b'].capitalize()}" if "ctx_a" in row else row["ctx"]
         return cloze("hellaswag", clean_hellaswag(f"{row.get('activity_label', '').strip()}: {ctx}"),
                      [clean_hellaswag(e) for e in endings], int(row["label"]))
@@ -331,12 +346,12 @@ def parse_winogrande(row, label=None, fmt="label"):
     label = row.get("answer") or label
     if str(label) not in ("1", "2"):
         raise ValueError(f"answer should be '1' or '2', got {label!r}")
-    if fmt == "cloze":
+    if fmt != "label":
         sentence = row["sentence"]
         if sentence.count("_") != 1:
             raise ValueError(f"expected one '_' blank in the sentence, found {sentence.count('_')}")
         blank = sentence.index("_")
-        contexts = [sentence[:blank] + row[k].strip() for k in ("option1", "option2")]
+        contexts = [sentence[:blank] + field(row[k], fmt) for k in ("option1", "option2")]
         gold = int(label) - 1
         return {"task": "winogrande", "prompt": contexts[gold], "answer": " " + sentence[blank + 1:].strip(),
                 "contexts": contexts, "gold": gold}
@@ -357,9 +372,9 @@ def parse_ai2_mc(task, row, fmt="label"):
         stem, texts, keys = q, row["choices"]["text"], row["choices"]["label"]
     if row["answerKey"] not in keys:
         raise ValueError(f"answerKey {row['answerKey']!r} is not one of the choice labels {keys}")
-    if fmt == "cloze":  # ARC: "Question: ...\nAnswer:"; OpenBookQA: the bare question stem (harness yamls)
-        context = stem.strip() if task == "openbookqa" else f"Question: {stem.strip()}\nAnswer:"
-        return cloze(task, context, [t.strip() for t in texts], keys.index(row["answerKey"]))
+    if fmt != "label":  # ARC: "Question: ...\nAnswer:"; OpenBookQA: the bare question stem (harness yamls)
+        context = field(stem, fmt) if task == "openbookqa" else f"Question: {field(stem, fmt)}\nAnswer:"
+        return cloze(task, context, [field(t, fmt) for t in texts], keys.index(row["answerKey"]))
     opts = letters(len(texts))
     name = {"arc-easy": "science questions (ARC-Easy)", "arc-challenge": "science questions (ARC-Challenge)",
             "openbookqa": "open-book science questions (OpenBookQA)"}[task]
@@ -438,7 +453,7 @@ def parse_gsm8k(row, fmt="label"):
     solution = re.sub(r"<<[^>]*>>", "", row["answer"]).strip()
     if not re.search(r"####\s*-?[\d,.]+\s*$", solution):
         raise ValueError("answer does not end with a '#### <number>' line")
-    head = "" if fmt == "cloze" else "Task: grade-school math (GSM8K).\n"
+    head = "" if fmt != "label" else "Task: grade-school math (GSM8K).\n"
     return {"task": "gsm8k", "prompt": f"{head}Question: {row['question'].strip()}\nAnswer:", "answer": " " + solution}
 
 

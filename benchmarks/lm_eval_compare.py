@@ -1,0 +1,366 @@
+"""nanoalign's cloze scorer against lm-evaluation-harness (lm-eval) on the same files, model and machine.
+
+lm-eval cannot reach its datasets' hubs here, so its tasks read local files: `docs` writes each task's evaluation
+split, from the original files in shared/data, as rows of the dataset lm-eval's task yaml names (HF schema: PIQA
+goal/sol1/sol2/label, SuperGLUE BoolQ's passage "<title> -- <passage>", ...), and one yaml per task that `include`s
+lm-eval's own yaml and only points it at that file. Every string then comes from lm-eval's task code and templates.
+
+    python benchmarks/lm_eval_compare.py docs --out /tmp/lm-eval-docs                 # any Python, stdlib only
+    $LMEVAL/bin/python benchmarks/lm_eval_compare.py strings --docs /tmp/lm-eval-docs \\
+        --out tests/fixtures/lm_eval_strings.json                                       # the test fixture
+    $LMEVAL/bin/python benchmarks/lm_eval_compare.py lm-eval --docs /tmp/lm-eval-docs --task piqa boolq \\
+        --limit 50 --threads 1 --out benchmarks/lm_eval_runs                           # lm-eval's venv
+    python benchmarks/lm_eval_compare.py ours --task piqa boolq --limit 50 --threads 1 \\
+        --out benchmarks/lm_eval_runs                                                  # nanoalign's venv
+    python benchmarks/lm_eval_compare.py table --out benchmarks/lm_eval_runs --write   # the RESULTS.md table
+
+$LMEVAL is a separate venv with lm-eval, transformers and peft (lm-eval is not a nanoalign dependency). Both scorers
+load the same directory (SmolLM2-135M-Instruct converted by nanoalign.plumbing.embedded.ensure_smollm2), in fp32 on
+the CPU, with the same batch size and thread count; each run writes <out>/<tool>-<task>.json: per example the
+option log-likelihoods and predictions, and the scoring's wall and CPU time (model loading excluded). --limit N
+scores the first N documents of each split (the table says so).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+# lm-eval task -> (nanoalign task, lm-eval yaml under lm_eval/tasks/)
+TASKS = {"piqa": ("piqa", "piqa/piqa.yaml"), "social_iqa": ("siqa", "siqa/siqa.yaml"),
+         "winogrande": ("winogrande", "winogrande/default.yaml"), "arc_easy": ("arc-easy", "arc/arc_easy.yaml"),
+         "arc_challenge": ("arc-challenge", "arc/arc_challenge.yaml"),
+         "openbookqa": ("openbookqa", "openbookqa/openbookqa.yaml"), "boolq": ("boolq", "super_glue/boolq/default.yaml"),
+         "sst2": ("sst2", "glue/sst2/default.yaml")}
+ORDER = ["sst2", "openbookqa", "arc_challenge", "winogrande", "piqa", "social_iqa", "arc_easy", "boolq"]  # small first
+
+
+def jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def labels(path):
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def hf_docs(task, source=SHARED):
+    """The evaluation split lm-eval scores (validation, or test for ARC and OpenBookQA) in its dataset's schema, read
+    from the original files, in file order (lm-eval's doc ids)."""
+    c = Path(source) / "commonsense"
+    if task == "piqa":  # baber/piqa: goal, sol1, sol2, label (int)
+        return [{**r, "label": int(y)} for r, y in zip(jsonl(c / "piqa/valid.jsonl"), labels(c / "piqa/valid-labels.lst"))]
+    if task == "social_iqa":  # lighteval/siqa: context, question, answerA-C, label ("1".."3")
+        return [{**r, "label": y} for r, y in zip(jsonl(c / "siqa/dev.jsonl"), labels(c / "siqa/dev-labels.lst"))]
+    if task == "winogrande":  # winogrande_xl validation: sentence, option1, option2, answer ("1"/"2")
+        return [{**r, "answer": y} for r, y in zip(jsonl(c / "winogrande/dev.jsonl"),
+                                                     labels(c / "winogrande/dev-labels.lst"))]
+    if task in ("arc_easy", "arc_challenge"):  # converted from allenai/ai2_arc: the schema as it is
+        return jsonl(c / f"{task}/ai2_arc-test.jsonl")
+    if task == "openbookqa":
+        return jsonl(c / "openbookqa/openbookqa-test.jsonl")
+    if task == "boolq":  # SuperGLUE's BoolQ: the passage is prefixed with its article's title
+        return [{"question": r["question"], "passage": f"{r['title']} -- {r['passage']}", "idx": i,
+                 "label": int(r["answer"])} for i, r in enumerate(jsonl(c / "boolq/dev.jsonl"))]
+    if task == "sst2":  # GLUE tsv read as the HF glue builder did (tab-separated, no quoting, fields not stripped)
+        lines = (Path(source) / "glue/sst2/dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+        return [{"sentence": s, "label": int(y), "idx": i} for i, (s, y) in enumerate(x.split("\t") for x in lines)]
+    raise ValueError(task)
+
+
+def ours_examples(task, fmt="lm-eval", source=SHARED):
+    """nanoalign's examples of the same split, in the same order (BoolQ: the whole dev file, which prepare.py splits
+    into our train and test)."""
+    from functools import partial
+    from nanoalign import tasks as T
+    name = TASKS[task][0]
+    if name == "boolq":
+        return T.parse_jsonl(T.task_dir(source, "boolq") / "dev.jsonl", partial(T.parse_boolq, fmt=fmt))
+    return T.read_task(name, source, fmt=fmt)["test"]
+
+
+def pairs(ex):
+    from nanoalign.data import choices_of
+    return [list(p) for p in choices_of(ex)[0]]
+
+
+def digest(obj):
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_docs(out, source):
+    """<out>/<task>.jsonl (the docs) and <out>/yaml/<task>.yaml (lm-eval's yaml, pointed at them)."""
+    out = Path(out).resolve()
+    (out / "yaml").mkdir(parents=True, exist_ok=True)
+    for task in TASKS:
+        (out / f"{task}.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n"
+                                                   for d in hf_docs(task, source)), encoding="utf-8")
+    print(f"wrote {len(TASKS)} doc files into {out}")
+
+
+def task_manager(docs):
+    """lm-eval's TaskManager with one task nanoalign_<task> per task: lm-eval's yaml, included as it is, reading the
+    local docs as its only (test) split."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    docs = Path(docs).resolve()
+    yamls = docs / "yaml"
+    yamls.mkdir(exist_ok=True)
+    base = Path(lm_eval.__file__).parent / "tasks"
+    for task, (_, rel) in TASKS.items():
+        (yamls / f"{task}.yaml").write_text(
+            f"include: {base / rel}\ntask: nanoalign_{task}\ntag: []\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {docs / (task + '.jsonl')}\n"
+            "training_split: null\nvalidation_split: null\ntest_split: test\nfewshot_split: null\n")
+    return TaskManager(include_path=str(yamls), include_defaults=False)
+
+
+def lm_eval_tasks(docs, names):
+    from lm_eval.tasks import get_task_dict
+    tm = task_manager(docs)
+    got = get_task_dict([f"nanoalign_{t}" for t in names], tm)
+    return {t: got[f"nanoalign_{t}"] for t in names}, tm
+
+
+def cmd_strings(args):
+    """lm-eval's (context, continuation) pairs of every doc, by its own task code: the whole split's digest, and the
+    docs and pairs themselves for the first `--keep` docs and every doc whose fields carry outer whitespace."""
+    import lm_eval
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    tasks, _ = lm_eval_tasks(args.docs, list(TASKS))
+    fixture = {"made_with": {"lm_eval": lm_eval.__version__, "command": " ".join(["benchmarks/lm_eval_compare.py",
+                                                                                    *sys.argv[1:]]),
+                             "date": time.strftime("%Y-%m-%d")},
+               "tasks": {}}
+    for name, task in tasks.items():
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        by_doc = {}
+        for inst in sorted(task.instances, key=lambda i: (i.doc_id, i.idx)):
+            by_doc.setdefault(inst.doc_id, []).append(list(inst.arguments))
+        docs = [d for d in task.test_docs()]
+        assert sorted(by_doc) == list(range(len(docs))), name
+        strings = [by_doc[i] for i in range(len(docs))]
+        gold = [gold_index(task, d) for d in docs]
+        odd = [i for i, d in enumerate(hf_docs(name)) if any(isinstance(v, str) and v != v.strip()
+                                                              for v in flat(d))]
+        keep = sorted(set(range(min(args.keep, len(docs)))) | set(odd[:args.keep]))
+        fixture["tasks"][name] = {"n": len(docs), "sha256": digest({"pairs": strings, "gold": gold}),
+                                  "examples": [{"doc_id": i, "doc": hf_docs(name)[i], "pairs": strings[i],
+                                                "gold": gold[i]} for i in keep]}
+        print(f"{name}: {len(docs)} docs, {len(keep)} kept")
+    Path(args.out).write_text(json.dumps(fixture, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+def gold_index(task, doc):
+    """The index of the correct choice as lm-eval's process_results finds it (WinoGrande: doc_to_text's index)."""
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    if isinstance(gold, str):
+        choices = task.doc_to_choice(doc)
+        gold = choices.index(gold) if gold in choices else int(gold)
+    return gold
+
+
+def flat(d):
+    for v in d.values():
+        if isinstance(v, dict):
+            yield from (x for vs in v.values() for x in (vs if isinstance(vs, list) else [vs]))
+        else:
+            yield v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scoring
+
+def model_dir():
+    from nanoalign.plumbing.embedded import ensure_smollm2
+    return ensure_smollm2()
+
+
+def cmd_lm_eval(args):
+    """lm-eval's HF model (`--model hf`) on each task: per doc, its log-likelihoods, acc and acc_norm."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    lm = HFLM(pretrained=str(args.model), dtype="float32", device="cpu", batch_size=args.batch_size)
+    for task in args.task:
+        lm_eval_one(args, lm, task)
+
+
+def lm_eval_one(args, lm, task):
+    import lm_eval
+    from lm_eval import simple_evaluate
+    args = argparse.Namespace(**{**vars(args), "task": task})
+    tasks, tm = lm_eval_tasks(args.docs, [args.task])
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = simple_evaluate(model=lm, tasks=[f"nanoalign_{args.task}"], task_manager=tm, log_samples=True,
+                          batch_size=args.batch_size, limit=args.limit)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    samples = sorted(res["samples"][f"nanoalign_{args.task}"], key=lambda s: s["doc_id"])
+    scores = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+    lengths = [[float(len(c)) for c in tasks[args.task].doc_to_choice(s["doc"])] for s in samples]
+    write_run(args, "lm-eval", f"lm-eval {lm_eval.__version__} (HFLM, transformers)", seconds, cpu, scores,
+              [gold_index(tasks[args.task], s["doc"]) for s in samples], lengths, reported=res["results"][f"nanoalign_{args.task}"])
+
+
+def cmd_ours(args):
+    """nanoalign's evaluate(mode="cloze") on the lm-eval format of the same split."""
+    import torch
+    import nanoalign.plumbing as P
+    torch.set_num_threads(args.threads)
+    tok = P.load_tokenizer(str(args.model))
+    model = P.load_model(str(args.model), dtype=torch.float32, device="cpu")
+    for task in args.task:
+        ours_one(argparse.Namespace(**{**vars(args), "task": task}), tok, model)
+
+
+def ours_one(args, tok, model):
+    from nanoalign.data import choices_of
+    from nanoalign.evaluate import char_length, evaluate
+    examples = [{**ex, "index": i} for i, ex in enumerate(ours_examples(args.task))][:args.limit]
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = evaluate(model, tok, {args.task: examples}, mode="cloze", batch_size=args.batch_size,
+                   by_length=not args.plain)[args.task]
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    write_run(args, "ours" if not args.plain else "ours-plain", "nanoalign evaluate(mode='cloze'"
+              + (")" if args.plain else ", by_length=True)"), seconds, cpu, [r["scores"] for r in res["records"]],
+              [choices_of(ex)[1] for ex in examples],
+              [[float(char_length(ex, c)) for c in range(len(choices_of(ex)[0]))] for ex in examples],
+              reported={"acc": res["accuracy"], "acc_norm": res["acc_norm"]})
+
+
+def argmax(xs):
+    return max(range(len(xs)), key=xs.__getitem__)
+
+
+def write_run(args, tool, what, seconds, cpu, scores, gold, lengths, reported):
+    """seconds: the scoring's wall time; cpu: its CPU time (all threads of the process), which other jobs on a
+    shared machine disturb far less than the wall time."""
+    pred = [argmax(s) for s in scores]
+    pred_norm = [argmax([v / max(n, 1) for v, n in zip(s, ls)]) for s, ls in zip(scores, lengths)]
+    n = len(scores)
+    run = {"tool": tool, "what": what, "task": args.task, "n": n, "seconds": seconds, "examples_per_s": n / seconds,
+           "cpu_seconds": cpu, "examples_per_cpu_s": n / cpu,
+           "batch_size": args.batch_size, "threads": args.threads,
+           "acc": sum(p == g for p, g in zip(pred, gold)) / n,
+           "acc_norm": sum(p == g for p, g in zip(pred_norm, gold)) / n, "reported": reported,
+           "gold": gold, "pred": pred, "pred_norm": pred_norm, "scores": scores,
+           "cpu": os.uname().machine, "load_before": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tool}-{args.task}.json").write_text(json.dumps(run) + "\n")
+    print(f"{tool} {args.task}: n={n} acc={run['acc']:.4f} acc_norm={run['acc_norm']:.4f} "
+          f"{seconds:.1f} s ({run['examples_per_s']:.2f} examples/s), {cpu:.1f} CPU s "
+          f"({run['examples_per_cpu_s']:.2f} examples/CPU s)")
+
+
+BEGIN, END = "<!-- lm_eval_compare.py table: begin -->", "<!-- lm_eval_compare.py table: end -->"
+
+
+def cmd_table(args):
+    """The markdown table of every task with both runs in --out; --write puts it (with the runs' settings) between
+    the markers in benchmarks/RESULTS.md, appending a section the first time."""
+    out = Path(args.out)
+    lines = ["| task | docs scored (split) | acc ours / lm-eval | acc_norm ours / lm-eval | agree (acc) "
+             "| agree (acc_norm) | max abs. Δ log-lik | examples/CPU-s ours / lm-eval | speed-up (CPU) "
+             "| examples/s (wall) ours / lm-eval |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    runs = []
+    for task in ORDER:
+        a, b = out / f"ours-{task}.json", out / f"lm-eval-{task}.json"
+        if not (a.exists() and b.exists()):
+            lines.append(f"| {task} | not run | | | | | | | | |")
+            continue
+        a, b = json.loads(a.read_text()), json.loads(b.read_text())
+        assert a["n"] == b["n"] and a["gold"] == b["gold"], task
+        runs += [a, b]
+        n, split = a["n"], len(hf_docs(task))
+        agree = sum(x == y for x, y in zip(a["pred"], b["pred"]))
+        agree_norm = sum(x == y for x, y in zip(a["pred_norm"], b["pred_norm"]))
+        delta = max(abs(x - y) for s, t in zip(a["scores"], b["scores"]) for x, y in zip(s, t))
+        scored = f"{n} (all)" if n == split else f"first {n} of {split}"
+        lines.append(f"| {task} | {scored} | {100 * a['acc']:.2f} / {100 * b['acc']:.2f} | "
+                     f"{100 * a['acc_norm']:.2f} / {100 * b['acc_norm']:.2f} | {agree}/{n} | {agree_norm}/{n} | "
+                     f"{delta:.1e} | {a['examples_per_cpu_s']:.2f} / {b['examples_per_cpu_s']:.2f} | "
+                     f"{a['examples_per_cpu_s'] / b['examples_per_cpu_s']:.2f}× | "
+                     f"{a['examples_per_s']:.2f} / {b['examples_per_s']:.2f} |")
+    tasks = [runs[i]["task"] for i in range(0, len(runs), 2)]
+    equal = [t for t, a, b in zip(tasks, runs[::2], runs[1::2]) if (a["acc"], a["acc_norm"]) == (b["acc"], b["acc_norm"])]
+    fast = [t for t, a, b in zip(tasks, runs[::2], runs[1::2]) if a["examples_per_cpu_s"] >= 1.5 * b["examples_per_cpu_s"]]
+    lines += ["", f"Targets: equal acc and acc_norm on {len(equal)} of {len(tasks)} tasks"
+              + (f" (not {', '.join(t for t in tasks if t not in equal)})" if len(equal) < len(tasks) else "")
+              + f"; ours >= 1.5x lm-eval's examples/CPU-s on {len(fast)} of {len(tasks)}"
+              + (f" (not {', '.join(t for t in tasks if t not in fast)})" if len(fast) < len(tasks) else "") + "."]
+    table = "\n".join(lines)
+    print(table)
+    if not args.write:
+        return
+    what = sorted({r["what"] for r in runs})
+    dates = sorted(r["date"] for r in runs)
+    loads = [r["load_before"][0] for r in runs]
+    body = (f"{BEGIN}\n"
+            f"Generated by `python benchmarks/lm_eval_compare.py table --out {args.out} --write` from the runs "
+            f"{dates[0]} to {dates[-1]} UTC ({', '.join(what)}); batch size {sorted({r['batch_size'] for r in runs})}, "
+            f"threads {sorted({r['threads'] for r in runs})}, fp32 on the CPU ({runs[0]['cpu']}); "
+            f"1-minute load average before each run {min(loads):.1f} to {max(loads):.1f}.\n\n{table}\n{END}")
+    path = ROOT / "benchmarks/RESULTS.md"
+    text = path.read_text(encoding="utf-8")
+    if BEGIN in text:
+        text = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Cloze scoring: nanoalign vs lm-evaluation-harness\n\n" + body + "\n"
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("docs", help="write the docs lm-eval reads")
+    d.add_argument("--out", required=True)
+    d.add_argument("--source", default=str(SHARED))
+    s = sub.add_parser("strings", help="lm-eval's strings -> the test fixture (lm-eval's venv)")
+    s.add_argument("--docs", required=True)
+    s.add_argument("--out", default=str(ROOT / "tests/fixtures/lm_eval_strings.json"))
+    s.add_argument("--keep", type=int, default=20, help="docs kept whole per task (plus as many with odd spaces)")
+    for name in ("lm-eval", "ours"):
+        r = sub.add_parser(name, help=f"score one task with {name}")
+        r.add_argument("--task", required=True, nargs="+", choices=list(TASKS), help="one or more (one model load)")
+        r.add_argument("--out", required=True)
+        r.add_argument("--batch-size", type=int, default=32)
+        r.add_argument("--threads", type=int, default=2)
+        r.add_argument("--model", default=None, help="HF model directory (default: the converted SmolLM2-135M)")
+        r.add_argument("--limit", type=int, default=None, help="only the first N docs of the split (the table says so)")
+        if name == "lm-eval":
+            r.add_argument("--docs", required=True)
+        else:
+            r.add_argument("--plain", action="store_true", help="evaluate's default batching (by_length off)")
+    t = sub.add_parser("table", help="markdown rows from the runs in --out")
+    t.add_argument("--out", required=True)
+    t.add_argument("--write", action="store_true", help="put the table into benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.cmd == "docs":
+        return write_docs(args.out, args.source)
+    if args.cmd in ("lm-eval", "ours") and args.model is None:
+        args.model = default_model()
+    {"strings": cmd_strings, "lm-eval": cmd_lm_eval, "ours": cmd_ours, "table": cmd_table}[args.cmd](args)
+
+
+def default_model():
+    """The converted SmolLM2-135M-Instruct directory (converted once by nanoalign; lm-eval's venv only reads it)."""
+    d = Path(os.environ.get("NANOALIGN_CACHE", Path.home() / ".cache" / "nanoalign")) / "smollm2-135m-instruct-q4_1"
+    if (d / "model.safetensors").exists():
+        return d
+    return model_dir()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,22 @@
+"""Scoring plumbing: a tqdm bar for `nanoalign.evaluate.evaluate`'s progress callback (the book reports progress
+through a plain callable and imports no tqdm)."""
+
+from tqdm import tqdm
+
+
+def progress_bar(desc="eval", disable=False):
+    """A progress(done, total, task) callable for `evaluate` that draws one tqdm bar, named `desc`, showing the task
+    being scored; the bar closes itself when done reaches total."""
+    bar = None
+
+    def progress(done, total, task):
+        nonlocal bar
+        if disable:
+            return
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        bar.set_postfix_str(str(task), refresh=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+    return progress
