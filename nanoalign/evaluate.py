@@ -240,8 +240,7 @@ def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=1
     task_ids: {task name: id} as in training, for adapters that need it (MTL-LoRA); ignored by the others.
     progress: a callable progress(done, total, task), called after every batch with the options (or prompts) done
     so far (nanoalign.plumbing.scoring.progress_bar draws a bar with it); None reports nothing. by_length:
-    `choice_logprobs`'s batching by
-    continuation length.
+    `choice_logprobs`'s batching by continuation length.
     """
     if mode not in MODES:
         raise ValueError(f"evaluation mode must be one of {', '.join(MODES)}, got {mode!r}")
