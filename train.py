@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from nanoalign.adapters import (KINDS, MAX_ALPHA, adapter_context, apply_adapter, check_options, count_trainable,
                                 export_peft_dirs, save_adapter)
-from nanoalign.align import MMD_MAX_ROWS, alignment_loss
+from nanoalign.align import MMD_MAX_ROWS
 from nanoalign.plumbing.checkpoint import (Checkpoint, all_finite, check_fresh_start, clear_run_state, continue_run_dir,
                                   find_checkpoint, load_checkpoint, read_log, save_checkpoint)
 from nanoalign.data import IGNORE_INDEX, BalancedBatcher, answer_positions, encode_fitting, load_tasks
@@ -54,7 +54,7 @@ from nanoalign.evaluate import (MODES, accuracies, diagnostics_table, evaluate, 
                                 task_result, without_records)
 from nanoalign.plumbing.hub import HubError
 from nanoalign.meta import MetaConfig, MetaSampler, answer_loss, limit_shots, meta_step
-from nanoalign.model import logit_indices
+from nanoalign.plumbing.fast import alignment_loss, install, logit_indices
 from nanoalign.plumbing.system import (base_dtype, flops_coefficients, os_error_line, peak_flops, peak_memory_mib, pick_device,
                               use_autocast, write_atomic)
 from nanoalign.tasks import FORMATS
@@ -462,7 +462,7 @@ class State:
 def build(cfg: TrainConfig, env: Env, data: Data, overwrite=False) -> State:
     """The base model (evaluated before training unless the checkpoint has that result), the adapter, the
     optimizer, and everything a checkpoint restores; the run directory is started (or continued) here."""
-    model = nanoalign.plumbing.load_model(cfg.model, dtype=env.dtype, device=env.device)
+    model = install(nanoalign.plumbing.load_model(cfg.model, dtype=env.dtype, device=env.device))
     n_base = sum(p.numel() for p in model.parameters())
     env.say(f"model {cfg.model}: {n_base / 1e6:.1f}M parameters, {env.dtype}, {env.device}"
             + (f", {env.world} processes" if env.world > 1 else "") + (", bf16 autocast" if env.autocast else ""))

@@ -599,7 +599,7 @@ def apply_adapter(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=
     if not found:
         have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"no nn.Linear named {list(targets)} in the model; its linear layers are named {have}")
-    from .model import memory_bytes
+    from .plumbing.model_io import memory_bytes
     device, need = found[0][1].weight.device, _adapter_bytes(cls, found, args)  # bad options raise here already
     have = memory_bytes(device)
     if have is not None and need > have:
