@@ -147,9 +147,10 @@ def test_step_forward_is_sync_free_and_equals_the_bool_mask_path():
     from nanoalign.adapters import apply_adapter
     from nanoalign.data import BalancedBatcher
     from nanoalign.model import CausalLM, ModelConfig
+    from nanoalign.plumbing.fast import install
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    model = install(CausalLM(ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)))
     apply_adapter(model, "align", rank=4, num_tasks=2)
     rows = lambda n, lo: [([1 + (7 * i + j) % 60 for j in range(lo + 5 * i)], [-100] * (lo + 5 * i - 2) + [3, 4])
                           for i in range(n)]
@@ -178,6 +179,9 @@ def test_step_forward_is_sync_free_and_equals_the_bool_mask_path():
     (ce_ref, la_ref, *counts_ref), grads_ref = run_step(bool_mask)
     assert torch.equal(ce, ce_ref) and torch.equal(la, la_ref) and counts == counts_ref and la > 0
     assert grads.keys() == grads_ref.keys() and all(torch.equal(grads[n], grads_ref[n]) for n in grads)
+    # the alignment loss and indices are the fast, sync-free forms (the book's groups by task: a sync per task)
+    from nanoalign.plumbing import fast
+    assert train_py.alignment_loss is fast.alignment_loss and train_py.logit_indices is fast.logit_indices
 
 
 def main_error(capsys, args):
