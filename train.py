@@ -34,9 +34,8 @@ import torch.nn.functional as F
 
 from nanoalign.adapters import adapter_context
 from nanoalign.align import MMD_MAX_ROWS, alignment_loss
-from nanoalign.data import IGNORE_INDEX, answer_positions, length_groups
+from nanoalign.data import IGNORE_INDEX, answer_positions, length_groups, logit_indices
 from nanoalign.meta import MetaConfig, answer_loss, meta_step
-from nanoalign.model import logit_indices
 
 
 def opt(default, help):

@@ -93,6 +93,7 @@ def kind_of(adapter):
 def build_nanoalign(args, device, dtype):
     from nanoalign.adapters import apply_adapter
     from nanoalign.model import CausalLM, ModelConfig
+    from nanoalign.plumbing.fast import install
     path, cfg = model_dir_or_config(args.config)
     if path is not None:
         model = CausalLM.from_pretrained(path, dtype=dtype, device=device)
@@ -105,7 +106,7 @@ def build_nanoalign(args, device, dtype):
         if p.requires_grad:
             p.data = p.data.float()
     model.gradient_checkpointing = args.grad_ckpt
-    return model
+    return install(model)  # the fast forms train.py installs
 
 
 def build_hf(args, device, dtype):
@@ -151,11 +152,11 @@ def measure(args):
     tasks = torch.arange(args.batch) % args.tasks
     loss_kind = "mmd" if args.adapter == "align-mmd" else "kl"
     align = args.adapter.startswith("align")
-    from nanoalign.align import alignment_loss
+    from nanoalign.plumbing.fast import alignment_loss  # the trainer's sync-free form
     if args.impl == "nanoalign":
         from nanoalign.adapters import adapter_context
         from nanoalign.data import answer_positions
-        from nanoalign.model import logit_indices
+        from nanoalign.plumbing.fast import logit_indices
         at, targets = answer_positions(labels)
         idx = logit_indices(at)  # on the host, before the copy: no sync, one shape
         ids, mask, idx, targets, tasks = (t.to(device) for t in (ids, mask, idx, targets, tasks))

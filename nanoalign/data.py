@@ -108,6 +108,15 @@ def answer_positions(labels):
     return at, labels[:, 1:][at[:, :-1]]
 
 
+def logit_indices(at):
+    """Flat indices b·T + t of the True entries of a bool [B, T] mask, for `model(..., logits_at=...)`: the same rows
+    in the same order, but a tensor whose size is known on the host (indexing with a bool mask on a GPU waits for
+    the device to count it). Made on the CPU batch, then moved."""
+    if at.dtype != torch.bool or at.dim() != 2:
+        raise ValueError(f"logit_indices takes a bool [batch, seq] mask, got {at.dtype} of shape {tuple(at.shape)}")
+    return at.flatten().nonzero().squeeze(1)
+
+
 def left_pad(batch_of_id_lists, pad_id):
     """Left-pad prompts for batched generation -> (input_ids [B,T] int64, attention_mask [B,T] bool).
     Left padding puts every prompt's last token in the final column, where generation continues."""

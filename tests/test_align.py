@@ -1,4 +1,5 @@
-"""Align-LoRA's alignment losses (nanoalign/align.py) against closed forms, torch.distributions and naive loops."""
+"""Align-LoRA's alignment losses against closed forms, torch.distributions and naive loops: the book's readable form
+(nanoalign/align.py) and the fast form training uses (nanoalign/plumbing/fast.py), and the two against each other."""
 
 import itertools
 
@@ -6,7 +7,11 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
+from nanoalign import align
 from nanoalign.align import (MMD_SIGMAS, alignment_loss, kl_alignment_loss, mmd_alignment_loss, task_groups)
+from nanoalign.plumbing import fast
+
+BOTH = pytest.mark.parametrize("loss_fn", [align.alignment_loss, fast.alignment_loss], ids=["book", "fast"])
 
 
 def rand_groups(sizes, r=5, seed=0, dtype=torch.float64):
@@ -166,6 +171,22 @@ def test_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(lambda *x: mmd_alignment_loss(list(zip(x, masks)), sigmas=sig), pos)
 
 
+@pytest.mark.parametrize("kind", ["kl", "mmd"])
+@pytest.mark.parametrize("position_wise", [False, True])
+def test_fast_gradients_match_finite_differences(kind, position_wise):
+    """gradcheck (float64) of fast.alignment_loss: its weighted statistics and the GaussianKernels backward (which
+    keeps k'(d) instead of the exponentials) give the analytic gradient, masked rows included."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(6, 4, generator=g) > 0.25
+    mask[:, 0] = True
+    task = torch.tensor([0, 1, 2, 0, 1, 2])
+    kw = dict(kind=kind, position_wise=position_wise, num_tasks=3)
+    if kind == "mmd":
+        kw.update(sigmas=[0.5, 3.0], max_rows=None)
+    assert torch.autograd.gradcheck(lambda x: fast.alignment_loss({"m": x}, mask, task, **kw), (z,))
+
+
 # ----------------------------------------------------------------------------- grouping and the module-level loss
 
 def batch(B=6, T=7, r=4, seed=0):
@@ -196,7 +217,8 @@ def test_task_groups_route_rows_by_task():
         task_groups(z, mask, task, num_tasks=2)
 
 
-def test_task_groups_skip_tasks_with_fewer_than_two_rows():
+@BOTH
+def test_task_groups_skip_tasks_with_fewer_than_two_rows(loss_fn):
     """A task with 1 counted token (token-level) or 1 example (position-wise) is skipped; one task left -> zero
     loss that can still be added to a loss with a graph and back-propagated."""
     z, mask, task = batch()
@@ -209,15 +231,16 @@ def test_task_groups_skip_tasks_with_fewer_than_two_rows():
     w = torch.ones(4, requires_grad=True)
     for kind in ("kl", "mmd"):
         zz = z * w
-        loss = alignment_loss({"m": zz}, mask, task, kind=kind)
+        loss = loss_fn({"m": zz}, mask, task, kind=kind)
         assert loss.item() == 0.0
         (zz.sum() + loss).backward()       # safe to add to the LM loss
     assert w.grad is not None
 
 
+@BOTH
 @pytest.mark.parametrize("kind", ["kl", "mmd"])
 @pytest.mark.parametrize("position_wise", [False, True])
-def test_masked_positions_do_not_change_the_loss(kind, position_wise):
+def test_masked_positions_do_not_change_the_loss(loss_fn, kind, position_wise):
     """Changing the A-output at masked (pad/prompt) positions, to huge values or even inf/NaN, leaves the loss
     unchanged and gives those positions an exactly zero gradient."""
     z, mask, task = batch()
@@ -225,16 +248,18 @@ def test_masked_positions_do_not_change_the_loss(kind, position_wise):
     junk = torch.full_like(z, 1e4)
     junk[0, :, 0], junk[1, :, 1] = float("nan"), float("inf")
     z2 = torch.where(mask[..., None], z, junk).requires_grad_()
-    l1 = alignment_loss({"m": z1}, mask, task, kind=kind, position_wise=position_wise)
-    l2 = alignment_loss({"m": z2}, mask, task, kind=kind, position_wise=position_wise)
+    l1 = loss_fn({"m": z1}, mask, task, kind=kind, position_wise=position_wise)
+    l2 = loss_fn({"m": z2}, mask, task, kind=kind, position_wise=position_wise)
     assert l1.item() > 0
     torch.testing.assert_close(l1, l2, rtol=0, atol=0)
     l2.backward()
     assert bool((z2.grad[~mask] == 0).all()) and bool((z2.grad[mask] != 0).any())
 
 
-def test_alignment_loss_reduces_over_modules():
+@BOTH
+def test_alignment_loss_reduces_over_modules(loss_fn):
     """module_reduction mean (code) / sum: the average / sum of the per-module losses on each module's groups."""
+    alignment_loss = loss_fn
     z, mask, task = batch()
     outs = {"a": z, "b": z * 2 + 1, "c": z.flip(0)}
     per = [kl_alignment_loss(task_groups(v, mask, task)) for v in outs.values()]
@@ -256,7 +281,9 @@ def test_alignment_loss_reduces_over_modules():
 
 
 def test_bad_input_gives_clear_errors():
-    """Wrong kind, reductions or shapes raise ValueError naming the problem."""
+    """Wrong kind, reductions or shapes raise ValueError naming the problem (the fast form, which training calls
+    with the user's flags, checks its arguments; the book's groups must agree in positions and rank)."""
+    alignment_loss = fast.alignment_loss
     z, mask, task = batch()
     with pytest.raises(ValueError, match="kind"):
         alignment_loss({"m": z}, mask, task, kind="cka")
@@ -272,6 +299,8 @@ def test_bad_input_gives_clear_errors():
         alignment_loss({}, mask, task)
     with pytest.raises(ValueError, match="same positions"):
         kl_alignment_loss([torch.randn(4, 3), torch.randn(4, 5)])
+    with pytest.raises(ValueError, match="pair_reduction"):
+        kl_alignment_loss([torch.randn(4, 3), torch.randn(4, 3)], pair_reduction="max")
 
 
 def old_formula(zs, mask, task, kind, position_wise, pair_reduction, module_reduction, num_tasks, max_rows, sigmas):
@@ -300,9 +329,10 @@ def old_formula(zs, mask, task, kind, position_wise, pair_reduction, module_redu
     return per_module.mean() if module_reduction == "mean" else per_module.sum()
 
 
+@BOTH
 @pytest.mark.parametrize("kind", ["kl", "mmd"])
 @pytest.mark.parametrize("position_wise", [False, True])
-def test_alignment_loss_equals_old_formula_on_random_batches(kind, position_wise):
+def test_alignment_loss_equals_old_formula_on_random_batches(loss_fn, kind, position_wise):
     """Random batches with padding, an absent task, a task with a single example and one with a single counted
     token, both reductions, row caps that bind and that do not: the fixed-shape loss equals the old formula
     (old_formula) to float64 round-off."""
@@ -319,7 +349,7 @@ def test_alignment_loss_equals_old_formula_on_random_batches(kind, position_wise
                   module_reduction=["mean", "sum"][trial // 3], num_tasks=4 if trial % 3 else None)
         cap = [None, 2, 4][trial % 3] if kind == "mmd" else None
         extra = dict(max_rows=cap, sigmas=[0.5, 2.0, 10.0]) if kind == "mmd" else {}
-        got = alignment_loss(zs, mask, task, **kw, **extra)
+        got = loss_fn(zs, mask, task, **kw, **extra)
         want = old_formula(zs, mask, task, **kw, max_rows=cap, sigmas=[0.5, 2.0, 10.0])
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"trial {trial} {kw} cap={cap}")
 
@@ -327,9 +357,10 @@ def test_alignment_loss_equals_old_formula_on_random_batches(kind, position_wise
 @pytest.mark.parametrize("kind", ["kl", "mmd"])
 @pytest.mark.parametrize("position_wise", [False, True])
 def test_alignment_loss_has_no_data_dependent_host_reads(kind, position_wise):
-    """With num_tasks given, dynamo traces alignment_loss as one graph (fullgraph=True): no .item(), bool(tensor),
-    nonzero or boolean indexing, each of which would be a graph break here and a host sync on a GPU. The traced
-    loss equals the eager one."""
+    """With num_tasks given, dynamo traces fast.alignment_loss as one graph (fullgraph=True): no .item(),
+    bool(tensor), nonzero or boolean indexing, each of which would be a graph break here and a host sync on a GPU.
+    The traced loss equals the eager one."""
+    alignment_loss = fast.alignment_loss
     torch._dynamo.reset()
     z, mask, task = batch()
     zs = {"a": z, "b": z * 2 + 1}
@@ -338,10 +369,12 @@ def test_alignment_loss_has_no_data_dependent_host_reads(kind, position_wise):
     torch.testing.assert_close(traced(zs, mask, task, **kw), alignment_loss(zs, mask, task, **kw))
 
 
-def test_mmd_fp32_gradient_with_duplicate_rows():
+@BOTH
+def test_mmd_fp32_gradient_with_duplicate_rows(loss_fn):
     """A shared prompt prefix makes A-outputs identical across examples and tasks, and near-duplicates happen: at
     such pairs the σ=1e-6 kernel's slope is ~5e5. The fp32 gradient still matches the float64 one (and the old
     formula's, autograd through cdist) to fp32 round-off: no cancellation of huge terms."""
+    alignment_loss = loss_fn
     g = torch.Generator().manual_seed(0)
     z = torch.randn(8, 6, 4, generator=g)
     z[:, :2] = z[0, :2]                                          # identical prefix rows
@@ -360,7 +393,7 @@ def test_mmd_fp32_gradient_with_duplicate_rows():
 def test_mmd_row_cap_picks_linspace_rows():
     """The row cap keeps, for every group at once, the rows torch.linspace(0, n-1, m).round() picks (the old
     per-group subsampling), for every group size n and cap m up to 70; smaller groups keep all their rows."""
-    from nanoalign.align import _pick_rows
+    from nanoalign.plumbing.fast import _pick_rows
     for n in range(1, 140):
         for m in range(1, 70):
             member = torch.zeros(2, n + 5, dtype=torch.bool)
@@ -382,6 +415,76 @@ def test_mmd_default_row_cap():
     pick = lambda x: x[torch.linspace(0, len(x) - 1, MMD_MAX_ROWS).round().long()]
     torch.testing.assert_close(capped.double(), naive_mmd(pick(a), pick(b)), rtol=1e-5, atol=1e-6)
     assert (mmd_alignment_loss([a, b], max_rows=None) - capped).abs() > 1e-6
+
+
+# ----------------------------------------------------------------------------- the fast form equals the book's
+
+def random_case(g, trial, dtype):
+    """A batch with padding/prompt masks, a task absent (2), a task with one example (3), on odd trials a task with
+    a single counted token; three modules (batched as one in the fast form), the last of another rank on trial 5."""
+    B, T, r = 8, 6, 4
+    zs = {f"m{i}": (torch.randn(B, T, r, generator=g) * (1 + i) + i).to(dtype) for i in range(3)}
+    if trial == 5:
+        zs["m2"] = torch.randn(B, T, 2, generator=g).to(dtype)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[:, 0] = True
+    task = torch.tensor([0, 0, 1, 1, 1, 3, 0, 4])
+    if trial % 2:
+        mask[2:5] = False
+        mask[3, 1] = True
+    return zs, mask, task
+
+
+@pytest.mark.parametrize("kind", ["kl", "mmd"])
+@pytest.mark.parametrize("position_wise", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_equals_book_values_and_gradients(kind, position_wise, dtype):
+    """fast.alignment_loss equals the book's align.alignment_loss in value and in the gradient of every A-output:
+    masked rows, an absent task, one-example and one-token tasks, modules of two shapes, both reductions, num_tasks
+    given or found, MMD row caps that bind and that do not. fp32: within 1e-6 (relative, and absolute for the
+    gradients relative to their largest entry); fp64: 1e-12. Not bitwise: the fast form sums in another order."""
+    g = torch.Generator().manual_seed(11)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    positive = 0
+    for trial in range(6):
+        zs, mask, task = random_case(g, trial, dtype)
+        kw = dict(kind=kind, position_wise=position_wise, pair_reduction=["mean", "sum"][trial % 2],
+                  module_reduction=["mean", "sum"][trial // 3], num_tasks=5 if trial % 3 else None)
+        if kind == "mmd":
+            kw.update(max_rows=[None, 2, 4][trial % 3], sigmas=[0.5, 2.0, 10.0] if trial % 2 else None)
+        out = []
+        for loss_fn in (align.alignment_loss, fast.alignment_loss):
+            leaves = {k: v.clone().requires_grad_() for k, v in zs.items()}
+            loss = loss_fn(leaves, mask, task, **kw)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True) if loss.requires_grad else ()
+            out.append((loss, [v * 0 if i >= len(grads) or grads[i] is None else grads[i]
+                               for i, v in enumerate(leaves.values())]))
+        (book, g_book), (quick, g_quick) = out
+        assert book.dtype == quick.dtype == dtype
+        positive += int(book > 0)
+        torch.testing.assert_close(quick, book, rtol=tol, atol=0, msg=f"trial {trial} {kw}")
+        for a, b in zip(g_quick, g_book):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item(), msg=f"trial {trial} {kw}")
+    assert positive >= 3
+
+
+@pytest.mark.parametrize("kind", ["kl", "mmd"])
+def test_fast_equals_book_on_single_task_and_bf16_batches(kind):
+    """A batch of one task: both forms give exactly 0, safe to add to a loss, and no gradient. bf16 A-outputs
+    (autocast): both compute in fp32 and agree within 1e-6."""
+    z, mask, _ = batch()
+    one = torch.zeros(6, dtype=torch.long)
+    for loss_fn in (align.alignment_loss, fast.alignment_loss):
+        for num_tasks in (None, 3):
+            zz = z.clone().requires_grad_()
+            loss = loss_fn({"m": zz}, mask, one, kind=kind, num_tasks=num_tasks)
+            assert loss.item() == 0.0
+            (zz.sum() * 0 + loss).backward()
+            assert bool((zz.grad == 0).all())
+    z16, task = z.bfloat16(), torch.tensor([0, 1, 2, 0, 1, 2])
+    book, quick = (f({"m": z16}, mask, task, kind=kind) for f in (align.alignment_loss, fast.alignment_loss))
+    assert book.dtype == quick.dtype == torch.float32
+    torch.testing.assert_close(quick, book, rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------------------- through a real model and adapters
@@ -413,7 +516,7 @@ def model_batch(B=6, T=9, seed=0):
     return ids, attn, token_mask, torch.tensor([0, 1, 2, 0, 1, 2])[:B]
 
 
-def align_grads(model, kind, modules=None, **kw):
+def align_grads(model, kind, modules=None, loss_fn=alignment_loss, **kw):
     """d L_align / d (every lora_* parameter), None where unused; L_align over `modules` (all when None)."""
     from nanoalign.adapters import adapter_context
 
@@ -422,7 +525,7 @@ def align_grads(model, kind, modules=None, **kw):
     with adapter_context(model, task_ids=task, collect=True) as ctx:
         model(ids, attn)
         outs = ctx.a_outputs if modules is None else {m: ctx.a_outputs[m] for m in modules}
-        loss = alignment_loss(outs, token_mask, task, kind=kind, **kw)
+        loss = loss_fn(outs, token_mask, task, kind=kind, **kw)
         # backward inside the block: a checkpointed forward is re-run during it (adapters.adapter_context)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     return loss, dict(zip(params, grads)), sorted(ctx.a_outputs)
@@ -432,15 +535,16 @@ def is_zero(g):
     return g is None or bool((g == 0).all())
 
 
+@BOTH
 @pytest.mark.parametrize("kind", ["kl", "mmd"])
-def test_alignment_gradient_reaches_every_A_and_never_the_own_B(kind):
+def test_alignment_gradient_reaches_every_A_and_never_the_own_B(loss_fn, kind):
     """LoRA with random non-zero B: the alignment gradient reaches every lora_A. A module's own alignment term
     never reaches its own lora_B (B acts after the aligned A-output). Through the residual stream it does reach
     the B of every module that feeds a later adapted module — all but the last layer's down_proj, whose output
     feeds no adapter — so 'never B' holds per module, not for the summed loss."""
     pytest.importorskip("nanoalign.adapters")
     model = tiny_adapted_model("lora")
-    loss, grads, names = align_grads(model, kind)
+    loss, grads, names = align_grads(model, kind, loss_fn=loss_fn)
     assert len(names) == 14 and loss.item() > 0
     for n in names:
         assert not is_zero(grads[f"{n}.lora_A.weight"]), n
@@ -448,7 +552,7 @@ def test_alignment_gradient_reaches_every_A_and_never_the_own_B(kind):
     assert {n for n in names if is_zero(grads[f"{n}.lora_B.weight"])} == {last_down}
     for n in ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.v_proj",
               last_down]:
-        _, own, _ = align_grads(model, kind, modules=[n])
+        _, own, _ = align_grads(model, kind, modules=[n], loss_fn=loss_fn)
         assert is_zero(own[f"{n}.lora_B.weight"]) and not is_zero(own[f"{n}.lora_A.weight"]), n
 
 
@@ -463,18 +567,19 @@ def test_alignment_gradient_on_rlora_reaches_its_A_only():
         assert is_zero(own[f"{n}.lora_B.weight"]) and is_zero(own[f"{n}.lora_router.weight"]), n
 
 
+@BOTH
 @pytest.mark.parametrize("adapter,kind,position_wise",
                          [("lora", "kl", False), ("lora", "mmd", True), ("mlora", "kl", True), ("mlora", "mmd", False)])
-def test_alignment_gradient_same_with_gradient_checkpointing(adapter, kind, position_wise):
+def test_alignment_gradient_same_with_gradient_checkpointing(loss_fn, adapter, kind, position_wise):
     """Same model, inputs and seed (dropout 0): the alignment loss and its gradient on every trainable parameter
     are the same with model.gradient_checkpointing on and off (non-reentrant recomputation), for LoRA and for the
     multi-head M-LoRA."""
     pytest.importorskip("nanoalign.adapters")
     model = tiny_adapted_model(adapter)
     model.gradient_checkpointing = False
-    l0, g0, _ = align_grads(model, kind, position_wise=position_wise)
+    l0, g0, _ = align_grads(model, kind, position_wise=position_wise, loss_fn=loss_fn)
     model.gradient_checkpointing = True
-    l1, g1, _ = align_grads(model, kind, position_wise=position_wise)
+    l1, g1, _ = align_grads(model, kind, position_wise=position_wise, loss_fn=loss_fn)
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-7)
     assert g0.keys() == g1.keys()
     nonzero = 0

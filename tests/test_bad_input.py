@@ -16,12 +16,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nanoalign import adapters, model as model_py
+from nanoalign import adapters
+from nanoalign.plumbing import model_io
 from nanoalign.plumbing import load_model, load_tokenizer
 from nanoalign.adapters import KINDS, apply_adapter
 from nanoalign.plumbing import adapter_io
 from nanoalign.plumbing.adapter_io import apply_adapter_checked, load_adapter, save_adapter
-from nanoalign.model import MAX_LAYERS, CausalLM, ModelConfig, memory_bytes
+from nanoalign.model import CausalLM, ModelConfig
+from nanoalign.plumbing.model_io import MAX_LAYERS, memory_bytes, num_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 HF = dict(architectures=["LlamaForCausalLM"], vocab_size=61, hidden_size=32, intermediate_size=48,
@@ -56,7 +58,7 @@ def test_index_cannot_point_outside_the_model_directory(tmp_path, where):
     name = "../w.safetensors" if where == "parent" else str(outside)
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": name}}))
     with pytest.raises(ValueError, match=r"model.safetensors.index.json: .* is not a file name inside") as e:
-        CausalLM.from_pretrained(d)
+        load_model(d)
     assert one_line(e)
 
 
@@ -79,7 +81,7 @@ def test_unreadable_index_is_one_line(tmp_path, index):
     d = tiny_dir(tmp_path / "model")
     (d / "model.safetensors.index.json").write_text(index)
     with pytest.raises(ValueError, match="model.safetensors.index.json") as e:
-        CausalLM.from_pretrained(d)
+        load_model(d)
     assert one_line(e)
 
 
@@ -95,7 +97,7 @@ def test_config_that_is_not_a_json_object(tmp_path, text, match):
     d = tiny_dir(tmp_path / "model")
     (d / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ValueError, match=match) as e:
-        CausalLM.from_pretrained(d)
+        load_model(d)
     assert str(d / "config.json") in str(e.value) and one_line(e)
 
 
@@ -111,7 +113,7 @@ def test_bad_sizes_fail_before_building(tmp_path, key, value):
     int', a shape-mismatch message blaming the weights, or a KeyError at the first forward (llama3 RoPE)."""
     d = tiny_dir(tmp_path / "model", **{key: value})
     with pytest.raises(ValueError, match=key.split("_")[0]) as e:
-        CausalLM.from_pretrained(d)
+        load_model(d)
     assert str(d / "config.json") in str(e.value) and one_line(e)
 
 
@@ -121,7 +123,7 @@ def test_absurd_layer_count_fails_fast(tmp_path):
     d = tiny_dir(tmp_path / "model", num_hidden_layers=10**6)
     t = time.perf_counter()
     with pytest.raises(ValueError, match=f"num_hidden_layers=1000000 .* up to {MAX_LAYERS}"):
-        CausalLM.from_pretrained(d)
+        load_model(d)
     assert time.perf_counter() - t < 2.0
     ModelConfig(num_hidden_layers=MAX_LAYERS)  # the bound itself is accepted
 
@@ -133,15 +135,15 @@ def test_model_larger_than_memory_fails_before_loading(tmp_path, monkeypatch):
     d = tiny_dir(tmp_path / "model", hidden_size=10**6, intermediate_size=4 * 10**6)
     with pytest.raises(ValueError, match=r"config.json: a model of [\d,]+ parameters needs [\d,.]+ GB in "
                                          r"torch.float32, more than the [\d,.]+ GB of memory on cpu") as e:
-        CausalLM.from_pretrained(d)
+        load_model(d)
     assert one_line(e)
     small = tiny_dir(tmp_path / "small")
-    need = ModelConfig.from_hf_dict(HF).num_parameters() * 4
-    monkeypatch.setattr(model_py, "memory_bytes", lambda device: need - 1)
+    need = num_parameters(ModelConfig.from_hf_dict(HF)) * 4
+    monkeypatch.setattr(model_io, "memory_bytes", lambda device: need - 1)
     with pytest.raises(ValueError, match="more than the"):
-        CausalLM.from_pretrained(small)
-    monkeypatch.setattr(model_py, "memory_bytes", lambda device: need)
-    CausalLM.from_pretrained(small)  # exactly enough is enough
+        load_model(small)
+    monkeypatch.setattr(model_io, "memory_bytes", lambda device: need)
+    load_model(small)  # exactly enough is enough
 
 
 @pytest.mark.parametrize("cfg", [
@@ -149,12 +151,12 @@ def test_model_larger_than_memory_fails_before_loading(tmp_path, monkeypatch):
     {**HF, "attention_bias": True, "mlp_bias": True, "head_dim": 16, "num_key_value_heads": 1},
 ])
 def test_num_parameters_counts_what_is_built(cfg):
-    """ModelConfig.num_parameters() (used for the memory check) equals the parameter count of the built model,
+    """model_io.num_parameters(config) (used for the memory check) equals the parameter count of the built model,
     tied lm_head counted once, for Llama/Qwen2, biases and a head_dim that is not hidden/heads."""
     c = ModelConfig.from_hf_dict(cfg)
     with torch.device("meta"):
         m = CausalLM(c)
-    assert c.num_parameters() == sum(p.numel() for p in m.parameters())
+    assert num_parameters(c) == sum(p.numel() for p in m.parameters())
 
 
 def test_memory_bytes():

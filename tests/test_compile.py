@@ -1,6 +1,7 @@
-"""torch.compile of the training forward (nanoalign/model.py + adapters.py), on CPU with the aot_eager backend
-(dynamo + AOTAutograd, forward and backward graphs, no C++ compiler): one graph, no recompiles, and the same
-alignment-loss gradients as eager, with and without gradient checkpointing."""
+"""torch.compile of the training forward (nanoalign/model.py + adapters.py with the fast forms training installs,
+nanoalign/plumbing/fast.py), on CPU with the aot_eager backend (dynamo + AOTAutograd, forward and backward graphs,
+no C++ compiler): one graph, no recompiles, and the same alignment-loss gradients as eager, with and without
+gradient checkpointing."""
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from nanoalign.adapters import adapter_context, apply_adapter
-from nanoalign.align import alignment_loss
-from nanoalign.model import CausalLM, ModelConfig, logit_indices
+from nanoalign.model import CausalLM, ModelConfig
+from nanoalign.plumbing.fast import alignment_loss, install, logit_indices
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
@@ -18,7 +19,7 @@ TASKS = 3
 
 def tiny(kind, ckpt):
     torch.manual_seed(0)
-    model = apply_adapter(CausalLM(CFG), kind, rank=4, alpha=8, heads=3, num_tasks=TASKS)
+    model = install(apply_adapter(CausalLM(CFG), kind, rank=4, alpha=8, heads=3, num_tasks=TASKS))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:

@@ -1,11 +1,15 @@
-"""The decoder against Hugging Face transformers (the reference implementation), on tiny random checkpoints."""
+"""The decoder against Hugging Face transformers (the reference implementation), on tiny random checkpoints; the
+fast forms training swaps in (nanoalign/plumbing/fast.py) against the book's; the checked loader's error lines."""
 
+import copy
 import json
 
 import pytest
 import torch
 
-from nanoalign.model import CausalLM, ModelConfig, is_right_padded, logit_indices
+from nanoalign.model import CausalLM, ModelConfig
+from nanoalign.plumbing import fast, model_io
+from nanoalign.plumbing.fast import is_right_padded, logit_indices
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,8 +102,8 @@ def test_logits_at_selects_positions(pair):
 def test_logits_at_indices_and_host_padding_flag(pair):
     """Flat indices from logit_indices select the same rows as the bool mask, bit for bit; right_padded=True on
     a right-padded batch (plain causal attention, no mask) and right_padded=False (the mask applied) give the
-    same logits at real tokens as the undecided default, which checks the mask itself."""
-    _, ours, _ = pair
+    same logits at real tokens as the undecided default, which checks the mask itself (the fast forms)."""
+    ours = fast.install(copy.deepcopy(pair[1]))
     ids, mask = padded_batch([7, 3, 5], 7, left=False)
     sel = mask.clone()
     sel[:, 0] = False
@@ -198,7 +202,66 @@ def test_bf16_load_dtype(tmp_path):
     assert m(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
 
 
-# ----------------------------------------------------------------------------- bad input
+# ----------------------------------------------------------------------------- the fast forms equal the book's
+
+def grads_of(model, ids, mask, **kw):
+    """Logits at real tokens and d(their logsumexp mean)/d(every parameter) of a model in training mode."""
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, mask, **kw)
+    out = logits if "logits_at" in kw else logits[mask]
+    out.logsumexp(-1).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_fast_forms_equal_the_book(pair, padding):
+    """install() swaps classes in place (same parameters and state_dict, idempotent). Its forward and every gradient
+    equal the book model's: bitwise without padding and with left padding (the mask then is applied by both; fp32,
+    CPU), within 1e-5 on a right-padded batch, where the fast form runs plain causal attention
+    (right_padded=True) and the book applies the mask; logits at flat indices equal those at the bool mask."""
+    book = copy.deepcopy(pair[1]).train().requires_grad_(True)
+    quick = fast.install(copy.deepcopy(book))
+    assert fast.install(quick) is quick and type(quick).__name__ == "FastCausalLM"
+    assert {type(m).__name__ for m in quick.modules()} >= {"FastDecoder", "FastAttention", "FastMLP"}
+    assert all(torch.equal(a, b) for a, b in zip(book.state_dict().values(), quick.state_dict().values()))
+    if padding == "none":
+        ids, mask = padded_batch([9, 9, 9], 9)
+    else:
+        ids, mask = padded_batch([9, 4, 6], 9, left=padding == "left")
+    at = mask.clone()
+    at[:, :2] = False
+    want, g_want = grads_of(book, ids, mask)
+    kw = {"right_padded": True} if padding == "right" else {}
+    got, g_got = grads_of(quick, ids, mask, **kw)
+    sel, g_sel = grads_of(quick, ids, mask, logits_at=logit_indices(at), **kw)
+    bitwise = padding != "right"
+    tol = dict(rtol=0, atol=0) if bitwise else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(sel, got[at[mask]], rtol=0, atol=1e-6)   # a smaller matmul: round-off only
+    for n in g_want:
+        torch.testing.assert_close(g_got[n], g_want[n], **tol, msg=n)
+
+
+def test_fused_swiglu_equals_autograd():
+    """fast.SwiGLU: the forward and the gradients (silu_backward, as autograd runs it) are bitwise those of
+    silu(g) * u; with create_graph (MeTA-LoRA's second order) its gradient and second derivative match within 1e-6."""
+    g0, u0 = torch.randn(2, 5, 16, dtype=torch.float32), torch.randn(2, 5, 16, dtype=torch.float32)
+    dy = torch.randn(2, 5, 16)
+    res = []
+    for f in (lambda g, u: torch.nn.functional.silu(g) * u, fast.SwiGLU.apply):
+        g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+        y = f(g, u)
+        first = torch.autograd.grad(y, (g, u), dy, retain_graph=True)
+        dg, du = torch.autograd.grad(y, (g, u), dy, create_graph=True)
+        second = torch.autograd.grad((dg * dg).sum() + (du * du).sum(), (g, u))
+        res.append((y, first, (dg, du), second))
+    (y0, f0, c0, s0), (y1, f1, c1, s1) = res
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(f0, f1))
+    for a, b in zip((*c0, *s0), (*c1, *s1)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input (model_io.load)
 
 @pytest.fixture()
 def saved(tmp_path):
@@ -208,13 +271,13 @@ def saved(tmp_path):
 
 def test_missing_directory_and_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        CausalLM.from_pretrained(tmp_path / "nope")
+        model_io.load(tmp_path / "nope")
 
 
 def test_missing_weights(saved):
     (saved / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        CausalLM.from_pretrained(saved)
+        model_io.load(saved)
 
 
 def test_missing_shard(tmp_path):
@@ -222,20 +285,20 @@ def test_missing_shard(tmp_path):
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=f"{shard.name}.*missing"):
-        CausalLM.from_pretrained(tmp_path)
+        model_io.load(tmp_path)
 
 
 def test_truncated_safetensors(saved):
     f = saved / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        CausalLM.from_pretrained(saved)
+        model_io.load(saved)
 
 
 def test_garbage_safetensors(saved):
     (saved / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        CausalLM.from_pretrained(saved)
+        model_io.load(saved)
 
 
 def test_shapes_disagree_with_config(saved):
@@ -243,7 +306,7 @@ def test_shapes_disagree_with_config(saved):
     cfg["intermediate_size"] = 128
     (saved / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight.*has shape.*do not match"):
-        CausalLM.from_pretrained(saved)
+        model_io.load(saved)
 
 
 def test_unsupported_architecture():

@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nanoalign.plumbing import system
 from nanoalign.adapters import apply_adapter
-from nanoalign.model import CausalLM, ModelConfig, logit_indices
+from nanoalign.model import CausalLM, ModelConfig
+from nanoalign.plumbing.fast import install, logit_indices
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
@@ -24,7 +25,7 @@ def test_flops_per_token_counts_what_autograd_runs(kind):
     gradient of the first block's q/k/v projections, which autograd skips: their input, from the frozen embeddings,
     needs no gradient) and R-LoRA's wasted compensation gradient. lm_head counts only at the labelled positions."""
     torch.manual_seed(0)
-    model = apply_adapter(CausalLM(CFG), kind, rank=4, alpha=8).train()
+    model = install(apply_adapter(CausalLM(CFG), kind, rank=4, alpha=8)).train()
     B, T = 3, 10
     ids = torch.randint(1, 61, (B, T))
     at = torch.zeros(B, T, dtype=torch.bool)

@@ -149,9 +149,10 @@ def test_step_forward_is_sync_free_and_equals_the_bool_mask_path():
     from nanoalign.adapters import apply_adapter
     from nanoalign.data import BalancedBatcher
     from nanoalign.model import CausalLM, ModelConfig
+    from nanoalign.plumbing.fast import install
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    model = install(CausalLM(ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)))
     apply_adapter(model, "align", rank=4, num_tasks=2)
     rows = lambda n, lo: [([1 + (7 * i + j) % 60 for j in range(lo + 5 * i)], [-100] * (lo + 5 * i - 2) + [3, 4])
                           for i in range(n)]
@@ -180,6 +181,19 @@ def test_step_forward_is_sync_free_and_equals_the_bool_mask_path():
     (ce_ref, la_ref, *counts_ref), grads_ref = run_step(bool_mask)
     assert torch.equal(ce, ce_ref) and torch.equal(la, la_ref) and counts == counts_ref and la > 0
     assert grads.keys() == grads_ref.keys() and all(torch.equal(grads[n], grads_ref[n]) for n in grads)
+
+
+def test_the_launcher_trains_with_the_fast_forms(tiny, data, tmp_path, monkeypatch):
+    """The Run that the launcher hands to the book's loop holds the installed fast model and the fast, sync-free
+    alignment loss (the book's groups rows by task: a host sync per task on a GPU)."""
+    from nanoalign.plumbing import fast
+    built = []
+    monkeypatch.setattr(book.Run, "__post_init__", lambda self: built.append(self) or setattr(
+        self, "trainable", [p for p in self.model.parameters() if p.requires_grad]))
+    run(*argv(tiny, tmp_path, data[0], "--max-steps", 1))
+    (r,) = built
+    assert r.align_fn is fast.alignment_loss and type(r.model) is fast.FastCausalLM
+    assert {type(m) for m in r.model.modules()} >= {fast.FastDecoder, fast.FastAttention, fast.FastMLP}
 
 
 def main_error(capsys, args):

@@ -8,9 +8,11 @@ from ..model import CausalLM
 
 
 def load_model(name_or_path, dtype=torch.float32, device="cpu") -> CausalLM:
-    """An alias (`smollm2-135m`, `qwen2.5-0.5b`, ...), a local directory or an HF repo id -> CausalLM."""
+    """An alias (`smollm2-135m`, `qwen2.5-0.5b`, ...), a local directory or an HF repo id -> CausalLM, its files
+    checked first (model_io.load)."""
     from .hub import resolve_model
-    model = CausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype, device=device)
+    from .model_io import load
+    model = load(resolve_model(name_or_path), dtype=dtype, device=device)
     model.name_or_path = str(name_or_path)  # recorded in saved adapters, so eval.py finds the base model
     return model
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..adapters import (DEFAULT_TARGETS, KINDS, AdapterLinear, adapter_args, adapter_modules, apply_adapter, split_targets,
                         target_linears)
-from ..model import memory_bytes
+from .model_io import memory_bytes
 from .hub import loadable_name
 from .system import write_atomic
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import load_model, load_tokenizer
+from . import fast, load_model, load_tokenizer
 from ..adapters import KINDS, count_trainable
 from ..data import BalancedBatcher, encode_fitting
 from ..evaluate import (MODES, accuracies, diagnostics_table, evaluate, generation_fallback, markdown_table,
@@ -201,12 +201,12 @@ def all_sum(t, world):
     return t
 
 
-def evaluate_all_ranks(model, tok, tasks, env, **kw):
+def evaluate_all_ranks(model, tok, tasks, env, desc="eval", **kw):
     """`evaluate` with the examples shared out over the ranks (rank r scores examples r, r + world, ...) and the
     records gathered back in their order, so every rank gets the whole result. Every rank works during an
     evaluation, and none waits inside a collective while another one evaluates alone (NCCL's watchdog kills a
     collective that waits longer than its timeout, e.g. 10 minutes)."""
-    progress = progress_bar("eval") if env.master else None
+    progress = progress_bar(desc) if env.master else None
     if env.world == 1:
         return evaluate(model, tok, tasks, progress=progress, **kw)
     shard = {t: rows[env.rank::env.world] for t, rows in tasks.items() if rows[env.rank::env.world]}
@@ -333,7 +333,7 @@ def build(train_py, cfg, env: Env, data: Data, overwrite=False):
     """Stage 3: the base model (evaluated before training unless the checkpoint has that result), the adapter, the
     optimizer, and everything a checkpoint restores; the run directory is started (or continued) here. Returns the
     book's Run and the accuracy before training."""
-    model = load_model(cfg.model, dtype=env.dtype, device=env.device)
+    model = fast.install(load_model(cfg.model, dtype=env.dtype, device=env.device))  # the trainer's fast forms
     n_base = sum(p.numel() for p in model.parameters())
     env.say(f"model {cfg.model}: {n_base / 1e6:.1f}M parameters, {env.dtype}, {env.device}"
             + (f", {env.world} processes" if env.world > 1 else "") + (", bf16 autocast" if env.autocast else ""))
@@ -374,7 +374,8 @@ def build(train_py, cfg, env: Env, data: Data, overwrite=False):
         from torch.nn.parallel import DistributedDataParallel
         fwd = DistributedDataParallel(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                       broadcast_buffers=False)
-    run = train_py.Run(model, fwd, opt, data.batcher, env.device, autocast=env.autocast, world=env.world, step=step)
+    run = train_py.Run(model, fwd, opt, data.batcher, env.device, autocast=env.autocast, world=env.world, step=step,
+                       align_fn=fast.alignment_loss)
     return run, before
 
 

@@ -1,0 +1,316 @@
+"""Fast forms of the book's model and alignment loss, swapped in for training; tests keep each equal to its
+readable form (tests/test_model.py, tests/test_align.py).
+
+    model                               install(model) swaps in (same parameters, same state_dict)
+    MLP: down(silu(gate x) * up x)      FastMLP: SwiGLU.apply, a backward that keeps g and u but not silu(g)
+    Attention.attend                    FastAttention: without a mask, SDPA's grouped-query path (flash / cuDNN)
+    Decoder (mask applied as given)     FastDecoder: right_padded=True (or found so) runs plain causal attention,
+                                        exact for every real token; masks additive, built once per forward
+    CausalLM(logits_at=...)             FastCausalLM: flat indices by index_select, right_padded passed down
+    align.alignment_loss                alignment_loss: same signature and value, one batched pass, no host sync
+
+Training calls `install(model)` once after loading, then `model(ids, mask, logits_at=logit_indices(at),
+right_padded=True)` and `alignment_loss(..., num_tasks=N)`: no host sync, one graph under torch.compile.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ..align import MMD_MAX_ROWS, MMD_SIGMAS
+from ..data import logit_indices  # noqa: F401  (the host-side half of the sync-free call, re-exported)
+from ..model import MLP, Attention, CausalLM, Decoder, project
+
+KERNEL_CHUNK = 2 ** 26  # elements of [positions, rows, rows, bandwidths] evaluated at once (256 MB in fp32)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def install(model):
+    """Swap the fast forms into a built CausalLM in place (its modules change class; parameters, buffers, adapters
+    and state_dict stay as they are) and return it. Idempotent."""
+    swap = {CausalLM: FastCausalLM, Decoder: FastDecoder, Attention: FastAttention, MLP: FastMLP}
+    for m in model.modules():
+        m.__class__ = swap.get(type(m), type(m))
+    return model
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(g) * u that keeps only g and u for the backward and recomputes silu(g) there (autograd would also keep
+    silu(g): one [tokens, d_ff] tensor per layer). The gradients are the ops autograd runs (silu_backward), so
+    they are bitwise equal to the book's MLP."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph (MeTA-LoRA's second order): silu_backward has no derivative
+            s = torch.sigmoid(g)
+            return dy * u * s * (1 + g * (1 - s)), dy * F.silu(g)
+        return torch.ops.aten.silu_backward(dy * u, g), dy * F.silu(g)
+
+
+class FastMLP(MLP):
+    def forward(self, x, a_outputs=None):
+        h = SwiGLU.apply(project(self.gate_proj, x, a_outputs), project(self.up_proj, x, a_outputs))
+        return project(self.down_proj, h, a_outputs)
+
+
+class FastAttention(Attention):
+    def attend(self, q, k, v, mask):
+        if mask is None:  # plain causal: SDPA's flash / cuDNN kernels take grouped-query heads as they are
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+        return super().attend(q, k, v, mask)  # with a mask, enable_gqa can leave only the math kernel on GPU
+
+
+def is_right_padded(mask: torch.Tensor) -> bool:
+    """True when every row is ones then zeros: plain causal attention is then exact for every real token.
+    Reads the mask's values: call it on the CPU batch (on a GPU it is a host sync; under torch.compile a graph
+    break) and pass the answer as `model(..., right_padded=...)`."""
+    m = mask.to(torch.int8)
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
+class FastDecoder(Decoder):
+    def forward(self, input_ids, attention_mask=None, cache=None, position_ids=None, grad_ckpt=False,
+                right_padded=None):
+        """right_padded: True when every row of `attention_mask` is real tokens then padding (then no mask is needed),
+        False applies the mask, None decides from the mask's values (a host sync on GPU; compiled: the mask)."""
+        if attention_mask is not None and cache is None:
+            if right_padded is None:
+                right_padded = False if torch.compiler.is_compiling() else is_right_padded(attention_mask)
+            if right_padded:
+                if position_ids is None:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                attention_mask = None
+        return super().forward(input_ids, attention_mask, cache, position_ids, grad_ckpt)
+
+    def mask(self, attention_mask, T, past, x):
+        m = super().mask(attention_mask, T, past, x)
+        # additive, once per forward: SDPA would turn a bool mask into this in every layer
+        return None if m is None else torch.zeros(m.shape, dtype=x.dtype, device=x.device).masked_fill_(~m, -torch.inf)
+
+
+class FastCausalLM(CausalLM):
+    def forward(self, input_ids, attention_mask=None, *, logits_at=None, cache=None, position_ids=None,
+                right_padded=None):
+        """As CausalLM's; `logits_at` may also be a LongTensor of flat indices b·T + t (logit_indices: no sync, one
+        shape for torch.compile); right_padded as FastDecoder's."""
+        h = self.model(input_ids, attention_mask, cache, position_ids, grad_ckpt=self.gradient_checkpointing,
+                       right_padded=right_padded)
+        if logits_at is not None:
+            if logits_at.dtype == torch.bool:
+                h = h[logits_at]
+            elif logits_at.dim() == 1 and not logits_at.is_floating_point():
+                h = h.flatten(0, 1).index_select(0, logits_at)
+            else:
+                raise ValueError(f"logits_at must be a bool [batch, seq] mask or a 1-D integer tensor of flat indices "
+                                 f"(logit_indices), got {logits_at.dtype} of shape {tuple(logits_at.shape)}")
+        return self.lm_head(h)
+
+
+# ----------------------------------------------------------------------------- the alignment loss
+#
+# align.alignment_loss cuts each task's rows out of the A-outputs (a sync per task on a GPU: the group sizes go to
+# the host). Here all rows stay in one tensor, and every task gets a 0/1 weight per row and position (its one-hot
+# task ids times the token mask); means, variances and kernel means are weighted sums with those weights. Every
+# shape follows from the input shapes. The groups as weights:
+#   x      [R, S, k]  all rows (examples or tokens) at S positions, zero where not counted
+#   w      [G, R, S'] 1 where row r counts for group g at position s (S' = 1: the same at every position)
+#   member [G, R]     rows that belong to group g (at most one group per row; what max_rows subsamples)
+#   ok     [G]        groups that take part (task_groups' rule: at least 2 rows, or 2 examples position-wise)
+
+def _counted(x, m):
+    """x in fp32 (bf16/fp16 -> fp32; fp64 stays, for gradcheck) with the entries where m is False set to 0.
+    where, not multiply: a masked entry contributes nothing and gets an exactly zero gradient, even if NaN."""
+    return torch.where(m[..., None], x.to(torch.promote_types(x.dtype, torch.float32)), 0.0)
+
+
+def _wsum(w, x):
+    """Σ_r w[g, r, s] · x[r, s, :] -> [G, S, k]; a w without per-position weights is one matmul."""
+    if w.shape[2] == 1:
+        return (w[:, :, 0] @ x.flatten(1)).view(w.shape[0], *x.shape[1:])
+    return torch.einsum("grs,rsk->gsk", w, x)
+
+
+def _reduce_pairs(D, valid, pair_reduction):
+    """D, valid: [P, S] per unordered task pair and position -> scalar.
+
+    Each pair averages D over the positions valid for both tasks; pairs with no valid position are dropped; then
+    mean (the code) or sum (the paper) over the remaining pairs. Masked sums, no host sync; no pair left -> 0.
+    """
+    n = valid.sum(-1)
+    per_pair = torch.where(valid, D, 0.0).sum(-1) / n.clamp(min=1)
+    keep = n > 0
+    total = torch.where(keep, per_pair, 0.0).sum()
+    return total / keep.sum().clamp(min=1) if pair_reduction == "mean" else total
+
+
+def _no_autocast(x):
+    """fp32 on purpose: under bf16 autocast the variances and kernels would lose the digits they need."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _kl(rows, eps=1e-8, pair_reduction="mean"):
+    x, w, member, ok = rows
+    w = w.to(x.dtype)
+    G = w.shape[0]
+    with _no_autocast(x):
+        n = w.sum(1)[..., None]                                          # [G, S', 1]
+        mu = _wsum(w, x) / n.clamp(min=1)                                # [G, S, k]
+        # each row centred on its own group's mean (two passes, as the variance is usually computed); the one-hot
+        # matmul picks that mean exactly and, unlike indexing, has a matmul for its backward
+        d = x - (member.t().to(x.dtype) @ mu.flatten(1)).view_as(x)
+        var = _wsum(w, d * d) / (n - 1).clamp(min=1)
+        valid = ((n[..., 0] >= 2) & ok[:, None]).expand(mu.shape[:2])    # [G, S]
+        # invalid positions get harmless stand-ins: their D is discarded, and finite values keep the
+        # gradient finite too (a NaN in a discarded branch of `where` still poisons the backward)
+        mu = torch.where(valid[..., None], mu, 0.0)
+        v = torch.where(valid[..., None], var, 1.0) + eps
+        p, q = torch.triu_indices(G, G, 1, device=x.device)              # unordered pairs p < q
+        mp, mq, vp, vq = mu[p], mu[q], v[p], v[q]                        # [P, S, r]
+        kl_pq = 0.5 * (vq.log() - vp.log() + vp / vq + (mq - mp) ** 2 / vq - 1).sum(-1)  # KL(p‖q) [P, S]
+        kl_qp = 0.5 * (vp.log() - vq.log() + vq / vp + (mp - mq) ** 2 / vp - 1).sum(-1)  # KL(q‖p)
+        return _reduce_pairs(0.5 * (kl_pq + kl_qp), valid[p] & valid[q], pair_reduction)
+
+
+def _mmd(rows, sigmas=None, max_rows=MMD_MAX_ROWS, pair_reduction="mean"):
+    x, w, member, ok = rows
+    sig = torch.tensor(MMD_SIGMAS if sigmas is None else [float(s) for s in sigmas], dtype=x.dtype, device=x.device)
+    w = w.to(x.dtype)
+    G = w.shape[0]
+    if max_rows is not None and max_rows < x.shape[0]:
+        idx, keep = _pick_rows(member, int(max_rows))                    # [G, m] rows of each group
+        x = x[idx.flatten()]                                             # [G·m, S, k], group by group
+        own = w[torch.arange(G, device=x.device)[:, None], idx] * keep[..., None]     # [G, m, S']
+        w = (torch.eye(G, dtype=w.dtype, device=x.device)[:, :, None, None] * own[None]).flatten(1, 2)
+    with _no_autocast(x):
+        K = _kernel_means(x, w, sig)                                     # [S, G, G]
+        p, q = torch.triu_indices(G, G, 1, device=x.device)
+        D = (K[:, p, p] + K[:, q, q] - 2 * K[:, p, q]).t()               # [P, S]
+        present = ((w.sum(1) > 0) & ok[:, None]).expand(G, x.shape[1])   # ≥1 row of the group at that position
+        return _reduce_pairs(D, present[p] & present[q], pair_reduction)
+
+
+def _pick_rows(member, m):
+    """For every group at once, the rows evenly spaced subsampling keeps: (idx [G, m], keep [G, m]).
+
+    A group with more than m rows keeps the ones torch.linspace(0, n-1, m).round() picks among its rows in order
+    (the same float32 arithmetic as linspace, so the same rows); a smaller group keeps all (keep marks them).
+    """
+    n = member.sum(1)[:, None]                                           # [G, 1]
+    i = torch.arange(m, device=member.device)
+    last = (n - 1).float()
+    step = last / max(m - 1, 1)
+    pos = torch.where(i < m // 2, step * i, last - step * (m - 1 - i)).round().long() if m > 1 else 0 * i
+    want = torch.where(n > m, pos, i)
+    idx = torch.searchsorted(member.long().cumsum(1), want + 1)          # the (want+1)-th row of the group
+    return idx.clamp(max=member.shape[1] - 1), i < n.clamp(max=m)
+
+
+def _kernel_means(x, w, sig):
+    """[S, G, G]: per position, the mean over counted row pairs (r in p, t in q) of Σ_σ exp(−‖x_r − x_t‖² / (2σ)),
+    in chunks of positions so that the [positions, R, R, bandwidths] exponentials stay within KERNEL_CHUNK."""
+    R, S = x.shape[:2]
+    chunk = max(1, KERNEL_CHUNK // (R * R * len(sig)))
+    return torch.cat([_kernel_means_chunk(x[:, s:s + chunk], w if w.shape[2] == 1 else w[:, :, s:s + chunk], sig)
+                      for s in range(0, S, chunk)])
+
+
+def _kernel_means_chunk(x, w, sig):
+    xs = x.transpose(0, 1)                                               # [S, R, k]
+    # exact differences (not the |x|²+|y|²−2xy expansion): with σ down to 1e-6 the round-off of the expansion
+    # (~1e-7·|x|²) would turn exp(−0/2σ)=1 into ~0.6 on the diagonal
+    d = torch.cdist(xs, xs, compute_mode="donot_use_mm_for_euclid_dist") ** 2          # [S, R, R]
+    k = GaussianKernels.apply(d, sig)
+    ws = w.permute(2, 0, 1)                                              # [S', G, R]
+    n = ws.sum(-1)
+    return ws @ k @ ws.transpose(1, 2) / (n[:, :, None] * n[:, None, :]).clamp(min=1)
+
+
+class GaussianKernels(torch.autograd.Function):
+    """k(d) = Σ_σ exp(−d/(2σ)) for squared distances d, all bandwidths in one evaluation.
+
+    Autograd would keep the [.., n_σ] exponentials for the backward (19x the kernel); this keeps only the
+    derivative k'(d) = Σ_σ −exp(−d/(2σ))/(2σ), computed from them in the same pass.
+    """
+
+    @staticmethod
+    def forward(ctx, d, sig):
+        c = -0.5 / sig
+        e = (d[..., None] * c).exp_()                                    # [.., n_σ]: exp(−d/(2σ))
+        ctx.save_for_backward(e @ c)
+        return e.sum(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (dk,) = ctx.saved_tensors
+        return g * dk, None
+
+
+def _check_batch(a_output, token_mask, task_ids):
+    if a_output.ndim != 3:
+        raise ValueError(f"a_output must be [B, T, r], got shape {tuple(a_output.shape)}")
+    B, T, _ = a_output.shape
+    if token_mask.shape != (B, T):
+        raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}, expected {(B, T)} like the A-output")
+    if task_ids.shape != (B,):
+        raise ValueError(f"task_ids has shape {tuple(task_ids.shape)}, expected ({B},): one task id per example")
+
+
+def _task_onehot(task_ids, num_tasks=None):
+    """[G, B] bool, example b is of task g: tasks 0..num_tasks-1, or the sorted ids present when num_tasks is None
+    (unique() has a data-dependent size: one host sync). Ids are range-checked when they are on the CPU in eager mode
+    (on a GPU that would be a sync; ids outside [0, num_tasks) then belong to no task)."""
+    if num_tasks is None:
+        return task_ids[None] == task_ids.unique()[:, None]
+    on_host = task_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+    if on_host and bool(((task_ids < 0) | (task_ids >= num_tasks)).any()):
+        raise ValueError(f"task_ids must lie in [0, {num_tasks}), got {sorted(set(task_ids.tolist()))}")
+    return task_ids[None] == torch.arange(num_tasks, device=task_ids.device)[:, None]
+
+
+def _task_rows(z, token_mask, onehot, position_wise):
+    """A-outputs z [B, T, M, r] of M modules -> the rows of every task with their weights (see the top of the file),
+    the M modules as positions: each module's loss is then the average over its positions."""
+    B, T, M, r = z.shape
+    if position_wise:   # rows: examples; positions: (token, module)
+        counts = token_mask[:, :, None].expand(B, T, M).reshape(B, T * M)
+        x = _counted(z.reshape(B, T * M, r), counts)
+        return x, onehot[:, :, None] & counts[None], onehot, onehot.sum(1) >= 2
+    counts = token_mask.reshape(B * T)    # rows: tokens; positions: modules
+    member = onehot.repeat_interleave(T, dim=1) & counts[None]           # [G, B·T]
+    x = _counted(z.reshape(B * T, M, r), counts[:, None].expand(B * T, M))
+    return x, member[:, :, None], member, member.sum(1) >= 2
+
+
+def alignment_loss(a_outputs, token_mask, task_ids, kind="kl", position_wise=False, pair_reduction="mean",
+                   module_reduction="mean", num_tasks=None, **kw):
+    """nanoalign.align.alignment_loss (METHODS §3.3-3.5, same arguments and value), its groups as weights: no host
+    sync when num_tasks is given, and the modules of one shape in one batched pass. Checks its arguments."""
+    fns = {"kl": _kl, "mmd": _mmd}
+    if kind not in fns:
+        raise ValueError(f"alignment kind must be 'kl' or 'mmd', got {kind!r}")
+    if module_reduction not in ("mean", "sum"):
+        raise ValueError(f"module_reduction must be 'mean' or 'sum', got {module_reduction!r}")
+    if pair_reduction not in ("mean", "sum"):
+        raise ValueError(f"pair_reduction must be 'mean' or 'sum', got {pair_reduction!r}")
+    if not a_outputs:
+        raise ValueError("no A-outputs to align: run the forward inside adapter_context(model, collect=True) "
+                         "on a model with adapters applied")
+    zs = list(a_outputs.values())
+    for z in zs:
+        _check_batch(z, token_mask, task_ids)
+    device = zs[0].device
+    token_mask, onehot = token_mask.bool().to(device), _task_onehot(task_ids.to(device), num_tasks)
+    if onehot.shape[0] < 2:
+        return torch.zeros((), device=device)
+    # modules with A-outputs of one shape and dtype go in one go, as positions of one set of rows (instead of ~100
+    # small ops per module); the mean over positions is the mean over them
+    parts = [torch.stack(zs, 2)] if len({(z.shape, z.dtype) for z in zs}) == 1 else [z[:, :, None] for z in zs]
+    total = sum(fns[kind](_task_rows(z, token_mask, onehot, position_wise), pair_reduction=pair_reduction, **kw)
+                * z.shape[2] for z in parts)
+    return total / len(zs) if module_reduction == "mean" else total
