@@ -76,7 +76,7 @@ def ours_examples(task, fmt="lm-eval", source=SHARED):
     """nanoalign's examples of the same split, in the same order (BoolQ: the whole dev file, which prepare.py splits
     into our train and test)."""
     from functools import partial
-    from nanoalign import tasks as T
+    from nanoalign.plumbing import tasks as T
     name = TASKS[task][0]
     if name == "boolq":
         return T.parse_jsonl(T.task_dir(source, "boolq") / "dev.jsonl", partial(T.parse_boolq, fmt=fmt))

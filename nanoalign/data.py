@@ -289,7 +289,7 @@ LABEL = re.compile(r"\(?[A-Z]\)?|(?:solution|answer|option|ending)\s*\d+", re.IG
 
 def listed_options(prompt):
     """{label, lower-cased: text} of the options a label-format prompt lists on their own lines right before its
-    "Answer format:" line (nanoalign.tasks: "Solution1: use soap", "A: the sun"); {} for a prompt without them (the
+    "Answer format:" line (plumbing/tasks.py: "Solution1: use soap", "A: the sun"); {} for a prompt without them (the
     builtin tasks, BBH, GSM8K)."""
     lines = prompt.split("\n")
     ends = [i for i, line in enumerate(lines) if line.startswith("Answer format:")]

@@ -8,7 +8,7 @@ Three scorers (METHODS §5.1 for the first two):
   loglik    for tasks with a fixed option set: the option with the highest summed log-probability after the prompt
             wins, log p(option | prompt) = Σ_k log p(o_k | prompt, o_<k); prompt and option are tokenised apart, as
             train.py tokenises prompt and answer;
-  cloze     lm-evaluation-harness's multiple-choice convention, for the cloze format of nanoalign.tasks (the question
+  cloze     lm-evaluation-harness's multiple-choice convention, for the cloze format of plumbing/tasks.py (the question
             without the option list, each option's text as the continuation): context and continuation tokenised
             together, the continuation being the tokens after the context's own (the harness's `_encode_pair`);
             `acc` = argmax of the summed log-probs, `acc_norm` = argmax of the sum divided by the choice's length in

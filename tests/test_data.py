@@ -586,7 +586,7 @@ def test_extract_answer_takes_an_option_by_number_or_text(generated, gold, promp
 
 
 def test_listed_options_reads_the_option_lines_of_the_label_format():
-    """The option lines right before "Answer format:" in the label-format prompts of nanoalign.tasks; none for a
+    """The option lines right before "Answer format:" in the label-format prompts of nanoalign/plumbing/tasks.py; none for a
     prompt without them (builtin tasks list their options inline)."""
     assert listed_options(PIQA) == {"solution1": "use soap", "solution2": "use sand."}
     assert listed_options(ARC) == {"a": "the sun", "b": "Ice", "c": "A"}

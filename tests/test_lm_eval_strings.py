@@ -1,4 +1,4 @@
-"""The lm-eval format (nanoalign.tasks, fmt="lm-eval") against strings made by lm-evaluation-harness's own task code.
+"""The lm-eval format (nanoalign/plumbing/tasks.py, fmt="lm-eval") against strings made by lm-evaluation-harness's own task code.
 
 tests/fixtures/lm_eval_strings.json was written once by `benchmarks/lm_eval_compare.py strings` in a venv with lm-eval
 (version and command inside the file): lm-eval's task yamls, included unchanged and pointed at the original files of
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoalign import tasks as T
+from nanoalign.plumbing import tasks as T
 from nanoalign.data import choices_of
 
 from test_data import SHARED
