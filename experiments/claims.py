@@ -30,8 +30,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import RESULTS, ROOT, WORK, Grid, Method, Suite, write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `experiments` from a plain checkout
+from experiments.grid import RESULTS, ROOT, WORK, Grid, Method, Suite, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 

@@ -26,11 +26,11 @@ Writes <out>/03_head_similarity.json and, with matplotlib, 03_head_similarity.pn
 # %% [setup]
 import math
 
-from claim_grids import Grids, finish, head_cosine, markdown, name, parse_args, pm, seed_pairs, suite_text
+from common import claim_grids, finish, parse_args
 
+from experiments import paper
+from experiments.reports import head_cosine, markdown, name, pm, seed_pairs, suite_text
 from experiments.stats import mean_se
-
-import paper
 
 args = parse_args(__doc__, ["1-2"])
 LABELS = ["hydra", "hydra-norouter", "rlora", "mlora"]
@@ -92,7 +92,7 @@ mechanism_toy = toy_mechanism()
 # orthogonal). Zero heads have no direction (NaN), which only happens before training.
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("1-2")
 
 

@@ -29,10 +29,10 @@ Writes <out>/04_simplified_multi_head.json and, with matplotlib, 04_simplified_m
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, parse_args, suite_text, \
-    task_table
+from common import claim_grids, finish, parse_args
 
-import paper
+from experiments import paper
+from experiments.reports import accuracy_panels, accuracy_table, comparison_table, suite_text, task_table
 
 args = parse_args(__doc__, ["1-2"])
 LABELS = ["hydra", "hydra-norouter", "rlora", "mlora"]
@@ -46,7 +46,7 @@ LABELS = ["hydra", "hydra-norouter", "rlora", "mlora"]
 # seed and example by example.
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("1-2")
 
 # %% [markdown]

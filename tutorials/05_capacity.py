@@ -28,12 +28,12 @@ Writes <out>/05_capacity.json and, with matplotlib, 05_capacity.png.
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, markdown, name, parse_args, \
-    pm, suite_text, task_table, value_bars
+from common import claim_grids, finish, parse_args
 
+from experiments import paper
+from experiments.reports import accuracy_panels, accuracy_table, comparison_table, markdown, name, pm, suite_text, \
+    task_table, value_bars
 from experiments.stats import mean_se
-
-import paper
 
 args = parse_args(__doc__, ["3"])
 LABELS = ["lora-budget", "hydra", "rlora"]
@@ -90,7 +90,7 @@ mechanism_toy = toy_mechanism()
 # (shared A, 3 heads, router) on this model; the counts below should agree to within one rank step.
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("3")
 ranks = {k: rs[0]["options"]["rank"] for k, rs in c.runs.items() if rs}
 for k in LABELS:

@@ -35,10 +35,12 @@ Writes <out>/06_align.json and, with matplotlib, 06_align.png.
 """
 
 # %% [setup]
-from claim_grids import C, Grids, accuracy_panels, bar, accuracy_table, comparison_table, finish, interval, markdown, \
-    parse_args, pm, print_paired, probe_table, seed_pairs, sep_ratio, suite_text, task_table, value_bars
+from common import claim_grids, finish, parse_args
 
-import paper
+from experiments import claims as C
+from experiments import paper
+from experiments.reports import accuracy_panels, accuracy_table, bar, comparison_table, interval, markdown, pm, \
+    print_paired, probe_table, seed_pairs, sep_ratio, suite_text, task_table, value_bars
 
 args = parse_args(__doc__, ["4-5", "6"])
 LABELS = ["lora-r8", "a-lora-k", "a-lora-m"]
@@ -107,7 +109,7 @@ mechanism_toy = toy_mechanism()
 # base model's and the majority rate; a method not clearly above the base model does not test the claim.
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("4-5")
 T = len(c.tasks())
 print(f"λ = 0.1 in the paper's units is {C.lam(0.1, T):g} in ours ({T} tasks, {T * (T - 1) // 2} pairs)")

@@ -43,12 +43,12 @@ Writes <out>/08_rlora_ingredients.json and, with matplotlib, 08_rlora_ingredient
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, head_cosine, markdown, name, \
-    parse_args, pm, print_paired, seed_pairs, suite_text, task_table, value_bars
+from common import claim_grids, finish, parse_args
 
+from experiments import paper
+from experiments.reports import accuracy_panels, accuracy_table, comparison_table, head_cosine, markdown, name, pm, \
+    print_paired, seed_pairs, suite_text, task_table, value_bars
 from experiments.stats import mean_se
-
-import paper
 
 args = parse_args(__doc__, ["8"])
 LABELS = ["hydra-rs", "hydra+mt", "hydra+init", "rlora"]
@@ -117,7 +117,7 @@ mechanism_toy = toy_mechanism()
 # ## 1. Accuracy of the four rows, beside the base model and the majority label
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("8")
 print("\nsuite average accuracy, mean ± SE over seeds:\n")
 print(accuracy_table(c, LABELS))

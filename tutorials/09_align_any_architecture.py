@@ -26,8 +26,10 @@ Writes <out>/09_align_any_architecture.json and, with matplotlib, 09_align_any_a
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, name, parse_args, \
-    print_paired, probe_table, seed_pairs, sep_ratio, suite_text, task_table, value_bars
+from common import claim_grids, finish, parse_args
+
+from experiments.reports import accuracy_panels, accuracy_table, comparison_table, name, print_paired, probe_table, \
+    seed_pairs, sep_ratio, suite_text, task_table, value_bars
 
 args = parse_args(__doc__, ["9"])
 LABELS = ["rlora", "rlora+align", "mlora", "mlora+align"]
@@ -84,7 +86,7 @@ mechanism_toy = toy_mechanism()
 # The alignment loss adds no parameters: each pair of rows has the same trainable count.
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("9")
 print("\nsuite average accuracy, mean ± SE over seeds:\n")
 print(accuracy_table(c, LABELS))

@@ -42,12 +42,13 @@ Writes <out>/10_meta_lora.json and, with matplotlib, 10_meta_lora.png.
 
 # %% [setup]
 import numpy as np
-from claim_grids import C, Grids, accuracy_table, bar, comparison_items, comparison_table, diffs, finish, interval, \
-    markdown, name, parser, pm, suite_text, task_cell, task_table
+from common import claim_grids, finish, reader_parser
 
+from experiments import claims as C
+from experiments import paper
+from experiments.reports import accuracy_table, bar, comparison_items, comparison_table, diffs, interval, markdown, \
+    name, pm, suite_text, task_cell, task_table
 from experiments.stats import compare
-
-import paper
 
 SHOTS = sorted(C.SHOTS)  # 16, 64, 256 (the grid trains 64 first)
 FULL = "lora-r8"
@@ -124,8 +125,7 @@ def toy_mechanism():
     print(f"  pinned by {TESTS_10[0]}, ::{TESTS_10[1].rsplit('::')[1]}")
     return out
 
-
-args = parser(__doc__).parse_args()
+args = reader_parser(__doc__).parse_args()
 if args.full:
     full()
     raise SystemExit(0)
@@ -138,7 +138,7 @@ mechanism_toy = toy_mechanism()
 # predicts one answer for more than 90% of the test examples (k/n seeds).
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("10")
 print("\nevery method, mean ± SE over seeds:\n")
 print(accuracy_table(c))

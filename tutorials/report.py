@@ -18,14 +18,15 @@ import json
 import sys
 from pathlib import Path
 
-from claim_grids import C, Grids, head_cosine, interval, markdown, name, pm, seed_paired, sep_ratio, suite_text, \
-    task_table, verdict_text, vs_base_words
+from common import OUT, RESULTS, claim_grids
 
+from experiments import claims as C
+from experiments import paper
+from experiments.reports import head_cosine, interval, markdown, name, pm, seed_paired, sep_ratio, suite_text, \
+    task_table, verdict_text, vs_base_words
 from experiments.stats import TILT_FLAG, mean_se, tilt
 from nanoalign.plumbing.system import write_atomic
 
-import paper
-from common import OUT, RESULTS
 README = Path(__file__).resolve().parents[1] / "README.md"
 CLAIM_GRIDS = ("1-2", "3", "4-5", "6", "8", "9", "10")
 HEADER = ["claim (tutorial)", "paper (METHODS §6)", "ours: mean ± SE over seeds",
@@ -348,7 +349,7 @@ def main(argv=None):
     p.add_argument("--readme", nargs="?", const=str(README), default=None, metavar="PATH",
                    help=f"also write the table into PATH (default {README.name}) between its report markers")
     args = p.parse_args(argv)
-    text, _ = render(Grids(tiny=args.tiny, stream=sys.stderr), args.results)
+    text, _ = render(claim_grids(args.tiny, stream=sys.stderr), args.results)
     print(text, end="")
     if args.readme:
         path = Path(args.readme)
