@@ -228,8 +228,7 @@ def bar(se):
 
 
 def interval(x, digits=2):
-    """'+0.78 [−0.40, +1.90]' of a comparison, with its seed-level t interval where it has one beside the
-    bootstrap's: '+0.78 [−0.40, +1.90] t [−0.55, +2.11]' (or '+0.780 (no interval)')."""
+    """'+0.78 [−0.40, +1.90] t [−0.55, +2.11]' (bootstrap, then the t interval where there is one)."""
     if x.get("low") is None:
         return f"{x['diff']:+.{digits}f} (no interval)"
     t = f" t [{x['t_low']:+.{digits}f}, {x['t_high']:+.{digits}f}]" if x.get("t_low") is not None else ""
@@ -249,8 +248,7 @@ def markdown(header, rows):
 
 
 def accuracy_table(c: Claim, labels=None):
-    """Per method: seeds, suite average mean ± SE over seeds, the paired difference with the base model (95%) and
-    whether it is above it, trainable parameters, tasks collapsed in some seed; the base and majority rows first."""
+    """Per method: seeds, suite average, − base (95%), trainable, collapses, tilts; base and majority rows first."""
     maj = c.majority()
     rows = []
     if c.report["base"]:
@@ -311,10 +309,8 @@ def task_cell(s):
 
 
 def task_table(c: Claim, labels, paper_cells=None, column_of=None):
-    """In the shape of the paper's Table 1: one row per method, one column per task of our suite (mean ± SE over
-    seeds, "(c k/n)": collapsed in k of n seeds), the average and the trainable share; where a task is one of the
-    paper's columns (`column_of`), the paper's cell beside ours ("ours / paper"). The base model and the majority
-    rate first."""
+    """The paper's Table 1 shape: per method, per task mean ± SE ("(c k/n)": collapsed in k of n seeds), average and
+    trainable share, with the paper's cell as "ours / paper" where a task is one of its columns (`column_of`)."""
     tasks, maj = c.tasks(), c.majority()
     paper_cells, column_of = paper_cells or {}, column_of or {}
     head = ["method", *[t + (f" / {column_of[t]}" if t in column_of else "") for t in tasks], "average",
@@ -374,8 +370,7 @@ def suite_text(c: Claim):
 # ----------------------------------------------------------------------------------------------- plots
 
 def bars(ax, c: Claim, labels, title=""):
-    """Suite average per method: bar = mean over seeds, error bar = ± SE, dots = the seeds; the base model (dashed)
-    and the majority rate (dotted) as lines."""
+    """Suite average per method (bar: mean, error bar: SE, dots: seeds); base model dashed, majority dotted."""
     labels = [k for k in labels if c.row(k)]
     mean = [c.row(k)["average"] for k in labels]
     ax.bar(range(len(labels)), mean, yerr=[bar(c.row(k)["se"]) for k in labels], color="lightsteelblue", capsize=4)
@@ -402,8 +397,7 @@ def comparison_items(c: Claim):
 
 
 def diffs(ax, items, title="paired differences, 95% CI"):
-    """Horizontal interval per difference ([low, high] with the point estimate), the paper's difference as a red x
-    where it gives one, and zero as a line. items: [(text, comparison dict, paper diff or None)]."""
+    """One horizontal interval per (text, comparison, paper's difference or None); the paper's as a red x."""
     labelled = False
     for i, (text, x, pd) in enumerate(items):
         if x.get("low") is not None:

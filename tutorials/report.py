@@ -2,11 +2,9 @@
 experiments/claims.py (no number typed by hand), plus the per-task tables of claims 1 and 4 in the shape of the
 paper's Table 1.
 
-Each row: the paper's numbers (METHODS §6), ours — mean ± SE over seeds of the suite average per method, beside
-the base model and the majority rate —, the paired differences with their 95% interval (bootstrap over seed and
-example; for per-run analyses a t interval over seeds), the verdict, and the suite, budget and seed count. A claim
-whose grid has no runs yet gets a row saying "not measured yet" and the command that trains it. Claim 7 (merging
-and cost) and claim 2's mechanism come from tutorials 07 and 02, which measure them exactly in minutes.
+Each row: the paper's numbers (METHODS §6), ours (mean ± SE over seeds), the paired differences with their 95%
+intervals, the verdict, the budget and seeds; an unmeasured claim names the command that trains it. Claim 7 and
+claim 2's mechanism come from tutorials 07 and 02, which measure them exactly.
 
     python tutorials/report.py            # reads the cached grids (no prepared data needed), prints markdown only
     python tutorials/report.py --readme   # ... and writes it into README.md between its two report markers
