@@ -5,25 +5,14 @@
     python benchmarks/train_speed.py --suite gpu --out benchmarks/RESULTS-gpu.md    # all GPU rows (or gpu-0.5b/-7b)
     python benchmarks/train_speed.py --suite gpu --dry-run    # the same rows on a tiny config, CPU, seconds
 
-GPU rows of RESULTS.md (--suite gpu): qwen2.5-0.5b at seq 1024 (batch 8) and qwen2.5-7b at seq 4096 (batch 2),
-random weights, with and without --grad-ckpt, adapters lora / hydra / mlora / align (bf16 frozen base, fp32 adapters
-and AdamW state, bf16 autocast, fused AdamW).
-
-Each (implementation, adapter) runs in its own subprocess, so peak memory (RSS on CPU, max_memory_allocated after
-the warm-up steps on CUDA) belongs to that run alone; the runs alternate nanoalign / HF and repeat `--repeats`
-times, and the table reports medians (--dry-run runs everything in this process: it checks the script, it measures
-nothing). A step is forward + backward + AdamW over adapter parameters, on a batch with no padding whose last
-`--answer` tokens of each row carry labels (prompt tokens are masked, as in multi-task SFT). nanoalign takes the
-trainer's sync-free path: logits only at labelled positions, chosen by flat indices computed on the host, and the
-padding decided on the host (right_padded=True). HF computes the full logits, as `model(..., labels=...)` does: that
-is what a PEFT user gets, and part of what is measured. Both: same weights and dtype, dropout 0, the same labelled
-tokens, and for `align` the same loss function (on hooked lora_A outputs for HF, as the Align-LoRA code does);
-`align-mmd` is nanoalign's align step with the MMD loss (A-LoRA-M) instead of KL. A run that fails with
-out-of-memory is reported as OOM. The second table checks the issue's targets (the 3-head and alignment rows
-compare nanoalign with its own plain LoRA).
-
-MFU (CUDA only) uses nanoalign.plumbing.system's FLOPs convention and peak table: the FLOPs each implementation's step asks
-for, so HF's full logits count as done and nanoalign's labelled-position logits as done.
+Each (implementation, adapter) runs in its own subprocess, so its peak memory is its own (RSS on CPU,
+max_memory_allocated after warm-up on CUDA); runs alternate nanoalign / HF, repeat `--repeats` times and report
+medians. A step is forward + backward + AdamW over the adapter on an unpadded batch whose last `--answer` tokens per
+row carry labels. nanoalign takes the trainer's sync-free path (logits only at labelled positions, indices and
+padding decided on the host); HF computes full logits, as `model(..., labels=...)` does: what a PEFT user gets. Both
+use the same weights, dtype, labelled tokens and, for `align`, the same loss (on hooked lora_A outputs for HF, as
+the Align-LoRA code does); `align-mmd` is A-LoRA-M. MFU (CUDA only) counts the FLOPs each step asks for
+(nanoalign.plumbing.system), so HF's full logits count as done.
 """
 
 import argparse

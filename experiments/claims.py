@@ -6,19 +6,15 @@
     python experiments/claims.py report              # the claim table (markdown) from the cached runs, in seconds
     python experiments/claims.py recheck --only 4-5 --seeds 0 --methods lora-r8   # retrain a cached run, compare
 
-Every claim is a grid (experiments/grid.py) on the same suite, budget and test set, with the same seeds for every
-method, so methods are compared seed by seed and example by example (nanoalign/stats.py: paired difference over
-seeds ± SE and a paired bootstrap over (seed, example), 95% interval). Runs shared between claims (HydraLoRA,
-R-LoRA, M-LoRA, LoRA r=8, A-LoRA-K) are trained once. Each method uses the paper's configuration scaled to this model:
-rank 4 with 3 heads on gate/up/down for the multi-head family (Align-LoRA Table 1), rank 8 for Align-LoRA, and the
-LoRA rank that matches HydraLoRA's parameter budget (`rank_for_budget`) for claim 3. Claim 10 (MeTA-LoRA) trains
-LoRA r=8 on K examples per task, with MeTA-LoRA's episodes and with the standard trainer (`meta_methods`).
-Grid 10-alpha is its one sensitivity check: MeTA-LoRA's inner learning rate α at K = 16.
+Every claim is a grid (experiments/grid.py) on one suite, budget and test set with the same seeds for every method,
+compared seed by seed and example by example (experiments/stats.py); runs shared between claims are trained once.
+Methods use the paper's configurations scaled to this model: rank 4 x 3 heads on gate/up/down for the multi-head
+family (Align-LoRA Table 1), rank 8 for Align-LoRA, HydraLoRA's budget for claim 3's LoRA; claim 10 (MeTA-LoRA)
+trains LoRA r=8 on K examples per task with both trainers, and grid 10-alpha varies its inner learning rate.
 
-Fairness checks. Claims 1, 2 and 8 carry control rows (heads averaged instead of summed; R-LoRA's released-code
-init). Grid "lr" trains each method of LR_METHODS at each learning rate of LRS (3 seeds) on DEV_SUITE, which also
-scores every run on the dev split; `chosen_lrs` picks each method's learning rate there, and the claims "1-2@own"
-and "4-5@own" re-run claims 1, 2, 4 and 5 with every method at its own (a row appears once its lr is chosen):
+Fairness checks: claims 1, 2 and 8 carry control rows (heads averaged instead of summed; R-LoRA's released-code
+init). Grid "lr" trains LR_METHODS at each of LRS on DEV_SUITE (scored on dev too); `chosen_lrs` picks each method's
+lr there, and "1-2@own" / "4-5@own" rerun claims 1, 2, 4 and 5 at those (a row appears once its lr is chosen):
 
     python experiments/claims.py run --only lr               # 72 runs, then
     python experiments/claims.py run --only 1-2@own,4-5@own
@@ -30,19 +26,16 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import RESULTS, ROOT, WORK, Grid, Method, Suite, write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `experiments` from a plain checkout
+from experiments.grid import RESULTS, ROOT, WORK, Grid, Method, Suite, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from experiments.stats import TILT_FLAG, auroc, compare, compare_threshold_free, describe, mean_se, tilt  # noqa: E402
 
-# The small-scale suite and budget, from experiments/screening.md (see the README's "What the tutorials show").
-# The screening (experiments/screening.md) found four task/format pairs that a plain LoRA lifts by >= 5 points above
-# both the base model and the majority rate without collapsing: SST-2 (label and cloze), ARC-Easy, SIQA (cloze). One
-# suite has one format, so the suite is the three cloze tasks, at the screened budget (200 steps, 2 examples per task
-# per step, lr 1e-3), scored the lm-evaluation-harness way on 500 test examples per task. Cloze answers are short
-# here (longest 155 tokens), so seq_len 256 truncates nothing.
+# The screening (experiments/screening.md) found the tasks a plain LoRA lifts >= 5 points above both the base model
+# and the majority rate without collapsing; one suite has one format, so: its three cloze tasks at the screened
+# budget, scored the lm-evaluation-harness way. Cloze answers here are <= 155 tokens, so seq_len 256 cuts nothing.
 SUITE = Suite(tasks=("sst2", "arc-easy", "siqa"), fmt="cloze", mode="cloze", steps=200, batch_per_task=2, lr=1e-3,
               warmup=20, seq_len=256, test_per_task=500)
 SEEDS = [0, 1, 2, 3, 4]
@@ -118,28 +111,17 @@ ALPHA_ROWS = [*(f"meta-k16-a{a}" for a in META_ALPHAS if a < 0.03), "meta-k16",
 
 
 def meta_methods(lora):
-    """Claim 10's methods: for each K in SHOTS, MeTA-LoRA and the standard trainer on the same K examples per task
-    (`--shots K`: the same pools for both, nested over K, train.py / nanoalign.meta.limit_shots), each with `lora`,
-    the options of `lora-r8` (rank 8, α 32, dropout 0.1, gate/up/down), at the suite's steps and lr; `lora-r8` itself
-    is the full-data row, shared with claims 4-6. (On SUITE the full-data LoRA sees 200 steps x 2 = 400 examples per
-    task, not the whole split, so K = 256 is nearly "all the data" at this budget; K = 16 and 64 are where a gap can
-    open.)
-
-    Episode sizes (the open choices of METHODS §2.9; the rest are MetaConfig's defaults: k = 1 inner SGD step of
-    α = 0.03, mean over tasks, first order, n = min(4, 3) = 3, so every episode holds every task, as every standard
-    batch does): support 2 + query 2 examples per task. The outer step's gradient is then taken on 2 query examples
-    per task, the same as the standard trainer's 2 per task per step (SUITE.batch_per_task), so AdamW sees gradients
-    of the same batch size, and support + query = 4 fit even K = 16 (disjoint, as MetaSampler requires). The price is
-    compute: each step also runs the inner step on 2 support examples per task, about twice the standard trainer's
-    forward-backward tokens at the same number of steps (1 + 1 would match the tokens, but adapt on one example and
-    halve the outer batch)."""
+    """Claim 10's methods (METHODS §2.9): for each K in SHOTS, MeTA-LoRA and the standard trainer on the same K
+    examples per task (`--shots K`: nested pools, nanoalign.meta.limit_shots), both with `lora` (lora-r8's options);
+    lora-r8 itself is the full-data row. Episodes take support 2 + query 2 examples per task (the rest MetaConfig's
+    defaults: k = 1, α = 0.03, first order, every task in every episode), so the outer gradient sees the standard
+    trainer's 2 per task per step and 4 disjoint examples fit K = 16; the inner step about doubles the compute."""
     meta = {"trainer": "meta", "meta_support": 2, "meta_query": 2}
     m = {}
     for k in SHOTS:
         m[f"meta-k{k}"] = Method({**lora, **meta, "shots": k})
         m[f"lora-k{k}"] = Method({**lora, "shots": k})
-    # α / 3, 3α and 10α of the default 0.03 (MetaConfig: one step at 0.1 cuts a support loss by 73-85%, at 0.3 it
-    # overshot on one builtin task); 0.3 was added when 0.1 came out above the default
+    # α/3, 3α and 10α of the default 0.03 (MetaConfig)
     for a in META_ALPHAS:
         m[f"meta-k16-a{a}"] = Method({**lora, **meta, "shots": 16, "meta_inner_lr": a})
     return m

@@ -5,26 +5,18 @@ A grid is a `Suite` (model, tasks, prompt format, training budget, test set, sco
 order only: the training pool and the test set are the same for every seed and every method, so two methods can
 be compared seed by seed and example by example (experiments.stats).
 
-Every run is one call of train.py's loop (`launch.train`, no evaluation inside), then one evaluation of the trained
-adapter on the grid's test set (merged where the adapter is mergeable, so at base-model speed) and the analyses the
-grid asks for (inter-head similarity, ΔW spectra, the A-output separation probe). Its result — config, commit,
-machine, wall time, per-task diagnostics (accuracy, SE, majority rate, prediction histogram, collapse flag),
-per-example predictions, a training-curve summary, the analyses — is one JSON file named by a hash of everything
-that determines it (the train.py options, the suite, the data's contents), written atomically:
+Every run is one call of train.py's loop (`launch.train`, no evaluation inside), then one evaluation of the trained adapter on the test
+set (merged where mergeable) and the grid's analyses (head similarity, ΔW spectra, separation probe). Its result
+(config, commit, machine, times, per-task diagnostics, per-example predictions, curve summary, analyses) is one JSON
+file, experiments/results/runs/<key>.json, written atomically and named by a hash of all that determines it (the
+train.py options, the suite, the data's contents). So a killed grid continues where it stopped (a run killed in
+training resumes from its checkpoint in experiments/work/<key>/, bitwise on CPU), a run shared by two grids is
+trained once, and a finished grid re-renders without training. The base model is evaluated once per suite.
 
-    experiments/results/runs/<key>.json
-
-so a grid killed at any point continues where it stopped, in another process or session (a run killed during
-training resumes from its last checkpoint in experiments/work/<key>/, bitwise on CPU); a run shared by two grids
-(the same method, seed and suite) is trained once; and a finished grid re-renders its tables without training.
-The untrained base model is evaluated once per suite the same way.
-
-Reading needs no data: where the suite's prepared files are missing (a fresh clone), a run is found by what it was
-(`run_id`: the suite, the train.py fields of its key and the seed, all stored in its JSON) instead of by its key.
-Each result also stores its data fingerprints, so that runs of one grid trained on different data are never mixed.
-A damaged result file (cut short, empty, fields missing or of the wrong type) is moved to runs/damaged/ with one
-line naming it, and counts as missing, so `run` trains it again. Several drivers may run one grid at once: each run
-is claimed by one of them through a lock file (`claim`), and the others skip it.
+Reading needs no data: without the prepared files (a fresh clone) a run is found by what it was (`run_id`) instead
+of its key; stored data fingerprints keep runs on different data apart. A damaged result file is moved to
+runs/damaged/ with one line naming it and counts as missing. Several drivers may run one grid: each run is claimed
+through a lock file (`claim`), and the others skip it.
 """
 
 import copy
@@ -247,9 +239,8 @@ def alive(pid: int) -> bool:
 
 
 def claim(lock: Path):
-    """Claim a run for this process: create `lock` atomically (O_CREAT|O_EXCL) holding "pid host". Returns None
-    when this process holds it now, else who does ("pid host"). A lock left by a process of this host that is gone
-    is taken over with a note; one from another host is respected (delete it by hand if that driver is gone)."""
+    """Create `lock` atomically holding "pid host": None when this process holds it now, else who does. A gone
+    process's lock on this host is taken over with a note; another host's is respected."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     host = platform.node()
     for _ in range(2):
@@ -277,8 +268,7 @@ _INDEX = {}
 
 
 def machine() -> dict:
-    """Where and when a number was measured (timings on a shared machine need this next to them); the tutorials
-    record it too (tutorials/common.py)."""
+    """Where and when a number was measured (timings on a shared machine need it); the tutorials record it too."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
@@ -346,10 +336,8 @@ def analyse(model, tok, names, data: Data, suite: Suite, analyses):
 
 
 def compare_runs(old, new):
-    """Two results of the same run key (e.g. the cache and a retraining on another machine): suite averages, and
-    per task the accuracies, how many per-example predictions agree and the largest score difference. On one
-    machine a rerun is bitwise equal (agree = n, score difference 0); across CPUs or thread counts fp32 round-off
-    may flip a few near-tied examples."""
+    """Two results of one run key (the cache and a retraining): averages and, per task, accuracies, agreeing
+    predictions and the largest score difference (0 on one machine; fp32 round-off elsewhere)."""
     if old["key"] != new["key"]:
         raise ValueError(f"different runs: keys {old['key']} and {new['key']}")
     tasks = {}
@@ -401,9 +389,8 @@ class Grid:
         return self.runs_dir / f"base-{base_key(self.suite, self.data)}.json"
 
     def load(self, path: Path):
-        """The result in `path`, or None where there is none. A damaged file (not JSON, cut short, empty, fields
-        missing or of the wrong type, another key) is moved to runs/damaged/<name>.<time> with one line naming it:
-        it then counts as missing, so `run` trains it again."""
+        """The result in `path`, or None. A damaged file (`problem`, or not JSON) is moved to
+        runs/damaged/<name>.<time> with one line naming it, and counts as missing."""
         try:
             r = json.loads(path.read_text())
         except FileNotFoundError:
@@ -426,8 +413,8 @@ class Grid:
         return None
 
     def index(self):
-        """{result_id: path} over the runs directory, for finding runs without the data. Where two files have one
-        id (the same run on different data: two keys) the id is left out with a note, as only the data can pick."""
+        """{result_id: path} over the runs directory (finding runs without the data); an id held by two files
+        (one run on different data) is left out with a note."""
         files = sorted(self.runs_dir.glob("*.json"))
         stamp = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.exists()]
         if _INDEX.get(self.runs_dir, (None,))[0] != stamp:
@@ -567,9 +554,8 @@ class Grid:
         return out
 
     def recheck(self, label, seed, scratch: Path):
-        """Train one cached run again from scratch into `scratch` (its own results and work dirs, resuming there)
-        and compare it with the cache (`compare_runs`): does this machine, this commit, reproduce that number?
-        The cache itself is not touched. label "base" re-scores the untrained base model instead."""
+        """Train one cached run again into `scratch` and compare it with the untouched cache (`compare_runs`);
+        label "base" re-scores the base model."""
         other = Grid(self.name, self.suite, self.methods, self.seeds, results_dir=Path(scratch) / "results",
                      work_dir=Path(scratch) / "work")
         if label == "base":
@@ -599,9 +585,8 @@ class Grid:
             lock.unlink(missing_ok=True)
 
     def run(self, limit=None):
-        """Train and evaluate what is missing, seed by seed (so a partial grid has every method on its first
-        seeds), printing one line per finished run with the time left at the mean time per run so far. A run that
-        another driver is training is skipped, and listed at the end."""
+        """Train and evaluate what is missing, seed by seed (a partial grid has every method on its first seeds),
+        one line per run with an ETA; runs another driver holds are skipped and listed at the end."""
         self.busy = []
         self.claimed("base", None, self.run_base)
         todo = self.missing()[:limit]

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import RESULTS, ROOT, Grid, Method, Suite, write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `experiments` from a plain checkout
+from experiments.grid import RESULTS, ROOT, Grid, Method, Suite, write_json  # noqa: E402
 
 from experiments.stats import paired_bootstrap  # noqa: E402
 

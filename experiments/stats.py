@@ -1,35 +1,22 @@
 """Paired statistics: is method A better than method B, beyond the noise of seeds and of the test set?
 
-Two methods are compared on the same seeds (each seed fixes init, dropout and data order for both) and on the same
-test examples, so their difference is measured pair by pair:
+Both methods run on the same seeds (init, dropout, data order) and test examples, so differences are paired:
 
-  seed-level   d_s = avg_A(s) − avg_B(s) for each seed s; mean over seeds ± its standard error sd(d)/√n. It sees the
-               seed noise only (the test set is the same for every run).
-  bootstrap    the paired bootstrap over (seed, example): each replicate draws seeds with replacement (the same draw for
-               A and B and for every task) and, for each task, test examples with replacement (the same draw for A and
-               B), then recomputes the suite-average difference; the 2.5% and 97.5% quantiles of the replicates are
-               the 95% interval. It sees both noises, so it is the interval a claim is judged by.
+  seed-level   d_s = avg_A(s) − avg_B(s) per seed: mean ± sd(d)/√n; sees the seed noise only.
+  bootstrap    the paired bootstrap over (seed, example): each replicate draws seeds, then each task's examples,
+               with replacement (one draw for A and B) and recomputes the suite-average difference; its 2.5% and
+               97.5% quantiles are the 95% interval. It sees both noises.
+  seed t       mean(d) ± t_{0.975, S−1} · sd(d)/√S: the seed is the unit of replication.
 
-The suite average is the unweighted mean over tasks of each task's accuracy (averaged over seeds), as the paper
-reports it. Accuracies are fractions in [0, 1] here; multiply by 100 for points.
+The suite average is the unweighted mean over tasks (accuracies in [0, 1] here, ×100 for points). An interval's
+verdict for the claimed sign: "reproduced" (above 0), "contradicted" (below), "same direction" / "opposite, not
+resolved" (contains 0), "no difference" (identical predictions); a comparison is resolved only when both intervals
+exclude 0 on one side, "borderline" when one does (`combined_verdict`).
 
-  seed t       the seed-level paired t interval: mean(d) ± t_{0.975, S−1} · sd(d)/√S. The seed is the unit of
-               replication; with few seeds and large seed noise the bootstrap is narrower than this, with small seed
-               noise it can be wider (it also resamples the test set).
-
-Verdict for a claimed sign (the paper says A > B), from one interval: "reproduced" (above 0), "contradicted" (below
-0), "same direction, not resolved" / "opposite, not resolved" (it contains 0), "no difference" (A and B made the
-same predictions). A comparison's verdict needs both intervals: "reproduced" or "contradicted" only when both
-exclude 0 on the same side, "borderline" when one does and the other does not (`combined_verdict`).
-
-Two diagnostics of a classifier that a small model needs (its accuracy can move by tilting a threshold):
-  tilt         per task, the largest |predicted share − gold share| over the labels (0: the predicted label
-               histogram equals the gold one); past TILT_FLAG a task's accuracy is mostly its threshold.
-  AUROC        for a two-option task, P(margin of a random positive > margin of a random negative), ties ½, with
-               margin = score(option 1) − score(option 0): threshold-free, so a shift of every margin leaves it
-               unchanged. `compare_threshold_free` compares suites scored with it on two-option tasks.
+Threshold diagnostics (a small model's accuracy can move by tilting a threshold): `tilt`, the largest |predicted
+share − gold share| over a task's labels (flagged past TILT_FLAG), and AUROC of a two-option task's margin
+score(option 1) − score(option 0), which no shift of the margins changes (`compare_threshold_free`).
 """
-
 import math
 
 import numpy as np

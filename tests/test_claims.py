@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT))
-import claims as C  # noqa: E402
-import grid as G  # noqa: E402
+from experiments import claims as C  # noqa: E402
+from experiments import grid as G  # noqa: E402
 
 from nanoalign.model import ModelConfig  # noqa: E402
 from experiments.stats import VERDICTS  # noqa: E402

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT))
-import grid as G  # noqa: E402
+from experiments import grid as G  # noqa: E402
 
 TASKS = ("alphabet-first", "colour-review")
 

@@ -28,7 +28,7 @@ HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 MERGEABLE = {"lora": True, "align": True, "hydra": False, "hydra-norouter": True, "rlora": False, "mlora": True,
              "mtl": False, "multilora": True}  # METHODS §2 "Mergeable" lines and §7 claim 7
 # nanoalign/stats.py's verdicts, claims 3 and 10's equivalence verdicts (experiments/claims.py equivalence_verdict),
-# and the per-run analyses' one-seed case (tutorials/claim_grids.py seed_paired)
+# and the per-run analyses' one-seed case (experiments/reports.py seed_paired)
 VERDICTS = {*STATS_VERDICTS, "equivalent within ±1 point", "not worse (interval above −1)", "not resolved", "worse",
             "below (interval under 0)", "one seed: no interval"}
 
@@ -364,14 +364,15 @@ def test_reader_full_prints_the_papers_setting(tmp_path):
 
 @pytest.fixture
 def reader():
-    """tutorials/claim_grids.py, imported as the tutorials import it."""
+    """experiments/reports.py, the claim readers' library (tutorials/common.py on the path, as the tutorials have)."""
     sys.path.insert(0, str(TUTORIALS))
-    import claim_grids
-    return claim_grids
+    from experiments import reports
+    return reports
 
 
 def tiny_where(cg, tmp_path):
-    return {"suite": cg.tiny_suite(tmp_path), "seeds": [0, 1], "results_dir": tmp_path / "res",
+    import common
+    return {"suite": common.tiny_suite(tmp_path), "seeds": [0, 1], "results_dir": tmp_path / "res",
             "work_dir": tmp_path / "work", "controls": False}
 
 
@@ -549,7 +550,7 @@ def test_tutorials_write_out_unless_asked_to_update(reader, tmp_path, monkeypatc
     results)."""
     import argparse
     import common
-    for p in (common.parser("doc"), reader.parser("doc")):
+    for p in (common.parser("doc"), common.reader_parser("doc")):
         assert p.parse_args([]).out == common.OUT and not p.parse_args([]).update
         assert p.parse_args(["--tiny"]).out == common.TINY_OUT
         assert p.parse_args(["--update"]).out == common.RESULTS and p.parse_args(["--update"]).update

@@ -6,31 +6,20 @@ plots over layers: high for all three, highest for M-LoRA (median above ~0.85). 
 HydraLoRA gives per-module means ≈0.80 (down), ≈0.78 (up), ≈0.76 (gate). If the heads are alike, the router has
 nothing to choose between: Σ_i ω_i(x) B_i ≈ (Σ_i ω_i(x) c_i) B — a single LoRA with an input-dependent scalar.
 
-This tutorial trains nothing. It reads the head analysis of the runs of grid "1-2" (experiments/claims.py; the
-same runs tutorial 04 scores): for every trained multi-head adapter, per (layer, module type), the mean pairwise
-cosine of its flattened heads B_i (experiments.analysis.head_cosine_similarity, checked by
-tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop), computed by experiments/grid.py right
-after training, before the adapter is merged for scoring.
-
-    python tutorials/03_head_similarity.py          # read the cached grid: tables and plots in seconds
-    python tutorials/03_head_similarity.py --rerun  # train what the cache lacks first (hours on a CPU)
-    python tutorials/03_head_similarity.py --tiny   # smoke test: a tiny grid in a temp dir, trained + rendered
-    python tutorials/03_head_similarity.py --full   # the paper's setting and how to run it on a GPU box
-
-Section 0 runs first, in seconds (every mode but --full): a few optimizer steps of a toy (the tiny random Llama),
-where zero-init and random-init heads start and where they go.
-
-Writes <out>/03_head_similarity.json and, with matplotlib, 03_head_similarity.png.
+After a toy of seconds (section 0), this tutorial reads the head analysis of grid "1-2" (experiments/claims.py; the
+runs tutorial 04 scores): per trained multi-head adapter and (layer, module type), the mean pairwise cosine of its
+flattened heads B_i (experiments.analysis.head_cosine_similarity, tests/test_analysis.py), taken before the adapter
+is merged for scoring. Its modes are the claim readers' (tutorials/common.py).
 """
 
 # %% [setup]
 import math
 
-from claim_grids import Grids, finish, head_cosine, markdown, name, parse_args, pm, seed_pairs, suite_text
+from common import claim_grids, finish, parse_args
 
+from experiments import paper
+from experiments.reports import head_cosine, markdown, name, pm, seed_pairs, suite_text
 from experiments.stats import mean_se
-
-import paper
 
 args = parse_args(__doc__, ["1-2"])
 LABELS = ["hydra", "hydra-norouter", "rlora", "mlora"]
@@ -55,12 +44,8 @@ TESTS_03 = ["tests/test_adapters.py::test_hydra_without_router_keeps_identical_h
 
 
 def toy_mechanism(steps=5):
-    """Mean inter-head cosine of B (head_cosine_similarity, mean over the 6 adapted modules; None while the heads are
-    zero) at steps 0..`steps` of AdamW on the tiny random Llama (rank 4, 3 heads, gate/up/down, 3 builtin tasks x 2
-    examples per step), for HydraLoRA, HydraLoRA w/o Router and R-LoRA from the same seed. Pinned by
-    tests/test_adapters.py::test_hydra_without_router_keeps_identical_heads,
-    ::test_random_init_heads_differ_and_compensation and
-    tests/test_analysis.py::test_zero_init_heads_become_alike_random_init_heads_stay_apart."""
+    """Mean inter-head cosine of B over the 6 adapted modules (None while the heads are zero) at steps 0..`steps` of
+    AdamW on the toy, for HydraLoRA, HydraLoRA w/o Router and R-LoRA from the same seed (pinned by TESTS_03)."""
     def mean_cos(model):
         v = list(head_cosine_similarity(model).values())
         return None if any(math.isnan(x) for x in v) else sum(v) / len(v)
@@ -92,7 +77,7 @@ mechanism_toy = toy_mechanism()
 # orthogonal). Zero heads have no direction (NaN), which only happens before training.
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("1-2")
 
 
@@ -132,15 +117,11 @@ for k in LABELS:
     rows.append([name(k), str(len(runs)), pm(*s["all"], 3), *[pm(*s[m], 3) for m in MODULES], ref])
 print("\nmean inter-head cosine of B (mean over layers; ± SE over seeds):\n")
 print(markdown(["method", "seeds", "all modules", *MODULES, "paper"], rows))
-# Printed above, from the cache: the mean inter-head cosine of B per method, over seeds and per module type.
-# Read its ordering against the paper's (M-LoRA's heads the most alike).
 
 # %% [markdown]
 # ## 3. The claimed ordering, paired over seeds
-# Claim 1 says M-LoRA's heads are the most alike. Head cosine is one number per run, so the paired difference is
-# taken seed by seed (the same seed trains both methods on the same data order), with a t interval over seeds
-# (95%) and the verdict in the words of nanoalign/stats.py. With few seeds the interval is wide: a verdict of
-# "not resolved" then says the grid has too few seeds, not that the methods are equal.
+# Claim 1 says M-LoRA's heads are the most alike. Head cosine is one number per run, so the difference is paired
+# seed by seed with a t interval (95%); with few seeds "not resolved" says too few seeds, not "equal".
 
 # %%
 ordering = seed_pairs(c, [("mlora", "rlora"), ("mlora", "hydra")], head_cosine, True)
@@ -149,18 +130,14 @@ print(markdown(["difference", "mean [95% CI]", "seeds", "verdict"], [
     [f"{name(x['a'])} − {name(x['b'])}", f"{x['diff']:+.3f}" + (f" [{x['low']:+.3f}, {x['high']:+.3f}]"
                                                                   if x["low"] is not None else ""),
      str(x["seeds"]), x["verdict"]] for x in ordering]) if ordering else "(not measured yet)")
-# What can explain a contradiction at this budget: HydraLoRA's heads start at B_i = 0 and receive the same
-# gradient up to the router's weights, so training makes them near-copies; R-LoRA's and M-LoRA's heads start from
-# independent random B_i, and a short run at lr 1e-3 moves them too little to forget that start (section 0 shows
-# both on a toy). The released code's init is much smaller than the paper formula's: the "code init" control rows
-# start the heads near zero. The paper measures after full fine-tuning of 3-7B models.
+# Why it can come out the other way at this budget: HydraLoRA's zero-init heads get the same gradient up to the
+# router's weights and become near-copies; R-LoRA's and M-LoRA's random heads move too little in a short run at lr
+# 1e-3 to forget their start (section 0). The "code init" control rows start them near zero instead.
 
 # %% [markdown]
 # ## 4. Claim 2's mechanism, exactly
-# HydraLoRA w/o Router starts with zero heads and gives each the same gradient (no router to tell them apart, one
-# dropout mask on x), so its heads stay bit-identical: cosine 1 in every layer, and the adapter equals one rank-4
-# LoRA (tests/test_adapters.py::test_hydra_without_router_keeps_identical_heads). The grid's runs show it after the
-# whole budget.
+# HydraLoRA w/o Router gives its zero heads the same gradient (no router, one dropout mask on x), so they stay
+# bit-identical: cosine 1 in every layer, one rank-4 LoRA (tests/test_adapters.py, TESTS_03[0]), after the budget.
 
 # %%
 norouter = [v for r in c.runs.get("hydra-norouter") or [] for v in r["analysis"]["head_cosine_per_layer"].values()]

@@ -11,53 +11,37 @@ The paper reads this as the "multi-head paradox": removing the router (the part 
 hurt, and the heads end up alike anyway (tutorial 03). Claim 1: M-LoRA ≥ R-LoRA and ≥ HydraLoRA. Claim 2:
 HydraLoRA w/o Router is no better than HydraLoRA.
 
-This tutorial trains nothing. It reads the grid "1-2" of experiments/claims.py — the four methods at the paper's
-configuration (rank 4, 3 heads, gate/up/down), the same seeds, budget and test set for all, trained once by
-`python experiments/claims.py run` and cached in experiments/results/runs/ — and renders it:
-
-    python tutorials/04_simplified_multi_head.py          # read the cached grid: tables and plot in seconds
-    python tutorials/04_simplified_multi_head.py --rerun  # train what the cache lacks first (hours on a CPU)
-    python tutorials/04_simplified_multi_head.py --tiny   # smoke test: a tiny grid in a temp dir, trained + rendered
-    python tutorials/04_simplified_multi_head.py --full   # the paper's setting and how to run it on a GPU box
-
-Tests behind the mechanisms: tests/test_adapters.py::test_forward_matches_reference_equation (each adapter's
-equation), ::test_hydra_without_router_keeps_identical_heads (claim 2's symmetry), tests/test_eval.py (the scorers),
-tests/test_stats.py (the paired bootstrap and the verdicts), tests/test_grid.py (the cache), tests/test_claims.py
-(the claim grids and their report).
-
-Writes <out>/04_simplified_multi_head.json and, with matplotlib, 04_simplified_multi_head.png.
+This tutorial trains nothing: it renders the cached grid "1-2" of experiments/claims.py (the four methods at the
+paper's configuration, the same seeds, budget and test set); its modes are the claim readers' (tutorials/common.py).
+Tests behind it: tests/test_adapters.py::test_forward_matches_reference_equation,
+::test_hydra_without_router_keeps_identical_heads (claim 2's symmetry), tests/test_eval.py, tests/test_stats.py,
+tests/test_grid.py, tests/test_claims.py.
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, parse_args, suite_text, \
-    task_table
+from common import claim_grids, finish, parse_args
 
-import paper
+from experiments import paper
+from experiments.reports import accuracy_panels, accuracy_table, comparison_table, suite_text, task_table
 
 args = parse_args(__doc__, ["1-2"])
 LABELS = ["hydra", "hydra-norouter", "rlora", "mlora"]
 
 # %% [markdown]
 # ## 1. Read the grid
-# Every run of the grid is one call of train.py's loop and one evaluation of the trained adapter on the grid's
-# test set (experiments/grid.py). What differs between the four rows is the adapter kind only: rank 4, 3 heads,
-# α 32, dropout 0.1, gate/up/down; the same seeds, so the same data order and, where the init is kaiming, the same
-# A. A seed changes init, dropout masks and data order, never the test set, so two methods can be compared seed by
-# seed and example by example.
+# The four rows differ in the adapter kind only (rank 4, 3 heads, α 32, dropout 0.1, gate/up/down). A seed changes
+# init, dropout masks and data order, never the test set, so methods compare seed by seed and example by example.
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("1-2")
 
 # %% [markdown]
 # ## 2. Accuracy, beside the base model and the majority label
-# Every accuracy only means something next to two numbers: the untrained base model's (has training done anything?)
-# and the share of the most frequent gold label (what a model that answers one label for everything scores). A
-# method whose suite average is not above the base model's by a margin far beyond its noise does not test the
-# claim at this budget (issue 14): "vs base" says it, paired over seeds and test examples (95%). "collapsed in"
-# lists the tasks where one prediction covers more than 90% of the examples (nanoalign/evaluate.py), in how many
-# seeds: there the accuracy is that label's share of the test set, not a skill.
-# The trainable count: M-LoRA and HydraLoRA w/o Router have no router, so fewer parameters (METHODS §1).
+# An accuracy means something only next to the untrained base model's and the majority label's share: a method
+# not clearly above the base model ("vs base", paired over seeds and examples, 95%) does not test the claim at this
+# budget. "collapsed in": tasks where one prediction covers > 90% of the examples, so the accuracy is that label's
+# share, not a skill. M-LoRA and HydraLoRA w/o Router have no router, so fewer parameters (METHODS §1).
 
 # %%
 print("\nsuite average accuracy, mean ± SE over seeds:\n")
@@ -72,26 +56,20 @@ print(accuracy_table(c, LABELS))
 # %%
 print("\nper task (%), ours / paper:\n")
 print(task_table(c, LABELS, paper.TABLE1, paper.TABLE1_COLUMN_OF))
-# Printed above, from the cache: how far each method is above the base model and the majority rate, and which
-# tasks collapsed or tilted in which seeds (a row not above the base model does not test the claim). SST-2 moves
-# with the seed for every method; the paired comparisons below cancel what the seeds share.
 
 # %% [markdown]
 # ## 4. The claimed differences, with their intervals
 # Claim 1: M-LoRA − R-LoRA and M-LoRA − HydraLoRA (paper +0.78 and +1.41 points). Claim 2: HydraLoRA w/o Router −
-# HydraLoRA (paper −0.46). For each: the difference of suite averages, the 95% interval of the paired bootstrap over
-# (seed, example) — it sees both the seed noise and the test-set noise (nanoalign/stats.py) — and the seed-level t
-# interval (df = seeds − 1: the seed is the unit of replication). Verdict: "reproduced" (the paper's sign, both
-# intervals exclude 0), "contradicted" (both exclude 0 on the other side), "borderline" (only one does), "same
-# direction, not resolved", "opposite, not resolved".
+# HydraLoRA (paper −0.46). Each difference of suite averages has two 95% intervals (experiments/stats.py): the
+# paired bootstrap over (seed, example), which sees seed and test-set noise, and the seed-level t interval (the
+# seed is the unit of replication). "reproduced": both exclude 0 on the paper's side; "contradicted": on the other;
+# "borderline": only one does; else "same direction" / "opposite", "not resolved".
 
 # %%
 print("\nclaimed differences (points):\n")
 print(comparison_table(c))
-# Printed above, from the cache: both intervals (bootstrap over (seed, example) and the seed-level t) and the
-# verdict of each difference, beside the paper's; the README's claim-by-claim reading is generated the same way.
-# The control rows repeat claims 1 and 2 with one thing changed: the heads averaged instead of summed (step
-# size), or R-LoRA's released-code init.
+# The control rows repeat claims 1 and 2 with one thing changed: the heads averaged instead of summed (step size),
+# or R-LoRA's released-code init.
 
 # %% [markdown]
 # The mechanism behind claim 2 needs no statistics: HydraLoRA w/o Router *is* a rank-4 LoRA (tutorial 02: its

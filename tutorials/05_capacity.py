@@ -9,31 +9,19 @@ is raised to the same parameter budget ("LoRA†", "LoRA¹⁰") does as well. Th
 
 So the claim is an equivalence: the matched LoRA lands within about ±0.5 points of the multi-head adapters.
 
-This tutorial trains nothing. It reads the grid "3" of experiments/claims.py: HydraLoRA and R-LoRA at rank 4 with 3
-heads on gate/up/down (the runs claims 1-2 also use), and a LoRA at the rank whose parameter count matches
-HydraLoRA's (`rank_for_budget`, tests/test_adapters.py::test_rank_for_budget; 10 on SmolLM2-135M, as the paper's
-LoRA¹⁰), the same seeds, budget and test set. Besides accuracy, each run carries the singular-value spectra of its
-learned ΔW (experiments.analysis.delta_weight_spectrum, tests/test_analysis.py) reduced to one number, the entropy
-effective rank averaged over the adapted modules.
-
-    python tutorials/05_capacity.py          # read the cached grid: tables and plot in seconds
-    python tutorials/05_capacity.py --rerun  # train what the cache lacks first (hours on a CPU)
-    python tutorials/05_capacity.py --tiny   # smoke test: a tiny grid in a temp dir, trained + rendered
-    python tutorials/05_capacity.py --full   # the paper's setting and how to run it on a GPU box
-
-Section 0 runs first, in seconds (every mode but --full): the budget arithmetic by hand, on the tiny random Llama
-and Qwen2.5-3B, against count_trainable and rank_for_budget.
-
-Writes <out>/05_capacity.json and, with matplotlib, 05_capacity.png.
+After the budget arithmetic by hand (section 0), this tutorial reads grid "3" of experiments/claims.py: HydraLoRA
+and R-LoRA (rank 4, 3 heads, gate/up/down) and a LoRA at HydraLoRA's parameter count (`rank_for_budget`: 10 on
+SmolLM2-135M, as the paper's LoRA¹⁰), and each run's ΔW spectrum reduced to its entropy effective rank
+(experiments.analysis.delta_weight_spectrum). Its modes are the claim readers' (tutorials/common.py).
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, markdown, name, parse_args, \
-    pm, suite_text, task_table, value_bars
+from common import claim_grids, finish, parse_args
 
+from experiments import paper
+from experiments.reports import accuracy_panels, accuracy_table, comparison_table, markdown, name, pm, suite_text, \
+    task_table, value_bars
 from experiments.stats import mean_se
-
-import paper
 
 args = parse_args(__doc__, ["3"])
 LABELS = ["lora-budget", "hydra", "rlora"]
@@ -58,9 +46,7 @@ TESTS_05 = ["tests/test_adapters.py::test_rank_for_budget",
 
 
 def toy_mechanism(r=4, heads=3):
-    """The HydraLoRA budget (rank r, `heads` heads, router; gate/up/down) and the matched LoRA rank by hand, against
-    count_trainable and rank_for_budget, for the tiny random Llama and Qwen2.5-3B. Pinned by
-    tests/test_adapters.py::test_rank_for_budget and ::test_parameter_counts_match_methods_table."""
+    """HydraLoRA's budget and the matched LoRA rank by hand vs count_trainable / rank_for_budget (TESTS_05)."""
     out = {}
     print(f"mechanism: HydraLoRA r={r} x {heads} heads + router on gate/up/down vs a LoRA of matched rank")
     configs = {"tiny random Llama": toy("lora")[0].config, "Qwen2.5-3B": ModelConfig.from_hf_dict(QWEN25_3B)}
@@ -85,12 +71,10 @@ def toy_mechanism(r=4, heads=3):
 mechanism_toy = toy_mechanism()
 
 # %% [markdown]
-# ## 1. Read the grid, and check the budgets match
-# The matched rank is r_match = round(budget / Σ_targets (d_in + d_out)) with budget = HydraLoRA's trainable count
-# (shared A, 3 heads, router) on this model; the counts below should agree to within one rank step.
+# ## 1. Read the grid, and check the budgets match (to within one rank step)
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("3")
 ranks = {k: rs[0]["options"]["rank"] for k, rs in c.runs.items() if rs}
 for k in LABELS:
@@ -109,25 +93,20 @@ print(task_table(c, LABELS))
 
 # %% [markdown]
 # ## 3. Is the matched LoRA as good? An equivalence, judged by its interval
-# The paper's gaps are 0.0-0.4 points. A difference whose 95% intervals (the paired bootstrap over seed and
-# example, and the seed-level t interval; "borderline" where the two disagree) lie inside ±1 point is "equivalent within ±1 point"; one whose interval lies above −1 is "not worse";
-# an interval that reaches below −1 and above it is "not resolved" ("below (interval under 0)" if it stays under
-# 0), one entirely below −1 "worse"
-# (experiments/claims.py). Note the bar: with n test examples per task, one task's accuracy has a binomial SE of
-# about 50/√n points, so ±1 needs the test set and the seeds of the grid to be large.
+# The paper's gaps are 0.0-0.4 points. claims.equivalence_verdict judges each 95% interval (bootstrap and t;
+# "borderline" where they disagree): inside ±1 point "equivalent within ±1 point", above −1 "not worse", across −1
+# "not resolved" (or "below (interval under 0)"), under −1 "worse". One task's accuracy has a binomial SE of about
+# 50/√n points on n test examples, so ±1 needs a large test set and many seeds.
 
 # %%
 print("\nmatched LoRA − multi-head (points):\n")
 print(comparison_table(c))
-# Printed above, from the cache: each difference with both intervals and the ±1-point verdict of each.
 
 # %% [markdown]
 # ## 4. Where the capacity goes: the effective rank of ΔW
-# A shared A caps every head mixture Σ_i ω_i(x) B_i A at rank r = 4, whatever the number of heads: HydraLoRA's
-# extra parameters refine 4 directions. R-LoRA can show up to 8: its learned part has rank ≤ 4 and the frozen
-# compensation C (random, fixed at init) another ≤ 4. The matched LoRA can use all r_match directions. For the
-# router adapters the ΔW is the one a uniform router gives (the router re-weights heads per token but never leaves
-# the span of A's rows). Entropy effective rank exp(H(σ/Σσ)): 1 for one direction, k for k equal ones.
+# A shared A caps Σ_i ω_i(x) B_i A at rank r = 4 whatever the heads: HydraLoRA's extra parameters refine 4
+# directions. R-LoRA can show 8 (learned ≤ 4 plus the frozen compensation C ≤ 4); the matched LoRA all r_match.
+# Router adapters' ΔW is at a uniform router. Entropy effective rank exp(H(σ/Σσ)): k for k equal directions.
 
 # %%
 LIMIT = {"hydra": 4, "rlora": 8}
@@ -140,8 +119,6 @@ for k in LABELS:
         rows.append([name(k), str(len(vals)), pm(*eff[k], 2), str(LIMIT.get(k, ranks.get(k)))])
 print("\neffective rank of ΔW (mean over modules; ± SE over seeds):\n")
 print(markdown(["method", "seeds", "effective rank", "at most"], rows) if rows else "(not measured yet)")
-# Printed above, from the cache: how many of its possible directions each method's ΔW uses (effective rank);
-# read it beside the accuracy differences of section 3.
 
 # %% [markdown]
 # ## Plot: suite average per method, the paired differences (±1 point band), the effective rank

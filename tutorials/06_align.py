@@ -17,28 +17,19 @@ tests/test_align.py (::test_kl_matches_torch_distributions, ::test_mmd_matches_n
 MEAN over pairs (the released code's reduction), so the paper's λ is ours / (T(T−1)/2) (experiments/claims.py
 `lam`). Everything below is in the paper's units.
 
-This tutorial trains nothing. It reads two grids of experiments/claims.py: "4-5" (LoRA r=8, A-LoRA-K and A-LoRA-M
-at rank 8 and the paper's λ = 0.1, 5 seeds) and "6" (LoRA r=8 and A-LoRA-K at λ = 0.01, 0.05, 0.1, 0.5; 3 seeds),
-plus the separation probe each run of "4-5" carries: on held-out prompts, how far apart the tasks' A-output
-clusters are (experiments.analysis.separation_probe: distance between task means / spread within a task,
-tests/test_analysis.py::test_task_separation_against_loops) and the alignment loss on them.
-
-    python tutorials/06_align.py          # read the cached grids: tables and plots in seconds
-    python tutorials/06_align.py --rerun  # train what the cache lacks first (hours on a CPU)
-    python tutorials/06_align.py --tiny   # smoke test: tiny grids in a temp dir, trained + rendered
-    python tutorials/06_align.py --full   # the paper's setting and how to run it on a GPU box
-
-Section 0 runs first, in seconds (every mode but --full): the symmetric KL by hand on a toy's A-outputs (the tiny
-random Llama) against nanoalign.align, and where the gradient of the loss goes.
-
-Writes <out>/06_align.json and, with matplotlib, 06_align.png.
+After the symmetric KL by hand on a toy (section 0), this tutorial reads grids "4-5" (LoRA r=8, A-LoRA-K and
+A-LoRA-M at rank 8, λ = 0.1) and "6" (A-LoRA-K at λ = 0.01-0.5) of experiments/claims.py, and the held-out
+separation probe of each "4-5" run (experiments.analysis.separation_probe, tests/test_analysis.py). Its modes are
+the claim readers' (tutorials/common.py).
 """
 
 # %% [setup]
-from claim_grids import C, Grids, accuracy_panels, bar, accuracy_table, comparison_table, finish, interval, markdown, \
-    parse_args, pm, print_paired, probe_table, seed_pairs, sep_ratio, suite_text, task_table, value_bars
+from common import claim_grids, finish, parse_args
 
-import paper
+from experiments import claims as C
+from experiments import paper
+from experiments.reports import accuracy_panels, accuracy_table, bar, comparison_table, interval, markdown, pm, \
+    print_paired, probe_table, seed_pairs, sep_ratio, suite_text, task_table, value_bars
 
 args = parse_args(__doc__, ["4-5", "6"])
 LABELS = ["lora-r8", "a-lora-k", "a-lora-m"]
@@ -64,10 +55,8 @@ TESTS_06 = ["tests/test_align.py::test_kl_matches_torch_distributions",
 
 
 def toy_mechanism():
-    """The symmetric KL between the tasks' A-outputs of one module of the tiny random Llama (LoRA r=4 on gate/up/down,
-    one micro-batch of 3 builtin tasks x 2 examples) by hand against nanoalign.align, and where its gradient goes.
-    Pinned by tests/test_align.py::test_kl_matches_torch_distributions and
-    ::test_alignment_gradient_reaches_every_A_and_never_the_own_B."""
+    """The symmetric KL between the tasks' A-outputs of one toy module by hand vs nanoalign.align, and where its
+    gradient goes (pinned by TESTS_06)."""
     model, batches, _ = toy("lora")
     b, name = next(batches), "model.layers.0.mlp.up_proj"
     with adapter_context(model, collect=True) as ctx:
@@ -102,12 +91,11 @@ mechanism_toy = toy_mechanism()
 
 # %% [markdown]
 # ## 1. Claims 4 and 5: accuracy of LoRA, A-LoRA-K and A-LoRA-M
-# One plain LoRA (rank 8, α 32, dropout 0.1, gate/up/down) trained three ways: without alignment, with the KL and
-# with the MMD alignment loss. Same seeds (same data order, same A init), same test set. Each accuracy beside the
-# base model's and the majority rate; a method not clearly above the base model does not test the claim.
+# One plain LoRA (rank 8, α 32, dropout 0.1, gate/up/down) trained without alignment, with KL and with MMD; same
+# seeds (data order, A init) and test set.
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("4-5")
 T = len(c.tasks())
 print(f"λ = 0.1 in the paper's units is {C.lam(0.1, T):g} in ours ({T} tasks, {T * (T - 1) // 2} pairs)")
@@ -117,35 +105,27 @@ print("\nper task (%); the paper's Table 5 gives averages only:\n")
 print(task_table(c, LABELS, {k: {"Avg": paper.TABLE5_3B[k]} for k in LABELS}))
 
 # %% [markdown]
-# Claim 4: A-LoRA-K − LoRA (paper +3.58 on Qwen2.5-3B, 8 tasks). Claim 5: A-LoRA-K − A-LoRA-M (paper +1.71: MMD
-# does not reproduce the KL gain). Intervals: the paired bootstrap over (seed, example), 95%.
+# Claim 4: A-LoRA-K − LoRA (paper +3.58 on Qwen2.5-3B, 8 tasks). Claim 5: A-LoRA-K − A-LoRA-M (paper +1.71).
 
 # %%
 print("\nclaimed differences (points):\n")
 print(comparison_table(c))
-# Printed above, from the cache: both intervals (bootstrap over (seed, example) and the seed-level t) and the
-# verdict of each difference, beside the paper's; the README's claim-by-claim reading is generated the same way.
 
 # %% [markdown]
 # ## 2. What the loss does to the representation: the separation probe
-# On held-out prompts (the test split, never trained on): each module's A-output averaged over the tokens of an
-# example gives one point per example; per module, the distance between task means over the spread within a task
-# ("separation"), averaged over modules; the within-task spread alone (the loss should pull clusters together, not
-# collapse them); and the KL alignment loss itself on these held-out A-outputs. One number per run, so the paired
-# difference is taken seed by seed (t interval, 95%); the claimed direction is "alignment lowers separation".
+# On held-out prompts, one point per example (its A-output averaged over tokens); per module the distance between
+# task means over the within-task spread ("separation", averaged over modules), the spread alone (pulled together,
+# not collapsed) and the KL loss itself. One number per run: paired seed by seed (t interval, 95%); claimed:
+# alignment lowers separation.
 
 # %%
 probe = probe_table(c, LABELS)
 mechanism = seed_pairs(c, [("a-lora-k", "lora-r8"), ("a-lora-m", "lora-r8")], sep_ratio, False)
 print_paired(mechanism, "separation", "lower")
-# Printed above, from the cache: the held-out between/within-task separation of the A-outputs per method and its
-# paired difference with LoRA over seeds (one number per run: a t interval), the held-out KL and the within-task
-# spread: does the loss pull the task clusters together without collapsing them, and does that buy accuracy?
 
 # %% [markdown]
 # ## 3. Claim 6: A-LoRA-K over the paper's λ range
-# The paper: A-LoRA-K above the LoRA line at every λ in [0.01, 0.5], best near 0.1; too large a λ over-aligns.
-# Here each λ's paired difference with LoRA (same seeds; bootstrap over seed and example) and its verdict.
+# The paper: A-LoRA-K above LoRA at every λ in [0.01, 0.5], best near 0.1. Each λ's paired difference with LoRA:
 
 # %%
 c6 = grids.read("6", script="06_align.py")
@@ -168,8 +148,6 @@ if c6 is not None:
     print(f"\nclaim 6: A-LoRA-K above LoRA (interval above 0) at {above} of {len(SWEEP)} λ, below it at {below}, "
           f"not resolved at {len(judged) - above - below}"
           + (f", not measured at {len(SWEEP) - len(judged)}" if len(judged) < len(SWEEP) else ""))
-# Printed above, from the cache: both intervals (bootstrap over (seed, example) and the seed-level t) and the
-# verdict of each difference, beside the paper's; the README's claim-by-claim reading is generated the same way.
 
 # %% [markdown]
 # ## Plot: claims 4-5 accuracy and differences; the separation probe; the λ sweep (accuracy, and the difference

@@ -16,39 +16,24 @@ The R-LoRA paper's ablation (its Table 4, Qwen2.5-0.5B, 5 unnamed tasks; METHODS
 
 Align-LoRA's reading (tutorials 03-05) is that whatever the heads do, the adapter behaves much like one LoRA.
 
-This tutorial trains nothing. It reads the grid "8" of experiments/claims.py: HydraLoRA, HydraLoRA +MT, +Init and
-R-LoRA, rank 4, 3 heads, gate/up/down, the same seeds, budget and test set, all four as one adapter class at R-LoRA's
-scaling s = α/√r: the HydraLoRA row is R-LoRA with both ingredients off (`--adapter rlora --adapter-options
-multi_head_dropout=false,random_init=false`, which is HydraLoRA at α/√r exactly:
-tests/test_adapters.py::test_rlora_without_its_ingredients_is_hydra), "+MT" switches random init off
-(`random_init=false`), "+Init" switches per-head dropout off (`multi_head_dropout=false`). So each comparison
-changes one ingredient and nothing else (with plain HydraLoRA at s = α/r, "+MT − HydraLoRA" would include a doubling
-of the scale at rank 4). Each run carries the inter-head cosine of its B matrices (what the ingredients are meant to
-lower; experiments.analysis, tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop).
-
-    python tutorials/08_rlora_ingredients.py          # read the cached grid: tables and plot in seconds
-    python tutorials/08_rlora_ingredients.py --rerun  # train what the cache lacks first (hours on a CPU)
-    python tutorials/08_rlora_ingredients.py --tiny   # smoke test: a tiny grid in a temp dir, trained + rendered
-    python tutorials/08_rlora_ingredients.py --full   # the paper's setting and how to run it on a GPU box
-
-Tests behind the mechanisms: tests/test_adapters.py::test_forward_matches_reference_equation (cases rlora,
-rlora-mt-only, rlora-init-only), ::test_dropout_masks_shared_or_per_head,
-::test_random_init_heads_differ_and_compensation,
-tests/test_train.py::test_adapter_options_reach_the_adapter_and_the_saved_config.
-
-Section 0 runs first, in seconds (every mode but --full): what each ingredient does to the heads' gradients at
-step 0 of a toy (the tiny random Llama).
-
-Writes <out>/08_rlora_ingredients.json and, with matplotlib, 08_rlora_ingredients.png.
+After a toy of seconds (section 0: the heads' gradients at step 0), this tutorial reads grid "8" of
+experiments/claims.py: the four rows as one adapter class at R-LoRA's scaling s = α/√r, rank 4, 3 heads,
+gate/up/down. HydraLoRA is R-LoRA with both ingredients off (`--adapter-options
+multi_head_dropout=false,random_init=false`, exactly HydraLoRA at α/√r:
+tests/test_adapters.py::test_rlora_without_its_ingredients_is_hydra), "+MT" has `random_init=false`, "+Init"
+`multi_head_dropout=false`: each comparison changes one ingredient, not the scale too. Each run carries the
+inter-head cosine of its B matrices. Its modes are the claim readers' (tutorials/common.py). Tests behind it:
+tests/test_adapters.py::test_forward_matches_reference_equation (cases rlora, rlora-mt-only, rlora-init-only),
+tests/test_train.py::test_adapter_options_reach_the_adapter_and_the_saved_config, and TESTS_08.
 """
 
 # %% [setup]
-from claim_grids import Grids, accuracy_panels, accuracy_table, comparison_table, finish, head_cosine, markdown, name, \
-    parse_args, pm, print_paired, seed_pairs, suite_text, task_table, value_bars
+from common import claim_grids, finish, parse_args
 
+from experiments import paper
+from experiments.reports import accuracy_panels, accuracy_table, comparison_table, head_cosine, markdown, name, pm, \
+    print_paired, seed_pairs, suite_text, task_table, value_bars
 from experiments.stats import mean_se
-
-import paper
 
 args = parse_args(__doc__, ["8"])
 LABELS = ["hydra-rs", "hydra+mt", "hydra+init", "rlora"]
@@ -76,10 +61,8 @@ TESTS_08 = ["tests/test_adapters.py::test_head_gradients_at_a_uniform_router_dif
 
 
 def toy_mechanism(module="model.layers.0.mlp.up_proj"):
-    """What +MT (per-head dropout) and +Init (random head init) do to one module's heads at step 0 on the tiny random
-    Llama (R-LoRA rank 4, 3 heads, gate/up/down, dropout 0.1; one batch of 3 builtin tasks x 2 examples). Pinned by
-    tests/test_adapters.py::test_head_gradients_at_a_uniform_router_differ_only_with_per_head_dropout,
-    ::test_dropout_masks_shared_or_per_head and ::test_random_init_heads_differ_and_compensation."""
+    """What +MT (per-head dropout) and +Init (random head init) do to one module's heads at step 0 on the toy
+    (R-LoRA, dropout 0.1; pinned by TESTS_08)."""
     def pair_cos(t):  # mean over i < j of cos(vec t_i, vec t_j)
         u = F.normalize(t.flatten(1), dim=1)
         i, j = torch.triu_indices(len(u), len(u), 1)
@@ -117,7 +100,7 @@ mechanism_toy = toy_mechanism()
 # ## 1. Accuracy of the four rows, beside the base model and the majority label
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("8")
 print("\nsuite average accuracy, mean ± SE over seeds:\n")
 print(accuracy_table(c, LABELS))
@@ -126,22 +109,18 @@ print(task_table(c, LABELS, {k: {"Avg": v} for k, v in paper.RLORA_TABLE4.items(
 
 # %% [markdown]
 # ## 2. The claimed differences
-# Claim 8: +MT − HydraLoRA (paper +0.33), +Init − HydraLoRA (paper +0.29), R-LoRA − HydraLoRA (paper +0.90). The
-# paper's gaps are a third of a point to one point: to resolve them the interval (paired bootstrap over seed and
-# example, 95%) must be narrower than that.
+# Claim 8: +MT − HydraLoRA (paper +0.33), +Init − HydraLoRA (+0.29), R-LoRA − HydraLoRA (+0.90): resolving them
+# needs 95% intervals narrower than a third of a point to a point.
 
 # %%
 print("\nclaimed differences (points):\n")
 print(comparison_table(c))
-# Printed above, from the cache: both intervals (bootstrap over (seed, example) and the seed-level t) and the
-# verdict of each difference, beside the paper's; the README's claim-by-claim reading is generated the same way.
 
 # %% [markdown]
 # ## 3. What each ingredient does to the heads
-# Mean inter-head cosine of B after training (mean over layers and modules). Zero-init heads under a router get
-# nearly the same signed Adam step and become near-copies (tutorial 02); per-head dropout gives each head its own
-# input noise; random init starts the heads orthogonal. Paired over seeds (t interval, 95%); the claimed direction
-# is "the ingredient lowers the head cosine".
+# Mean inter-head cosine of B after training. Zero-init heads under a router get nearly the same signed Adam step
+# (tutorial 02); per-head dropout gives each head its own input noise; random init starts them orthogonal. Paired
+# over seeds (t interval, 95%); claimed: the ingredient lowers the head cosine.
 
 # %%
 heads = {k: mean_se(list(v.values())) for k in LABELS if (v := c.values(k, head_cosine))}
@@ -150,8 +129,6 @@ print(markdown(["method", "seeds", "head cosine"], [[name(k), str(len(c.values(k
                                                     for k in heads]) if heads else "(not measured yet)")
 mechanism = seed_pairs(c, [("hydra+mt", "hydra-rs"), ("hydra+init", "hydra-rs")], head_cosine, False)
 print_paired(mechanism, "head cosine", "lower")
-# Printed above, from the cache: the mean inter-head cosine per row and its paired difference with HydraLoRA's
-# over seeds; read it beside the accuracy differences of section 2.
 
 # %% [markdown]
 # ## Plot: accuracy per row, the paired differences beside the paper's, and the heads' similarity

@@ -9,15 +9,12 @@ multi-task LoRA trained on the full data. The adapter is one plain LoRA θ = {A,
                        g_i = ∇L_{Q_i}(θ_i)        (first order, FOMAML: the query gradient at the adapted copy)
     θ ← AdamW(θ, mean_i g_i)                      (train.py's optimizer, schedule and clipping)
 
-Tests that pin it (tests/test_meta.py): ::test_zero_inner_steps_is_plain_multitask_lora (k = 0 is a plain
-multi-task LoRA step on the query batches), ::test_first_order_is_the_gradient_at_the_adapted_copy (k = 1, 2 against
-hand-computed SGD steps), ::test_shared_adapter_is_never_written, ::test_second_order_matches_finite_differences,
-::test_sampler_is_deterministic_disjoint_and_resumes (S_i ∩ Q_i = ∅, episodes a pure function of seed and step),
-::test_limit_shots_is_seeded_nested_and_ordered (the K-shot pools: the same for both trainers, the 16 among the 64).
+Pinned by tests/test_meta.py (k = 0 is plain multi-task LoRA; k = 1, 2 against hand-computed SGD steps; θ never
+written; second order against finite differences; disjoint, resumable episodes; nested K-shot pools).
 
 The paper's numbers, models, K and hyperparameters were not found (METHODS §2.9, §8): nanoalign measures the claim
-itself. This tutorial trains nothing. It reads the grid "10" of experiments/claims.py on the screened suite, 5 paired
-seeds, every row the same plain LoRA (rank 8, α 32, dropout 0.1, gate/up/down) at the same 200 steps and lr:
+itself, reading grid "10" of experiments/claims.py (5 paired seeds, every row the same plain LoRA, rank 8, α 32,
+dropout 0.1, gate/up/down, at the same 200 steps and lr):
 
     MeTA-LoRA K=16, 64, 256   --trainer meta --shots K --meta-support 2 --meta-query 2 (k = 1, α = 0.03, mean,
                               first order; n = all 3 tasks): the outer gradient on 2 query examples per task, as the
@@ -25,29 +22,20 @@ seeds, every row the same plain LoRA (rank 8, α 32, dropout 0.1, gate/up/down) 
     LoRA K=16, 64, 256        the standard trainer on the same K examples per task (--shots K)
     LoRA r=8 ("all the data") the standard trainer on the whole training split (the run claims 4-6 share)
 
-Mind the budget: at 200 steps x 2 examples per task, "all the data" means 400 distinct examples per task, so K = 256
-is nearly the full-data setting here; a gap for MeTA-LoRA to close can only open at K = 16 and 64, and section 2 says
-whether it does.
-
-    python tutorials/10_meta_lora.py          # read the cached grid: tables and plot in seconds
-    python tutorials/10_meta_lora.py --rerun  # train what the cache lacks first (many hours on a CPU)
-    python tutorials/10_meta_lora.py --tiny   # smoke test: a tiny grid in a temp dir, trained + rendered
-    python tutorials/10_meta_lora.py --full   # what is known of the paper's setting, and the GPU commands
-
-Section 0 runs first, in seconds (every mode but --full): one MeTA-LoRA episode by hand on a toy (the tiny random
-Llama) against nanoalign.meta.meta_step.
-
-Writes <out>/10_meta_lora.json and, with matplotlib, 10_meta_lora.png.
+At 200 steps x 2 examples per task "all the data" is 400 examples per task, so K = 256 is nearly full data: a gap
+can only open at K = 16 and 64 (section 2). Section 0 checks one episode by hand on a toy; the modes are the claim
+readers' (tutorials/common.py), --full says what is known of the paper's setting.
 """
 
 # %% [setup]
 import numpy as np
-from claim_grids import C, Grids, accuracy_table, bar, comparison_items, comparison_table, diffs, finish, interval, \
-    markdown, name, parser, pm, suite_text, task_cell, task_table
+from common import claim_grids, finish, reader_parser
 
+from experiments import claims as C
+from experiments import paper
+from experiments.reports import accuracy_table, bar, comparison_items, comparison_table, diffs, interval, markdown, \
+    name, pm, suite_text, task_cell, task_table
 from experiments.stats import compare
-
-import paper
 
 SHOTS = sorted(C.SHOTS)  # 16, 64, 256 (the grid trains 64 first)
 FULL = "lora-r8"
@@ -70,10 +58,9 @@ def full():
 
 # %% [markdown]
 # ## 0. The mechanism on a toy, in seconds: one episode by hand
-# One MeTA-LoRA episode written out with plain autograd on the tiny random Llama (one LoRA r=4 on gate/up/down, B
-# random so that every gradient is live, 3 builtin tasks, 2 support + 2 query examples each, k = 1, α = 0.03, first
-# order), against nanoalign.meta.meta_step on the same episode; and how far the adapted copy's query gradient is from
-# the plain gradient at θ (k = 0), which is what the inner step changes.
+# One MeTA-LoRA episode with plain autograd on the toy (LoRA r=4, B random so every gradient is live, 2 support + 2
+# query examples per task, k = 1, α = 0.03, first order) against meta_step, and how far the adapted copy's query
+# gradient is from the plain gradient at θ (k = 0): what the inner step changes.
 
 # %%
 import torch
@@ -86,10 +73,8 @@ TESTS_10 = ["tests/test_meta.py::test_first_order_is_the_gradient_at_the_adapted
 
 
 def toy_mechanism():
-    """One first-order MeTA episode by hand (per task: copy θ, one SGD step of α on the support batch, the query
-    gradient at the adapted copy; mean over tasks) against meta_step, on the tiny random Llama. Pinned by
-    tests/test_meta.py::test_first_order_is_the_gradient_at_the_adapted_copy and
-    ::test_shared_adapter_is_never_written."""
+    """One first-order episode by hand (per task: copy θ, one SGD step on S_i, the query gradient at the copy; mean
+    over tasks) against meta_step (pinned by TESTS_10)."""
     model, _, (pools, pad) = toy("lora")
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -124,8 +109,7 @@ def toy_mechanism():
     print(f"  pinned by {TESTS_10[0]}, ::{TESTS_10[1].rsplit('::')[1]}")
     return out
 
-
-args = parser(__doc__).parse_args()
+args = reader_parser(__doc__).parse_args()
 if args.full:
     full()
     raise SystemExit(0)
@@ -133,12 +117,11 @@ mechanism_toy = toy_mechanism()
 
 # %% [markdown]
 # ## 1. Accuracy per K
-# Each cell is the suite average (mean ± SE over seeds), beside the untrained base model and the majority label: a
-# row not clearly above the base model does not test the claim. "collapsed" names the tasks where some seed
-# predicts one answer for more than 90% of the test examples (k/n seeds).
+# Suite average, mean ± SE over seeds, beside the base model and the majority label; "collapsed": tasks where some
+# seed gives one answer to > 90% of the test examples (k/n seeds).
 
 # %%
-grids = Grids.from_args(args)
+grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("10")
 print("\nevery method, mean ± SE over seeds:\n")
 print(accuracy_table(c))
@@ -160,13 +143,10 @@ print(markdown(["K per task", "MeTA-LoRA", "LoRA on the K", "LoRA on all the dat
                [[str(k), cell(f"meta-k{k}"), cell(f"lora-k{k}"), cell(FULL), base_cell, maj_cell] for k in SHOTS]))
 print("\nper task (%):\n")
 print(task_table(c, [label for k in SHOTS for label in (f"meta-k{k}", f"lora-k{k}")] + [FULL]))
-# Printed above, from the cache: each row's suite average and per-task accuracy, and SST-2's answers per seed
-# (a tilted threshold shows there first).
 
 # %% [markdown]
 # ## 2. Is there a gap to close? LoRA on all the data − LoRA on K
-# The claim is only tested where plain LoRA on K examples is clearly worse than on all the data. Paired over seeds
-# and test examples (bootstrap, 95%; expected sign positive). Not a claimed comparison: it sizes the gap.
+# The claim is tested only where LoRA on K is clearly worse than on all the data (paired bootstrap, 95%).
 
 # %%
 gaps = {}
@@ -179,15 +159,11 @@ print("\nthe gap (points):\n")
 print(markdown(["K", "LoRA all − LoRA K [95% CI]", "seeds", "verdict (positive = a gap)"],
                [[str(k), interval(gaps[k]) if k in gaps else "not run yet", str(gaps[k]["seeds"]) if k in gaps else
                  "0", gaps[k]["verdict"] if k in gaps else "–"] for k in SHOTS]))
-# Printed above, from the cache: the gap LoRA on all the data − LoRA on K at each K, with both intervals. A
-# claim about closing a gap can only be tested at a K where that gap is resolved.
 
 # %% [markdown]
 # ## 3. The claim: MeTA-LoRA − LoRA on the same K, and MeTA-LoRA − LoRA on all the data
-# The first is expected positive (verdict words of nanoalign/stats.py). The second is "closes the gap": the
-# abstract says "matches or beats", judged as claim 3's equivalence is (experiments/claims.py): the whole interval
-# above −1 point is "not worse", inside ±1 "equivalent", wholly below −1 "worse", reaching both sides of −1
-# "not resolved", or "below (interval under 0)" where it also stays under 0 (below, but not by a resolved point).
+# The first is expected positive. The second, "matches or beats" (closes the gap), is judged as claim 3's
+# equivalence (claims.equivalence_verdict: above −1 "not worse", inside ±1 "equivalent", below −1 "worse").
 
 # %%
 print("\nclaimed differences (points):\n")
@@ -198,16 +174,13 @@ for k in SHOTS:
     by_k.append({"K": k, "vs_same_k": same, "vs_full": full_, "gap": gaps.get(k)})
     print(f"  K={k}: MeTA-LoRA − LoRA K={k}: " + (f"{interval(same)} -> {same['verdict']}" if same else "not run yet")
           + "; − LoRA all data: " + (f"{interval(full_)} -> {full_['verdict']}" if full_ else "not run yet"))
-# Printed above, from the cache: both intervals (bootstrap over (seed, example) and the seed-level t) and the
-# verdict of each difference, beside the paper's; the README's claim-by-claim reading is generated the same way.
-# These are for our defaults of the choices the paper leaves open (k = 1, α = 0.03, first order, 2 + 2 examples
-# per task; nanoalign/meta.py); section 5 varies α at K = 16.
+# These are for our defaults of what the paper leaves open (k = 1, α = 0.03, first order, 2 + 2 examples per task;
+# nanoalign/meta.py); section 5 varies α at K = 16.
 
 # %% [markdown]
 # ## 4. What it cost
-# At the same number of steps MeTA-LoRA also runs the inner SGD step on the support batches: about twice the
-# forward-backward tokens of the standard trainer here. Median step time and training time per run, on the machine
-# each run was measured on (experiments/results/runs/*.json carry it).
+# MeTA-LoRA also runs the inner step on the support batches: about twice the standard trainer's tokens per step.
+# Times are each run's own machine's (its result JSON records it).
 
 # %%
 cost = {}
@@ -220,16 +193,12 @@ print("\ncost per run, mean over seeds:\n")
 print(markdown(["method", "median step (ms)", "training per run (min)", "seeds"],
                [[name(k), f"{v['step_ms_median']:.0f}", f"{v['train_s'] / 60:.1f}", str(v["seeds"])]
                 for k, v in cost.items()]))
-# Printed above, from the cache: the median step time of each row, from its runs' logs (machine-dependent: each
-# run records its machine). MeTA-LoRA's extra support forward-backward is the expected cost.
 
 # %% [markdown]
 # ## 5. Is the K = 16 verdict the default α's? MeTA-LoRA's inner learning rate at 0.01, 0.03 (default), 0.1, 0.3
-# The paper's α is unknown (METHODS §2.9); nanoalign/meta.py's 0.03 was picked from how far one step moves the
-# support loss. Grid 10-alpha (experiments/claims.py) reruns the K = 16 comparison at a third of it, at three and
-# at ten times it (0.3 added after 0.1 came out above the default), on the same seeds and pools (the 0.03 and
-# LoRA-on-16 rows are claim 10's runs). SST-2 is where K = 16 lost its points, so its accuracy and, per seed, its
-# most frequent answer (of 500) are shown beside the average.
+# The paper's α is unknown (METHODS §2.9). Grid 10-alpha reruns the K = 16 comparison at α/3, 3α and 10α on the same
+# seeds and pools (the 0.03 and LoRA-on-16 rows are claim 10's runs), with SST-2, where K = 16 lost its points, and
+# each seed's most frequent SST-2 answer beside the average.
 
 # %%
 alpha = grids.read("10-alpha", script="10_meta_lora.py")
@@ -251,9 +220,7 @@ if alpha is not None:
                            "–" if x is None else ", ".join(f"{d:+.1f}" for d in x["seed_diffs"])])
     print("\n" + markdown(["method (K = 16)", "average (%)", f"{focus} (%)", f"{focus}: top answer per seed",
                            "− LoRA K=16 per seed (points)"], alpha_rows))
-# Printed above, from the cache: both intervals (bootstrap over (seed, example) and the seed-level t) and the
-# verdict of each difference, beside the paper's; the README's claim-by-claim reading is generated the same way.
-# The α values were chosen after seeing the test set (0.3 added after 0.1), which would flatter MeTA-LoRA if an
+# The α values were chosen after seeing the test set (0.3 added after 0.1): that would flatter MeTA-LoRA if an
 # α won.
 
 # %% [markdown]

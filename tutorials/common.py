@@ -1,16 +1,12 @@
-"""Plumbing shared by the tutorials: command-line flags, the tiny random model of `--tiny`, a real-task mix for a few
-bare optimizer steps, and atomic JSON/PNG writing. Nothing here is part of the method; the tutorials call nanoalign.
+"""What the tutorials share (none of it is the method; the tutorials call nanoalign): flags, the tiny random model
+of `--tiny`, a real-task mix for a few bare steps, the claim readers' modes, atomic JSON/PNG writing.
 
-The mechanism tutorials (01, 02, 07) take three size flags (`parser`):
-
-    (default)  smollm2-135m on 2 CPU cores, a few minutes at most
-    --tiny     a 2-layer random Llama (hidden 64) with a byte-level tokenizer, built here in a temp dir: the smoke test
-    --full     the paper's GPU-scale setting, documented in each tutorial (model, tasks, steps)
-
-and `--out DIR` for the JSON and PNG they write: by default out/tutorials/ (git-ignored), so that running a
-tutorial never rewrites a tracked file; `--update` writes the committed tutorials/results/ instead (and refuses a
-run on the builtin synthetic tasks, which would replace a real-task result). The claim tutorials (03-06, 08-10)
-read the cached claim grids instead and have their own flags (tutorials/claim_grids.py).
+Mechanism tutorials (01, 02, 07), `parser`: (default) smollm2-135m on 2 CPU cores, minutes at most; `--tiny` a
+2-layer random Llama with a byte-level tokenizer (the smoke test); `--full` the paper's GPU-scale setting. Claim
+readers (03-06, 08-10), `reader_parser`: (default) read the cached grid and say which runs are missing and how to
+train them; `--rerun` train what is missing first; `--tiny` a tiny grid in a temp dir, trained and rendered;
+`--full` print the paper's setting and how to run the grid at that scale. All write their JSON and PNG to
+out/tutorials/ (git-ignored, `--out DIR` elsewhere), or with `--update` to the committed tutorials/results/.
 """
 
 import argparse
@@ -25,20 +21,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # so `import nanoalign` / `import train` work from a plain checkout
+    sys.path.insert(0, str(ROOT))  # so `nanoalign`, `experiments` and `train` import from a plain checkout
 
 import nanoalign  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY, nanoalign/__init__.py)
-import nanoalign.plumbing
+import nanoalign.plumbing  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from nanoalign.plumbing import system  # noqa: E402
+from experiments import paper  # noqa: E402
+from experiments.grid import Suite, machine  # noqa: E402  (where and when a result was measured)
+from experiments.reports import Grids  # noqa: E402
 from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks  # noqa: E402
 from nanoalign.plumbing.datasets import load_tasks  # noqa: E402
 from nanoalign.model import CausalLM, ModelConfig  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "experiments"))
-from grid import machine  # noqa: E402,F401  (where and when a result was measured: one definition for both)
+from nanoalign.plumbing import system  # noqa: E402
 
 RESULTS = ROOT / "tutorials" / "results"  # the committed renders: written with --update only
 OUT = ROOT / "out" / "tutorials"  # git-ignored: where a tutorial writes by default
@@ -53,9 +49,8 @@ QWEN25_3B = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidde
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose parse_args resolves where the results go: --out DIR, else --update's tutorials/results, else
-    out/tutorials (--tiny: out/tutorials-tiny). `args.update`: are the committed results written (also when --out
-    names them)?"""
+    """argparse whose parse_args resolves `args.out` (--out, else --update's tutorials/results, else out/tutorials or
+    --tiny's out/tutorials-tiny) and `args.update` (are the committed results written, also via --out?)."""
 
     def parse_args(self, args=None, namespace=None):
         args = super().parse_args(args, namespace)
@@ -67,20 +62,24 @@ class Parser(argparse.ArgumentParser):
         return args
 
 
-def add_out(p: argparse.ArgumentParser, default_text):
+def new_parser(doc, modes):
+    """Parser with the tutorial's docstring as help, `modes` [(flag, help)] exclusive, and --out / --update."""
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = p.add_mutually_exclusive_group()
+    for flag, text in modes:
+        size.add_argument(flag, action="store_true", help=text)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--out", default=None, help=f"directory for the results JSON and PNG (default {default_text})")
+    where.add_argument("--out", default=None, help=f"directory for the results JSON and PNG (default "
+                       f"{OUT.relative_to(ROOT)}; --tiny: {TINY_OUT.relative_to(ROOT)})")
     where.add_argument("--update", action="store_true", help=f"write the committed {RESULTS.relative_to(ROOT)}/ "
                        "(the results the README shows) instead")
+    return p
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    """argparse with the shared flags; the tutorial's docstring is the help text."""
-    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--tiny", action="store_true", help="tiny random model, a handful of steps (smoke test)")
-    size.add_argument("--full", action="store_true", help="the paper's GPU-scale setting (see the docstring)")
-    add_out(p, f"{OUT.relative_to(ROOT)}; --tiny: {TINY_OUT.relative_to(ROOT)}")
+    """The mechanism tutorials' flags."""
+    p = new_parser(doc, [("--tiny", "tiny random model, a handful of steps (smoke test)"),
+                         ("--full", "the paper's GPU-scale setting (see the docstring)")])
     p.add_argument("--model", default="smollm2-135m", help="alias or local directory (ignored with --tiny)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -219,6 +218,71 @@ def toy(kind="lora", seed=0, per_task=2, dropout=0.0, **options):
 
 
 _TOY_DIR = None
+
+
+# ----------------------------------------------------------------------------- the claim readers (03-06, 08-10)
+
+TINY_TASKS = ("alphabet-first", "colour-review")
+TINY_SEEDS = [0, 1]
+
+
+def reader_parser(doc):
+    """The claim readers' flags."""
+    return new_parser(doc, [("--rerun", "train the runs missing from the cached grid (resumes it; hours on a CPU), "
+                                        "then render"),
+                            ("--tiny", "smoke test: a tiny grid in a temp dir, trained and rendered"),
+                            ("--full", "print the paper's setting and how to run it (a GPU box)")])
+
+
+def parse_args(doc, claims):
+    """The reader's flags; with --full, print the paper's setting of its claims and exit."""
+    args = reader_parser(doc).parse_args()
+    if args.full:
+        full_scale(claims)
+        raise SystemExit(0)
+    return args
+
+
+def tiny_suite(d: Path):
+    """The smoke test's suite: the tiny random model, 2 builtin tasks, 3 steps, 8 test examples per task."""
+    return Suite(TINY_TASKS, model=str(tiny_model_dir(d / "model")), steps=3, batch_per_task=1, lr=1e-2, warmup=1,
+                 seq_len=160, train_pool=16, test_per_task=8, data_dir=str(d / "data"), probe_examples=4)
+
+
+def claim_grids(tiny=False, train=False, stream=None):
+    """reports.Grids of the cache, or with `tiny` of a tiny suite in a temporary directory, trained when read."""
+    if not tiny:
+        return Grids(train=train, stream=stream)
+    d = Path(tempfile.mkdtemp(prefix="nanoalign-tiny-grid-"))
+    atexit.register(shutil.rmtree, d, True)
+    where = {"suite": tiny_suite(d), "seeds": TINY_SEEDS, "results_dir": d / "results", "work_dir": d / "work",
+             "controls": False}  # the controls repeat their rows with one option changed: not smoke-tested
+    return Grids(where, train=True, tiny=True, stream=stream)
+
+
+def full_scale(claims):
+    """--full: the paper's setting of each claim and how to run its grid at that scale."""
+    for c in claims:
+        model, tasks, what = paper.SETTINGS[c]
+        print(f"claim {c} at the paper's scale: {model}, tasks {', '.join(tasks)}; {what}.")
+    model, tasks, _ = paper.SETTINGS[claims[0]]
+    tasks = tasks if all(" " not in t for t in tasks) else ("...",)
+    print("\nThis needs a GPU box and real weights. There, set SUITE in experiments/claims.py to that setting, e.g.\n"
+          f"    Suite(tasks={tasks}, model=\"{model.lower()}\", fmt=\"label\", mode=\"generate\",\n"
+          "          steps=2000, batch_per_task=10, lr=2e-4, warmup=100, seq_len=512, test_per_task=0)\n"
+          f"and run\n    python experiments/claims.py run --only {','.join(claims)}\n"
+          "then this tutorial without flags renders it.")
+
+
+def finish(args, stem, results, draw=None):
+    """Write <out>/<stem>.json and, with matplotlib and something to draw, <out>/<stem>.png (draw(plt) -> figure)."""
+    results = {"meta": machine(), "mode": "tiny" if args.tiny else "rerun" if args.rerun else "read", **results}
+    print(f"\nwrote {write_json(args.out / f'{stem}.json', results)}")
+    plt = pyplot() if draw else None
+    if plt is not None:
+        fig = draw(plt)
+        if fig is not None:
+            print(f"wrote {save_figure(fig, args.out / f'{stem}.png')}")
 
 
 # ----------------------------------------------------------------------------- data and a few bare steps

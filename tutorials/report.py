@@ -2,11 +2,9 @@
 experiments/claims.py (no number typed by hand), plus the per-task tables of claims 1 and 4 in the shape of the
 paper's Table 1.
 
-Each row: the paper's numbers (METHODS §6), ours — mean ± SE over seeds of the suite average per method, beside
-the base model and the majority rate —, the paired differences with their 95% interval (bootstrap over seed and
-example; for per-run analyses a t interval over seeds), the verdict, and the suite, budget and seed count. A claim
-whose grid has no runs yet gets a row saying "not measured yet" and the command that trains it. Claim 7 (merging
-and cost) and claim 2's mechanism come from tutorials 07 and 02, which measure them exactly in minutes.
+Each row: the paper's numbers (METHODS §6), ours (mean ± SE over seeds), the paired differences with their 95%
+intervals, the verdict, the budget and seeds; an unmeasured claim names the command that trains it. Claim 7 and
+claim 2's mechanism come from tutorials 07 and 02, which measure them exactly.
 
     python tutorials/report.py            # reads the cached grids (no prepared data needed), prints markdown only
     python tutorials/report.py --readme   # ... and writes it into README.md between its two report markers
@@ -18,14 +16,15 @@ import json
 import sys
 from pathlib import Path
 
-from claim_grids import C, Grids, head_cosine, interval, markdown, name, pm, seed_paired, sep_ratio, suite_text, \
-    task_table, verdict_text, vs_base_words
+from common import OUT, RESULTS, claim_grids
 
+from experiments import claims as C
+from experiments import paper
+from experiments.reports import head_cosine, interval, markdown, name, pm, seed_paired, sep_ratio, suite_text, \
+    task_table, verdict_text, vs_base_words
 from experiments.stats import TILT_FLAG, mean_se, tilt
 from nanoalign.plumbing.system import write_atomic
 
-import paper
-from common import OUT, RESULTS
 README = Path(__file__).resolve().parents[1] / "README.md"
 CLAIM_GRIDS = ("1-2", "3", "4-5", "6", "8", "9", "10")
 HEADER = ["claim (tutorial)", "paper (METHODS §6)", "ours: mean ± SE over seeds",
@@ -348,7 +347,7 @@ def main(argv=None):
     p.add_argument("--readme", nargs="?", const=str(README), default=None, metavar="PATH",
                    help=f"also write the table into PATH (default {README.name}) between its report markers")
     args = p.parse_args(argv)
-    text, _ = render(Grids(tiny=args.tiny, stream=sys.stderr), args.results)
+    text, _ = render(claim_grids(args.tiny, stream=sys.stderr), args.results)
     print(text, end="")
     if args.readme:
         path = Path(args.readme)

@@ -1,45 +1,23 @@
-"""Reading the claim grids of experiments/claims.py: what the tutorials 03-06, 08-10 and report.py share.
+"""Reading the claim grids of experiments/claims.py (METHODS §7): what tutorials 03-06, 08-10 and report.py share.
 
-The accuracy tutorials train nothing by default. Every claim (METHODS §7) is a grid of runs — methods x seeds on
-one suite, one budget, one test set — that `python experiments/claims.py run` trains once, for hours, and caches in
-experiments/results/runs/ (experiments/grid.py), each found by what it was, so reading needs no prepared data. A
-tutorial reads its claim's cached runs, renders tables and plots in seconds and writes out/tutorials/NN_*.json
-(+ PNG; git-ignored), or with --update the committed tutorials/results/NN_*.json. The modes share one code path:
-
-    (default)  read the cache; say exactly which runs are missing and the command that trains them
-    --rerun    train what is missing first (`Grid.run()` resumes the cache), then render
-    --tiny     the smoke test: a tiny suite (the random model of common.tiny_model_dir, 2 builtin tasks, 3 steps,
-               2 seeds, 8 test examples per task) in a temporary results dir, trained and rendered
-    --full     print the paper's setting of the claim and how to run the grid at that scale (a GPU box)
-
-The statistics are experiments/claims.py's `claim_report` (nanoalign/stats.py): per method the mean ± SE over its
-seeds of the suite average and its paired comparison with the base model; per claimed difference the paired
-bootstrap over (seed, example), 95% interval and verdict, over the seeds both methods have. For the analyses that
-have one number per run (head cosine, separation ratio, effective rank) `seed_paired` gives the paired difference
-over common seeds with a t interval.
+A claim is a grid of runs (methods x seeds on one suite, budget and test set) that `python experiments/claims.py
+run` trains once and caches in experiments/results/runs/ (experiments/grid.py). `Grids.read` reads a claim's cached
+runs (no prepared data needed), says which are missing, and returns a `Claim`; the rest renders it. Statistics are
+claims.claim_report's (experiments/stats.py): per method mean ± SE over seeds and its paired difference with the
+base model; per claimed difference the paired bootstrap over (seed, example) with a t interval over seeds. For the
+per-run analyses (head cosine, separation ratio) `seed_paired` pairs over common seeds with a t interval.
 """
 
-import argparse
-import atexit
 import contextlib
 import math
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import OUT, ROOT, TINY_OUT, Parser, add_out, machine, pyplot, save_figure, tiny_model_dir, write_json
+from experiments import claims as C
+from experiments import paper
+from experiments.stats import TILT_FLAG, mean_se, t_interval, verdict
 
-sys.path.insert(0, str(ROOT / "experiments"))
-import claims as C  # noqa: E402
-import grid as G  # noqa: E402
-
-import paper  # noqa: E402
-from experiments.stats import TILT_FLAG, mean_se, t_interval, verdict  # noqa: E402
-
-TINY_TASKS = ("alphabet-first", "colour-review")
-TINY_SEEDS = [0, 1]
 CURVE = ("ce_first5", "ce_last5", "align_last5")  # the training-curve summary kept in the tutorials' JSON
 NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora": "R-LoRA", "mlora": "M-LoRA",
          "lora-r8": "LoRA r=8", "a-lora-k": "A-LoRA-K", "a-lora-m": "A-LoRA-M", "lora-budget": "matched LoRA",
@@ -52,53 +30,6 @@ NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora"
 NAMES.update({f"{kind}-k{k}": f"{what} K={k}" for k in C.SHOTS  # claim 10: K examples per task
               for kind, what in (("meta", "MeTA-LoRA"), ("lora", "LoRA"))})
 NAMES.update({f"meta-k16-a{a}": f"MeTA-LoRA K=16 α={a}" for a in C.META_ALPHAS})  # grid 10-alpha
-
-
-def parser(doc):
-    """The readers' flags; the tutorial's docstring is the help text."""
-    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--rerun", action="store_true", help="train the runs missing from the cached grid (resumes "
-                      "it; hours on a CPU), then render")
-    mode.add_argument("--tiny", action="store_true", help="smoke test: a tiny grid in a temp dir, trained and rendered")
-    mode.add_argument("--full", action="store_true", help="print the paper's setting and how to run it (a GPU box)")
-    add_out(p, f"{OUT.relative_to(ROOT)}; --tiny: {TINY_OUT.relative_to(ROOT)}")
-    return p
-
-
-def parse_args(doc, claims):
-    """The reader's flags; with --full, print the paper's setting of its claims and exit."""
-    args = parser(doc).parse_args()
-    if args.full:
-        full_scale(claims)
-        raise SystemExit(0)
-    return args
-
-
-def tiny_suite(d: Path):
-    """The smoke test's suite: the tiny random model, 2 builtin tasks, 3 steps, 8 test examples per task."""
-    return G.Suite(TINY_TASKS, model=str(tiny_model_dir(d / "model")), steps=3, batch_per_task=1, lr=1e-2, warmup=1,
-                   seq_len=160, train_pool=16, test_per_task=8, data_dir=str(d / "data"), probe_examples=4)
-
-
-def out_dir(args):
-    """Where the JSON and PNG go (resolved by common.Parser: --out, --update's tutorials/results, out/tutorials,
-    --tiny's out/tutorials-tiny)."""
-    return Path(args.out)
-
-
-def full_scale(claims):
-    """--full: the paper's setting of each claim and how to run its grid at that scale."""
-    for c in claims:
-        model, tasks, what = paper.SETTINGS[c]
-        print(f"claim {c} at the paper's scale: {model}, tasks {', '.join(tasks)}; {what}.")
-    model, tasks, _ = paper.SETTINGS[claims[0]]
-    tasks = tasks if all(" " not in t for t in tasks) else ("...",)
-    print("\nThis needs a GPU box and real weights. There, set SUITE in experiments/claims.py to that setting, e.g.\n"
-          f"    Suite(tasks={tasks}, model=\"{model.lower()}\", fmt=\"label\", mode=\"generate\",\n"
-          "          steps=2000, batch_per_task=10, lr=2e-4, warmup=100, seq_len=512, test_per_task=0)\n"
-          f"and run\n    python experiments/claims.py run --only {','.join(claims)}\n"
-          "then this tutorial without flags renders it.")
 
 
 # ----------------------------------------------------------------------------------------------- reading a claim
@@ -162,24 +93,14 @@ class Claim:
 
 
 class Grids:
-    """Where the claim grids are: the cache of experiments/claims.py (its SUITE), or with --tiny a tiny suite in a
-    temporary directory. `read(claim)` trains what is missing when asked to (--rerun, --tiny), then reads."""
+    """Where the claim grids are: `where` (claims.grid's suite / seeds / results_dir / work_dir / controls; default
+    the cache of claims.SUITE). `read(claim)` trains what is missing first when `train` (--rerun, --tiny)."""
 
-    def __init__(self, tiny=False, train=False, where=None, stream=None):
-        if tiny and where is None:
-            d = Path(tempfile.mkdtemp(prefix="nanoalign-tiny-grid-"))
-            atexit.register(shutil.rmtree, d, True)
-            where = {"suite": tiny_suite(d), "seeds": TINY_SEEDS, "results_dir": d / "results", "work_dir": d / "work",
-                     "controls": False}  # the controls repeat their rows with one option changed: not smoke-tested
+    def __init__(self, where=None, train=False, tiny=False, stream=None):
         self.where = where or {}
         self.suite = self.where.get("suite") or C.SUITE
-        self.train = train or tiny
-        self.tiny = tiny
+        self.train, self.tiny = train, tiny
         self.stream = stream  # where notices and training logs go (None: stdout); report.py keeps stdout for markdown
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(tiny=args.tiny, train=args.rerun)
 
     def read(self, claim, script=None):
         """The claim's Claim, or None (with a message saying why and what to run) when nothing can be read."""
@@ -199,7 +120,6 @@ class Grids:
                            model_params(g.suite.model), self.tiny, tuple(g.damaged))
             report_missing(claim_, run_cmd, script)
         return claim_
-
 
     def read_or_stop(self, claim):
         """`read` for the tutorial running now, printing the suite; when there is nothing to read, stop (status 0)
@@ -308,8 +228,7 @@ def bar(se):
 
 
 def interval(x, digits=2):
-    """'+0.78 [−0.40, +1.90]' of a comparison, with its seed-level t interval where it has one beside the
-    bootstrap's: '+0.78 [−0.40, +1.90] t [−0.55, +2.11]' (or '+0.780 (no interval)')."""
+    """'+0.78 [−0.40, +1.90] t [−0.55, +2.11]' (bootstrap, then the t interval where there is one)."""
     if x.get("low") is None:
         return f"{x['diff']:+.{digits}f} (no interval)"
     t = f" t [{x['t_low']:+.{digits}f}, {x['t_high']:+.{digits}f}]" if x.get("t_low") is not None else ""
@@ -329,8 +248,7 @@ def markdown(header, rows):
 
 
 def accuracy_table(c: Claim, labels=None):
-    """Per method: seeds, suite average mean ± SE over seeds, the paired difference with the base model (95%) and
-    whether it is above it, trainable parameters, tasks collapsed in some seed; the base and majority rows first."""
+    """Per method: seeds, suite average, − base (95%), trainable, collapses, tilts; base and majority rows first."""
     maj = c.majority()
     rows = []
     if c.report["base"]:
@@ -391,10 +309,8 @@ def task_cell(s):
 
 
 def task_table(c: Claim, labels, paper_cells=None, column_of=None):
-    """In the shape of the paper's Table 1: one row per method, one column per task of our suite (mean ± SE over
-    seeds, "(c k/n)": collapsed in k of n seeds), the average and the trainable share; where a task is one of the
-    paper's columns (`column_of`), the paper's cell beside ours ("ours / paper"). The base model and the majority
-    rate first."""
+    """The paper's Table 1 shape: per method, per task mean ± SE ("(c k/n)": collapsed in k of n seeds), average and
+    trainable share, with the paper's cell as "ours / paper" where a task is one of its columns (`column_of`)."""
     tasks, maj = c.tasks(), c.majority()
     paper_cells, column_of = paper_cells or {}, column_of or {}
     head = ["method", *[t + (f" / {column_of[t]}" if t in column_of else "") for t in tasks], "average",
@@ -454,8 +370,7 @@ def suite_text(c: Claim):
 # ----------------------------------------------------------------------------------------------- plots
 
 def bars(ax, c: Claim, labels, title=""):
-    """Suite average per method: bar = mean over seeds, error bar = ± SE, dots = the seeds; the base model (dashed)
-    and the majority rate (dotted) as lines."""
+    """Suite average per method (bar: mean, error bar: SE, dots: seeds); base model dashed, majority dotted."""
     labels = [k for k in labels if c.row(k)]
     mean = [c.row(k)["average"] for k in labels]
     ax.bar(range(len(labels)), mean, yerr=[bar(c.row(k)["se"]) for k in labels], color="lightsteelblue", capsize=4)
@@ -482,8 +397,7 @@ def comparison_items(c: Claim):
 
 
 def diffs(ax, items, title="paired differences, 95% CI"):
-    """Horizontal interval per difference ([low, high] with the point estimate), the paper's difference as a red x
-    where it gives one, and zero as a line. items: [(text, comparison dict, paper diff or None)]."""
+    """One horizontal interval per (text, comparison, paper's difference or None); the paper's as a red x."""
     labelled = False
     for i, (text, x, pd) in enumerate(items):
         if x.get("low") is not None:
@@ -515,16 +429,3 @@ def value_bars(ax, values, title, ylabel, color="lightsteelblue"):
            color=color if isinstance(color, str) else [color(k) for k in shown])
     ax.set_xticks(range(len(shown)), [name(k) for k in shown], rotation=20, fontsize=7, ha="right")
     ax.set(title=title, ylabel=ylabel)
-
-
-def finish(args, stem, results, draw=None):
-    """Write <out>/<stem>.json and, with matplotlib and something to draw, <out>/<stem>.png (draw(plt) -> figure)."""
-    out = out_dir(args)
-    results = {"meta": machine(), "mode": "tiny" if args.tiny else "rerun" if args.rerun else "read", **results}
-    print(f"\nwrote {write_json(out / f'{stem}.json', results)}")
-    plt = pyplot() if draw else None
-    if plt is not None:
-        fig = draw(plt)
-        if fig is not None:
-            print(f"wrote {save_figure(fig, out / f'{stem}.png')}")
-
