@@ -86,3 +86,20 @@ def test_the_book_reads_in_an_afternoon():
     train = len((ROOT / "train.py").read_text().splitlines())
     assert lines <= BOOK_LINES and code <= BOOK_CODE_LINES and train <= TRAIN_LINES, \
         f"book {lines} lines (<= {BOOK_LINES}), {code} code lines (<= {BOOK_CODE_LINES}), train.py {train} (<= {TRAIN_LINES})"
+
+
+def test_the_readme_reading_order_lists_every_file_with_its_length():
+    """README's "Reading order" names every book file, then every plumbing file, each once with its `wc -l`, and the
+    book's total: the counts a newcomer plans an afternoon by are the files' own."""
+    import re
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Reading order\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| (\d+) \|", section, re.M)
+    listed = [path for path, _ in rows]
+    plumbing = sorted((ROOT / "nanoalign" / "plumbing").glob("*.py"))
+    book = {str(p.relative_to(ROOT)) for p in BOOK}
+    assert sorted(listed) == sorted(book | {str(p.relative_to(ROOT)) for p in plumbing}) and len(set(listed)) == len(listed)
+    assert all(path in book for path in listed[:len(book)]), "the book comes first"
+    assert {path: int(n) for path, n in rows} == {path: len((ROOT / path).read_text().splitlines()) for path in listed}
+    total = sum(len(p.read_text().splitlines()) for p in BOOK)
+    assert f"({total} lines," in section
