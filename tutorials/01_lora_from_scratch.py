@@ -2,16 +2,12 @@
 
     h = W0 x + b + s · B A drop(x),   A ∈ R^{r×d_in} kaiming-uniform,   B ∈ R^{d_out×r} = 0,   s = α/r
 
-First on one nn.Linear of SmolLM2's up_proj shape, written out by hand and compared with nanoalign's LoRALinear;
-then on the real SmolLM2-135M with `apply_adapter`, `count_trainable`, `export_peft` and `merge_adapters`.
-No training loop: a handful of Adam steps on the single layer show what the scaling s does to the update.
+First on one nn.Linear of SmolLM2's up_proj shape, by hand against nanoalign's LoRALinear (a few Adam steps show
+what s does to the update); then on SmolLM2-135M with `apply_adapter`, `export_peft` and `merge_adapters`.
 
-    python tutorials/01_lora_from_scratch.py           # smollm2-135m on CPU, about a minute
+    python tutorials/01_lora_from_scratch.py           # smollm2-135m on CPU
     python tutorials/01_lora_from_scratch.py --tiny    # tiny random model, seconds (the smoke test)
-    python tutorials/01_lora_from_scratch.py --full    # Qwen2.5-7B, r=8, α=32 on gate/up/down: the Align-LoRA code's
-                                                       # setting (METHODS §2.1); downloads ~15 GB, wants a GPU box
-
-Writes <out>/01_lora_from_scratch.json and, with matplotlib, 01_lora_from_scratch.png.
+    python tutorials/01_lora_from_scratch.py --full    # Qwen2.5-7B: the Align-LoRA code's setting; a GPU box
 """
 
 # %% [setup]
@@ -46,9 +42,8 @@ results = {"meta": machine(), "model": model_name, "rank": RANK, "alpha": ALPHA}
 # %% [markdown]
 # ## 1. The equation, on one layer
 # A frozen layer h = W0 x + b gets a trainable detour through a rank-r bottleneck: A squeezes x to r numbers, B
-# expands them back, s scales the result. We write it by hand with plain tensors and check that nanoalign's
-# `LoRALinear` computes exactly the same thing. (Checked for every adapter, in train and eval mode, against a
-# float64 per-head loop by tests/test_adapters.py::test_forward_matches_reference_equation.)
+# expands them back, s scales the result. By hand, against `LoRALinear`
+# (tests/test_adapters.py::test_forward_matches_reference_equation).
 
 # %%
 d_in, d_out = cfg.hidden_size, cfg.intermediate_size  # up_proj: hidden -> intermediate
@@ -75,11 +70,9 @@ print(f"\n[1] by hand vs LoRALinear: max |diff| = {eq_diff:.2e} (fp32 round-off;
 results["equation_max_abs_diff"] = eq_diff
 
 # %% [markdown]
-# ## 2. The init: B = 0, so the adapted layer starts as the base layer
-# A is drawn kaiming-uniform, B is all zeros, hence ΔW = s·B·A = 0 and the output is *bit-for-bit* the base
-# output: fine-tuning starts exactly at the pretrained model. A is non-zero so that B receives a gradient at step 1
-# (∂L/∂B = s·g·(A x)ᵀ); A itself gets no gradient until B has moved (∂L/∂A = s·Bᵀ g xᵀ = 0).
-# (tests/test_adapters.py::test_zero_init_leaves_layer_unchanged)
+# ## 2. The init: B = 0, so the adapted layer starts *bit-for-bit* as the base layer
+# A is non-zero so that B gets a gradient at step 1 (∂L/∂B = s·g·(A x)ᵀ); A gets none until B has moved
+# (∂L/∂A = s·Bᵀ g xᵀ = 0). (tests/test_adapters.py::test_zero_init_leaves_layer_unchanged)
 
 # %%
 torch.manual_seed(args.seed)
@@ -96,12 +89,9 @@ results["init"] = {"max_abs_diff_vs_base": init_diff, "A_max_abs": a.abs().max()
 
 # %% [markdown]
 # ## 3. The scaling s = α/r: what one Adam step does at different ranks
-# Fit y = W0 x + b + ΔW* x (ΔW* a random rank-4 matrix) with a LoRA of rank r, for r from 1 to 64, under the two
-# scalings in use: α/r (LoRA, HydraLoRA, Align-LoRA) and α/√r (rank-stabilised; the R-LoRA script's choice,
-# METHODS §2.5). Adam's first step moves every entry of B by ±lr, whatever the gradient's size, so the first
-# ΔW = s·B·A adds r rows of A with signs that do not line up: ‖ΔW‖_F ∝ s·√r. Expected: ∝ 1/√r under α/r (a higher
-# rank learns *slower* at the start), flat under α/√r. We measure ‖ΔW‖_F after 1 step and the loss after a few.
-# (The value of s is checked by test_forward_matches_reference_equation's `lora` and `lora-rslora` cases.)
+# Fit a random rank-4 ΔW* with a rank-r LoRA under α/r (LoRA, HydraLoRA, Align-LoRA) and α/√r (the R-LoRA script's,
+# METHODS §2.5). Adam's first step moves every entry of B by ±lr, so the first ΔW = s·B·A adds r rows of A with
+# unaligned signs: ‖ΔW‖_F ∝ s·√r, i.e. ∝ 1/√r under α/r (a higher rank learns *slower* at first), flat under α/√r.
 
 # %%
 def sweep(rank, rank_stabilized, steps, lr=1e-3):
@@ -149,10 +139,8 @@ results["scaling_sweep"] = {"steps": SWEEP_STEPS, "lr": 1e-3, "rows": scaling,
                             "first_step_dW_growth_lowest_to_highest_rank": growth}
 
 # %% [markdown]
-# ## 4. Merging: fold ΔW into W0 and the adapter disappears
-# At inference (dropout off) h = (W0 + s·B·A) x + b, so `merge()` returns a plain nn.Linear with W0 + ΔW: same
-# function, no extra matmuls. Its outputs differ from the unmerged layer only by fp32 round-off.
-# (tests/test_adapters.py::test_merge_equals_unmerged)
+# ## 4. Merging: at inference h = (W0 + s·B·A) x + b, so `merge()` returns a plain nn.Linear, equal to fp32
+# round-off (tests/test_adapters.py::test_merge_equals_unmerged)
 
 # %%
 kept.eval()
@@ -170,11 +158,9 @@ results["one_layer"] = {"d_in": d_in, "d_out": d_out, "trainable": n_layer, "for
 
 # %% [markdown]
 # ## 5. The same on the real model
-# `apply_adapter` swaps every nn.Linear named gate_proj/up_proj/down_proj for a LoRALinear that *shares* the frozen
-# weight (so base checkpoints still load into it) and freezes everything else. With B = 0 the logits are exactly
-# the base logits. Tests: tests/test_adapters.py::test_apply_adapter_targets_and_freezing and
-# ::test_zero_init_leaves_layer_unchanged; parameter counts against METHODS §1:
-# ::test_parameter_counts_match_methods_table.
+# `apply_adapter` swaps every gate/up/down_proj for a LoRALinear that *shares* the frozen weight and freezes the
+# rest; with B = 0 the logits are exactly the base logits. Tests: tests/test_adapters.py::
+# test_apply_adapter_targets_and_freezing, ::test_parameter_counts_match_methods_table (METHODS §1).
 
 # %%
 example = load_tasks("builtin", "test", max_per_task=1)["colour-review"][0]
@@ -200,13 +186,9 @@ results["model_lora"] = {"base_params": n_base, "adapted_modules": len(adapter_m
                          "init_max_abs_logit_diff": model_init_diff, "trainable_non_lora": len(frozen_grad)}
 
 # %% [markdown]
-# ## 6. Export to PEFT, then merge the whole model
-# A plain LoRA exports to a Hugging Face PEFT directory by renaming keys (same module names, same A/B shapes).
-# Tests: tests/test_adapter_io.py::test_peft_export_keys_and_shapes_match_peft and
-# ::test_peft_export_loads_in_peft_with_same_logits.
-# Then we give every B random values — a stand-in for training — and fold all adapters into their base weights with
-# `merge_adapters`: the logits match the unmerged model to fp32 round-off and the greedy next token is the same.
-# (tests/test_adapters.py::test_merge_adapters_model)
+# ## 6. Export to PEFT (keys renamed, same shapes: tests/test_adapter_io.py), then give every B random values, a
+# stand-in for training, and fold all adapters in with `merge_adapters` (tests/test_adapters.py::
+# test_merge_adapters_model)
 
 # %%
 with tempfile.TemporaryDirectory() as d:

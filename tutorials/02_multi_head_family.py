@@ -7,16 +7,13 @@
     mtl              h = W0 x + s·(Σ_j softmax(w_t/τ)_j B_j) Λ_t A drop(x)        MTL-LoRA: task t's transform and mix
     multilora        h = W0 x + s·Σ_i diag(g_i) B_i A_i drop(x)                  MultiLoRA: n full pairs, zero scales
 
-All at the Align-LoRA Table 1 setting (rank 4, 3 heads, gate/up/down, METHODS §1) on the same inputs: what each
-one's parameters are, how many there are (on SmolLM2-135M and on the Qwen2.5-3B config), whether it starts as the
-base model, whether it can merge into W0, and — over a few optimizer steps on a real task mix — whether its
-heads stay alike. The last point is the mechanism behind the paper's "multi-head paradox" (METHODS §7 claims 1-2).
+At the Align-LoRA Table 1 setting (rank 4, 3 heads, gate/up/down, METHODS §1): each one's parameters and their
+count, whether it starts as the base model and can merge into W0, and whether its heads stay alike over a few steps
+on a real task mix: the mechanism behind the "multi-head paradox" (METHODS §7 claims 1-2).
 
-    python tutorials/02_multi_head_family.py           # smollm2-135m on CPU, 5 steps per adapter, ~2-3 min
+    python tutorials/02_multi_head_family.py           # smollm2-135m on CPU, 5 steps per adapter
     python tutorials/02_multi_head_family.py --tiny    # tiny random model, 3 steps (the smoke test)
     python tutorials/02_multi_head_family.py --full    # Qwen2.5-3B (Align-LoRA Table 1's model), 20 steps; GPU box
-
-Writes <out>/02_multi_head_family.json and, with matplotlib, 02_multi_head_family.png.
 """
 
 # %% [setup]
@@ -63,12 +60,9 @@ def adapt(module, kind, seed=args.seed, **kw):
 
 
 # %% [markdown]
-# ## 1. One layer, one input, seven adapters
-# We wrap one nn.Linear (SmolLM2's up_proj shape) as `up_proj` and adapt it with each kind. For each: the trainable
-# tensors, whether the fresh adapter leaves the output unchanged (eval mode), the shape of the A-output that the
-# alignment loss would see, and whether `merge()` can fold it into one weight.
-# Tests: tests/test_adapters.py::test_forward_matches_reference_equation (every equation above, against a float64
-# per-head loop), ::test_zero_init_leaves_layer_unchanged, ::test_random_init_heads_differ_and_compensation,
+# ## 1. One layer, one input, seven adapters: trainable tensors, output change at init, A-output shape, mergeable
+# Tests: tests/test_adapters.py::test_forward_matches_reference_equation (every equation above),
+# ::test_zero_init_leaves_layer_unchanged, ::test_random_init_heads_differ_and_compensation,
 # ::test_merge_equals_unmerged, ::test_unmergeable_adapters_refuse.
 
 # %%
@@ -105,21 +99,14 @@ for kind in KINDS:
 results["one_layer"] = one_layer
 
 # %% [markdown]
-# What to read in that table:
-# * zero-init heads (LoRA, HydraLoRA, MTL-LoRA) and MultiLoRA's zero scales g_i start exactly at the base (0.0);
-# * M-LoRA's random heads are cancelled exactly by the compensation C = s·Σ_i B_i⁰A⁰, so it also starts at ~0
-#   (fp32 round-off);
-# * R-LoRA's compensation assumes a uniform router (ω_i = 1/N, as in the released code); its kaiming-initialised
-#   router is not uniform, so R-LoRA does *not* start exactly at the base model;
-# * a router makes ΔW depend on x and MTL-LoRA's ΔW depends on the task: those three cannot merge. The others fold
-#   into W0 + ΔW (M-LoRA as a rank-≤2r product that carries −C).
+# Zero heads and MultiLoRA's zero scales start exactly at the base; M-LoRA's compensation C = s·Σ_i B_i⁰A⁰ cancels
+# its random heads to round-off; R-LoRA's C assumes a uniform router (ω_i = 1/N, as the released code), which its
+# kaiming router is not. A router (ΔW depends on x) or MTL-LoRA's task mix (ΔW depends on t) cannot merge.
 
 # %% [markdown]
-# ## 2. Parameter counts: SmolLM2-135M and Qwen2.5-3B
-# Counted on meta-device models (no weights needed). METHODS §1 derives the Align-LoRA Table 1 shares for
-# Qwen2.5-3B (M-LoRA 12,570,624 = 0.407%; HydraLoRA/R-LoRA 14,201,856 = 0.460%, the router adds 2048·3 per module).
-# Tests: tests/test_adapters.py::test_parameter_counts_match_methods_table and
-# ::test_hydra_router_not_counted_equals_mlora_count.
+# ## 2. Parameter counts on meta-device models, against METHODS §1's Qwen2.5-3B counts
+# Tests: tests/test_adapters.py::test_parameter_counts_match_methods_table, ::test_hydra_router_not_counted_equals_
+# mlora_count.
 
 # %%
 METHODS_QWEN3B = {"mlora": 12_570_624, "hydra": 14_201_856, "rlora": 14_201_856}
@@ -153,18 +140,12 @@ results["methods_qwen3b_match"] = {k: counts["qwen2.5-3b"][k]["trainable"] == v 
 
 # %% [markdown]
 # ## 3. On the real model: starting point, a few optimizer steps, and merging
-# Every adapter starts from the same base weights, sees the same task-balanced batches (one example of each
-# task per step) and takes the same AdamW steps. After each step we measure the mean inter-head cosine similarity
-# of the B matrices over all adapted modules (METHODS §4.1, experiments.analysis.head_cosine_similarity; checked
-# against a pairwise loop by tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop).
-#
-# Prediction for HydraLoRA without router (METHODS §2.4): every head gets exactly the same gradient and all start at
-# zero, so the heads are identical forever — cosine 1.0 after any number of steps; the adapter is a rank-r LoRA in
-# disguise. (tests/test_adapters.py::test_hydra_without_router_keeps_identical_heads.) The others have something
-# that tells heads apart: a router (HydraLoRA, R-LoRA), independent random inits and dropout masks (R-LoRA,
-# M-LoRA), per-task mixing (MTL-LoRA), or separate A_i (MultiLoRA — its B_i live in different bases, so their cosine
-# says little).
-# These are a few bare steps to watch the heads; real training is train.py's loop (tutorial 03).
+# Same base, same batches (one example per task), same AdamW steps; after each, the mean inter-head cosine of B
+# (METHODS §4.1, tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop).
+# HydraLoRA without router (METHODS §2.4): zero heads with one gradient stay identical, cosine 1.0 forever, a
+# rank-r LoRA in disguise (tests/test_adapters.py::test_hydra_without_router_keeps_identical_heads). The others have
+# a router, random inits and dropout masks, or per-task mixing to tell heads apart (MultiLoRA's B_i live in
+# different bases, so their cosine says little).
 
 # %%
 fixed = [next(batches) for _ in range(STEPS)]           # the same batches for every adapter
@@ -228,14 +209,10 @@ print(f"\n    hydra-norouter after {STEPS} steps: head cosine {nr['head_cos_mean
       f"{nr['head_cos_min_final']:.6f}), max |B_i − B_0| = {nr['max_abs_head_difference']:.1e}: one LoRA, copied")
 
 # %% [markdown]
-# Reading the cosine columns: the first value is at step 0. HydraLoRA's and MTL-LoRA's zero heads have no direction
-# yet (n/a). After Adam's first step HydraLoRA's heads are already *nearly* parallel (the table above):
-# Adam normalises each entry's update, and the router only reweights head i's per-token gradients by ω_i(x) > 0, so
-# the heads take almost the same signed step; they differ only where the ω-weighted sums over tokens change sign.
-# Further steps push them closer, not apart. MTL-LoRA's heads share less (each task mixes them with its own
-# softmax(w_t/τ)), so they start at a middling cosine. R-LoRA and M-LoRA start from
-# independent random heads (cosine ≈ 0) and get near-identical gradients (they differ only by dropout masks and
-# ω), so their cosine can only rise with training — tutorial 03 follows that over a real run.
+# The first cosine is at step 0 (zero heads: n/a). After Adam's first step HydraLoRA's heads are *nearly* parallel:
+# Adam normalises each entry's update and the router only reweights head i's gradients by ω_i(x) > 0, so the heads
+# take almost the same signed step. R-LoRA's and M-LoRA's random heads (cosine ≈ 0) get near-identical gradients,
+# so their cosine can only rise with training (tutorial 03).
 
 # %% [markdown]
 # ## Results and plot

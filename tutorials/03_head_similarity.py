@@ -1,15 +1,11 @@
 """Tutorial 03 — claim 1, second half: "the heads of multi-head LoRA end up alike" (METHODS.md §7 claim 1, §4.1).
 
-Align-LoRA's Figure 2 shows, for HydraLoRA, R-LoRA and M-LoRA trained on the same multi-task mix (Qwen2.5-3B, rank
-4, 3 heads, gate/up/down), the inter-head cosine similarity of the B matrices per layer and module type, as box
-plots over layers: high for all three, highest for M-LoRA (median above ~0.85). The R-LoRA repo's figure for
-HydraLoRA gives per-module means ≈0.80 (down), ≈0.78 (up), ≈0.76 (gate). If the heads are alike, the router has
-nothing to choose between: Σ_i ω_i(x) B_i ≈ (Σ_i ω_i(x) c_i) B — a single LoRA with an input-dependent scalar.
+Align-LoRA's Figure 2 (Qwen2.5-3B, rank 4, 3 heads, gate/up/down): the inter-head cosine similarity of the B
+matrices per layer and module type is high for HydraLoRA, R-LoRA and M-LoRA, highest for M-LoRA (median above
+~0.85). Alike heads leave the router nothing to choose: Σ_i ω_i(x) B_i ≈ (Σ_i ω_i(x) c_i) B, one LoRA.
 
-After a toy of seconds (section 0), this tutorial reads the head analysis of grid "1-2" (experiments/claims.py; the
-runs tutorial 04 scores): per trained multi-head adapter and (layer, module type), the mean pairwise cosine of its
-flattened heads B_i (experiments.analysis.head_cosine_similarity, tests/test_analysis.py), taken before the adapter
-is merged for scoring. Its modes are the claim readers' (tutorials/common.py).
+This reads the head analysis of grid "1-2" (experiments/claims.py, the runs tutorial 04 scores): per run and
+(layer, module type), the mean pairwise cosine of the flattened B_i (experiments.analysis.head_cosine_similarity).
 """
 
 # %% [setup]
@@ -27,10 +23,8 @@ MODULES = ("gate_proj", "up_proj", "down_proj")
 
 # %% [markdown]
 # ## 0. The mechanism on a toy, in seconds
-# Where the heads start and where a few optimizer steps take them: the mean inter-head cosine of B over 5 AdamW
-# steps (dropout 0.1) of the LM loss on the tiny random Llama, for zero-init heads with a router (HydraLoRA),
-# zero-init heads without one (HydraLoRA w/o Router) and random-init heads (R-LoRA), at the claim grids' lr 1e-3,
-# and R-LoRA once more at 1e-2: its random start is forgotten once the (shared) steps outgrow the init's scale.
+# The mean inter-head cosine of B over 5 AdamW steps for zero-init heads with and without a router and random-init
+# heads (R-LoRA) at the grids' lr 1e-3, and R-LoRA at 1e-2: its random start is forgotten once the steps outgrow it.
 
 # %%
 import torch
@@ -44,8 +38,7 @@ TESTS_03 = ["tests/test_adapters.py::test_hydra_without_router_keeps_identical_h
 
 
 def toy_mechanism(steps=5):
-    """Mean inter-head cosine of B over the 6 adapted modules (None while the heads are zero) at steps 0..`steps` of
-    AdamW on the toy, for HydraLoRA, HydraLoRA w/o Router and R-LoRA from the same seed (pinned by TESTS_03)."""
+    """Mean inter-head cosine of B (None while zero) at AdamW steps 0..`steps` on the toy (pinned by TESTS_03)."""
     def mean_cos(model):
         v = list(head_cosine_similarity(model).values())
         return None if any(math.isnan(x) for x in v) else sum(v) / len(v)
@@ -71,10 +64,7 @@ def toy_mechanism(steps=5):
 mechanism_toy = toy_mechanism()
 
 # %% [markdown]
-# ## 1. Read the grid's head analyses
-# One number per (layer, module type) per run: the mean over head pairs of cos(vec B_i, vec B_j). 1 means every
-# head is the same matrix; ≈0 means unrelated heads (independent random matrices of this size are nearly
-# orthogonal). Zero heads have no direction (NaN), which only happens before training.
+# ## 1. Read the grid's head analyses: 1 means every head is the same matrix, ≈0 unrelated (random) heads
 
 # %%
 grids = claim_grids(args.tiny, args.rerun)
@@ -98,8 +88,7 @@ def layer_stats(label, module):
 
 
 # %% [markdown]
-# ## 2. How alike the heads are, per method and module type
-# Mean over layers, then mean ± SE over seeds; the paper's reference beside it.
+# ## 2. How alike the heads are, per method and module type, beside the paper's reference
 
 # %%
 rows, summary = [], {}
@@ -119,9 +108,7 @@ print("\nmean inter-head cosine of B (mean over layers; ± SE over seeds):\n")
 print(markdown(["method", "seeds", "all modules", *MODULES, "paper"], rows))
 
 # %% [markdown]
-# ## 3. The claimed ordering, paired over seeds
-# Claim 1 says M-LoRA's heads are the most alike. Head cosine is one number per run, so the difference is paired
-# seed by seed with a t interval (95%); with few seeds "not resolved" says too few seeds, not "equal".
+# ## 3. The claimed ordering (M-LoRA's heads the most alike), paired seed by seed (t interval, 95%)
 
 # %%
 ordering = seed_pairs(c, [("mlora", "rlora"), ("mlora", "hydra")], head_cosine, True)
@@ -130,14 +117,11 @@ print(markdown(["difference", "mean [95% CI]", "seeds", "verdict"], [
     [f"{name(x['a'])} − {name(x['b'])}", f"{x['diff']:+.3f}" + (f" [{x['low']:+.3f}, {x['high']:+.3f}]"
                                                                   if x["low"] is not None else ""),
      str(x["seeds"]), x["verdict"]] for x in ordering]) if ordering else "(not measured yet)")
-# Why it can come out the other way at this budget: HydraLoRA's zero-init heads get the same gradient up to the
-# router's weights and become near-copies; R-LoRA's and M-LoRA's random heads move too little in a short run at lr
-# 1e-3 to forget their start (section 0). The "code init" control rows start them near zero instead.
+# It can come out the other way at this budget: random heads move too little at lr 1e-3 to forget their start
+# (section 0). The "code init" control rows start them near zero instead.
 
 # %% [markdown]
-# ## 4. Claim 2's mechanism, exactly
-# HydraLoRA w/o Router gives its zero heads the same gradient (no router, one dropout mask on x), so they stay
-# bit-identical: cosine 1 in every layer, one rank-4 LoRA (tests/test_adapters.py, TESTS_03[0]), after the budget.
+# ## 4. Claim 2's mechanism, exactly: HydraLoRA w/o Router's heads get one gradient and stay bit-identical
 
 # %%
 norouter = [v for r in c.runs.get("hydra-norouter") or [] for v in r["analysis"]["head_cosine_per_layer"].values()]

@@ -7,12 +7,9 @@ is raised to the same parameter budget ("LoRA†", "LoRA¹⁰") does as well. Th
     Qwen2.5-7B, Flan-v2 -> BBH (Table 3)   LoRA¹⁰ 49.51   HydraLoRA 49.12   R-LoRA 49.51   (LoRA⁸ 46.66)
     LLaMA2-7B,  Flan-v2 -> BBH (Table 2)   LoRA† 42.21    HydraLoRA 41.46   R-LoRA 42.24
 
-So the claim is an equivalence: the matched LoRA lands within about ±0.5 points of the multi-head adapters.
-
-After the budget arithmetic by hand (section 0), this tutorial reads grid "3" of experiments/claims.py: HydraLoRA
-and R-LoRA (rank 4, 3 heads, gate/up/down) and a LoRA at HydraLoRA's parameter count (`rank_for_budget`: 10 on
-SmolLM2-135M, as the paper's LoRA¹⁰), and each run's ΔW spectrum reduced to its entropy effective rank
-(experiments.analysis.delta_weight_spectrum). Its modes are the claim readers' (tutorials/common.py).
+So the claim is an equivalence. This reads grid "3" of experiments/claims.py: HydraLoRA and R-LoRA (rank 4, 3
+heads, gate/up/down), a LoRA at HydraLoRA's parameter count (`rank_for_budget`), and each run's ΔW effective rank
+(experiments.analysis.delta_weight_spectrum).
 """
 
 # %% [setup]
@@ -28,10 +25,9 @@ LABELS = ["lora-budget", "hydra", "rlora"]
 
 # %% [markdown]
 # ## 0. The mechanism on a toy, in seconds: the budget arithmetic
-# HydraLoRA at rank r with N heads on a module d_in -> d_out trains A (r·d_in), N heads B_i (N·d_out·r) and a router
-# W_r (N·d_in); a plain LoRA at rank k trains k·(d_in + d_out). The matched rank is the k whose count is closest:
-# round(budget / Σ_modules (d_in + d_out)). By hand, on the tiny random Llama and on Qwen2.5-3B (Align-LoRA's Table 1
-# model; meta device, no weights), against count_trainable and rank_for_budget.
+# HydraLoRA trains A (r·d_in), N heads B_i (N·d_out·r) and a router (N·d_in) per module; a rank-k LoRA trains
+# k·(d_in + d_out), so the matched k is round(budget / Σ(d_in + d_out)). By hand on the toy and on Qwen2.5-3B (meta
+# device), against count_trainable and rank_for_budget.
 
 # %%
 import torch
@@ -82,8 +78,7 @@ for k in LABELS:
         print(f"  {name(k)}: rank {ranks[k]}, {c.row(k)['trainable']:,} trainable parameters")
 
 # %% [markdown]
-# ## 2. Accuracy, beside the base model and the majority label
-# As in tutorial 04: a method must be clearly above the base model for its row to test anything.
+# ## 2. Accuracy, beside the base model and the majority label (a row tests nothing unless clearly above base)
 
 # %%
 print("\nsuite average accuracy, mean ± SE over seeds:\n")
@@ -92,21 +87,17 @@ print("\nper task (%):\n")
 print(task_table(c, LABELS))
 
 # %% [markdown]
-# ## 3. Is the matched LoRA as good? An equivalence, judged by its interval
-# The paper's gaps are 0.0-0.4 points. claims.equivalence_verdict judges each 95% interval (bootstrap and t;
-# "borderline" where they disagree): inside ±1 point "equivalent within ±1 point", above −1 "not worse", across −1
-# "not resolved" (or "below (interval under 0)"), under −1 "worse". One task's accuracy has a binomial SE of about
-# 50/√n points on n test examples, so ±1 needs a large test set and many seeds.
+# ## 3. Is the matched LoRA as good? An equivalence, judged by its interval (claims.equivalence_verdict)
+# Inside ±1 point "equivalent", above −1 "not worse", under −1 "worse". One task's accuracy has a binomial SE of
+# about 50/√n points on n test examples, so ±1 needs a large test set and many seeds.
 
 # %%
 print("\nmatched LoRA − multi-head (points):\n")
 print(comparison_table(c))
 
 # %% [markdown]
-# ## 4. Where the capacity goes: the effective rank of ΔW
-# A shared A caps Σ_i ω_i(x) B_i A at rank r = 4 whatever the heads: HydraLoRA's extra parameters refine 4
-# directions. R-LoRA can show 8 (learned ≤ 4 plus the frozen compensation C ≤ 4); the matched LoRA all r_match.
-# Router adapters' ΔW is at a uniform router. Entropy effective rank exp(H(σ/Σσ)): k for k equal directions.
+# ## 4. Where the capacity goes: the entropy effective rank exp(H(σ/Σσ)) of ΔW
+# A shared A caps Σ_i ω_i(x) B_i A at rank r = 4 whatever the heads; R-LoRA can show 8 (plus its compensation C).
 
 # %%
 LIMIT = {"hydra": 4, "rlora": 8}

@@ -4,23 +4,17 @@ Align-LoRA keeps ONE plain LoRA and adds a loss that pulls the per-task distribu
 
     L = L_LM + λ · L_align,   L_align = mean over modules m, mean over task pairs p<q of D(Z_m[p], Z_m[q])
 
-with Z_m = A_m·drop(x) over the real tokens of each task's examples in the micro-batch, and D the symmetric KL
-between diagonal Gaussians (A-LoRA-K) or a multi-kernel MMD² (A-LoRA-M) — nanoalign/align.py, tested by
-tests/test_align.py (::test_kl_matches_torch_distributions, ::test_mmd_matches_naive_loop,
-::test_alignment_gradient_reaches_every_A_and_never_the_own_B). The paper's anchors (METHODS §6.2):
+with Z_m = A_m·drop(x) over each task's real tokens in the micro-batch, and D the symmetric KL between diagonal
+Gaussians (A-LoRA-K) or a multi-kernel MMD² (A-LoRA-M), nanoalign/align.py. The paper's anchors (METHODS §6.2):
 
     claim 4   8-task in-domain, Qwen2.5-3B (Table 5)   LoRA 76.48   A-LoRA-K 80.06   A-LoRA-M 78.35
     claim 5   BBH, Qwen2.5-7B (Table 4)               LoRA(r=10) 48.36   A-LoRA-K(r=8) 50.28   A-LoRA-M(r=8) 47.53
     claim 6   λ sweep 0.01-0.50 (Figure 3)            A-LoRA-K 75.10-75.75 at every λ, LoRA 74.00
 
-λ units: the paper's λ multiplies a SUM of the symmetric KL over task pairs (Eq. 5); nanoalign's L_align is a
-MEAN over pairs (the released code's reduction), so the paper's λ is ours / (T(T−1)/2) (experiments/claims.py
-`lam`). Everything below is in the paper's units.
-
-After the symmetric KL by hand on a toy (section 0), this tutorial reads grids "4-5" (LoRA r=8, A-LoRA-K and
-A-LoRA-M at rank 8, λ = 0.1) and "6" (A-LoRA-K at λ = 0.01-0.5) of experiments/claims.py, and the held-out
-separation probe of each "4-5" run (experiments.analysis.separation_probe, tests/test_analysis.py). Its modes are
-the claim readers' (tutorials/common.py).
+The paper's λ multiplies a SUM over task pairs (Eq. 5), nanoalign's L_align is the released code's MEAN, so the
+paper's λ is ours / (T(T−1)/2) (experiments/claims.py `lam`); λ below is in the paper's units. This reads grids
+"4-5" (LoRA, A-LoRA-K, A-LoRA-M at rank 8, λ = 0.1) and "6" (A-LoRA-K at λ = 0.01-0.5) of experiments/claims.py and
+each "4-5" run's held-out separation probe (experiments.analysis.separation_probe).
 """
 
 # %% [setup]
@@ -37,10 +31,9 @@ SWEEP = list(paper.SWEEP)  # claim 6's A-LoRA-K labels, by the paper's λ
 
 # %% [markdown]
 # ## 0. The mechanism on a toy, in seconds
-# L_align by hand: one module's A-outputs Z = A·x over every real token, grouped by task, each task a diagonal
-# Gaussian (mean and unbiased variance per rank dim, + eps 1e-8), the symmetric KL ½[KL(p‖q) + KL(q‖p)] summed over
-# the r dims and averaged over the task pairs (METHODS §3.3, §3.5; the pair mean is the released code's reduction).
-# Then the backward of that loss alone: it reaches the module's A and never its B, which acts after Z.
+# L_align by hand: one module's A-outputs grouped by task, each task a diagonal Gaussian (unbiased variance + 1e-8),
+# the symmetric KL summed over the r dims and averaged over task pairs (METHODS §3.3, §3.5). Its backward alone
+# reaches the module's A and never its B, which acts after Z.
 
 # %%
 import itertools
@@ -55,8 +48,7 @@ TESTS_06 = ["tests/test_align.py::test_kl_matches_torch_distributions",
 
 
 def toy_mechanism():
-    """The symmetric KL between the tasks' A-outputs of one toy module by hand vs nanoalign.align, and where its
-    gradient goes (pinned by TESTS_06)."""
+    """The symmetric KL of one toy module by hand vs nanoalign.align, and where its gradient goes (TESTS_06)."""
     model, batches, _ = toy("lora")
     b, name = next(batches), "model.layers.0.mlp.up_proj"
     with adapter_context(model, collect=True) as ctx:
@@ -90,9 +82,7 @@ def toy_mechanism():
 mechanism_toy = toy_mechanism()
 
 # %% [markdown]
-# ## 1. Claims 4 and 5: accuracy of LoRA, A-LoRA-K and A-LoRA-M
-# One plain LoRA (rank 8, α 32, dropout 0.1, gate/up/down) trained without alignment, with KL and with MMD; same
-# seeds (data order, A init) and test set.
+# ## 1. Claims 4 and 5: one plain LoRA trained without alignment, with KL and with MMD (same seeds and test set)
 
 # %%
 grids = claim_grids(args.tiny, args.rerun)
@@ -113,10 +103,8 @@ print(comparison_table(c))
 
 # %% [markdown]
 # ## 2. What the loss does to the representation: the separation probe
-# On held-out prompts, one point per example (its A-output averaged over tokens); per module the distance between
-# task means over the within-task spread ("separation", averaged over modules), the spread alone (pulled together,
-# not collapsed) and the KL loss itself. One number per run: paired seed by seed (t interval, 95%); claimed:
-# alignment lowers separation.
+# Held-out examples' A-outputs (mean over tokens): between-task over within-task distance, mean over modules, one
+# number per run, paired seed by seed (t interval, 95%); claimed: alignment lowers it.
 
 # %%
 probe = probe_table(c, LABELS)
@@ -124,8 +112,7 @@ mechanism = seed_pairs(c, [("a-lora-k", "lora-r8"), ("a-lora-m", "lora-r8")], se
 print_paired(mechanism, "separation", "lower")
 
 # %% [markdown]
-# ## 3. Claim 6: A-LoRA-K over the paper's λ range
-# The paper: A-LoRA-K above LoRA at every λ in [0.01, 0.5], best near 0.1. Each λ's paired difference with LoRA:
+# ## 3. Claim 6: A-LoRA-K above LoRA at every λ in [0.01, 0.5], best near 0.1
 
 # %%
 c6 = grids.read("6", script="06_align.py")
@@ -150,8 +137,7 @@ if c6 is not None:
           + (f", not measured at {len(SWEEP) - len(judged)}" if len(judged) < len(SWEEP) else ""))
 
 # %% [markdown]
-# ## Plot: claims 4-5 accuracy and differences; the separation probe; the λ sweep (accuracy, and the difference
-# with LoRA beside the paper's gap)
+# ## Plot: claims 4-5; the separation probe; the λ sweep and its difference with LoRA beside the paper's gap
 
 # %%
 def draw(plt):

@@ -1,29 +1,20 @@
 """Tutorial 07 — what each adapter costs: trainable parameters, training step time, peak memory, inference overhead.
 
-METHODS §7 claim 7: Align-LoRA, LoRA, MultiLoRA and M-LoRA (and HydraLoRA without router) merge into W0, so at
-inference they cost exactly what the base model costs; HydraLoRA and R-LoRA keep a router and N heads, MTL-LoRA a
-per-task mixture, so they keep paying at inference. Training costs differ too: more heads, a router in fp32, the
-alignment loss. Align-LoRA's appendix D (Table 6, quoted in METHODS §4.2) reports Align-LoRA cheaper to train than
-HydraLoRA.
+METHODS §7 claim 7: LoRA, Align-LoRA, MultiLoRA, M-LoRA (and HydraLoRA without router) merge into W0 and cost at
+inference exactly what the base model costs; HydraLoRA, R-LoRA (router, N heads) and MTL-LoRA (per-task mixture) keep
+paying. Align-LoRA's appendix D (Table 6, METHODS §4.2) reports Align-LoRA cheaper to train than HydraLoRA.
 
-Each adapter runs in its own subprocess (so peak memory belongs to that run alone), with the settings of train.py's
-defaults: rank 8, α 32, 3 heads, dropout 0.1, gate/up/down. A "step" is what train.py does per micro-batch:
-forward (logits only at labelled positions) + cross-entropy (+ λ·alignment loss for `align`) + backward + AdamW.
-The batch is random tokens, B rows x T tokens, the last 8 of each row labelled, one task per row.
-Memory: on CPU the process's peak RSS (getrusage ru_maxrss) after training minus its peak after loading the model
-and running one base forward; on CUDA torch.cuda.max_memory_allocated during training.
-Inference: eval-mode forward of the batch (logits at the last position, i.e. a prefill), base model vs the
-adapter unmerged vs merged (merge_adapters; only for adapters that can merge).
+A "step" is train.py's per micro-batch work at its defaults (rank 8, α 32, 3 heads, dropout 0.1, gate/up/down):
+forward with logits at the labelled positions, cross-entropy (+ λ·alignment loss for `align`), backward, AdamW, on
+random tokens (B rows x T, last 8 labelled, one task per row). Each adapter runs in its own subprocess because peak
+memory is a process high-water mark: on CPU peak RSS after training minus after loading, on CUDA
+max_memory_allocated. Inference times base, unmerged and merged forwards in turn; timings are medians and noisy on a
+shared machine, so compare adapters within one run and read "merged vs base" as the noise level.
 
-The machine running the default size is a 2-core CPU shared with other jobs: timings are medians of a few repeats and
-still noisy (10-30%); compare adapters within one run, and read "merged vs base" as the noise level.
-
-    python tutorials/07_cost.py            # smollm2-135m, batch 4 x 64 tokens, 3 timed steps per adapter, CPU, ~5 min
+    python tutorials/07_cost.py            # smollm2-135m, batch 4 x 64, 3 timed steps per adapter, CPU
     python tutorials/07_cost.py --tiny     # tiny random model (the smoke test)
-    python tutorials/07_cost.py --full     # Qwen2.5-7B in bf16 with gradient checkpointing, batch 5 x 512 (the
-                                           # Align-LoRA code's per-device batch and length), 10 steps; a GPU box
-
-Writes <out>/07_cost.json and, with matplotlib, 07_cost.png.
+    python tutorials/07_cost.py --full     # Qwen2.5-7B bf16, gradient checkpointing, batch 5 x 512 (the Align-LoRA
+                                           # code's per-device batch), 10 steps; a GPU box
 """
 
 # %% [setup]
@@ -74,8 +65,7 @@ def peak_mb(device):
 
 
 def timed(fn, device):
-    """(wall seconds, CPU seconds of this process) of one call. CPU time is less disturbed by other jobs on a shared
-    machine (it counts every thread, so it is ~threads x wall when the ops run in parallel)."""
+    """(wall s, CPU s of this process, all threads) of one call: CPU time is less disturbed by other jobs."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     w0, c0 = time.perf_counter(), time.process_time()
@@ -94,13 +84,10 @@ def plain_linear(m):
 
 # %% [markdown]
 # ## The measurement, for one adapter (runs in its own process)
-# Load the base, run one eval forward (the memory baseline), apply the adapter, time training steps (the peak memory
-# of training is read right after). Then inference: every adapted module exists in three versions — the base
-# nn.Linear (sharing W0), the adapter, and its merge (a new nn.Linear holding W0 + ΔW, when the adapter can merge) —
-# and we swap them into the model in turn, rep after rep, so the three are timed under the same machine load.
-# Merging is checked against the unmerged model on the same batch (tests/test_adapters.py::test_merge_equals_
-# unmerged and ::test_merge_adapters_model; the refusals by ::test_unmergeable_adapters_refuse); the parameter counts
-# by ::test_parameter_counts_match_methods_table.
+# One eval forward (the memory baseline), the adapter, timed training steps. Then each adapted module in three
+# versions (base nn.Linear sharing W0, adapter, merged W0 + ΔW) swapped in turn, rep after rep, so all three see the
+# same machine load. Tests: tests/test_adapters.py::test_merge_equals_unmerged, ::test_merge_adapters_model,
+# ::test_unmergeable_adapters_refuse, ::test_parameter_counts_match_methods_table.
 
 # %%
 def worker(kind):
@@ -202,7 +189,6 @@ if args.worker:
 
 # %% [markdown]
 # ## Every adapter, one subprocess each
-# A fresh process per adapter: peak RSS is a high-water mark, so sharing a process would mix the runs.
 
 # %%
 t_start = time.perf_counter()
@@ -240,10 +226,8 @@ for kind in kinds:
           f"{pct(ow.get('merged')):>5s}/{pct(oc.get('merged')):>5s}")
 
 # %% [markdown]
-# ## Summary
-# Step time relative to plain LoRA (wall and CPU time), and the inference overhead of each adapter over the base
-# forward, unmerged and merged. A merged adapter *is* a base nn.Linear, so its true overhead is zero: whatever
-# "merged" shows is the measurement noise.
+# ## Summary: step time relative to LoRA; inference overhead over the base (a merged adapter *is* a base nn.Linear,
+# so what "merged" shows is noise)
 
 # %%
 summary = {}

@@ -1,30 +1,13 @@
 """Tutorial 08 — claim 8: "R-LoRA's two ingredients each improve HydraLoRA" (METHODS.md §7 claim 8, §2.5, §6.1).
 
-R-LoRA is HydraLoRA plus two changes, both aimed at making the heads differ (METHODS §2.5):
+R-LoRA is HydraLoRA plus two changes that make the heads differ (METHODS §2.5): multi-head dropout ("+MT", one
+dropout mask per head after the shared A) and random head init ("+Init", with a frozen compensation C). The R-LoRA
+paper's Table 4 (Qwen2.5-0.5B, 5 unnamed tasks; METHODS §6.1) adds them one at a time: HydraLoRA 72.69, +MT 73.02,
++Init 72.98, both (R-LoRA) 73.59.
 
-    multi-head dropout ("+MT")    the dropout moves after the shared A, one independent mask per head, so the heads
-                                  see different inputs and get different gradients
-    multi-head random init        the heads start as independent random matrices instead of all zero (a frozen
-    ("+Init")                     compensation C keeps the initial function close to the base model)
-
-The R-LoRA paper's ablation (its Table 4, Qwen2.5-0.5B, 5 unnamed tasks; METHODS §6.1) adds them one at a time:
-
-    HydraLoRA    72.69
-    +MT          73.02
-    +Init        72.98
-    R-LoRA       73.59   (both)
-
-Align-LoRA's reading (tutorials 03-05) is that whatever the heads do, the adapter behaves much like one LoRA.
-
-After a toy of seconds (section 0: the heads' gradients at step 0), this tutorial reads grid "8" of
-experiments/claims.py: the four rows as one adapter class at R-LoRA's scaling s = α/√r, rank 4, 3 heads,
-gate/up/down. HydraLoRA is R-LoRA with both ingredients off (`--adapter-options
-multi_head_dropout=false,random_init=false`, exactly HydraLoRA at α/√r:
-tests/test_adapters.py::test_rlora_without_its_ingredients_is_hydra), "+MT" has `random_init=false`, "+Init"
-`multi_head_dropout=false`: each comparison changes one ingredient, not the scale too. Each run carries the
-inter-head cosine of its B matrices. Its modes are the claim readers' (tutorials/common.py). Tests behind it:
-tests/test_adapters.py::test_forward_matches_reference_equation (cases rlora, rlora-mt-only, rlora-init-only),
-tests/test_train.py::test_adapter_options_reach_the_adapter_and_the_saved_config, and TESTS_08.
+This reads grid "8" of experiments/claims.py: the four rows as R-LoRA (s = α/√r, rank 4, 3 heads, gate/up/down)
+with `--adapter-options` switching ingredients off, so each comparison changes one ingredient and not the scale
+(both off is exactly HydraLoRA at α/√r: tests/test_adapters.py::test_rlora_without_its_ingredients_is_hydra).
 """
 
 # %% [setup]
@@ -40,11 +23,9 @@ LABELS = ["hydra-rs", "hydra+mt", "hydra+init", "rlora"]
 
 # %% [markdown]
 # ## 0. The mechanism on a toy, in seconds: the heads' gradients at step 0
-# Claim 8's four rows as R-LoRA with its ingredients switched on and off, from one seed (same base, same
-# router, same batch, same dropout draws), dropout 0.1, on the tiny random Llama; one backward of the LM loss. For one
-# module (layer 0 up_proj): the mean pairwise cosine of the heads' gradients with the router as initialised, the
-# largest difference between head gradients once the router is made uniform (ω_i = 1/N: zeroed), relative to the
-# largest gradient, and the mean cosine of the heads themselves (zero heads have none).
+# The four rows from one seed (same router, batch and dropout draws), one backward of the LM loss. For layer 0
+# up_proj: the heads' gradient cosine, their largest difference under a uniform router (zeroed: ω_i = 1/N) relative
+# to the largest gradient, and the heads' own cosine (zero heads have none).
 
 # %%
 import torch
@@ -61,8 +42,7 @@ TESTS_08 = ["tests/test_adapters.py::test_head_gradients_at_a_uniform_router_dif
 
 
 def toy_mechanism(module="model.layers.0.mlp.up_proj"):
-    """What +MT (per-head dropout) and +Init (random head init) do to one module's heads at step 0 on the toy
-    (R-LoRA, dropout 0.1; pinned by TESTS_08)."""
+    """What +MT and +Init do to one toy module's heads at step 0 (pinned by TESTS_08)."""
     def pair_cos(t):  # mean over i < j of cos(vec t_i, vec t_j)
         u = F.normalize(t.flatten(1), dim=1)
         i, j = torch.triu_indices(len(u), len(u), 1)
@@ -108,19 +88,15 @@ print("\nper task (%); R-LoRA's Table 4 names no tasks, so its averages only:\n"
 print(task_table(c, LABELS, {k: {"Avg": v} for k, v in paper.RLORA_TABLE4.items()}))
 
 # %% [markdown]
-# ## 2. The claimed differences
-# Claim 8: +MT − HydraLoRA (paper +0.33), +Init − HydraLoRA (+0.29), R-LoRA − HydraLoRA (+0.90): resolving them
-# needs 95% intervals narrower than a third of a point to a point.
+# ## 2. The claimed differences: +MT, +Init, R-LoRA − HydraLoRA (paper +0.33, +0.29, +0.90 points)
 
 # %%
 print("\nclaimed differences (points):\n")
 print(comparison_table(c))
 
 # %% [markdown]
-# ## 3. What each ingredient does to the heads
-# Mean inter-head cosine of B after training. Zero-init heads under a router get nearly the same signed Adam step
-# (tutorial 02); per-head dropout gives each head its own input noise; random init starts them orthogonal. Paired
-# over seeds (t interval, 95%); claimed: the ingredient lowers the head cosine.
+# ## 3. What each ingredient does to the heads: mean inter-head cosine of B after training, paired over seeds
+# (t interval, 95%); claimed: the ingredient lowers it (zero heads under a router take nearly the same Adam step)
 
 # %%
 heads = {k: mean_se(list(v.values())) for k in LABELS if (v := c.values(k, head_cosine))}

@@ -4,11 +4,9 @@ Align-LoRA's appendix (Table 9, values not found; METHODS §8) adds its alignmen
 argues against, R-LoRA and M-LoRA, and reports that they improve too: the loss acts on the shared A's output,
 which every member of the family has, so it should not care what sits after A.
 
-After a toy of seconds (section 0), this tutorial reads grid "9" of experiments/claims.py: R-LoRA and M-LoRA (rank
-4, 3 heads, gate/up/down) with and without the KL alignment loss at the paper's λ = 0.1 (`train.py --align-any`),
-and tutorial 06's separation probe on each run. The aligned A-output is A x, before the per-head dropout (METHODS
-§3.1); train.py adds the loss exactly as for `--adapter align` (tests/test_align.py, tests/test_train.py). Its
-modes are the claim readers' (tutorials/common.py).
+This reads grid "9" of experiments/claims.py: R-LoRA and M-LoRA (rank 4, 3 heads, gate/up/down) with and without
+the KL loss at the paper's λ = 0.1 (`train.py --align-any`) on A x, before the per-head dropout (METHODS §3.1), and
+tutorial 06's separation probe on each run.
 """
 
 # %% [setup]
@@ -22,10 +20,8 @@ LABELS = ["rlora", "rlora+align", "mlora", "mlora+align"]
 
 # %% [markdown]
 # ## 0. The mechanism on a toy, in seconds: the loss on R-LoRA's shared A
-# R-LoRA's A-output z = A·x is taken before the per-head dropout, so tutorial 06's loss applies as to a plain LoRA.
-# On the toy (dropout 0.1, train mode): z against A·x from the module's input, and the gradient of one module's loss
-# alone reaches its A, not its heads B_i nor its router (over all modules it also reaches upstream B and routers
-# through the residual stream, as for LoRA).
+# On the toy (dropout 0.1, train mode): z against A·x from the module's input, and one module's loss alone reaches
+# its A, not its heads B_i nor its router (upstream modules' B and routers do get it, as for LoRA).
 
 # %%
 from common import toy
@@ -38,8 +34,7 @@ TESTS_09 = ["tests/test_adapters.py::test_forward_matches_reference_equation",
 
 
 def toy_mechanism(module="model.layers.1.mlp.gate_proj"):
-    """The KL alignment loss on one R-LoRA module's A-output z = A·x of the toy: of that module's tensors only A
-    gets a gradient (pinned by TESTS_09; case rlora of the first)."""
+    """The KL loss on one toy R-LoRA module's z = A·x: only its A gets a gradient (TESTS_09)."""
     model, batches, _ = toy("rlora", dropout=0.1)
     b, m, seen = next(batches), model.get_submodule(module), {}
     hook = m.register_forward_pre_hook(lambda _, inputs: seen.update(x=inputs[0]))
@@ -65,8 +60,7 @@ def toy_mechanism(module="model.layers.1.mlp.gate_proj"):
 mechanism_toy = toy_mechanism()
 
 # %% [markdown]
-# ## 1. Accuracy with and without the alignment loss, beside the base model and the majority label
-# The alignment loss adds no parameters: each pair of rows has the same trainable count.
+# ## 1. Accuracy with and without the alignment loss (which adds no parameters), beside base and majority
 
 # %%
 grids = claim_grids(args.tiny, args.rerun)
@@ -80,17 +74,14 @@ print("\nalignment loss of the last 5 training steps, per seed (0 without the lo
       + "; ".join(f"{name(k)} {', '.join(f'{v:.3g}' for v in vs)}" for k, vs in align.items() if vs))
 
 # %% [markdown]
-# ## 2. The claimed differences
-# Claim 9: R-LoRA + align − R-LoRA and M-LoRA + align − M-LoRA are positive (the paper gives no numbers we found).
+# ## 2. The claimed differences: + align − without, positive for both (the paper gives no numbers we found)
 
 # %%
 print("\nclaimed differences (points):\n")
 print(comparison_table(c))
 
 # %% [markdown]
-# ## 3. The mechanism: does the loss pull the task clusters together when A feeds several heads?
-# Tutorial 06's held-out probe (experiments.analysis.separation_probe), paired over seeds (t interval, 95%);
-# claimed: alignment lowers separation.
+# ## 3. Does the loss pull the task clusters together when A feeds several heads? Tutorial 06's probe, paired
 
 # %%
 probe = probe_table(c, LABELS)

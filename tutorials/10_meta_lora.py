@@ -9,22 +9,15 @@ multi-task LoRA trained on the full data. The adapter is one plain LoRA θ = {A,
                        g_i = ∇L_{Q_i}(θ_i)        (first order, FOMAML: the query gradient at the adapted copy)
     θ ← AdamW(θ, mean_i g_i)                      (train.py's optimizer, schedule and clipping)
 
-Pinned by tests/test_meta.py (k = 0 is plain multi-task LoRA; k = 1, 2 against hand-computed SGD steps; θ never
-written; second order against finite differences; disjoint, resumable episodes; nested K-shot pools).
+The paper's numbers, models, K and hyperparameters were not found (METHODS §2.9, §8), so this reads grid "10" of
+experiments/claims.py (paired seeds; every row one plain LoRA, rank 8, α 32, dropout 0.1, gate/up/down, same steps):
 
-The paper's numbers, models, K and hyperparameters were not found (METHODS §2.9, §8): nanoalign measures the claim
-itself, reading grid "10" of experiments/claims.py (5 paired seeds, every row the same plain LoRA, rank 8, α 32,
-dropout 0.1, gate/up/down, at the same 200 steps and lr):
-
-    MeTA-LoRA K=16, 64, 256   --trainer meta --shots K --meta-support 2 --meta-query 2 (k = 1, α = 0.03, mean,
-                              first order; n = all 3 tasks): the outer gradient on 2 query examples per task, as the
-                              standard trainer's 2 per task per step, at about twice its compute (the inner step)
+    MeTA-LoRA K=16, 64, 256   --trainer meta --shots K --meta-support 2 --meta-query 2 (k = 1, α = 0.03, first
+                              order, all 3 tasks): 2 query examples per task per step, as the standard trainer's 2
     LoRA K=16, 64, 256        the standard trainer on the same K examples per task (--shots K)
     LoRA r=8 ("all the data") the standard trainer on the whole training split (the run claims 4-6 share)
 
-At 200 steps x 2 examples per task "all the data" is 400 examples per task, so K = 256 is nearly full data: a gap
-can only open at K = 16 and 64 (section 2). Section 0 checks one episode by hand on a toy; the modes are the claim
-readers' (tutorials/common.py), --full says what is known of the paper's setting.
+At 200 steps x 2 examples per task "all the data" is 400 per task, so a gap can only open at K = 16 and 64.
 """
 
 # %% [setup]
@@ -58,9 +51,8 @@ def full():
 
 # %% [markdown]
 # ## 0. The mechanism on a toy, in seconds: one episode by hand
-# One MeTA-LoRA episode with plain autograd on the toy (LoRA r=4, B random so every gradient is live, 2 support + 2
-# query examples per task, k = 1, α = 0.03, first order) against meta_step, and how far the adapted copy's query
-# gradient is from the plain gradient at θ (k = 0): what the inner step changes.
+# One first-order episode with plain autograd (LoRA r=4, B random so every gradient is live, 2 + 2 examples per
+# task, k = 1) against meta_step, and its distance from the plain gradient at θ (k = 0): what the inner step changes.
 
 # %%
 import torch
@@ -73,8 +65,7 @@ TESTS_10 = ["tests/test_meta.py::test_first_order_is_the_gradient_at_the_adapted
 
 
 def toy_mechanism():
-    """One first-order episode by hand (per task: copy θ, one SGD step on S_i, the query gradient at the copy; mean
-    over tasks) against meta_step (pinned by TESTS_10)."""
+    """One first-order episode by hand against meta_step (pinned by TESTS_10)."""
     model, _, (pools, pad) = toy("lora")
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -116,9 +107,7 @@ if args.full:
 mechanism_toy = toy_mechanism()
 
 # %% [markdown]
-# ## 1. Accuracy per K
-# Suite average, mean ± SE over seeds, beside the base model and the majority label; "collapsed": tasks where some
-# seed gives one answer to > 90% of the test examples (k/n seeds).
+# ## 1. Accuracy per K, beside the base model and the majority label
 
 # %%
 grids = claim_grids(args.tiny, args.rerun)
@@ -145,8 +134,7 @@ print("\nper task (%):\n")
 print(task_table(c, [label for k in SHOTS for label in (f"meta-k{k}", f"lora-k{k}")] + [FULL]))
 
 # %% [markdown]
-# ## 2. Is there a gap to close? LoRA on all the data − LoRA on K
-# The claim is tested only where LoRA on K is clearly worse than on all the data (paired bootstrap, 95%).
+# ## 2. Is there a gap to close? The claim is tested only where LoRA on K is clearly below LoRA on all the data
 
 # %%
 gaps = {}
@@ -161,9 +149,8 @@ print(markdown(["K", "LoRA all − LoRA K [95% CI]", "seeds", "verdict (positive
                  "0", gaps[k]["verdict"] if k in gaps else "–"] for k in SHOTS]))
 
 # %% [markdown]
-# ## 3. The claim: MeTA-LoRA − LoRA on the same K, and MeTA-LoRA − LoRA on all the data
-# The first is expected positive. The second, "matches or beats" (closes the gap), is judged as claim 3's
-# equivalence (claims.equivalence_verdict: above −1 "not worse", inside ±1 "equivalent", below −1 "worse").
+# ## 3. The claim: MeTA-LoRA − LoRA on the same K (expected positive), and − LoRA on all the data ("matches or
+# beats", judged as claim 3's equivalence, claims.equivalence_verdict)
 
 # %%
 print("\nclaimed differences (points):\n")
@@ -174,13 +161,10 @@ for k in SHOTS:
     by_k.append({"K": k, "vs_same_k": same, "vs_full": full_, "gap": gaps.get(k)})
     print(f"  K={k}: MeTA-LoRA − LoRA K={k}: " + (f"{interval(same)} -> {same['verdict']}" if same else "not run yet")
           + "; − LoRA all data: " + (f"{interval(full_)} -> {full_['verdict']}" if full_ else "not run yet"))
-# These are for our defaults of what the paper leaves open (k = 1, α = 0.03, first order, 2 + 2 examples per task;
-# nanoalign/meta.py); section 5 varies α at K = 16.
+# These hold for our defaults of what the paper leaves open (nanoalign/meta.py); section 5 varies α at K = 16.
 
 # %% [markdown]
-# ## 4. What it cost
-# MeTA-LoRA also runs the inner step on the support batches: about twice the standard trainer's tokens per step.
-# Times are each run's own machine's (its result JSON records it).
+# ## 4. What it cost: MeTA-LoRA's inner step on the support batches about doubles the tokens per step
 
 # %%
 cost = {}
@@ -195,10 +179,8 @@ print(markdown(["method", "median step (ms)", "training per run (min)", "seeds"]
                 for k, v in cost.items()]))
 
 # %% [markdown]
-# ## 5. Is the K = 16 verdict the default α's? MeTA-LoRA's inner learning rate at 0.01, 0.03 (default), 0.1, 0.3
-# The paper's α is unknown (METHODS §2.9). Grid 10-alpha reruns the K = 16 comparison at α/3, 3α and 10α on the same
-# seeds and pools (the 0.03 and LoRA-on-16 rows are claim 10's runs), with SST-2, where K = 16 lost its points, and
-# each seed's most frequent SST-2 answer beside the average.
+# ## 5. Is the K = 16 verdict the default α's? Grid 10-alpha reruns it at α = 0.01, 0.1, 0.3 on the same seeds and
+# pools (the paper's α is unknown, METHODS §2.9), with SST-2 and each seed's most frequent SST-2 answer beside it
 
 # %%
 alpha = grids.read("10-alpha", script="10_meta_lora.py")
@@ -220,12 +202,10 @@ if alpha is not None:
                            "–" if x is None else ", ".join(f"{d:+.1f}" for d in x["seed_diffs"])])
     print("\n" + markdown(["method (K = 16)", "average (%)", f"{focus} (%)", f"{focus}: top answer per seed",
                            "− LoRA K=16 per seed (points)"], alpha_rows))
-# The α values were chosen after seeing the test set (0.3 added after 0.1): that would flatter MeTA-LoRA if an
-# α won.
+# The α values were chosen after seeing the test set: that would flatter MeTA-LoRA if an α won.
 
 # %% [markdown]
 # ## Plot: accuracy vs K (± SE over seeds), the full-data LoRA as a band; the paired differences
-
 
 # %%
 def draw(plt):

@@ -1,12 +1,10 @@
-"""What the tutorials share (none of it is the method; the tutorials call nanoalign): flags, the tiny random model
-of `--tiny`, a real-task mix for a few bare steps, the claim readers' modes, atomic JSON/PNG writing.
+"""What the tutorials share (none of it is the method): flags, the tiny random model of `--tiny`, a real-task mix,
+the claim readers' modes, atomic JSON/PNG writing.
 
-Mechanism tutorials (01, 02, 07), `parser`: (default) smollm2-135m on 2 CPU cores, minutes at most; `--tiny` a
-2-layer random Llama with a byte-level tokenizer (the smoke test); `--full` the paper's GPU-scale setting. Claim
-readers (03-06, 08-10), `reader_parser`: (default) read the cached grid and say which runs are missing and how to
-train them; `--rerun` train what is missing first; `--tiny` a tiny grid in a temp dir, trained and rendered;
-`--full` print the paper's setting and how to run the grid at that scale. All write their JSON and PNG to
-out/tutorials/ (git-ignored, `--out DIR` elsewhere), or with `--update` to the committed tutorials/results/.
+Mechanism tutorials (01, 02, 07), `parser`: smollm2-135m on CPU; `--tiny` a 2-layer random Llama (the smoke test);
+`--full` the paper's GPU-scale setting. Claim readers (03-06, 08-10), `reader_parser`: read the cached grid and name
+the missing runs; `--rerun` train them first; `--tiny` a tiny grid, trained and rendered; `--full` print the
+paper's setting. All write JSON and PNG to out/tutorials/ (`--out DIR`), or with `--update` to tutorials/results/.
 """
 
 import argparse
@@ -49,8 +47,7 @@ QWEN25_3B = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidde
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose parse_args resolves `args.out` (--out, else --update's tutorials/results, else out/tutorials or
-    --tiny's out/tutorials-tiny) and `args.update` (are the committed results written, also via --out?)."""
+    """argparse that resolves `args.out` and `args.update` (are the committed results written, also via --out?)."""
 
     def parse_args(self, args=None, namespace=None):
         args = super().parse_args(args, namespace)
@@ -87,9 +84,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- real tasks, or the builtin suite
 
-# Five real tasks for tutorial 02's few steps on a real mix, from the Align-LoRA task pool, two families (GLUE
-# classification, commonsense multiple choice), picked for short prompts (median 39-79 SmolLM2 tokens) so that a CPU
-# step of one example per task stays well under a second. (The claim grids use the screened suite instead.)
+# Tutorial 02's real mix: Align-LoRA tasks of both families with short prompts, so a CPU step stays cheap
 REAL_TASKS = ("sst2", "cola", "piqa", "siqa", "openbookqa")
 FULL_TASKS = ("sst2", "cola", "mrpc", "qnli", "rte", "boolq", "piqa", "siqa", "arc-easy", "arc-challenge",
               "openbookqa")
@@ -108,10 +103,9 @@ def default_source():
 
 
 def pick_data(args, data_dir=DATA_DIR):
-    """(data spec for train.py, data dir): --data if given; else the real tasks (prepared from the originals once,
-    by data/prepare.py) when their files are there; else the builtin suite, with a printed notice. --tiny keeps the
-    builtin suite unless --data is given (the tiny byte-level tokenizer makes real prompts 4x longer). With --update
-    the builtin suite is an `error:` exit: the committed results were measured on the real tasks."""
+    """(data spec, data dir): --data; else the real tasks (prepared once by data/prepare.py) when their files are
+    there; else the builtin suite with a notice (always with --tiny: byte-level tokens make real prompts 4x longer),
+    an `error:` exit with --update, whose committed results are real-task ones."""
     data, data_dir = choose_data(args, data_dir)
     if data == "builtin" and getattr(args, "update", False):
         raise SystemExit(f"error: --update would replace the committed real-task results in {RESULTS} with a run on "
@@ -154,8 +148,8 @@ TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_
 
 
 def tiny_model_dir(d=None) -> Path:
-    """A model directory nanoalign loads like a real one: a byte-level tokenizer (one token per byte, no merges,
-    plus <eos>/<pad>), config.json and random weights in model.safetensors. Deleted at exit when `d` is None."""
+    """A model directory like a real one: byte-level tokenizer.json, config.json, random model.safetensors. Deleted
+    at exit when `d` is None."""
     from safetensors.torch import save_file
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
@@ -201,11 +195,8 @@ TOY_TASKS = ("alphabet-first", "colour-review", "last-letter")  # three builtin 
 
 
 def toy(kind="lora", seed=0, per_task=2, dropout=0.0, **options):
-    """The mechanism cells' toy (claim tutorials 03-06, 08-10): the tiny random Llama of tiny_model_dir with a
-    `kind` adapter (rank 4, α 8, 3 heads, gate/up/down; `options` go to apply_adapter) applied after
-    torch.manual_seed(seed). Returns (model in train mode, batches, (pools, pad id)): an endless task-balanced stream
-    of micro-batches of TOY_TASKS with `per_task` examples of each task, and the encoded pools it draws from (what
-    meta.MetaSampler takes)."""
+    """The mechanism cells' toy: the tiny random Llama with a `kind` adapter (rank 4, α 8, 3 heads, gate/up/down).
+    Returns (model in train mode, task-balanced batches of TOY_TASKS, (encoded pools, pad id) for MetaSampler)."""
     from nanoalign.adapters import apply_adapter
     global _TOY_DIR
     if _TOY_DIR is None:
@@ -288,8 +279,7 @@ def finish(args, stem, results, draw=None):
 # ----------------------------------------------------------------------------- data and a few bare steps
 
 def task_batches(tok, data="builtin", data_dir=None, per_task=1, seed=0, max_len=128, split="train"):
-    """Task-balanced micro-batches (nanoalign.data.BalancedBatcher) of a task mix (see pick_data), and the task
-    names (sorted: their positions are the task ids)."""
+    """Task-balanced micro-batches of a task mix, and the sorted task names (their positions are the task ids)."""
     tasks = load_tasks(data, split, data_dir=data_dir or DATA_DIR, max_per_task=64, seed=seed)
     return BalancedBatcher(encode_tasks(tok, tasks, max_len), per_task=per_task, seed=seed, pad_id=tok.pad_id), \
         sorted(tasks)
@@ -307,7 +297,7 @@ def lm_loss(model, batch):
 # ----------------------------------------------------------------------------- output
 
 def write_json(path, obj):
-    """nanoalign.plumbing.system.write_json (atomic: a crash never leaves half a results file); returns the path."""
+    """Atomic system.write_json (a crash never leaves half a results file); returns the path."""
     system.write_json(path, obj)
     return Path(path)
 

@@ -2,13 +2,9 @@
 experiments/claims.py (no number typed by hand), plus the per-task tables of claims 1 and 4 in the shape of the
 paper's Table 1.
 
-Each row: the paper's numbers (METHODS §6), ours (mean ± SE over seeds), the paired differences with their 95%
-intervals, the verdict, the budget and seeds; an unmeasured claim names the command that trains it. Claim 7 and
-claim 2's mechanism come from tutorials 07 and 02, which measure them exactly.
-
-    python tutorials/report.py            # reads the cached grids (no prepared data needed), prints markdown only
-    python tutorials/report.py --readme   # ... and writes it into README.md between its two report markers
-    python tutorials/report.py --tiny     # smoke test: a tiny grid of every claim in a temp dir, trained + rendered
+Each row: the paper's numbers (METHODS §6), ours, the paired differences with their 95% intervals, the verdict,
+the budget; an unmeasured claim names the command that trains it. Claim 7 and claim 2's mechanism come from the
+results JSON of tutorials 07 and 02, which measure them exactly.
 """
 
 import argparse
@@ -86,8 +82,8 @@ def seeds_text(c, labels):
 
 
 def claim_row(title, claim, c, labels, pairs, paper_text):
-    """One claim's row from its grid: methods' means, the claimed pairs' intervals and verdicts, and a warning for a
-    method that is not clearly above the base model (its row does not test the claim at this budget, issue 14)."""
+    """One claim's row: means, the claimed pairs' intervals and verdicts, and a warning for a method not clearly
+    above the base model (its row does not test the claim at this budget)."""
     if c is None or not any(c.row(k) for k in labels):
         return not_measured(title, claim, paper_text)
     ours = "; ".join(f"{name(k)} {pm(c.row(k)['average'], c.row(k)['se'])}" if c.row(k) else f"{name(k)} not run"
@@ -121,14 +117,14 @@ def verdicts(found):
 
 
 def budget_text(c, labels):
-    """The row's budget and seeds (the suite itself is named once above the table), and what is missing."""
+    """The row's budget, seeds and missing runs (the suite is named once above the table)."""
     s = c.report["suite"]
     return (f"{s['steps']} steps x {s['batch_per_task']} per task, {s['test_per_task'] or 'all'} test per task; "
             f"{seeds_text(c, labels)}" + (f"; {len(c.missing)} runs missing" if c.missing else ""))
 
 
 def seed_row(title, claim, c, labels, pairs, value, what, paper_text, expect_positive):
-    """A row for a per-run analysis (head cosine, separation): means ± SE and paired differences over seeds."""
+    """A per-run analysis's row (head cosine, separation): means ± SE and differences paired over seeds."""
     vals = {k: v for k in labels if (v := c.values(k, value))} if c else {}
     if not vals:
         return not_measured(title, claim, paper_text)
@@ -208,7 +204,7 @@ def rows(grids, results=RESULTS):
 
 
 def compute_text(read):
-    """Compute spent on the grids: distinct runs (shared runs counted once), their wall time, commits, machines."""
+    """Distinct runs (shared runs once), their wall time, commits, machines."""
     runs = {r["key"]: r for c in read.values() if c for rs in c.runs.values() for r in rs}
     if not runs:
         return "No grid runs cached yet."
@@ -238,8 +234,7 @@ def comparison_text(x):
 
 
 def reading(claim, c):
-    """One claim's comparisons in words, each control beside the comparison it repeats with one thing changed,
-    saying whether the verdict holds."""
+    """One claim's comparisons in words, each control beside the comparison it repeats: does the verdict hold?"""
     lines, by_pair = [], {(x["a"], x["b"]): x for x in c.report["comparisons"]}
     for x in c.report["comparisons"]:
         a, b = CONTROLS.get(x["a"], (x["a"],))[0], CONTROLS.get(x["b"], (x["b"],))[0]
@@ -277,8 +272,7 @@ def spread_text(read):
 
 
 def plain_reading(read):
-    """The claims in words, every number from the cache: per claim its comparisons with both intervals, the
-    combined verdict and the threshold-free one, and each control next to the comparison it repeats."""
+    """The claims in words, every number from the cache (reading() per claim)."""
     parts = ["What the grids say, claim by claim (generated with the table):", ""]
     if (sp := spread_text(read)):
         parts.append(f"- **The budget**: {sp}")
