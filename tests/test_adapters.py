@@ -572,3 +572,24 @@ def test_router_equals_old_computation_and_keeps_no_fp32_copy():
         big_fp32 = lambda ts: [t for t in ts if t.dtype == torch.float32 and t.numel() == x.numel()]
         if dtype == torch.bfloat16:
             assert big_fp32(saved_old) and not big_fp32(saved_new)
+
+
+@pytest.mark.parametrize("cls", [HydraNoRouterLinear, MLoRALinear])
+@pytest.mark.parametrize("heads", [2, 3])
+def test_summed_heads_step_n_squared_as_far_as_averaged(cls, heads):
+    """Heads summed (c_i = 1) vs averaged (c_i = 1/N), same init: each head's gradient carries c and the N heads add
+    with c again, so one SGD step from ΔW = 0 moves ΔW N² times as far (tutorial 04's mechanism; claim 1's
+    step-size control)."""
+    def moved(reduction):
+        torch.manual_seed(0)
+        m = cls(nn.Linear(32, 32), rank=4, alpha=16, heads=heads, head_reduction=reduction)
+        delta_w = lambda: (lambda B, A, s: s * B @ A)(*m.lowrank()).detach()
+        before = delta_w()
+        assert before.abs().max() < 1e-6  # zero heads (HydraLoRA), or the compensation C (M-LoRA)
+        m(torch.randn(64, 32)).pow(2).mean().backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.grad is not None:
+                    p -= 1e-2 * p.grad
+        return (delta_w() - before).norm().item()
+    assert moved("sum") / moved("mean") == pytest.approx(heads ** 2, rel=1e-2)
