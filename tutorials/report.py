@@ -296,7 +296,7 @@ def render(grids, results=RESULTS):
     suites = sorted({suite_text(c).rsplit(";", 1)[0] for c in read.values() if c})
     parts = [("Suite: " + " | ".join(suites) + "." if suites else "Suite: not set yet (experiments/claims.py SUITE).")
              + " Means ± SE are over seeds; differences are paired over the seeds both methods have, each with two "
-             "95% intervals (nanoalign/stats.py): the bootstrap over (seed, example) and the seed-level t interval "
+             "95% intervals (experiments/stats.py): the bootstrap over (seed, example) and the seed-level t interval "
              "(df = seeds − 1). A verdict is 'reproduced' or 'contradicted' only when both intervals exclude 0 on "
              "the same side, 'borderline' when one does and the other does not. The threshold-free column scores "
              "SST-2 (two options) by the AUROC of its option-score margin instead of accuracy, so a shifted decision "
