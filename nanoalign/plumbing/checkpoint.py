@@ -17,12 +17,6 @@ from .adapter_io import load_adapter, save_adapter
 from .system import fsync, read_json, write_atomic
 
 
-@torch.no_grad()
-def all_finite(params):
-    """A 0-dim bool tensor, no host sync: whether the norm of all `params` is finite (False past ~1e19 too)."""
-    return torch.nn.utils.get_total_norm(params).isfinite()
-
-
 def rng_states(device, world):
     """Every rank's torch RNG state (CPU, plus CUDA) as uint8 tensors, gathered so rank 0 can save them all."""
     state = torch.get_rng_state()
@@ -97,7 +91,7 @@ def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, 
     rngs = rng_states(device, world)
     if rank != 0:
         return
-    if not bool(all_finite(params)):
+    if not bool(torch.nn.utils.get_total_norm([p.detach() for p in params]).isfinite()):  # NaN, inf, or > ~1e19
         raise FloatingPointError(f"refusing to write {path} at step {step}: the adapter weights are not finite")
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -36,10 +36,6 @@ LAYER_NAMES = {
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("NANOALIGN_CACHE") or Path.home() / ".cache" / "nanoalign")
-
-
 def is_complete(path: Path) -> bool:
     """Config, weights and tokenizer are there (a file the user deleted after a load error means: convert again)."""
     return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
@@ -64,7 +60,8 @@ def remove_stale_work(root: Path):
 def ensure_smollm2(cache_dir=None) -> Path:
     """The converted SmolLM2-135M-Instruct directory under `cache_dir` (default `$NANOALIGN_CACHE` or
     ~/.cache/nanoalign), converted once in a work directory renamed into place, so none is ever half-complete."""
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    root = Path(cache_dir if cache_dir is not None else os.environ.get("NANOALIGN_CACHE") or
+                Path.home() / ".cache" / "nanoalign")
     target = root / SUBDIR
     if is_complete(target):
         return target

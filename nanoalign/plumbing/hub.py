@@ -58,12 +58,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser() / "hub"
 
 
-def is_offline(offline=None) -> bool:
-    if offline is not None:
-        return bool(offline)
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def inside(root: Path, name, source) -> Path:
     """`root / name` for a file name read from `source` (an index, a header), refusing one that could leave `root`
     (checked on the name, not the resolved path: the HF cache's snapshot files are symlinks into blobs/)."""
@@ -143,8 +137,10 @@ def resolve_model(name_or_path, *, files=None, offline=None, revision: str = "ma
     snap = cached_snapshot(repo_dir, revision)
     if snap is not None and not missing_files(snap, files):
         return snap
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        if is_offline(offline):
+        if offline:
             raise Unreachable("offline")
         if snap is not None:  # complete the cached snapshot at its own commit, so its weights stay in use
             return download(repo, repo_dir, snap.name, files)

@@ -184,13 +184,6 @@ def setup_distributed(device):
     return dist.get_rank(), world, device
 
 
-def all_sum(t, world):
-    """Sum a float64 tensor over ranks (the Ctrl-C flag), so every rank takes the same decision; no host sync."""
-    if world > 1:
-        dist.all_reduce(t)
-    return t
-
-
 def evaluate_all_ranks(model, tok, tasks, env, desc="eval", **kw):
     """`evaluate` with rank r scoring examples r, r + world, ..., gathered back in order on every rank (no rank
     waits in a collective while another evaluates alone: NCCL's watchdog would kill it)."""
@@ -467,7 +460,10 @@ def finish(cfg, env: Env, data: Data, hooks: Hooks):
         except ValueError as e:  # routers are not a plain LoRA at inference
             env.say(f"saved {env.out / 'adapter'} (nanoalign); no PEFT export: {e}")
     stop["saved"] = True
-    if all_sum(torch.tensor([float(stop["flag"])], dtype=torch.float64, device=env.device), env.world).item():
+    flag = torch.tensor([float(stop["flag"])], dtype=torch.float64, device=env.device)
+    if env.world > 1:  # every rank takes the same decision
+        dist.all_reduce(flag)
+    if flag.item():
         skipped = f"; skipped the evaluation: python eval.py --adapter-dir {env.out}" if data.test_tasks else ""
         env.say(f"interrupted: saved {env.out / 'checkpoint'} and {env.out / 'adapter'} at step {run.step} (the "
                 f"last){skipped}")
@@ -475,7 +471,9 @@ def finish(cfg, env: Env, data: Data, hooks: Hooks):
     after = evaluate_tasks(cfg, env, run.model, data, "eval after") if data.test_tasks else None
     if not env.master:
         return None
-    result = {"config": dataclasses.asdict(cfg), "steps": run.step, "final": ce_summary(env.out / "log.jsonl")}
+    ce = [r["ce"] for r in read_log(env.out / "log.jsonl") if "ce" in r]  # a one-glance "did it learn"
+    final = {"ce_first5": sum(ce[:5]) / len(ce[:5]), "ce_last5": sum(ce[-5:]) / len(ce[-5:])} if ce else {}
+    result = {"config": dataclasses.asdict(cfg), "steps": run.step, "final": final}
     if after:
         write_atomic(env.out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for res in after.values()
                                                             for r in res["records"]))
@@ -488,12 +486,6 @@ def finish(cfg, env: Env, data: Data, hooks: Hooks):
         print("\n" + diagnostics_table(after, title="after training: per-task diagnostics"))
     write_atomic(env.out / "results.json", json.dumps(result, indent=2))
     return result
-
-
-def ce_summary(log_path):
-    """Mean CE of the first and last 5 logged steps (a one-glance "did it learn")."""
-    ce = [r["ce"] for r in read_log(log_path) if "ce" in r]
-    return {"ce_first5": sum(ce[:5]) / len(ce[:5]), "ce_last5": sum(ce[-5:]) / len(ce[-5:])} if ce else {}
 
 
 def train(cfg, overwrite=False, train_py=None):

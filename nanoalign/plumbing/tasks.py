@@ -364,10 +364,6 @@ def parse_jsonl(path, parse, labels=None):
     return out
 
 
-def read_with_labels(d, name, labels_name, parse):
-    return parse_jsonl(d / name, parse, read_label_list(d / labels_name))
-
-
 def read_commonsense(task, d, fmt="label"):
     d = Path(d)
     if task == "boolq":  # original: train.jsonl, dev.jsonl (dev = our test)
@@ -376,7 +372,7 @@ def read_commonsense(task, d, fmt="label"):
     if task in ("piqa", "siqa"):
         parse = partial(parse_piqa if task == "piqa" else parse_siqa, fmt=fmt)
         test = "valid" if task == "piqa" else "dev"
-        return {s: read_with_labels(d, f"{n}.jsonl", f"{n}-labels.lst", parse)
+        return {s: parse_jsonl(d / f"{n}.jsonl", parse, read_label_list(d / f"{n}-labels.lst"))
                 for s, n in (("train", "train"), ("test", test)) if (d / f"{n}.jsonl").exists()}
     if task == "hellaswag":  # hellaswag_test.jsonl has no labels
         files = {"train": d / "hellaswag_train.jsonl", "test": d / "hellaswag_val.jsonl"}
@@ -564,10 +560,6 @@ BUILTIN = {
 BUILTIN_SIZES = {"train": 4000, "test": 500}
 
 
-def builtin_split_of(key):
-    return "test" if zlib.crc32(key.encode()) % 10 == 0 else "train"
-
-
 def builtin_examples(task, split, n=None, seed=0):
     """`n` distinct examples (default BUILTIN_SIZES[split]) of a builtin task, deterministic in (task, split, seed)."""
     if task not in BUILTIN:
@@ -581,7 +573,7 @@ def builtin_examples(task, split, n=None, seed=0):
         if len(out) == n:
             break
         key, question, answer, options = gen(rng)
-        if key in seen or builtin_split_of(key) != split:
+        if key in seen or (zlib.crc32(key.encode()) % 10 == 0) != (split == "test"):
             continue
         seen.add(key)
         out.append(example(task, instruction, question, answer, options=options,

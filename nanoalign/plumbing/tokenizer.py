@@ -24,11 +24,6 @@ _CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^<>{}'\"]+
 _LLAMA_DEFAULT_DATE = re.compile(r"date_string\s*=\s*[\"']([^\"']+)[\"']")
 
 
-def _token_text(tok):
-    """tokenizer_config.json writes special tokens as "<s>" or {"content": "<s>", ...}."""
-    return tok.get("content") if isinstance(tok, dict) else tok
-
-
 def _read_json(path: Path) -> dict:
     """A JSON object, {} for a missing file, or a ValueError naming the file (broken, a list, a string)."""
     if not path.is_file():
@@ -75,7 +70,7 @@ class Tokenizer:
     def _id(self, token, key, gen_config, model_config):
         """A special token's id: its text in tokenizer_config.json, else `<key>_id` in generation_config/config; a
         bos/pad key present but null means none (Qwen's `bos_token: null`, whatever generation_config says)."""
-        text = _token_text(token)
+        text = token.get("content") if isinstance(token, dict) else token  # "<s>" or {"content": "<s>", ...}
         if text is None and key in self.config and key != "eos_token":
             return None
         if text is not None and not isinstance(text, str):
