@@ -86,8 +86,7 @@ def save_tensors(tensors, file: Path):
 
 
 def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, world, params):
-    """On every rank (RNG states are gathered); rank 0 writes and syncs `<path>.tmp/`, then renames, so a crash
-    leaves a complete checkpoint at `path` or `<path>.old`. Non-finite weights are never written."""
+    """On every rank; rank 0 writes `<path>.tmp/` then renames, so a crash leaves `path` or `<path>.old` whole."""
     rngs = rng_states(device, world)
     if rank != 0:
         return
@@ -193,8 +192,7 @@ def find_checkpoint(path: Path, say=print) -> Checkpoint:
 
 
 def continue_run_dir(out: Path, ckpt: Checkpoint, say=print):
-    """On resume (rank 0): a damaged live checkpoint goes to checkpoint.bad (the next save would rotate it over the
-    good one); log.jsonl keeps the records up to the checkpoint's step."""
+    """On resume: a damaged live checkpoint to checkpoint.bad, log.jsonl cut to the checkpoint's step."""
     live = out / "checkpoint"
     if ckpt.path != live and live.exists():
         shutil.rmtree(out / "checkpoint.bad", ignore_errors=True)

@@ -12,8 +12,7 @@ from .tasks import (BUILTIN_TASKS, LABEL_ONLY, SUITES, TASK_SUITE, builtin_examp
                     subsample)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# JSONL files of normalised examples
+# ---------------------------------------------------------------------------------- JSONL files of normalised examples
 
 def check_example(ex):
     """The problem with one normalised example as a short phrase, or None when it is well-formed."""
@@ -61,8 +60,7 @@ def write_jsonl(path, rows):
     write_atomic(path, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in rows))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# loading
+# ------------------------------------------------------------------------------------------------------------- loading
 
 def prepare_hint(suite, task=None, split="train"):
     tasks = f" --tasks {task}" if task else ""
@@ -77,12 +75,8 @@ def data_file(data_dir, task, split, fmt="label"):
 
 
 def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None, seed=0, fmt="label"):
-    """{task: examples}, keys sorted (the task-id order), each example with its "index" in the split.
-
-    spec: a suite name, a comma list of tasks, or a JSONL file of normalised examples (then `split` and `fmt` are
-    ignored); a suite's tasks without a prepared file are left out with a note. max_per_task: a random subsample in
-    file order, deterministic in `seed` (None or 0: all). split "dev": for hyperparameters (data/README.md).
-    """
+    """{task: examples} (sorted: the task-id order) of a suite, a comma list of tasks or a JSONL file (data/README.md);
+    max_per_task: a seeded random subsample in file order (None or 0: all). Examples get their "index"."""
     if split not in ("train", "dev", "test"):
         raise ValueError(f"split must be 'train', 'dev' or 'test', got {split!r}")
     check_format(fmt)

@@ -58,8 +58,7 @@ def remove_stale_work(root: Path):
 
 
 def ensure_smollm2(cache_dir=None) -> Path:
-    """The converted SmolLM2-135M-Instruct directory under `cache_dir` (default `$NANOALIGN_CACHE` or
-    ~/.cache/nanoalign), converted once in a work directory renamed into place, so none is ever half-complete."""
+    """The converted SmolLM2-135M-Instruct directory (converted once, in a work directory renamed into place)."""
     root = Path(cache_dir if cache_dir is not None else os.environ.get("NANOALIGN_CACHE") or
                 Path.home() / ".cache" / "nanoalign")
     target = root / SUBDIR

@@ -111,8 +111,7 @@ def cached_snapshot(repo_dir: Path, revision: str = "main"):
 
 
 def resolve_model(name_or_path, *, files=None, offline=None, revision: str = "main") -> Path:
-    """A local directory, an alias or a repo id `Org/Name` (cached, else downloaded) -> the model's directory.
-    `files`: extra files that must be present; `offline` (default `$HF_HUB_OFFLINE`): no network."""
+    """A local directory, an alias or a repo id `Org/Name` (cached, else downloaded) -> the model's directory."""
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -153,8 +152,7 @@ def resolve_model(name_or_path, *, files=None, offline=None, revision: str = "ma
 
 
 def loadable_name(name_or_path):
-    """A name transformers and PEFT load without nanoalign (PEFT's `base_model_name_or_path`): an absolute
-    directory (the embedded model's converted one), or a repo id."""
+    """A name transformers and PEFT load without nanoalign: an absolute directory, or a repo id."""
     if name_or_path is None:
         return None
     name = str(name_or_path)
@@ -261,8 +259,7 @@ def open_url(url: str, offset: int = 0, repo: str = ""):
 
 
 def fetch(url: str, dest: Path, *, repo: str = "", opened=None) -> None:
-    """Download `url` to `dest` through `dest.incomplete` (resumed with a Range request; kept after a short read,
-    deleted after a wrong size or sha256); `dest` appears only when both checks pass."""
+    """Download `url` to `dest` through `dest.incomplete` (resumable); `dest` appears once size and sha256 match."""
     part = dest.with_name(dest.name + ".incomplete")
     if dest.is_file():
         if opened:

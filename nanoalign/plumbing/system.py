@@ -71,8 +71,7 @@ def peak_flops(device):
 
 
 def flops_coefficients(model, train=True):
-    """(per token, per Σ L_i², per logit position): the FLOPs of a step over sequences of real lengths L_i with
-    logits at P positions are  per_token · Σ L_i + per_sq · Σ L_i² + per_logit · P  (module docstring)."""
+    """(per token, per Σ L_i², per logit position) FLOPs of a step, by the module docstring's convention."""
     frozen = trainable = 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if ".layers." in f".{name}" and t.ndim >= 2:

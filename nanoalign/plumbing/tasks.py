@@ -15,8 +15,7 @@ import zlib
 from functools import partial
 from pathlib import Path
 
-# ----------------------------------------------------------------------------------------------------------------
-# suites and caps
+# ----------------------------------------------------------------------------------------------------- suites and caps
 
 GLUE_TASKS = ["sst2", "cola", "qqp", "mrpc", "mnli", "qnli", "rte"]
 COMMONSENSE_TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc-easy", "arc-challenge", "openbookqa"]
@@ -104,8 +103,7 @@ def dev_positions(pool, seen, n=DEV_SIZE, seed=42, salt=""):
     return subsample([i for i, ex in enumerate(pool) if key(ex) not in seen], n, seed=seed, salt=salt)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# low-level readers: every problem names the file and line
+# ------------------------------------------------------------ low-level readers: every problem names the file and line
 
 def read_lines(path):
     """Yield (line_number, text) of the non-blank lines, BOM and line ending removed; non-UTF-8 is a ValueError."""
@@ -145,8 +143,7 @@ def first_existing(d, names, skip_empty=False):
     return next((d / n for n in names if (d / n).exists() and not (skip_empty and (d / n).stat().st_size == 0)), None)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# GLUE: tab-separated, no quoting (the files hold unbalanced '"'); read exactly as download_glue_data.py writes them
+# --- GLUE: tab-separated, no quoting (the files hold unbalanced '"'); read exactly as download_glue_data.py writes them
 
 GLUE = {
     # task: (directory names, text columns, label column, {raw label: label word}, instruction, question)
@@ -246,8 +243,7 @@ def mrpc_from_msr(d, fmt="label"):
             "test": [r for r, k in zip(rows, ids) if k in dev_ids]}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# commonsense
+# --------------------------------------------------------------------------------------------------------- commonsense
 
 def letters(n):
     return [chr(ord("A") + i) for i in range(n)]
@@ -404,8 +400,7 @@ COMMONSENSE_DIRS = {"boolq": ("boolq", "BoolQ"), "piqa": ("piqa", "PIQA"), "siqa
                     "openbookqa": ("openbookqa", "OpenBookQA")}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# math: GSM8K ({"question", "answer": "worked solution ... #### 72"}), scored by generation and its final number
+# --- math: GSM8K ({"question", "answer": "worked solution ... #### 72"}), scored by generation and its final number
 
 def parse_gsm8k(row, fmt="label"):
     """The worked solution ending in "#### <number>", without the calculator annotations "<<48/2=24>>"."""
@@ -422,8 +417,7 @@ def read_math(task, d, fmt="label"):
             if (d / f"{s}.jsonl").exists()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# BBH (evaluation only): {"canary": ..., "examples": [{"input", "target"}]}; 3-shot with the file's first 3 examples
+# --- BBH (evaluation only): {"canary": ..., "examples": [{"input", "target"}]}; 3-shot with the file's first 3 examples
 
 def parse_bbh(task, path):
     """The scored examples of one BBH task file; its first BBH_SHOTS are every prompt's demonstrations (§5.1)."""
@@ -444,8 +438,7 @@ def parse_bbh(task, path):
             for q, a in items[BBH_SHOTS:]]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# one entry point for prepare.py
+# -------------------------------------------------------------------------------------- one entry point for prepare.py
 
 def task_dir(source, task):
     """`<source>/<suite>/<task dir>` for a file-backed task (the first of its accepted directory names present)."""
@@ -483,8 +476,7 @@ def read_task(task, source, seed=42, fmt="label"):
     return {**splits, "dev": dev} if dev else splits
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# builtin suite: generated in code, offline. A small instruct model cannot answer these from the prompt alone
+# --- builtin suite: generated in code, offline. A small instruct model cannot answer these from the prompt alone
 # (arbitrary or flipped label words) but learns them in a few hundred LoRA steps. An input is in the test split iff
 # crc32(input) % 10 == 0, so train and test are disjoint for every seed.
 
