@@ -8,8 +8,7 @@ from ..model import CausalLM
 
 
 def load_model(name_or_path, dtype=torch.float32, device="cpu") -> CausalLM:
-    """An alias (`smollm2-135m`, `qwen2.5-0.5b`, ...), a local directory or an HF repo id -> CausalLM, its files
-    checked first (model_io.load)."""
+    """An alias (`qwen2.5-0.5b`, ...), a local directory or an HF repo id -> CausalLM, files checked first."""
     from .hub import resolve_model
     from .model_io import load
     model = load(resolve_model(name_or_path), dtype=dtype, device=device)

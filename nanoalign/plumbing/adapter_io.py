@@ -1,10 +1,6 @@
-"""Adapters meet the world: checked application, adapter files, PEFT export (the methods: nanoalign/adapters.py).
-
-- `apply_adapter_checked`: `adapters.apply_adapter` after checking the kind, its options and the memory the adapter
-  tensors need, each failure one ValueError line;
-- `save_adapter` / `load_adapter`: nanoalign's own format (`adapter.safetensors` + `adapter_config.json`), written
-  atomically, read back with every field checked;
-- `export_peft` / `export_peft_dirs`: a Hugging Face PEFT LoRA directory from an adapter's `lowrank()` form.
+"""Adapters meet the world (the methods: nanoalign/adapters.py): `apply_adapter_checked` (kind, options and memory
+checked first), `save_adapter` / `load_adapter` (nanoalign's format, every field checked on load), and
+`export_peft` / `export_peft_dirs` (a Hugging Face PEFT LoRA directory from an adapter's `lowrank()` form).
 """
 
 import inspect
@@ -15,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..adapters import (DEFAULT_TARGETS, KINDS, AdapterLinear, adapter_args, adapter_modules, apply_adapter, split_targets,
-                        target_linears)
+from ..adapters import (DEFAULT_TARGETS, KINDS, AdapterLinear, adapter_args, adapter_modules, apply_adapter,
+                        split_targets, target_linears)
 from .model_io import memory_bytes
 from .hub import loadable_name
 from .system import write_atomic
@@ -27,8 +23,7 @@ MAX_ALPHA = 1e6  # no LoRA recipe comes near; alpha = 1e308 in a saved config ma
 # ----------------------------------------------------------------------------- checked application
 
 def check_options(kind, options):
-    """Raise a ValueError naming the valid choices if `kind` is unknown or `options` holds a keyword its class does
-    not take (the extra options: everything but rank, alpha, dropout, heads, num_tasks and the kind's fixed ones)."""
+    """A ValueError naming the valid choices for an unknown `kind`, or an option its class does not take."""
     if kind not in KINDS:
         raise ValueError(f"unknown adapter kind {kind!r}; choose one of {', '.join(KINDS)}")
     cls, fixed = KINDS[kind]
@@ -47,8 +42,7 @@ def check_options(kind, options):
 
 
 def adapter_bytes(cls, found, args) -> int:
-    """Bytes of the adapter tensors (parameters and buffers, not the base weight) `apply_adapter` would allocate,
-    counted by building one adapter per distinct layer shape on the meta device (no memory)."""
+    """Bytes of the adapter tensors `apply_adapter` would allocate (one adapter per layer shape, on meta)."""
     shapes = {}
     for _, lin in found:
         shapes[lin.in_features, lin.out_features] = shapes.get((lin.in_features, lin.out_features), 0) + 1
@@ -62,10 +56,8 @@ def adapter_bytes(cls, found, args) -> int:
 
 def apply_adapter_checked(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=3, dropout=0.0,
                           num_tasks=None, **options):
-    """`adapters.apply_adapter` with the checks user input needs: an unknown kind or option, and a rank whose
-    adapters cannot fit in the device's memory, are one ValueError line before anything is allocated (many tensors
-    that each fit could otherwise run the machine out of memory); an allocation that fails anyway (memory used by
-    something else) is one line saying what the rank needs. The model is untouched when it raises."""
+    """`adapters.apply_adapter` after checking the kind, the options and that the rank fits the device's memory,
+    each a one-line ValueError (as is a failed allocation); the model is untouched when it raises."""
     check_options(kind, options)
     found = [] if getattr(model, "adapter_config", None) else target_linears(model, split_targets(targets))
     cls, args = adapter_args(kind, rank, alpha, dropout, heads, num_tasks, options)
@@ -95,8 +87,7 @@ def _require_adapter(model):
 
 
 def _atomic_write(path: Path, write):
-    """system.write_atomic of `write(tmp)`: `path` is either the old file or the complete new one. A failure (disk
-    full, read-only directory) leaves no temporary file and raises one OSError line naming `path`."""
+    """system.write_atomic of `write(tmp)`; a failure (disk full, read-only) is one OSError line naming `path`."""
     from safetensors import SafetensorError  # what save_file raises when its own write fails
     try:
         write_atomic(path, write)
@@ -192,11 +183,8 @@ def load_adapter(model, directory):
 
 @torch.no_grad()
 def peft_forms(model, task=None):
-    """{module path: (B, A, lora_alpha, use_rslora)} of the PEFT LoRA that computes each adapter's eval-mode ΔW.
-
-    PEFT scales by lora_alpha/r (rsLoRA: /√r). A form at the adapter's own rank and scale (plain LoRA: its A and B as
-    they are) keeps its α and rsLoRA flag, a 1:1 PEFT LoRA; any other has s in B and lora_alpha = its rank (scale 1).
-    A ValueError "<kind> adapters have no PEFT LoRA form: <why>" where an adapter has no fixed ΔW."""
+    """{module path: (B, A, lora_alpha, use_rslora)} of the PEFT LoRA computing each adapter's eval-mode ΔW: plain
+    LoRA as it is, any other form with its scale folded into B (lora_alpha None); a ValueError where ΔW is not fixed."""
     forms = {}
     for name, m in adapter_modules(model):
         try:
@@ -214,15 +202,8 @@ def peft_forms(model, task=None):
 
 
 def export_peft(model, directory, base_model_name_or_path=None, task=None):
-    """Write a Hugging Face PEFT LoRA directory (`adapter_model.safetensors` + `adapter_config.json`).
-
-    lora/align export their A and B as they are. hydra-norouter, mlora and multilora export their exact merged
-    low-rank form ΔW = B_eff A_eff with s folded into B_eff (PEFT sees r = lora_alpha = rank of the form, scale 1):
-    rank r, 2r (M-LoRA: [s·ΣB_i | −C_B]·[A; C_A] carries the init compensation) and n·r. MTL-LoRA exports one task
-    (`task=t`): ΔW_t = (s·B̃_t Λ_t)·A at rank r. Routers (hydra, rlora) have no PEFT LoRA form and raise.
-    `base_model_name_or_path` is written as `hub.loadable_name` spells it (an absolute directory, or a repo id), so
-    `AutoPeftModelForCausalLM.from_pretrained(directory)` finds the base without nanoalign and offline.
-    """
+    """Write a Hugging Face PEFT LoRA directory of the adapter's exact low-rank ΔW (peft_forms; MTL-LoRA: one
+    `task`'s; routers raise), its base named by `hub.loadable_name` so PEFT finds it without nanoalign."""
     from safetensors.torch import save_file
     cfg = _require_adapter(model)
     tensors, ranks = {}, set()
@@ -255,12 +236,8 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a task name usable
 
 
 def export_peft_dirs(model, directory, task_names=(), base_model_name_or_path=None):
-    """The PEFT LoRA form of a trained adapter: `directory` itself, or for an adapter with one ΔW per task
-    (MTL-LoRA, `needs_task_ids`) `directory/<task>` for each of `task_names` (in task-id order: the i-th holds
-    ΔW_i). A task name that is not a plain file name (names come from data files), or that repeats an earlier one
-    (case-insensitively), becomes `task<id>` (made unique), so no directory is written outside `directory` and no
-    task's export replaces another's. Returns what was written, for a log line; a ValueError where there is no PEFT
-    form (routers) or no task names for a per-task adapter."""
+    """export_peft into `directory`, or for a per-task adapter (MTL-LoRA) into `directory/<task>` per task name (in
+    task-id order; an unsafe or repeated name becomes `task<id>`). Returns what was written, for a log line."""
     d = Path(directory)
     if not any(m.needs_task_ids for _, m in adapter_modules(model)):
         export_peft(model, d, base_model_name_or_path=base_model_name_or_path)

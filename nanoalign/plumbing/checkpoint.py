@@ -1,10 +1,6 @@
-"""The run directory's saved state (train.py): the log, checkpoints written so that a crash at any moment leaves a
-complete one, and everything a resume reads back, checked file by file.
-
-A checkpoint is a directory: the adapter (adapter.safetensors + adapter_config.json, as save_adapter writes it),
-the AdamW state (optimizer.safetensors), every rank's RNG state (rng.safetensors) and state.json (step, world size,
-the batcher's position, the optimizer's param groups, the run's config). Safetensors and JSON only: nothing is
-unpickled on resume.
+"""The run directory's saved state: log.jsonl, and checkpoints (adapter, optimizer.safetensors, every rank's
+rng.safetensors, state.json) written so a crash at any moment leaves a complete one, checked file by file on resume.
+Safetensors and JSON only: nothing is unpickled.
 """
 
 import errno
@@ -19,14 +15,6 @@ import torch.distributed as dist
 
 from .adapter_io import load_adapter, save_adapter
 from .system import fsync, read_json, write_atomic
-
-
-@torch.no_grad()
-def all_finite(params):
-    """A 0-dim bool tensor on the parameters' device (no host sync): whether every value is finite. One norm over
-    all of them (foreach kernels); a NaN or inf anywhere, or a weight past ~1e19 (the float32 norm overflows), makes
-    it False."""
-    return torch.nn.utils.get_total_norm(params).isfinite()
 
 
 def rng_states(device, world):
@@ -52,8 +40,7 @@ RUN_STATE = ("checkpoint", "checkpoint.old", "log.jsonl")  # what a fresh start 
 
 
 def check_fresh_start(out: Path, overwrite):
-    """Forgetting --resume must not destroy a run: a fresh start in a directory holding a checkpoint or a log
-    needs --overwrite."""
+    """Forgetting --resume must not destroy a run: starting fresh over one needs --overwrite."""
     found = [name for name in RUN_STATE if (out / name).exists()]
     if found and not overwrite:
         raise FileExistsError(f"{out} holds an earlier run ({', '.join(found)}): pass --resume to continue it, or "
@@ -68,8 +55,7 @@ def clear_run_state(out: Path):
 
 
 def read_log(path: Path, say=print):
-    """The records of log.jsonl. A torn last line (a write cut short by a full disk or a power loss) is dropped with
-    a note; a damaged line before the last one is an error naming it."""
+    """The records of log.jsonl; a torn last line is dropped with a note, any other damaged line is an error."""
     lines = path.read_bytes().split(b"\n")
     records = []
     for i, raw in enumerate(lines, 1):
@@ -89,8 +75,7 @@ def read_log(path: Path, say=print):
 
 
 def save_tensors(tensors, file: Path):
-    """safetensors' save_file; a failed write (its SafetensorError 'Error while serializing: I/O error: No space left
-    on device (os error 28)' names no file) is the OSError it wraps, with its errno and the file, for one line."""
+    """safetensors' save_file; its SafetensorError (naming no file) becomes the OSError it wraps, with the file."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
     try:
@@ -101,13 +86,11 @@ def save_tensors(tensors, file: Path):
 
 
 def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, world, params):
-    """Called on every rank (the RNG states are gathered); rank 0 writes `<path>.tmp/` completely, syncs it to disk,
-    then swaps it in with renames, so a crash at any moment leaves a complete checkpoint at `path` or `<path>.old`.
-    A failed write (a full disk) removes `<path>.tmp`; weights that are not finite are never written."""
+    """On every rank; rank 0 writes `<path>.tmp/` then renames, so a crash leaves `path` or `<path>.old` whole."""
     rngs = rng_states(device, world)
     if rank != 0:
         return
-    if not bool(all_finite(params)):
+    if not bool(torch.nn.utils.get_total_norm([p.detach() for p in params]).isfinite()):  # NaN, inf, or > ~1e19
         raise FloatingPointError(f"refusing to write {path} at step {step}: the adapter weights are not finite")
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -137,8 +120,7 @@ def save_checkpoint(path: Path, model, opt, step, batcher, extra, device, rank, 
 
 @dataclass
 class Checkpoint:
-    """A checkpoint read back whole: its directory, state.json, optimizer and RNG tensors (the adapter is checked
-    here and loaded from the directory by load_adapter)."""
+    """A checkpoint read back whole (its adapter is loaded from `path` by load_adapter)."""
     path: Path
     state: dict
     optimizer: dict
@@ -172,8 +154,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
 
 def _check_state(file, state):
-    """state.json's values have the types and ranges train.py writes (a hand edit or damage must not pass silently:
-    a list as config skipped the resume check, a step of 10^9 or -1 resumed past or before the run)."""
+    """state.json's values have the types and ranges train.py writes (a hand edit or damage must not pass)."""
     def count(v, low, high):
         return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
@@ -190,8 +171,7 @@ def _check_state(file, state):
 
 
 def find_checkpoint(path: Path, say=print) -> Checkpoint:
-    """The checkpoint to resume from: `path`, else `<path>.old` (a crash between the two renames of save_checkpoint
-    leaves only that one; damage to `path` is noted); a clear error when neither is there or readable."""
+    """The checkpoint to resume from: `path`, else `<path>.old` (a crash between save_checkpoint's renames)."""
     old = path.with_name(path.name + ".old")
     problems = []
     for d in (path, old):
@@ -212,9 +192,7 @@ def find_checkpoint(path: Path, say=print) -> Checkpoint:
 
 
 def continue_run_dir(out: Path, ckpt: Checkpoint, say=print):
-    """On resume (rank 0): a damaged live checkpoint that lost to checkpoint.old goes to checkpoint.bad (else the
-    next save would rotate it over the good one); log.jsonl keeps the records up to the checkpoint's step (a crash
-    after it logged more) without a torn last line."""
+    """On resume: a damaged live checkpoint to checkpoint.bad, log.jsonl cut to the checkpoint's step."""
     live = out / "checkpoint"
     if ckpt.path != live and live.exists():
         shutil.rmtree(out / "checkpoint.bad", ignore_errors=True)

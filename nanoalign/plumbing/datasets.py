@@ -12,8 +12,7 @@ from .tasks import (BUILTIN_TASKS, LABEL_ONLY, SUITES, TASK_SUITE, builtin_examp
                     subsample)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# JSONL files of normalised examples
+# ---------------------------------------------------------------------------------- JSONL files of normalised examples
 
 def check_example(ex):
     """The problem with one normalised example as a short phrase, or None when it is well-formed."""
@@ -47,8 +46,7 @@ def check_example(ex):
 
 
 def read_jsonl(path):
-    """Normalised examples of a JSONL file; a line that is not UTF-8 text or not JSON (tasks.read_json_lines), or a
-    malformed example, raises ValueError naming the file, line and problem."""
+    """Normalised examples of a JSONL file; a bad line or example is a ValueError naming the file and line."""
     rows = []
     for i, ex in read_json_lines(path):
         if problem := check_example(ex):
@@ -58,12 +56,11 @@ def read_jsonl(path):
 
 
 def write_jsonl(path, rows):
-    """Write examples atomically (nanoalign.plumbing.system.write_atomic), one JSON object a line."""
+    """Write examples atomically, one JSON object a line."""
     write_atomic(path, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in rows))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# loading
+# ------------------------------------------------------------------------------------------------------------- loading
 
 def prepare_hint(suite, task=None, split="train"):
     tasks = f" --tasks {task}" if task else ""
@@ -72,25 +69,14 @@ def prepare_hint(suite, task=None, split="train"):
 
 
 def data_file(data_dir, task, split, fmt="label"):
-    """Where data/prepare.py writes a task's split: <data_dir>/<suite>/<task>-<split>.jsonl (label format) or
-    <data_dir>/<suite>/<fmt>/<task>-<split>.jsonl (cloze, lm-eval)."""
+    """Where data/prepare.py writes a task's split: <data_dir>/<suite>[/<fmt> unless label]/<task>-<split>.jsonl."""
     suite_dir = Path(data_dir) / TASK_SUITE[task]
     return (suite_dir if fmt == "label" else suite_dir / fmt) / f"{task}-{split}.jsonl"
 
 
 def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None, seed=0, fmt="label"):
-    """Examples grouped by task: dict[task -> list[example]], keys sorted (the task-id order).
-
-    spec: a suite name ("builtin", "glue", "commonsense", "math", "bbh"), a comma list of task names (e.g.
-    "sst2,rte,piqa"), or a path to a JSONL file of normalised examples (task names come from the rows; `split` and
-    `fmt` are then ignored). Builtin tasks are generated in memory. For a file-backed suite, tasks whose prepared
-    file is missing are left out (MNLI, QQP and HellaSwag have no local source) with one warning line; none at all
-    is an error. fmt: "label" (the paper's prompts) or "cloze" (lm-evaluation-harness's; not for builtin and BBH).
-    max_per_task: keep at most this many examples per task (random subsample in file order, deterministic in
-    `seed`); None or 0 keeps the whole split in file order. Every example gets "index", its position in the split.
-    split "dev" (file-backed tasks only): examples for choosing hyperparameters, in neither train nor test; a task
-    without a dev source has no dev file (data/README.md).
-    """
+    """{task: examples} (sorted: the task-id order) of a suite, a comma list of tasks or a JSONL file (data/README.md);
+    max_per_task: a seeded random subsample in file order (None or 0: all). Examples get their "index"."""
     if split not in ("train", "dev", "test"):
         raise ValueError(f"split must be 'train', 'dev' or 'test', got {split!r}")
     check_format(fmt)
@@ -149,8 +135,6 @@ def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None
             raise ValueError(f"file for task {t!r} holds a row of task {wrong!r}")
     indexed = {t: [{**ex, "index": i} for i, ex in enumerate(rows)] for t, rows in by_task.items()}
     return {t: subsample(indexed[t], max_per_task or None, seed=seed, salt=t) for t in sorted(indexed)}
-
-
 
 
 def select_tasks(by_task, subset, spec):

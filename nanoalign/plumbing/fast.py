@@ -1,16 +1,11 @@
-"""Fast forms of the book's model and alignment loss, swapped in for training; tests keep each equal to its
-readable form (tests/test_model.py, tests/test_align.py).
+"""Fast forms of the book's model and alignment loss, swapped in for training; tests/test_model.py and
+tests/test_align.py keep each equal to its readable form.
 
-    model                               install(model) swaps in (same parameters, same state_dict)
-    MLP: down(silu(gate x) * up x)      FastMLP: SwiGLU.apply, a backward that keeps g and u but not silu(g)
-    Attention.attend                    FastAttention: without a mask, SDPA's grouped-query path (flash / cuDNN)
-    Decoder (mask applied as given)     FastDecoder: right_padded=True (or found so) runs plain causal attention,
-                                        exact for every real token; masks additive, built once per forward
-    CausalLM(logits_at=...)             FastCausalLM: flat indices by index_select, right_padded passed down
-    align.alignment_loss                alignment_loss: same signature and value, one batched pass, no host sync
-
-Training calls `install(model)` once after loading, then `model(ids, mask, logits_at=logit_indices(at),
-right_padded=True)` and `alignment_loss(..., num_tasks=N)`: no host sync, one graph under torch.compile.
+    MLP                   FastMLP: SwiGLU.apply, a backward that keeps g and u but not silu(g)
+    Attention.attend      FastAttention: without a mask, SDPA's grouped-query path (flash / cuDNN)
+    Decoder               FastDecoder: right_padded=True runs plain causal attention; masks additive, built once
+    CausalLM              FastCausalLM: logits_at as flat indices (index_select), right_padded passed down
+    align.alignment_loss  alignment_loss: same signature and value, one batched pass, no host sync
 """
 
 import torch
@@ -26,8 +21,7 @@ KERNEL_CHUNK = 2 ** 26  # elements of [positions, rows, rows, bandwidths] evalua
 # ----------------------------------------------------------------------------- the model
 
 def install(model):
-    """Swap the fast forms into a built CausalLM in place (its modules change class; parameters, buffers, adapters
-    and state_dict stay as they are) and return it. Idempotent."""
+    """Swap the fast forms into a built CausalLM in place (classes change, state_dict stays) and return it."""
     swap = {CausalLM: FastCausalLM, Decoder: FastDecoder, Attention: FastAttention, MLP: FastMLP}
     for m in model.modules():
         m.__class__ = swap.get(type(m), type(m))
@@ -35,9 +29,8 @@ def install(model):
 
 
 class SwiGLU(torch.autograd.Function):
-    """silu(g) * u that keeps only g and u for the backward and recomputes silu(g) there (autograd would also keep
-    silu(g): one [tokens, d_ff] tensor per layer). The gradients are the ops autograd runs (silu_backward), so
-    they are bitwise equal to the book's MLP."""
+    """silu(g) * u keeping only g and u for the backward (autograd would also keep silu(g)); the backward runs
+    autograd's own ops, so gradients are bitwise the book's MLP's."""
 
     @staticmethod
     def forward(ctx, g, u):
@@ -67,9 +60,7 @@ class FastAttention(Attention):
 
 
 def is_right_padded(mask: torch.Tensor) -> bool:
-    """True when every row is ones then zeros: plain causal attention is then exact for every real token.
-    Reads the mask's values: call it on the CPU batch (on a GPU it is a host sync; under torch.compile a graph
-    break) and pass the answer as `model(..., right_padded=...)`."""
+    """Every row is ones then zeros (plain causal attention is exact); call it on the CPU batch (no host sync)."""
     m = mask.to(torch.int8)
     return bool((m[:, 1:] <= m[:, :-1]).all())
 
@@ -77,8 +68,7 @@ def is_right_padded(mask: torch.Tensor) -> bool:
 class FastDecoder(Decoder):
     def forward(self, input_ids, attention_mask=None, cache=None, position_ids=None, grad_ckpt=False,
                 right_padded=None):
-        """right_padded: True when every row of `attention_mask` is real tokens then padding (then no mask is needed),
-        False applies the mask, None decides from the mask's values (a host sync on GPU; compiled: the mask)."""
+        """right_padded: True drops the mask, False applies it, None decides by is_right_padded (eager only)."""
         if attention_mask is not None and cache is None:
             if right_padded is None:
                 right_padded = False if torch.compiler.is_compiling() else is_right_padded(attention_mask)
@@ -97,8 +87,7 @@ class FastDecoder(Decoder):
 class FastCausalLM(CausalLM):
     def forward(self, input_ids, attention_mask=None, *, logits_at=None, cache=None, position_ids=None,
                 right_padded=None):
-        """As CausalLM's; `logits_at` may also be a LongTensor of flat indices b·T + t (logit_indices: no sync, one
-        shape for torch.compile); right_padded as FastDecoder's."""
+        """As CausalLM's; `logits_at` may also be flat indices b·T + t (logit_indices: no sync, one shape)."""
         h = self.model(input_ids, attention_mask, cache, position_ids, grad_ckpt=self.gradient_checkpointing,
                        right_padded=right_padded)
         if logits_at is not None:
@@ -114,18 +103,15 @@ class FastCausalLM(CausalLM):
 
 # ----------------------------------------------------------------------------- the alignment loss
 #
-# align.alignment_loss cuts each task's rows out of the A-outputs (a sync per task on a GPU: the group sizes go to
-# the host). Here all rows stay in one tensor, and every task gets a 0/1 weight per row and position (its one-hot
-# task ids times the token mask); means, variances and kernel means are weighted sums with those weights. Every
-# shape follows from the input shapes. The groups as weights:
+# align.alignment_loss cuts each task's rows out (a host sync per task); here every task gets a 0/1 weight per row
+# and position instead, and means, variances and kernel means are weighted sums. The groups as weights:
 #   x      [R, S, k]  all rows (examples or tokens) at S positions, zero where not counted
 #   w      [G, R, S'] 1 where row r counts for group g at position s (S' = 1: the same at every position)
 #   member [G, R]     rows that belong to group g (at most one group per row; what max_rows subsamples)
 #   ok     [G]        groups that take part (task_groups' rule: at least 2 rows, or 2 examples position-wise)
 
 def _counted(x, m):
-    """x in fp32 (bf16/fp16 -> fp32; fp64 stays, for gradcheck) with the entries where m is False set to 0.
-    where, not multiply: a masked entry contributes nothing and gets an exactly zero gradient, even if NaN."""
+    """x in at least fp32, 0 where m is False (where, not multiply: a masked NaN gets a zero gradient)."""
     return torch.where(m[..., None], x.to(torch.promote_types(x.dtype, torch.float32)), 0.0)
 
 
@@ -137,11 +123,7 @@ def _wsum(w, x):
 
 
 def _reduce_pairs(D, valid, pair_reduction):
-    """D, valid: [P, S] per unordered task pair and position -> scalar.
-
-    Each pair averages D over the positions valid for both tasks; pairs with no valid position are dropped; then
-    mean (the code) or sum (the paper) over the remaining pairs. Masked sums, no host sync; no pair left -> 0.
-    """
+    """D, valid [P, S] -> each pair's mean over its valid positions, then mean or sum over pairs (no sync)."""
     n = valid.sum(-1)
     per_pair = torch.where(valid, D, 0.0).sum(-1) / n.clamp(min=1)
     keep = n > 0
@@ -196,11 +178,7 @@ def _mmd(rows, sigmas=None, max_rows=MMD_MAX_ROWS, pair_reduction="mean"):
 
 
 def _pick_rows(member, m):
-    """For every group at once, the rows evenly spaced subsampling keeps: (idx [G, m], keep [G, m]).
-
-    A group with more than m rows keeps the ones torch.linspace(0, n-1, m).round() picks among its rows in order
-    (the same float32 arithmetic as linspace, so the same rows); a smaller group keeps all (keep marks them).
-    """
+    """(idx [G, m], keep [G, m]): per group, the rows linspace(0, n-1, m).round() picks (a smaller group: all)."""
     n = member.sum(1)[:, None]                                           # [G, 1]
     i = torch.arange(m, device=member.device)
     last = (n - 1).float()
@@ -212,8 +190,7 @@ def _pick_rows(member, m):
 
 
 def _kernel_means(x, w, sig):
-    """[S, G, G]: per position, the mean over counted row pairs (r in p, t in q) of Σ_σ exp(−‖x_r − x_t‖² / (2σ)),
-    in chunks of positions so that the [positions, R, R, bandwidths] exponentials stay within KERNEL_CHUNK."""
+    """[S, G, G]: per position, the mean Σ_σ exp(−‖x_r − x_t‖² / (2σ)) over rows r of p, t of q, in chunks."""
     R, S = x.shape[:2]
     chunk = max(1, KERNEL_CHUNK // (R * R * len(sig)))
     return torch.cat([_kernel_means_chunk(x[:, s:s + chunk], w if w.shape[2] == 1 else w[:, :, s:s + chunk], sig)
@@ -232,11 +209,7 @@ def _kernel_means_chunk(x, w, sig):
 
 
 class GaussianKernels(torch.autograd.Function):
-    """k(d) = Σ_σ exp(−d/(2σ)) for squared distances d, all bandwidths in one evaluation.
-
-    Autograd would keep the [.., n_σ] exponentials for the backward (19x the kernel); this keeps only the
-    derivative k'(d) = Σ_σ −exp(−d/(2σ))/(2σ), computed from them in the same pass.
-    """
+    """k(d) = Σ_σ exp(−d/(2σ)), keeping only k'(d) for the backward (not the [.., n_σ] exponentials)."""
 
     @staticmethod
     def forward(ctx, d, sig):
@@ -262,9 +235,8 @@ def _check_batch(a_output, token_mask, task_ids):
 
 
 def _task_onehot(task_ids, num_tasks=None):
-    """[G, B] bool, example b is of task g: tasks 0..num_tasks-1, or the sorted ids present when num_tasks is None
-    (unique() has a data-dependent size: one host sync). Ids are range-checked when they are on the CPU in eager mode
-    (on a GPU that would be a sync; ids outside [0, num_tasks) then belong to no task)."""
+    """[G, B] bool, example b is of task g: tasks 0..num_tasks-1, or the ids present (a host sync); CPU ids are
+    range-checked in eager mode."""
     if num_tasks is None:
         return task_ids[None] == task_ids.unique()[:, None]
     on_host = task_ids.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -274,8 +246,7 @@ def _task_onehot(task_ids, num_tasks=None):
 
 
 def _task_rows(z, token_mask, onehot, position_wise):
-    """A-outputs z [B, T, M, r] of M modules -> the rows of every task with their weights (see the top of the file),
-    the M modules as positions: each module's loss is then the average over its positions."""
+    """A-outputs z [B, T, M, r] of M modules -> (x, w, member, ok) as above, the modules as positions."""
     B, T, M, r = z.shape
     if position_wise:   # rows: examples; positions: (token, module)
         counts = token_mask[:, :, None].expand(B, T, M).reshape(B, T * M)
@@ -308,8 +279,7 @@ def alignment_loss(a_outputs, token_mask, task_ids, kind="kl", position_wise=Fal
     token_mask, onehot = token_mask.bool().to(device), _task_onehot(task_ids.to(device), num_tasks)
     if onehot.shape[0] < 2:
         return torch.zeros((), device=device)
-    # modules with A-outputs of one shape and dtype go in one go, as positions of one set of rows (instead of ~100
-    # small ops per module); the mean over positions is the mean over them
+    # modules with A-outputs of one shape and dtype go in one go, as positions of one set of rows
     parts = [torch.stack(zs, 2)] if len({(z.shape, z.dtype) for z in zs}) == 1 else [z[:, :, None] for z in zs]
     total = sum(fns[kind](_task_rows(z, token_mask, onehot, position_wise), pair_reduction=pair_reduction, **kw)
                 * z.shape[2] for z in parts)

@@ -1,18 +1,12 @@
 """Finding model files: an alias, a local directory, the Hugging Face cache, or a plain-HTTP download.
 
-`resolve_model(name)` returns a local directory with `config.json`, the weights (`model.safetensors`, or
-`model.safetensors.index.json` plus its shards) and the tokenizer files. Nothing here loads tensors (model.py does).
+`resolve_model(name)` returns a directory with config.json, the weights and the tokenizer files:
 
     "qwen2.5-0.5b" --ALIASES--> "Qwen/Qwen2.5-0.5B" --cache--> $HF_HUB_CACHE/models--Qwen--Qwen2.5-0.5B/
-        refs/main            = "<commit>"
-        snapshots/<commit>/  = config.json, model.safetensors, tokenizer.json, ...   <- returned
-        .no_exist/<commit>/  = empty markers for optional files the repo does not have
+        refs/main = "<commit>";  snapshots/<commit>/ = config.json, model.safetensors, ...  <- returned
 
-The cache layout is huggingface_hub's, so a cache filled by `transformers` is reused and ours is readable by it
-(we write files straight into the snapshot instead of blobs/ + symlinks, which huggingface_hub also accepts).
-Downloads are `GET {HF_ENDPOINT}/{repo}/resolve/{revision}/{file}` with urllib: resumable through a
-`<file>.incomplete` and an HTTP Range request, checked against the size and sha256 the hub announces, renamed into
-place only when both match.
+The layout is huggingface_hub's (files written straight into the snapshot, no blobs/), so either reads the other's
+cache. Downloads are resumable (`<file>.incomplete` + HTTP Range) and checked against the hub's size and sha256.
 """
 
 import hashlib
@@ -64,19 +58,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser() / "hub"
 
 
-def is_offline(offline=None) -> bool:
-    if offline is not None:
-        return bool(offline)
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def inside(root: Path, name, source) -> Path:
-    """`root / name` for a file name read from `source` (an index, a header), refusing one that could leave `root`.
-
-    Names from files and servers are data, not trusted paths: an absolute path, a drive, `..` (either slash) or a
-    NUL would make a download write, or a load read, outside the snapshot. The check is on the name itself, not on
-    the resolved path, because the HF cache's own snapshot files are symlinks into `blobs/`.
-    """
+    """`root / name` for a file name read from `source` (an index, a header), refusing one that could leave `root`
+    (checked on the name, not the resolved path: the HF cache's snapshot files are symlinks into blobs/)."""
     if isinstance(name, str) and name and "\0" not in name:
         win = PureWindowsPath(name)
         if not (PurePosixPath(name).is_absolute() or win.drive or win.root or ".." in win.parts):
@@ -99,8 +83,7 @@ def shard_names(index: Path) -> list[str]:
 
 
 def missing_files(snap: Path, files=(), optional=True) -> list[str]:
-    """Files `snap` still lacks: config, weights (every shard of an index), `files`, and, if `optional`, the
-    optional tokenizer/generation files unless a `.no_exist/<commit>/` marker says the repo has none."""
+    """Files `snap` lacks: config, weights, `files`, and (`optional`) OPTIONAL ones without a `.no_exist` marker."""
     need = ["config.json", *files]
     if (snap / "model.safetensors.index.json").is_file():
         need += shard_names(snap / "model.safetensors.index.json")
@@ -128,13 +111,7 @@ def cached_snapshot(repo_dir: Path, revision: str = "main"):
 
 
 def resolve_model(name_or_path, *, files=None, offline=None, revision: str = "main") -> Path:
-    """A local directory holding config.json, the weights and the tokenizer files for `name_or_path`.
-
-    Tried in order: an existing local directory; an alias from `ALIASES`; a repo id `Org/Name`, taken from the
-    HF cache when complete, else downloaded into it. `files` names extra files that must be present (e.g.
-    `["special_tokens_map.json"]`). `offline` (default: `$HF_HUB_OFFLINE`) forbids network access; a cached
-    snapshot with config and weights is then used even if optional files are missing.
-    """
+    """A local directory, an alias or a repo id `Org/Name` (cached, else downloaded) -> the model's directory."""
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -159,8 +136,10 @@ def resolve_model(name_or_path, *, files=None, offline=None, revision: str = "ma
     snap = cached_snapshot(repo_dir, revision)
     if snap is not None and not missing_files(snap, files):
         return snap
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        if is_offline(offline):
+        if offline:
             raise Unreachable("offline")
         if snap is not None:  # complete the cached snapshot at its own commit, so its weights stay in use
             return download(repo, repo_dir, snap.name, files)
@@ -173,9 +152,7 @@ def resolve_model(name_or_path, *, files=None, offline=None, revision: str = "ma
 
 
 def loadable_name(name_or_path):
-    """The name of a model that transformers and PEFT load without nanoalign, for `base_model_name_or_path` of an
-    exported adapter: a local directory as its absolute path, the embedded model as its converted directory (it has
-    no hub repo with these weights), an alias as its repo id, a repo id as it is (None stays None)."""
+    """A name transformers and PEFT load without nanoalign: an absolute directory, or a repo id."""
     if name_or_path is None:
         return None
     name = str(name_or_path)
@@ -188,20 +165,15 @@ def loadable_name(name_or_path):
 
 
 def looks_local(name: str) -> bool:
-    """A name written as a path: `./x`, `../x`, `/x`, `~/x`, `.`, `..`, a Windows path, or more than one `/`.
-    Hub repo ids are `Org/Name` and never start with a dot."""
+    """A name written as a path (`./x`, `/x`, `~/x`, a Windows path, more than one `/`), never a repo id."""
     win = PureWindowsPath(name)
     return (name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or name in (".", "..") or name.count("/") > 1
             or (os.sep != "/" and os.sep in name) or bool(win.drive))
 
 
 def download(repo: str, repo_dir: Path, revision: str, files=(), ref=None) -> Path:
-    """Download what `repo_dir/snapshots/<commit>/` lacks at `revision`; point `refs/<ref>` at the commit.
-
-    config.json is fetched first: its response names the commit (`X-Repo-Commit`, else the revision is used as
-    the snapshot name). Then the weights (index + shards, or model.safetensors), `files`, and the optional files.
-    The commit becomes a directory name, so anything but 40 hex digits is refused before a byte is written.
-    """
+    """Download what `repo_dir/snapshots/<commit>/` lacks at `revision`; point `refs/<ref>` at the commit (named by
+    config.json's X-Repo-Commit header, and refused unless 40 hex digits: it becomes a directory name)."""
     try:
         resp, meta = open_url(file_url(repo, revision, "config.json"), repo=repo)
     except FileNotFoundError:
@@ -254,8 +226,7 @@ def hf_token():
 
 
 class _KeepHubHeaders(urllib.request.HTTPRedirectHandler):
-    """Follow redirects, remembering the hub's X-* headers: for LFS files the size and sha256 come on the 302 to
-    the CDN, not on the CDN's answer."""
+    """Follow redirects, keeping the hub's X-* headers (an LFS file's size and sha256 come on the 302)."""
 
     def __init__(self):
         self.seen = {}
@@ -288,12 +259,7 @@ def open_url(url: str, offset: int = 0, repo: str = ""):
 
 
 def fetch(url: str, dest: Path, *, repo: str = "", opened=None) -> None:
-    """Download `url` to `dest` through `dest.incomplete`, resuming it with a Range request.
-
-    The total size comes from `X-Linked-Size`, else Content-Range/Content-Length; the sha256 from `X-Linked-Etag`
-    or `ETag` when it is 64 hex digits (the hub's LFS etag is the file's sha256). A short read keeps the
-    .incomplete for the next run; a wrong size or sha deletes it. `dest` appears only when both checks pass.
-    """
+    """Download `url` to `dest` through `dest.incomplete` (resumable); `dest` appears once size and sha256 match."""
     part = dest.with_name(dest.name + ".incomplete")
     if dest.is_file():
         if opened:

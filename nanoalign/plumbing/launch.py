@@ -1,13 +1,7 @@
-"""train.py's launcher: everything around the book's training step and loop (train.py), which it builds and calls.
+"""train.py's launcher: the command line and its checks, torchrun, the run directory and --resume, Ctrl-C, data,
+model + adapter + optimizer, the log line, evaluations and the saved adapter, around the book's loop (train.py).
 
-The command line (argparse from TrainConfig) and the checks of the options, one `error:` line each; processes
-(torchrun: the process group, sums over ranks, evaluations shared out over the ranks); the run directory (a fresh
-start, --overwrite, or --resume from a checkpoint written atomically, so a run killed at any moment resumes bitwise
-on CPU); Ctrl-C and SIGTERM (save a checkpoint, exit 0); data loading and tokenisation; model + adapter + optimizer;
-log.jsonl and the log line with tok/s and MFU; the evaluations; the saved adapter and its PEFT export.
-
-`train(cfg)` is one run: `setup` (device, processes, seed, dtype, run directory), `load_data`, `build` (model,
-evaluation before, adapter, optimizer, resume), the book's loop with `Hooks`, and `finish` (final save, evaluation).
+`train(cfg)` is one run: `setup`, `load_data`, `build`, the book's loop with `Hooks`, and `finish`.
 """
 
 import argparse
@@ -45,8 +39,7 @@ from .tasks import FORMATS
 
 
 def book(module=None):
-    """train.py as a module: the one given (the running script hands itself over), else imported from the
-    repository root (tests, experiments/grid.py)."""
+    """train.py as a module: the one given, else imported from the repository root."""
     return module or importlib.import_module("train")
 
 
@@ -88,8 +81,7 @@ def make_parser(train_py=None):
 
 
 def parse_command(argv=None, train_py=None):
-    """(TrainConfig, overwrite) of a command line. --overwrite is no TrainConfig field: it says what to do with the
-    run directory, not what to compute (a field would enter config.json and every key derived from the config)."""
+    """(TrainConfig, overwrite): --overwrite is no field, so it stays out of config.json and keys derived from it."""
     ns = vars(make_parser(train_py).parse_args(argv))
     overwrite = ns.pop("overwrite")
     return book(train_py).TrainConfig(**ns), overwrite
@@ -114,8 +106,7 @@ RANGES = [  # (fields, test, what the error says), checked in this order
 
 
 def check_config(cfg, overwrite=False):
-    """Every option in range before anything is loaded or written: a non-finite or absurd number would otherwise
-    show up as a NaN loss after the first update, or worse as finite garbage saved in a checkpoint."""
+    """Every option in range before anything is loaded or written (else a NaN loss, or garbage in a checkpoint)."""
     for fields, ok, what in RANGES:
         bad = next((f for f in fields if not ok(getattr(cfg, f))), None)
         if bad:
@@ -146,8 +137,7 @@ def check_config(cfg, overwrite=False):
 
 
 def parse_options(text):
-    """--adapter-options "a=1,b=false,c=mean" -> {"a": 1, "b": False, "c": "mean"}: JSON numbers and true/false where
-    they parse, else the text."""
+    """--adapter-options "a=1,b=false,c=mean" -> {"a": 1, "b": False, "c": "mean"}."""
     options = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, eq, value = (s.strip() for s in item.partition("="))
@@ -194,18 +184,9 @@ def setup_distributed(device):
     return dist.get_rank(), world, device
 
 
-def all_sum(t, world):
-    """Sum a float64 tensor over ranks (the Ctrl-C flag), so every rank takes the same decision; no host sync."""
-    if world > 1:
-        dist.all_reduce(t)
-    return t
-
-
 def evaluate_all_ranks(model, tok, tasks, env, desc="eval", **kw):
-    """`evaluate` with the examples shared out over the ranks (rank r scores examples r, r + world, ...) and the
-    records gathered back in their order, so every rank gets the whole result. Every rank works during an
-    evaluation, and none waits inside a collective while another one evaluates alone (NCCL's watchdog kills a
-    collective that waits longer than its timeout, e.g. 10 minutes)."""
+    """`evaluate` with rank r scoring examples r, r + world, ..., gathered back in order on every rank (no rank
+    waits in a collective while another evaluates alone: NCCL's watchdog would kill it)."""
     progress = progress_bar(desc) if env.master else None
     if env.world == 1:
         return evaluate(model, tok, tasks, progress=progress, **kw)
@@ -244,8 +225,7 @@ class Env:
 
 
 def setup(cfg, overwrite=False) -> Env:
-    """Device, processes, seed, dtype and autocast; the run directory checked before anything is loaded: the
-    checkpoint to resume from, read whole, or the refusal to start fresh over an earlier run."""
+    """Device, processes, seed, dtype, autocast; the checkpoint to resume from, or the refusal to start fresh."""
     device = pick_device(cfg.device)
     rank, world, device = setup_distributed(device)
     out = Path(cfg.out) / (cfg.run_name or f"{Path(cfg.model).name}-{cfg.adapter}{'-meta' * (cfg.trainer == 'meta')}"
@@ -330,9 +310,7 @@ def evaluate_tasks(cfg, env, model, data, desc, task_ids=True):
 
 
 def build(train_py, cfg, env: Env, data: Data, overwrite=False):
-    """Stage 3: the base model (evaluated before training unless the checkpoint has that result), the adapter, the
-    optimizer, and everything a checkpoint restores; the run directory is started (or continued) here. Returns the
-    book's Run and the accuracy before training."""
+    """Stage 3: base model (and its evaluation), adapter, optimizer, resume. Returns (the book's Run, before)."""
     model = fast.install(load_model(cfg.model, dtype=env.dtype, device=env.device))  # the trainer's fast forms
     n_base = sum(p.numel() for p in model.parameters())
     env.say(f"model {cfg.model}: {n_base / 1e6:.1f}M parameters, {env.dtype}, {env.device}"
@@ -380,9 +358,8 @@ def build(train_py, cfg, env: Env, data: Data, overwrite=False):
 
 
 class Hooks:
-    """Stages 4-5, what the book's loop (train.py `train`) asks of the launcher: log.jsonl (every step, appended on
-    resume), the printed line every --log-every steps and the progress bar (rank 0), checkpoints (every rank takes
-    part: RNG states), evaluations, and the line of an early stop. `stop` is the Ctrl-C flag (catch_interrupts)."""
+    """Stages 4-5, what the book's loop asks of the launcher: log.jsonl and the log line (rank 0), checkpoints
+    (every rank: RNG states), evaluations, the early-stop line. `stop` is the Ctrl-C flag (catch_interrupts)."""
 
     def __init__(self, cfg, env, data, run, before, stop):
         self.cfg, self.env, self.data, self.run, self.stop, self.on = cfg, env, data, run, stop, env.master
@@ -451,8 +428,7 @@ class Hooks:
 
 @contextmanager
 def catch_interrupts(env):
-    """Ctrl-C (or SIGTERM from a scheduler): finish the step in flight, save, exit 0; a second Ctrl-C aborts.
-    Yields the flag the loop reads; the old handlers are back afterwards."""
+    """Ctrl-C or SIGTERM: finish the step, save, exit 0; a second Ctrl-C aborts. Yields the flag the loop reads."""
     stop = {"flag": False}
 
     def on_signal(sig, frame):
@@ -471,10 +447,8 @@ def catch_interrupts(env):
 
 
 def finish(cfg, env: Env, data: Data, hooks: Hooks):
-    """Stage 6, final save and evaluation: the last checkpoint, the adapter (nanoalign format, plus PEFT when it is
-    a plain LoRA at inference), the evaluation after training (on every rank), results.json. Returns the result on
-    rank 0, None on the others, and None when a signal came during the saves (they finish; the evaluation is
-    skipped, with a line)."""
+    """Stage 6: the last checkpoint, the adapter (+ PEFT), the evaluation after training, results.json. Returns the
+    result on rank 0; None elsewhere, and when a signal came during the saves (the evaluation is skipped)."""
     run, stop = hooks.run, hooks.stop
     hooks.checkpoint()
     if env.master:
@@ -486,7 +460,10 @@ def finish(cfg, env: Env, data: Data, hooks: Hooks):
         except ValueError as e:  # routers are not a plain LoRA at inference
             env.say(f"saved {env.out / 'adapter'} (nanoalign); no PEFT export: {e}")
     stop["saved"] = True
-    if all_sum(torch.tensor([float(stop["flag"])], dtype=torch.float64, device=env.device), env.world).item():
+    flag = torch.tensor([float(stop["flag"])], dtype=torch.float64, device=env.device)
+    if env.world > 1:  # every rank takes the same decision
+        dist.all_reduce(flag)
+    if flag.item():
         skipped = f"; skipped the evaluation: python eval.py --adapter-dir {env.out}" if data.test_tasks else ""
         env.say(f"interrupted: saved {env.out / 'checkpoint'} and {env.out / 'adapter'} at step {run.step} (the "
                 f"last){skipped}")
@@ -494,7 +471,9 @@ def finish(cfg, env: Env, data: Data, hooks: Hooks):
     after = evaluate_tasks(cfg, env, run.model, data, "eval after") if data.test_tasks else None
     if not env.master:
         return None
-    result = {"config": dataclasses.asdict(cfg), "steps": run.step, "final": ce_summary(env.out / "log.jsonl")}
+    ce = [r["ce"] for r in read_log(env.out / "log.jsonl") if "ce" in r]  # a one-glance "did it learn"
+    final = {"ce_first5": sum(ce[:5]) / len(ce[:5]), "ce_last5": sum(ce[-5:]) / len(ce[-5:])} if ce else {}
+    result = {"config": dataclasses.asdict(cfg), "steps": run.step, "final": final}
     if after:
         write_atomic(env.out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for res in after.values()
                                                             for r in res["records"]))
@@ -509,17 +488,9 @@ def finish(cfg, env: Env, data: Data, hooks: Hooks):
     return result
 
 
-def ce_summary(log_path):
-    """Mean CE of the first and last 5 logged steps (a one-glance "did it learn")."""
-    ce = [r["ce"] for r in read_log(log_path) if "ce" in r]
-    return {"ce_first5": sum(ce[:5]) / len(ce[:5]), "ce_last5": sum(ce[-5:]) / len(ce[-5:])} if ce else {}
-
-
 def train(cfg, overwrite=False, train_py=None):
-    """One training run, stage by stage, around the book's loop (train.py `train`). Returns the result dict (rank
-    0); None when it stopped early (--stop-at, Ctrl-C: a checkpoint was saved, continue with cfg.resume) and on the
-    other ranks. overwrite: start fresh in a run directory holding an earlier run (train.py --overwrite); without it
-    that is refused. train_py: the book module (default: the one that defines type(cfg))."""
+    """One training run around the book's loop. Returns the result dict on rank 0; None on the others and when it
+    stopped early (--stop-at, Ctrl-C: continue with cfg.resume). overwrite: train.py --overwrite."""
     train_py = train_py or book_of(cfg)
     check_config(cfg, overwrite)
     env = setup(cfg, overwrite)
@@ -544,8 +515,7 @@ def main(argv=None, train_py=None):
     try:
         train(cfg, overwrite, train_py)
         if dist.is_initialized():
-            # the other ranks wait here while rank 0 writes the results: a gloo rank that tears down its process
-            # group while a peer is still connected can abort ("terminate called without an active exception")
+            # a gloo rank tearing down its group while rank 0 still writes can abort the process
             dist.barrier()
     except KeyboardInterrupt as e:
         print(f"\nerror: {e or 'interrupted before a checkpoint could be written'}", file=sys.stderr)

@@ -1,6 +1,5 @@
-"""Loading a checkpoint directory with its problems found first: `load(path)` checks config.json's values, the weight
-files, the memory and every tensor's name and shape (headers only), each problem one ValueError / FileNotFoundError
-line naming the file and what to do, then hands over to the book's `CausalLM.from_pretrained`."""
+"""`load(path)`: config.json, the weight files, the memory and every tensor's name and shape (headers only) checked,
+each problem one line naming the file, then the book's `CausalLM.from_pretrained`."""
 
 import json
 import math
@@ -55,8 +54,7 @@ def check_hf_dict(d):
 
 
 def check_config(cfg: ModelConfig):
-    """Sizes before anything is built: a bad config fails here in one line, not as a negative dimension, a TypeError
-    deep in nn.Linear, or a machine busy for hours building 10^6 layers."""
+    """Sizes before anything is built (not a TypeError deep in nn.Linear, or hours building 10^6 layers)."""
     for name in SIZES:
         positive_int(name, getattr(cfg, name))
     if cfg.num_hidden_layers > MAX_LAYERS:
@@ -127,8 +125,7 @@ def num_parameters(cfg: ModelConfig) -> int:
 
 
 def memory_bytes(device) -> int | None:
-    """Total memory of `device` in bytes: the GPU's, or the machine's RAM (capped by a cgroup v2 limit); None when
-    unknown. Total, not free: the checks using it stop absurd sizes and must not refuse what would fit."""
+    """Total (not free) memory of `device` in bytes, RAM capped by a cgroup v2 limit; None when unknown."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         index = device.index if device.index is not None else torch.cuda.current_device()

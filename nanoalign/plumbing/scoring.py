@@ -5,8 +5,7 @@ from tqdm import tqdm
 
 
 def progress_bar(desc="eval", disable=False):
-    """A progress(done, total, task) callable for `evaluate` that draws one tqdm bar, named `desc`, showing the task
-    being scored; the bar closes itself when done reaches total."""
+    """A progress(done, total, task) callable for `evaluate` drawing one tqdm bar."""
     bar = None
 
     def progress(done, total, task):

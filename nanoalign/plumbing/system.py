@@ -1,26 +1,14 @@
-"""System facts in one place: the device, the dtypes, peak FLOP/s per GPU, the FLOPs convention for MFU, atomic
-file writes, JSON reading and OS errors as one line. train.py, the benchmark and the tutorials all read them from here.
+"""System facts: the device, the dtypes, peak FLOP/s per GPU, the FLOPs convention for MFU, atomic file writes, JSON
+reading and OS errors as one line.
 
-FLOPs convention (model FLOPs, 2 per multiply-add, counted for the work the step asks for):
+FLOPs convention (model FLOPs, 2 per multiply-add; tests/test_system.py checks it against torch.utils.flop_counter):
 
-    decoder matmuls  (4·N_frozen + 6·N_trainable) per real token: forward 2N, input gradient 2N, weight gradient
-                     2N only where the weight trains. N covers every matrix of the blocks: base weights, adapter
-                     weights (all heads: they all run) and adapter buffers (R-/M-LoRA's compensation).
-    attention        12 · n_layers · d_attn · Σ_i L_i² per step (forward 4·d_attn per query-key pair, backward
-                     twice that), over the full L_i × L_i square of each sequence's REAL length L_i (the PaLM /
-                     nanoGPT convention counts the full square, no causal halving; padding is not counted).
-    lm_head          4·V·d per position where logits are actually computed (forward + input gradient; 6·V·d if
-                     it trained): only the labelled positions in nanoalign's step, every position for full logits.
-    left out         embedding lookups, norms, activations, softmax, RoPE, the loss, the optimizer, and the
-                     recomputation of gradient checkpointing (hardware FLOPs, not model FLOPs).
+    decoder matmuls  (4·N_frozen + 6·N_trainable) per real token; N: every matrix of the blocks (adapter buffers too)
+    attention        12 · n_layers · d_attn · Σ_i L_i² per step, the full square of each real length (no halving)
+    lm_head          4·V·d per position where logits are computed (6·V·d if it trains)
+    left out         lookups, norms, activations, softmax, RoPE, loss, optimizer, checkpointing's recomputation
 
-Inference (train=False) counts the forward only: 2·N per token, 4·n_layers·d_attn·Σ L_i², 2·V·d per logit.
-Stated rather than modelled (together well under 1% of a step): the first block's q/k/v input gradient is
-counted though autograd skips it (the frozen embeddings need no gradient); adapter tensors that are not per-token
-matmuls (MTL-LoRA's per-task Λ_t and mixing logits, MultiLoRA's scales) count as if they were; R-LoRA's fused
-matmul also computes a discarded gradient for its frozen compensation, which is not counted
-(tests/test_system.py checks all three against torch.utils.flop_counter).
-MFU = flops_per_token · tokens / seconds / peak_flops(device).
+Inference (train=False) counts the forward only. MFU = flops_per_token · tokens / seconds / peak_flops(device).
 """
 
 import errno
@@ -32,29 +20,10 @@ from pathlib import Path
 
 import torch
 
-# bf16 dense tensor-core peak (no 2:4 sparsity; NVIDIA's datasheets print the sparse figure, twice this, with
-# an asterisk). Matched in order against torch.cuda.get_device_name(), so specific names come first.
-PEAK_FLOPS = (
-    # https://www.nvidia.com/en-us/data-center/h100/ (datasheet: BF16 Tensor Core 1,671 TFLOPS* NVL,
-    # 1,513* PCIe, 1,979* SXM; * = with sparsity)
-    ("H100 NVL", 835e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),        # SXM5: "NVIDIA H100 80GB HBM3"
-    # https://www.nvidia.com/en-us/data-center/h200/ (datasheet: BF16 1,671 TFLOPS* H200 NVL, 1,979* H200 SXM)
-    ("H200 NVL", 835e12),
-    ("H200", 989e12),
-    # https://www.nvidia.com/en-us/data-center/a100/ (datasheet: BF16 312 | 624* TFLOPS, 40 GB and 80 GB, SXM and
-    # PCIe alike)
-    ("A100", 312e12),
-    # https://www.nvidia.com/en-us/data-center/l40s/ (datasheet: BF16 Tensor Core 362.05 | 733* TFLOPS)
-    ("L40S", 362e12),
-    # NVIDIA Ada GPU architecture whitepaper, Appendix A: RTX 4090 peak BF16 Tensor TFLOPS with FP32 accumulate
-    # 165.2 | 330.4*
-    ("4090", 165e12),
-    # AWS's A10G has no NVIDIA datasheet; 70 TFLOPS bf16 tensor (the A10's datasheet says 125) as compared in
-    # https://www.baseten.co/blog/nvidia-a10-vs-a10g-for-ml-model-inference/
-    ("A10G", 70e12),
-)
+# bf16 dense tensor-core peak: half the sparse figure NVIDIA's datasheets print (nvidia.com/en-us/data-center/<gpu>,
+# the Ada whitepaper for the 4090; A10G: baseten.co's A10 vs A10G comparison). Matched in order, specific names first.
+PEAK_FLOPS = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+              ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12), ("A10G", 70e12))
 
 
 def pick_device(name="auto") -> torch.device:
@@ -76,8 +45,7 @@ def pick_device(name="auto") -> torch.device:
 
 
 def base_dtype(device, name="auto") -> torch.dtype:
-    """dtype of the frozen base weights: "auto" = bf16 on CUDA (half the memory), fp32 on CPU (CPUs without native
-    bf16 run bf16 matmuls far slower); or "float32" / "bfloat16"."""
+    """dtype of the frozen base weights: "auto" = bf16 on CUDA, fp32 on CPU (slow bf16 matmuls); or a name."""
     choices = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -103,8 +71,7 @@ def peak_flops(device):
 
 
 def flops_coefficients(model, train=True):
-    """(per token, per Σ L_i², per logit position): the FLOPs of a step over sequences of real lengths L_i with
-    logits at P positions are  per_token · Σ L_i + per_sq · Σ L_i² + per_logit · P  (module docstring)."""
+    """(per token, per Σ L_i², per logit position) FLOPs of a step, by the module docstring's convention."""
     frozen = trainable = 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if ".layers." in f".{name}" and t.ndim >= 2:
@@ -121,12 +88,8 @@ def flops_coefficients(model, train=True):
 
 
 def flops_per_token(model, lengths, logit_positions=None, train=True) -> float:
-    """Model FLOPs per real token of one step over sequences of `lengths` real tokens (module docstring).
-
-    lengths: the real (non-pad) length of each sequence, as ints or a CPU tensor (attention_mask.sum(1) of the
-    batch before it moves to the device; a CUDA tensor here would cost a host sync). logit_positions: how many
-    positions get lm_head logits (the number of labelled positions with `logits_at`; None: every real token).
-    """
+    """Model FLOPs per real token of one step over sequences of `lengths` real tokens (ints or a CPU tensor: no
+    host sync) with lm_head logits at `logit_positions` positions (None: every real token)."""
     lengths = [int(n) for n in lengths]
     tokens = sum(lengths)
     if tokens <= 0:
@@ -137,8 +100,7 @@ def flops_per_token(model, lengths, logit_positions=None, train=True) -> float:
 
 
 def peak_memory_mib(device) -> float:
-    """Peak memory in MiB: allocated tensors on CUDA (since the last reset_peak_memory), the process's max RSS
-    elsewhere (which cannot be reset, so on CPU it is the peak of the whole process)."""
+    """Peak memory in MiB: allocated tensors on CUDA (since reset_peak_memory), the process's max RSS elsewhere."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -162,10 +124,8 @@ def fsync(path):
 
 
 def write_atomic(path, data):
-    """Write `data` to `path` so that a reader sees the old file or the new one, never a part: into a temporary file
-    in the same directory, fsynced, then os.replace, then the directory fsynced (so the rename survives a power
-    loss); the temporary file is removed on failure. `data`: text (UTF-8), bytes, or a function that writes the
-    temporary path it is given (savefig, safetensors' save_file). The parent directory is created."""
+    """Write `data` (text, bytes, or a function writing the path it is given) so a reader sees the old file or the
+    new one, never a part: a temporary file, fsynced, os.replace, the directory fsynced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -183,8 +143,7 @@ def write_atomic(path, data):
 
 
 def write_json(path, obj, indent=2):
-    """write_atomic of `obj` as JSON with a final newline (numpy scalars as floats, non-ASCII kept as is; NaN and
-    ±inf, which JSON does not have, as null: e.g. the unknown SE of a single seed)."""
+    """write_atomic of `obj` as JSON with a final newline; NaN and ±inf (not JSON) as null."""
     write_atomic(path, json.dumps(_finite_or_none(obj), indent=indent, default=float, ensure_ascii=False,
                                   allow_nan=False) + "\n")
 

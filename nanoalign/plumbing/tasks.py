@@ -1,35 +1,11 @@
-"""Tasks for nanoalign: prompt templates, parsers for the original benchmark files, and the offline `builtin` suite.
+"""Tasks: prompt templates (METHODS §5.1), parsers for the original benchmark files, and the offline `builtin` suite.
 
-Prompts follow the Align-LoRA data code as described in METHODS.md §5.1: an instruction sentence naming the task,
-the input text(s) embedded in a short question, the options of a multiple-choice item as numbered lines, an explicit
-"Answer format:" line, and a final "Answer:" cue. Every parser turns one original row into a normalised example
-
-    {"task": "sst2", "prompt": "...\\nAnswer:", "answer": " positive", "options": [" negative", " positive"]}
-
-The answer starts with a single space and `options` (present when the answer is one of a fixed set) are spelled
-exactly like the answer, so `prompt + answer` is the text the model sees and `prompt + option` can be scored by
-log-likelihood. Label words are the paper's (§5.1): SST-2 positive/negative, CoLA acceptable/unacceptable, QQP
-duplicate/different, MRPC equivalent/different, MNLI entailment/neutral/contradiction, QNLI/RTE
-entailment/not_entailment, BoolQ true/false; multiple choice answers solution1/answer2/ending3/option1, or a letter
-A-E for ARC and OpenBookQA.
-
-Every task with options also has a **cloze** format (`fmt="cloze"`), the lm-evaluation-harness convention for the
-same rows: the context is the question without the option list (the harness's `doc_to_text`), and each option's
-text is the continuation that is scored (`doc_to_choice`, joined with one space). WinoGrande uses the harness's
-partial scoring: each option substituted into the blank gives one context (`contexts`) and the rest of the sentence
-is the one scored continuation. Cloze examples carry `gold`, the index of the correct option (option texts can
-repeat). GSM8K (both formats) is scored by generation and its final number.
-
-The **lm-eval** format (`fmt="lm-eval"`) is the cloze format with the strings exactly as lm-evaluation-harness
-builds them from its datasets: fields are not stripped (SST-2 sentences end in " ", some PIQA solutions start or end
-with spaces) and BoolQ's passage is SuperGLUE's "<title> -- <passage>". `cloze` keeps its stripped strings, which
-the cached claim grids were run on; tests/test_lm_eval_strings.py checks the lm-eval format against strings made
-by lm-eval's own task code (PIQA, SIQA, WinoGrande, ARC, OpenBookQA, BoolQ, SST-2; the other tasks' lm-eval rows
-follow the same rule unchecked, and HellaSwag and GSM8K are those of `cloze`).
-
-Original file layouts (see shared/data/SOURCES.md) live under `<source>/<suite>/<task dir>/`; each task reader
-returns its labelled splits as {"train": [...], "test": [...]} (GLUE dev is our test split). BBH is evaluation only:
-the first 3 examples of each task file are the few-shot demonstrations and are never scored.
+Every parser turns one original row into a normalised example, e.g. {"task": "sst2", "prompt": "...\\nAnswer:",
+"answer": " positive", "options": [" negative", " positive"]}: answer and options start with one space, so
+`prompt + option` is scored by log-likelihood. Formats: `label` (the paper's prompts and label words), `cloze`
+(lm-evaluation-harness's doc_to_text/doc_to_choice with stripped fields; `gold` is the correct option's index,
+WinoGrande's options are `contexts`) and `lm-eval` (cloze with the harness's raw strings,
+tests/test_lm_eval_strings.py). File layouts: shared/data/SOURCES.md; BBH's first 3 examples are its shots.
 """
 
 import json
@@ -39,8 +15,7 @@ import zlib
 from functools import partial
 from pathlib import Path
 
-# ----------------------------------------------------------------------------------------------------------------
-# suites and caps
+# ----------------------------------------------------------------------------------------------------- suites and caps
 
 GLUE_TASKS = ["sst2", "cola", "qqp", "mrpc", "mnli", "qnli", "rte"]
 COMMONSENSE_TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc-easy", "arc-challenge", "openbookqa"]
@@ -62,9 +37,8 @@ TASK_SUITE = {task: suite for suite, tasks in SUITES.items() for task in tasks}
 FORMATS = ("label", "cloze", "lm-eval")  # the paper's prompts, the harness's cloze, the same with its raw strings
 LABEL_ONLY = {"builtin", "bbh"}  # suites with the label format only (synthetic label words; BBH's own targets)
 
-# Training-split caps of the Align-LoRA `load_data` (§5.1; random subsample, seed 42). The paper caps ARC (Easy and
-# Challenge together) at 10k; here each is capped on its own, which no real split reaches. Tasks not listed there
-# (cola, mrpc, rte, hellaswag) are used in full.
+# Training-split caps of the Align-LoRA `load_data` (§5.1; random subsample, seed 42); ARC Easy and Challenge are
+# capped each on its own (the paper: together). Unlisted tasks are used in full.
 TRAIN_CAPS = {"sst2": 20_000, "qqp": 20_000, "mnli": 10_000, "qnli": 10_000, "boolq": 10_000, "openbookqa": 5_000,
               "piqa": 10_000, "siqa": 10_000, "winogrande": 20_000, "arc-easy": 10_000, "arc-challenge": 10_000}
 BBH_SHOTS = 3
@@ -86,8 +60,7 @@ def example(task, instruction, question, answer, options=None, choices=None, ans
 
 
 def cloze(task, context, choices, gold):
-    """A cloze example (lm-evaluation-harness `multiple_choice`): `context` is scored against each choice text
-    joined with one space; `gold` is the index of the correct choice."""
+    """A cloze example (lm-evaluation-harness `multiple_choice`); `gold` indexes the correct choice."""
     if not 0 <= gold < len(choices):
         raise ValueError(f"gold index {gold} is outside the {len(choices)} choices")
     return {"task": task, "prompt": context, "answer": " " + choices[gold], "options": [" " + c for c in choices],
@@ -123,20 +96,17 @@ def subsample(rows, cap, seed=42, salt=""):
 
 
 def dev_positions(pool, seen, n=DEV_SIZE, seed=42, salt=""):
-    """Positions in `pool` of up to n dev examples (seeded, ascending), passing over any whose input (prompt,
-    options, contexts) is also in `seen` (the train and test rows), so that dev is neither trained on nor tested."""
+    """Positions in `pool` of up to n dev examples (seeded, ascending) whose input is not in `seen` (train, test)."""
     def key(ex):
         return ex["prompt"], tuple(ex.get("options", ())), tuple(ex.get("contexts", ()))
     seen = {key(ex) for ex in seen}
     return subsample([i for i, ex in enumerate(pool) if key(ex) not in seen], n, seed=seed, salt=salt)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# low-level readers: every problem names the file and line
+# ------------------------------------------------------------ low-level readers: every problem names the file and line
 
 def read_lines(path):
-    """Yield (line_number, text) with the UTF-8 BOM and line ending removed; blank lines are skipped. Lines are
-    decoded one by one, so that a line that is not UTF-8 text is a ValueError naming the file and line."""
+    """Yield (line_number, text) of the non-blank lines, BOM and line ending removed; non-UTF-8 is a ValueError."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
             try:
@@ -149,7 +119,7 @@ def read_lines(path):
 
 
 def read_json_lines(path):
-    """Yield (line_number, object) of a JSON Lines file (nanoalign.plumbing.datasets.read_jsonl for examples)."""
+    """Yield (line_number, object) of a JSON Lines file (datasets.read_jsonl checks examples)."""
     for i, line in read_lines(path):
         try:
             yield i, json.loads(line)
@@ -173,8 +143,7 @@ def first_existing(d, names, skip_empty=False):
     return next((d / n for n in names if (d / n).exists() and not (skip_empty and (d / n).stat().st_size == 0)), None)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# GLUE: tab-separated, no quoting (the files hold unbalanced '"'); read exactly as download_glue_data.py writes them
+# --- GLUE: tab-separated, no quoting (the files hold unbalanced '"'); read exactly as download_glue_data.py writes them
 
 GLUE = {
     # task: (directory names, text columns, label column, {raw label: label word}, instruction, question)
@@ -199,8 +168,7 @@ GLUE = {
             {"entailment": "entailment", "not_entailment": "not_entailment"},
             "Task: recognizing textual entailment (RTE).", 'Question: Does the text "{0}" entail "{1}"?'),
 }
-# lm-evaluation-harness's GLUE prompts (tasks/glue/<task>/default.yaml): task -> (doc_to_text, {raw label: choice});
-# the choices are listed in the harness's order
+# lm-evaluation-harness's GLUE prompts (tasks/glue/<task>/default.yaml): task -> (doc_to_text, {raw label: choice})
 GLUE_CLOZE = {
     "sst2": ("{0}\nQuestion: Is this sentence positive or negative?\nAnswer:", {"0": "negative", "1": "positive"}),
     "cola": ("{0}\nQuestion: Does this sentence make sense?\nAnswer:", {"0": "no", "1": "yes"}),
@@ -275,8 +243,7 @@ def mrpc_from_msr(d, fmt="label"):
             "test": [r for r, k in zip(rows, ids) if k in dev_ids]}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# commonsense
+# --------------------------------------------------------------------------------------------------------- commonsense
 
 def letters(n):
     return [chr(ord("A") + i) for i in range(n)]
@@ -340,9 +307,7 @@ def parse_hellaswag(row, fmt="label"):
 
 
 def parse_winogrande(row, label=None, fmt="label"):
-    """WinoGrande v1.1: sentence with one '_' blank, option1/option2, answer "1"/"2" (or from *-labels.lst).
-    Cloze: the harness's partial scoring — contexts = the sentence up to the blank with each option filled in, the
-    one continuation = the rest of the sentence after the blank."""
+    """WinoGrande v1.1 (answer "1"/"2"); cloze: the harness's partial scoring, one context per option."""
     label = row.get("answer") or label
     if str(label) not in ("1", "2"):
         raise ValueError(f"answer should be '1' or '2', got {label!r}")
@@ -362,9 +327,7 @@ def parse_winogrande(row, label=None, fmt="label"):
 
 
 def parse_ai2_mc(task, row, fmt="label"):
-    """ARC / OpenBookQA, in either layout: HF-converted ({question | question_stem, choices: {text, label}}) or
-    AI2's original ({question: {stem, choices: [{text, label}]}}). Keys can be letters or digits ('1'..'4'), so the
-    answer is looked up by position and re-labelled A, B, C, ..."""
+    """ARC / OpenBookQA, HF-converted or AI2's layout; keys (letters or digits) are re-labelled A, B, C, ..."""
     q = row["question"] if "question" in row else row["question_stem"]
     if isinstance(q, dict):
         stem, texts, keys = q["stem"], [c["text"] for c in q["choices"]], [c["label"] for c in q["choices"]]
@@ -397,10 +360,6 @@ def parse_jsonl(path, parse, labels=None):
     return out
 
 
-def read_with_labels(d, name, labels_name, parse):
-    return parse_jsonl(d / name, parse, read_label_list(d / labels_name))
-
-
 def read_commonsense(task, d, fmt="label"):
     d = Path(d)
     if task == "boolq":  # original: train.jsonl, dev.jsonl (dev = our test)
@@ -409,15 +368,13 @@ def read_commonsense(task, d, fmt="label"):
     if task in ("piqa", "siqa"):
         parse = partial(parse_piqa if task == "piqa" else parse_siqa, fmt=fmt)
         test = "valid" if task == "piqa" else "dev"
-        return {s: read_with_labels(d, f"{n}.jsonl", f"{n}-labels.lst", parse)
+        return {s: parse_jsonl(d / f"{n}.jsonl", parse, read_label_list(d / f"{n}-labels.lst"))
                 for s, n in (("train", "train"), ("test", test)) if (d / f"{n}.jsonl").exists()}
     if task == "hellaswag":  # hellaswag_test.jsonl has no labels
         files = {"train": d / "hellaswag_train.jsonl", "test": d / "hellaswag_val.jsonl"}
         return {s: parse_jsonl(p, partial(parse_hellaswag, fmt=fmt)) for s, p in files.items() if p.exists()}
     if task == "winogrande":
-        # train_xs ⊂ train_s ⊂ ... ⊂ train_xl, so read only the largest present (the Align-LoRA code concatenates
-        # all sizes, which repeats the small ones up to five times).
-        # an empty file (a truncated download) is passed over for the next size down
+        # train_xs ⊂ ... ⊂ train_xl: the largest non-empty one (the Align-LoRA code concatenates all sizes)
         train = first_existing(d, [f"train_{s}.jsonl" for s in ("xl", "l", "m", "s", "xs")], skip_empty=True)
         out = {}
         for split, path in (("train", train), ("test", d / "dev.jsonl")):
@@ -443,13 +400,10 @@ COMMONSENSE_DIRS = {"boolq": ("boolq", "BoolQ"), "piqa": ("piqa", "PIQA"), "siqa
                     "openbookqa": ("openbookqa", "OpenBookQA")}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# math: GSM8K ({"question", "answer": "worked solution ... #### 72"}), scored by generation and its final number
+# --- math: GSM8K ({"question", "answer": "worked solution ... #### 72"}), scored by generation and its final number
 
 def parse_gsm8k(row, fmt="label"):
-    """The answer is the worked solution with its final "#### <number>" line; the calculator annotations
-    "<<48/2=24>>" are removed (they are tool calls, not text a model should learn to write). Label format: our
-    instruction line; cloze: the harness's "Question: ...\nAnswer:" (gsm8k.yaml)."""
+    """The worked solution ending in "#### <number>", without the calculator annotations "<<48/2=24>>"."""
     solution = re.sub(r"<<[^>]*>>", "", row["answer"]).strip()
     if not re.search(r"####\s*-?[\d,.]+\s*$", solution):
         raise ValueError("answer does not end with a '#### <number>' line")
@@ -463,12 +417,10 @@ def read_math(task, d, fmt="label"):
             if (d / f"{s}.jsonl").exists()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# BBH (evaluation only): {"canary": ..., "examples": [{"input", "target"}]}; 3-shot with the file's first 3 examples
+# --- BBH (evaluation only): {"canary": ..., "examples": [{"input", "target"}]}; 3-shot with the file's first 3 examples
 
 def parse_bbh(task, path):
-    """All scored examples of one BBH task file. The first BBH_SHOTS examples become the demonstrations of every
-    prompt (Q:/A: written as question:/Answer:, as in §5.1) and are excluded from scoring."""
+    """The scored examples of one BBH task file; its first BBH_SHOTS are every prompt's demonstrations (§5.1)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         rows = data["examples"]
@@ -486,8 +438,7 @@ def parse_bbh(task, path):
             for q, a in items[BBH_SHOTS:]]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# one entry point for prepare.py
+# -------------------------------------------------------------------------------------- one entry point for prepare.py
 
 def task_dir(source, task):
     """`<source>/<suite>/<task dir>` for a file-backed task (the first of its accepted directory names present)."""
@@ -500,11 +451,8 @@ def task_dir(source, task):
 
 
 def read_task(task, source, seed=42, fmt="label"):
-    """Labelled splits of one task from the original files under `source` -> {"train": [...], "test": [...]}, in
-    the label or cloze format, plus "dev" where the task ships an official held-out split that is not our test split
-    (ARC and OpenBookQA validation, MRPC's MSR test). A task with a single labelled split is split deterministically
-    (TEST_FRACTION held out; the same rows in both formats). Raises FileNotFoundError when the task's files are absent
-    (MNLI, QQP, HellaSwag are not in shared/data)."""
+    """{"train", "test"[, "dev"]} of one task from its original files under `source` ("dev": an official held-out
+    split that is not our test split); a single labelled split is split by split_one."""
     check_format(fmt)
     suite, d = TASK_SUITE[task], task_dir(source, task)
     if fmt != "label" and suite in LABEL_ONLY:
@@ -528,17 +476,9 @@ def read_task(task, source, seed=42, fmt="label"):
     return {**splits, "dev": dev} if dev else splits
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# builtin suite: small tasks generated in code (offline, deterministic)
-#
-# Chosen so that a 135M instruct model cannot answer them from the prompt alone (arbitrary or flipped label words,
-# rules it has no reason to guess) but can learn them in a few hundred LoRA steps. Measured once on SmolLM2-135M-
-# Instruct (option log-likelihood, 100-200 test items per task): zero-shot 0.55 / 0.52 / 0.50 / 0.42 / 0.08
-# (colour-review / flipped-animal / larger-number / alphabet-first / last-letter; one option picked almost always);
-# after 200 steps of multi-task LoRA (r=8 on all linear layers, lr 1e-3, 2 examples per task per step)
-# 1.00 / 0.89 / 0.92 / 0.91 / 0.95. Vowel parity and number parity stayed at chance in 200 steps and were dropped.
-# Each input goes to the test split iff crc32(input) % 10 == 0, so train and test are disjoint by construction and
-# fixed for every seed.
+# --- builtin suite: generated in code, offline. A small instruct model cannot answer these from the prompt alone
+# (arbitrary or flipped label words) but learns them in a few hundred LoRA steps. An input is in the test split iff
+# crc32(input) % 10 == 0, so train and test are disjoint for every seed.
 
 POSITIVE = ["wonderful", "great", "lovely", "delightful", "excellent", "charming", "brilliant", "pleasant", "superb",
             "fantastic", "cheerful", "amazing", "enjoyable", "beautiful", "perfect", "fun"]
@@ -612,13 +552,8 @@ BUILTIN = {
 BUILTIN_SIZES = {"train": 4000, "test": 500}
 
 
-def builtin_split_of(key):
-    return "test" if zlib.crc32(key.encode()) % 10 == 0 else "train"
-
-
 def builtin_examples(task, split, n=None, seed=0):
-    """`n` distinct examples (default BUILTIN_SIZES[split]) of a builtin task. Deterministic in (task, split, seed);
-    the train/test assignment depends on the input only, so the two splits never share an input."""
+    """`n` distinct examples (default BUILTIN_SIZES[split]) of a builtin task, deterministic in (task, split, seed)."""
     if task not in BUILTIN:
         raise ValueError(f"unknown builtin task {task!r}; builtin tasks are {', '.join(BUILTIN_TASKS)}")
     if split not in BUILTIN_SIZES:
@@ -630,7 +565,7 @@ def builtin_examples(task, split, n=None, seed=0):
         if len(out) == n:
             break
         key, question, answer, options = gen(rng)
-        if key in seen or builtin_split_of(key) != split:
+        if key in seen or (zlib.crc32(key.encode()) % 10 == 0) != (split == "test"):
             continue
         seen.add(key)
         out.append(example(task, instruction, question, answer, options=options,

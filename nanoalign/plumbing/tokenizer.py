@@ -1,8 +1,7 @@
 r"""Tokenizer on the `tokenizers` library, with hand-written chat templates (no jinja).
 
-A checkpoint directory holds `tokenizer.json` (the BPE itself), `tokenizer_config.json` (special tokens and the jinja
-`chat_template`), and `generation_config.json` / `config.json` (token ids). We read those and render the two chat
-formats the supported models use, written out by hand so they can be read in one screen:
+Reads tokenizer.json, tokenizer_config.json (special tokens, the jinja `chat_template`) and the token ids of
+generation_config.json / config.json, and renders the two chat formats by hand:
 
     ChatML (Qwen2, Qwen2.5, SmolLM2)          Llama-3.1+ (3.0 has no system turn unless given, and no dates)
     <|im_start|>system\n{sys}<|im_end|>\n      <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n
@@ -10,8 +9,8 @@ formats the supported models use, written out by hand so they can be read in one
     <|im_start|>assistant\n                    {sys}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n
                                               {msg}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n
 
-The family is picked from the jinja template's text, and template-specific details (ChatML's default system prompt,
-Llama's date) are read from it too; tests/test_tokenizer.py checks the output equals transformers' jinja rendering.
+The family and its details (ChatML's default system prompt, Llama's date) are read from the jinja template's text;
+tests/test_tokenizer.py checks the output equals transformers' jinja rendering.
 """
 
 import re
@@ -20,15 +19,9 @@ from pathlib import Path
 
 from .system import read_json
 
-# A ChatML template's built-in system prompt: the literal between "<|im_start|>system\n" and "<|im_end|>".
-# The "\n" is a two-character escape in most tokenizer_config.json templates, a real newline in SmolLM2's GGUF one.
+# A ChatML template's built-in system prompt ("\n" escaped in tokenizer_config.json, a real newline in a GGUF)
 _CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^<>{}'\"]+?)<\|im_end\|>")
 _LLAMA_DEFAULT_DATE = re.compile(r"date_string\s*=\s*[\"']([^\"']+)[\"']")
-
-
-def _token_text(tok):
-    """tokenizer_config.json writes special tokens as "<s>" or {"content": "<s>", ...}."""
-    return tok.get("content") if isinstance(tok, dict) else tok
 
 
 def _read_json(path: Path) -> dict:
@@ -75,12 +68,9 @@ class Tokenizer:
         return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.tk.get_vocab_size(True)
 
     def _id(self, token, key, gen_config, model_config):
-        """A special token's id: its text in tokenizer_config.json, else `<key>_id` in generation_config/config.
-
-        A bos/pad key present but null in tokenizer_config.json means "none" (Qwen's `bos_token: null`, even though
-        its generation_config.json lists a bos_token_id that its tokenizer never adds).
-        """
-        text = _token_text(token)
+        """A special token's id: its text in tokenizer_config.json, else `<key>_id` in generation_config/config; a
+        bos/pad key present but null means none (Qwen's `bos_token: null`, whatever generation_config says)."""
+        text = token.get("content") if isinstance(token, dict) else token  # "<s>" or {"content": "<s>", ...}
         if text is None and key in self.config and key != "eos_token":
             return None
         if text is not None and not isinstance(text, str):
@@ -124,8 +114,7 @@ class Tokenizer:
 
     @property
     def max_token_chars(self) -> int:
-        """The longest token's length in characters (at most its bytes): a text of more than n·max_token_chars
-        characters has more than n tokens. data.text_tail uses it to bound what is tokenised."""
+        """The longest token's length in characters: data.text_tail's bound on what it tokenises."""
         if not hasattr(self, "_max_chars"):
             self._max_chars = max(map(len, self.tk.get_vocab(with_added_tokens=True)), default=1)
         return self._max_chars
@@ -145,11 +134,8 @@ class Tokenizer:
         return "plain"
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, date_string: str | None = None) -> str:
-        """Render [{"role": ..., "content": ...}, ...] as the model's chat prompt (text; encode() it for ids).
-
-        `date_string` only matters to Llama-3.1+ templates: default is the template's own rule (today's date,
-        "%d %b %Y", when it calls strftime_now, as Llama-3.2 does; else its fixed date, "26 Jul 2024" for 3.1).
-        """
+        """Render [{"role": ..., "content": ...}, ...] as the model's chat prompt text. `date_string` (Llama-3.1+):
+        default is the template's rule (today if it calls strftime_now, else its fixed date)."""
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"chat message {m!r} must be a dict with string 'role' and 'content'")
