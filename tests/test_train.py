@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -487,6 +488,39 @@ def test_ddp_two_processes_gloo(tiny, data, tmp_path):
                                                                     for r in expected]
     assert [x for r in shared for x in r["scores"]] == pytest.approx([x for r in expected for x in r["scores"]],
                                                                      rel=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank-1 process through /proc")
+def test_ddp_peer_killed_ends_in_one_line(tiny, data, tmp_path):
+    """kill -9 of rank 1 under torchrun: rank 0, waiting in a collective, says so in one `error:` line (gloo's
+    "Connection reset by peer" without its traceback), and the checkpoint it left is whole."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *argv(tiny, tmp_path, data[0], "--max-steps", 400, "--batch-per-task", 1,
+                                         "--device", "cpu", "--ckpt-every", 2)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    state = tmp_path / "r" / "checkpoint" / "state.json"
+    deadline = time.time() + 180
+    while not state.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    rank1 = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and rank_of(d, tmp_path) == "1"]
+    assert state.exists() and len(rank1) == 1
+    os.kill(rank1[0], signal.SIGKILL)
+    _, err = p.communicate(timeout=120)
+    ours = [line for line in err.splitlines() if line.startswith("error: rank 0:")]
+    assert len(ours) == 1 and "rerun with --resume" in ours[0], err[-3000:]
+    assert "plumbing/launch.py\", line" not in err and "train.py\", line" not in err  # no traceback of ours
+    assert json.loads(state.read_text())["step"] >= 2
+
+
+def rank_of(proc_dir, out):
+    """RANK of a process training into `out` (None for any other process)."""
+    try:
+        env = dict(kv.split("=", 1) for kv in (proc_dir / "environ").read_text().split("\0") if "=" in kv)
+        cmd = (proc_dir / "cmdline").read_text()
+    except OSError:
+        return None
+    return env.get("RANK") if str(out) in cmd and "train.py" in cmd else None
 
 
 @pytest.mark.parametrize("kind", ["lora", "hydra", "hydra-norouter", "rlora", "mlora", "mtl", "multilora"])

@@ -10,6 +10,7 @@ import importlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 from contextlib import contextmanager
@@ -507,6 +508,12 @@ def train(cfg, overwrite=False, train_py=None):
         return finish(cfg, env, data, hooks) if done else None
 
 
+def peer_failure(e):
+    """The first sentence of a process-group error, without gloo's source-file prefix."""
+    line = (str(e).strip().splitlines() or ["the process group failed"])[0]
+    return re.sub(r"^\[[^\]]*\]\s*", "", line).split(". ")[0]
+
+
 def main(argv=None, train_py=None):
     """`python train.py ...`: one run; a bad input, a full disk or an interrupt ends in one `error:` line."""
     cfg, overwrite = parse_command(argv, train_py)
@@ -527,6 +534,12 @@ def main(argv=None, train_py=None):
             e = os_error_line(e)
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:  # under torchrun: a peer died inside a collective (gloo: "Connection reset by peer")
+        if not dist.is_initialized():
+            raise
+        print(f"error: rank {rank}: {peer_failure(e)}; another process of the run stopped, and checkpoints are written "
+              "whole: rerun with --resume", file=sys.stderr)
         sys.exit(1)
     finally:
         if dist.is_initialized():
