@@ -4,19 +4,10 @@
     python train.py --adapter align --rank 32 --model qwen2.5-0.5b --data commonsense
     torchrun --nproc_per_node 2 train.py ...          # DistributedDataParallel, task balance kept per rank
 
-Every micro-batch holds `--batch-per-task` examples of every task (task ids travel with the batch), so the
-Align-LoRA objective L = L_LM + λ·L_align (METHODS §2.10, §3.7) is computed per micro-batch and back-propagated with
-the LM loss in the same backward. Only answer positions get logits (a 152k vocabulary makes full logits the largest
-tensor of a step). The learning rate is a function of the step, so a run resumed from a checkpoint (adapter,
-optimizer, RNG states, data position) continues the exact same loss curve. A step whose loss, gradient norm or
-updated weights are not finite stops the run before anything of it is written.
-
-This file is the training step and the loop. Everything around them — the command line and its checks, the run
-directory, checkpoints and --resume, Ctrl-C, processes, the log line, evaluation and the saved adapter — is
-nanoalign/plumbing/launch.py, which builds a `Run` and calls `train`.
-
-Writes out/<run>/: config.json, log.jsonl (one record per step), checkpoint/, adapter/ (nanoalign format),
-peft/ (when the adapter is a plain LoRA at inference) and results.json (per-task accuracy before and after).
+Every micro-batch holds `--batch-per-task` examples of every task, so L = L_LM + λ·L_align (METHODS §2.10, §3.7)
+is computed per micro-batch and back-propagated in one backward. Only answer positions get logits: a 152k vocabulary
+makes full logits the largest tensor of a step. The learning rate is a function of the step, so a resumed run
+continues the same loss curve. Writes out/<run>/: config.json, log.jsonl, checkpoint/, adapter/, peft/, results.json.
 """
 
 import nanoalign  # before torch: it sets OMP_WAIT_POLICY (nanoalign/__init__.py)
@@ -45,16 +36,12 @@ def opt(default, help):
 
 @dataclass
 class TrainConfig:
-    """Training options; every field is a kebab-case flag (`max_steps` -> `--max-steps`; the launcher adds the
-    choices of the flags that have a few).
+    """Training options; every field is a kebab-case flag (`max_steps` -> `--max-steps`).
 
     Adapter defaults follow the Align-LoRA code and paper (METHODS §2.1, §2.10): rank 8, α=32, dropout 0.1 on
-    gate/up/down, AdamW without weight decay, symmetric-KL alignment with λ=0.1 (the paper's best; mean over task
-    pairs and modules, added on every micro-batch). The schedule is scaled down so that `python train.py` trains
-    SmolLM2-135M on the 5 builtin tasks in minutes on a CPU: 100 steps of 1 example per task at a high learning
-    rate (more, smaller steps beat fewer, larger ones in this short regime), 40 test examples per task for the
-    before/after accuracy, at most 8 generated tokens (answers are one word). The paper's recipe (lr 2e-4,
-    effective batch 50, one epoch) is for GPUs: --lr 2e-4 --batch-per-task 2 --grad-accum 5 --max-steps 2000.
+    gate/up/down, AdamW without weight decay, symmetric KL with λ=0.1. The schedule is scaled down so the default run
+    fits a CPU (short runs favour more, smaller steps at a high lr); the paper's recipe is
+    --lr 2e-4 --batch-per-task 2 --grad-accum 5 --max-steps 2000.
     """
     # model and adapter
     model: str = opt("smollm2-135m", "alias, local directory or HF repo id")
@@ -151,8 +138,7 @@ def optimizer(cfg, params, device):
 
 
 def to_device(t, device):
-    """A host tensor on `device`; on CUDA through pinned memory and without blocking: the copy queues behind the
-    kernels already launched instead of waiting for them."""
+    """A host tensor on `device`, on CUDA pinned and non-blocking: the copy queues behind launched kernels."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -161,18 +147,12 @@ def to_device(t, device):
 # ----------------------------------------------------------------------------- the loss of one micro-batch
 
 def micro_batch_backward(fwd, model, batch, cfg, align_on, num_tasks, autocast, device, align_fn=alignment_loss):
-    """Forward and backward of one task-balanced micro-batch: L = CE over its answer tokens (METHODS §5.1) + λ·L_align
-    over all its rows (§3.5, §3.7), divided by --grad-accum. Returns (ce, align loss) as 0-dim tensors on the device (read by the host
-    once per step, not per micro-batch), and (real tokens, Σ_rows T_row², logit positions) as Python numbers.
+    """Backward of L = (CE over answer tokens (METHODS §5.1) + λ·L_align over all rows (§3.5)) / grad_accum.
+    Returns (ce, align) as device tensors, read by the host once per step, and the token counts.
 
-    Without gradient checkpointing the rows run as length groups (`length_groups`), one forward each; the CE is
-    summed over the groups' answer tokens and divided by their total, and the alignment loss sees every row's
-    A-outputs at once (right-padded to one length, the padding masked out), so L is the loss of the whole micro-batch
-    and the backward is one. With checkpointing the blocks re-run the adapters during the backward, which must then
-    happen inside the adapter context: one group (and under DDP, whose reducer expects one forward per backward).
-    The forward needs no host sync: the answer positions become flat indices (`logit_indices`) on the host, the rows
-    go to the device by `to_device`, and `right_padded=True` is what the batcher guarantees (BalancedBatcher pads on
-    the right; slicing a group to its longest row, `[:, :T]`, relies on it too)."""
+    The rows run as length groups, one forward each, but CE and L_align are of the whole micro-batch, so the backward
+    is one. With checkpointing the backward re-runs the adapters and must happen inside the adapter context: one
+    group. Right padding (the batcher's) is what lets `[:, :T]` trim a group and the fast forward skip the mask."""
     lengths = batch["attention_mask"].sum(1).tolist()
     one = cfg.grad_ckpt or dist.is_initialized()  # DDP: one forward per backward, as its reducer expects
     groups = [list(range(len(lengths)))] if one else length_groups(lengths, cfg.length_groups)
@@ -237,10 +217,8 @@ class NotFinite(FloatingPointError):
 
 
 def train_step(cfg: TrainConfig, run: Run, stop: dict) -> dict:
-    """One optimizer step: --grad-accum micro-batches (forward + backward), the losses summed over processes,
-    gradient clipping, the AdamW update, and one read of the results by the host, after the update: the losses, the
-    gradient norm and whether the weights are still finite. `stop["flag"]` (a signal, set by the launcher) travels in
-    the same sum, so every process stops after the same step. Returns the step's record; raises NotFinite."""
+    """One optimizer step: --grad-accum micro-batches, clipping, AdamW, then the step's one host sync. The stop flag
+    travels in the same all-reduce, so every process stops after the same step. Raises NotFinite."""
     t0 = time.perf_counter()
     lr = lr_at(run.step, cfg)
     for g in run.opt.param_groups:
@@ -287,10 +265,7 @@ def train_step(cfg: TrainConfig, run: Run, stop: dict) -> dict:
 
 
 def train(cfg: TrainConfig, run: Run, hooks) -> bool:
-    """The loop, from run.step to --max-steps. `hooks` (the launcher's) writes what the loop decides: `log(record)`
-    every step, `checkpoint()` every --ckpt-every steps, `evaluate()` every --eval-every steps, and `stopped()` when
-    a signal (hooks.stop["flag"]) or --stop-at ends the run early, after a checkpoint. Returns whether it reached
-    --max-steps (the launcher then saves the adapter and evaluates it)."""
+    """The loop from run.step to --max-steps; `hooks` log, checkpoint, evaluate. Returns whether it got there."""
     run.model.train()
     while run.step < cfg.max_steps:
         hooks.log(train_step(cfg, run, hooks.stop))

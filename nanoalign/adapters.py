@@ -18,17 +18,13 @@ key a base checkpoint loads into) and adds low-rank parts named like PEFT's (`lo
     mtl              h = W0 x + b + s·(Σ_j softmax(w_t/τ)_j B_j) Λ_t A drop(x)      §2.7 (t = the sample's task)
     multilora        h = W0 x + b + s·Σ_i diag(g_i) B_i A_i drop(x)                §2.8
 
-Each row is one class below, a sibling of `AdapterLinear` whose `forward` is that equation; Σ_i B_i u_i is one
-matmul (`sum_heads`). `lowrank()` gives ΔW = s·B A for merging and PEFT export, or a ValueError saying why there is
-no fixed ΔW (a router: it depends on x; MTL-LoRA: on the task, pass task=t).
+Each row is one class below whose `forward` is that equation; Σ_i B_i u_i is one matmul (`sum_heads`). `lowrank()`
+gives ΔW = s·B A for merging and PEFT export, or a ValueError saying why there is no fixed ΔW.
 
-R-LoRA's code edits the base weight once, W0 ← W0 − C with C = s·(1/N)Σ_i B_i A at init. We keep W0 and subtract C x
-in the forward, C held as two frozen rank-r buffers (`comp_B` = s·Σ_i c_i B_i⁰, `comp_A` = A⁰): the same function,
-but the base checkpoint stays valid and the saved adapter carries C.
+R-LoRA's code edits W0 ← W0 − C once at init. We keep W0 and subtract C x in the forward, C held as two frozen
+rank-r buffers: the same function, but the base checkpoint stays valid and the saved adapter carries C.
 
-Task ids in, A-outputs out, through `adapter_context` (no hooks): the A-output an adapter reports is the tensor
-Align-LoRA aligns (METHODS §3.1); inside nanoalign's decoder it goes into a dict the decoder block returns, so a
-checkpointed or compiled block has no side effects. Files, PEFT export and input checks: plumbing/adapter_io.py.
+Task ids in, A-outputs (the tensor Align-LoRA aligns, METHODS §3.1) out, through `adapter_context`, not hooks.
 """
 
 import inspect
@@ -60,10 +56,8 @@ class AdapterContext:
 
 @contextmanager
 def adapter_context(model, task_ids=None, collect=False):
-    """Share one AdapterContext with every adapter of `model` (and the decoder that hands A-outputs over: every
-    module with an `adapter_ctx`) for the duration of the block; yields it. With gradient checkpointing the forward
-    is re-run during backward: MTL-LoRA then needs its task ids again, so call `.backward()` inside the block.
-    Entries of `a_outputs` are overwritten, never appended, so a re-run never duplicates them."""
+    """Share one AdapterContext with every module of `model` that has an `adapter_ctx`. With gradient checkpointing
+    the backward re-runs the forward, which needs the task ids again: call `.backward()` inside the block."""
     hosts = [m for m in model.modules() if hasattr(m, "adapter_ctx")]
     if task_ids is not None:
         if not torch.is_tensor(task_ids) or task_ids.dim() != 1 or task_ids.is_floating_point():
@@ -103,13 +97,8 @@ def kaiming_(t):
 
 
 class AdapterLinear(nn.Module):
-    """Frozen base linear + adapter; the shared part of every adapter below.
-
-    `mergeable`: the eval-mode ΔW is one fixed matrix (merge_adapters, PEFT export). `needs_task_ids`: the forward
-    reads per-sample task ids from adapter_context(task_ids=...). `lowrank(task=None)` -> (B, A, s) with ΔW = s·B A
-    in fp32 (LoRA: its own A, B and s, which PEFT takes 1:1; the others fold s into B, s = 1), or a ValueError
-    saying why there is no fixed ΔW.
-    """
+    """Frozen base linear + adapter. `mergeable`: the eval-mode ΔW is one fixed matrix. `lowrank(task)` -> (B, A, s)
+    with ΔW = s·B A in fp32 (LoRA keeps its own s, which PEFT takes 1:1; the others fold s into B)."""
     mergeable = True
     needs_task_ids = False
 
@@ -135,14 +124,13 @@ class AdapterLinear(nn.Module):
         return Weight(*shape, device=self.weight.device)
 
     def frozen(self, x):
-        """(W0 x + b, x for the adapter): adapter weights stay fp32 on a bf16 base; under autocast the matmuls pick
-        their dtype themselves."""
+        """(W0 x + b, x for the adapter): fp32 adapter weights on a bf16 base, unless autocast picks the dtype."""
         h = F.linear(x, self.weight, self.bias)
         return h, x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
 
     def add(self, h, delta, z, a_outputs):
-        """h + delta in h's dtype, after handing the A-output z to the alignment loss (METHODS §3.1): into
-        `a_outputs` when the decoder block passed one (it returns them), else into the active context if it collects."""
+        """h + delta, after handing the A-output z to the alignment loss (METHODS §3.1): into the block's `a_outputs`
+        (returned, so a checkpointed block has no side effects), else into a collecting context."""
         if a_outputs is not None:
             a_outputs[self.adapter_name] = z
         elif self.adapter_ctx is not None and self.adapter_ctx.collect:
@@ -239,9 +227,8 @@ def head_weights(m, reduction):
 
 
 def random_init_(m, gamma, code_faithful):
-    """R-LoRA's "unit" init with "stable" rescaling (METHODS §2.5): A ~ N(0, 1/max(r, in)), each B_i independently
-    ~ N(0, 1/max(out, r)), all times out^¼/√γ (paper); code_faithful: r^¼/√γ inside the per-head loop of the
-    released code, so A gets it N times and head i (0-based) N−i times."""
+    """R-LoRA's init (METHODS §2.5): A ~ N(0, 1/max(r, in)), B_i ~ N(0, 1/max(out, r)), times out^¼/√γ (paper);
+    code_faithful: r^¼/√γ inside the released code's per-head loop, so A gets it N times and head i N−i times."""
     A, B, N = m.lora_A.weight, m.lora_B.weight, m.heads
     with torch.no_grad():
         nn.init.normal_(A, std=1 / math.sqrt(max(m.rank, m.in_features)))
@@ -350,13 +337,12 @@ class HydraNoRouterLinear(AdapterLinear):
 
 
 class RLoRALinear(AdapterLinear):
-    """R-LoRA (METHODS §2.5): HydraLoRA with multi-head dropout and multi-head random init (`random_init_`).
+    """R-LoRA (METHODS §2.5): HydraLoRA with multi-head dropout and random init, s = α/√r.
 
-        h = W0 x + b − C x + s·Σ_i ω_i(x) B_i drop_i(A x),   s = α/√r (rank_stabilized, as the R-LoRA script sets)
+        h = W0 x + b − C x + s·Σ_i ω_i(x) B_i drop_i(A x),   C = s·(1/N)Σ_i B_i⁰ A⁰
 
-    C = s·(1/N)Σ_i B_i⁰ A⁰ cancels the initial output only for a uniform router, as in the original. A-output: A x.
-    Its paper's ablation (METHODS §6.1 Table 4): `multi_head_dropout=False` keeps HydraLoRA's one mask on x
-    ("+Init"), `random_init=False` HydraLoRA's init, so C = 0 ("+MT"); both False is HydraLoRA at α/√r, bit for bit.
+    C cancels the initial output only for a uniform router, as in the original. The ablation flags (METHODS §6.1
+    Table 4): multi_head_dropout=False is "+Init", random_init=False (C = 0) "+MT".
     """
     mergeable = False
 
@@ -398,8 +384,7 @@ class MLoRALinear(AdapterLinear):
 
         h = W0 x + b − C x + s·Σ_i c B_i drop_i(A x),   C = s·Σ_i c B_i⁰ A⁰ (exact: the initial function is the base's)
 
-    R-LoRA's init and scale α/√r. Mergeable: in eval mode ΔW = s·(Σ_i c B_i) A − C, rank ≤ 2r. The paper's
-    sum-vs-mean choice is unknown; it only rescales s. A-output: A x.
+    Mergeable: in eval mode ΔW = s·(Σ_i c B_i) A − C, rank ≤ 2r. The paper's sum-vs-mean choice is unknown.
     """
     multi_head_dropout = True
 
@@ -432,9 +417,7 @@ class MTLLoRALinear(AdapterLinear):
 
         z = Λ_t A drop(x),   B̃_t = Σ_j softmax(w_t / τ)_j B_j,   h = W0 x + b + s·B̃_t z
 
-    A kaiming-uniform, Λ_t = I (diagonal=True: a vector of ones), B_j = 0 (`heads` of them), mixing logits
-    w [T, n_B] kaiming-uniform, τ = 0.1; task ids from `adapter_context(model, task_ids=...)`. ΔW depends on t:
-    merge / export one task at a time (task=t), a plain rank-r LoRA. A-output: A·drop(x) (before Λ_t).
+    Λ_t = I, B_j = 0, τ = 0.1. ΔW depends on t: merge or export one task at a time. A-output: A·drop(x), before Λ_t.
     """
     mergeable, needs_task_ids = False, True
 
@@ -498,8 +481,7 @@ class MTLLoRALinear(AdapterLinear):
 class MultiLoRALinear(AdapterLinear):
     """MultiLoRA (METHODS §2.8): h = W0 x + b + s·Σ_i diag(g_i) B_i A_i drop(x), n = `heads` pairs.
 
-    A_i and B_i kaiming-uniform (non-zero), g_i = 0 so ΔW = 0 at step 0; g_i ∈ R^out (scale_granularity="vector",
-    the MTL-LoRA repo's) or one scalar per pair ("scalar", the paper's wording). A-output: [A_1; …; A_n] drop(x).
+    A_i, B_i non-zero and g_i = 0, so ΔW = 0 at step 0; g_i ∈ R^out ("vector", the repo's) or a scalar (the paper's).
     """
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, heads=3, scale_granularity="vector"):
@@ -573,12 +555,8 @@ def adapter_args(kind, rank, alpha, dropout, heads, num_tasks, options):
 
 def apply_adapter(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=3, dropout=0.0, num_tasks=None,
                   **options):
-    """Replace every nn.Linear whose name ends in one of `targets` by a `kind` adapter; freeze everything else.
-
-    Extra `options` go to the adapter class (e.g. rlora: gamma, code_faithful; mlora: head_reduction; mtl:
-    temperature, diagonal; multilora: scale_granularity). The configuration is recorded in `model.adapter_config`.
-    plumbing.adapter_io.apply_adapter_checked checks kind, options and memory first, with one-line errors.
-    """
+    """Replace every nn.Linear named in `targets` by a `kind` adapter (extra `options` go to its class); freeze the
+    rest. The configuration is recorded in `model.adapter_config`."""
     if getattr(model, "adapter_config", None):
         raise ValueError(f"model already has a {model.adapter_config['kind']!r} adapter; merge_adapters() it or "
                          "start from a fresh base model")
@@ -614,11 +592,7 @@ def apply_adapter(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS, heads=
 
 
 def merge_adapters(model, task=None):
-    """Fold every adapter into its base weight (W0 ← W0 + ΔW) and turn it back into a plain nn.Linear.
-
-    `task`: for adapters whose ΔW depends on the task (MTL-LoRA), fold in ΔW_t of that task id; the merged model then
-    computes what the adapter computes for samples of task t.
-    """
+    """W0 ← W0 + ΔW (ΔW_t of `task` for MTL-LoRA) in every adapter, which becomes a plain nn.Linear again."""
     mods = adapter_modules(model)
     if not mods:
         raise ValueError("model has no adapters to merge")
@@ -644,10 +618,7 @@ def count_trainable(model) -> int:
 
 
 def rank_for_budget(model_or_cfg, targets, budget_params) -> int:
-    """The plain-LoRA rank whose trainable count r·Σ(d_in + d_out) over the targets is closest to the budget (§2.2).
-
-    `model_or_cfg`: an nn.Module (a meta-device model is fine), a ModelConfig, or a Hugging Face config dict.
-    """
+    """The plain-LoRA rank whose trainable count r·Σ(d_in + d_out) over the targets is closest to the budget (§2.2)."""
     model = model_or_cfg
     if not isinstance(model, nn.Module):
         from .model import CausalLM, ModelConfig

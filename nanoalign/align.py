@@ -1,37 +1,21 @@
 """Align-LoRA's alignment losses: pull the per-task distributions of LoRA A-outputs together.
 
-Paper: "Align, Don't Divide" (Align-LoRA, arXiv 2508.05078), METHODS.md §2.10 and §3. One plain LoRA is trained
-on a task mixture with
+Paper: "Align, Don't Divide" (Align-LoRA, arXiv 2508.05078), METHODS.md §2.10 and §3. One plain LoRA is trained with
 
     L = L_LM + λ · L_align,      L_align = mean over adapted modules m of  reduce_{p<q} D(Z_m[task p], Z_m[task q])
 
-where Z_m = A_m · drop(X_m) ∈ R^{B×T×r} is module m's A-output (the down-projection, METHODS §3.1) and D is
+where Z_m = A_m · drop(X_m) ∈ R^{B×T×r} is module m's A-output (METHODS §3.1) and D is
 
     A-LoRA-K  symmetric KL between per-task diagonal Gaussians   (kl_alignment_loss,  §3.3)
     A-LoRA-M  multi-kernel Gaussian MMD²                         (mmd_alignment_loss, §3.4)
 
-        Z_m [B, T, r] ──task_groups──▶ [rows of task 0], [rows of task 1], ...  ──D over pairs──▶ scalar
-              (token_mask, task_ids)      token-level [N_t, r]  or  position-wise ([N_t, T, r], mask)
+Deliberate deviations from the released code (§3.6, §3.7): explicit task ids per micro-batch; padding (and by default
+prompt tokens) masked out; token-level pooling by default (`position_wise=True` keeps the code's per-position
+statistics); fp32 throughout; MMD on at most MMD_MAX_ROWS rows per task (its kernel is quadratic in the rows).
+The gradient reaches every lora_A, never a module's own lora_B (B acts after the aligned A-output).
 
-Deviations from the released code (METHODS §3.6, §3.7), on purpose:
-  * computed per micro-batch from explicit task ids (the released sampler is never used and its split is wrong);
-  * padding and, by default, prompt tokens are masked out, and the default pooling is token-level (μ_t, σ²_t ∈ R^r
-    over all counted tokens of task t); `position_wise=True` keeps the code's per-position statistics, over the
-    counted rows at each position (an all-True mask includes padding as the code does);
-  * fp32 throughout (the code runs in bf16 and stores the MMD bandwidths in bf16);
-  * MMD keeps at most MMD_MAX_ROWS evenly spaced rows per task (the kernel grows with the square of the rows);
-  * the A-outputs come from the forward itself (no hooks) and the loss goes into the LM loss's backward, so
-    (non-reentrant) gradient checkpointing gives the same gradient (§3.6 item 3).
-
-Where the gradient goes: every lora_A, never a module's own lora_B (B acts after the aligned A-output). It does
-reach the B of every earlier module that feeds a later adapted module through the residual stream.
-
-λ conventions (§3.5): the code adds λ=0.2 · (mean over pairs, mean over modules) on the last micro-step only, so
-its weight relative to the mean LM loss is λ/grad_accum; here it is added on every micro-step like the LM loss
-(emulate the code with λ_eff = λ/grad_accum). The paper (per reviews) uses λ≈0.1 on a SUM over pairs.
-
-Training uses nanoalign.plumbing.fast.alignment_loss: the same loss in one batched pass without host syncs
-(tests/test_align.py keeps the two equal).
+λ (§3.5): the code adds λ=0.2 · L_align on the last micro-step only (weight λ/grad_accum relative to the LM loss);
+here it is added on every micro-step, so λ_eff = λ/grad_accum emulates the code.
 """
 
 import itertools
@@ -46,13 +30,10 @@ MMD_MAX_ROWS = 32  # rows per task MMD compares by default (None: all; the cost 
 
 
 def task_groups(a_output, token_mask, task_ids, num_tasks=None, position_wise=False):
-    """Split one module's A-output [B, T, r] into per-task groups (METHODS §3.2, §3.7).
+    """Split one module's A-output [B, T, r] into per-task groups, in task-id order (METHODS §3.2, §3.7).
 
-    token_mask [B, T] bool: which tokens count (padding and, by default, prompt tokens do not). task_ids [B]: the
-    task of each example. Groups come in task-id order (0..num_tasks-1, or the sorted ids present); a task with
-    fewer than 2 rows is skipped (its variance is undefined).
-    token-level (default): task t's group is its counted tokens, [N_t, r].
-    position_wise: (a_output[examples of t] [n_t, T, r], token_mask[examples of t]), statistics per position.
+    Token-level: task t's counted tokens [N_t, r]; position_wise: (a_output[t's rows] [n_t, T, r], their mask).
+    A task with fewer than 2 rows is skipped: its variance is undefined.
     """
     token_mask, task_ids = token_mask.bool().to(a_output.device), task_ids.to(a_output.device)
     if num_tasks is not None and not ((task_ids >= 0) & (task_ids < num_tasks)).all():
@@ -113,8 +94,8 @@ def symmetric_kl(mu_p, v_p, mu_q, v_q):
 
 
 def kl_alignment_loss(groups, eps=1e-8, pair_reduction="mean"):
-    """A-LoRA-K (METHODS §3.3): per task a diagonal Gaussian (μ, σ² + eps), symmetric KL per task pair averaged over
-    the positions where both tasks have ≥ 2 counted rows, then reduced over pairs. Groups: see `counted`."""
+    """A-LoRA-K (METHODS §3.3): per task a diagonal Gaussian (μ, σ² + eps), symmetric KL per task pair, averaged over
+    the positions where both tasks have ≥ 2 counted rows."""
     groups = all_counted(groups)
     stats = [gaussian(x, m) for x, m in groups]
     per_pair = []
@@ -142,8 +123,7 @@ def evenly_spaced(n, m):
 
 def mmd_alignment_loss(groups, sigmas=None, max_rows=MMD_MAX_ROWS, pair_reduction="mean"):
     """A-LoRA-M (METHODS §3.4): MMD²(p, q) = mean k(x_p, x_p) + mean k(x_q, x_q) − 2 mean k(x_p, x_q), the biased
-    V-statistic (diagonal included), averaged over the positions where both tasks have a counted row, then reduced
-    over pairs. `max_rows` keeps that many evenly spaced rows per group (deterministic; None: all)."""
+    V-statistic, on `max_rows` evenly spaced rows per group (deterministic; None: all)."""
     groups = [(x[i], m[i]) for x, m in all_counted(groups) for i in [evenly_spaced(len(x), max_rows).to(x.device)]]
     sig = MMD_SIGMAS if sigmas is None else sigmas
     per_pair = []
@@ -158,11 +138,7 @@ def mmd_alignment_loss(groups, sigmas=None, max_rows=MMD_MAX_ROWS, pair_reductio
 
 def alignment_loss(a_outputs, token_mask, task_ids, kind="kl", position_wise=False, pair_reduction="mean",
                    module_reduction="mean", num_tasks=None, **kw):
-    """L_align (METHODS §2.10, §3.5): the loss of each module's task groups, mean (the code) or sum over modules.
-
-    a_outputs: {module name: A-output [B, T, r]} (`adapter_context(..., collect=True).a_outputs`); token_mask,
-    task_ids, num_tasks, position_wise: as `task_groups`. kind "kl" (kw: eps) or "mmd" (kw: sigmas, max_rows).
-    """
+    """L_align (METHODS §2.10, §3.5) of {module name: A-output [B, T, r]}: mean (the code) or sum over modules."""
     loss = {"kl": kl_alignment_loss, "mmd": mmd_alignment_loss}[kind]
     per_module = [loss(task_groups(z, token_mask, task_ids, num_tasks, position_wise), pair_reduction=pair_reduction,
                        **kw) for z in a_outputs.values()]

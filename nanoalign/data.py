@@ -1,18 +1,12 @@
 """Multi-task data for nanoalign: answer-only tokenisation, task-balanced micro-batches, answer scoring.
 
-Implements the data side of METHODS.md: the prompt/answer tokenisation of §5.1 (labels -100 on the prompt, the
-answer plus one end marker is the target), the task-balanced micro-batches of §3.7 (every micro-batch holds exactly
-k examples of every task, so the alignment loss of §3 always sees every task and task ids travel explicitly), and
-the answer extraction of the Align-LoRA evaluation (§5.1: text after the last "Answer:", numbers as floats, option
-letters by regex, otherwise lower-cased exact match without periods).
-
-An example is a dict (data/README.md; loaded by nanoalign/plumbing/datasets.py `load_tasks`):
+METHODS §5.1 (loss on the answer only; answer extraction) and §3.7 (every micro-batch holds k examples of every
+task, so the alignment loss always sees every task). An example (data/README.md):
 
     {"task": "sst2", "prompt": "...\\nAnswer:", "answer": " positive", "options": [" negative", " positive"]}
 
-Cloze examples (lm-evaluation-harness's convention) add `"gold"`, the index of the correct option; WinoGrande's
-partial scoring replaces `options` by `"contexts"`, one context per option, `answer` the one scored continuation.
-Task ids are the positions of the task names in sorted order, everywhere (batches, evaluation, alignment groups).
+Cloze examples add `"gold"` (the correct option's index); WinoGrande's partial scoring has `"contexts"` instead of
+`options`. Task ids are the positions of the task names in sorted order, everywhere.
 """
 
 import random
@@ -37,27 +31,22 @@ def choices_of(ex):
 # tokenisation
 
 class TooLong(ValueError):
-    """An example whose answer (+ eos) leaves no room for the prompt in max_len tokens (train.py skips those)."""
+    """An example whose answer (+ eos) leaves no room for the prompt in max_len tokens."""
 
 
 def text_tail(tok, text, max_tokens):
-    """`text`, or its last 2·max_tokens·tok.max_token_chars characters when it is longer: what must be tokenised to
-    keep its last max_tokens tokens. No token is longer than max_token_chars characters, so those tokens lie in the
-    second half of the tail, and the first half leaves room for the pre-tokeniser to fall back in step with the
-    whole text; a text that is not cut is tokenised exactly as before (a 200 MB prompt is not tokenised whole)."""
+    """The last 2·max_tokens·tok.max_token_chars characters of `text`: enough to tokenise its last max_tokens tokens
+    exactly, the first half giving the pre-tokeniser room to fall back in step with the whole text."""
     keep = 2 * max(max_tokens, 1) * tok.max_token_chars
     return text[-keep:] if len(text) > keep else text
 
 
 def encode_example(tok, ex, max_len):
-    """(input_ids, labels) as lists of Python ints, with the loss on the answer only (§5.1).
+    """input_ids = prompt + answer + [eos], labels = -100 on the prompt (METHODS §5.1): the loss is on the answer
+    and on eos, which the model must learn to emit so greedy decoding stops.
 
-    input_ids = prompt_ids + answer_ids + [eos]; labels = -100 on the prompt, the ids themselves on answer + eos (eos
-    is the end marker the model learns to emit, so greedy decoding stops). Prompt and answer are tokenised apart;
-    because the prompt ends with "Answer:" and the answer starts with a space, this matches the ids a model sees when
-    it generates after the prompt. No BOS is added (tok.encode adds no special tokens).
-    Over max_len, the prompt is cut from the left: the answer and the "Answer:" cue always survive. An answer that
-    leaves no room for the prompt is a TooLong error. Only a bounded tail of each text is tokenised (text_tail).
+    Prompt and answer are tokenised apart: the ids a model sees when it generates after the prompt. Over max_len
+    the prompt is cut from the left, so the answer and the "Answer:" cue survive.
     """
     if len(ex["answer"]) >= max_len * tok.max_token_chars:  # surely over max_len tokens: not worth tokenising
         raise TooLong(f"answer of a {ex['task']} example is {len(ex['answer'])} characters, more than "
@@ -102,24 +91,21 @@ def pad_right(seqs, labels, pad_id):
 
 
 def answer_positions(labels):
-    """(bool [B, T] positions whose NEXT token is labelled, [N] those next tokens): logits at t predict token t+1, so
-    these are the positions that need logits (`model(..., logits_at=at)`) and the targets of the cross-entropy."""
+    """(bool [B, T] positions whose next token is labelled, [N] those tokens): logits at t predict token t+1."""
     at = torch.nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
     return at, labels[:, 1:][at[:, :-1]]
 
 
 def logit_indices(at):
-    """Flat indices b·T + t of the True entries of a bool [B, T] mask, for `model(..., logits_at=...)`: the same rows
-    in the same order, but a tensor whose size is known on the host (indexing with a bool mask on a GPU waits for
-    the device to count it). Made on the CPU batch, then moved."""
+    """Flat indices b·T + t of a bool [B, T] mask: their count is known on the host, whereas indexing with a bool
+    mask on a GPU waits for the device to count it."""
     if at.dtype != torch.bool or at.dim() != 2:
         raise ValueError(f"logit_indices takes a bool [batch, seq] mask, got {at.dtype} of shape {tuple(at.shape)}")
     return at.flatten().nonzero().squeeze(1)
 
 
 def left_pad(batch_of_id_lists, pad_id):
-    """Left-pad prompts for batched generation -> (input_ids [B,T] int64, attention_mask [B,T] bool).
-    Left padding puts every prompt's last token in the final column, where generation continues."""
+    """Left-pad prompts -> (input_ids, attention_mask) [B, T]: every last token in the column generation continues."""
     T = max(len(s) for s in batch_of_id_lists)
     ids = torch.full((len(batch_of_id_lists), T), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(batch_of_id_lists), T), dtype=torch.bool)
@@ -134,18 +120,10 @@ def left_pad(batch_of_id_lists, pad_id):
 # task-balanced micro-batches
 
 class BalancedBatcher:
-    """Endless iterator of micro-batches holding exactly `per_task` examples of every task (§3.7).
+    """Endless iterator of micro-batches holding exactly `per_task` examples of every task (§3.7), right-padded.
 
-    Each task is walked through its own permutation (sampling without replacement within an epoch of that task) and
-    reshuffled at every new epoch; the permutation of epoch e of task t is a pure function of (seed, t, e), so the
-    whole stream is deterministic in `seed` and the state is a few integers (state_dict / load_state_dict resume it
-    exactly). Under DDP every rank walks the same global stream, which takes per_task * world_size examples of each
-    task per step, and keeps slice `rank`: the ranks' examples are disjoint within each task epoch and every rank's
-    micro-batch is still per_task-per-task balanced.
-
-    Task ids are positions in sorted task names; rows are grouped task by task in that order. Batches are right-padded
-    to their longest sequence: {"input_ids" [B,T] int64, "attention_mask" [B,T] bool, "labels" [B,T] int64 (-100 on
-    prompt and padding), "task_ids" [B] int64}, B = per_task * number of tasks.
+    Each task walks its own permutation, a pure function of (seed, task, epoch), so the state is a few integers and
+    resumes exactly. Under DDP every rank walks the same global stream and keeps its slice: disjoint, still balanced.
     """
 
     def __init__(self, encoded_by_task, per_task=1, seed=0, rank=0, world_size=1, pad_id=0):
@@ -205,7 +183,7 @@ class BalancedBatcher:
                 "task_ids": torch.tensor(task_ids, dtype=torch.long)}
 
     def state_dict(self):
-        """Position in the stream (JSON-serialisable). The RNG needs no state: permutations derive from the seed."""
+        """Position in the stream; the permutations derive from the seed."""
         return {"tasks": list(self.tasks), "seed": self.seed, "per_task": self.per_task,
                 "world_size": self.world_size, "step": self.step, "epoch": list(self.epoch), "pos": list(self.pos)}
 
@@ -220,10 +198,8 @@ class BalancedBatcher:
 
 
 def length_groups(lengths, max_groups=4, overhead=16):
-    """Rows of a micro-batch in groups of similar length, each padded only to its own longest row: of the splits of
-    the length-sorted rows into k equal groups (k <= max_groups), the one with the fewest padded tokens plus
-    `overhead` tokens per extra forward. A task-balanced batch mixes short and long tasks (SST-2 ~40 tokens, BoolQ
-    ~150-300), so one padded block wastes up to half its tokens."""
+    """Rows in k <= max_groups groups of similar length, the split with the fewest padded tokens (+ `overhead` per
+    extra forward): a task-balanced batch mixes short and long tasks, so one padded block wastes up to half."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     best = None
     for k in range(1, min(max_groups, len(order)) + 1):
@@ -263,8 +239,7 @@ FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 
 def final_number(text):
-    """GSM8K's answer: the number after the last "####" when there is one (the harness's strict match), else the
-    last number in the text (its flexible match); None without a number."""
+    """GSM8K's answer: the number after the last "####" (strict match), else the last number (flexible match)."""
     if found := FINAL.findall(text):
         return as_number(found[-1])
     numbers = [as_number(m) for m in NUMBER.findall(text)]
@@ -273,8 +248,7 @@ def final_number(text):
 
 
 def predicted_answer(generated_text, gold):
-    """The short form of a generated answer that `extract_answer` compares with `gold` (for the prediction
-    histogram): GSM8K's final number, else the first line after the cue."""
+    """The short form of a generated answer for the prediction histogram."""
     pred = prediction_text(generated_text)
     if "####" in gold:
         n = final_number(pred)
@@ -288,9 +262,7 @@ LABEL = re.compile(r"\(?[A-Z]\)?|(?:solution|answer|option|ending)\s*\d+", re.IG
 
 
 def listed_options(prompt):
-    """{label, lower-cased: text} of the options a label-format prompt lists on their own lines right before its
-    "Answer format:" line (plumbing/tasks.py: "Solution1: use soap", "A: the sun"); {} for a prompt without them (the
-    builtin tasks, BBH, GSM8K)."""
+    """{label: text} of the options listed right before a prompt's "Answer format:" line ("A: the sun"), else {}."""
     lines = prompt.split("\n")
     ends = [i for i, line in enumerate(lines) if line.startswith("Answer format:")]
     out = {}
@@ -302,22 +274,15 @@ def listed_options(prompt):
 
 
 def extract_answer(generated_text, gold, prompt=None):
-    """Is the generated text a correct answer to `gold`? Scored by the kind of gold label (§5.1), on the text after
-    the last "Answer:" (`prediction_text`); "first line" is its first line, compared lower-cased without periods:
+    """Is the generated text (after the last "Answer:") a correct answer to `gold`? By the kind of gold (§5.1):
 
-    - a worked solution ending in "#### <number>" (GSM8K): `final_number` of both, compared as floats;
-    - a number: the first number of the prediction, compared as floats;
-    - an option letter "A" or "(A)": the "(X)" pattern, else a letter at the start, else the first lone capital
-      letter;
-    - a numbered option label "solution1" / "answer2" / "option1" / "ending3": the first such label anywhere
-      ("Solution 2" counts), else a first line that is the bare number ("2", "(2)", "2.");
-    - otherwise the first line must equal gold.
+    - "#### <number>" (GSM8K): the final numbers, as floats;   - a number: the first number, as floats;
+    - an option letter: "(X)", else a leading letter, else the first lone capital;
+    - "solution1"-style labels: the first such label, else a bare number on the first line;
+    - otherwise the first line, lower-cased without periods, must equal gold.
 
-    With `prompt`, the options it lists ("Solution2: use sand", "B: ice"; `listed_options`) can also be answered by
-    their text, for letter and numbered golds: a first line equal to one option's text is that option (it is correct
-    when that option is gold), unless the line is itself a label ("B", "(B)", "solution2"), which the rules above
-    read. The paper's scripts compare labels only; the text and the bare number are what a model writes when it
-    answers the question the prompt lists rather than the label, and accepting them never credits another option.
+    With `prompt`, a first line equal to one listed option's text names that option. The paper compares labels
+    only; accepting the text a model writes instead never credits another option.
     """
     pred, gold = prediction_text(generated_text), gold.strip()
     if "####" in gold:

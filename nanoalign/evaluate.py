@@ -1,29 +1,15 @@
 """Per-task accuracy, with the diagnostics that say whether an accuracy means anything.
 
 Three scorers (METHODS §5.1 for the first two):
-  generate  greedy decoding of each prompt (left padding, KV cache); the prediction is taken from the generated text
-            and compared with the gold answer by `nanoalign.data.extract_answer` (text after the last "Answer:",
-            numbers as floats, GSM8K's final number, option letters by regex, else lower-cased exact match), as the
-            paper's test scripts do, plus an option named by its text or bare number (see extract_answer);
-  loglik    for tasks with a fixed option set: the option with the highest summed log-probability after the prompt
-            wins, log p(option | prompt) = Σ_k log p(o_k | prompt, o_<k); prompt and option are tokenised apart, as
-            train.py tokenises prompt and answer;
-  cloze     lm-evaluation-harness's multiple-choice convention, for the cloze format of plumbing/tasks.py (the question
-            without the option list, each option's text as the continuation): context and continuation tokenised
-            together, the continuation being the tokens after the context's own (the harness's `_encode_pair`);
-            `acc` = argmax of the summed log-probs, `acc_norm` = argmax of the sum divided by the choice's length in
-            characters (the harness's `completion_len`; for WinoGrande's partial scoring the choices are the
-            contexts).
+  generate  greedy decoding (left padding, KV cache), answer extracted by `nanoalign.data.extract_answer`;
+  loglik    argmax over options of log p(option | prompt) = Σ_k log p(o_k | prompt, o_<k), tokenised apart as in
+            training;
+  cloze     lm-evaluation-harness's convention: context + continuation tokenised together; `acc` = argmax of the
+            summed log-probs, `acc_norm` = argmax of the sum over the choice's length in characters.
 
 A small model often answers one label for almost every example, and then an accuracy is only that label's share of
-the test set. So every task's result carries, beside the accuracy and its binomial standard error: the majority-class
-rate of the test set, the histograms of predicted and gold labels, the share of the most frequent prediction and a
-`collapsed` flag when it exceeds 90%; and one record per example (task, index in its split, gold, prediction,
-per-option scores) so that two runs can be compared example by example. The reported average is the unweighted mean
-over tasks, as in the paper's tables.
-
-Adapters that need the task id at inference (MTL-LoRA) get it through `adapter_context`: pass `task_ids`, the
-{task name: id} map used in training.
+the test set. So every result carries the majority-class rate, the prediction histogram and a `collapsed` flag (one
+prediction > 90%), plus one record per example so runs compare example by example. Averages are unweighted over tasks.
 """
 
 import math
@@ -41,8 +27,7 @@ COLLAPSED = 0.9  # a task is "collapsed" when one prediction covers more than th
 
 
 def _batches(seqs, batch_size, lengths=None):
-    """Batches sorted by `lengths` (default: the sequences' lengths; less padding): yields (original indices,
-    sequences)."""
+    """(original indices, sequences) in batches sorted by length: less padding."""
     lengths = lengths or [len(s) for s in seqs]
     order = sorted(range(len(seqs)), key=lambda i: lengths[i])
     for s in range(0, len(order), batch_size):
@@ -78,9 +63,8 @@ def generate_texts(model, tok, prompts, batch_size=32, max_new_tokens=16, max_pr
 
 
 def encode_pair(tok, context, continuation, joint):
-    """(context ids, continuation ids). joint=False: tokenised apart. joint=True: lm-evaluation-harness's
-    `_encode_pair` — trailing spaces of the context move to the continuation, context + continuation is tokenised as
-    one text, and the continuation is what follows the context's own token count."""
+    """(context ids, continuation ids), tokenised apart, or (joint) as the harness's `_encode_pair`: trailing spaces
+    move to the continuation, and the continuation is what follows the context's tokens in the joint encoding."""
     if not joint:
         return tok.encode(context), tok.encode(continuation)
     n = len(context) - len(context.rstrip())
@@ -96,20 +80,14 @@ def encode_pair(tok, context, continuation, joint):
 @torch.no_grad()
 def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=False, task_id=None,
                     advance=None, by_length=False):
-    """Summed log-probability of every choice of every example (`nanoalign.data.choices_of`: (context,
-    continuation) pairs) -> (scores, lengths): lists (per example) of lists (per choice) of floats / token counts.
+    """Summed log p(continuation | context) of every choice of every example -> (scores, token counts), per example
+    per choice.
 
-    The choices of an example that share their context (all but WinoGrande's partial scoring) share one forward of
-    it: the contexts of a batch run once, left-padded, into a KV cache, whose last position gives every choice's
-    first token; the cache is then repeated once per choice and the continuations (right-padded) run after it, with
-    logits only where they predict a continuation token. One-token options (label words such as " yes") need only
-    the first forward. Contexts longer than max_len are cut from the left; an empty context is scored after eos, as
-    the harness scores it after its prefix token. Batches are length-sorted; `batch_size` counts contexts.
-
-    by_length: sort the contexts by context + longest continuation, and run the continuations of a batch in groups
-    of up to `batch_size` rows of similar length, one-token ones not at all (less padding where continuations are
-    long and uneven, as PIQA's). Off, every continuation of a batch runs in one forward: the cached grids were scored
-    so, and a rerun stays bitwise equal. Both agree to float round-off (tests/test_eval.py).
+    Choices that share a context share one forward of it: the left-padded contexts fill a KV cache whose last
+    position scores every first token; the cache is repeated per choice and the right-padded continuations run
+    after it. An empty context is scored after eos, as the harness scores it after its prefix token.
+    by_length groups continuations of similar length (less padding); off, a batch's continuations run in one
+    forward, which keeps earlier scores bitwise reproducible.
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -179,9 +157,7 @@ def needs_task_ids(model):
 # diagnostics
 
 def choice_labels(examples):
-    """Names of the choices for the histograms: the option texts when every example of the task has the same
-    option list (label words such as 'positive'), else their positions '1', '2', ... (cloze options differ per
-    example)."""
+    """Choice names for the histograms: the shared option texts, else positions '1', '2', ... (cloze options vary)."""
     lists = {tuple(o.strip() for o in ex["options"]) if "options" in ex else None for ex in examples}
     if len(lists) == 1 and None not in lists:
         return list(next(iter(lists)))
@@ -189,8 +165,7 @@ def choice_labels(examples):
 
 
 def char_length(ex, c):
-    """The harness's `completion_len`: characters of the choice text (without the joining space); for partial
-    scoring (contexts) the context's characters."""
+    """The harness's `completion_len`: characters of the choice (no joining space), or of its context."""
     if "contexts" in ex:
         return len(ex["contexts"][c])
     option = ex["options"][c]
@@ -198,8 +173,7 @@ def char_length(ex, c):
 
 
 def summarise(records, n_choices=None):
-    """Accuracy, its binomial standard error, the majority-class rate and the prediction histograms of one task's
-    records ({"gold", "pred", "correct"}, plus "correct_norm" for cloze)."""
+    """Accuracy ± binomial SE √(acc(1−acc)/n), majority-class rate and prediction histograms of one task's records."""
     n = len(records)
     acc = sum(r["correct"] for r in records) / max(n, 1)
     pred, gold = Counter(r["pred"] for r in records), Counter(r["gold"] for r in records)
@@ -215,8 +189,7 @@ def summarise(records, n_choices=None):
 
 
 def scored_tasks(tasks, mode):
-    """{task: True when it is scored by `mode`'s option scores, False when it is generated}: loglik and cloze need
-    options on every example, and a task without them (BBH, GSM8K) falls back to generation."""
+    """{task: scored by options (True) or generated}: a task without options on every example falls back."""
     return {t: mode != "generate" and bool(rows) and all(choices_of(ex)[0] for ex in rows) for t, rows in tasks.items()}
 
 
@@ -232,15 +205,10 @@ def task_result(records, mode):
 
 def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None,
              progress=None, by_length=False):
-    """{task: [examples]} -> {task: result}, result = `task_result`: `summarise` of its records plus "mode" and
-    "records" (one per example, in the order of the examples).
+    """{task: [examples]} -> {task: `task_result`}, one record per example in order.
 
-    mode "generate", "loglik" or "cloze"; loglik and cloze fall back to generate for a task whose examples have no
-    options (BBH, GSM8K), and say so in the result's "mode" (`generation_fallback` names them beforehand).
-    task_ids: {task name: id} as in training, for adapters that need it (MTL-LoRA); ignored by the others.
-    progress: a callable progress(done, total, task), called after every batch with the options (or prompts) done
-    so far (nanoalign.plumbing.scoring.progress_bar draws a bar with it); None reports nothing. by_length:
-    `choice_logprobs`'s batching by continuation length.
+    Tasks without options are generated whatever the mode (the result's "mode" says so). task_ids {task name: id}
+    as in training, for MTL-LoRA; progress(done, total, task) is called after every batch.
     """
     if mode not in MODES:
         raise ValueError(f"evaluation mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -310,8 +278,7 @@ def _histogram(counts, n, k=3):
 
 
 def diagnostics_table(results, title="per-task diagnostics"):
-    """A markdown table of one evaluation: accuracy ± standard error (acc_norm for cloze), n, the majority-class rate,
-    the most frequent predictions; a collapsed task (one prediction > 90%) is marked."""
+    """A markdown table of one evaluation: accuracy ± SE, n, majority rate, top predictions; collapsed tasks marked."""
     norm = any("acc_norm" in r for r in results.values())
     lines = ["| task | n | acc (%) ± SE" + (" | acc_norm (%)" if norm else "") + " | majority (%) | predicted |",
              "|---|---:|---:|" + ("---:|" if norm else "") + "---:|---|"]
@@ -329,8 +296,7 @@ def diagnostics_table(results, title="per-task diagnostics"):
 
 
 def markdown_table(results: dict, title="accuracy (%)") -> str:
-    """{column: {task: accuracy or result}} -> a markdown table, one row per task plus the unweighted average of
-    each column; a collapsed result (see `summarise`) is marked with '(c)'."""
+    """{column: {task: accuracy or result}} -> a markdown table with the unweighted average; collapsed marked '(c)'."""
     def acc(v):
         return v["accuracy"] if isinstance(v, dict) else v
 

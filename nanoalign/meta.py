@@ -1,6 +1,6 @@
 """MeTA-LoRA (METHODS §2.9): one plain LoRA, trained MAML-style on a few examples per task.
 
-One outer step = one episode of n tasks drawn from the N training tasks (`MetaSampler`), then `meta_step`:
+One outer step = one episode of n of the N training tasks (`MetaSampler`), then `meta_step`:
 
     for each task i of the episode, with disjoint support S_i and query Q_i batches of its few-shot pool:
         θ_i ← θ                               copy of the shared LoRA θ = {A, B}: new tensors, θ is never written
@@ -9,31 +9,18 @@ One outer step = one episode of n tasks drawn from the N training tasks (`MetaSa
                                               second order differentiates through the k inner steps
     θ.grad += mean_i g_i (or Σ_i g_i)          and the caller's AdamW (train.py: --lr, its schedule, clipping) steps θ
 
-The model is called functionally (torch.func.functional_call with a dict of the adapted tensors), so the inner loop
-needs no second copy of the model and leaves the shared adapter as it was.
+The model is called functionally (torch.func.functional_call), so the inner loop needs no second model copy.
 
-The paper's choices are known only from summaries; none of the following was found (METHODS §2.9). Each is a
-MetaConfig field (train.py flag --meta-<field>), with the default taken:
-  tasks n        4 tasks per episode (a third-party reimplementation's value), capped at N
-  support/query  4 + 4 examples per task and episode, drawn without replacement, so S_i ∩ Q_i = ∅
-  inner_steps k  1 (that reimplementation used 10: 11 forward-backward passes per task and episode); 0 turns
-                 MeTA-LoRA into plain multi-task LoRA on the query batches (tests/test_meta.py)
-  inner_lr α     0.03, measured (MetaConfig); the reimplementation's 1e-4 barely moves a LoRA with plain SGD
-  agg            mean over the episode's tasks (sum: n times larger; AdamW hardly sees the scale, clipping does)
-  order          1, first order (FOMAML): the common cheap choice; 2 differentiates through the inner steps (it
-                 keeps their graphs, and runs attention with the math SDPA kernel: the fused ones have no
-                 derivative of their backward)
-Further choices that are not flags: the inner optimizer is plain SGD (no momentum, no clipping) on every trainable
-tensor (A and B), and all k steps use the same support batch (MAML); each task weighs the same in the aggregate,
-whatever its answer lengths (each loss is a token mean over its own batch; train.py's one CE over a mixed batch
-weighs tasks by answer tokens); dropout is on in the inner and the outer forward (the model is in train mode);
-episodes are independent draws, a pure function of (seed, step): with K shots per task every example comes back,
-as support in one episode and as query in another. The outer optimizer, learning rate schedule and gradient clipping
-are train.py's (the reimplementation's outer lr was 5e-5). `limit_shots` makes the K-shot pools, for MeTA-LoRA and
-for the plain-LoRA baselines alike.
-
-Not supported: gradient checkpointing (its recompute in the backward would run with the shared θ, not θ_i: the
-gradients would be silently wrong, so `meta_step` refuses) and an alignment loss (MeTA-LoRA has none).
+The paper's settings were not found (METHODS §2.9); each is a MetaConfig field (flag --meta-<field>), default:
+  tasks n        4 per episode (a third-party reimplementation's value), capped at N
+  support/query  4 + 4 examples per task, drawn without replacement, so S_i ∩ Q_i = ∅
+  inner_steps k  1; 0 makes MeTA-LoRA plain multi-task LoRA on the query batches
+  inner_lr α     0.03 (plain SGD; the reimplementation's 1e-4 barely moves a LoRA)
+  agg            mean over the episode's tasks (or sum)
+  order          1, first order (FOMAML); 2 differentiates through the inner steps (math SDPA kernel: the fused
+                 kernels have no derivative of their backward)
+Each task weighs the same in the aggregate whatever its answer lengths (a token mean per task batch), and all k
+inner steps reuse one support batch (MAML). Gradient checkpointing is refused: its recompute would see θ, not θ_i.
 """
 
 import math
@@ -52,14 +39,8 @@ from .data import IGNORE_INDEX, answer_positions, pad_right
 
 @dataclass
 class MetaConfig:
-    """MeTA-LoRA's options (module docstring); `from_flags(train_config)` reads train.py's --meta-* flags.
-
-    inner_lr: one SGD step on a 4-example support batch, fresh LoRA (r 8, α 32, gate/up/down) on SmolLM2-135M, three
-    builtin tasks (alphabet-first, flipped-animal, last-letter; support loss 4.62, 1.87, 11.14 before the step):
-    α 1e-4 lowers it by <1%, 1e-3 by 1–4%, 1e-2 by 11–38%, 3e-2 by 33–70%, 1e-1 by 73–85%; 3e-1 overshoots on
-    flipped-animal (1.87 -> 2.84), 1 diverges. The query losses move the same way. Default 0.03: a clear adaptation,
-    10x below the step that overshoots (the landscape sharpens as θ trains).
-    """
+    """MeTA-LoRA's options (module docstring). inner_lr 0.03: one SGD step clearly lowers a fresh LoRA's support
+    loss yet stays ~10x below the step that overshoots (the landscape sharpens as θ trains)."""
     tasks: int = 4          # n, tasks per episode (capped at the number of tasks)
     support: int = 4        # |S_i|, support examples per task and episode
     query: int = 4          # |Q_i|, query examples per task and episode
@@ -89,11 +70,7 @@ class MetaConfig:
 
 def limit_shots(by_task, shots, seed=0):
     """{task: rows} with at most `shots` rows per task (the K-shot pools), in their original order; 0/None: all.
-
-    The rows kept are a prefix of a permutation seeded by (seed, task name), so every trainer given the same seed
-    sees the same K examples, and the pools are nested (the 16 shots are among the 64). A task with fewer rows keeps
-    them all. Rows can be anything: examples, or (input_ids, labels) pairs.
-    """
+    A prefix of a permutation seeded by (seed, task): every trainer sees the same K, and the pools are nested."""
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
         raise ValueError(f"--shots must be a non-negative integer (0: all examples), got {shots!r}")
     out = {}
@@ -108,15 +85,9 @@ def limit_shots(by_task, shots, seed=0):
 class MetaSampler:
     """Endless iterator of episodes (METHODS §2.9, steps 1–2) from per-task pools {task: [(input_ids, labels)]}.
 
-    Episode `step` draws n = min(cfg.tasks, N) distinct tasks, then support + query distinct examples of each task,
-    all from random.Random(f"{seed}/meta/{step}"): the stream is a pure function of the seed, so the state is the
-    step counter (state_dict / load_state_dict resume it exactly). Task ids are positions in the sorted task names,
-    as everywhere. Under DDP every rank draws the same episode and keeps the tasks rank, rank + world_size, ...; the
-    episode's `num_tasks` is n over all ranks, so summing the ranks' gradients gives the mean over the episode.
-
-    next() -> {"num_tasks": n, "tasks": [{"task": name, "task_id": id, "support": batch, "query": batch,
-               "support_idx": [...], "query_idx": [...]}]}, each batch as BalancedBatcher's (right-padded
-               input_ids, attention_mask, labels, task_ids).
+    Episode `step` draws n tasks, then support + query distinct examples of each, from random.Random(seed, step):
+    the state is the step counter. Under DDP every rank draws the same episode and keeps every world_size-th task;
+    `num_tasks` stays n, so summing the ranks' gradients gives the episode mean.
     """
 
     def __init__(self, encoded_by_task, cfg: MetaConfig, seed=0, rank=0, world_size=1, pad_id=0):
@@ -181,8 +152,7 @@ class MetaSampler:
 
 
 def answer_loss(model, params, batch, autocast=False):
-    """train.py's LM loss, answer-only token-mean cross-entropy (logits only where the next token is labelled), of
-    `model` with its trainable tensors replaced by `params` {name: tensor} (torch.func.functional_call)."""
+    """Answer-only token-mean cross-entropy (METHODS §5.1) with the trainable tensors replaced by `params`."""
     device = next(iter(params.values())).device
     b = {k: v.to(device) for k, v in batch.items()}
     at, targets = answer_positions(b["labels"])
@@ -194,11 +164,8 @@ def answer_loss(model, params, batch, autocast=False):
 
 
 def adapt(model, params, support, cfg: MetaConfig, loss_fn=answer_loss, create_graph=False):
-    """Phase I: θ_i from k plain SGD steps of lr α on the support batch, starting at `params` θ, as new tensors.
-
-    create_graph=False (first order): θ_i is a fresh leaf, detached from θ. True (second order): θ_i keeps its
-    graph back to θ. Returns (θ_i, support loss before the first step, or None for k = 0).
-    """
+    """Phase I: θ_i ← θ_i − α·∇L_S(θ_i), k times, as new tensors -> (θ_i, support loss before the first step).
+    First order: θ_i is a fresh leaf, detached from θ; second order (create_graph): it keeps its graph to θ."""
     fast, first = params, None
     for k in range(cfg.inner_steps):
         loss = loss_fn(model, fast, support)
@@ -212,16 +179,8 @@ def adapt(model, params, support, cfg: MetaConfig, loss_fn=answer_loss, create_g
 
 
 def meta_step(model, episode, cfg: MetaConfig, loss_fn=answer_loss, scale=1.0):
-    """Add one episode's MeTA-LoRA gradient to `.grad` of the model's trainable tensors θ (as a backward would).
-
-    The caller zeroes the gradients, clips and steps its optimizer, as for any backward; `scale` multiplies the
-    aggregated gradient (1/grad_accum when several episodes make one optimizer step). θ itself is never written.
-    loss_fn(model, params, batch) -> scalar loss with the trainable tensors replaced by `params` (answer_loss).
-    Returns, over this rank's tasks: {"loss": mean query loss after adaptation, "support_loss": mean support loss
-    before it (None for k = 0), "tokens": real tokens that went through a forward and backward, "tokens_sq": Σ T² of
-    those rows (T: real length; train.py's attention FLOPs), "logits": labelled positions (lm_head FLOPs); second
-    order's extra backward is not counted}.
-    """
+    """θ.grad += scale · agg_i g_i for one episode, as a backward would (the caller clips and steps its optimizer).
+    Returns the mean query and support losses and the token counts for tok/s and MFU."""
     if getattr(model, "gradient_checkpointing", False):
         raise ValueError("MeTA-LoRA cannot use gradient checkpointing: its recompute would see the shared adapter, "
                          "not the adapted copy; drop --grad-ckpt")

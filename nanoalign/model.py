@@ -1,20 +1,14 @@
 """A Llama / Qwen2 decoder in one file, with Hugging Face module names.
 
-The parameter names are exactly those of `transformers`' LlamaForCausalLM / Qwen2ForCausalLM
-(`model.embed_tokens`, `model.layers.{i}.self_attn.{q,k,v,o}_proj`, `model.layers.{i}.mlp.{gate,up,down}_proj`,
-`input_layernorm`, `post_attention_layernorm`, `model.norm`, `lm_head`), so a checkpoint loads with no mapping
-table and a LoRA on `...mlp.up_proj` exports to PEFT by a string prefix.
+The parameter names are those of `transformers`' LlamaForCausalLM / Qwen2ForCausalLM, so a checkpoint loads with
+no mapping table and a LoRA on `...mlp.up_proj` exports to PEFT by a string prefix.
 
     h   = x + Attn(RMSNorm(x))            Attn: q,k,v = xWq(+b), xWk(+b), xWv(+b); RoPE(q,k); softmax(qk^T/sqrt(d))v Wo
     out = h + Wdown( silu(Wgate h') * Wup h' ),   h' = RMSNorm(h)
 
-Qwen2 differs from Llama only by a bias on q/k/v; Llama-3 adds a frequency-dependent RoPE rescaling. Both use
-grouped-query attention (fewer k/v heads than q heads). Positions come from the attention mask, so a left-padded
-row gives the same logits as the unpadded row (what batched generation needs).
-
-This is the readable form. nanoalign.plumbing.fast.install(model) swaps in the forms training uses (a fused SwiGLU
-backward, SDPA's flash path for right-padded batches, logit rows picked by index), and tests/test_model.py keeps
-them equal to this; nanoalign.plumbing.load_model checks a checkpoint's files before `from_pretrained` reads them.
+Qwen2 differs from Llama only by a bias on q/k/v; Llama-3 adds a frequency-dependent RoPE rescaling. Positions
+come from the attention mask, so a left-padded row gives the same logits as the unpadded row (batched generation).
+This is the readable form; training swaps in fast forms that tests keep equal to it.
 """
 
 import json
@@ -54,8 +48,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
-        """Read a Hugging Face `config.json` dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`).
-        Its values are checked by nanoalign.plumbing.model_io.read_config."""
+        """A Hugging Face `config.json` dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
         arch = (d.get("architectures") or [""])[0].lower() or d.get("model_type", "")
         arch = "qwen2" if "qwen2" in arch else "llama" if "llama" in arch else arch
         if arch not in ("llama", "qwen2"):
@@ -182,11 +175,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, collect=False):
-        """-> (x, {adapter name: A-output}) with the A-outputs of this block's adapters when `collect`, else {}.
-
-        The dict is made here and returned, not stored anywhere: a block without side effects is what
-        torch.utils.checkpoint (which re-runs it in the backward) and torch.compile (which traces it) need.
-        """
+        """-> (x, {adapter name: A-output}), the dict returned rather than stored: checkpoint (which re-runs the
+        block in the backward) and torch.compile (which traces it) need a block without side effects."""
         a = {} if collect else None
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, a)
         return x + self.mlp(self.post_attention_layernorm(x), a), a or {}
@@ -209,11 +199,8 @@ class KVCache:
 
 
 def attention_mask_4d(key_mask: torch.Tensor, T: int, past: int):
-    """Boolean [B, 1, T, past+T]: query i sees key j if j is a real token and j <= past+i.
-
-    A query that is itself padding (left padding) would see no key at all and SDPA would return NaN; letting it
-    see itself keeps every row finite. Those rows are padding and are never read.
-    """
+    """Boolean [B, 1, T, past+T]: query i sees key j if j is a real token and j <= past+i. A padding query also sees
+    itself: with no key at all SDPA would return NaN (the row is never read)."""
     S = key_mask.shape[1]
     q_pos = torch.arange(past, past + T, device=key_mask.device)[:, None]
     k_pos = torch.arange(S, device=key_mask.device)[None, :]
@@ -279,9 +266,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, *, logits_at=None, cache=None, position_ids=None,
                 right_padded=None):
-        """Logits at every position, or only at `logits_at`: a bool [B, T] mask or its flat indices b·T + t
-        (data.logit_indices), row-major order. right_padded=True promises padding on the right only, which lets the
-        fast form (plumbing/fast.py) skip the mask; this form applies the mask whatever it is told."""
+        """Logits at every position, or only at `logits_at` (a bool [B, T] mask or flat indices b·T + t).
+        right_padded lets the fast form skip the mask; this form applies it whatever it is told."""
         h = self.model(input_ids, attention_mask, cache, position_ids, grad_ckpt=self.gradient_checkpointing)
         if logits_at is not None:  # only the chosen positions: a 152k-word vocab makes full logits the largest tensor
             h = h[logits_at] if logits_at.dtype == torch.bool else h.flatten(0, 1)[logits_at]
@@ -290,10 +276,8 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
                  eos_token_id=None, pad_token_id=0, generator=None):
-        """Greedy (temperature 0) or sampled decoding with a KV cache; batches must be LEFT-padded.
-
-        Returns the new tokens [B, max_new_tokens]; a row that emitted eos is filled with `pad_token_id` after it.
-        """
+        """Greedy (temperature 0) or sampled decoding with a KV cache of LEFT-padded prompts -> new tokens
+        [B, max_new_tokens], padded after each row's eos."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -321,12 +305,8 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "CausalLM":
-        """A Hugging Face checkpoint directory (config.json, model.safetensors or an index and its shards) -> model.
-
-        Built on the meta device, then filled by assignment from memory-mapped safetensors, so the weights are never
-        held twice. Strict: every tensor must be there with its shape. nanoalign.plumbing.load_model checks the
-        files first and says in one line what is wrong with them.
-        """
+        """A Hugging Face checkpoint directory -> model, built on the meta device and filled by assignment from
+        memory-mapped safetensors, so the weights are never held twice; strict, so every tensor must be there."""
         path = Path(path)
         cfg = ModelConfig.from_json(path / "config.json")
         with torch.device("meta"):
