@@ -1,8 +1,4 @@
-"""The papers' numbers (METHODS.md §6) and settings (§5) that the claim tutorials and report.py put beside ours.
-
-Labels are the method labels of experiments/claims.py (`hydra`, `mlora`, `lora-budget`, `a-lora-k`, ...), so a
-paper cell and our row are looked up by the same key. Nothing here is measured by us.
-"""
+"""The papers' numbers (METHODS.md §6) and settings (§5) put beside ours, keyed by experiments/claims.py's labels."""
 
 # Align-LoRA Table 1 (METHODS §6.2): Qwen2.5-3B, five tasks, rank 4, 3 heads, gate/up/down. "Avg" as printed (the
 # HydraLoRA w/o Router row's cells average to 73.36, not 73.58: METHODS notes it).
@@ -76,9 +72,7 @@ SETTINGS = {
           "alignment loss at λ 0.1 (appendix Table 9; its numbers were not reachable); " + _ALIGN),
 }
 
-# MeTA-LoRA (claim 10, METHODS §2.9): what is known of the paper's setting. Its models, tasks, K and hyperparameters
-# were not found (only the abstract and machine-written summaries), so tutorial 10's --full states this instead of a
-# SETTINGS row; the values below are the summaries' and a third-party reimplementation's, not the paper's.
+# MeTA-LoRA (claim 10, METHODS §2.9): only the abstract was found, so tutorial 10's --full states this instead
 META_SETTING = {
     "claim": "with only a few samples per task, MeTA-LoRA matches or beats ordinary multi-task LoRA trained on the "
              "full data, in multi-task and multilingual settings (abstract)",

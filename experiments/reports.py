@@ -1,11 +1,7 @@
 """Reading the claim grids of experiments/claims.py (METHODS §7): what tutorials 03-06, 08-10 and report.py share.
 
-A claim is a grid of runs (methods x seeds on one suite, budget and test set) that `python experiments/claims.py
-run` trains once and caches in experiments/results/runs/ (experiments/grid.py). `Grids.read` reads a claim's cached
-runs (no prepared data needed), says which are missing, and returns a `Claim`; the rest renders it. Statistics are
-claims.claim_report's (experiments/stats.py): per method mean ± SE over seeds and its paired difference with the
-base model; per claimed difference the paired bootstrap over (seed, example) with a t interval over seeds. For the
-per-run analyses (head cosine, separation ratio) `seed_paired` pairs over common seeds with a t interval.
+`Grids.read` reads a claim's cached runs (no prepared data needed), says which are missing and returns a `Claim`
+with claims.claim_report's statistics; the rest renders it as tables and plots.
 """
 
 import contextlib
@@ -22,8 +18,7 @@ CURVE = ("ce_first5", "ce_last5", "align_last5")  # the training-curve summary k
 NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora": "R-LoRA", "mlora": "M-LoRA",
          "lora-r8": "LoRA r=8", "a-lora-k": "A-LoRA-K", "a-lora-m": "A-LoRA-M", "lora-budget": "matched LoRA",
          "rlora+align": "R-LoRA + align", "mlora+align": "M-LoRA + align", "hydra-rs": "HydraLoRA (α/√r)",
-         "hydra+mt": "HydraLoRA +MT",
-         "hydra+init": "HydraLoRA +Init", "a-lora-k-l0.01": "A-LoRA-K λ=0.01", "a-lora-k-l0.05": "A-LoRA-K λ=0.05",
+         "hydra+mt": "HydraLoRA +MT", "hydra+init": "HydraLoRA +Init", "a-lora-k-l0.01": "A-LoRA-K λ=0.01", "a-lora-k-l0.05": "A-LoRA-K λ=0.05",
          "a-lora-k-l0.5": "A-LoRA-K λ=0.5", "mlora-mean": "M-LoRA (heads mean)",
          "hydra-norouter-mean": "HydraLoRA w/o Router (heads mean)", "rlora-cf": "R-LoRA (code init)",
          "mlora-cf": "M-LoRA (code init)", "hydra+init-cf": "HydraLoRA +Init (code init)"}
@@ -36,8 +31,7 @@ NAMES.update({f"meta-k16-a{a}": f"MeTA-LoRA K=16 α={a}" for a in C.META_ALPHAS}
 
 @dataclass
 class Claim:
-    """One claim's grid as read from the cache: claim_report's numbers plus the raw runs (for per-task and
-    per-layer views), what is missing, and the suite it was measured on."""
+    """One claim's grid as read from the cache: claim_report's numbers, the raw runs and what is missing."""
     claim: str
     report: dict
     runs: dict        # {label: [run result of each cached seed]}
@@ -93,8 +87,7 @@ class Claim:
 
 
 class Grids:
-    """Where the claim grids are: `where` (claims.grid's suite / seeds / results_dir / work_dir / controls; default
-    the cache of claims.SUITE). `read(claim)` trains what is missing first when `train` (--rerun, --tiny)."""
+    """Where the claim grids are (`where`: claims.grid's arguments); `read` trains what is missing if `train`."""
 
     def __init__(self, where=None, train=False, tiny=False, stream=None):
         self.where = where or {}
@@ -122,8 +115,7 @@ class Grids:
         return claim_
 
     def read_or_stop(self, claim):
-        """`read` for the tutorial running now, printing the suite; when there is nothing to read, stop (status 0)
-        after read's message saying what to run."""
+        """`read` for the running tutorial, printing the suite; exit 0 (after read's message) with nothing to read."""
         c = self.read(claim, script=Path(sys.argv[0]).name)
         if c is None:
             raise SystemExit(0)
@@ -164,9 +156,8 @@ def report_missing(c: Claim, run_cmd, script):
 # ----------------------------------------------------------------------------------------------- statistics
 
 def seed_paired(c: Claim, a, b, fn, expect_positive, scale=1.0):
-    """Paired over the seeds both methods have: the mean of fn(run_a) − fn(run_b), its SE, a t interval (95%) and
-    the verdict in stats.py's words. For per-run analyses (head cosine, separation ratio), where the test-example
-    bootstrap does not apply: the seed is the only noise."""
+    """fn(run_a) − fn(run_b) paired over common seeds: mean, SE, 95% t interval, verdict. For per-run analyses
+    (head cosine, separation ratio), where the seed is the only noise."""
     va, vb = c.values(a, fn), c.values(b, fn)
     seeds = sorted(set(va) & set(vb))
     if not seeds:

@@ -1,16 +1,10 @@
 """Task screening: which tasks can a plain LoRA on SmolLM2-135M learn at a small budget, in which prompt format?
 
-For every task we have files for and both prompt formats (the paper's label words / numbered options, and
-lm-evaluation-harness's cloze), the untrained base model's accuracy, the majority-class rate of the test set, the
-prediction histogram, and the accuracy of a plain LoRA (rank 8, gate/up/down) trained on all the tasks of that
-format together at one fixed budget. A task qualifies for the small-scale suite when LoRA lifts it at least 5 points
-above both the base model and the majority rate, stays below 95%, and its predictions are not collapsed (no
-prediction on more than 90% of the examples).
+Per task and prompt format: the base model, the majority rate and a plain LoRA trained on all tasks of the format.
+A task qualifies when LoRA beats both by >= 5 points, stays below 95% and does not collapse (`qualifies`).
 
-    python experiments/screening.py            # trains what is not cached yet (hours on 2 CPU cores), then the table
+    python experiments/screening.py            # trains what is not cached yet (experiments/grid.py), then the table
     python experiments/screening.py --table    # re-render experiments/screening.{json,md} from the cached runs
-
-Runs are cached in experiments/results/runs/ (experiments/grid.py): killed at any point, it continues.
 """
 
 import argparse
@@ -26,10 +20,9 @@ from experiments.stats import paired_bootstrap  # noqa: E402
 CHOICE_TASKS = ("sst2", "cola", "mrpc", "rte", "qnli", "boolq", "piqa", "siqa", "arc-easy", "arc-challenge",
                 "openbookqa", "winogrande")
 BUILTIN = ("alphabet-first", "colour-review", "flipped-animal", "larger-number", "last-letter")
-# The budget that worked when tried (issue 10): rank 8, 200 steps, 2 examples per task per step, lr 1e-3.
 BUDGET = dict(steps=200, batch_per_task=2, lr=1e-3, warmup=20, seq_len=256)
 LORA = {"lora-r8": Method({"adapter": "lora", "rank": 8})}
-TEST = 300  # test examples per task (the whole split where smaller): SE of an accuracy near 50% ~2.9 points
+TEST = 300  # test examples per task: SE of an accuracy near 50% ~2.9 points
 
 
 def grids():
@@ -49,7 +42,7 @@ def grids():
 
 
 def qualifies(base, lora):
-    """The screening rule (module docstring), on one task's diagnostics (accuracies as fractions)."""
+    """The screening rule on one task's diagnostics (accuracies as fractions)."""
     return (lora["accuracy"] - base["accuracy"] >= 0.05 and lora["accuracy"] - lora["majority_rate"] >= 0.05
             and lora["accuracy"] < 0.95 and not lora["collapsed"])
 
