@@ -139,8 +139,7 @@ def cmd_strings(args):
         assert sorted(by_doc) == list(range(len(docs))), name
         strings = [by_doc[i] for i in range(len(docs))]
         gold = [gold_index(task, d) for d in docs]
-        odd = [i for i, d in enumerate(hf_docs(name)) if any(isinstance(v, str) and v != v.strip()
-                                                              for v in flat(d))]
+        odd = [i for i, d in enumerate(hf_docs(name)) if any(isinstance(v, str) and v != v.strip() for v in flat(d))]
         keep = sorted(set(range(min(args.keep, len(docs)))) | set(odd[:args.keep]))
         fixture["tasks"][name] = {"n": len(docs), "sha256": digest({"pairs": strings, "gold": gold}),
                                   "examples": [{"doc_id": i, "doc": hf_docs(name)[i], "pairs": strings[i],

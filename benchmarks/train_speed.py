@@ -134,16 +134,11 @@ def measure(args):
         idx = logit_indices(at)  # on the host, before the copy: no sync, one shape
         ids, mask, idx, targets, tasks = (t.to(device) for t in (ids, mask, idx, targets, tasks))
 
-        def step():
+        def loss_fn():
             with adapter_context(model, task_ids=tasks, collect=align) as ctx, \
                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(ids, mask, logits_at=idx, right_padded=True)
-            loss = F.cross_entropy(logits.float(), targets)
-            if align:
-                loss = loss + 0.1 * alignment_loss(ctx.a_outputs, mask, tasks, kind=loss_kind, num_tasks=args.tasks)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            return F.cross_entropy(logits.float(), targets), ctx.a_outputs
     else:
         ids, mask, labels, tasks = (t.to(device) for t in (ids, mask, labels, tasks))
         store = {}
@@ -151,14 +146,17 @@ def measure(args):
             if name.endswith("lora_A.default"):
                 mod.register_forward_hook(lambda m, i, o, n=name: store.__setitem__(n, o))
 
-        def step():
+        def loss_fn():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
-            if align:  # the same loss function on the hooked A-outputs, so only the plumbing differs
-                loss = loss + 0.1 * alignment_loss(dict(store), mask, tasks, kind=loss_kind, num_tasks=args.tasks)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                return model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss, dict(store)
+
+    def step():
+        loss, a_outputs = loss_fn()
+        if align:  # the same loss function on both: only the plumbing differs
+            loss = loss + 0.1 * alignment_loss(a_outputs, mask, tasks, kind=loss_kind, num_tasks=args.tasks)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):

@@ -61,14 +61,12 @@ def methods(n_tasks, model_cfg):
                               analyses=("heads", "probe")),
         # claim 8's baseline: HydraLoRA at R-LoRA's scale α/√r, so +MT and +Init change one ingredient each
         "hydra-rs": Method({"adapter": "rlora", **multi,
-                            "adapter_options": "multi_head_dropout=false,random_init=false"},
-                           analyses=("heads",)),
+                            "adapter_options": "multi_head_dropout=false,random_init=false"}, analyses=("heads",)),
         "hydra+mt": Method({"adapter": "rlora", **multi, "adapter_options": "random_init=false"}, analyses=("heads",)),
         "hydra+init": Method({"adapter": "rlora", **multi, "adapter_options": "multi_head_dropout=false"},
                              analyses=("heads",)),
     }
-    # controls of claims 1, 2 and 8: summed heads move ΔW ~3x faster than averaged; the paper's R-LoRA init is
-    # ~100x the released code's
+    # controls of claims 1, 2 and 8: summed heads move ΔW ~3x faster; R-LoRA's paper init is ~100x its code's
     for label, base, opts in (("mlora-mean", "mlora", "head_reduction=mean"),
                               ("hydra-norouter-mean", "hydra-norouter", "head_reduction=mean"),
                               ("rlora-cf", "rlora", "code_faithful=true"),
@@ -324,8 +322,7 @@ def claim_report(claim, g=None, **grid_args):
             for x in (c, c["threshold_free"]):
                 x["verdict_boot"] = equivalence_verdict(x["low"], x["high"])
                 x["verdict_t"] = None if x["t_low"] is None else equivalence_verdict(x["t_low"], x["t_high"])
-                x["verdict"] = (x["verdict_boot"] if x["verdict_t"] in (None, x["verdict_boot"]) else
-                                "borderline")
+                x["verdict"] = (x["verdict_boot"] if x["verdict_t"] in (None, x["verdict_boot"]) else "borderline")
         out["comparisons"].append({"a": a, "b": b, "paper": paper, **c, "text": describe(c)})
     return out
 

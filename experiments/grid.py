@@ -10,6 +10,7 @@ drivers share a grid.
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -105,7 +106,7 @@ def fingerprint(obj) -> str:
 
 
 class Data:
-    """The suite's training pool and test set, loaded once, with content fingerprints for the run keys."""
+    """The suite's training pool and test set, with content fingerprints for the run keys."""
 
     def __init__(self, suite: Suite):
         self.test = load_tasks(",".join(suite.tasks), "test", data_dir=suite.data_dir,
@@ -160,8 +161,7 @@ def run_key(cfg, suite: Suite, data: Data) -> str:
 
 def base_key(suite: Suite, data: Data) -> str:
     dev = {"dev": data.dev_fp} if data.dev_fp else {}
-    return fingerprint({"v": FORMAT_VERSION, "base": suite.model, "test": data.test_fp, "mode": suite.mode,
-                        **dev})[:16]
+    return fingerprint({"v": FORMAT_VERSION, "base": suite.model, "test": data.test_fp, "mode": suite.mode, **dev})[:16]
 
 
 # the suite's fields that pick the base model's evaluation: the model, the test set (tasks, format, size), scoring
@@ -200,8 +200,7 @@ def problem(r, key):
     if not r["tasks"]:
         return "no tasks"
     for t, v in r["tasks"].items():
-        if not isinstance(v, dict) or not isinstance(v.get("accuracy"), NUM) or not isinstance(v.get("collapsed"),
-                                                                                                 bool):
+        if not (isinstance(v, dict) and isinstance(v.get("accuracy"), NUM) and isinstance(v.get("collapsed"), bool)):
             return f"task {t!r} has no numeric accuracy or no collapse flag"
         p = r["predictions"].get(t)
         if not isinstance(p, dict) or not isinstance(p.get("correct"), list) or \
@@ -267,9 +266,7 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def write_json(path: Path, obj):
-    """nanoalign.plumbing.system.write_json, one space of indent (the cached runs are large)."""
-    system.write_json(path, obj, indent=1)
+write_json = functools.partial(system.write_json, indent=1)  # one space of indent: the cached runs are large
 
 
 def compact_predictions(results):
@@ -351,7 +348,7 @@ class Grid:
         return self._data
 
     def keyed(self):
-        """Is the suite's prepared data here, so that runs are found by key? Else by what they were (`index`)."""
+        """Is the suite's prepared data here (runs found by key), or not (by `index`)?"""
         if self._keyed is None:
             self._data = self._data or load_data(self.suite, need=False)
             self._keyed = self._data is not None
@@ -418,7 +415,6 @@ class Grid:
         return self.index().get(i)
 
     def cached(self, label, seed):
-        """The cached result of a run (label "base": the base model's evaluation), or None."""
         p = self.find(label, seed)
         r = None if p is None else self.load(p)
         if r is not None and self.keyed() and "data" in r and r["data"] != self.data_fp(label == "base"):
@@ -444,7 +440,7 @@ class Grid:
         return out
 
     def missing(self):
-        """[(label, seed)] not cached (or damaged: moved aside when found), seed by seed."""
+        """[(label, seed)] not cached (or damaged), seed by seed."""
         return [(label, s) for s in self.seeds for label in self.methods if self.cached(label, s) is None]
 
     # ------------------------------------------------------------------------------------------------ running

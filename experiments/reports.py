@@ -18,8 +18,8 @@ CURVE = ("ce_first5", "ce_last5", "align_last5")  # the training-curve summary k
 NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora": "R-LoRA", "mlora": "M-LoRA",
          "lora-r8": "LoRA r=8", "a-lora-k": "A-LoRA-K", "a-lora-m": "A-LoRA-M", "lora-budget": "matched LoRA",
          "rlora+align": "R-LoRA + align", "mlora+align": "M-LoRA + align", "hydra-rs": "HydraLoRA (α/√r)",
-         "hydra+mt": "HydraLoRA +MT", "hydra+init": "HydraLoRA +Init", "a-lora-k-l0.01": "A-LoRA-K λ=0.01", "a-lora-k-l0.05": "A-LoRA-K λ=0.05",
-         "a-lora-k-l0.5": "A-LoRA-K λ=0.5", "mlora-mean": "M-LoRA (heads mean)",
+         "hydra+mt": "HydraLoRA +MT", "hydra+init": "HydraLoRA +Init", "a-lora-k-l0.01": "A-LoRA-K λ=0.01",
+         "a-lora-k-l0.05": "A-LoRA-K λ=0.05", "a-lora-k-l0.5": "A-LoRA-K λ=0.5", "mlora-mean": "M-LoRA (heads mean)",
          "hydra-norouter-mean": "HydraLoRA w/o Router (heads mean)", "rlora-cf": "R-LoRA (code init)",
          "mlora-cf": "M-LoRA (code init)", "hydra+init-cf": "HydraLoRA +Init (code init)"}
 NAMES.update({f"{kind}-k{k}": f"{what} K={k}" for k in C.SHOTS  # claim 10: K examples per task
@@ -71,7 +71,6 @@ class Claim:
         return out
 
     def values(self, label, fn):
-        """{seed: fn(run)} for the method's cached runs where fn gives a number."""
         return {r["seed"]: v for r in self.runs.get(label) or [] if (v := fn(r)) is not None}
 
     def base_collapsed(self):
@@ -164,15 +163,13 @@ def seed_paired(c: Claim, a, b, fn, expect_positive, scale=1.0):
         return None
     d = [scale * (va[s] - vb[s]) for s in seeds]
     m, low, high = t_interval(d)
-    out = {"a": a, "b": b, "seeds": len(seeds), "diff": m, "se": mean_se(d)[1], "per_seed": d, "low": low,
-           "high": high}
+    out = {"a": a, "b": b, "seeds": len(seeds), "diff": m, "se": mean_se(d)[1], "per_seed": d, "low": low, "high": high}
     if low is None:
         return {**out, "verdict": "one seed: no interval"}
     return {**out, "verdict": verdict(low, high, expect_positive, identical=all(x == 0 for x in d))}
 
 
 def seed_pairs(c: Claim, pairs, fn, expect_positive):
-    """`seed_paired` of each (A, B) in pairs that both have runs."""
     return [x for a, b in pairs if (x := seed_paired(c, a, b, fn, expect_positive))]
 
 
@@ -184,12 +181,10 @@ def print_paired(items, what, claimed):
 
 
 def sep_ratio(run):
-    """The separation probe's between/within ratio of a run (None where the grid did not probe it)."""
     return run["analysis"].get("probe", {}).get("sep_ratio")
 
 
 def head_cosine(run):
-    """The run's mean inter-head cosine of B over layers and module types (None without a head analysis)."""
     return run["analysis"].get("head_cosine_mean")
 
 
@@ -214,7 +209,6 @@ def pm(mean, se, digits=1):
 
 
 def bar(se):
-    """An error-bar half-width: 0 where the SE is unknown (one seed)."""
     return 0.0 if math.isnan(se) else se
 
 
@@ -304,8 +298,7 @@ def task_table(c: Claim, labels, paper_cells=None, column_of=None):
     trainable share, with the paper's cell as "ours / paper" where a task is one of its columns (`column_of`)."""
     tasks, maj = c.tasks(), c.majority()
     paper_cells, column_of = paper_cells or {}, column_of or {}
-    head = ["method", *[t + (f" / {column_of[t]}" if t in column_of else "") for t in tasks], "average",
-            "trainable %"]
+    head = ["method", *[t + (f" / {column_of[t]}" if t in column_of else "") for t in tasks], "average", "trainable %"]
     rows = []
     if c.base:
         rows.append(["base model", *[f"{100 * c.base['tasks'][t]['accuracy']:.1f}"

@@ -107,9 +107,9 @@ def main(argv=None):
     rows = [r for g in grids() for r in rows_of(g)]
     runs = [r for g in grids() for rs in g.results().values() if rs for r in (rs if isinstance(rs, list) else [rs])]
     meta = {"model": "smollm2-135m", "budget": ", ".join(f"{k} {v}" for k, v in BUDGET.items()),
-            "command": "python experiments/screening.py", "runs": [{"grid": r.get("grid"), "label": r["label"],
-                                                                   "key": r["key"], "machine": r["machine"],
-                                                                   "wall_s": r["wall_s"]} for r in runs],
+            "command": "python experiments/screening.py",
+            "runs": [{"grid": r.get("grid"), "label": r["label"], "key": r["key"], "machine": r["machine"],
+                      "wall_s": r["wall_s"]} for r in runs],
             "rule": "LoRA - base >= 5 points, LoRA - majority >= 5 points, LoRA < 95%, LoRA not collapsed"}
     write_json(ROOT / "experiments" / "screening.json", {"meta": meta, "rows": rows})
     (ROOT / "experiments" / "screening.md").write_text(markdown(rows, meta))
