@@ -140,8 +140,7 @@ def load_data(suite: Suite, need=True):
                          f"prepared folder")
 
 
-# train.py options added after FORMAT_VERSION 1, with the value that computes what the runs before them computed:
-# at that value a field stays out of the key, so adding an option to train.py does not orphan the cached runs
+# train.py options added after FORMAT_VERSION 1: at this value (what older runs computed) a field stays out of the key
 ADDED_LATER = {"trainer": "standard", "shots": 0, "meta_tasks": 4, "meta_support": 4, "meta_query": 4,
                "meta_inner_steps": 1, "meta_inner_lr": 3e-2, "meta_agg": "mean", "meta_order": 1,
                "mmd_rows": 0}
@@ -164,7 +163,7 @@ def base_key(suite: Suite, data: Data) -> str:
     return fingerprint({"v": FORMAT_VERSION, "base": suite.model, "test": data.test_fp, "mode": suite.mode, **dev})[:16]
 
 
-# the suite's fields that pick the base model's evaluation: the model, the test set (tasks, format, size), scoring
+# the suite's fields that pick the base model's evaluation
 BASE_FIELDS = ("model", "tasks", "fmt", "test_per_task", "mode", "dev_per_task")
 
 
@@ -244,7 +243,7 @@ def claim(lock: Path):
     return "another driver"
 
 
-# {runs dir: (its files' names, mtimes and sizes, {result_id: path})}: the index is built once per state of the dir
+# {runs dir: (its files' names, mtimes and sizes, {result_id: path})}: built once per state of the dir
 _INDEX = {}
 
 
