@@ -1,9 +1,7 @@
 """nanoalign's cloze scorer against lm-evaluation-harness (lm-eval) on the same files, model and machine.
 
-lm-eval cannot reach its datasets' hubs here, so its tasks read local files: `docs` writes each task's evaluation
-split, from the original files in shared/data, as rows of the dataset lm-eval's task yaml names (HF schema: PIQA
-goal/sol1/sol2/label, SuperGLUE BoolQ's passage "<title> -- <passage>", ...), and one yaml per task that `include`s
-lm-eval's own yaml and only points it at that file. Every string then comes from lm-eval's task code and templates.
+`docs` writes each task's evaluation split from the original files in the schema of lm-eval's dataset, and each
+task's yaml `include`s lm-eval's own, pointed at that file: every string comes from lm-eval's task code.
 
     python benchmarks/lm_eval_compare.py docs --out /tmp/lm-eval-docs                 # any Python, stdlib only
     $LMEVAL/bin/python benchmarks/lm_eval_compare.py strings --docs /tmp/lm-eval-docs \\
@@ -14,11 +12,8 @@ lm-eval's own yaml and only points it at that file. Every string then comes from
         --out benchmarks/lm_eval_runs                                                  # nanoalign's venv
     python benchmarks/lm_eval_compare.py table --out benchmarks/lm_eval_runs --write   # the RESULTS.md table
 
-$LMEVAL is a separate venv with lm-eval, transformers and peft (lm-eval is not a nanoalign dependency). Both scorers
-load the same directory (SmolLM2-135M-Instruct converted by nanoalign.plumbing.embedded.ensure_smollm2), in fp32 on
-the CPU, with the same batch size and thread count; each run writes <out>/<tool>-<task>.json: per example the
-option log-likelihoods and predictions, and the scoring's wall and CPU time (model loading excluded). --limit N
-scores the first N documents of each split (the table says so).
+$LMEVAL is a separate venv with lm-eval, transformers and peft. Both scorers load the same converted SmolLM2-135M
+in fp32 on the CPU with the same batch size and threads; each run writes <out>/<tool>-<task>.json.
 """
 
 import argparse
@@ -49,8 +44,7 @@ def labels(path):
 
 
 def hf_docs(task, source=SHARED):
-    """The evaluation split lm-eval scores (validation, or test for ARC and OpenBookQA) in its dataset's schema, read
-    from the original files, in file order (lm-eval's doc ids)."""
+    """The split lm-eval scores, in its dataset's schema and file order (lm-eval's doc ids)."""
     c = Path(source) / "commonsense"
     if task == "piqa":  # baber/piqa: goal, sol1, sol2, label (int)
         return [{**r, "label": int(y)} for r, y in zip(jsonl(c / "piqa/valid.jsonl"), labels(c / "piqa/valid-labels.lst"))]
@@ -73,8 +67,7 @@ def hf_docs(task, source=SHARED):
 
 
 def ours_examples(task, fmt="lm-eval", source=SHARED):
-    """nanoalign's examples of the same split, in the same order (BoolQ: the whole dev file, which prepare.py splits
-    into our train and test)."""
+    """nanoalign's examples of the same split, in the same order (BoolQ: the whole dev file)."""
     from functools import partial
     from nanoalign.plumbing import tasks as T
     name = TASKS[task][0]
@@ -105,8 +98,7 @@ def write_docs(out, source):
 
 
 def task_manager(docs):
-    """lm-eval's TaskManager with one task nanoalign_<task> per task: lm-eval's yaml, included as it is, reading the
-    local docs as its only (test) split."""
+    """lm-eval's TaskManager with a task nanoalign_<task> per task: lm-eval's yaml reading the local docs."""
     import lm_eval
     from lm_eval.tasks import TaskManager
     docs = Path(docs).resolve()
@@ -129,8 +121,8 @@ def lm_eval_tasks(docs, names):
 
 
 def cmd_strings(args):
-    """lm-eval's (context, continuation) pairs of every doc, by its own task code: the whole split's digest, and the
-    docs and pairs themselves for the first `--keep` docs and every doc whose fields carry outer whitespace."""
+    """lm-eval's (context, continuation) pairs: each split's digest, and the docs and pairs of the first `--keep`
+    docs and of those whose fields carry outer whitespace."""
     import lm_eval
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     tasks, _ = lm_eval_tasks(args.docs, list(TASKS))
@@ -147,8 +139,7 @@ def cmd_strings(args):
         assert sorted(by_doc) == list(range(len(docs))), name
         strings = [by_doc[i] for i in range(len(docs))]
         gold = [gold_index(task, d) for d in docs]
-        odd = [i for i, d in enumerate(hf_docs(name)) if any(isinstance(v, str) and v != v.strip()
-                                                              for v in flat(d))]
+        odd = [i for i, d in enumerate(hf_docs(name)) if any(isinstance(v, str) and v != v.strip() for v in flat(d))]
         keep = sorted(set(range(min(args.keep, len(docs)))) | set(odd[:args.keep]))
         fixture["tasks"][name] = {"n": len(docs), "sha256": digest({"pairs": strings, "gold": gold}),
                                   "examples": [{"doc_id": i, "doc": hf_docs(name)[i], "pairs": strings[i],
@@ -175,13 +166,7 @@ def flat(d):
             yield v
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# scoring
-
-def model_dir():
-    from nanoalign.plumbing.embedded import ensure_smollm2
-    return ensure_smollm2()
-
+# ---------------------------------------------------------------------------------------------------------- scoring
 
 def cmd_lm_eval(args):
     """lm-eval's HF model (`--model hf`) on each task: per doc, its log-likelihoods, acc and acc_norm."""
@@ -241,8 +226,7 @@ def argmax(xs):
 
 
 def write_run(args, tool, what, seconds, cpu, scores, gold, lengths, reported):
-    """seconds: the scoring's wall time; cpu: its CPU time (all threads of the process), which other jobs on a
-    shared machine disturb far less than the wall time."""
+    """seconds: wall time; cpu: the process's CPU time, which other jobs disturb far less."""
     pred = [argmax(s) for s in scores]
     pred_norm = [argmax([v / max(n, 1) for v, n in zip(s, ls)]) for s, ls in zip(scores, lengths)]
     n = len(scores)
@@ -265,8 +249,7 @@ BEGIN, END = "<!-- lm_eval_compare.py table: begin -->", "<!-- lm_eval_compare.p
 
 
 def cmd_table(args):
-    """The markdown table of every task with both runs in --out; --write puts it (with the runs' settings) between
-    the markers in benchmarks/RESULTS.md, appending a section the first time."""
+    """The markdown table of every task with both runs in --out; --write puts it into benchmarks/RESULTS.md."""
     out = Path(args.out)
     lines = ["| task | docs scored (split) | acc ours / lm-eval | acc_norm ours / lm-eval | agree (acc) "
              "| agree (acc_norm) | max abs. Δ log-lik | examples/CPU-s ours / lm-eval | speed-up (CPU) "
@@ -354,11 +337,12 @@ def main(argv=None):
 
 
 def default_model():
-    """The converted SmolLM2-135M-Instruct directory (converted once by nanoalign; lm-eval's venv only reads it)."""
+    """The converted SmolLM2-135M-Instruct directory (lm-eval's venv only reads it; nanoalign converts it)."""
     d = Path(os.environ.get("NANOALIGN_CACHE", Path.home() / ".cache" / "nanoalign")) / "smollm2-135m-instruct-q4_1"
     if (d / "model.safetensors").exists():
         return d
-    return model_dir()
+    from nanoalign.plumbing.embedded import ensure_smollm2
+    return ensure_smollm2()
 
 
 if __name__ == "__main__":

@@ -5,14 +5,10 @@
     python benchmarks/train_speed.py --suite gpu --out benchmarks/RESULTS-gpu.md    # all GPU rows (or gpu-0.5b/-7b)
     python benchmarks/train_speed.py --suite gpu --dry-run    # the same rows on a tiny config, CPU, seconds
 
-Each (implementation, adapter) runs in its own subprocess, so its peak memory is its own (RSS on CPU,
-max_memory_allocated after warm-up on CUDA); runs alternate nanoalign / HF, repeat `--repeats` times and report
-medians. A step is forward + backward + AdamW over the adapter on an unpadded batch whose last `--answer` tokens per
-row carry labels. nanoalign takes the trainer's sync-free path (logits only at labelled positions, indices and
-padding decided on the host); HF computes full logits, as `model(..., labels=...)` does: what a PEFT user gets. Both
-use the same weights, dtype, labelled tokens and, for `align`, the same loss (on hooked lora_A outputs for HF, as
-the Align-LoRA code does); `align-mmd` is A-LoRA-M. MFU (CUDA only) counts the FLOPs each step asks for
-(nanoalign.plumbing.system), so HF's full logits count as done.
+Each (implementation, adapter) runs in its own subprocess, so its peak memory is its own; medians over alternating
+repeats. A step is forward + backward + AdamW on a batch whose last `--answer` tokens per row carry labels: nanoalign
+on the trainer's sync-free path, HF with full logits as `model(..., labels=...)` gives a PEFT user; `align` uses the
+same loss on both (hooked lora_A outputs for HF, as the Align-LoRA code does).
 """
 
 import argparse
@@ -46,7 +42,7 @@ CONFIGS = {
                  num_attention_heads=4, num_hidden_layers=2, num_key_value_heads=2, rms_norm_eps=1e-5,
                  vocab_size=512, tie_word_embeddings=True, hidden_act="silu"),
 }
-# --suite: (config, seq, batch) cells, each with and without --grad-ckpt (7B: 2 rows, so that align has 2 tasks)
+# --suite: (config, seq, batch) cells, each with and without --grad-ckpt
 SUITES = {"gpu-0.5b": [("qwen2.5-0.5b", 1024, 8)], "gpu-7b": [("qwen2.5-7b", 4096, 2)]}
 SUITES["gpu"] = SUITES["gpu-0.5b"] + SUITES["gpu-7b"]
 SUITE_ADAPTERS = "lora,hydra,mlora,align"
@@ -61,11 +57,6 @@ def model_dir_or_config(name):
     return None, CONFIGS[name]
 
 
-def hf_config(name):
-    path, cfg = model_dir_or_config(name)
-    return cfg if cfg is not None else json.loads((path / "config.json").read_text())
-
-
 def make_batch(batch, seq, answer, vocab):
     """CPU tensors: ids, an all-ones mask and labels on the last `answer` tokens of each row."""
     g = torch.Generator().manual_seed(0)
@@ -76,7 +67,7 @@ def make_batch(batch, seq, answer, vocab):
 
 
 def kind_of(adapter):
-    return "align" if adapter.startswith("align") else adapter
+    return "align" if adapter.startswith("align") else adapter  # align-mmd: A-LoRA-M
 
 
 def build_nanoalign(args, device, dtype):
@@ -120,13 +111,6 @@ def build_hf(args, device, dtype):
     return model
 
 
-def hf_align_hooks(model, store):
-    """What the original Align-LoRA code does on top of PEFT: forward hooks on every lora_A storing its output."""
-    for name, mod in model.named_modules():
-        if name.endswith("lora_A.default"):
-            mod.register_forward_hook(lambda m, i, o, n=name: store.__setitem__(n, o))
-
-
 def measure(args):
     """One (implementation, adapter) run: {"step_s": median step seconds, "mem_mib": peak memory}."""
     torch.manual_seed(0)
@@ -150,30 +134,29 @@ def measure(args):
         idx = logit_indices(at)  # on the host, before the copy: no sync, one shape
         ids, mask, idx, targets, tasks = (t.to(device) for t in (ids, mask, idx, targets, tasks))
 
-        def step():
+        def loss_fn():
             with adapter_context(model, task_ids=tasks, collect=align) as ctx, \
                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(ids, mask, logits_at=idx, right_padded=True)
-            loss = F.cross_entropy(logits.float(), targets)
-            if align:
-                loss = loss + 0.1 * alignment_loss(ctx.a_outputs, mask, tasks, kind=loss_kind, num_tasks=args.tasks)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            return F.cross_entropy(logits.float(), targets), ctx.a_outputs
     else:
         ids, mask, labels, tasks = (t.to(device) for t in (ids, mask, labels, tasks))
         store = {}
-        if align:
-            hf_align_hooks(model, store)
+        for name, mod in model.named_modules() if align else ():  # what the Align-LoRA code does on top of PEFT
+            if name.endswith("lora_A.default"):
+                mod.register_forward_hook(lambda m, i, o, n=name: store.__setitem__(n, o))
 
-        def step():
+        def loss_fn():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
-            if align:  # the same loss function on the hooked A-outputs, so only the plumbing differs
-                loss = loss + 0.1 * alignment_loss(dict(store), mask, tasks, kind=loss_kind, num_tasks=args.tasks)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                return model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss, dict(store)
+
+    def step():
+        loss, a_outputs = loss_fn()
+        if align:  # the same loss function on both: only the plumbing differs
+            loss = loss + 0.1 * alignment_loss(a_outputs, mask, tasks, kind=loss_kind, num_tasks=args.tasks)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
@@ -190,11 +173,13 @@ def measure(args):
 
 
 def step_flops(args, impl):
-    """FLOPs of one step by system.flops_per_token, on a meta-device copy of the model (shapes only)."""
+    """FLOPs of one step by system.flops_per_token (HF's full logits count as done), on a meta-device model."""
     from nanoalign.adapters import apply_adapter
     from nanoalign.model import CausalLM, ModelConfig
+    path, cfg = model_dir_or_config(args.config)
+    cfg = cfg if cfg is not None else json.loads((path / "config.json").read_text())
     with torch.device("meta"):
-        model = apply_adapter(CausalLM(ModelConfig.from_hf_dict(hf_config(args.config))), kind_of(args.adapter),
+        model = apply_adapter(CausalLM(ModelConfig.from_hf_dict(cfg)), kind_of(args.adapter),
                               rank=args.rank, targets=ALL_LINEAR, heads=args.heads)
     logits = args.batch * (args.answer if impl == "nanoalign" else args.seq)  # HF: full logits
     return system.flops_per_token(model, [args.seq] * args.batch, logit_positions=logits) * args.batch * args.seq
@@ -313,7 +298,7 @@ def targets(args, rows, lora_step, cuda):
 
 
 def append(path, text):
-    """Append `text` to the markdown file at `path`, atomically (the old content, then the new, or nothing)."""
+    """Append `text` to the markdown file at `path`, atomically."""
     path = Path(path)
     system.write_atomic(path, (path.read_text() if path.exists() else "") + text + "\n\n")
 

@@ -6,16 +6,10 @@
     python data/prepare.py math                                     # GSM8K (../shared/data/math/gsm8k)
     python data/prepare.py bbh                                      # evaluation only: writes <task>-test.jsonl
 
-Reads the ORIGINAL file layouts (GLUE tsv, PIQA/SIQA jsonl + labels.lst, BoolQ, HellaSwag, WinoGrande v1.1, AI2
-ARC/OpenBookQA, GSM8K, BBH json) under `<source>/<suite>/<task>/` and writes `<out>/<suite>/<task>-{train,test}.jsonl`
-(the paper's label format) and `<out>/<suite>/cloze/<task>-{train,test}.jsonl` (lm-evaluation-harness's cloze format).
-GLUE dev is the test split; a task with one labelled split is split deterministically; training splits are capped as
-in the Align-LoRA data code (nanoalign/plumbing/tasks.py TRAIN_CAPS, seed 42). `<task>-dev.jsonl` (both formats, the
-same rows) holds up to DEV_SIZE examples drawn from the training rows the cap leaves out, else from an official held-out split that
-is not the test split (ARC, OpenBookQA, MRPC), never an input of train or test; the train and test files do not depend
-on it. Tasks whose files are absent are skipped.
-Without --source (and no ../shared/data beside the repo) the original files are downloaded from their public homes
-into ~/.cache/nanoalign/data when online.
+Reads the original files under `<source>/<suite>/<task>/` (downloaded into ~/.cache/nanoalign/data without one) and
+writes `<out>/<suite>/[cloze/]<task>-{train,dev,test}.jsonl` in the label and cloze formats. Training splits are
+capped as in the Align-LoRA data code (TRAIN_CAPS); dev comes from the rows the cap leaves out, else an official
+held-out split, and never changes train or test. Tasks whose files are absent are skipped.
 """
 
 import argparse
@@ -38,8 +32,7 @@ GLUE_ZIP = "https://dl.fbaipublicfiles.com/glue/data/"
 AI2 = "https://ai2-public-datasets.s3.amazonaws.com/"
 MOSAIC = "https://storage.googleapis.com/ai2-mosaic/public/"
 SENTEVAL = "https://dl.fbaipublicfiles.com/senteval/senteval_data/"
-# task -> original files (a URL, or (URL, file name) where the URL does not end in it); zips are unpacked flat into
-# the task directory, keeping only members under ZIP_KEEP[task] when given
+# task -> original files (URL, or (URL, file name)); zips unpack flat, only members under ZIP_KEEP[task] if given
 URLS = {
     "sst2": [GLUE_ZIP + "SST-2.zip"], "cola": [GLUE_ZIP + "CoLA.zip"], "qqp": [GLUE_ZIP + "QQP-clean.zip"],
     "mnli": [GLUE_ZIP + "MNLI.zip"], "qnli": [GLUE_ZIP + "QNLIv2.zip"], "rte": [GLUE_ZIP + "RTE.zip"],
@@ -63,7 +56,7 @@ BBH_URL = "https://raw.githubusercontent.com/suzgun/BIG-Bench-Hard/main/bbh/{}.j
 
 
 def fetch(url, path):
-    """Download url to path atomically (a .part file, then os.replace); skipped when path exists."""
+    """Download url to path atomically, unless it exists."""
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,8 +125,8 @@ def main():
     written = 0
     formats = ["label"] if args.suite in LABEL_ONLY else FORMATS
     for t in tasks:
-        dev_at = None  # dev positions, chosen on the label rows and reused for cloze: the same rows in both formats
-        for fmt in formats:  # the same rows in both formats: the caps' subsample depends on the row count only
+        dev_at = None  # chosen on the label rows, reused for cloze: the caps' draw depends on the row count only
+        for fmt in formats:
             if args.suite == "builtin":
                 splits = {s: builtin_examples(t, s) for s in ("train", "test")}
             else:

@@ -1,8 +1,5 @@
-"""What the trained adapters look like: inter-head similarity and ΔW spectra (METHODS.md §4.1).
-
-Align-LoRA's Figure 2 / R-LoRA's `analysis_cos.py`: for each (layer, module type), flatten the N head matrices
-B_i ∈ R^{out×r} of that module's adapter, form the N×N cosine-similarity matrix and average its strict upper
-triangle. High values mean the heads learned (nearly) the same thing — the "multi-head paradox" (§7 claim 1).
+"""What the trained adapters look like: inter-head similarity and ΔW spectra (METHODS.md §4.1), and how far apart
+the tasks sit in A-output space (§4.2).
 """
 
 import math
@@ -20,12 +17,8 @@ def layer_index(name: str):
 
 
 def head_cosine_similarity(model) -> dict:
-    """{(layer, module type): mean pairwise cosine similarity of the flattened heads B_i} (METHODS §4.1).
-
-    Covers every adapter with N ≥ 2 heads, up-projections in `lora_B` [N, out, r]: HydraLoRA (with/without
-    router), R-LoRA, M-LoRA, and also MTL-LoRA's B_j and MultiLoRA's B_i (the latter pair with different A_i, so
-    read those values with care). A zero head has no direction: the value is NaN (e.g. HydraLoRA at step 0).
-    """
+    """{(layer, module type): mean pairwise cosine of the flattened heads B_i} (METHODS §4.1, Align-LoRA Fig. 2);
+    NaN where a head is zero. High values: the heads learned the same thing (the "multi-head paradox")."""
     out = {}
     for name, m in adapter_modules(model):
         if getattr(m, "heads", 1) < 2:
@@ -49,13 +42,8 @@ def lowrank(m, task=None):
 
 @torch.no_grad()
 def delta_weight_spectrum(model, task=None) -> dict:
-    """{module path: singular values of ΔW (descending, fp32)}, from the factored form ΔW = B_eff A_eff.
-
-    ΔW has rank ≤ k (k = columns of B_eff: r for LoRA, 2r for M-LoRA with its compensation, n·r for MultiLoRA), so
-    its k leading singular values come from a k×k matrix (QR of both factors); all others are exactly 0.
-    Router adapters (HydraLoRA, R-LoRA) use the ΔW a uniform router would give, (s/N)·Σ_i B_i A; MTL-LoRA needs
-    `task` (ΔW_t = s·B̃_t Λ_t A).
-    """
+    """{module path: singular values of ΔW = B A}, from a k×k matrix (QR of both rank-k factors); router adapters
+    at a uniform router, MTL-LoRA for `task`."""
     out = {}
     for name, m in adapter_modules(model):
         B, A, s = lowrank(m, task)
@@ -100,14 +88,8 @@ def pool_a_outputs(a_outputs: dict, attention_mask) -> dict:
 
 
 def task_separation(features: torch.Tensor, task_ids: torch.Tensor) -> dict:
-    """How far apart the task clusters of `features` [N, d] are, relative to their own spread.
-
-        between = mean over task pairs p<q of ‖μ_p − μ_q‖        (μ_t: mean of task t's rows)
-        within  = sqrt(mean over tasks of mean_i ‖x_i − μ_t‖²)   (RMS distance of a row to its task's mean)
-        ratio   = between / within                               (scale-free: 0 = clusters on top of each other)
-
-    Alignment should shrink `ratio` (clusters move together) without collapsing `within` (METHODS §4.2: "closer but
-    not collapsed"). Needs ≥ 2 tasks with ≥ 1 row each."""
+    """Mean distance between task means over the RMS distance of a row to its task's mean: alignment should shrink
+    `ratio` without collapsing `within` (METHODS §4.2: "closer but not collapsed")."""
     x = features.double()
     tasks = sorted(set(task_ids.tolist()))
     if len(tasks) < 2:
@@ -123,13 +105,8 @@ def task_separation(features: torch.Tensor, task_ids: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def separation_probe(model, tok, tasks: dict, n=16, max_len=128) -> dict:
-    """How far apart the tasks sit in A-output space (what Align-LoRA aligns, METHODS §3.1), on held-out examples.
-
-    The first n examples of each task (prompt + gold answer, as in training, cut to max_len tokens) go through one
-    eval-mode forward that collects every adapted module's A-output; each example's A-output is averaged over its
-    tokens; per module `task_separation` of those points, averaged over modules; and the KL alignment loss of the
-    held-out A-outputs (token level, what training minimises). Returns {"sep_ratio", "sep_between", "sep_within",
-    "heldout_kl", "n"}. Task ids are the positions of the sorted task names (as in training)."""
+    """Task separation in A-output space (METHODS §3.1) on the first n examples per task: `task_separation` of the
+    token-mean A-outputs averaged over modules, and the held-out KL alignment loss."""
     from nanoalign.align import alignment_loss
     from nanoalign.data import encode_example, pad_right
     names = sorted(tasks)

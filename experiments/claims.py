@@ -5,19 +5,11 @@
     python experiments/claims.py run --only 10 --seeds 0,1 --methods meta-k64,lora-k64  # a subset of a grid
     python experiments/claims.py report              # the claim table (markdown) from the cached runs, in seconds
     python experiments/claims.py recheck --only 4-5 --seeds 0 --methods lora-r8   # retrain a cached run, compare
+    python experiments/claims.py run --only lr; python experiments/claims.py run --only 1-2@own,4-5@own
 
-Every claim is a grid (experiments/grid.py) on one suite, budget and test set with the same seeds for every method,
-compared seed by seed and example by example (experiments/stats.py); runs shared between claims are trained once.
-Methods use the paper's configurations scaled to this model: rank 4 x 3 heads on gate/up/down for the multi-head
-family (Align-LoRA Table 1), rank 8 for Align-LoRA, HydraLoRA's budget for claim 3's LoRA; claim 10 (MeTA-LoRA)
-trains LoRA r=8 on K examples per task with both trainers, and grid 10-alpha varies its inner learning rate.
-
-Fairness checks: claims 1, 2 and 8 carry control rows (heads averaged instead of summed; R-LoRA's released-code
-init). Grid "lr" trains LR_METHODS at each of LRS on DEV_SUITE (scored on dev too); `chosen_lrs` picks each method's
-lr there, and "1-2@own" / "4-5@own" rerun claims 1, 2, 4 and 5 at those (a row appears once its lr is chosen):
-
-    python experiments/claims.py run --only lr               # 72 runs, then
-    python experiments/claims.py run --only 1-2@own,4-5@own
+Each claim is a grid (experiments/grid.py) with the paper's configurations scaled to this model (rank 4 x 3 heads
+on gate/up/down, rank 8 for Align-LoRA); claims 1, 2 and 8 carry step-size and init control rows. Grid "lr" picks
+each method's learning rate on dev (`chosen_lrs`), and the "@own" grids rerun claims 1, 2, 4 and 5 at it.
 """
 
 import argparse
@@ -33,14 +25,11 @@ import numpy as np  # noqa: E402
 
 from experiments.stats import TILT_FLAG, auroc, compare, compare_threshold_free, describe, mean_se, tilt  # noqa: E402
 
-# The screening (experiments/screening.md) found the tasks a plain LoRA lifts >= 5 points above both the base model
-# and the majority rate without collapsing; one suite has one format, so: its three cloze tasks at the screened
-# budget, scored the lm-evaluation-harness way. Cloze answers here are <= 155 tokens, so seq_len 256 cuts nothing.
+# the screening's (experiments/screening.md) three qualifying cloze tasks; their answers fit seq_len 256
 SUITE = Suite(tasks=("sst2", "arc-easy", "siqa"), fmt="cloze", mode="cloze", steps=200, batch_per_task=2, lr=1e-3,
               warmup=20, seq_len=256, test_per_task=500)
 SEEDS = [0, 1, 2, 3, 4]
-# every choice from now on is made on the dev split (data/README.md: 300 per task, neither trained on nor test): the
-# learning-rate grid scores each run on it as well as on the test set
+# every choice is made on the dev split (data/README.md), never on the test set
 DEV_SUITE = dataclasses.replace(SUITE, dev_per_task=300)
 LRS = (3e-4, 1e-3, 3e-3)
 LR_METHODS = ("lora-r8", "hydra", "hydra-norouter", "rlora", "mlora", "mlora-mean", "a-lora-k", "a-lora-m")
@@ -48,8 +37,7 @@ MLP = "gate_proj,up_proj,down_proj"
 
 
 def lam(paper_lambda, n_tasks):
-    """The paper's λ multiplies a SUM of the symmetric KL over task pairs (Eq. 5); ours averages over pairs
-    (METHODS §3.5), so the same weight is λ_paper · T(T−1)/2 in our units."""
+    """The paper's λ (on a SUM over task pairs, Eq. 5) in our units (a mean over pairs, METHODS §3.5)."""
     return paper_lambda * n_tasks * (n_tasks - 1) / 2
 
 
@@ -71,17 +59,14 @@ def methods(n_tasks, model_cfg):
                               analyses=("heads", "probe")),
         "mlora+align": Method({"adapter": "mlora", **multi, "align_any": True, "align_lambda": lam(0.1, n_tasks)},
                               analyses=("heads", "probe")),
-        # claim 8 starts from HydraLoRA at R-LoRA's scale s = α/√r (R-LoRA with both ingredients off is exactly that,
-        # tests/test_adapters.py), so that +MT and +Init change one ingredient each and not the scale too
+        # claim 8's baseline: HydraLoRA at R-LoRA's scale α/√r, so +MT and +Init change one ingredient each
         "hydra-rs": Method({"adapter": "rlora", **multi,
-                            "adapter_options": "multi_head_dropout=false,random_init=false"},
-                           analyses=("heads",)),
+                            "adapter_options": "multi_head_dropout=false,random_init=false"}, analyses=("heads",)),
         "hydra+mt": Method({"adapter": "rlora", **multi, "adapter_options": "random_init=false"}, analyses=("heads",)),
         "hydra+init": Method({"adapter": "rlora", **multi, "adapter_options": "multi_head_dropout=false"},
                              analyses=("heads",)),
     }
-    # step-size and init controls of claims 1, 2 and 8: M-LoRA and Hydra w/o router sum their 3 heads, so their ΔW
-    # moves ~3x faster per step than with the heads averaged; R-LoRA's paper init is ~100x the released code's
+    # controls of claims 1, 2 and 8: summed heads move ΔW ~3x faster; R-LoRA's paper init is ~100x its code's
     for label, base, opts in (("mlora-mean", "mlora", "head_reduction=mean"),
                               ("hydra-norouter-mean", "hydra-norouter", "head_reduction=mean"),
                               ("rlora-cf", "rlora", "code_faithful=true"),
@@ -99,37 +84,30 @@ def methods(n_tasks, model_cfg):
     return m
 
 
-# Claim 10 (MeTA-LoRA, METHODS §2.9): K training examples per task, the K=64 grid first (a partial grid has the most
-# informative K first: 16 may be too few for either trainer, 256 is close to what the full-data LoRA sees here).
+# claim 10 (MeTA-LoRA, METHODS §2.9): K examples per task, the most informative K first
 SHOTS = (64, 16, 256)
-# ... and its one sensitivity grid: MeTA-LoRA's inner learning rate α around the default 0.03 at K = 16, the only K
-# where LoRA on K is measurably below LoRA on all the data (tutorial 10, section 2)
+# grid 10-alpha: MeTA-LoRA's inner lr around the default 0.03 at K = 16 (tutorial 10, section 2)
 META_ALPHAS = (0.01, 0.1, 0.3)
-# its MeTA-LoRA rows in α order, the default 0.03 (MetaConfig.inner_lr: claim 10's meta-k16 run) in its place
+# in α order, the default (claim 10's meta-k16 run) in its place
 ALPHA_ROWS = [*(f"meta-k16-a{a}" for a in META_ALPHAS if a < 0.03), "meta-k16",
               *(f"meta-k16-a{a}" for a in META_ALPHAS if a > 0.03)]
 
 
 def meta_methods(lora):
-    """Claim 10's methods (METHODS §2.9): for each K in SHOTS, MeTA-LoRA and the standard trainer on the same K
-    examples per task (`--shots K`: nested pools, nanoalign.meta.limit_shots), both with `lora` (lora-r8's options);
-    lora-r8 itself is the full-data row. Episodes take support 2 + query 2 examples per task (the rest MetaConfig's
-    defaults: k = 1, α = 0.03, first order, every task in every episode), so the outer gradient sees the standard
-    trainer's 2 per task per step and 4 disjoint examples fit K = 16; the inner step about doubles the compute."""
+    """Claim 10's methods (METHODS §2.9): per K in SHOTS, MeTA-LoRA and the standard trainer on the same K examples
+    per task, both with `lora`'s options; support 2 + query 2 match the standard trainer's 2 per task per step."""
     meta = {"trainer": "meta", "meta_support": 2, "meta_query": 2}
     m = {}
     for k in SHOTS:
         m[f"meta-k{k}"] = Method({**lora, **meta, "shots": k})
         m[f"lora-k{k}"] = Method({**lora, "shots": k})
-    # α/3, 3α and 10α of the default 0.03 (MetaConfig)
     for a in META_ALPHAS:
         m[f"meta-k16-a{a}"] = Method({**lora, **meta, "shots": 16, "meta_inner_lr": a})
     return m
 
 
 def budget_rank(model_cfg):
-    """The LoRA rank whose parameter count on gate/up/down matches HydraLoRA's (rank 4, 3 heads, router) on the
-    model (METHODS §2.2; SmolLM2-135M: 10, as the paper's LoRA¹⁰ for Qwen2.5-7B)."""
+    """The LoRA rank with HydraLoRA's (rank 4, 3 heads) parameter count on gate/up/down (METHODS §2.2)."""
     import torch
     from nanoalign.adapters import apply_adapter, count_trainable, rank_for_budget
     from nanoalign.model import CausalLM
@@ -152,8 +130,6 @@ OWN = "@own"  # a method at the learning rate the lr grid chose for it on dev (`
 
 # claim -> (labels, seeds, [(A, B, the paper's sign of A − B is positive?, the paper's numbers)])
 CLAIMS = {
-    # the rows after the first four are the controls (`methods`): does a verdict hold with the heads averaged
-    # (step size) and at the released code's init?
     "1-2": (["hydra", "hydra-norouter", "rlora", "mlora", *CONTROLS_1_2], SEEDS, [
         ("mlora", "rlora", True, "75.45 vs 74.67"), ("mlora", "hydra", True, "75.45 vs 74.04"),
         ("hydra-norouter", "hydra", False, "73.58 vs 74.04"),
@@ -179,16 +155,12 @@ CLAIMS = {
         ("rlora", "hydra-rs", True, "+0.90"),
         ("hydra+init-cf", "hydra-rs", True, "control: +0.29 at the released code's init"),
         ("rlora-cf", "hydra-rs", True, "control: +0.90 at the released code's init")]),
-    # MeTA-LoRA (abstract): with K examples per task above LoRA on the same K, and not worse than LoRA on all the data
-    # (sign None: the ±1-point verdicts of claim 3, "not worse (interval above −1)" or "equivalent" = gap closed)
-    # (K = 64 first, then the full-data row: the first three runs of a seed answer both questions at K = 64)
+    # sign None: judged by `equivalence_verdict`
     "10": (["meta-k64", "lora-k64", "lora-r8", "meta-k16", "lora-k16", "meta-k256", "lora-k256"], SEEDS, [
         c for k in SHOTS for c in (
             (f"meta-k{k}", f"lora-k{k}", True, "abstract: above multi-task LoRA on the same few samples"),
             (f"meta-k{k}", "lora-r8", None, "abstract: matches or beats multi-task LoRA on all the data"))]),
-    # each method at each learning rate, 3 seeds, scored on dev too: its own learning rate is chosen there
     "lr": ([f"{m}@lr{lr:g}" for m in LR_METHODS for lr in LRS], SEEDS[:3], []),
-    # claims 1, 2, 4 and 5 with every method at the learning rate the lr grid chose for it on dev
     "1-2@own": ([f"{m}{OWN}" for m in ("hydra", "hydra-norouter", "rlora", "mlora", "mlora-mean")], SEEDS, [
         (f"mlora{OWN}", f"rlora{OWN}", True, "75.45 vs 74.67"), (f"mlora{OWN}", f"hydra{OWN}", True, "75.45 vs 74.04"),
         (f"hydra-norouter{OWN}", f"hydra{OWN}", False, "73.58 vs 74.04"),
@@ -196,16 +168,14 @@ CLAIMS = {
     "4-5@own": ([f"{m}{OWN}" for m in ("lora-r8", "a-lora-k", "a-lora-m")], SEEDS, [
         (f"a-lora-k{OWN}", f"lora-r8{OWN}", True, "Table 5 (3B): 80.06 vs 76.48"),
         (f"a-lora-k{OWN}", f"a-lora-m{OWN}", True, "80.06 vs 78.35")]),
-    # is claim 10's K = 16 verdict an artefact of the default α? the same comparison at α = 0.01, 0.03, 0.1, 0.3
     "10-alpha": (["lora-k16", *ALPHA_ROWS], SEEDS, [
         (a, "lora-k16", True, "abstract: above multi-task LoRA on the same few samples") for a in ALPHA_ROWS]),
 }
 
 
 def grid(claim, suite=None, seeds=None, controls=True, **where):
-    """The grid of one claim: its methods on SUITE (or `suite`) for its seeds (or `seeds`), without the step-size and
-    init controls if `controls` is False (the tutorials' --tiny smoke runs); `where`: Grid's results_dir / work_dir
-    (the smoke runs use a temporary one)."""
+    """The grid of one claim on SUITE (or `suite`), without the control rows if not `controls`; `where`: Grid's
+    results_dir / work_dir."""
     labels, claim_seeds, _ = CLAIMS[claim]
     if not controls:
         labels = [k for k in labels if k not in {*CONTROLS_1_2, *CONTROLS_8}]
@@ -225,8 +195,7 @@ def grid(claim, suite=None, seeds=None, controls=True, **where):
 
 
 def chosen_lrs(lr_report):
-    """{method: {"lr": the learning rate of the highest mean dev accuracy over the lr grid's seeds (None until
-    every lr of it has every seed), "dev": {lr: mean dev accuracy (%)}}} from the lr grid's report."""
+    """{method: {"lr": best mean dev accuracy's lr (None until every lr has every seed), "dev": {lr: mean}}}."""
     out = {}
     for m in LR_METHODS:
         rows = {lr: lr_report["methods"].get(f"{m}@lr{lr:g}") for lr in LRS}
@@ -244,9 +213,8 @@ def correctness(runs, seeds):
 
 
 def margins(run, task):
-    """(margin, positive) of a two-option task from a run's stored option scores: margin = score of option 1 −
-    score of option 0, positive = the gold answer is option 1; None for a task with another number of options.
-    Option order is read back from the predictions (a prediction is the label of the highest score)."""
+    """(score 1 − score 0, gold is option 1) of a two-option task from a run's stored scores, else None; option
+    order is read back from the predictions."""
     p = run["predictions"][task]
     if not p.get("scores") or any(len(x) != 2 for x in p["scores"]):
         return None
@@ -273,9 +241,8 @@ def scored_tasks(runs, seeds):
 
 
 def threshold_diagnostics(runs):
-    """Per task over the runs (seeds): mean and largest tilt (stats.tilt, points), seeds tilted past
-    stats.TILT_FLAG, the AUROC of two-option tasks; and the suite average scored threshold-free (AUROC for
-    two-option tasks, accuracy otherwise) per seed."""
+    """Per task over the runs: mean and largest tilt, seeds tilted past TILT_FLAG, AUROC of two-option tasks; and
+    per seed the threshold-free suite average (AUROC for two-option tasks, accuracy otherwise)."""
     tasks, suite = {}, []
     for r in runs:
         scores = []
@@ -306,8 +273,7 @@ def equivalence_verdict(low, high):
 
 
 def claim_report(claim, g=None, **grid_args):
-    """The measured rows of one claim: per method mean ± SE over seeds of the suite average, the base model, and
-    each paired comparison with its interval and verdict (`g`: its grid, else `grid(claim, **grid_args)`)."""
+    """One claim's rows: per method mean ± SE over seeds, the base model, each paired comparison and verdict."""
     g = g or grid(claim, **grid_args)
     res = g.results()
     base = res.pop("base")
@@ -356,16 +322,13 @@ def claim_report(claim, g=None, **grid_args):
             for x in (c, c["threshold_free"]):
                 x["verdict_boot"] = equivalence_verdict(x["low"], x["high"])
                 x["verdict_t"] = None if x["t_low"] is None else equivalence_verdict(x["t_low"], x["t_high"])
-                x["verdict"] = (x["verdict_boot"] if x["verdict_t"] in (None, x["verdict_boot"]) else
-                                "borderline")
+                x["verdict"] = (x["verdict_boot"] if x["verdict_t"] in (None, x["verdict_boot"]) else "borderline")
         out["comparisons"].append({"a": a, "b": b, "paper": paper, **c, "text": describe(c)})
     return out
 
 
 def recheck(claims, args, wanted):
-    """Retrain the selected cached runs (`--methods`, "base" for the base model; `--seeds`) into --scratch and write
-    each comparison with the cache (grid.compare_runs) to experiments/results/rechecks/<key>.json: the evidence
-    that runs made on another machine or commit are the same runs."""
+    """Retrain the selected cached runs into --scratch; each comparison with the cache goes to results/rechecks/."""
     if not wanted or not args.seeds:
         raise SystemExit("error: recheck needs --methods (or base) and --seeds: it retrains, so say which runs")
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -1,26 +1,16 @@
-"""Cached, resumable grids of training runs: methods × seeds, one training budget, one task suite, one test set.
+"""Cached, resumable grids of training runs: methods × seeds on one `Suite` (model, tasks, budget, test set).
 
-A grid is a `Suite` (model, tasks, prompt format, training budget, test set, scoring) and a set of methods
-({label: train.py options}), run for a list of seeds. Seeds change the adapter init, the dropout masks and the data
-order only: the training pool and the test set are the same for every seed and every method, so two methods can
-be compared seed by seed and example by example (experiments.stats).
-
-Every run is one call of train.py's loop (`launch.train`, no evaluation inside), then one evaluation of the trained adapter on the test
-set (merged where mergeable) and the grid's analyses (head similarity, ΔW spectra, separation probe). Its result
-(config, commit, machine, times, per-task diagnostics, per-example predictions, curve summary, analyses) is one JSON
-file, experiments/results/runs/<key>.json, written atomically and named by a hash of all that determines it (the
-train.py options, the suite, the data's contents). So a killed grid continues where it stopped (a run killed in
-training resumes from its checkpoint in experiments/work/<key>/, bitwise on CPU), a run shared by two grids is
-trained once, and a finished grid re-renders without training. The base model is evaluated once per suite.
-
-Reading needs no data: without the prepared files (a fresh clone) a run is found by what it was (`run_id`) instead
-of its key; stored data fingerprints keep runs on different data apart. A damaged result file is moved to
-runs/damaged/ with one line naming it and counts as missing. Several drivers may run one grid: each run is claimed
-through a lock file (`claim`), and the others skip it.
+Seeds change only the adapter init, dropout and data order, so methods compare seed by seed and example by example
+(experiments.stats). A run is one `launch.train` then one evaluation (merged where mergeable) and the grid's
+analyses, stored as experiments/results/runs/<key>.json, the key a hash of all that determines it: a killed grid
+resumes, a run shared by grids trains once, a finished grid re-renders without training. Without the prepared data
+a run is found by what it was (`run_id`); damaged files move to runs/damaged/; a lock file (`claim`) lets several
+drivers share a grid.
 """
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # `import train` and `import nanoalign` from a plain checkout
+    sys.path.insert(0, str(ROOT))
 
 import nanoalign  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY, nanoalign/__init__.py)
 import nanoalign.plumbing
@@ -52,8 +42,7 @@ from nanoalign.plumbing.tasks import TASK_SUITE  # noqa: E402
 from nanoalign.evaluate import evaluate, without_records  # noqa: E402
 from nanoalign.plumbing.scoring import progress_bar  # noqa: E402
 
-# where results and the runs' checkpoints/adapters go; the variables let a grid run from another checkout (a git
-# worktree at a fixed commit, so that edits here do not change a running grid) write into this one
+# overridable so that a grid run from a pinned worktree (edits here cannot change it) writes into this checkout
 RESULTS = Path(os.environ.get("NANOALIGN_RESULTS", ROOT / "experiments" / "results"))
 WORK = Path(os.environ.get("NANOALIGN_WORK", ROOT / "experiments" / "work"))  # git-ignored
 DATA_DIR = os.environ.get("NANOALIGN_DATA_DIR", str(ROOT / "data"))  # prepared JSONL (data/prepare.py)
@@ -88,8 +77,7 @@ class Suite:
 
 @dataclass
 class Method:
-    """One row of a grid: train.py options (adapter, rank, heads, adapter_options, align_lambda, ...) and the
-    analyses to run on the trained adapter ("heads", "spectrum", "probe")."""
+    """One row of a grid: train.py options and the analyses of the trained adapter ("heads", "spectrum", "probe")."""
     options: dict
     analyses: tuple = ()
 
@@ -118,7 +106,7 @@ def fingerprint(obj) -> str:
 
 
 class Data:
-    """The suite's training pool and test set, loaded once, with content fingerprints for the run keys."""
+    """The suite's training pool and test set, with content fingerprints for the run keys."""
 
     def __init__(self, suite: Suite):
         self.test = load_tasks(",".join(suite.tasks), "test", data_dir=suite.data_dir,
@@ -136,9 +124,7 @@ class Data:
 
 
 def load_data(suite: Suite, need=True):
-    """The suite's Data. Where its prepared files are missing: None when `need` is False (reading the cache), else
-    an `error:` exit (training needs them). A data directory that is not a directory, or a broken file in it, is an
-    `error:` exit either way."""
+    """The suite's Data; where its files are missing, None if not `need` (reading the cache), else an `error:` exit."""
     d = Path(suite.data_dir)
     if any(TASK_SUITE.get(t) != "builtin" for t in suite.tasks) and not d.is_dir():
         raise SystemExit(f"error: the data directory {d} is not a directory: point NANOALIGN_DATA_DIR at the folder "
@@ -154,8 +140,7 @@ def load_data(suite: Suite, need=True):
                          f"prepared folder")
 
 
-# train.py options added after FORMAT_VERSION 1, with the value that computes what the runs before them computed:
-# at that value a field stays out of the key, so adding an option to train.py does not orphan the cached runs
+# train.py options added after FORMAT_VERSION 1: at this value (what older runs computed) a field stays out of the key
 ADDED_LATER = {"trainer": "standard", "shots": 0, "meta_tasks": 4, "meta_support": 4, "meta_query": 4,
                "meta_inner_steps": 1, "meta_inner_lr": 3e-2, "meta_agg": "mean", "meta_order": 1,
                "mmd_rows": 0}
@@ -175,18 +160,15 @@ def run_key(cfg, suite: Suite, data: Data) -> str:
 
 def base_key(suite: Suite, data: Data) -> str:
     dev = {"dev": data.dev_fp} if data.dev_fp else {}
-    return fingerprint({"v": FORMAT_VERSION, "base": suite.model, "test": data.test_fp, "mode": suite.mode,
-                        **dev})[:16]
+    return fingerprint({"v": FORMAT_VERSION, "base": suite.model, "test": data.test_fp, "mode": suite.mode, **dev})[:16]
 
 
-# the suite's fields that pick the base model's evaluation: the model, the test set (tasks, format, size), scoring
+# the suite's fields that pick the base model's evaluation
 BASE_FIELDS = ("model", "tasks", "fmt", "test_per_task", "mode", "dev_per_task")
 
 
 def run_id(suite_desc: dict, config: dict) -> str:
-    """What a run was, without its data: the suite (Suite.describe(), which names the data: tasks, format, pool
-    and test sizes) and the train.py fields of its key (seed included). Two results of one id differ only if the
-    prepared data did; the key tells them apart where the data is here."""
+    """What a run was, without its data: the suite's description and its key's train.py fields."""
     return fingerprint({"v": FORMAT_VERSION, "train": key_fields(config), "suite": suite_desc})
 
 
@@ -202,8 +184,7 @@ NUM = (int, float)
 
 
 def problem(r, key):
-    """Why a cached result cannot be used (None when it can): not an object, another key than its file name's, or
-    a field the readers compute with missing or of the wrong type."""
+    """Why a cached result cannot be used (wrong key, a field missing or mistyped), or None."""
     if not isinstance(r, dict):
         return "not a JSON object"
     if r.get("key") != key:
@@ -218,8 +199,7 @@ def problem(r, key):
     if not r["tasks"]:
         return "no tasks"
     for t, v in r["tasks"].items():
-        if not isinstance(v, dict) or not isinstance(v.get("accuracy"), NUM) or not isinstance(v.get("collapsed"),
-                                                                                                 bool):
+        if not (isinstance(v, dict) and isinstance(v.get("accuracy"), NUM) and isinstance(v.get("collapsed"), bool)):
             return f"task {t!r} has no numeric accuracy or no collapse flag"
         p = r["predictions"].get(t)
         if not isinstance(p, dict) or not isinstance(p.get("correct"), list) or \
@@ -233,14 +213,14 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, owned by another user
+        pass
     return True
 
 
 def claim(lock: Path):
-    """Create `lock` atomically holding "pid host": None when this process holds it now, else who does. A gone
-    process's lock on this host is taken over with a note; another host's is respected."""
+    """Create `lock` atomically holding "pid host": None when we hold it, else who does (a dead local holder's is
+    taken over)."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     host = platform.node()
     for _ in range(2):
@@ -263,12 +243,12 @@ def claim(lock: Path):
     return "another driver"
 
 
-# {runs dir: (its files' names, mtimes and sizes, {result_id: path})}: the index is built once per state of the dir
+# {runs dir: (its files' names, mtimes and sizes, {result_id: path})}: built once per state of the dir
 _INDEX = {}
 
 
 def machine() -> dict:
-    """Where and when a number was measured (timings on a shared machine need it); the tutorials record it too."""
+    """Where and when a number was measured (the tutorials record it too)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
@@ -285,9 +265,7 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def write_json(path: Path, obj):
-    """nanoalign.plumbing.system.write_json, one space of indent (the cached runs are large)."""
-    system.write_json(path, obj, indent=1)
+write_json = functools.partial(system.write_json, indent=1)  # one space of indent: the cached runs are large
 
 
 def compact_predictions(results):
@@ -305,8 +283,7 @@ def compact_predictions(results):
 
 
 def curve_summary(log_path: Path, every=10):
-    """The training curve in a few numbers: mean CE of the first/last 5 steps, CE every `every` steps (mean over
-    that window), the alignment loss of the last 5 steps, median step time."""
+    """The training curve in a few numbers: CE of the first/last 5 steps and per `every` steps, last align, step ms."""
     recs = [r for r in read_log(log_path) if "ce" in r]
     ce = [r["ce"] for r in recs]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
@@ -336,8 +313,7 @@ def analyse(model, tok, names, data: Data, suite: Suite, analyses):
 
 
 def compare_runs(old, new):
-    """Two results of one run key (the cache and a retraining): averages and, per task, accuracies, agreeing
-    predictions and the largest score difference (0 on one machine; fp32 round-off elsewhere)."""
+    """Two results of one run key (cache, retraining): averages and per task accuracy, agreement, max score diff."""
     if old["key"] != new["key"]:
         raise ValueError(f"different runs: keys {old['key']} and {new['key']}")
     tasks = {}
@@ -355,8 +331,7 @@ def compare_runs(old, new):
 
 
 class Grid:
-    """Runs (or reads back) methods × seeds on one suite. `run()` trains what is missing; `results()` reads the
-    cache only. The base model's evaluation is part of every grid."""
+    """Methods × seeds (and the base model) on one suite: `run()` trains what is missing, `results()` reads."""
 
     def __init__(self, name, suite: Suite, methods: dict, seeds, results_dir=RESULTS, work_dir=WORK):
         self.name, self.suite, self.methods, self.seeds = name, suite, methods, list(seeds)
@@ -372,7 +347,7 @@ class Grid:
         return self._data
 
     def keyed(self):
-        """Is the suite's prepared data here, so that runs are found by key? Else by what they were (`index`)."""
+        """Is the suite's prepared data here (runs found by key), or not (by `index`)?"""
         if self._keyed is None:
             self._data = self._data or load_data(self.suite, need=False)
             self._keyed = self._data is not None
@@ -389,8 +364,7 @@ class Grid:
         return self.runs_dir / f"base-{base_key(self.suite, self.data)}.json"
 
     def load(self, path: Path):
-        """The result in `path`, or None. A damaged file (`problem`, or not JSON) is moved to
-        runs/damaged/<name>.<time> with one line naming it, and counts as missing."""
+        """The result in `path`, or None; a damaged one is moved to runs/damaged/ with a note."""
         try:
             r = json.loads(path.read_text())
         except FileNotFoundError:
@@ -413,8 +387,7 @@ class Grid:
         return None
 
     def index(self):
-        """{result_id: path} over the runs directory (finding runs without the data); an id held by two files
-        (one run on different data) is left out with a note."""
+        """{result_id: path} over the runs directory; an id of two files (different data) is left out."""
         files = sorted(self.runs_dir.glob("*.json"))
         stamp = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.exists()]
         if _INDEX.get(self.runs_dir, (None,))[0] != stamp:
@@ -431,8 +404,7 @@ class Grid:
         return _INDEX[self.runs_dir][1]
 
     def find(self, label, seed):
-        """The result file of a run (label "base": the base model's), or None: by key where the data is here, else
-        by what the run was."""
+        """The result file of a run (or "base"), or None: by key where the data is here, else by `run_id`."""
         if self.keyed():
             p = self.base_path() if label == "base" else self.path(label, seed)
             return p if p.exists() else None
@@ -442,7 +414,6 @@ class Grid:
         return self.index().get(i)
 
     def cached(self, label, seed):
-        """The cached result of a run (label "base": the base model's evaluation), or None."""
         p = self.find(label, seed)
         r = None if p is None else self.load(p)
         if r is not None and self.keyed() and "data" in r and r["data"] != self.data_fp(label == "base"):
@@ -455,8 +426,7 @@ class Grid:
         return {**fp, "dev": self.data.dev_fp} if self.data.dev_fp else fp
 
     def results(self):
-        """{label: [result of each seed that finished]} plus "base" (None where not run yet). Read without the
-        data, runs whose stored data fingerprints differ are an `error:` exit: one grid is one test set."""
+        """{label: [finished seeds' results]} plus "base" (or None); runs on different data are an `error:` exit."""
         out = {label: [r for s in self.seeds if (r := self.cached(label, s)) is not None] for label in self.methods}
         out["base"] = self.cached("base", None)
         runs = [r for rs in out.values() if rs for r in (rs if isinstance(rs, list) else [rs]) if "data" in r]
@@ -469,7 +439,7 @@ class Grid:
         return out
 
     def missing(self):
-        """[(label, seed)] not cached (or damaged: moved aside when found), seed by seed."""
+        """[(label, seed)] not cached (or damaged), seed by seed."""
         return [(label, s) for s in self.seeds for label in self.methods if self.cached(label, s) is None]
 
     # ------------------------------------------------------------------------------------------------ running
@@ -479,7 +449,7 @@ class Grid:
             # scored where train.py trains: on a GPU with a bf16 base (as eval.py), fp32 on a CPU
             device = system.pick_device()
             self._base_model = nanoalign.plumbing.load_model(self.suite.model, dtype=system.base_dtype(device),
-                                                    device=device).eval()
+                                                             device=device).eval()
             self._tok = nanoalign.plumbing.load_tokenizer(self.suite.model)
         return self._base_model, self._tok
 
@@ -544,8 +514,8 @@ class Grid:
         out = {"label": label, "seed": seed, "key": key, "grid": self.name, "suite": self.suite.describe(),
                "options": method.options, "config": dataclasses.asdict(cfg), "data": self.data_fp(),
                "train_sizes": self.data.train_sizes, "machine": machine(), "train_s": round(train_s, 1),
-               "eval_s": round(eval_s, 1),
-               "wall_s": round(time.perf_counter() - t0, 1), "resumed": has_ckpt, "trainable": trainable,
+               "eval_s": round(eval_s, 1), "wall_s": round(time.perf_counter() - t0, 1), "resumed": has_ckpt,
+               "trainable": trainable,
                "merged_for_eval": merged, "curve": curve_summary(run_dir / "log.jsonl"), "analysis": analysis,
                "tasks": without_records(res), "average": sum(r["accuracy"] for r in res.values()) / len(res),
                "predictions": compact_predictions(res), **dev}
@@ -554,8 +524,7 @@ class Grid:
         return out
 
     def recheck(self, label, seed, scratch: Path):
-        """Train one cached run again into `scratch` and compare it with the untouched cache (`compare_runs`);
-        label "base" re-scores the base model."""
+        """Retrain one cached run (or re-score "base") into `scratch` and `compare_runs` with the cache."""
         other = Grid(self.name, self.suite, self.methods, self.seeds, results_dir=Path(scratch) / "results",
                      work_dir=Path(scratch) / "work")
         if label == "base":
@@ -569,8 +538,7 @@ class Grid:
         return compare_runs(old, new)
 
     def claimed(self, label, seed, fn):
-        """fn() under the run's lock (`claim`, work_dir/<key>.lock), unless the run is claimed by another driver
-        or was cached meanwhile: then None. Who holds a claimed run is kept in self.busy."""
+        """fn() under the run's lock, or None where another driver holds it (noted in self.busy) or cached it."""
         name = f"base-{base_key(self.suite, self.data)}" if label == "base" else self.key(label, seed)
         lock = self.work_dir / f"{name}.lock"
         holder = claim(lock)
@@ -585,8 +553,7 @@ class Grid:
             lock.unlink(missing_ok=True)
 
     def run(self, limit=None):
-        """Train and evaluate what is missing, seed by seed (a partial grid has every method on its first seeds),
-        one line per run with an ETA; runs another driver holds are skipped and listed at the end."""
+        """Train and evaluate what is missing, seed by seed, one line per run with an ETA."""
         self.busy = []
         self.claimed("base", None, self.run_base)
         todo = self.missing()[:limit]

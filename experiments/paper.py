@@ -1,11 +1,6 @@
-"""The papers' numbers (METHODS.md §6) and settings (§5) that the claim tutorials and report.py put beside ours.
+"""The papers' numbers (METHODS.md §6) and settings (§5) put beside ours, keyed by experiments/claims.py's labels."""
 
-Labels are the method labels of experiments/claims.py (`hydra`, `mlora`, `lora-budget`, `a-lora-k`, ...), so a
-paper cell and our row are looked up by the same key. Nothing here is measured by us.
-"""
-
-# Align-LoRA Table 1 (METHODS §6.2): Qwen2.5-3B, five tasks, rank 4, 3 heads, gate/up/down. "Avg" as printed (the
-# HydraLoRA w/o Router row's cells average to 73.36, not 73.58: METHODS notes it).
+# Align-LoRA Table 1 (METHODS §6.2): Qwen2.5-3B, five tasks, rank 4, 3 heads, gate/up/down; "Avg" as printed
 TABLE1_COLUMNS = ("QNLI", "PIQA", "WinoGrande", "ARC", "GSM8K")
 TABLE1 = {
     "hydra": {"QNLI": 81.91, "PIQA": 84.21, "WinoGrande": 70.92, "ARC": 87.21, "GSM8K": 45.95, "Avg": 74.04,
@@ -31,8 +26,7 @@ RLORA_TABLE4 = {"hydra-rs": 72.69, "hydra+mt": 73.02, "hydra+init": 72.98, "rlor
 FIGURE3 = {"a-lora-k": (75.10, 75.75), "lora": 74.00}
 # claim 6's labels -> the paper's λ (a sum over task pairs; experiments/claims.py `lam` converts to ours)
 SWEEP = {"a-lora-k-l0.01": 0.01, "a-lora-k-l0.05": 0.05, "a-lora-k": 0.1, "a-lora-k-l0.5": 0.5}
-# METHODS §4.1: HydraLoRA's mean inter-head cosine per module type (R-LoRA repo figure/cs_hyd.png); Align-LoRA
-# Figure 2: M-LoRA the highest of the three, median over layers above about 0.85.
+# METHODS §4.1: HydraLoRA's mean inter-head cosine per module type; M-LoRA's median over layers above ~0.85
 HEAD_COSINE = {"hydra": {"gate_proj": 0.76, "up_proj": 0.78, "down_proj": 0.80}, "mlora_median_above": 0.85}
 
 # the table each claim's paper numbers come from: {label: average}, and what it is
@@ -54,8 +48,7 @@ def paper_diff(claim, a, b):
     return round(table[a] - table[b], 2) if a in table and b in table else None
 
 
-# The paper's setting of each claim, for `--full` (METHODS §5; the papers' step budgets were not found: the released
-# Align-LoRA code trains one epoch over the capped sets at effective batch 50).
+# The paper's setting of each claim, for `--full` (METHODS §5)
 _ALIGN = ("lr 2e-4, effective batch 50 (10 examples per task per step), one epoch over the per-task caps of METHODS "
           "§5.1 (qnli, piqa, arc 10k; winogrande 20k), seq_len 512, bf16, greedy decoding scored after the last "
           "'Answer:'")
@@ -76,9 +69,7 @@ SETTINGS = {
           "alignment loss at λ 0.1 (appendix Table 9; its numbers were not reachable); " + _ALIGN),
 }
 
-# MeTA-LoRA (claim 10, METHODS §2.9): what is known of the paper's setting. Its models, tasks, K and hyperparameters
-# were not found (only the abstract and machine-written summaries), so tutorial 10's --full states this instead of a
-# SETTINGS row; the values below are the summaries' and a third-party reimplementation's, not the paper's.
+# MeTA-LoRA (claim 10, METHODS §2.9): only the abstract was found, so tutorial 10's --full states this instead
 META_SETTING = {
     "claim": "with only a few samples per task, MeTA-LoRA matches or beats ordinary multi-task LoRA trained on the "
              "full data, in multi-task and multilingual settings (abstract)",

@@ -1,11 +1,7 @@
 """Reading the claim grids of experiments/claims.py (METHODS §7): what tutorials 03-06, 08-10 and report.py share.
 
-A claim is a grid of runs (methods x seeds on one suite, budget and test set) that `python experiments/claims.py
-run` trains once and caches in experiments/results/runs/ (experiments/grid.py). `Grids.read` reads a claim's cached
-runs (no prepared data needed), says which are missing, and returns a `Claim`; the rest renders it. Statistics are
-claims.claim_report's (experiments/stats.py): per method mean ± SE over seeds and its paired difference with the
-base model; per claimed difference the paired bootstrap over (seed, example) with a t interval over seeds. For the
-per-run analyses (head cosine, separation ratio) `seed_paired` pairs over common seeds with a t interval.
+`Grids.read` reads a claim's cached runs (no prepared data needed), says which are missing and returns a `Claim`
+with claims.claim_report's statistics; the rest renders it as tables and plots.
 """
 
 import contextlib
@@ -22,9 +18,8 @@ CURVE = ("ce_first5", "ce_last5", "align_last5")  # the training-curve summary k
 NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora": "R-LoRA", "mlora": "M-LoRA",
          "lora-r8": "LoRA r=8", "a-lora-k": "A-LoRA-K", "a-lora-m": "A-LoRA-M", "lora-budget": "matched LoRA",
          "rlora+align": "R-LoRA + align", "mlora+align": "M-LoRA + align", "hydra-rs": "HydraLoRA (α/√r)",
-         "hydra+mt": "HydraLoRA +MT",
-         "hydra+init": "HydraLoRA +Init", "a-lora-k-l0.01": "A-LoRA-K λ=0.01", "a-lora-k-l0.05": "A-LoRA-K λ=0.05",
-         "a-lora-k-l0.5": "A-LoRA-K λ=0.5", "mlora-mean": "M-LoRA (heads mean)",
+         "hydra+mt": "HydraLoRA +MT", "hydra+init": "HydraLoRA +Init", "a-lora-k-l0.01": "A-LoRA-K λ=0.01",
+         "a-lora-k-l0.05": "A-LoRA-K λ=0.05", "a-lora-k-l0.5": "A-LoRA-K λ=0.5", "mlora-mean": "M-LoRA (heads mean)",
          "hydra-norouter-mean": "HydraLoRA w/o Router (heads mean)", "rlora-cf": "R-LoRA (code init)",
          "mlora-cf": "M-LoRA (code init)", "hydra+init-cf": "HydraLoRA +Init (code init)"}
 NAMES.update({f"{kind}-k{k}": f"{what} K={k}" for k in C.SHOTS  # claim 10: K examples per task
@@ -36,8 +31,7 @@ NAMES.update({f"meta-k16-a{a}": f"MeTA-LoRA K=16 α={a}" for a in C.META_ALPHAS}
 
 @dataclass
 class Claim:
-    """One claim's grid as read from the cache: claim_report's numbers plus the raw runs (for per-task and
-    per-layer views), what is missing, and the suite it was measured on."""
+    """One claim's grid as read from the cache: claim_report's numbers, the raw runs and what is missing."""
     claim: str
     report: dict
     runs: dict        # {label: [run result of each cached seed]}
@@ -77,7 +71,6 @@ class Claim:
         return out
 
     def values(self, label, fn):
-        """{seed: fn(run)} for the method's cached runs where fn gives a number."""
         return {r["seed"]: v for r in self.runs.get(label) or [] if (v := fn(r)) is not None}
 
     def base_collapsed(self):
@@ -93,8 +86,7 @@ class Claim:
 
 
 class Grids:
-    """Where the claim grids are: `where` (claims.grid's suite / seeds / results_dir / work_dir / controls; default
-    the cache of claims.SUITE). `read(claim)` trains what is missing first when `train` (--rerun, --tiny)."""
+    """Where the claim grids are (`where`: claims.grid's arguments); `read` trains what is missing if `train`."""
 
     def __init__(self, where=None, train=False, tiny=False, stream=None):
         self.where = where or {}
@@ -122,8 +114,7 @@ class Grids:
         return claim_
 
     def read_or_stop(self, claim):
-        """`read` for the tutorial running now, printing the suite; when there is nothing to read, stop (status 0)
-        after read's message saying what to run."""
+        """`read` for the running tutorial, printing the suite; exit 0 (after read's message) with nothing to read."""
         c = self.read(claim, script=Path(sys.argv[0]).name)
         if c is None:
             raise SystemExit(0)
@@ -164,24 +155,21 @@ def report_missing(c: Claim, run_cmd, script):
 # ----------------------------------------------------------------------------------------------- statistics
 
 def seed_paired(c: Claim, a, b, fn, expect_positive, scale=1.0):
-    """Paired over the seeds both methods have: the mean of fn(run_a) − fn(run_b), its SE, a t interval (95%) and
-    the verdict in stats.py's words. For per-run analyses (head cosine, separation ratio), where the test-example
-    bootstrap does not apply: the seed is the only noise."""
+    """fn(run_a) − fn(run_b) paired over common seeds: mean, SE, 95% t interval, verdict. For per-run analyses
+    (head cosine, separation ratio), where the seed is the only noise."""
     va, vb = c.values(a, fn), c.values(b, fn)
     seeds = sorted(set(va) & set(vb))
     if not seeds:
         return None
     d = [scale * (va[s] - vb[s]) for s in seeds]
     m, low, high = t_interval(d)
-    out = {"a": a, "b": b, "seeds": len(seeds), "diff": m, "se": mean_se(d)[1], "per_seed": d, "low": low,
-           "high": high}
+    out = {"a": a, "b": b, "seeds": len(seeds), "diff": m, "se": mean_se(d)[1], "per_seed": d, "low": low, "high": high}
     if low is None:
         return {**out, "verdict": "one seed: no interval"}
     return {**out, "verdict": verdict(low, high, expect_positive, identical=all(x == 0 for x in d))}
 
 
 def seed_pairs(c: Claim, pairs, fn, expect_positive):
-    """`seed_paired` of each (A, B) in pairs that both have runs."""
     return [x for a, b in pairs if (x := seed_paired(c, a, b, fn, expect_positive))]
 
 
@@ -193,12 +181,10 @@ def print_paired(items, what, claimed):
 
 
 def sep_ratio(run):
-    """The separation probe's between/within ratio of a run (None where the grid did not probe it)."""
     return run["analysis"].get("probe", {}).get("sep_ratio")
 
 
 def head_cosine(run):
-    """The run's mean inter-head cosine of B over layers and module types (None without a head analysis)."""
     return run["analysis"].get("head_cosine_mean")
 
 
@@ -223,7 +209,6 @@ def pm(mean, se, digits=1):
 
 
 def bar(se):
-    """An error-bar half-width: 0 where the SE is unknown (one seed)."""
     return 0.0 if math.isnan(se) else se
 
 
@@ -313,8 +298,7 @@ def task_table(c: Claim, labels, paper_cells=None, column_of=None):
     trainable share, with the paper's cell as "ours / paper" where a task is one of its columns (`column_of`)."""
     tasks, maj = c.tasks(), c.majority()
     paper_cells, column_of = paper_cells or {}, column_of or {}
-    head = ["method", *[t + (f" / {column_of[t]}" if t in column_of else "") for t in tasks], "average",
-            "trainable %"]
+    head = ["method", *[t + (f" / {column_of[t]}" if t in column_of else "") for t in tasks], "average", "trainable %"]
     rows = []
     if c.base:
         rows.append(["base model", *[f"{100 * c.base['tasks'][t]['accuracy']:.1f}"

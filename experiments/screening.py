@@ -1,16 +1,10 @@
 """Task screening: which tasks can a plain LoRA on SmolLM2-135M learn at a small budget, in which prompt format?
 
-For every task we have files for and both prompt formats (the paper's label words / numbered options, and
-lm-evaluation-harness's cloze), the untrained base model's accuracy, the majority-class rate of the test set, the
-prediction histogram, and the accuracy of a plain LoRA (rank 8, gate/up/down) trained on all the tasks of that
-format together at one fixed budget. A task qualifies for the small-scale suite when LoRA lifts it at least 5 points
-above both the base model and the majority rate, stays below 95%, and its predictions are not collapsed (no
-prediction on more than 90% of the examples).
+Per task and prompt format: the base model, the majority rate and a plain LoRA trained on all tasks of the format.
+A task qualifies when LoRA beats both by >= 5 points, stays below 95% and does not collapse (`qualifies`).
 
-    python experiments/screening.py            # trains what is not cached yet (hours on 2 CPU cores), then the table
+    python experiments/screening.py            # trains what is not cached yet (experiments/grid.py), then the table
     python experiments/screening.py --table    # re-render experiments/screening.{json,md} from the cached runs
-
-Runs are cached in experiments/results/runs/ (experiments/grid.py): killed at any point, it continues.
 """
 
 import argparse
@@ -26,17 +20,16 @@ from experiments.stats import paired_bootstrap  # noqa: E402
 CHOICE_TASKS = ("sst2", "cola", "mrpc", "rte", "qnli", "boolq", "piqa", "siqa", "arc-easy", "arc-challenge",
                 "openbookqa", "winogrande")
 BUILTIN = ("alphabet-first", "colour-review", "flipped-animal", "larger-number", "last-letter")
-# The budget that worked when tried (issue 10): rank 8, 200 steps, 2 examples per task per step, lr 1e-3.
 BUDGET = dict(steps=200, batch_per_task=2, lr=1e-3, warmup=20, seq_len=256)
 LORA = {"lora-r8": Method({"adapter": "lora", "rank": 8})}
-TEST = 300  # test examples per task (the whole split where smaller): SE of an accuracy near 50% ~2.9 points
+TEST = 300  # test examples per task: SE of an accuracy near 50% ~2.9 points
 
 
 def grids():
     """The screening grids, in the order they run."""
     return [
         Grid("screen-label", Suite(CHOICE_TASKS, fmt="label", mode="loglik", test_per_task=TEST, **BUDGET), LORA, [0]),
-        # cloze answers are the option texts: 20 PIQA training solutions are over 200 tokens (the longest 561)
+        # cloze answers are the option texts: some PIQA solutions are over 200 tokens
         Grid("screen-cloze", Suite(CHOICE_TASKS, fmt="cloze", mode="cloze", test_per_task=TEST,
                                    **{**BUDGET, "seq_len": 640}), LORA, [0]),
         Grid("screen-builtin", Suite(BUILTIN, fmt="label", mode="loglik", test_per_task=TEST, **BUDGET), LORA, [0]),
@@ -49,7 +42,7 @@ def grids():
 
 
 def qualifies(base, lora):
-    """The screening rule (module docstring), on one task's diagnostics (accuracies as fractions)."""
+    """The screening rule on one task's diagnostics (accuracies as fractions)."""
     return (lora["accuracy"] - base["accuracy"] >= 0.05 and lora["accuracy"] - lora["majority_rate"] >= 0.05
             and lora["accuracy"] < 0.95 and not lora["collapsed"])
 
@@ -114,9 +107,9 @@ def main(argv=None):
     rows = [r for g in grids() for r in rows_of(g)]
     runs = [r for g in grids() for rs in g.results().values() if rs for r in (rs if isinstance(rs, list) else [rs])]
     meta = {"model": "smollm2-135m", "budget": ", ".join(f"{k} {v}" for k, v in BUDGET.items()),
-            "command": "python experiments/screening.py", "runs": [{"grid": r.get("grid"), "label": r["label"],
-                                                                   "key": r["key"], "machine": r["machine"],
-                                                                   "wall_s": r["wall_s"]} for r in runs],
+            "command": "python experiments/screening.py",
+            "runs": [{"grid": r.get("grid"), "label": r["label"], "key": r["key"], "machine": r["machine"],
+                      "wall_s": r["wall_s"]} for r in runs],
             "rule": "LoRA - base >= 5 points, LoRA - majority >= 5 points, LoRA < 95%, LoRA not collapsed"}
     write_json(ROOT / "experiments" / "screening.json", {"meta": meta, "rows": rows})
     (ROOT / "experiments" / "screening.md").write_text(markdown(rows, meta))

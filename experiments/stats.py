@@ -1,21 +1,9 @@
 """Paired statistics: is method A better than method B, beyond the noise of seeds and of the test set?
 
-Both methods run on the same seeds (init, dropout, data order) and test examples, so differences are paired:
-
-  seed-level   d_s = avg_A(s) − avg_B(s) per seed: mean ± sd(d)/√n; sees the seed noise only.
-  bootstrap    the paired bootstrap over (seed, example): each replicate draws seeds, then each task's examples,
-               with replacement (one draw for A and B) and recomputes the suite-average difference; its 2.5% and
-               97.5% quantiles are the 95% interval. It sees both noises.
-  seed t       mean(d) ± t_{0.975, S−1} · sd(d)/√S: the seed is the unit of replication.
-
-The suite average is the unweighted mean over tasks (accuracies in [0, 1] here, ×100 for points). An interval's
-verdict for the claimed sign: "reproduced" (above 0), "contradicted" (below), "same direction" / "opposite, not
-resolved" (contains 0), "no difference" (identical predictions); a comparison is resolved only when both intervals
-exclude 0 on one side, "borderline" when one does (`combined_verdict`).
-
-Threshold diagnostics (a small model's accuracy can move by tilting a threshold): `tilt`, the largest |predicted
-share − gold share| over a task's labels (flagged past TILT_FLAG), and AUROC of a two-option task's margin
-score(option 1) − score(option 0), which no shift of the margins changes (`compare_threshold_free`).
+Both methods share seeds and test examples, so differences are paired: the paired bootstrap over (seed, example)
+sees both noises, the t interval over per-seed differences the seed noise only. A comparison is resolved only when
+both intervals exclude 0 on one side (`combined_verdict`). A small model's accuracy can move by tilting a threshold:
+`tilt` flags it, and AUROC of a two-option task's margin (`compare_threshold_free`) is blind to it.
 """
 import math
 
@@ -29,8 +17,7 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 
 def mean_se(values):
-    """(mean, standard error of the mean) of a list of numbers; the SE of a single value is unknown: NaN (printed
-    as "n/a", never as a reassuring 0)."""
+    """(mean, standard error of the mean); the SE of a single value is NaN, never a reassuring 0."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         raise ValueError("mean_se needs at least one value")
@@ -63,14 +50,8 @@ def seed_differences(correct_a, correct_b):
 
 
 def paired_bootstrap(correct_a, correct_b, n_boot=10_000, seed=0, level=0.95, chunk=500):
-    """The paired bootstrap over (seed, example) of the suite-average accuracy difference A − B.
-
-    correct_a, correct_b: {task: [seeds, examples]} 0/1 correctness, rows in the same seed order, columns the same
-    test examples. Returns {"diff": the observed difference, "low", "high": the percentile interval at `level`,
-    "se": the replicates' standard deviation, "per_task": {task: {"diff", "low", "high"}}, "n_boot", "seeds"}.
-    A replicate's statistic is Σ_s Σ_e c_s · k_e · D[s, e] / (S · N) with c ~ Multinomial(S) the seed counts and
-    k ~ Multinomial(N) the example counts of that task, D = correct_A − correct_B: the mean over a resample.
-    """
+    """The paired bootstrap over (seed, example) of the suite-average accuracy difference A − B, from {task:
+    [seeds, examples]} 0/1 correctness: a replicate is Σ c_s k_e D[s, e] / (S N), c and k multinomial counts."""
     m = _as_matrices(correct_a, correct_b)
     S = next(iter(m.values()))[0].shape[0]
     rng = np.random.default_rng(seed)
@@ -120,8 +101,7 @@ def t_interval(diffs):
 
 
 def combined_verdict(boot, t):
-    """One verdict from the bootstrap's and the t interval's: resolved only when both are (on the same side),
-    "borderline" when exactly one is; unresolved words are the bootstrap's. With one seed (no t) the bootstrap's."""
+    """Resolved only when both intervals are, "borderline" when one is; else (or without t) the bootstrap's."""
     resolved = ("reproduced", "contradicted")
     if t is None or boot == t or boot == "no difference":
         return boot
@@ -131,8 +111,7 @@ def combined_verdict(boot, t):
 
 
 def compare(correct_a, correct_b, expect_positive=True, n_boot=10_000, seed=0):
-    """Everything a claim row needs, in points (×100): the bootstrap interval and the seed-level t interval of the
-    suite-average difference, each one's verdict and the combined one, and the same per task."""
+    """In points: the bootstrap and t intervals of the suite-average difference with their verdicts, also per task."""
     m = _as_matrices(correct_a, correct_b)
     task_diffs = {t: a.mean(1) - b.mean(1) for t, (a, b) in m.items()}  # [seeds] per task
     diffs = np.mean(list(task_diffs.values()), axis=0).tolist()          # seed_differences
@@ -151,8 +130,7 @@ def compare(correct_a, correct_b, expect_positive=True, n_boot=10_000, seed=0):
 
 
 def verdicts(low, high, diffs, expect_positive, identical, scale=1.0):
-    """The bootstrap interval's verdict, the seed-level t interval over `diffs` and its verdict, and the combined
-    verdict (`combined_verdict`), with the t interval in `scale` units."""
+    """The bootstrap's verdict, the t interval over `diffs` (in `scale` units) and its verdict, and the combined."""
     _, tl, th = t_interval(diffs)
     vb = verdict(low, high, expect_positive, identical)
     vt = None if tl is None else verdict(tl, th, expect_positive, identical)
@@ -169,16 +147,14 @@ def describe(c):
 # ------------------------------------------------------------------------------- threshold diagnostics
 
 def tilt(predicted, gold):
-    """The largest |predicted share − gold share| over the labels of a task, from the two label histograms
-    ({label: count}); 0 when the predictions have the gold label distribution."""
+    """The largest |predicted share − gold share| over a task's labels, from two {label: count} histograms."""
     n_pred, n_gold = sum(predicted.values()), sum(gold.values())
     labels = set(predicted) | set(gold)
     return max(abs(predicted.get(k, 0) / n_pred - gold.get(k, 0) / n_gold) for k in labels)
 
 
 def auroc(margin, positive):
-    """P(margin_i > margin_j) for a random positive i and negative j, ties counted ½ (the Mann-Whitney U / n₊n₋):
-    threshold-free, so adding a constant to every margin leaves it unchanged. NaN without both classes."""
+    """P(margin_i > margin_j) for a random positive i and negative j, ties ½ (Mann-Whitney); NaN without both."""
     margin, positive = np.asarray(margin, dtype=float), np.asarray(positive, dtype=bool)
     pos, neg = margin[positive], margin[~positive]
     if pos.size == 0 or neg.size == 0:
@@ -192,10 +168,8 @@ def _pairwise(pos, neg):
 
 
 def compare_threshold_free(tasks_a, tasks_b, expect_positive=True, n_boot=2000, seed=0):
-    """`compare` for a suite scored threshold-free: each two-option task by its AUROC, every other task by its
-    accuracy, averaged over tasks. tasks_x: {task: {"correct": [seeds, N] 0/1} or {"margin": [seeds, N],
-    "positive": [N] bool}} (the same kind for A and B). The bootstrap resamples seeds and examples as
-    `paired_bootstrap` does; a replicate's AUROC weights each pair (i, j) by the counts k_i·k_j of its examples."""
+    """`compare` with two-option tasks scored by AUROC ({"margin", "positive"}), others by accuracy ({"correct"});
+    a replicate's AUROC weights each pair (i, j) by its examples' counts k_i·k_j."""
     if set(tasks_a) != set(tasks_b) or not tasks_a:
         raise ValueError("threshold-free comparison needs the same tasks for both methods")
     rng = np.random.default_rng(seed)
