@@ -1,4 +1,4 @@
-"""Analysis helpers (nanoalign/analysis.py) against direct computations: pairwise cosine loops (METHODS §4.1) and
+"""Analysis helpers (experiments/analysis.py) against direct computations: pairwise cosine loops (METHODS §4.1) and
 torch.linalg.svdvals of the dense ΔW, task-cluster
 separation of pooled A-outputs against explicit loops."""
 

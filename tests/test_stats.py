@@ -1,4 +1,4 @@
-"""Paired statistics (nanoalign/stats.py) on synthetic cases whose answers are known in closed form."""
+"""Paired statistics (experiments/stats.py) on synthetic cases whose answers are known in closed form."""
 
 import math
 

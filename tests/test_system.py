@@ -1,4 +1,4 @@
-"""System facts (nanoalign/system.py): the FLOPs convention against torch's own FLOP counter, the peak table,
+"""System facts (nanoalign/plumbing/system.py): the FLOPs convention against torch's own FLOP counter, the peak table,
 device/dtype choices and atomic writes."""
 
 import json

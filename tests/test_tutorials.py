@@ -27,7 +27,7 @@ TUTORIALS = ROOT / "tutorials"
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 MERGEABLE = {"lora": True, "align": True, "hydra": False, "hydra-norouter": True, "rlora": False, "mlora": True,
              "mtl": False, "multilora": True}  # METHODS §2 "Mergeable" lines and §7 claim 7
-# nanoalign/stats.py's verdicts, claims 3 and 10's equivalence verdicts (experiments/claims.py equivalence_verdict),
+# experiments/stats.py's verdicts, claims 3 and 10's equivalence verdicts (experiments/claims.py equivalence_verdict),
 # and the per-run analyses' one-seed case (experiments/reports.py seed_paired)
 VERDICTS = {*STATS_VERDICTS, "equivalent within ±1 point", "not worse (interval above −1)", "not resolved", "worse",
             "below (interval under 0)", "one seed: no interval"}
