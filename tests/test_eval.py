@@ -308,6 +308,17 @@ def test_cloze_batches_equal_single_rows(model_tok):
     assert [x for r in batched for x in r] == pytest.approx([x for r in single for x in r], rel=1e-6)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_batching_by_continuation_length_gives_the_same_scores(model_tok, batch_size):
+    """by_length=True (eval.py's choice: continuations grouped by length, less padding) scores every choice as the
+    one-forward batching does (relative 1e-6), on contexts shared by several choices and on one-token ones."""
+    model, tok = model_tok
+    plain = choice_logprobs(model, tok, CLOZE + EXAMPLES, batch_size=batch_size, joint=True)
+    grouped = choice_logprobs(model, tok, CLOZE + EXAMPLES, batch_size=batch_size, joint=True, by_length=True)
+    assert grouped[1] == plain[1]
+    assert [x for r in grouped[0] for x in r] == pytest.approx([x for r in plain[0] for x in r], rel=1e-6)
+
+
 def test_cloze_acc_and_acc_norm_follow_the_harness(model_tok):
     """evaluate(mode="cloze"): acc = argmax of the summed log-probs, acc_norm = argmax of the sums divided by the
     choice's characters (the option text without the joining space; the contexts for partial scoring)."""
