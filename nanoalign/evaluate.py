@@ -86,8 +86,9 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
     Choices that share a context share one forward of it: the left-padded contexts fill a KV cache whose last
     position scores every first token; the cache is repeated per choice and the right-padded continuations run
     after it. An empty context is scored after eos, as the harness scores it after its prefix token.
-    by_length groups continuations of similar length (less padding); off, a batch's continuations run in one
-    forward, which keeps earlier scores bitwise reproducible.
+    by_length groups continuations of similar length (less padding), and a batch of contexts with one continuation
+    each (nothing to share: WinoGrande) runs as one forward of context + continuation; off, a batch's continuations
+    run in one forward after the cache, which keeps earlier scores bitwise reproducible.
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -104,6 +105,21 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
     lengths = [[0] * len(s) for s in scores]
     sort_by = [len(u[1]) + by_length * max(len(cont) for _, cont in u[2]) for u in units]
     for idx, ctxs in _batches([u[1] for u in units], batch_size, sort_by):
+        if by_length and all(len(units[i][2]) == 1 for i in idx):  # nothing to share (WinoGrande): one forward each
+            conts = [units[i][2][0][1] for i in idx]
+            ids, mask = left_pad([ctx + cont[:-1] for ctx, cont in zip(ctxs, conts)], tok.pad_id)
+            at = torch.zeros_like(mask)  # a row's last len(cont) positions predict its continuation
+            for r, cont in enumerate(conts):
+                at[r, -len(cont):] = True
+            with _task_context(model, task_id, len(idx), device):
+                logp = model(ids.to(device), mask.to(device), logits_at=at.to(device)).float().log_softmax(-1)
+            token_lp = logp.gather(-1, torch.tensor([t for c in conts for t in c], device=device)[:, None])
+            for r, (i, part) in enumerate(zip(idx, token_lp.squeeze(-1).split([len(c) for c in conts]))):
+                e, (c, cont) = units[i][0], units[i][2][0]
+                scores[e][c], lengths[e][c] = part.sum().item(), len(cont)
+            if advance:
+                advance(len(idx))
+            continue
         ids, mask = left_pad(ctxs, tok.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         B, P = ids.shape
