@@ -34,7 +34,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adapters import adapter_context
-from .data import IGNORE_INDEX, answer_positions, pad_right
+from .data import IGNORE_INDEX, answer_positions, logit_indices, pad_right
 
 
 @dataclass
@@ -154,11 +154,13 @@ class MetaSampler:
 def answer_loss(model, params, batch, autocast=False):
     """Answer-only token-mean cross-entropy (METHODS §5.1) with the trainable tensors replaced by `params`."""
     device = next(iter(params.values())).device
-    b = {k: v.to(device) for k, v in batch.items()}
-    at, targets = answer_positions(b["labels"])
+    at, targets = answer_positions(batch["labels"])  # on the host batch: flat indices and right padding need no sync
+    b = {k: v.to(device) for k, v in {**batch, "at": logit_indices(at), "targets": targets}.items()}
     with adapter_context(model, task_ids=b["task_ids"]), \
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = functional_call(model, params, (b["input_ids"], b["attention_mask"]), {"logits_at": at})
+        logits = functional_call(model, params, (b["input_ids"], b["attention_mask"]),
+                                 {"logits_at": b["at"], "right_padded": True})  # MetaSampler pads on the right
+    targets = b["targets"]
     # at least fp32, as train.py (bf16 logits are coarse); float64 stays float64 (the finite-difference tests)
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
 

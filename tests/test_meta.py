@@ -344,3 +344,26 @@ def test_autocast_loss_is_close_to_fp32(tiny, pools):
     err = norm([a - r for a, r in zip(auto, ref)]) / norm(ref)
     print(f"bf16 autocast meta gradient: relative error {err:.1e}")
     assert err < 0.05 and all(a.dtype == torch.float32 for a in auto)
+
+
+def test_answer_loss_is_sync_free_and_equals_the_bool_mask_call(tiny, pools):
+    """answer_loss hands the model flat logit indices made on the host and right_padded=True (MetaSampler pads on
+    the right), so on a GPU it never waits for the device; on the trainer's fast model its value and gradients
+    equal those of the bool-mask call with padding read from the mask, bit for bit."""
+    from torch.func import functional_call
+    from nanoalign.data import answer_positions
+    from nanoalign.plumbing import fast
+    model = fast.install(lora64(tiny))
+    batch = episode(pools)["tasks"][0]["query"]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    calls = []
+    real = model.forward
+    model.forward = lambda *a, **kw: calls.append(kw) or real(*a, **kw)
+    loss = answer_loss(model, params, batch)
+    model.forward = real
+    assert calls and calls[0]["right_padded"] is True and calls[0]["logits_at"].dtype == torch.long
+    at, targets = answer_positions(batch["labels"])
+    logits = functional_call(model, params, (batch["input_ids"], batch["attention_mask"]), {"logits_at": at})
+    ref = F.cross_entropy(logits, targets)
+    g, g_ref = (torch.autograd.grad(x, list(params.values())) for x in (loss, ref))
+    assert torch.equal(loss, ref) and all(torch.equal(a, b) for a, b in zip(g, g_ref))
