@@ -25,7 +25,7 @@ from nanoalign.plumbing import system  # noqa: E402
 from nanoalign.adapters import apply_adapter  # noqa: E402
 from nanoalign.plumbing.adapter_io import save_adapter  # noqa: E402
 from nanoalign.data import extract_answer  # noqa: E402
-from nanoalign.evaluate import (accuracies, choice_logprobs, diagnostics_table, encode_pair, evaluate,  # noqa: E402
+from nanoalign.evaluate import (_units, accuracies, choice_logprobs, diagnostics_table, encode_pair, evaluate,  # noqa: E402
                                 generate_texts, markdown_table, summarise)
 
 from nanoalign.plumbing import eval_cli as eval_py  # noqa: E402  (eval.py's command line: `main`)
@@ -278,16 +278,48 @@ def harness_pair(tok, context, continuation):
     return whole[:len(tok.encode(context))], whole[len(tok.encode(context)):]
 
 
-def test_cloze_scores_match_transformers_with_harness_tokenisation(tiny, model_tok):
+SHARED = [  # choices that share tokens past the context, or none at all, for by_length's shared prefixes
+    {"task": "c3", "prompt": "Question: How do you dry a shirt?\nAnswer:", "answer": " hang it on a line in the sun",
+     "gold": 0, "options": [" hang it on a line in the sun", " hang it in the freezer"]},
+    {"task": "c3", "prompt": "Question: How do you dry a shirt?\nAnswer:", "answer": " hang it", "gold": 0,
+     "options": [" hang it", " hang", " hang it on a line"]},
+    {"task": "c3", "prompt": "", "answer": " kept the fox.", "gold": 1,
+     "contexts": ["Ben", "Anna said that the fox"]},  # no token shared: one forward per context
+    {"task": "c3", "prompt": "", "answer": " because it was too big.", "gold": 0,
+     "contexts": ["The trophy did not fit in the suitcase", "The trophy did not fit in the box"]},
+] + [{"task": "c4", "prompt": f"Question: what comes after {i}?\nAnswer:", "answer": f" {i + 1}", "gold": 0,
+      "options": [f" {i + 1}", f" {i + 1} or {i + 2}", f" {i} and then {i + 1}"]} for i in range(9)]
+
+
+def test_shared_prefixes_are_the_longest_common_token_prefix(model_tok):
+    """_units(share_prefix=True): one forward per example over the tokens all its choices share, past the context
+    where the choices agree, each tail keeping at least one token; no shared token: one unit per context."""
+    _, tok = model_tok
+    units = _units(tok, SHARED[:4], 1024, joint=True, share_prefix=True)
+    assert [e for e, _, _ in units] == [0, 1, 2, 2, 3]
+    (_, prefix, tails), (_, prefix2, tails2) = units[0], units[1]
+    assert tok.decode(prefix) == "Question: How do you dry a shirt?\nAnswer: hang it"
+    assert [tok.decode(t) for _, t, _ in tails] == [" on a line in the sun", " in the freezer"]
+    assert [n for *_, n in tails] == [len(tok.encode(o)) for o in SHARED[0]["options"]]  # the continuations
+    assert min(len(t) for _, t, _ in tails2) == 1  # " hang" is a prefix of the others: its last token stays a tail
+    assert len(prefix2) == len(tok.encode(SHARED[1]["prompt"] + " hang")) - 1
+    assert [tok.decode(p) for _, p, _ in units[2:4]] == ["Ben", "Anna said that the fox"]
+    assert tok.decode(units[4][1]) == "The trophy did not fit in the"
+
+
+@pytest.mark.parametrize("by_length", [False, True])
+def test_cloze_scores_match_transformers_with_harness_tokenisation(tiny, model_tok, by_length):
     """choice_logprobs(joint=True), batched and left-padded, equals transformers' LlamaForCausalLM run on each
     (context, continuation) pair alone, tokenised as the harness does, summed over the continuation tokens (1e-4);
-    WinoGrande-style partial scoring scores the one continuation after each context."""
+    WinoGrande-style partial scoring scores the one continuation after each context; by_length's shared prefixes
+    and tails batched by length give the same."""
     transformers = pytest.importorskip("transformers")
     model, tok = model_tok
     hf = transformers.LlamaForCausalLM.from_pretrained(tiny).eval()
-    scores, lengths = choice_logprobs(model, tok, CLOZE, batch_size=3, joint=True)
+    examples = CLOZE + SHARED
+    scores, lengths = choice_logprobs(model, tok, examples, batch_size=3, joint=True, by_length=by_length)
     pairs = [[(ex["prompt"], o) for o in ex["options"]] if "options" in ex else
-             [(c, ex["answer"]) for c in ex["contexts"]] for ex in CLOZE]
+             [(c, ex["answer"]) for c in ex["contexts"]] for ex in examples]
     for ex_pairs, s, n in zip(pairs, scores, lengths):
         ref, ref_n = [], []
         for context, continuation in ex_pairs:
@@ -310,11 +342,14 @@ def test_cloze_batches_equal_single_rows(model_tok):
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_batching_by_continuation_length_gives_the_same_scores(model_tok, batch_size):
-    """by_length=True (eval.py's choice: continuations grouped by length, less padding) scores every choice as the
-    one-forward batching does (relative 1e-6), on contexts shared by several choices and on one-token ones."""
+    """by_length=True (eval.py's choice: the longest shared token prefix, tails grouped by length over several
+    batches) scores every choice as the plain batching does (relative 1e-6), on contexts shared by several choices,
+    one-token ones, choices sharing tokens past the context, different contexts with and without shared tokens,
+    and (batch_size 1) more units than one group of batches holds."""
     model, tok = model_tok
-    plain = choice_logprobs(model, tok, CLOZE + EXAMPLES, batch_size=batch_size, joint=True)
-    grouped = choice_logprobs(model, tok, CLOZE + EXAMPLES, batch_size=batch_size, joint=True, by_length=True)
+    examples = CLOZE + EXAMPLES + SHARED
+    plain = choice_logprobs(model, tok, examples, batch_size=batch_size, joint=True)
+    grouped = choice_logprobs(model, tok, examples, batch_size=batch_size, joint=True, by_length=True)
     assert grouped[1] == plain[1]
     assert [x for r in grouped[0] for x in r] == pytest.approx([x for r in plain[0] for x in r], rel=1e-6)
 
