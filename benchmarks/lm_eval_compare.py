@@ -81,6 +81,24 @@ def pairs(ex):
     return [list(p) for p in choices_of(ex)[0]]
 
 
+def positions(task, n):
+    """Token positions each tool runs through the decoder on the first n docs (padding not counted): lm-eval one
+    forward of context + continuation[:-1] per choice, one per doc when the choices are one token after one context
+    (its logits cache); ours one forward of each doc's shared prefix (evaluate._units) and one of each longer tail."""
+    import nanoalign.plumbing as P
+    from nanoalign.evaluate import _units, encode_pair
+    tok = P.load_tokenizer(str(default_model()))
+    examples = ours_examples(task)[:n]
+    theirs = 0
+    for ex in examples:
+        enc = [encode_pair(tok, context, continuation, joint=True) for context, continuation in pairs(ex)]
+        one = len({tuple(c) for c, _ in enc}) == 1 and all(len(k) == 1 for _, k in enc)
+        theirs += len(enc[0][0]) if one else sum(len(c) + len(k) - 1 for c, k in enc)
+    ours = sum(len(prefix) + sum(len(t) - 1 for _, t, _ in tails if len(t) > 1)
+               for _, prefix, tails in _units(tok, examples, 1024, joint=True, share_prefix=True))
+    return ours, theirs
+
+
 def digest(obj):
     return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
 
@@ -248,51 +266,71 @@ def write_run(args, tool, what, seconds, cpu, scores, gold, lengths, reported):
 BEGIN, END = "<!-- lm_eval_compare.py table: begin -->", "<!-- lm_eval_compare.py table: end -->"
 
 
+def load_pair(out, task):
+    a, b = Path(out) / f"ours-{task}.json", Path(out) / f"lm-eval-{task}.json"
+    if not (a.exists() and b.exists()):
+        return None
+    a, b = json.loads(a.read_text()), json.loads(b.read_text())
+    assert a["n"] == b["n"] and a["gold"] == b["gold"], task
+    return a, b
+
+
 def cmd_table(args):
-    """The markdown table of every task with both runs in --out; --write puts it into benchmarks/RESULTS.md."""
-    out = Path(args.out)
+    """The markdown table of every task with both runs in --out (scores) and --speed (timings, default --out);
+    --write puts it into benchmarks/RESULTS.md."""
     lines = ["| task | docs scored (split) | acc ours / lm-eval | acc_norm ours / lm-eval | agree (acc) "
-             "| agree (acc_norm) | max abs. Δ log-lik | examples/CPU-s ours / lm-eval | speed-up (CPU) "
-             "| examples/s (wall) ours / lm-eval |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    runs = []
+             "| agree (acc_norm) | max abs. Δ log-lik | docs timed | examples/CPU-s ours / lm-eval | speed-up (CPU) "
+             "| examples/s (wall) ours / lm-eval | decoder positions ours / lm-eval |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    runs, timed, work = [], [], {}
     for task in ORDER:
-        a, b = out / f"ours-{task}.json", out / f"lm-eval-{task}.json"
-        if not (a.exists() and b.exists()):
-            lines.append(f"| {task} | not run | | | | | | | | |")
+        pair, speed = load_pair(args.out, task), load_pair(args.speed or args.out, task)
+        if not (pair and speed):
+            lines.append(f"| {task} | not run |" + " |" * 10)
             continue
-        a, b = json.loads(a.read_text()), json.loads(b.read_text())
-        assert a["n"] == b["n"] and a["gold"] == b["gold"], task
+        (a, b), (sa, sb) = pair, speed
         runs += [a, b]
+        timed += [sa, sb]
         n, split = a["n"], len(hf_docs(task))
         agree = sum(x == y for x, y in zip(a["pred"], b["pred"]))
         agree_norm = sum(x == y for x, y in zip(a["pred_norm"], b["pred_norm"]))
         delta = max(abs(x - y) for s, t in zip(a["scores"], b["scores"]) for x, y in zip(s, t))
         scored = f"{n} (all)" if n == split else f"first {n} of {split}"
+        ours, theirs = positions(task, sa["n"])
+        work[task] = theirs / ours
         lines.append(f"| {task} | {scored} | {100 * a['acc']:.2f} / {100 * b['acc']:.2f} | "
                      f"{100 * a['acc_norm']:.2f} / {100 * b['acc_norm']:.2f} | {agree}/{n} | {agree_norm}/{n} | "
-                     f"{delta:.1e} | {a['examples_per_cpu_s']:.2f} / {b['examples_per_cpu_s']:.2f} | "
-                     f"{a['examples_per_cpu_s'] / b['examples_per_cpu_s']:.2f}× | "
-                     f"{a['examples_per_s']:.2f} / {b['examples_per_s']:.2f} |")
-    tasks = [runs[i]["task"] for i in range(0, len(runs), 2)]
+                     f"{delta:.1e} | {'all' if sa['n'] == split else 'first ' + str(sa['n'])} | "
+                     f"{sa['examples_per_cpu_s']:.2f} / {sb['examples_per_cpu_s']:.2f} | "
+                     f"{sa['examples_per_cpu_s'] / sb['examples_per_cpu_s']:.2f}× | "
+                     f"{sa['examples_per_s']:.2f} / {sb['examples_per_s']:.2f} | "
+                     f"{ours:,} / {theirs:,} ({theirs / ours:.2f}×) |")
+    tasks = [r["task"] for r in runs[::2]]
     equal = [t for t, a, b in zip(tasks, runs[::2], runs[1::2]) if (a["acc"], a["acc_norm"]) == (b["acc"], b["acc_norm"])]
-    fast = [t for t, a, b in zip(tasks, runs[::2], runs[1::2]) if a["examples_per_cpu_s"] >= 1.5 * b["examples_per_cpu_s"]]
+    fast = [t for t, a, b in zip(tasks, timed[::2], timed[1::2])
+            if a["examples_per_cpu_s"] >= 1.5 * b["examples_per_cpu_s"]]
     lines += ["", f"Targets: equal acc and acc_norm on {len(equal)} of {len(tasks)} tasks"
               + (f" (not {', '.join(t for t in tasks if t not in equal)})" if len(equal) < len(tasks) else "")
               + f"; ours >= 1.5x lm-eval's examples/CPU-s on {len(fast)} of {len(tasks)}"
-              + (f" (not {', '.join(t for t in tasks if t not in fast)})" if len(fast) < len(tasks) else "") + "."]
+              + (f" (not {', '.join(t for t in tasks if t not in fast)})" if len(fast) < len(tasks) else "") + "."
+              + "".join(f" {t}: lm-eval runs {work[t]:.2f}× our decoder positions, the rest is the forward's (logits"
+                        " only where scored)." for t in tasks if t not in fast and work[t] < 1.5)]
     table = "\n".join(lines)
     print(table)
     if not args.write:
         return
-    what = sorted({r["what"] for r in runs})
-    dates = sorted(r["date"] for r in runs)
-    loads = [r["load_before"][0] for r in runs]
-    body = (f"{BEGIN}\n"
-            f"Generated by `python benchmarks/lm_eval_compare.py table --out {args.out} --write` from the runs "
-            f"{dates[0]} to {dates[-1]} UTC ({', '.join(what)}); batch size {sorted({r['batch_size'] for r in runs})}, "
-            f"threads {sorted({r['threads'] for r in runs})}, fp32 on the CPU ({runs[0]['cpu']}); "
-            f"1-minute load average before each run {min(loads):.1f} to {max(loads):.1f}.\n\n{table}\n{END}")
+
+    def when(rs):
+        dates, loads = sorted(r["date"] for r in rs), [r["load_before"][0] for r in rs]
+        return (f"{dates[0]} to {dates[-1]} UTC, 1-minute load average before each run {min(loads):.1f} to "
+                f"{max(loads):.1f}")
+    what = sorted({r["what"] for r in runs + timed})
+    command = f"python benchmarks/lm_eval_compare.py table --out {args.out}" + (
+        f" --speed {args.speed}" if args.speed else "") + " --write"
+    body = (f"{BEGIN}\nGenerated by `{command}` from the runs {when(runs)}"
+            + (f" (scores) and {when(timed)} (timings)" if args.speed else "")
+            + f" ({', '.join(what)}); batch size {sorted({r['batch_size'] for r in runs + timed})}, threads "
+            f"{sorted({r['threads'] for r in runs + timed})}, fp32 on the CPU ({runs[0]['cpu']}).\n\n{table}\n{END}")
     path = ROOT / "benchmarks/RESULTS.md"
     text = path.read_text(encoding="utf-8")
     if BEGIN in text:
@@ -327,6 +365,7 @@ def main(argv=None):
             r.add_argument("--plain", action="store_true", help="evaluate's default batching (by_length off)")
     t = sub.add_parser("table", help="markdown rows from the runs in --out")
     t.add_argument("--out", required=True)
+    t.add_argument("--speed", default=None, help="the timings from the runs in this folder (default: --out)")
     t.add_argument("--write", action="store_true", help="put the table into benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     if args.cmd == "docs":

@@ -340,6 +340,19 @@ def test_cloze_batches_equal_single_rows(model_tok):
     assert [x for r in batched for x in r] == pytest.approx([x for r in single for x in r], rel=1e-6)
 
 
+def test_evaluate_scores_with_the_models_whole_window(model_tok):
+    """A context longer than 1024 tokens (choice_logprobs' default cut) is scored over the model's whole context
+    window, as lm-eval's HF backend does; the tiny model's window is 256, so a ~600-token context is cut there."""
+    model, tok = model_tok
+    window = model.config.max_position_embeddings
+    long = {"task": "c", "prompt": "the fox and the dog " * 60 + "\nAnswer:", "answer": " yes", "gold": 0,
+            "options": [" yes", " no"]}
+    assert window < len(tok.encode(long["prompt"])) < 1024
+    got = evaluate(model, tok, {"c": [long]}, mode="cloze")["c"]["records"][0]["scores"]
+    assert got == pytest.approx(choice_logprobs(model, tok, [long], max_len=window, joint=True)[0][0], rel=1e-6)
+    assert got != pytest.approx(choice_logprobs(model, tok, [long], joint=True)[0][0], rel=1e-6)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_batching_by_continuation_length_gives_the_same_scores(model_tok, batch_size):
     """by_length=True (eval.py's choice: the longest shared token prefix, tails grouped by length over several
