@@ -160,8 +160,6 @@ def draw(plt):
     ax[1, 0].set_ylabel("mean inter-head cosine of B")
     ax[0, 0].legend(fontsize=7)
     ax[1, 0].legend(fontsize=7)
-    fig.suptitle(f"03 head similarity: {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -170,4 +168,4 @@ finish(args, "03_head_similarity", {"mechanism": mechanism_toy,
                                     "norouter_identical_heads": exact,
                                     "per_layer": {k: {m: [per_layer(r, m) for r in c.runs[k]] for m in MODULES}
                                                   for k in LABELS if c.runs.get(k)},
-                                    "paper": paper.HEAD_COSINE}, draw)
+                                    "paper": paper.HEAD_COSINE}, draw, f"03 head similarity: {suite_text(c)}")

@@ -103,9 +103,8 @@ print(comparison_table(c))
 def draw(plt):
     fig, ax = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.2]})
     accuracy_panels(ax[0], ax[1], c, LABELS)
-    fig.suptitle(f"04 simplified vs complex multi-head LoRA (rank 4, 3 heads): {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
-finish(args, "04_simplified_multi_head", {"claims": {"1-2": c.to_json()}, "paper": paper.TABLE1}, draw)
+finish(args, "04_simplified_multi_head", {"claims": {"1-2": c.to_json()}, "paper": paper.TABLE1}, draw,
+       f"04 simplified vs complex multi-head LoRA (rank 4, 3 heads): {suite_text(c)}")

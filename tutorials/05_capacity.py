@@ -123,11 +123,10 @@ def draw(plt):
     value_bars(ax[2], eff, "effective rank of ΔW (dashed: the most it can be)", "effective rank")
     for i, k in enumerate(eff):
         ax[2].plot([i - 0.4, i + 0.4], [LIMIT.get(k, ranks[k])] * 2, "k--", lw=1)
-    fig.suptitle(f"05 capacity over architecture: {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 finish(args, "05_capacity", {"mechanism": mechanism_toy,
                              "claims": {"3": c.to_json()}, "ranks": ranks, "effective_rank": eff,
-                             "paper": {"Table 3, Qwen2.5-7B BBH": paper.TABLE3_7B}}, draw)
+                             "paper": {"Table 3, Qwen2.5-7B BBH": paper.TABLE3_7B}}, draw,
+       f"05 capacity over architecture: {suite_text(c)}")

@@ -176,12 +176,11 @@ def draw(plt):
         ax[1, 1].legend(fontsize=7)
     value_bars(ax[1, 2], {k: p["heldout_kl"] for k, p in probe.items()}, "held-out alignment loss (KL, ± SE)",
                "symmetric KL, mean over pairs and modules", "mistyrose")
-    fig.suptitle(f"06 align, don't divide: {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 finish(args, "06_align", {"mechanism": mechanism_toy,
                           "claims": {"4-5": c.to_json(), **({"6": c6.to_json()} if c6 else {})}, "probe": probe,
                           "separation": mechanism, "sweep": sweep,
-                          "paper": {"Table 5 (3B)": paper.TABLE5_3B, "Figure 3": paper.FIGURE3}}, draw)
+                          "paper": {"Table 5 (3B)": paper.TABLE5_3B, "Figure 3": paper.FIGURE3}}, draw,
+       f"06 align, don't divide: {suite_text(c)}")

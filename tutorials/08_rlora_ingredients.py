@@ -115,11 +115,10 @@ def draw(plt):
     accuracy_panels(ax[0], ax[1], c, LABELS)
     value_bars(ax[2], heads, "how alike the heads end up (± SE)", "mean inter-head cosine of B")
     ax[2].set_ylim(-0.05, 1.05)
-    fig.suptitle(f"08 R-LoRA's ingredients: {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 finish(args, "08_rlora_ingredients", {"mechanism": mechanism_toy, "claims": {"8": c.to_json()},
                                       "head_cosine": heads, "head_cosine_paired": mechanism,
-                                      "paper": {"R-LoRA Table 4": paper.RLORA_TABLE4}}, draw)
+                                      "paper": {"R-LoRA Table 4": paper.RLORA_TABLE4}}, draw,
+       f"08 R-LoRA's ingredients: {suite_text(c)}")

@@ -97,11 +97,9 @@ def draw(plt):
     accuracy_panels(ax[0], ax[1], c, LABELS)
     value_bars(ax[2], {k: p["sep_ratio"] for k, p in probe.items()}, "held-out task separation of A-outputs (± SE)",
                "between / within task distance", lambda k: "salmon" if k.endswith("+align") else "lightsteelblue")
-    fig.suptitle(f"09 alignment on multi-head adapters (KL, λ = 0.1 in the paper's units): {suite_text(c)}",
-                 fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 finish(args, "09_align_any_architecture", {"mechanism": mechanism_toy, "claims": {"9": c.to_json()}, "probe": probe,
-                                           "separation": mechanism}, draw)
+                                           "separation": mechanism}, draw,
+       f"09 alignment on multi-head adapters (KL, λ = 0.1 in the paper's units): {suite_text(c)}")

@@ -22,7 +22,7 @@ At 200 steps x 2 examples per task "all the data" is 400 per task, so a gap can 
 
 # %% [setup]
 import numpy as np
-from common import claim_grids, finish, reader_parser
+from common import claim_grids, finish, parse_args
 
 from experiments import claims as C
 from experiments import paper
@@ -100,10 +100,7 @@ def toy_mechanism():
     print(f"  pinned by {TESTS_10[0]}, ::{TESTS_10[1].rsplit('::')[1]}")
     return out
 
-args = reader_parser(__doc__).parse_args()
-if args.full:
-    full()
-    raise SystemExit(0)
+args = parse_args(__doc__, ["10"], full)
 mechanism_toy = toy_mechanism()
 
 # %% [markdown]
@@ -232,12 +229,11 @@ def draw(plt):
     if c.report["comparisons"]:
         diffs(ax[1], comparison_items(c), "claim 10: paired differences, 95% CI (dotted: −1, the 'not worse' margin)")
         ax[1].axvline(-1, color="gray", ls=":", lw=1)
-    fig.suptitle(f"10 MeTA-LoRA: {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 claims = {"10": c.to_json(), **({"10-alpha": alpha.to_json()} if alpha else {})}
 finish(args, "10_meta_lora", {"mechanism": mechanism_toy,
                               "claims": claims, "by_k": by_k, "gaps": {str(k): v for k, v in gaps.items()},
-                              "alpha": alpha_rows, "cost": cost, "paper": paper.META_SETTING}, draw)
+                              "alpha": alpha_rows, "cost": cost, "paper": paper.META_SETTING}, draw,
+       f"10 MeTA-LoRA: {suite_text(c)}")

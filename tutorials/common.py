@@ -265,15 +265,16 @@ def full_scale(claims):
           "then this tutorial without flags renders it.")
 
 
-def finish(args, stem, results, draw=None):
-    """Write <out>/<stem>.json and, with matplotlib and something to draw, <out>/<stem>.png (draw(plt) -> figure)."""
+def finish(args, stem, results, draw=None, title=""):
+    """Write <out>/<stem>.json and, with matplotlib and a figure from draw(plt), <out>/<stem>.png titled `title`."""
     results = {"meta": machine(), "mode": "tiny" if args.tiny else "rerun" if args.rerun else "read", **results}
     print(f"\nwrote {write_json(args.out / f'{stem}.json', results)}")
     plt = pyplot() if draw else None
-    if plt is not None:
-        fig = draw(plt)
-        if fig is not None:
-            print(f"wrote {save_figure(fig, args.out / f'{stem}.png')}")
+    fig = draw(plt) if plt is not None else None
+    if fig is not None:
+        fig.suptitle(title, fontsize=8)
+        fig.tight_layout()
+        print(f"wrote {save_figure(fig, args.out / f'{stem}.png')}")
 
 
 # ----------------------------------------------------------------------------- data and a few bare steps
