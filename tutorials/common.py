@@ -32,7 +32,7 @@ from experiments.reports import Grids  # noqa: E402
 from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks  # noqa: E402
 from nanoalign.plumbing.datasets import load_tasks  # noqa: E402
 from nanoalign.model import CausalLM, ModelConfig  # noqa: E402
-from nanoalign.plumbing import system  # noqa: E402
+from nanoalign.plumbing.system import write_atomic, write_json  # noqa: E402  (atomic: never half a file)
 
 RESULTS = ROOT / "tutorials" / "results"  # the committed renders: written with --update only
 OUT = ROOT / "out" / "tutorials"  # git-ignored: where a tutorial writes by default
@@ -225,11 +225,11 @@ def reader_parser(doc):
                             ("--full", "print the paper's setting and how to run it (a GPU box)")])
 
 
-def parse_args(doc, claims):
-    """The reader's flags; with --full, print the paper's setting of its claims and exit."""
+def parse_args(doc, claims, full=None):
+    """The reader's flags; with --full, print the paper's setting (or call the tutorial's own `full`) and exit."""
     args = reader_parser(doc).parse_args()
     if args.full:
-        full_scale(claims)
+        full() if full else full_scale(claims)
         raise SystemExit(0)
     return args
 
@@ -297,12 +297,6 @@ def lm_loss(model, batch):
 
 # ----------------------------------------------------------------------------- output
 
-def write_json(path, obj):
-    """Atomic system.write_json (a crash never leaves half a results file); returns the path."""
-    system.write_json(path, obj)
-    return Path(path)
-
-
 def pyplot():
     """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed (plots are optional)."""
     try:
@@ -317,7 +311,7 @@ def pyplot():
 
 def save_figure(fig, path):
     """savefig atomically, then close the figure."""
-    system.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     import matplotlib.pyplot as plt
     plt.close(fig)
     return path
