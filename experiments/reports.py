@@ -229,6 +229,11 @@ def verdict_text(x):
     return f"borderline (bootstrap: {x['verdict_boot']}; t: {x['verdict_t']})"
 
 
+def show(title, table):
+    """Print a table (or a line) under its title, a blank line before and after the title."""
+    print(f"\n{title}:\n\n{table}")
+
+
 def markdown(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows])
@@ -336,10 +341,10 @@ def probe_table(c: Claim, labels):
         runs = [r for r in c.runs.get(k) or [] if "probe" in r["analysis"]]
         if runs:
             probe[k] = {key: mean_se([r["analysis"]["probe"][key] for r in runs]) for key in PROBE}
-    print("\nheld-out A-output probe (mean ± SE over seeds):\n")
-    print(markdown(["method", "seeds", "separation (between/within)", "within-task spread", "held-out KL"],
-                   [[name(k), str(len(c.values(k, sep_ratio))), *[pm(*p[key], 3) for key in PROBE]]
-                    for k, p in probe.items()]) if probe else "(not measured yet)")
+    show("held-out A-output probe (mean ± SE over seeds)",
+         markdown(["method", "seeds", "separation (between/within)", "within-task spread", "held-out KL"],
+                  [[name(k), str(len(c.values(k, sep_ratio))), *[pm(*p[key], 3) for key in PROBE]]
+                   for k, p in probe.items()]) if probe else "(not measured yet)")
     return probe
 
 
