@@ -82,9 +82,6 @@ def build_nanoalign(args, device, dtype):
             model = CausalLM(ModelConfig.from_hf_dict(cfg)).to(dtype)
     apply_adapter(model, kind_of(args.adapter), rank=args.rank, alpha=2 * args.rank, targets=ALL_LINEAR,
                   heads=args.heads)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
     model.gradient_checkpointing = args.grad_ckpt
     return install(model)  # the fast forms train.py installs
 
@@ -105,9 +102,6 @@ def build_hf(args, device, dtype):
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(ALL_LINEAR),
                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
     return model
 
 
@@ -119,6 +113,8 @@ def measure(args):
     model = build_nanoalign(args, device, dtype) if args.impl == "nanoalign" else build_hf(args, device, dtype)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # the adapter trains in fp32 over a bf16 base (CUDA), on both
+        p.data = p.data.float()
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
     vocab = (model.config.vocab_size if args.impl == "nanoalign" else model.base_model.model.config.vocab_size)
     ids, mask, labels = make_batch(args.batch, args.seq, args.answer, vocab)

@@ -80,7 +80,14 @@ def methods(n_tasks, model_cfg):
             m[f"{label}@lr{lr:g}"] = Method({**m[label].options, "lr": lr}, analyses=m[label].analyses)
     for lp in (0.01, 0.05, 0.5):
         m[f"a-lora-k-l{lp}"] = Method({**align, "align_loss": "kl", "align_lambda": lam(lp, n_tasks)})
-    m.update(meta_methods(m["lora-r8"].options))
+    # claim 10 (METHODS §2.9): per K in SHOTS, MeTA-LoRA and the standard trainer on the same K examples per task, with
+    # LoRA r=8's options; support 2 + query 2 match the standard trainer's 2 per task per step
+    lora, meta = m["lora-r8"].options, {"trainer": "meta", "meta_support": 2, "meta_query": 2}
+    for k in SHOTS:
+        m[f"meta-k{k}"] = Method({**lora, **meta, "shots": k})
+        m[f"lora-k{k}"] = Method({**lora, "shots": k})
+    for a in META_ALPHAS:
+        m[f"meta-k16-a{a}"] = Method({**lora, **meta, "shots": 16, "meta_inner_lr": a})
     return m
 
 
@@ -91,19 +98,6 @@ META_ALPHAS = (0.01, 0.1, 0.3)
 # in α order, the default (claim 10's meta-k16 run) in its place
 ALPHA_ROWS = [*(f"meta-k16-a{a}" for a in META_ALPHAS if a < 0.03), "meta-k16",
               *(f"meta-k16-a{a}" for a in META_ALPHAS if a > 0.03)]
-
-
-def meta_methods(lora):
-    """Claim 10's methods (METHODS §2.9): per K in SHOTS, MeTA-LoRA and the standard trainer on the same K examples
-    per task, both with `lora`'s options; support 2 + query 2 match the standard trainer's 2 per task per step."""
-    meta = {"trainer": "meta", "meta_support": 2, "meta_query": 2}
-    m = {}
-    for k in SHOTS:
-        m[f"meta-k{k}"] = Method({**lora, **meta, "shots": k})
-        m[f"lora-k{k}"] = Method({**lora, "shots": k})
-    for a in META_ALPHAS:
-        m[f"meta-k16-a{a}"] = Method({**lora, **meta, "shots": 16, "meta_inner_lr": a})
-    return m
 
 
 def budget_rank(model_cfg):

@@ -208,16 +208,6 @@ def problem(r, key):
     return None
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        pass
-    return True
-
-
 def claim(lock: Path):
     """Create `lock` atomically holding "pid host": None when we hold it, else who does (a dead local holder's is
     taken over)."""
@@ -232,7 +222,7 @@ def claim(lock: Path):
             except FileNotFoundError:
                 continue  # released just now: try again
             pid, _, where = holder.partition(" ")
-            if where != host or not pid.isdigit() or alive(int(pid)):
+            if where != host or not pid.isdigit() or system.pid_alive(int(pid)):
                 return holder or "another driver (empty lock file)"
             print(f"note: {lock} was held by process {pid} on {host}, which is gone: taking it over", flush=True)
             lock.unlink(missing_ok=True)

@@ -461,12 +461,11 @@ def test_report_readme_needs_its_markers():
 
 def test_report_without_runs(reader, tmp_path):
     """An empty cache: every claim row says "not measured yet" and names the command that trains it."""
-    import report
-    table, read = report.rows(reader.Grids(where=tiny_where(reader, tmp_path)))
+    table, read = reader.rows(reader.Grids(where=tiny_where(reader, tmp_path)))
     grid_rows = [r for r in table if not r[0].startswith(("2. (mechanism)", "7."))]
     assert len(grid_rows) == 11 and all(r[2] == "not measured yet" and "claims.py run --only" in r[-1]
                                         for r in grid_rows)
-    assert report.compute_text(read) == "No grid runs cached yet."
+    assert reader.compute_text(read) == "No grid runs cached yet."
 
 
 def test_pick_data_prepares_real_tasks_or_falls_back(tmp_path, monkeypatch, capsys):

@@ -221,8 +221,7 @@ results["model_merge"] = {"peft_tensors": len(keys), "peft_key_example": keys[0]
 
 # %%
 results["wall_s"] = round(time.perf_counter() - t_start, 1)
-out = Path(args.out)
-print(f"\nwrote {write_json(out / '01_lora_from_scratch.json', results)} ({results['wall_s']} s)")
+print(f"\nwrote {write_json(args.out / '01_lora_from_scratch.json', results)} ({results['wall_s']} s)")
 plt = pyplot()
 if plt is not None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -238,4 +237,4 @@ if plt is not None:
         a_.set_xticks(SWEEP_RANKS, [str(r) for r in SWEEP_RANKS])
         a_.legend()
     fig.suptitle(f"01 LoRA scaling on one {d_in}→{d_out} layer", fontsize=10)
-    print(f"wrote {save_figure(fig, out / '01_lora_from_scratch.png')}")
+    print(f"wrote {save_figure(fig, args.out / '01_lora_from_scratch.png')}")

@@ -20,7 +20,6 @@ on a real task mix: the mechanism behind the "multi-head paradox" (METHODS §7 c
 import copy
 import math
 import time
-from pathlib import Path
 
 from common import MLP, QWEN25_3B, lm_loss, pick_data, task_batches, load_base, machine, parser, pyplot, save_figure, \
     write_json
@@ -219,8 +218,7 @@ print(f"\n    hydra-norouter after {STEPS} steps: head cosine {nr['head_cos_mean
 
 # %%
 results["wall_s"] = round(time.perf_counter() - t_start, 1)
-out = Path(args.out)
-print(f"\nwrote {write_json(out / '02_multi_head_family.json', results)} ({results['wall_s']} s)")
+print(f"\nwrote {write_json(args.out / '02_multi_head_family.json', results)} ({results['wall_s']} s)")
 plt = pyplot()
 if plt is not None:
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
@@ -240,4 +238,4 @@ if plt is not None:
     ax[1].set(xlabel="optimizer step", ylabel="mean inter-head cosine of B", ylim=(-0.1, 1.05),
               title=f"head similarity on {'the tiny model' if args.tiny else model_name}")
     ax[1].legend(fontsize=8)
-    print(f"wrote {save_figure(fig, out / '02_multi_head_family.png')}")
+    print(f"wrote {save_figure(fig, args.out / '02_multi_head_family.png')}")

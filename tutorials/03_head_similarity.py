@@ -14,7 +14,7 @@ import math
 from common import claim_grids, finish, parse_args
 
 from experiments import paper
-from experiments.reports import head_cosine, markdown, name, pm, seed_pairs, suite_text
+from experiments.reports import head_cosine, markdown, name, pm, seed_pairs, show, suite_text
 from experiments.stats import mean_se
 
 args = parse_args(__doc__, ["1-2"])
@@ -104,19 +104,19 @@ for k in LABELS:
     ref = {"hydra": "gate 0.76, up 0.78, down 0.80 (R-LoRA repo)", "mlora": "highest; median > 0.85 (Fig. 2)",
            "rlora": "high, below M-LoRA (Fig. 2)", "hydra-norouter": "1 exactly (derived, tutorial 02)"}[k]
     rows.append([name(k), str(len(runs)), pm(*s["all"], 3), *[pm(*s[m], 3) for m in MODULES], ref])
-print("\nmean inter-head cosine of B (mean over layers; ± SE over seeds):\n")
-print(markdown(["method", "seeds", "all modules", *MODULES, "paper"], rows))
+show("mean inter-head cosine of B (mean over layers; ± SE over seeds)",
+     markdown(["method", "seeds", "all modules", *MODULES, "paper"], rows))
 
 # %% [markdown]
 # ## 3. The claimed ordering (M-LoRA's heads the most alike), paired seed by seed (t interval, 95%)
 
 # %%
 ordering = seed_pairs(c, [("mlora", "rlora"), ("mlora", "hydra")], head_cosine, True)
-print("\nhead cosine differences (paired over seeds, t interval 95%):\n")
-print(markdown(["difference", "mean [95% CI]", "seeds", "verdict"], [
-    [f"{name(x['a'])} − {name(x['b'])}", f"{x['diff']:+.3f}" + (f" [{x['low']:+.3f}, {x['high']:+.3f}]"
-                                                                  if x["low"] is not None else ""),
-     str(x["seeds"]), x["verdict"]] for x in ordering]) if ordering else "(not measured yet)")
+show("head cosine differences (paired over seeds, t interval 95%)", markdown(
+    ["difference", "mean [95% CI]", "seeds", "verdict"],
+    [[f"{name(x['a'])} − {name(x['b'])}", f"{x['diff']:+.3f}" + (f" [{x['low']:+.3f}, {x['high']:+.3f}]"
+                                                                   if x["low"] is not None else ""),
+      str(x["seeds"]), x["verdict"]] for x in ordering]) if ordering else "(not measured yet)")
 # It can come out the other way at this budget: random heads move too little at lr 1e-3 to forget their start
 # (section 0). The "code init" control rows start them near zero instead.
 
@@ -160,8 +160,6 @@ def draw(plt):
     ax[1, 0].set_ylabel("mean inter-head cosine of B")
     ax[0, 0].legend(fontsize=7)
     ax[1, 0].legend(fontsize=7)
-    fig.suptitle(f"03 head similarity: {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -170,4 +168,4 @@ finish(args, "03_head_similarity", {"mechanism": mechanism_toy,
                                     "norouter_identical_heads": exact,
                                     "per_layer": {k: {m: [per_layer(r, m) for r in c.runs[k]] for m in MODULES}
                                                   for k in LABELS if c.runs.get(k)},
-                                    "paper": paper.HEAD_COSINE}, draw)
+                                    "paper": paper.HEAD_COSINE}, draw, f"03 head similarity: {suite_text(c)}")

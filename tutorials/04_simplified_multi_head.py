@@ -16,7 +16,7 @@ grid "1-2" of experiments/claims.py (the four methods, same seeds, budget and te
 from common import claim_grids, finish, parse_args
 
 from experiments import paper
-from experiments.reports import accuracy_panels, accuracy_table, comparison_table, suite_text, task_table
+from experiments.reports import accuracy_panels, accuracy_table, comparison_table, show, suite_text, task_table
 
 args = parse_args(__doc__, ["1-2"])
 LABELS = ["hydra", "hydra-norouter", "rlora", "mlora"]
@@ -70,16 +70,14 @@ c = grids.read_or_stop("1-2")
 # "collapsed in": one prediction covers > 90% of a task's examples, so its accuracy is that label's share.
 
 # %%
-print("\nsuite average accuracy, mean ± SE over seeds:\n")
-print(accuracy_table(c, LABELS))
+show("suite average accuracy, mean ± SE over seeds", accuracy_table(c, LABELS))
 
 # %% [markdown]
 # ## 3. Per task, in the shape of the paper's Table 1 (its cell after " / " where the task is one of its columns)
 # Compare the ordering of the rows and the size of the gaps, not the levels: a 135M model is not a 3B one.
 
 # %%
-print("\nper task (%), ours / paper:\n")
-print(task_table(c, LABELS, paper.TABLE1, paper.TABLE1_COLUMN_OF))
+show("per task (%), ours / paper", task_table(c, LABELS, paper.TABLE1, paper.TABLE1_COLUMN_OF))
 
 # %% [markdown]
 # ## 4. The claimed differences: claim 1 M-LoRA − R-LoRA, − HydraLoRA (paper +0.78, +1.41); claim 2 w/o Router −
@@ -87,8 +85,7 @@ print(task_table(c, LABELS, paper.TABLE1, paper.TABLE1_COLUMN_OF))
 # the seed-level t interval; "reproduced" when both exclude 0 on the paper's side, "borderline" when one does.
 
 # %%
-print("\nclaimed differences (points):\n")
-print(comparison_table(c))
+show("claimed differences (points)", comparison_table(c))
 # The control rows repeat claims 1 and 2 with one thing changed: the heads averaged instead of summed (step size),
 # or R-LoRA's released-code init.
 
@@ -103,9 +100,8 @@ print(comparison_table(c))
 def draw(plt):
     fig, ax = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.2]})
     accuracy_panels(ax[0], ax[1], c, LABELS)
-    fig.suptitle(f"04 simplified vs complex multi-head LoRA (rank 4, 3 heads): {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
-finish(args, "04_simplified_multi_head", {"claims": {"1-2": c.to_json()}, "paper": paper.TABLE1}, draw)
+finish(args, "04_simplified_multi_head", {"claims": {"1-2": c.to_json()}, "paper": paper.TABLE1}, draw,
+       f"04 simplified vs complex multi-head LoRA (rank 4, 3 heads): {suite_text(c)}")

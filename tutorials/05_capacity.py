@@ -16,8 +16,8 @@ heads, gate/up/down), a LoRA at HydraLoRA's parameter count (`rank_for_budget`),
 from common import claim_grids, finish, parse_args
 
 from experiments import paper
-from experiments.reports import accuracy_panels, accuracy_table, comparison_table, markdown, name, pm, suite_text, \
-    task_table, value_bars
+from experiments.reports import accuracy_panels, accuracy_table, comparison_table, markdown, name, pm, show, \
+    suite_text, task_table, value_bars
 from experiments.stats import mean_se
 
 args = parse_args(__doc__, ["3"])
@@ -81,10 +81,8 @@ for k in LABELS:
 # ## 2. Accuracy, beside the base model and the majority label (a row tests nothing unless clearly above base)
 
 # %%
-print("\nsuite average accuracy, mean ± SE over seeds:\n")
-print(accuracy_table(c, LABELS))
-print("\nper task (%):\n")
-print(task_table(c, LABELS))
+show("suite average accuracy, mean ± SE over seeds", accuracy_table(c, LABELS))
+show("per task (%)", task_table(c, LABELS))
 
 # %% [markdown]
 # ## 3. Is the matched LoRA as good? An equivalence, judged by its interval (claims.equivalence_verdict)
@@ -92,8 +90,7 @@ print(task_table(c, LABELS))
 # about 50/√n points on n test examples, so ±1 needs a large test set and many seeds.
 
 # %%
-print("\nmatched LoRA − multi-head (points):\n")
-print(comparison_table(c))
+show("matched LoRA − multi-head (points)", comparison_table(c))
 
 # %% [markdown]
 # ## 4. Where the capacity goes: the entropy effective rank exp(H(σ/Σσ)) of ΔW
@@ -108,8 +105,8 @@ for k in LABELS:
     if vals:
         eff[k] = mean_se(vals)
         rows.append([name(k), str(len(vals)), pm(*eff[k], 2), str(LIMIT.get(k, ranks.get(k)))])
-print("\neffective rank of ΔW (mean over modules; ± SE over seeds):\n")
-print(markdown(["method", "seeds", "effective rank", "at most"], rows) if rows else "(not measured yet)")
+show("effective rank of ΔW (mean over modules; ± SE over seeds)",
+     markdown(["method", "seeds", "effective rank", "at most"], rows) if rows else "(not measured yet)")
 
 # %% [markdown]
 # ## Plot: suite average per method, the paired differences (±1 point band), the effective rank
@@ -123,11 +120,10 @@ def draw(plt):
     value_bars(ax[2], eff, "effective rank of ΔW (dashed: the most it can be)", "effective rank")
     for i, k in enumerate(eff):
         ax[2].plot([i - 0.4, i + 0.4], [LIMIT.get(k, ranks[k])] * 2, "k--", lw=1)
-    fig.suptitle(f"05 capacity over architecture: {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 finish(args, "05_capacity", {"mechanism": mechanism_toy,
                              "claims": {"3": c.to_json()}, "ranks": ranks, "effective_rank": eff,
-                             "paper": {"Table 3, Qwen2.5-7B BBH": paper.TABLE3_7B}}, draw)
+                             "paper": {"Table 3, Qwen2.5-7B BBH": paper.TABLE3_7B}}, draw,
+       f"05 capacity over architecture: {suite_text(c)}")

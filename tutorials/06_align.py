@@ -23,7 +23,7 @@ from common import claim_grids, finish, parse_args
 from experiments import claims as C
 from experiments import paper
 from experiments.reports import accuracy_panels, accuracy_table, bar, comparison_table, interval, markdown, pm, \
-    print_paired, probe_table, seed_pairs, sep_ratio, suite_text, task_table, value_bars
+    print_paired, probe_table, seed_pairs, sep_ratio, show, suite_text, task_table, value_bars
 
 args = parse_args(__doc__, ["4-5", "6"])
 LABELS = ["lora-r8", "a-lora-k", "a-lora-m"]
@@ -89,17 +89,15 @@ grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("4-5")
 T = len(c.tasks())
 print(f"λ = 0.1 in the paper's units is {C.lam(0.1, T):g} in ours ({T} tasks, {T * (T - 1) // 2} pairs)")
-print("\nsuite average accuracy, mean ± SE over seeds:\n")
-print(accuracy_table(c, LABELS))
-print("\nper task (%); the paper's Table 5 gives averages only:\n")
-print(task_table(c, LABELS, {k: {"Avg": paper.TABLE5_3B[k]} for k in LABELS}))
+show("suite average accuracy, mean ± SE over seeds", accuracy_table(c, LABELS))
+show("per task (%); the paper's Table 5 gives averages only",
+     task_table(c, LABELS, {k: {"Avg": paper.TABLE5_3B[k]} for k in LABELS}))
 
 # %% [markdown]
 # Claim 4: A-LoRA-K − LoRA (paper +3.58 on Qwen2.5-3B, 8 tasks). Claim 5: A-LoRA-K − A-LoRA-M (paper +1.71).
 
 # %%
-print("\nclaimed differences (points):\n")
-print(comparison_table(c))
+show("claimed differences (points)", comparison_table(c))
 
 # %% [markdown]
 # ## 2. What the loss does to the representation: the separation probe
@@ -123,13 +121,12 @@ if c6 is not None:
         sweep.append({"label": k, "paper_lambda": paper.SWEEP[k], "our_lambda": C.lam(paper.SWEEP[k], T),
                       "average": r["average"] if r else None, "se": r["se"] if r else None,
                       "seeds": len(r["seeds"]) if r else 0, "vs_lora": x})
-    print("\nλ sweep (claim 6):\n")
-    print(accuracy_table(c6))
-    print("\nA-LoRA-K − LoRA at each λ:\n")
-    print(markdown(["λ (paper's units)", "λ (ours)", "A-LoRA-K (%) ± SE", "− LoRA [95% CI]", "seeds", "verdict"], [
-        [f"{s['paper_lambda']:g}", f"{s['our_lambda']:g}", pm(s["average"], s["se"]) if s["average"] is not None
-         else "not run yet", interval(s["vs_lora"]) if s["vs_lora"] else "–", str(s["seeds"]),
-         s["vs_lora"]["verdict"] if s["vs_lora"] else "–"] for s in sweep]))
+    show("λ sweep (claim 6)", accuracy_table(c6))
+    show("A-LoRA-K − LoRA at each λ", markdown(
+        ["λ (paper's units)", "λ (ours)", "A-LoRA-K (%) ± SE", "− LoRA [95% CI]", "seeds", "verdict"],
+        [[f"{s['paper_lambda']:g}", f"{s['our_lambda']:g}", pm(s["average"], s["se"]) if s["average"] is not None
+          else "not run yet", interval(s["vs_lora"]) if s["vs_lora"] else "–", str(s["seeds"]),
+          s["vs_lora"]["verdict"] if s["vs_lora"] else "–"] for s in sweep]))
     judged = [s["vs_lora"]["verdict"] for s in sweep if s["vs_lora"]]
     above, below = judged.count("reproduced"), judged.count("contradicted")
     print(f"\nclaim 6: A-LoRA-K above LoRA (interval above 0) at {above} of {len(SWEEP)} λ, below it at {below}, "
@@ -176,12 +173,11 @@ def draw(plt):
         ax[1, 1].legend(fontsize=7)
     value_bars(ax[1, 2], {k: p["heldout_kl"] for k, p in probe.items()}, "held-out alignment loss (KL, ± SE)",
                "symmetric KL, mean over pairs and modules", "mistyrose")
-    fig.suptitle(f"06 align, don't divide: {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 finish(args, "06_align", {"mechanism": mechanism_toy,
                           "claims": {"4-5": c.to_json(), **({"6": c6.to_json()} if c6 else {})}, "probe": probe,
                           "separation": mechanism, "sweep": sweep,
-                          "paper": {"Table 5 (3B)": paper.TABLE5_3B, "Figure 3": paper.FIGURE3}}, draw)
+                          "paper": {"Table 5 (3B)": paper.TABLE5_3B, "Figure 3": paper.FIGURE3}}, draw,
+       f"06 align, don't divide: {suite_text(c)}")

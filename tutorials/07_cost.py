@@ -20,12 +20,10 @@ shared machine, so compare adapters within one run and read "merged vs base" as 
 # %% [setup]
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from common import MLP, machine, parser, pyplot, save_figure, tiny_model_dir, write_json
 
@@ -56,12 +54,6 @@ SEQ = args.seq or (16 if args.tiny else 512 if args.full else 64)
 STEPS = args.steps or (2 if args.tiny else 10 if args.full else 3)
 INFER_REPS = STEPS + 2                # eval forwards are cheaper than steps and their differences smaller
 RANK, ALPHA, HEADS, DROPOUT, LAMBDA, ANSWER = 8, 32.0, 3, 0.1, 0.1, 8  # train.py's defaults; 8 labelled tokens/row
-
-
-def peak_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def timed(fn, device):
@@ -114,7 +106,7 @@ def worker(kind):
             return model(ids, mask, logits_at=last).float()
 
     forward()
-    mem_before = peak_mb(device)
+    mem_before = system.peak_memory_mib(device)
 
     torch.manual_seed(args.seed)
     apply_adapter(model, kind, rank=RANK, alpha=ALPHA, heads=HEADS, dropout=DROPOUT, targets=MLP, num_tasks=BATCH)
@@ -134,12 +126,11 @@ def worker(kind):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    system.reset_peak_memory(device)
     model.train()
     step()  # warm-up (AdamW allocates its state here)
     steps = [timed(step, device) for _ in range(STEPS)]
-    mem_train = peak_mb(device)
+    mem_train = system.peak_memory_mib(device)
 
     model.eval()
     mods = adapter_modules(model)
@@ -256,8 +247,7 @@ results = {"meta": machine(), "model": model_name if not args.tiny else "tiny", 
            "note": "shared machine: timings are noisy; compare adapters within one run",
            "noise_merged_vs_base_max": noise, "adapters": rows, "summary": summary,
            "wall_s": round(time.perf_counter() - t_start, 1)}
-out = Path(args.out)
-print(f"\nwrote {write_json(out / '07_cost.json', results)} ({results['wall_s']} s)")
+print(f"\nwrote {write_json(args.out / '07_cost.json', results)} ({results['wall_s']} s)")
 
 plt = pyplot()
 if plt is not None:
@@ -288,4 +278,4 @@ if plt is not None:
     ax[2].legend(fontsize=8)
     where = results["meta"]["cuda"] or f"{results['meta']['cpu_count']} shared CPU cores (timings noisy)"
     fig.suptitle(f"07 cost on {'the tiny model' if args.tiny else model_name}, {where}", fontsize=10)
-    print(f"wrote {save_figure(fig, out / '07_cost.png')}")
+    print(f"wrote {save_figure(fig, args.out / '07_cost.png')}")

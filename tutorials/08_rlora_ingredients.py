@@ -15,7 +15,7 @@ from common import claim_grids, finish, parse_args
 
 from experiments import paper
 from experiments.reports import accuracy_panels, accuracy_table, comparison_table, head_cosine, markdown, name, pm, \
-    print_paired, seed_pairs, suite_text, task_table, value_bars
+    print_paired, seed_pairs, show, suite_text, task_table, value_bars
 from experiments.stats import mean_se
 
 args = parse_args(__doc__, ["8"])
@@ -82,17 +82,15 @@ mechanism_toy = toy_mechanism()
 # %%
 grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("8")
-print("\nsuite average accuracy, mean ± SE over seeds:\n")
-print(accuracy_table(c, LABELS))
-print("\nper task (%); R-LoRA's Table 4 names no tasks, so its averages only:\n")
-print(task_table(c, LABELS, {k: {"Avg": v} for k, v in paper.RLORA_TABLE4.items()}))
+show("suite average accuracy, mean ± SE over seeds", accuracy_table(c, LABELS))
+show("per task (%); R-LoRA's Table 4 names no tasks, so its averages only",
+     task_table(c, LABELS, {k: {"Avg": v} for k, v in paper.RLORA_TABLE4.items()}))
 
 # %% [markdown]
 # ## 2. The claimed differences: +MT, +Init, R-LoRA − HydraLoRA (paper +0.33, +0.29, +0.90 points)
 
 # %%
-print("\nclaimed differences (points):\n")
-print(comparison_table(c))
+show("claimed differences (points)", comparison_table(c))
 
 # %% [markdown]
 # ## 3. What each ingredient does to the heads: mean inter-head cosine of B after training, paired over seeds
@@ -100,9 +98,8 @@ print(comparison_table(c))
 
 # %%
 heads = {k: mean_se(list(v.values())) for k in LABELS if (v := c.values(k, head_cosine))}
-print("\nmean inter-head cosine of B (± SE over seeds):\n")
-print(markdown(["method", "seeds", "head cosine"], [[name(k), str(len(c.values(k, head_cosine))), pm(*heads[k], 3)]
-                                                    for k in heads]) if heads else "(not measured yet)")
+show("mean inter-head cosine of B (± SE over seeds)", markdown(["method", "seeds", "head cosine"], [
+    [name(k), str(len(c.values(k, head_cosine))), pm(*heads[k], 3)] for k in heads]) if heads else "(not measured yet)")
 mechanism = seed_pairs(c, [("hydra+mt", "hydra-rs"), ("hydra+init", "hydra-rs")], head_cosine, False)
 print_paired(mechanism, "head cosine", "lower")
 
@@ -115,11 +112,10 @@ def draw(plt):
     accuracy_panels(ax[0], ax[1], c, LABELS)
     value_bars(ax[2], heads, "how alike the heads end up (± SE)", "mean inter-head cosine of B")
     ax[2].set_ylim(-0.05, 1.05)
-    fig.suptitle(f"08 R-LoRA's ingredients: {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 finish(args, "08_rlora_ingredients", {"mechanism": mechanism_toy, "claims": {"8": c.to_json()},
                                       "head_cosine": heads, "head_cosine_paired": mechanism,
-                                      "paper": {"R-LoRA Table 4": paper.RLORA_TABLE4}}, draw)
+                                      "paper": {"R-LoRA Table 4": paper.RLORA_TABLE4}}, draw,
+       f"08 R-LoRA's ingredients: {suite_text(c)}")

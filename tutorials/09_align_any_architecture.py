@@ -13,7 +13,7 @@ tutorial 06's separation probe on each run.
 from common import claim_grids, finish, parse_args
 
 from experiments.reports import accuracy_panels, accuracy_table, comparison_table, name, print_paired, probe_table, \
-    seed_pairs, sep_ratio, suite_text, task_table, value_bars
+    seed_pairs, sep_ratio, show, suite_text, task_table, value_bars
 
 args = parse_args(__doc__, ["9"])
 LABELS = ["rlora", "rlora+align", "mlora", "mlora+align"]
@@ -65,10 +65,8 @@ mechanism_toy = toy_mechanism()
 # %%
 grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("9")
-print("\nsuite average accuracy, mean ± SE over seeds:\n")
-print(accuracy_table(c, LABELS))
-print("\nper task (%):\n")
-print(task_table(c, LABELS))
+show("suite average accuracy, mean ± SE over seeds", accuracy_table(c, LABELS))
+show("per task (%)", task_table(c, LABELS))
 align = {k: [r["curve"]["align_last5"] for r in c.runs.get(k) or []] for k in LABELS}
 print("\nalignment loss of the last 5 training steps, per seed (0 without the loss): "
       + "; ".join(f"{name(k)} {', '.join(f'{v:.3g}' for v in vs)}" for k, vs in align.items() if vs))
@@ -77,8 +75,7 @@ print("\nalignment loss of the last 5 training steps, per seed (0 without the lo
 # ## 2. The claimed differences: + align − without, positive for both (the paper gives no numbers we found)
 
 # %%
-print("\nclaimed differences (points):\n")
-print(comparison_table(c))
+show("claimed differences (points)", comparison_table(c))
 
 # %% [markdown]
 # ## 3. Does the loss pull the task clusters together when A feeds several heads? Tutorial 06's probe, paired
@@ -97,11 +94,9 @@ def draw(plt):
     accuracy_panels(ax[0], ax[1], c, LABELS)
     value_bars(ax[2], {k: p["sep_ratio"] for k, p in probe.items()}, "held-out task separation of A-outputs (± SE)",
                "between / within task distance", lambda k: "salmon" if k.endswith("+align") else "lightsteelblue")
-    fig.suptitle(f"09 alignment on multi-head adapters (KL, λ = 0.1 in the paper's units): {suite_text(c)}",
-                 fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 finish(args, "09_align_any_architecture", {"mechanism": mechanism_toy, "claims": {"9": c.to_json()}, "probe": probe,
-                                           "separation": mechanism}, draw)
+                                           "separation": mechanism}, draw,
+       f"09 alignment on multi-head adapters (KL, λ = 0.1 in the paper's units): {suite_text(c)}")

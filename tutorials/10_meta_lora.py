@@ -22,12 +22,12 @@ At 200 steps x 2 examples per task "all the data" is 400 per task, so a gap can 
 
 # %% [setup]
 import numpy as np
-from common import claim_grids, finish, reader_parser
+from common import claim_grids, finish, parse_args
 
 from experiments import claims as C
 from experiments import paper
 from experiments.reports import accuracy_table, bar, comparison_items, comparison_table, diffs, interval, markdown, \
-    name, pm, suite_text, task_cell, task_table
+    name, pm, show, suite_text, task_cell, task_table
 from experiments.stats import compare
 
 SHOTS = sorted(C.SHOTS)  # 16, 64, 256 (the grid trains 64 first)
@@ -100,10 +100,7 @@ def toy_mechanism():
     print(f"  pinned by {TESTS_10[0]}, ::{TESTS_10[1].rsplit('::')[1]}")
     return out
 
-args = reader_parser(__doc__).parse_args()
-if args.full:
-    full()
-    raise SystemExit(0)
+args = parse_args(__doc__, ["10"], full)
 mechanism_toy = toy_mechanism()
 
 # %% [markdown]
@@ -112,8 +109,7 @@ mechanism_toy = toy_mechanism()
 # %%
 grids = claim_grids(args.tiny, args.rerun)
 c = grids.read_or_stop("10")
-print("\nevery method, mean ± SE over seeds:\n")
-print(accuracy_table(c))
+show("every method, mean ± SE over seeds", accuracy_table(c))
 
 
 def cell(label):
@@ -126,12 +122,11 @@ def cell(label):
 
 
 base, maj = c.report["base"], c.majority()
-print("\nsuite average (%) by K, mean ± SE over seeds:\n")
 base_cell, maj_cell = f"{base['average']:.1f}" if base else "–", f"{maj['average']:.1f}" if maj else "–"
-print(markdown(["K per task", "MeTA-LoRA", "LoRA on the K", "LoRA on all the data", "base model", "majority"],
-               [[str(k), cell(f"meta-k{k}"), cell(f"lora-k{k}"), cell(FULL), base_cell, maj_cell] for k in SHOTS]))
-print("\nper task (%):\n")
-print(task_table(c, [label for k in SHOTS for label in (f"meta-k{k}", f"lora-k{k}")] + [FULL]))
+show("suite average (%) by K, mean ± SE over seeds", markdown(
+    ["K per task", "MeTA-LoRA", "LoRA on the K", "LoRA on all the data", "base model", "majority"],
+    [[str(k), cell(f"meta-k{k}"), cell(f"lora-k{k}"), cell(FULL), base_cell, maj_cell] for k in SHOTS]))
+show("per task (%)", task_table(c, [label for k in SHOTS for label in (f"meta-k{k}", f"lora-k{k}")] + [FULL]))
 
 # %% [markdown]
 # ## 2. Is there a gap to close? The claim is tested only where LoRA on K is clearly below LoRA on all the data
@@ -143,18 +138,17 @@ for k in SHOTS:
     seeds = sorted({r["seed"] for r in a} & {r["seed"] for r in b})
     if seeds:
         gaps[k] = compare(C.correctness(a, seeds), C.correctness(b, seeds), expect_positive=True, n_boot=10_000)
-print("\nthe gap (points):\n")
-print(markdown(["K", "LoRA all − LoRA K [95% CI]", "seeds", "verdict (positive = a gap)"],
-               [[str(k), interval(gaps[k]) if k in gaps else "not run yet", str(gaps[k]["seeds"]) if k in gaps else
-                 "0", gaps[k]["verdict"] if k in gaps else "–"] for k in SHOTS]))
+show("the gap (points)", markdown(
+    ["K", "LoRA all − LoRA K [95% CI]", "seeds", "verdict (positive = a gap)"],
+    [[str(k), interval(gaps[k]) if k in gaps else "not run yet", str(gaps[k]["seeds"]) if k in gaps else "0",
+      gaps[k]["verdict"] if k in gaps else "–"] for k in SHOTS]))
 
 # %% [markdown]
 # ## 3. The claim: MeTA-LoRA − LoRA on the same K (expected positive), and − LoRA on all the data ("matches or
 # beats", judged as claim 3's equivalence, claims.equivalence_verdict)
 
 # %%
-print("\nclaimed differences (points):\n")
-print(comparison_table(c))
+show("claimed differences (points)", comparison_table(c))
 by_k = []
 for k in SHOTS:
     same, full_ = c.comparison(f"meta-k{k}", f"lora-k{k}"), c.comparison(f"meta-k{k}", FULL)
@@ -173,10 +167,9 @@ for label in c.labels:
     if runs:
         cost[label] = {"step_ms_median": float(np.mean([r["curve"]["step_ms_median"] for r in runs])),
                        "train_s": float(np.mean([r["train_s"] for r in runs])), "seeds": len(runs)}
-print("\ncost per run, mean over seeds:\n")
-print(markdown(["method", "median step (ms)", "training per run (min)", "seeds"],
-               [[name(k), f"{v['step_ms_median']:.0f}", f"{v['train_s'] / 60:.1f}", str(v["seeds"])]
-                for k, v in cost.items()]))
+show("cost per run, mean over seeds", markdown(
+    ["method", "median step (ms)", "training per run (min)", "seeds"],
+    [[name(k), f"{v['step_ms_median']:.0f}", f"{v['train_s'] / 60:.1f}", str(v["seeds"])] for k, v in cost.items()]))
 
 # %% [markdown]
 # ## 5. Is the K = 16 verdict the default α's? Grid 10-alpha reruns it at α = 0.01, 0.1, 0.3 on the same seeds and
@@ -186,8 +179,7 @@ print(markdown(["method", "median step (ms)", "training per run (min)", "seeds"]
 alpha = grids.read("10-alpha", script="10_meta_lora.py")
 alpha_rows = []
 if alpha is not None:
-    print("\nMeTA-LoRA − LoRA on the same 16, by inner learning rate α (points):\n")
-    print(comparison_table(alpha))
+    show("MeTA-LoRA − LoRA on the same 16, by inner learning rate α (points)", comparison_table(alpha))
     focus = "sst2" if "sst2" in alpha.tasks() else alpha.tasks()[0]  # (the --tiny suite has no SST-2)
     for label in alpha.labels:
         r = alpha.row(label)
@@ -232,12 +224,11 @@ def draw(plt):
     if c.report["comparisons"]:
         diffs(ax[1], comparison_items(c), "claim 10: paired differences, 95% CI (dotted: −1, the 'not worse' margin)")
         ax[1].axvline(-1, color="gray", ls=":", lw=1)
-    fig.suptitle(f"10 MeTA-LoRA: {suite_text(c)}", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
 claims = {"10": c.to_json(), **({"10-alpha": alpha.to_json()} if alpha else {})}
 finish(args, "10_meta_lora", {"mechanism": mechanism_toy,
                               "claims": claims, "by_k": by_k, "gaps": {str(k): v for k, v in gaps.items()},
-                              "alpha": alpha_rows, "cost": cost, "paper": paper.META_SETTING}, draw)
+                              "alpha": alpha_rows, "cost": cost, "paper": paper.META_SETTING}, draw,
+       f"10 MeTA-LoRA: {suite_text(c)}")

