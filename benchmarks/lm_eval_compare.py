@@ -10,7 +10,8 @@ task's yaml `include`s lm-eval's own, pointed at that file: every string comes f
         --limit 50 --threads 1 --out benchmarks/lm_eval_runs                           # lm-eval's venv
     python benchmarks/lm_eval_compare.py ours --task piqa boolq --limit 50 --threads 1 \\
         --out benchmarks/lm_eval_runs                                                  # nanoalign's venv
-    python benchmarks/lm_eval_compare.py table --out benchmarks/lm_eval_runs --write   # the RESULTS.md table
+    python benchmarks/lm_eval_compare.py table --out benchmarks/lm_eval_runs \\
+        --speed benchmarks/lm_eval_runs/speed --write     # the RESULTS.md table (timings: --limit 300 runs)
 
 $LMEVAL is a separate venv with lm-eval, transformers and peft. Both scorers load the same converted SmolLM2-135M
 in fp32 on the CPU with the same batch size and threads; each run writes <out>/<tool>-<task>.json.
@@ -88,6 +89,7 @@ def positions(task, n):
     import nanoalign.plumbing as P
     from nanoalign.evaluate import _units, encode_pair
     tok = P.load_tokenizer(str(default_model()))
+    window = json.loads((Path(default_model()) / "config.json").read_text())["max_position_embeddings"]  # evaluate's
     examples = ours_examples(task)[:n]
     theirs = 0
     for ex in examples:
@@ -95,7 +97,7 @@ def positions(task, n):
         one = len({tuple(c) for c, _ in enc}) == 1 and all(len(k) == 1 for _, k in enc)
         theirs += len(enc[0][0]) if one else sum(len(c) + len(k) - 1 for c, k in enc)
     ours = sum(len(prefix) + sum(len(t) - 1 for _, t, _ in tails if len(t) > 1)
-               for _, prefix, tails in _units(tok, examples, 1024, joint=True, share_prefix=True))
+               for _, prefix, tails in _units(tok, examples, window, joint=True, share_prefix=True))
     return ours, theirs
 
 
