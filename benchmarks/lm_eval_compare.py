@@ -82,14 +82,11 @@ def pairs(ex):
     return [list(p) for p in choices_of(ex)[0]]
 
 
-def positions(task, n):
+def positions(task, n, tok, window):
     """Token positions each tool runs through the decoder on the first n docs (padding not counted): lm-eval one
     forward of context + continuation[:-1] per choice, one per doc when the choices are one token after one context
     (its logits cache); ours one forward of each doc's shared prefix (evaluate._units) and one of each longer tail."""
-    import nanoalign.plumbing as P
     from nanoalign.evaluate import _units, encode_pair
-    tok = P.load_tokenizer(str(default_model()))
-    window = json.loads((Path(default_model()) / "config.json").read_text())["max_position_embeddings"]  # evaluate's
     examples = ours_examples(task)[:n]
     theirs = 0
     for ex in examples:
@@ -284,6 +281,10 @@ def cmd_table(args):
              "| agree (acc_norm) | max abs. Δ log-lik | docs timed | examples/CPU-s ours / lm-eval | speed-up (CPU) "
              "| examples/s (wall) ours / lm-eval | decoder positions ours / lm-eval |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    import nanoalign.plumbing as P
+    model = Path(default_model())
+    tok = P.load_tokenizer(str(model))
+    window = json.loads((model / "config.json").read_text())["max_position_embeddings"]  # evaluate's cut
     runs, timed, work = [], [], {}
     for task in ORDER:
         pair, speed = load_pair(args.out, task), load_pair(args.speed or args.out, task)
@@ -298,7 +299,7 @@ def cmd_table(args):
         agree_norm = sum(x == y for x, y in zip(a["pred_norm"], b["pred_norm"]))
         delta = max(abs(x - y) for s, t in zip(a["scores"], b["scores"]) for x, y in zip(s, t))
         scored = f"{n} (all)" if n == split else f"first {n} of {split}"
-        ours, theirs = positions(task, sa["n"])
+        ours, theirs = positions(task, sa["n"], tok, window)
         work[task] = theirs / ours
         lines.append(f"| {task} | {scored} | {100 * a['acc']:.2f} / {100 * b['acc']:.2f} | "
                      f"{100 * a['acc_norm']:.2f} / {100 * b['acc_norm']:.2f} | {agree}/{n} | {agree_norm}/{n} | "

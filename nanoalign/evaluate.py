@@ -280,8 +280,9 @@ def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=1
         tid = (task_ids or {}).get(name)
         records = []
         if scored[name]:
-            scores, lengths = choice_logprobs(model, tok, examples, batch_size, model.config.max_position_embeddings,
-                                              mode == "cloze", tid, advance, by_length)  # the model's whole window
+            scores, lengths = choice_logprobs(model, tok, examples, batch_size, joint=mode == "cloze", task_id=tid,
+                                              advance=advance, by_length=by_length,
+                                              max_len=model.config.max_position_embeddings)  # the whole window
             labels = choice_labels(examples)
             for ex, s, n in zip(examples, scores, lengths):
                 gold, best = choices_of(ex)[1], max(range(len(s)), key=s.__getitem__)
