@@ -33,11 +33,12 @@ def fold(model, merge=True):
         return kind
 
 
-def score(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None, progress=None):
-    """(results, seconds) of `evaluate`, options batched by continuation length."""
+def score(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None, progress=None,
+          scorer=None):
+    """(results, seconds) of `evaluate` (scorer: its option scorer; the command line passes the fast form)."""
     t0 = time.perf_counter()
     results = evaluate(model, tok, tasks, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       task_ids=task_ids, progress=progress, by_length=True)
+                       task_ids=task_ids, progress=progress, scorer=scorer)
     return results, time.perf_counter() - t0
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +86,10 @@ def pairs(ex):
 def positions(task, n, tok, window):
     """Token positions each tool runs through the decoder on the first n docs (padding not counted): lm-eval one
     forward of context + continuation[:-1] per choice, one per doc when the choices are one token after one context
-    (its logits cache); ours one forward of each doc's shared prefix (evaluate._units) and one of each longer tail."""
-    from nanoalign.evaluate import _units, encode_pair
+    (its logits cache); ours one forward of each doc's shared prefix (fast.shared_prefixes) and one of each longer
+    tail."""
+    from nanoalign.evaluate import encode_pair
+    from nanoalign.plumbing.fast import shared_prefixes
     examples = ours_examples(task)[:n]
     theirs = 0
     for ex in examples:
@@ -94,7 +97,7 @@ def positions(task, n, tok, window):
         one = len({tuple(c) for c, _ in enc}) == 1 and all(len(k) == 1 for _, k in enc)
         theirs += len(enc[0][0]) if one else sum(len(c) + len(k) - 1 for c, k in enc)
     ours = sum(len(prefix) + sum(len(t) - 1 for _, t, _ in tails if len(t) > 1)
-               for _, prefix, tails in _units(tok, examples, window, joint=True, share_prefix=True))
+               for _, prefix, tails in shared_prefixes(tok, examples, window, joint=True, share_prefix=True))
     return ours, theirs
 
 
@@ -226,13 +229,14 @@ def cmd_ours(args):
 def ours_one(args, tok, model):
     from nanoalign.data import choices_of
     from nanoalign.evaluate import char_length, evaluate
+    from nanoalign.plumbing import fast
     examples = [{**ex, "index": i} for i, ex in enumerate(ours_examples(args.task))][:args.limit]
     t0, c0 = time.perf_counter(), time.process_time()
     res = evaluate(model, tok, {args.task: examples}, mode="cloze", batch_size=args.batch_size,
-                   by_length=not args.plain)[args.task]
+                   scorer=partial(fast.choice_logprobs, by_length=not args.plain))[args.task]
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    write_run(args, "ours" if not args.plain else "ours-plain", "nanoalign evaluate(mode='cloze'"
-              + (")" if args.plain else ", by_length=True)"), seconds, cpu, [r["scores"] for r in res["records"]],
+    write_run(args, "ours" if not args.plain else "ours-plain", "nanoalign evaluate(mode='cloze', scorer=fast.choice_logprobs"
+              + (")" if args.plain else " with by_length=True)"), seconds, cpu, [r["scores"] for r in res["records"]],
               [choices_of(ex)[1] for ex in examples],
               [[float(char_length(ex, c)) for c in range(len(choices_of(ex)[0]))] for ex in examples],
               reported={"acc": res["accuracy"], "acc_norm": res["acc_norm"]})

@@ -30,7 +30,7 @@ import nanoalign  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY, nanoalig
 import nanoalign.plumbing
 import torch  # noqa: E402
 
-from nanoalign.plumbing import system  # noqa: E402
+from nanoalign.plumbing import fast, system  # noqa: E402
 import train  # noqa: E402
 from nanoalign.plumbing import launch  # noqa: E402
 from nanoalign.adapters import count_trainable, merge_adapters  # noqa: E402
@@ -446,7 +446,8 @@ class Grid:
     def evaluate(self, model, names, split="test"):
         t0 = time.perf_counter()
         res = evaluate(model, self._tok, getattr(self.data, split), mode=self.suite.mode,
-                       task_ids={t: i for i, t in enumerate(names)}, progress=progress_bar("eval"))
+                       task_ids={t: i for i, t in enumerate(names)}, progress=progress_bar("eval"),
+                       scorer=fast.choice_logprobs)  # the cached runs' scorer, bitwise
         return res, time.perf_counter() - t0
 
     def dev_result(self, model, names):

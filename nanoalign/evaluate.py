@@ -19,7 +19,6 @@ import torch
 
 from .adapters import adapter_context, adapter_modules
 from .data import choices_of, extract_answer, left_pad, predicted_answer, text_tail
-from .model import KVCache
 from .data import GENERATION_TOKENS
 
 MODES = ("generate", "loglik", "cloze")
@@ -77,120 +76,39 @@ def encode_pair(tok, context, continuation, joint):
     return ctx, cont
 
 
-def _units(tok, examples, max_len, joint, share_prefix):
-    """The forwards to run: (example index, prefix ids, [(choice, tail ids, n scored)]) per unit. A choice's tokens
-    are prefix + tail, and its score sums the log-probs of their last n (its continuation).
-
-    A unit is a context shared by choices (tail = continuation); with share_prefix, one unit per example whose
-    prefix is the longest token prefix all its choices share, leaving every tail a token: WinoGrande's two contexts
-    share the words before the blank, PIQA's solutions often their first words.
-    """
-    units = []
-    for e, ex in enumerate(examples):
-        pairs = [encode_pair(tok, text_tail(tok, context, max_len), continuation, joint)
-                 for context, continuation in choices_of(ex)[0]]
-        pairs = [(ctx or [tok.eos_id], cont) for ctx, cont in pairs]  # an empty context is scored after eos
-        if share_prefix:
-            keep = max(1, max_len - max(len(cont) for _, cont in pairs))
-            seqs = [ctx[-keep:] + cont for ctx, cont in pairs]
-            n = 0
-            while n < min(map(len, seqs)) - 1 and len({s[n] for s in seqs}) == 1:
-                n += 1
-            if n:  # (else: no token shared, one unit per context)
-                tails = [(c, s[n:], len(cont)) for c, (s, (_, cont)) in enumerate(zip(seqs, pairs))]
-                units.append((e, seqs[0][:n], tails))
-                continue
-        by_context = {}
-        for c, (ctx, cont) in enumerate(pairs):
-            by_context.setdefault(tuple(ctx), []).append((c, cont, len(cont)))
-        for ctx, rows in by_context.items():
-            keep = max(1, max_len - max(len(tail) for _, tail, _ in rows))
-            units.append((e, list(ctx[-keep:]), rows))
-    return units
-
-
 @torch.no_grad()
-def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=False, task_id=None,
-                    advance=None, by_length=False):
+def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=False, task_id=None, advance=None):
     """Summed log p(continuation | context) of every choice of every example -> (scores, token counts), per example
     per choice.
 
-    Choices that share a prefix (`_units`) share one forward of it: the left-padded prefixes fill a KV cache, and
-    the prefix positions score the tokens they predict; then each choice's right-padded tail runs after its copy of
-    the cached prefix. by_length shares the longest common prefix and batches the tails of 8 prefix batches by
-    length (less padding; the 8 caches are kept meanwhile); off, the shared prefix is the context and each batch's
-    tails run in one forward after it, which keeps earlier scores bitwise reproducible.
+    Each choice is one row: context + continuation, the context cut from the left so that every choice of its
+    example fits in max_len (an empty context is scored after eos). Position t's logits score token t + 1, so the
+    continuation's n tokens are scored at the n positions before the last. plumbing/fast.py's `choice_logprobs`
+    computes the same sums with each shared prefix run once (tests/test_eval.py keeps the two equal).
     """
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    units = _units(tok, examples, max_len, joint, share_prefix=by_length)
-    rows = [(u, c, tail, n) for u, (_, _, tails) in enumerate(units) for c, tail, n in tails]  # one per choice
-    rows_of = [[] for _ in units]
-    for r, (u, *_) in enumerate(rows):
-        rows_of[u].append(r)
-    total = torch.zeros(len(rows), device=device)
-    chunk = batch_size * (8 if by_length else 1)
-    for parts, _ in _batches(units, chunk, [len(u[1]) for u in units]):
-        cached = {}  # unit -> (its batch's cache and mask, its row there)
-        for b in range(0, len(parts), batch_size):
-            batch = parts[b:b + batch_size]
-            prefixes = [units[u][1] for u in batch]
-            ids, mask = left_pad(prefixes, tok.pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            B, P = ids.shape
-            picks = []  # (row, batch row, column, token): token t of prefix + tail is predicted at position t - 1
-            for j, (u, prefix) in enumerate(zip(batch, prefixes)):
-                for r in rows_of[u]:
-                    seq, n = prefix + rows[r][2], rows[r][3]
-                    picks += [(r, j, P - len(prefix) + t - 1, seq[t]) for t in range(len(seq) - n, len(prefix) + 1)]
-            at = torch.zeros(B, P, dtype=torch.bool)
-            for _, j, col, _ in picks:
-                at[j, col] = True
-            where = at.flatten().cumsum(0) - 1  # each selected position's row in the returned logits
-            needed = not by_length or any(len(rows[r][2]) > 1 for u in batch for r in rows_of[u])
-            cache = KVCache(model.config, B, P, dtype, device) if needed else None
-            with _task_context(model, task_id, B, device):
-                logp = model(ids, mask, logits_at=at.to(device), cache=cache).float().log_softmax(-1)
-            got = logp[where[[j * P + col for _, j, col, _ in picks]].to(device),
-                       torch.tensor([t for *_, t in picks], dtype=torch.long, device=device)]
-            total = total.index_add(0, torch.tensor([r for r, *_ in picks], dtype=torch.long, device=device), got)
-            cached.update({u: (cache, mask, j) for j, u in enumerate(batch)})
-        todo = [r for u in parts for r in rows_of[u]]
-        if by_length:
-            todo = sorted((r for r in todo if len(rows[r][2]) > 1), key=lambda r: len(rows[r][2]))
-            groups = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
-        else:
-            groups = [todo] if max(len(rows[r][2]) for r in todo) > 1 else []
-        for group in groups:  # each tail after its prefix, its cached keys/values right-aligned at P
-            P = max(cached[rows[r][0]][1].shape[1] for r in group)
-            O = max(len(rows[r][2]) for r in group)
-            more = KVCache(model.config, len(group), P + O - 1, dtype, device)
-            more.length = P
-            ids = torch.full((len(group), O - 1), int(tok.pad_id), dtype=torch.long)
-            mask = torch.zeros(len(group), P + O - 1, dtype=torch.bool)
-            scored = torch.zeros(len(group), O - 1, dtype=torch.bool)  # tail position k predicts tail token k + 1
-            targets = []
-            for g, r in enumerate(group):
-                (cache, prefix_mask, j), tail, n = cached[rows[r][0]], rows[r][2], rows[r][3]
-                p = prefix_mask.shape[1]
-                more.k[:, g, :, P - p:P], more.v[:, g, :, P - p:P] = cache.k[:, j], cache.v[:, j]
-                mask[g, P - p:P] = prefix_mask[j].cpu()
-                ids[g, :len(tail) - 1] = torch.tensor(tail[:-1], dtype=torch.long)
-                mask[g, P:P + len(tail) - 1] = True
-                scored[g, max(0, len(tail) - n - 1):len(tail) - 1] = True
-                targets += tail[max(1, len(tail) - n):]
-            with _task_context(model, task_id, len(group), device):
-                logp = model(ids.to(device), mask.to(device), logits_at=scored.to(device),
-                             cache=more).float().log_softmax(-1)
-            token_lp = logp.gather(-1, torch.tensor(targets, device=device)[:, None]).squeeze(-1)
-            where = torch.tensor(group)[scored.nonzero()[:, 0]].to(device)
-            total = total.index_add(0, where, token_lp)
-        if advance:
-            advance(sum(len(rows_of[u]) for u in parts))
+    rows = []  # (example, choice, token ids, n): the last n tokens are the continuation
+    for e, ex in enumerate(examples):
+        pairs = [encode_pair(tok, text_tail(tok, context, max_len), continuation, joint)
+                 for context, continuation in choices_of(ex)[0]]
+        keep = max(1, max_len - max(len(cont) for _, cont in pairs))
+        rows += [(e, c, (ctx or [tok.eos_id])[-keep:] + cont, len(cont)) for c, (ctx, cont) in enumerate(pairs)]
     scores = [[0.0] * len(choices_of(ex)[0]) for ex in examples]
     lengths = [[0] * len(s) for s in scores]
-    for (u, c, _, n), v in zip(rows, total.tolist()):
-        scores[units[u][0]][c], lengths[units[u][0]][c] = v, n
+    for idx, seqs in _batches([r[2] for r in rows], batch_size):
+        ids, mask = left_pad(seqs, tok.pad_id)
+        T, n = ids.shape[1], torch.tensor([rows[i][3] for i in idx])
+        t = torch.arange(T)
+        at = (t >= T - 1 - n[:, None]) & (t < T - 1)  # the positions that predict the continuation's tokens
+        with _task_context(model, task_id, len(idx), device):
+            logp = model(ids.to(device), mask.to(device), logits_at=at.to(device)).float().log_softmax(-1)
+        token_lp = logp.gather(-1, ids[:, 1:][at[:, :-1]].to(device)[:, None]).squeeze(-1)
+        sums = torch.zeros(len(idx), device=device).index_add(0, at.nonzero()[:, 0].to(device), token_lp)
+        for i, v in zip(idx, sums.tolist()):
+            e, c, _, k = rows[i]
+            scores[e][c], lengths[e][c] = v, k
+        if advance:
+            advance(len(idx))
     return scores, lengths
 
 
@@ -250,12 +168,14 @@ def task_result(records, mode):
 
 
 def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=16, task_ids=None,
-             progress=None, by_length=False):
+             progress=None, scorer=None):
     """{task: [examples]} -> {task: `task_result`}, one record per example in order.
 
     Tasks without options are generated whatever the mode (the result's "mode" says so). task_ids {task name: id}
-    as in training, for MTL-LoRA; progress(done, total, task) is called after every batch.
+    as in training, for MTL-LoRA; progress(done, total, task) is called after every batch. scorer: a function with
+    `choice_logprobs`' signature and results (default: it; eval.py, train.py and the grids pass the fast form).
     """
+    scorer = scorer or choice_logprobs
     if mode not in MODES:
         raise ValueError(f"evaluation mode must be one of {', '.join(MODES)}, got {mode!r}")
     if needs_task_ids(model):
@@ -280,9 +200,8 @@ def evaluate(model, tok, tasks, mode="generate", batch_size=32, max_new_tokens=1
         tid = (task_ids or {}).get(name)
         records = []
         if scored[name]:
-            scores, lengths = choice_logprobs(model, tok, examples, batch_size, joint=mode == "cloze", task_id=tid,
-                                              advance=advance, by_length=by_length,
-                                              max_len=model.config.max_position_embeddings)  # the whole window
+            scores, lengths = scorer(model, tok, examples, batch_size, joint=mode == "cloze", task_id=tid,
+                                     advance=advance, max_len=model.config.max_position_embeddings)  # the whole window
             labels = choice_labels(examples)
             for ex, s, n in zip(examples, scores, lengths):
                 gold, best = choices_of(ex)[1], max(range(len(s)), key=s.__getitem__)

@@ -7,6 +7,7 @@ unmerged adapters, and the error paths of eval.py.
 """
 
 import errno
+import functools
 import json
 import sys
 from pathlib import Path
@@ -25,8 +26,9 @@ from nanoalign.plumbing import system  # noqa: E402
 from nanoalign.adapters import apply_adapter  # noqa: E402
 from nanoalign.plumbing.adapter_io import save_adapter  # noqa: E402
 from nanoalign.data import extract_answer  # noqa: E402
-from nanoalign.evaluate import (_units, accuracies, choice_logprobs, diagnostics_table, encode_pair, evaluate,  # noqa: E402
+from nanoalign.evaluate import (accuracies, choice_logprobs, diagnostics_table, encode_pair, evaluate,  # noqa: E402
                                 generate_texts, markdown_table, summarise)
+from nanoalign.plumbing import fast  # noqa: E402
 
 from nanoalign.plumbing import eval_cli as eval_py  # noqa: E402  (eval.py's command line: `main`)
 
@@ -292,10 +294,10 @@ SHARED = [  # choices that share tokens past the context, or none at all, for by
 
 
 def test_shared_prefixes_are_the_longest_common_token_prefix(model_tok):
-    """_units(share_prefix=True): one forward per example over the tokens all its choices share, past the context
+    """fast.shared_prefixes(share_prefix=True): one forward per example over the tokens all its choices share, past the context
     where the choices agree, each tail keeping at least one token; no shared token: one unit per context."""
     _, tok = model_tok
-    units = _units(tok, SHARED[:4], 1024, joint=True, share_prefix=True)
+    units = fast.shared_prefixes(tok, SHARED[:4], 1024, joint=True, share_prefix=True)
     assert [e for e, _, _ in units] == [0, 1, 2, 2, 3]
     (_, prefix, tails), (_, prefix2, tails2) = units[0], units[1]
     assert tok.decode(prefix) == "Question: How do you dry a shirt?\nAnswer: hang it"
@@ -307,17 +309,22 @@ def test_shared_prefixes_are_the_longest_common_token_prefix(model_tok):
     assert tok.decode(units[4][1]) == "The trophy did not fit in the"
 
 
-@pytest.mark.parametrize("by_length", [False, True])
-def test_cloze_scores_match_transformers_with_harness_tokenisation(tiny, model_tok, by_length):
+SCORERS = {"readable": choice_logprobs, "fast": fast.choice_logprobs,
+           "fast, by_length": functools.partial(fast.choice_logprobs, by_length=True)}
+
+
+@pytest.mark.parametrize("form", SCORERS)
+def test_cloze_scores_match_transformers_with_harness_tokenisation(tiny, model_tok, form):
     """choice_logprobs(joint=True), batched and left-padded, equals transformers' LlamaForCausalLM run on each
     (context, continuation) pair alone, tokenised as the harness does, summed over the continuation tokens (1e-4);
-    WinoGrande-style partial scoring scores the one continuation after each context; by_length's shared prefixes
-    and tails batched by length give the same."""
+    WinoGrande-style partial scoring scores the one continuation after each context. The same for the book's
+    readable form and plumbing/fast.py's (contexts forwarded once into a KV cache; by_length: the longest shared
+    prefix, tails batched by length)."""
     transformers = pytest.importorskip("transformers")
     model, tok = model_tok
     hf = transformers.LlamaForCausalLM.from_pretrained(tiny).eval()
     examples = CLOZE + SHARED
-    scores, lengths = choice_logprobs(model, tok, examples, batch_size=3, joint=True, by_length=by_length)
+    scores, lengths = SCORERS[form](model, tok, examples, batch_size=3, joint=True)
     pairs = [[(ex["prompt"], o) for o in ex["options"]] if "options" in ex else
              [(c, ex["answer"]) for c in ex["contexts"]] for ex in examples]
     for ex_pairs, s, n in zip(pairs, scores, lengths):
@@ -332,11 +339,12 @@ def test_cloze_scores_match_transformers_with_harness_tokenisation(tiny, model_t
     assert encode_pair(tok, "is ", "13", joint=True)[1] == tok.encode(" 13")  # the space moved to the continuation
 
 
-def test_cloze_batches_equal_single_rows(model_tok):
+@pytest.mark.parametrize("form", SCORERS)
+def test_cloze_batches_equal_single_rows(model_tok, form):
     """Left-padded batches of mixed examples give the same scores as one row per forward (relative 1e-6)."""
     model, tok = model_tok
-    batched = choice_logprobs(model, tok, CLOZE + EXAMPLES, batch_size=16, joint=True)[0]
-    single = choice_logprobs(model, tok, CLOZE + EXAMPLES, batch_size=1, joint=True)[0]
+    batched = SCORERS[form](model, tok, CLOZE + EXAMPLES, batch_size=16, joint=True)[0]
+    single = SCORERS[form](model, tok, CLOZE + EXAMPLES, batch_size=1, joint=True)[0]
     assert [x for r in batched for x in r] == pytest.approx([x for r in single for x in r], rel=1e-6)
 
 
@@ -353,18 +361,24 @@ def test_evaluate_scores_with_the_models_whole_window(model_tok):
     assert got != pytest.approx(choice_logprobs(model, tok, [long], joint=True)[0][0], rel=1e-6)
 
 
+@pytest.mark.parametrize("joint", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_batching_by_continuation_length_gives_the_same_scores(model_tok, batch_size):
-    """by_length=True (eval.py's choice: the longest shared token prefix, tails grouped by length over several
-    batches) scores every choice as the plain batching does (relative 1e-6), on contexts shared by several choices,
-    one-token ones, choices sharing tokens past the context, different contexts with and without shared tokens,
-    and (batch_size 1) more units than one group of batches holds."""
+def test_fast_scorer_equals_the_readable_one(model_tok, batch_size, joint):
+    """plumbing/fast.py's choice_logprobs, plain (the grids' and train.py's) and by_length (eval.py's: the longest
+    shared token prefix, tails grouped by length over several batches), gives the book's readable scores (relative
+    1e-6) and token counts, on contexts shared by several choices, one-token ones, choices sharing tokens past the
+    context, different contexts with and without shared tokens, a context cut to the window, and (batch_size 1)
+    more units than one group of batches holds."""
     model, tok = model_tok
-    examples = CLOZE + EXAMPLES + SHARED
-    plain = choice_logprobs(model, tok, examples, batch_size=batch_size, joint=True)
-    grouped = choice_logprobs(model, tok, examples, batch_size=batch_size, joint=True, by_length=True)
-    assert grouped[1] == plain[1]
-    assert [x for r in grouped[0] for x in r] == pytest.approx([x for r in plain[0] for x in r], rel=1e-6)
+    long = {"task": "c", "prompt": "the fox and the dog " * 60 + "\nAnswer:", "answer": " yes", "gold": 0,
+            "options": [" yes", " no way", " no"]}
+    examples = CLOZE + EXAMPLES + SHARED + [long]
+    window = model.config.max_position_embeddings
+    readable = choice_logprobs(model, tok, examples, batch_size=batch_size, joint=joint, max_len=window)
+    for form in ("fast", "fast, by_length"):
+        got = SCORERS[form](model, tok, examples, batch_size=batch_size, joint=joint, max_len=window)
+        assert got[1] == readable[1]
+        assert [x for r in got[0] for x in r] == pytest.approx([x for r in readable[0] for x in r], rel=1e-6)
 
 
 def test_cloze_acc_and_acc_norm_follow_the_harness(model_tok):

@@ -7,11 +7,12 @@ import json
 import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from . import load_model, load_tokenizer
+from . import fast, load_model, load_tokenizer
 from .adapter_io import export_peft_dirs, load_adapter
 from ..evaluate import MODES, accuracies, diagnostics_table, generation_fallback, without_records
 from .datasets import load_tasks, select_tasks
@@ -145,7 +146,8 @@ def run(args, eval_py):
               "generation instead (its result says mode 'generate')", file=sys.stderr)
     results, seconds = eval_py.score(model, tok, tasks, mode=args.mode, batch_size=args.batch_size,
                                      max_new_tokens=args.max_new_tokens, task_ids=task_ids,
-                                     progress=progress_bar("eval"))
+                                     progress=progress_bar("eval"),
+                                     scorer=partial(fast.choice_logprobs, by_length=True))
     acc = accuracies(results)
     n = sum(len(v) for v in tasks.values())
     print(diagnostics_table(results, title=f"{model_name} + {adapter_dir or 'no adapter'} ({label}): {args.mode}, "

@@ -6,14 +6,17 @@ tests/test_align.py keep each equal to its readable form.
     Decoder               FastDecoder: right_padded=True runs plain causal attention; masks additive, built once
     CausalLM              FastCausalLM: logits_at as flat indices (index_select), right_padded passed down
     align.alignment_loss  alignment_loss: same signature and value, one batched pass, no host sync
+    evaluate.choice_logprobs  choice_logprobs: each shared prefix forwarded once into a KV cache, then the tails
 """
 
 import torch
 import torch.nn.functional as F
 
 from ..align import MMD_MAX_ROWS, MMD_SIGMAS
+from ..data import choices_of, left_pad, text_tail
 from ..data import logit_indices  # noqa: F401  (the host-side half of the sync-free call, re-exported)
-from ..model import MLP, Attention, CausalLM, Decoder, project
+from ..evaluate import _batches, _task_context, encode_pair
+from ..model import MLP, Attention, CausalLM, Decoder, KVCache, project
 
 KERNEL_CHUNK = 2 ** 26  # elements of [positions, rows, rows, bandwidths] evaluated at once (256 MB in fp32)
 
@@ -284,3 +287,120 @@ def alignment_loss(a_outputs, token_mask, task_ids, kind="kl", position_wise=Fal
     total = sum(fns[kind](_task_rows(z, token_mask, onehot, position_wise), pair_reduction=pair_reduction, **kw)
                 * z.shape[2] for z in parts)
     return total / len(zs) if module_reduction == "mean" else total
+
+
+# ----------------------------------------------------------------------------- option scoring
+
+def shared_prefixes(tok, examples, max_len, joint, share_prefix):
+    """The forwards to run: (example index, prefix ids, [(choice, tail ids, n scored)]) per unit. A choice's tokens
+    are prefix + tail, and its score sums the log-probs of their last n (its continuation).
+
+    A unit is a context shared by choices (tail = continuation); with share_prefix, one unit per example whose
+    prefix is the longest token prefix all its choices share, leaving every tail a token: WinoGrande's two contexts
+    share the words before the blank, PIQA's solutions often their first words.
+    """
+    units = []
+    for e, ex in enumerate(examples):
+        pairs = [encode_pair(tok, text_tail(tok, context, max_len), continuation, joint)
+                 for context, continuation in choices_of(ex)[0]]
+        pairs = [(ctx or [tok.eos_id], cont) for ctx, cont in pairs]  # an empty context is scored after eos
+        if share_prefix:
+            keep = max(1, max_len - max(len(cont) for _, cont in pairs))
+            seqs = [ctx[-keep:] + cont for ctx, cont in pairs]
+            n = 0
+            while n < min(map(len, seqs)) - 1 and len({s[n] for s in seqs}) == 1:
+                n += 1
+            if n:  # (else: no token shared, one unit per context)
+                tails = [(c, s[n:], len(cont)) for c, (s, (_, cont)) in enumerate(zip(seqs, pairs))]
+                units.append((e, seqs[0][:n], tails))
+                continue
+        by_context = {}
+        for c, (ctx, cont) in enumerate(pairs):
+            by_context.setdefault(tuple(ctx), []).append((c, cont, len(cont)))
+        for ctx, rows in by_context.items():
+            keep = max(1, max_len - max(len(tail) for _, tail, _ in rows))
+            units.append((e, list(ctx[-keep:]), rows))
+    return units
+
+
+@torch.no_grad()
+def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=False, task_id=None,
+                    advance=None, by_length=False):
+    """evaluate.choice_logprobs' sums, with the choices that share a prefix (`shared_prefixes`) sharing one forward
+    of it: the left-padded prefixes fill a KV cache, and the prefix positions score the tokens they predict; then
+    each choice's right-padded tail runs after its copy of the cached prefix. by_length shares the longest common
+    prefix and batches the tails of 8 prefix batches by length (less padding; the 8 caches are kept meanwhile); off,
+    the shared prefix is the context and each batch's tails run in one forward after it, which keeps the grids'
+    cached scores bitwise reproducible.
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    units = shared_prefixes(tok, examples, max_len, joint, share_prefix=by_length)
+    rows = [(u, c, tail, n) for u, (_, _, tails) in enumerate(units) for c, tail, n in tails]  # one per choice
+    rows_of = [[] for _ in units]
+    for r, (u, *_) in enumerate(rows):
+        rows_of[u].append(r)
+    total = torch.zeros(len(rows), device=device)
+    chunk = batch_size * (8 if by_length else 1)
+    for parts, _ in _batches(units, chunk, [len(u[1]) for u in units]):
+        cached = {}  # unit -> (its batch's cache and mask, its row there)
+        for b in range(0, len(parts), batch_size):
+            batch = parts[b:b + batch_size]
+            prefixes = [units[u][1] for u in batch]
+            ids, mask = left_pad(prefixes, tok.pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            B, P = ids.shape
+            picks = []  # (row, batch row, column, token): token t of prefix + tail is predicted at position t - 1
+            for j, (u, prefix) in enumerate(zip(batch, prefixes)):
+                for r in rows_of[u]:
+                    seq, n = prefix + rows[r][2], rows[r][3]
+                    picks += [(r, j, P - len(prefix) + t - 1, seq[t]) for t in range(len(seq) - n, len(prefix) + 1)]
+            at = torch.zeros(B, P, dtype=torch.bool)
+            for _, j, col, _ in picks:
+                at[j, col] = True
+            where = at.flatten().cumsum(0) - 1  # each selected position's row in the returned logits
+            needed = not by_length or any(len(rows[r][2]) > 1 for u in batch for r in rows_of[u])
+            cache = KVCache(model.config, B, P, dtype, device) if needed else None
+            with _task_context(model, task_id, B, device):
+                logp = model(ids, mask, logits_at=at.to(device), cache=cache).float().log_softmax(-1)
+            got = logp[where[[j * P + col for _, j, col, _ in picks]].to(device),
+                       torch.tensor([t for *_, t in picks], dtype=torch.long, device=device)]
+            total = total.index_add(0, torch.tensor([r for r, *_ in picks], dtype=torch.long, device=device), got)
+            cached.update({u: (cache, mask, j) for j, u in enumerate(batch)})
+        todo = [r for u in parts for r in rows_of[u]]
+        if by_length:
+            todo = sorted((r for r in todo if len(rows[r][2]) > 1), key=lambda r: len(rows[r][2]))
+            groups = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+        else:
+            groups = [todo] if max(len(rows[r][2]) for r in todo) > 1 else []
+        for group in groups:  # each tail after its prefix, its cached keys/values right-aligned at P
+            P = max(cached[rows[r][0]][1].shape[1] for r in group)
+            O = max(len(rows[r][2]) for r in group)
+            more = KVCache(model.config, len(group), P + O - 1, dtype, device)
+            more.length = P
+            ids = torch.full((len(group), O - 1), int(tok.pad_id), dtype=torch.long)
+            mask = torch.zeros(len(group), P + O - 1, dtype=torch.bool)
+            scored = torch.zeros(len(group), O - 1, dtype=torch.bool)  # tail position k predicts tail token k + 1
+            targets = []
+            for g, r in enumerate(group):
+                (cache, prefix_mask, j), tail, n = cached[rows[r][0]], rows[r][2], rows[r][3]
+                p = prefix_mask.shape[1]
+                more.k[:, g, :, P - p:P], more.v[:, g, :, P - p:P] = cache.k[:, j], cache.v[:, j]
+                mask[g, P - p:P] = prefix_mask[j].cpu()
+                ids[g, :len(tail) - 1] = torch.tensor(tail[:-1], dtype=torch.long)
+                mask[g, P:P + len(tail) - 1] = True
+                scored[g, max(0, len(tail) - n - 1):len(tail) - 1] = True
+                targets += tail[max(1, len(tail) - n):]
+            with _task_context(model, task_id, len(group), device):
+                logp = model(ids.to(device), mask.to(device), logits_at=scored.to(device),
+                             cache=more).float().log_softmax(-1)
+            token_lp = logp.gather(-1, torch.tensor(targets, device=device)[:, None]).squeeze(-1)
+            where = torch.tensor(group)[scored.nonzero()[:, 0]].to(device)
+            total = total.index_add(0, where, token_lp)
+        if advance:
+            advance(sum(len(rows_of[u]) for u in parts))
+    scores = [[0.0] * len(choices_of(ex)[0]) for ex in examples]
+    lengths = [[0] * len(s) for s in scores]
+    for (u, c, _, n), v in zip(rows, total.tolist()):
+        scores[units[u][0]][c], lengths[units[u][0]][c] = v, n
+    return scores, lengths

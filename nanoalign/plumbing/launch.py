@@ -190,9 +190,9 @@ def evaluate_all_ranks(model, tok, tasks, env, desc="eval", **kw):
     waits in a collective while another evaluates alone: NCCL's watchdog would kill it)."""
     progress = progress_bar(desc) if env.master else None
     if env.world == 1:
-        return evaluate(model, tok, tasks, progress=progress, **kw)
+        return evaluate(model, tok, tasks, progress=progress, scorer=fast.choice_logprobs, **kw)
     shard = {t: rows[env.rank::env.world] for t, rows in tasks.items() if rows[env.rank::env.world]}
-    mine = evaluate(model, tok, shard, progress=progress, **kw)
+    mine = evaluate(model, tok, shard, progress=progress, scorer=fast.choice_logprobs, **kw)
     parts = [None] * env.world
     dist.all_gather_object(parts, {t: (r["mode"], r["records"]) for t, r in mine.items()})
     results = {}
