@@ -37,7 +37,7 @@ PROBES = {  # name: (what the README calls it, train.py flags beyond the quick s
     "default": ("lr 2e-3 (the default)", []),
     "lr4e-3": ("lr 4e-3", ["--lr", "4e-3"]),
     "attention": ("lr 2e-3, attention too", ["--targets", ALL_LINEAR]),
-    "longer": ("4x the examples: 200 steps x 2 per task, lr 1e-3, all linear layers",
+    "longer": ("4× the examples (200 steps × 2 per task, lr 1e-3, all linear layers)",
                ["--max-steps", "200", "--batch-per-task", "2", "--lr", "1e-3", "--warmup", "20",
                 "--targets", ALL_LINEAR]),
 }
@@ -136,11 +136,15 @@ def where(rec):
     return f"{m['cpu_count']}-core {m['cpu_capability']} CPU, load {rec['load_before']:g} when it started"
 
 
+def learned(r):
+    return not r["collapsed"] and r["accuracy"] - r["majority_rate"] > 2 * r["se"]
+
+
 def verdict(r):
     if r["collapsed"]:
         return f"collapsed: \"{r['top_prediction']}\" on {100 * r['top_share']:.0f}%"
     gap = 100 * (r["accuracy"] - r["majority_rate"])
-    if r["accuracy"] - r["majority_rate"] > 2 * r["se"]:
+    if learned(r):
         return f"learned ({gap:+.1f} over the majority rate)"
     return f"not learned ({gap:+.1f} against the majority rate, within 2 SE)" if gap > 0 else \
         f"not learned ({gap:+.1f}: below the majority rate)"
@@ -171,7 +175,12 @@ def quickstart_block(c):
                 [f"{100 * (r := c[f'probe-{p}']['tasks'][t])['accuracy']:.0f} ± {100 * r['se']:.0f}" +
                  (f", \"{r['top_prediction']}\" {100 * r['top_share']:.0f}%" if r["collapsed"] else "")
                  for p, _ in probes] for t in tasks]
-        text += markdown(head, prow)
+        runs = [c["quickstart" if p == "default" else f"train-{p}"] for p, _ in probes]
+        text += markdown(head, prow + [["steps × s a step (load at the start)"] + [
+            f"{r['steps']} × {r['step_s']:g} ({r['load_before']:g})" for r in runs]])
+        text += "\n\nNot learned on the held-out slice (collapsed, or not 2 SE above its majority rate): " + "; ".join(
+            f"{label}: {', '.join(t for t in tasks if not learned(c[f'probe-{p}']['tasks'][t])) or 'none'}"
+            for p, label in probes) + "."
     missing = [p for p in PROBES if f"probe-{p}" not in c]
     if missing:
         text += f"\n\nNot measured yet: {', '.join(missing)} (`python experiments/quickstart.py run`)."
@@ -200,8 +209,9 @@ def durations_block(c):
     item("export", "`eval.py ... --export-peft`")
     if "cloze100" in c:
         s = c["cloze100"]["wall_s"]
-        lines.append(f"- `eval.py --data arc-easy --mode cloze --max-per-task 100`: {minutes(s)} (load "
-                     f"{c['cloze100']['load_before']:g}), model loading included;")
+        n = sum(r["n"] for r in c["cloze100"]["tasks"].values())
+        lines.append(f"- `eval.py --data arc-easy --mode cloze --max-per-task {n}`: {minutes(s)} (load "
+                     f"{c['cloze100']['load_before']:g}), model loading included: {n / s:.1f} examples a second;")
     m = next((c[k]["machine"] for k in c), None)
     head = (f"Measured by `python experiments/quickstart.py run` on a {m['cpu_count']}-core {m['cpu_capability']} CPU at "
             f"commit {m['commit']}, {m['date'][:10]}, while other jobs shared the cores (the load average when each "
