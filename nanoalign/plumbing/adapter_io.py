@@ -20,8 +20,6 @@ from .system import write_atomic
 MAX_ALPHA = 1e6  # no LoRA recipe comes near; alpha = 1e308 in a saved config made every logit non-finite
 
 
-# ----------------------------------------------------------------------------- checked application
-
 def check_options(kind, options):
     """A ValueError naming the valid choices for an unknown `kind`, or an option its class does not take."""
     if kind not in KINDS:
@@ -76,8 +74,6 @@ def apply_adapter_checked(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS
         raise ValueError(f"rank {rank}: the {kind} adapters need {need:,} bytes ({need / 1e9:,.1f} GB, fp32), which "
                          f"{device} cannot allocate now; choose a smaller rank or free memory") from None
 
-
-# ----------------------------------------------------------------------------- save / load
 
 def _require_adapter(model):
     cfg = getattr(model, "adapter_config", None)
@@ -178,8 +174,6 @@ def load_adapter(model, directory):
             expected[k].copy_(t)
     return model
 
-
-# ----------------------------------------------------------------------------- PEFT export
 
 @torch.no_grad()
 def peft_forms(model, task=None):

@@ -12,8 +12,6 @@ from .tasks import (BUILTIN_TASKS, LABEL_ONLY, SUITES, TASK_SUITE, builtin_examp
                     subsample)
 
 
-# ---------------------------------------------------------------------------------- JSONL files of normalised examples
-
 def check_example(ex):
     """The problem with one normalised example as a short phrase, or None when it is well-formed."""
     if not isinstance(ex, dict):
@@ -56,11 +54,8 @@ def read_jsonl(path):
 
 
 def write_jsonl(path, rows):
-    """Write examples atomically, one JSON object a line."""
     write_atomic(path, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in rows))
 
-
-# ------------------------------------------------------------------------------------------------------------- loading
 
 def prepare_hint(suite, task=None, split="train"):
     tasks = f" --tasks {task}" if task else ""

@@ -132,7 +132,6 @@ def convert_gguf(gguf_path, out_dir) -> None:
     if meta.get("general.architecture") != "llama":
         raise ValueError(f"{gguf_path}: architecture {meta.get('general.architecture')!r}, expected 'llama'")
     n_head, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
-
     state = {}
     for t in reader.tensors:
         w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: data is mmapped
@@ -143,10 +142,8 @@ def convert_gguf(gguf_path, out_dir) -> None:
         state[hf_name(t.name)] = torch.from_numpy(w)
     tied = "lm_head.weight" not in state
 
-    tok_fields = {k.removeprefix("tokenizer.ggml."): f.contents() for k, f in reader.fields.items()
-                  if k.startswith("tokenizer.ggml.")}
-    ggml = tok_fields.get
-
+    ggml = {k.removeprefix("tokenizer.ggml."): f.contents() for k, f in reader.fields.items()
+            if k.startswith("tokenizer.ggml.")}.get
     tokens, types, merges = ggml("tokens"), ggml("token_type"), ggml("merges")
     bos, eos, pad = ggml("bos_token_id"), ggml("eos_token_id"), ggml("padding_token_id")
     chat_template = meta.get("tokenizer.chat_template")
@@ -178,7 +175,6 @@ def convert_gguf(gguf_path, out_dir) -> None:
     }
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad})
-
     build_tokenizer(tokens, types, merges).save(str(out / "tokenizer.json"))
     name = lambda i: tokens[i] if i is not None else None  # noqa: E731
     write_json(out / "tokenizer_config.json", {

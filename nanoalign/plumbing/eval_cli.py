@@ -17,7 +17,7 @@ from .adapter_io import export_peft_dirs, load_adapter
 from ..evaluate import MODES, accuracies, diagnostics_table, generation_fallback, without_records
 from .datasets import load_tasks, select_tasks
 from .hub import HubError
-from .system import base_dtype, os_error_line, pick_device, read_json, write_atomic
+from .system import base_dtype, error_line, pick_device, read_json, write_atomic
 from .scoring import progress_bar
 from .tasks import FORMATS
 
@@ -58,9 +58,7 @@ def parse_args(argv=None, eval_py=None):
 
 def result_paths(args, adapter_dir, model_name, fmt):
     """(results JSON, predictions JSONL) for this evaluation; never an existing one unless --overwrite."""
-    def safe(name):
-        return re.sub(r"[^\w.,-]+", "_", name)
-
+    safe = lambda name: re.sub(r"[^\w.,-]+", "_", name)  # noqa: E731
     if args.out:
         out = Path(args.out)
     else:
@@ -183,9 +181,5 @@ def main(argv=None, eval_py=None):
         print("\nerror: interrupted", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, HubError, torch.OutOfMemoryError) as e:
-        if isinstance(e, torch.OutOfMemoryError):
-            e = "out of memory; lower --batch-size"
-        elif isinstance(e, OSError):
-            e = os_error_line(e)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e, '--batch-size')}", file=sys.stderr)
         sys.exit(1)

@@ -51,11 +51,13 @@ class Unreachable(HubError):
     """The hub cannot be reached at all (offline mode, DNS failure, refused connection, timeout)."""
 
 
+def hf_home() -> Path:
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+
+
 def cache_dir() -> Path:
     """The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser() / "hub"
+    return Path(os.environ["HF_HUB_CACHE"]).expanduser() if os.environ.get("HF_HUB_CACHE") else hf_home() / "hub"
 
 
 def inside(root: Path, name, source) -> Path:
@@ -195,18 +197,16 @@ def download(repo: str, repo_dir: Path, revision: str, files=(), ref=None) -> Pa
               repo=repo)
     except FileNotFoundError:
         pass  # a single-file checkpoint: missing_files() then asks for model.safetensors
-    for name in missing_files(snap, files, optional=False):  # shard names are checked by shard_names()
+    for name in missing_files(snap, files):  # the required ones first; shard names are checked by shard_names()
         (snap / name).parent.mkdir(parents=True, exist_ok=True)
         try:
             fetch(file_url(repo, revision, name), snap / name, repo=repo)
         except FileNotFoundError:
+            if name in OPTIONAL and name not in files:  # remember the 404, as huggingface_hub does
+                (repo_dir / ".no_exist" / commit).mkdir(parents=True, exist_ok=True)
+                (repo_dir / ".no_exist" / commit / name).touch()
+                continue
             raise FileNotFoundError(f"{repo} has no {name} (nanoalign reads safetensors checkpoints only)") from None
-    for name in missing_files(snap, files):  # only optional ones are left
-        try:
-            fetch(file_url(repo, revision, name), snap / name, repo=repo)
-        except FileNotFoundError:  # remember the 404, as huggingface_hub does, so we do not ask again
-            (repo_dir / ".no_exist" / commit).mkdir(parents=True, exist_ok=True)
-            (repo_dir / ".no_exist" / commit / name).touch()
     return snap
 
 
@@ -217,12 +217,8 @@ def file_url(repo: str, revision: str, name: str) -> str:
 
 def hf_token():
     """`$HF_TOKEN`, else the token `huggingface-cli login` stored in `$HF_HOME/token`, else None."""
-    if os.environ.get("HF_TOKEN"):
-        return os.environ["HF_TOKEN"]
-    f = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser() / "token"
-    if f.is_file():
-        return f.read_text().strip() or None
-    return None
+    f = hf_home() / "token"
+    return os.environ.get("HF_TOKEN") or (f.read_text().strip() or None if f.is_file() else None)
 
 
 class _KeepHubHeaders(urllib.request.HTTPRedirectHandler):
@@ -277,13 +273,10 @@ def fetch(url: str, dest: Path, *, repo: str = "", opened=None) -> None:
             offset = 0  # the server ignored our Range and sends the whole file
         length = int(meta["content-length"]) if "content-length" in meta else None
         total = meta.get("x-linked-size") or meta.get("content-range", "").rpartition("/")[2]  # "bytes a-b/total"
-        if total.isdigit():
-            total = int(total)
-        else:
-            total = None if length is None else offset + length
+        total = int(total) if total.isdigit() else None if length is None else offset + length
         with open(part, "ab" if offset else "wb") as f, \
-                tqdm(total=total, initial=offset, desc=dest.name, unit="B",
-                     unit_scale=True, unit_divisor=1024, leave=False) as bar:
+                tqdm(total=total, initial=offset, desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024,
+                     leave=False) as bar:
             try:
                 while chunk := resp.read(CHUNK):
                     f.write(chunk)
@@ -292,8 +285,7 @@ def fetch(url: str, dest: Path, *, repo: str = "", opened=None) -> None:
                 raise HubError(f"download of {dest.name} interrupted ({e}); run again to resume") from None
             got = f.tell()
     if length is not None and got < offset + length:  # the stream ended early: keep the part for resuming
-        raise HubError(f"download of {dest.name} interrupted at {got} of {offset + length} bytes; run again "
-                       "to resume")
+        raise HubError(f"download of {dest.name} interrupted at {got} of {offset + length} bytes; run again to resume")
     if total is not None and got != total:
         part.unlink()
         raise HubError(f"{dest.name}: got {got} bytes but the server announced {total}; deleted, run again")

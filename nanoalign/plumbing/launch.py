@@ -34,7 +34,7 @@ from .checkpoint import (Checkpoint, check_fresh_start, clear_run_state, continu
 from .datasets import load_tasks, select_tasks
 from .hub import HubError
 from .scoring import progress_bar
-from .system import (base_dtype, flops_coefficients, os_error_line, peak_flops, peak_memory_mib, pick_device,
+from .system import (base_dtype, error_line, flops_coefficients, peak_flops, peak_memory_mib, pick_device,
                      use_autocast, write_atomic)
 from .tasks import FORMATS
 
@@ -49,7 +49,9 @@ def book_of(cfg):
     return sys.modules[type(cfg).__module__]
 
 
-# ----------------------------------------------------------------------------- the command line
+def flag(name):
+    return "--" + name.replace("_", "-")
+
 
 CHOICES = {  # the flags with a few possible values (their help texts are in TrainConfig)
     "adapter": ["auto", *KINDS],
@@ -75,7 +77,7 @@ def make_parser(train_py=None):
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw.update(type=f.type, choices=CHOICES.get(f.name))
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+        p.add_argument(flag(f.name), **kw)
     p.add_argument("--overwrite", action="store_true", help="start fresh in a run directory that holds an earlier "
                    "run, deleting its checkpoints and log (without --resume or this, train.py refuses to start there)")
     return p
@@ -89,12 +91,7 @@ def parse_command(argv=None, train_py=None):
 
 
 def parse_args(argv=None, train_py=None):
-    """The TrainConfig of a command line (see parse_command for --overwrite)."""
     return parse_command(argv, train_py)[0]
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
 
 
 RANGES = [  # (fields, test, what the error says), checked in this order
@@ -103,6 +100,7 @@ RANGES = [  # (fields, test, what the error says), checked in this order
     (["warmup", "max_per_task", "shots", "stop_at", "eval_every", "eval_max", "mmd_rows"], lambda v: not v < 0,
      "must not be negative"),
     (["lr", "alpha", "dropout", "weight_decay", "grad_clip", "align_lambda"], math.isfinite, "must be a finite number"),
+    (["weight_decay", "grad_clip", "align_lambda"], lambda v: not v < 0, "must not be negative"),
 ]
 
 
@@ -117,9 +115,6 @@ def check_config(cfg, overwrite=False):
                          "per step; LoRA learning rates are 1e-4 to 1e-2)")
     if not 0 < cfg.alpha <= MAX_ALPHA:
         raise ValueError(f"--alpha must be in (0, {MAX_ALPHA:g}], got {cfg.alpha}")
-    bad = next((f for f in ["weight_decay", "grad_clip", "align_lambda"] if getattr(cfg, f) < 0), None)
-    if bad:
-        raise ValueError(f"{flag(bad)} must not be negative, got {getattr(cfg, bad)}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.resume and overwrite:
@@ -132,8 +127,7 @@ def check_config(cfg, overwrite=False):
             raise ValueError("--trainer meta trains a plain LoRA without an alignment loss (METHODS §2.9): use "
                              "--adapter lora (or leave --adapter out) and no --align-any")
         if cfg.grad_ckpt or cfg.compile:
-            raise ValueError("--trainer meta calls the model functionally (torch.func): drop --grad-ckpt and "
-                             "--compile")
+            raise ValueError("--trainer meta calls the model functionally (torch.func): drop --grad-ckpt and --compile")
     check_options(cfg.adapter, parse_options(cfg.adapter_options))
 
 
@@ -166,12 +160,10 @@ def check_resume_config(old: dict, cfg, say):
             raise ValueError(f"--resume: the checkpoint was trained with {flag(k)} {old[k]!r}, this run has "
                              f"{getattr(cfg, k)!r}; resume with the same setting")
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-               if k in old and k not in ("resume",) and old[k] != v and not (v != v and old[k] != old[k])]
+               if k in old and k != "resume" and old[k] != v and not (v != v and old[k] != old[k])]
     if changed:
         say("note: resuming with changed settings: " + ", ".join(changed))
 
-
-# ----------------------------------------------------------------------------- processes (torchrun)
 
 def setup_distributed(device):
     """(rank, world size, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK. gloo on CPU, nccl on CUDA."""
@@ -188,11 +180,11 @@ def setup_distributed(device):
 def evaluate_all_ranks(model, tok, tasks, env, desc="eval", **kw):
     """`evaluate` with rank r scoring examples r, r + world, ..., gathered back in order on every rank (no rank
     waits in a collective while another evaluates alone: NCCL's watchdog would kill it)."""
-    progress = progress_bar(desc) if env.master else None
-    if env.world == 1:
-        return evaluate(model, tok, tasks, progress=progress, scorer=fast.choice_logprobs, **kw)
     shard = {t: rows[env.rank::env.world] for t, rows in tasks.items() if rows[env.rank::env.world]}
-    mine = evaluate(model, tok, shard, progress=progress, scorer=fast.choice_logprobs, **kw)
+    mine = evaluate(model, tok, shard, progress=progress_bar(desc) if env.master else None,
+                    scorer=fast.choice_logprobs, **kw)
+    if env.world == 1:
+        return mine
     parts = [None] * env.world
     dist.all_gather_object(parts, {t: (r["mode"], r["records"]) for t, r in mine.items()})
     results = {}
@@ -202,8 +194,6 @@ def evaluate_all_ranks(model, tok, tasks, env, desc="eval", **kw):
         results[t] = task_result(records, next(mode for mode, _ in per_rank if mode))
     return results
 
-
-# ----------------------------------------------------------------------------- the stages of a run
 
 @dataclass
 class Env:
@@ -389,8 +379,7 @@ class Hooks:
 
     def record(self, rec):
         if self.on:
-            self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
+            print(json.dumps(rec), file=self.file, flush=True)
 
     def say(self, text):
         if self.on:
@@ -528,12 +517,8 @@ def main(argv=None, train_py=None):
         print(f"\nerror: {e or 'interrupted before a checkpoint could be written'}", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError, HubError, SafetensorError, torch.OutOfMemoryError) as e:
-        if isinstance(e, torch.OutOfMemoryError):
-            e = "out of memory; lower --batch-per-task or --seq-len, or add --grad-ckpt"
-        elif isinstance(e, OSError):
-            e = os_error_line(e)
         if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {error_line(e, '--batch-per-task or --seq-len, or add --grad-ckpt')}", file=sys.stderr)
         sys.exit(1)
     except RuntimeError as e:  # under torchrun: a peer died inside a collective (gloo: "Connection reset by peer")
         if not dist.is_initialized():

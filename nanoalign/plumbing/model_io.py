@@ -1,7 +1,6 @@
 """`load(path)`: config.json, the weight files, the memory and every tensor's name and shape (headers only) checked,
 each problem one line naming the file, then the book's `CausalLM.from_pretrained`."""
 
-import json
 import math
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..model import CausalLM, ModelConfig
 from .hub import shard_names
+from .system import read_json
 
 # the deepest published decoders have ~130 layers; 10^6 would take hours to build even on the meta device
 MAX_LAYERS = 1024
@@ -18,24 +18,14 @@ SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", 
          "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
-def positive_int(name, value):
-    """`value` if it is a positive int (not a bool, not 2.0, not "2"), else a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def positive_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return value
+def positive(name, value, kind=int):
+    """A ValueError naming `name` unless `value` is a positive int (not a bool, 2.0 or "2"), or kind=float: finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, kind)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive {'integer' if kind is int else 'finite number'}, got {value!r}")
 
 
 def check_hf_dict(d):
     """What ModelConfig.from_hf_dict needs of a config.json dict before it can read it."""
-    if not isinstance(d, dict):
-        raise ValueError(f"a Hugging Face config is a JSON object like {{\"hidden_size\": 576, ...}}, not a "
-                         f"{type(d).__name__}")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}: nanoalign implements SwiGLU (silu) MLPs")
     if d.get("use_sliding_window"):
@@ -47,16 +37,16 @@ def check_hf_dict(d):
         kind = (scaling or rope).get("rope_type", (scaling or rope).get("type"))
         if kind not in ("llama3", "linear", "default"):
             raise ValueError(f"unsupported RoPE scaling {kind!r}: nanoalign implements default, linear and llama3")
-    positive_number("rope_theta", rope.get("rope_theta", d.get("rope_theta", 10000.0)))
-    positive_int("num_attention_heads", d["num_attention_heads"])
+    positive("rope_theta", rope.get("rope_theta", d.get("rope_theta", 10000.0)), float)
+    positive("num_attention_heads", d["num_attention_heads"])
     if not d.get("head_dim"):
-        positive_int("hidden_size", d["hidden_size"])
+        positive("hidden_size", d["hidden_size"])
 
 
 def check_config(cfg: ModelConfig):
     """Sizes before anything is built (not a TypeError deep in nn.Linear, or hours building 10^6 layers)."""
     for name in SIZES:
-        positive_int(name, getattr(cfg, name))
+        positive(name, getattr(cfg, name))
     if cfg.num_hidden_layers > MAX_LAYERS:
         raise ValueError(f"num_hidden_layers={cfg.num_hidden_layers} is beyond any real decoder (nanoalign "
                          f"accepts up to {MAX_LAYERS}); the config.json is damaged")
@@ -65,14 +55,14 @@ def check_config(cfg: ModelConfig):
                          f"num_key_value_heads ({cfg.num_key_value_heads}) for grouped-query attention")
     if cfg.head_dim % 2:
         raise ValueError(f"head_dim must be even (RoPE rotates pairs of dimensions), got {cfg.head_dim}")
-    positive_number("rms_norm_eps", cfg.rms_norm_eps)
-    positive_number("rope_theta", cfg.rope_theta)
+    positive("rms_norm_eps", cfg.rms_norm_eps, float)
+    positive("rope_theta", cfg.rope_theta, float)
     s = cfg.rope_scaling
     if s is not None:
         keys = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                    "original_max_position_embeddings")}[s["rope_type"]]
         for k in keys:
-            positive_number(f"rope_scaling.{k}", s.get(k))
+            positive(f"rope_scaling.{k}", s.get(k), float)
         if s["rope_type"] == "llama3" and s["high_freq_factor"] <= s["low_freq_factor"]:
             raise ValueError("rope_scaling.high_freq_factor must be larger than low_freq_factor")
 
@@ -82,10 +72,7 @@ def read_config(path) -> ModelConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; a model directory needs config.json next to its weights")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); download the model's config.json again") from None
+    d = read_json(path, "download the model's config.json again")
     try:
         check_hf_dict(d)
         cfg = ModelConfig.from_hf_dict(d)

@@ -72,13 +72,10 @@ def peak_flops(device):
 
 def flops_coefficients(model, train=True):
     """(per token, per Σ L_i², per logit position) FLOPs of a step, by the module docstring's convention."""
-    frozen = trainable = 0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if ".layers." in f".{name}" and t.ndim >= 2:
-            if t.requires_grad:
-                trainable += t.numel()
-            else:
-                frozen += t.numel()
+    named = [*model.named_parameters(), *model.named_buffers()]
+    mats = [t for name, t in named if ".layers." in f".{name}" and t.ndim >= 2]
+    trainable = sum(t.numel() for t in mats if t.requires_grad)
+    frozen = sum(t.numel() for t in mats) - trainable
     c = model.config
     attn = c.num_hidden_layers * c.num_attention_heads * c.head_dim
     head = model.lm_head.weight.numel()
@@ -172,18 +169,18 @@ def _finite_or_none(obj):
     return obj
 
 
-def read_json(path):
-    """The JSON object of a file, or a ValueError naming the file (and line) and what is wrong with it."""
+def read_json(path, fix="damaged or cut short?"):
+    """The JSON object of a file, or a ValueError naming the file (and line), what is wrong with it and `fix`."""
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text (damaged?)") from None
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text); {fix}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}; damaged or cut short?)") from None
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); {fix}") from None
     except RecursionError:
-        raise ValueError(f"{path}: JSON nested too deep (damaged?)") from None
+        raise ValueError(f"{path}: JSON nested too deep; {fix}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}; {fix}")
     return value
 
 
@@ -199,3 +196,10 @@ def os_error_line(e: OSError, flag="--out"):
             errno.EPERM: f"not permitted; choose a writable {flag}",
             errno.ENOTDIR: "a part of the path is a file, not a directory"}.get(e.errno, e.strerror)
     return f"{e.filename}: {what}"
+
+
+def error_line(e, lower):
+    """A caught error as the text of a CLI's one `error:` line: out of memory says what to `lower`."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return f"out of memory; lower {lower}"
+    return os_error_line(e) if isinstance(e, OSError) else str(e)

@@ -15,20 +15,14 @@ import zlib
 from functools import partial
 from pathlib import Path
 
-# ----------------------------------------------------------------------------------------------------- suites and caps
-
 GLUE_TASKS = ["sst2", "cola", "qqp", "mrpc", "mnli", "qnli", "rte"]
 COMMONSENSE_TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc-easy", "arc-challenge", "openbookqa"]
-BBH_TASKS = [
-    "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
-    "formal_fallacies", "geometric_shapes", "hyperbaton", "logical_deduction_five_objects",
-    "logical_deduction_seven_objects", "logical_deduction_three_objects", "movie_recommendation",
-    "multistep_arithmetic_two", "navigate", "object_counting", "penguins_in_a_table",
-    "reasoning_about_colored_objects", "ruin_names", "salient_translation_error_detection", "snarks",
-    "sports_understanding", "temporal_sequences", "tracking_shuffled_objects_five_objects",
-    "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects", "web_of_lies",
-    "word_sorting",
-]
+BBH_TASKS = """boolean_expressions causal_judgement date_understanding disambiguation_qa dyck_languages
+    formal_fallacies geometric_shapes hyperbaton logical_deduction_five_objects logical_deduction_seven_objects
+    logical_deduction_three_objects movie_recommendation multistep_arithmetic_two navigate object_counting
+    penguins_in_a_table reasoning_about_colored_objects ruin_names salient_translation_error_detection snarks
+    sports_understanding temporal_sequences tracking_shuffled_objects_five_objects
+    tracking_shuffled_objects_seven_objects tracking_shuffled_objects_three_objects web_of_lies word_sorting""".split()
 BUILTIN_TASKS = ["colour-review", "flipped-animal", "larger-number", "alphabet-first", "last-letter"]
 MATH_TASKS = ["gsm8k"]
 SUITES = {"builtin": BUILTIN_TASKS, "glue": GLUE_TASKS, "commonsense": COMMONSENSE_TASKS, "math": MATH_TASKS,
@@ -134,10 +128,6 @@ def read_label_list(path):
     return [line.strip() for _, line in read_lines(path)]
 
 
-def row_error(path, line, problem):
-    return ValueError(f"{path}:{line}: {problem}")
-
-
 def first_existing(d, names, skip_empty=False):
     """The first of `names` present in d (with skip_empty, the first that is not an empty file)."""
     return next((d / n for n in names if (d / n).exists() and not (skip_empty and (d / n).stat().st_size == 0)), None)
@@ -199,26 +189,24 @@ def parse_glue(task, path, fmt="label"):
         header, rows = first, lines[1:]
     missing = [c for c in text_cols if c not in header]
     if missing:
-        raise row_error(path, lines[0][0], f"header has no column {missing[0]!r} for {task} (found {header})")
+        raise ValueError(f"{path}:{lines[0][0]}: header has no column {missing[0]!r} for {task} (found {header})")
     labelled = label_col in header
     out = []
     for i, line in rows:
         cols = line.split("\t")
         if len(cols) < len(header):
-            raise row_error(path, i, f"expected {len(header)} tab-separated columns, found {len(cols)}")
+            raise ValueError(f"{path}:{i}: expected {len(header)} tab-separated columns, found {len(cols)}")
         texts = [field(cols[header.index(c)], fmt) for c in text_cols]
         raw = None
         if labelled:
             raw = cols[header.index(label_col)].strip()
             if raw not in words:
-                raise row_error(path, i, f"unknown {task} label {raw!r} (expected one of {sorted(words)})")
+                raise ValueError(f"{path}:{i}: unknown {task} label {raw!r} (expected one of {sorted(words)})")
         if fmt != "label":
             if raw is not None:  # an unlabelled row has no cloze example (nothing to score)
-                out.append(cloze(task, template.format(*texts), list(choice_of.values()),
-                                 list(choice_of).index(raw)))
+                out.append(cloze(task, template.format(*texts), list(choice_of.values()), list(choice_of).index(raw)))
             continue
-        out.append(example(task, instruction, question.format(*texts), words.get(raw),
-                           options=list(words.values())))
+        out.append(example(task, instruction, question.format(*texts), words.get(raw), options=list(words.values())))
     return out
 
 
@@ -241,12 +229,6 @@ def mrpc_from_msr(d, fmt="label"):
     rows = parse_glue("mrpc", path, fmt)
     return {"train": [r for r, k in zip(rows, ids) if k not in dev_ids],
             "test": [r for r, k in zip(rows, ids) if k in dev_ids]}
-
-
-# --------------------------------------------------------------------------------------------------------- commonsense
-
-def letters(n):
-    return [chr(ord("A") + i) for i in range(n)]
 
 
 def parse_boolq(row, fmt="label"):
@@ -338,7 +320,7 @@ def parse_ai2_mc(task, row, fmt="label"):
     if fmt != "label":  # ARC: "Question: ...\nAnswer:"; OpenBookQA: the bare question stem (harness yamls)
         context = field(stem, fmt) if task == "openbookqa" else f"Question: {field(stem, fmt)}\nAnswer:"
         return cloze(task, context, [field(t, fmt) for t in texts], keys.index(row["answerKey"]))
-    opts = letters(len(texts))
+    opts = [chr(ord("A") + i) for i in range(len(texts))]
     name = {"arc-easy": "science questions (ARC-Easy)", "arc-challenge": "science questions (ARC-Challenge)",
             "openbookqa": "open-book science questions (OpenBookQA)"}[task]
     return example(task, f"Task: {name}.", f"Question: {stem.strip()}", opts[keys.index(row["answerKey"])],
@@ -355,42 +337,36 @@ def parse_jsonl(path, parse, labels=None):
         try:
             out.append(parse(row) if labels is None else parse(row, labels[k]))
         except (KeyError, TypeError, ValueError, IndexError) as e:
-            problem = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-            raise row_error(path, i, problem) from None
+            raise ValueError(f"{path}:{i}: " + (f"missing key {e}" if isinstance(e, KeyError) else str(e))) from None
     return out
+
+
+COMMONSENSE_FILES = {  # split -> the accepted file stems, first present first (our test: the original dev split)
+    "boolq": {"train": ["train"], "test": ["dev"]}, "piqa": {"train": ["train"], "test": ["valid"]},
+    "siqa": {"train": ["train"], "test": ["dev"]},
+    "hellaswag": {"train": ["hellaswag_train"], "test": ["hellaswag_val"]},  # hellaswag_test.jsonl has no labels
+    # train_xs ⊂ ... ⊂ train_xl: the largest non-empty one (the Align-LoRA code concatenates all sizes)
+    "winogrande": {"train": [f"train_{s}" for s in ("xl", "l", "m", "s", "xs")], "test": ["dev"]},
+}
 
 
 def read_commonsense(task, d, fmt="label"):
     d = Path(d)
-    if task == "boolq":  # original: train.jsonl, dev.jsonl (dev = our test)
-        files = {"train": d / "train.jsonl", "test": d / "dev.jsonl"}
-        return {s: parse_jsonl(p, partial(parse_boolq, fmt=fmt)) for s, p in files.items() if p.exists()}
-    if task in ("piqa", "siqa"):
-        parse = partial(parse_piqa if task == "piqa" else parse_siqa, fmt=fmt)
-        test = "valid" if task == "piqa" else "dev"
-        return {s: parse_jsonl(d / f"{n}.jsonl", parse, read_label_list(d / f"{n}-labels.lst"))
-                for s, n in (("train", "train"), ("test", test)) if (d / f"{n}.jsonl").exists()}
-    if task == "hellaswag":  # hellaswag_test.jsonl has no labels
-        files = {"train": d / "hellaswag_train.jsonl", "test": d / "hellaswag_val.jsonl"}
-        return {s: parse_jsonl(p, partial(parse_hellaswag, fmt=fmt)) for s, p in files.items() if p.exists()}
-    if task == "winogrande":
-        # train_xs ⊂ ... ⊂ train_xl: the largest non-empty one (the Align-LoRA code concatenates all sizes)
-        train = first_existing(d, [f"train_{s}.jsonl" for s in ("xl", "l", "m", "s", "xs")], skip_empty=True)
-        out = {}
-        for split, path in (("train", train), ("test", d / "dev.jsonl")):
-            if path and path.exists():
-                labels_path = path.with_name(path.stem + "-labels.lst")
-                labels = read_label_list(labels_path) if labels_path.exists() else None
-                out[split] = parse_jsonl(path, partial(parse_winogrande, fmt=fmt), labels)
-        return out
-    # arc-easy / arc-challenge / openbookqa: HF-converted names or AI2's original ones
-    prefix = {"arc-easy": "ARC-Easy-", "arc-challenge": "ARC-Challenge-", "openbookqa": ""}[task]
-    local = "openbookqa-" if task == "openbookqa" else "ai2_arc-"
-    out = {}  # "dev": the official validation split (not our test split)
-    for split, hf, word in (("train", "train", "train"), ("test", "test", "test"), ("dev", "validation", "dev")):
-        path = first_existing(d, [f"{local}{hf}.jsonl", f"{prefix}{word.capitalize()}.jsonl", f"{word}.jsonl"])
-        if path:
-            out[split] = parse_jsonl(path, partial(parse_ai2_mc, task, fmt=fmt))
+    files = COMMONSENSE_FILES.get(task)
+    if files is None:  # arc-easy / arc-challenge / openbookqa: HF-converted names or AI2's original ones
+        prefix = {"arc-easy": "ARC-Easy-", "arc-challenge": "ARC-Challenge-", "openbookqa": ""}[task]
+        local = "openbookqa-" if task == "openbookqa" else "ai2_arc-"
+        files = {split: [f"{local}{hf}", f"{prefix}{word.capitalize()}", word]  # "dev": the official validation
+                 for split, hf, word in (("train",) * 3, ("test",) * 3, ("dev", "validation", "dev"))}
+    parse = {"boolq": parse_boolq, "piqa": parse_piqa, "siqa": parse_siqa, "hellaswag": parse_hellaswag,
+             "winogrande": parse_winogrande}.get(task) or partial(parse_ai2_mc, task)
+    out = {}
+    for split, stems in files.items():
+        path = first_existing(d, [f"{s}.jsonl" for s in stems], skip_empty=task == "winogrande" and split == "train")
+        if path:  # PIQA and SIQA keep their labels in <stem>-labels.lst, as WinoGrande's test may
+            labels = path.with_name(path.stem + "-labels.lst")
+            labelled = task in ("piqa", "siqa") or (task == "winogrande" and labels.exists())
+            out[split] = parse_jsonl(path, partial(parse, fmt=fmt), read_label_list(labels) if labelled else None)
     return out
 
 
@@ -437,8 +413,6 @@ def parse_bbh(task, path):
     return [{"task": task, "prompt": f"{head}{shots}question: {q}\nAnswer:", "answer": " " + str(a).strip()}
             for q, a in items[BBH_SHOTS:]]
 
-
-# -------------------------------------------------------------------------------------- one entry point for prepare.py
 
 def task_dir(source, task):
     """`<source>/<suite>/<task dir>` for a file-backed task (the first of its accepted directory names present)."""

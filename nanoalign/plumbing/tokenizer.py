@@ -26,12 +26,7 @@ _LLAMA_DEFAULT_DATE = re.compile(r"date_string\s*=\s*[\"']([^\"']+)[\"']")
 
 def _read_json(path: Path) -> dict:
     """A JSON object, {} for a missing file, or a ValueError naming the file (broken, a list, a string)."""
-    if not path.is_file():
-        return {}
-    try:
-        return read_json(path)
-    except ValueError as e:
-        raise ValueError(f"{e}; download the tokenizer files again") from None
+    return read_json(path, "download the tokenizer files again") if path.is_file() else {}
 
 
 class Tokenizer:
@@ -85,10 +80,10 @@ class Tokenizer:
             i = cfg.get(key + "_id")
             if isinstance(i, list):
                 i = i[0] if i else None
-            if i is not None and not self._is_id(i):
-                raise ValueError(f"{key}_id {i!r} in generation_config.json or config.json is not a token id of "
-                                 "tokenizer.json; download the model files again")
             if i is not None:
+                if not self._is_id(i):
+                    raise ValueError(f"{key}_id {i!r} in generation_config.json or config.json is not a token id of "
+                                     "tokenizer.json; download the model files again")
                 return int(i)
         return None
 
