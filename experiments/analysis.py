@@ -25,13 +25,10 @@ def head_cosine_similarity(model) -> dict:
             continue
         flat = m.lora_B.weight.detach().float().flatten(1)  # [N, out·r]
         norms = flat.norm(dim=1)
-        if bool((norms == 0).any()):
-            out[(layer_index(name), name.rsplit(".", 1)[-1])] = math.nan
-            continue
         u = flat / norms[:, None]
-        sim = u @ u.T
         i, j = torch.triu_indices(len(u), len(u), offset=1)
-        out[(layer_index(name), name.rsplit(".", 1)[-1])] = sim[i, j].mean().item()
+        key = (layer_index(name), name.rsplit(".", 1)[-1])
+        out[key] = math.nan if bool((norms == 0).any()) else (u @ u.T)[i, j].mean().item()
     return out
 
 

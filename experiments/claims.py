@@ -55,16 +55,12 @@ def methods(n_tasks, model_cfg):
         "a-lora-m": Method({**align, "align_loss": "mmd", "align_lambda": lam(0.1, n_tasks)}, analyses=("probe",)),
         "lora-budget": Method({"adapter": "lora", "rank": budget_rank(model_cfg), "targets": MLP},
                               analyses=("spectrum",)),
-        "rlora+align": Method({"adapter": "rlora", **multi, "align_any": True, "align_lambda": lam(0.1, n_tasks)},
-                              analyses=("heads", "probe")),
-        "mlora+align": Method({"adapter": "mlora", **multi, "align_any": True, "align_lambda": lam(0.1, n_tasks)},
-                              analyses=("heads", "probe")),
+        **{f"{a}+align": Method({"adapter": a, **multi, "align_any": True, "align_lambda": lam(0.1, n_tasks)},
+                                analyses=("heads", "probe")) for a in ("rlora", "mlora")},
         # claim 8's baseline: HydraLoRA at R-LoRA's scale α/√r, so +MT and +Init change one ingredient each
-        "hydra-rs": Method({"adapter": "rlora", **multi,
-                            "adapter_options": "multi_head_dropout=false,random_init=false"}, analyses=("heads",)),
-        "hydra+mt": Method({"adapter": "rlora", **multi, "adapter_options": "random_init=false"}, analyses=("heads",)),
-        "hydra+init": Method({"adapter": "rlora", **multi, "adapter_options": "multi_head_dropout=false"},
-                             analyses=("heads",)),
+        **{label: Method({"adapter": "rlora", **multi, "adapter_options": opts}, analyses=("heads",))
+           for label, opts in (("hydra-rs", "multi_head_dropout=false,random_init=false"),
+                               ("hydra+mt", "random_init=false"), ("hydra+init", "multi_head_dropout=false"))},
     }
     # controls of claims 1, 2 and 8: summed heads move ΔW ~3x faster; R-LoRA's paper init is ~100x its code's
     for label, base, opts in (("mlora-mean", "mlora", "head_reduction=mean"),
@@ -75,9 +71,8 @@ def methods(n_tasks, model_cfg):
         o = m[base].options
         m[label] = Method({**o, "adapter_options": ",".join(filter(None, (o.get("adapter_options"), opts)))},
                           analyses=m[base].analyses)
-    for label in LR_METHODS:  # each method at each learning rate of the lr grid
-        for lr in LRS:
-            m[f"{label}@lr{lr:g}"] = Method({**m[label].options, "lr": lr}, analyses=m[label].analyses)
+    m.update({f"{label}@lr{lr:g}": Method({**m[label].options, "lr": lr}, analyses=m[label].analyses)
+              for label in LR_METHODS for lr in LRS})  # each method at each learning rate of the lr grid
     for lp in (0.01, 0.05, 0.5):
         m[f"a-lora-k-l{lp}"] = Method({**align, "align_loss": "kl", "align_lambda": lam(lp, n_tasks)})
     # claim 10 (METHODS §2.9): per K in SHOTS, MeTA-LoRA and the standard trainer on the same K examples per task, with
@@ -155,16 +150,12 @@ CLAIMS = {
             (f"meta-k{k}", f"lora-k{k}", True, "abstract: above multi-task LoRA on the same few samples"),
             (f"meta-k{k}", "lora-r8", None, "abstract: matches or beats multi-task LoRA on all the data"))]),
     "lr": ([f"{m}@lr{lr:g}" for m in LR_METHODS for lr in LRS], SEEDS[:3], []),
-    "1-2@own": ([f"{m}{OWN}" for m in ("hydra", "hydra-norouter", "rlora", "mlora", "mlora-mean")], SEEDS, [
-        (f"mlora{OWN}", f"rlora{OWN}", True, "75.45 vs 74.67"), (f"mlora{OWN}", f"hydra{OWN}", True, "75.45 vs 74.04"),
-        (f"hydra-norouter{OWN}", f"hydra{OWN}", False, "73.58 vs 74.04"),
-        (f"mlora-mean{OWN}", f"rlora{OWN}", True, "control: M-LoRA's heads averaged")]),
-    "4-5@own": ([f"{m}{OWN}" for m in ("lora-r8", "a-lora-k", "a-lora-m")], SEEDS, [
-        (f"a-lora-k{OWN}", f"lora-r8{OWN}", True, "Table 5 (3B): 80.06 vs 76.48"),
-        (f"a-lora-k{OWN}", f"a-lora-m{OWN}", True, "80.06 vs 78.35")]),
-    "10-alpha": (["lora-k16", *ALPHA_ROWS], SEEDS, [
-        (a, "lora-k16", True, "abstract: above multi-task LoRA on the same few samples") for a in ALPHA_ROWS]),
 }
+for _c, _n, _pairs in (("1-2", 5, 4), ("4-5", 3, 2)):  # claims 1, 2, 4, 5: the first methods and pairs at their OWN lr
+    CLAIMS[_c + OWN] = ([k + OWN for k in CLAIMS[_c][0][:_n]], SEEDS,
+                        [(a + OWN, b + OWN, sign, paper) for a, b, sign, paper in CLAIMS[_c][2][:_pairs]])
+CLAIMS["10-alpha"] = (["lora-k16", *ALPHA_ROWS], SEEDS, [
+    (a, "lora-k16", True, "abstract: above multi-task LoRA on the same few samples") for a in ALPHA_ROWS])
 
 
 def grid(claim, suite=None, seeds=None, controls=True, **where):
@@ -223,14 +214,13 @@ def margins(run, task):
 
 def scored_tasks(runs, seeds):
     """{task: {"margin", "positive"}} for two-option tasks, {"correct"} otherwise: compare_threshold_free's input."""
-    by_seed = {r["seed"]: r for r in runs}
-    out = {}
-    for t in sorted(runs[0]["predictions"]):
+    by_seed, out = {r["seed"]: r for r in runs}, {}
+    for t, correct in correctness(runs, seeds).items():
         m = [margins(by_seed[s], t) for s in seeds]
         if all(x is not None for x in m) and all(np.array_equal(x[1], m[0][1]) for x in m):
             out[t] = {"margin": np.stack([x[0] for x in m]), "positive": m[0][1]}
         else:
-            out[t] = {"correct": np.array([by_seed[s]["predictions"][t]["correct"] for s in seeds])}
+            out[t] = {"correct": correct}
     return out
 
 
@@ -274,9 +264,8 @@ def claim_report(claim, g=None, **grid_args):
     out = {"claim": claim, "suite": g.suite.describe(), "methods": {}, "comparisons": [], "base": None}
     if base:
         diag, tf = threshold_diagnostics([base])
-        out["base"] = {"average": 100 * base["average"], "tasks": {t: 100 * v["accuracy"] for t, v in
-                                                                   base["tasks"].items()},
-                       "diagnostics": diag, "threshold_free": tf[0]}
+        tasks = {t: 100 * v["accuracy"] for t, v in base["tasks"].items()}
+        out["base"] = {"average": 100 * base["average"], "tasks": tasks, "diagnostics": diag, "threshold_free": tf[0]}
     for label, runs in res.items():
         if not runs:
             continue
@@ -291,11 +280,10 @@ def claim_report(claim, g=None, **grid_args):
         row["diagnostics"], tf = threshold_diagnostics(runs)
         row["threshold_free"] = mean_se(tf)
         row["tilted"] = sorted(t for t, d in row["diagnostics"].items() if d["tilted_seeds"])
-        heads = [r["analysis"]["head_cosine_mean"] for r in runs if r["analysis"].get("head_cosine_mean") is not None]
-        if heads:
+        if (heads := [r["analysis"]["head_cosine_mean"] for r in runs
+                      if r["analysis"].get("head_cosine_mean") is not None]):
             row["head_cosine"] = mean_se(heads)
-        probes = [r["analysis"]["probe"]["sep_ratio"] for r in runs if "probe" in r["analysis"]]
-        if probes:
+        if (probes := [r["analysis"]["probe"]["sep_ratio"] for r in runs if "probe" in r["analysis"]]):
             row["sep_ratio"] = mean_se(probes)
         if base:  # is the method trained at all? paired against the base model on every seed
             seeds = row["seeds"]
@@ -308,10 +296,10 @@ def claim_report(claim, g=None, **grid_args):
         if a not in out["methods"] or b not in out["methods"]:
             continue
         seeds = sorted(set(out["methods"][a]["seeds"]) & set(out["methods"][b]["seeds"]))
-        c = compare(correctness(res[a], seeds), correctness(res[b], seeds),
-                    expect_positive=True if positive is None else positive, n_boot=10_000)
+        sign = positive is not False  # "matches" (None): tested as A ≥ B, then judged within ±1 point below
+        c = compare(correctness(res[a], seeds), correctness(res[b], seeds), expect_positive=sign, n_boot=10_000)
         c["threshold_free"] = compare_threshold_free(scored_tasks(res[a], seeds), scored_tasks(res[b], seeds),
-                                                     expect_positive=True if positive is None else positive)
+                                                     expect_positive=sign)
         if positive is None:  # "matches": judged by whether each interval lies within ±1 point
             for x in (c, c["threshold_free"]):
                 x["verdict_boot"] = equivalence_verdict(x["low"], x["high"])
@@ -369,9 +357,7 @@ def main(argv=None):
     busy = []  # runs another driver was training (run): listed at the end
     if args.what == "run":
         for c in claims:
-            seeds = CLAIMS[c][1]
-            if args.seeds:
-                seeds = [s for s in seeds if str(s) in args.seeds.split(",")]
+            seeds = [s for s in CLAIMS[c][1] if not args.seeds or str(s) in args.seeds.split(",")]
             if not seeds or (wanted and not wanted & set(CLAIMS[c][0])):
                 continue
             g = grid(c, seeds=seeds)

@@ -1,11 +1,10 @@
 """Cached, resumable grids of training runs: methods × seeds on one `Suite` (model, tasks, budget, test set).
 
 Seeds change only the adapter init, dropout and data order, so methods compare seed by seed and example by example
-(experiments.stats). A run is one `launch.train` then one evaluation (merged where mergeable) and the grid's
-analyses, stored as experiments/results/runs/<key>.json, the key a hash of all that determines it: a killed grid
-resumes, a run shared by grids trains once, a finished grid re-renders without training. Without the prepared data
-a run is found by what it was (`run_id`); damaged files move to runs/damaged/; a lock file (`claim`) lets several
-drivers share a grid.
+(experiments.stats). A run (`launch.train`, one evaluation, merged where mergeable, and the grid's analyses) is stored
+as experiments/results/runs/<key>.json, the key a hash of all that determines it: a killed grid resumes, a shared run
+trains once. Without the prepared data a run is found by what it was (`run_id`); damaged files move to runs/damaged/;
+a lock file (`claim`) lets several drivers share a grid.
 """
 
 import copy
@@ -26,21 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import nanoalign  # noqa: E402  (before torch: it sets OMP_WAIT_POLICY, nanoalign/__init__.py)
-import nanoalign.plumbing
+import nanoalign.plumbing  # noqa: E402  (before torch: nanoalign sets OMP_WAIT_POLICY, nanoalign/__init__.py)
 import torch  # noqa: E402
 
-from nanoalign.plumbing import fast, system  # noqa: E402
 import train  # noqa: E402
-from nanoalign.plumbing import launch  # noqa: E402
-from nanoalign.adapters import count_trainable, merge_adapters  # noqa: E402
-from nanoalign.plumbing.adapter_io import load_adapter  # noqa: E402
 from experiments.analysis import delta_weight_spectrum, effective_rank, head_cosine_similarity, separation_probe  # noqa
+from nanoalign.adapters import count_trainable, merge_adapters  # noqa: E402
+from nanoalign.evaluate import evaluate, without_records  # noqa: E402
+from nanoalign.plumbing import fast, launch, system  # noqa: E402
+from nanoalign.plumbing.adapter_io import load_adapter  # noqa: E402
 from nanoalign.plumbing.checkpoint import read_log  # noqa: E402
 from nanoalign.plumbing.datasets import load_tasks  # noqa: E402
-from nanoalign.plumbing.tasks import TASK_SUITE  # noqa: E402
-from nanoalign.evaluate import evaluate, without_records  # noqa: E402
 from nanoalign.plumbing.scoring import progress_bar  # noqa: E402
+from nanoalign.plumbing.tasks import TASK_SUITE  # noqa: E402
 
 # overridable so that a grid run from a pinned worktree (edits here cannot change it) writes into this checkout
 RESULTS = Path(os.environ.get("NANOALIGN_RESULTS", ROOT / "experiments" / "results"))
@@ -109,17 +106,15 @@ class Data:
     """The suite's training pool and test set, with content fingerprints for the run keys."""
 
     def __init__(self, suite: Suite):
-        self.test = load_tasks(",".join(suite.tasks), "test", data_dir=suite.data_dir,
-                               max_per_task=suite.test_per_task or None, seed=0, fmt=suite.fmt)
-        train_pool = load_tasks(",".join(suite.tasks), "train", data_dir=suite.data_dir,
-                                max_per_task=suite.train_pool or None, seed=0, fmt=suite.fmt)
-        self.test_fp = fingerprint(self.test)
-        self.train_fp = fingerprint(train_pool)
+        def load(split, n):
+            return load_tasks(",".join(suite.tasks), split, data_dir=suite.data_dir, max_per_task=n, seed=0,
+                              fmt=suite.fmt)
+        self.test, train_pool = load("test", suite.test_per_task or None), load("train", suite.train_pool or None)
+        self.test_fp, self.train_fp = fingerprint(self.test), fingerprint(train_pool)
         self.train_sizes = {t: len(v) for t, v in train_pool.items()}
         self.dev = self.dev_fp = None
         if suite.dev_per_task:  # the split every choice is made on (data/README.md): never trained on, never test
-            self.dev = load_tasks(",".join(suite.tasks), "dev", data_dir=suite.data_dir,
-                                  max_per_task=suite.dev_per_task, seed=0, fmt=suite.fmt)
+            self.dev = load("dev", suite.dev_per_task)
             self.dev_fp = fingerprint(self.dev)
 
 
@@ -142,8 +137,7 @@ def load_data(suite: Suite, need=True):
 
 # train.py options added after FORMAT_VERSION 1: at this value (what older runs computed) a field stays out of the key
 ADDED_LATER = {"trainer": "standard", "shots": 0, "meta_tasks": 4, "meta_support": 4, "meta_query": 4,
-               "meta_inner_steps": 1, "meta_inner_lr": 3e-2, "meta_agg": "mean", "meta_order": 1,
-               "mmd_rows": 0}
+               "meta_inner_steps": 1, "meta_inner_lr": 3e-2, "meta_agg": "mean", "meta_order": 1, "mmd_rows": 0}
 
 
 def key_fields(config: dict) -> dict:
@@ -152,10 +146,9 @@ def key_fields(config: dict) -> dict:
 
 
 def run_key(cfg, suite: Suite, data: Data) -> str:
-    what = key_fields(dataclasses.asdict(cfg))
     dev = {"dev": data.dev_fp} if data.dev_fp else {}  # only where there is one: earlier keys stay as they were
-    return fingerprint({"v": FORMAT_VERSION, "train": what, "test": data.test_fp, "train_data": data.train_fp,
-                        "mode": suite.mode, "probe": suite.probe_examples, **dev})[:16]
+    return fingerprint({"v": FORMAT_VERSION, "train": key_fields(dataclasses.asdict(cfg)), "test": data.test_fp,
+                        "train_data": data.train_fp, "mode": suite.mode, "probe": suite.probe_examples, **dev})[:16]
 
 
 def base_key(suite: Suite, data: Data) -> str:
@@ -379,8 +372,8 @@ class Grid:
     def index(self):
         """{result_id: path} over the runs directory; an id of two files (different data) is left out."""
         files = sorted(self.runs_dir.glob("*.json"))
-        stamp = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.exists()]
-        if _INDEX.get(self.runs_dir, (None,))[0] != stamp:
+        stamp = lambda: [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.exists()]  # noqa: E731
+        if _INDEX.get(self.runs_dir, (None,))[0] != stamp():
             found = {}
             for p in files:
                 if (r := self.load(p)) is not None:
@@ -389,8 +382,7 @@ class Grid:
                 if len(ps) > 1:
                     print(f"note: {', '.join(p.name for p in ps)} are one run on different data: without the "
                           f"prepared data ({self.suite.data_dir}) neither is read", file=sys.stderr)
-            stamp = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.exists()]
-            _INDEX[self.runs_dir] = (stamp, {i: ps[0] for i, ps in found.items() if len(ps) == 1})
+            _INDEX[self.runs_dir] = (stamp(), {i: ps[0] for i, ps in found.items() if len(ps) == 1})
         return _INDEX[self.runs_dir][1]
 
     def find(self, label, seed):
@@ -518,15 +510,10 @@ class Grid:
         """Retrain one cached run (or re-score "base") into `scratch` and `compare_runs` with the cache."""
         other = Grid(self.name, self.suite, self.methods, self.seeds, results_dir=Path(scratch) / "results",
                      work_dir=Path(scratch) / "work")
-        if label == "base":
-            old = self.cached("base", None)
-            new = None if old is None else other.run_base()
-        else:
-            old = self.cached(label, seed)
-            new = None if old is None else other.cached(label, seed) or other.run_one(label, seed)
-        if old is None:
+        if (old := self.cached(label, seed)) is None:  # "base" is found whatever the seed
             raise ValueError(f"{label} seed {seed} is not in the cache ({self.runs_dir}): nothing to recheck")
-        return compare_runs(old, new)
+        return compare_runs(old, other.run_base() if label == "base" else
+                            other.cached(label, seed) or other.run_one(label, seed))
 
     def claimed(self, label, seed, fn):
         """fn() under the run's lock, or None where another driver holds it (noted in self.busy) or cached it."""

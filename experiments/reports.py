@@ -1,9 +1,6 @@
-"""Reading the claim grids of experiments/claims.py (METHODS §7) and rendering them: for tutorials 03-06 and 08-10,
-and as the README's table (`render`, printed by tutorials/report.py).
-
-`Grids.read` reads a claim's cached runs (no prepared data needed), says which are missing and returns a `Claim`
-with claims.claim_report's statistics; the rest renders it as tables, plots and the README's rows.
-"""
+"""Reading the claim grids of experiments/claims.py (METHODS §7) and rendering them for tutorials 03-06 and 08-10 and
+as the README's table (`render`, printed by tutorials/report.py). `Grids.read` reads a claim's cached runs (no prepared
+data needed) into a `Claim` with claims.claim_report's statistics, saying which runs are missing."""
 
 import contextlib
 import json
@@ -136,14 +133,10 @@ def report_missing(c: Claim, run_cmd, script):
     """Say exactly which runs of the grid are not cached, and how to train them; warn about unequal seed sets."""
     total = len(c.labels) * len(c.seeds)
     if c.missing or c.base is None:
-        by = {}
-        for label, s in c.missing:
-            by.setdefault(label, []).append(s)
-        parts = [f"{k} (seed{'s' * (len(v) > 1)} {', '.join(map(str, v))})" for k, v in by.items()]
-        if c.base is None:
-            parts.append("the base model's evaluation")
-        if c.damaged:
-            parts.append(f"damaged and moved aside: {', '.join(c.damaged)}")
+        by = {k: [s for label, s in c.missing if label == k] for k, _ in c.missing}
+        parts = ([f"{k} (seed{'s' * (len(v) > 1)} {', '.join(map(str, v))})" for k, v in by.items()]
+                 + ["the base model's evaluation"] * (c.base is None)
+                 + [f"damaged and moved aside: {', '.join(c.damaged)}"] * bool(c.damaged))
         print(f"claim {c.claim}: {total - len(c.missing)} of {total} runs cached; MISSING: {'; '.join(parts)}.\n"
               f"  Train them with `{run_cmd}`" + (f" or `python tutorials/{script} --rerun`" if script else "")
               + ". Below: what is cached.")
@@ -165,10 +158,9 @@ def seed_paired(c: Claim, a, b, fn, expect_positive, scale=1.0):
         return None
     d = [scale * (va[s] - vb[s]) for s in seeds]
     m, low, high = t_interval(d)
-    out = {"a": a, "b": b, "seeds": len(seeds), "diff": m, "se": mean_se(d)[1], "per_seed": d, "low": low, "high": high}
-    if low is None:
-        return {**out, "verdict": "one seed: no interval"}
-    return {**out, "verdict": verdict(low, high, expect_positive, identical=all(x == 0 for x in d))}
+    return {"a": a, "b": b, "seeds": len(seeds), "diff": m, "se": mean_se(d)[1], "per_seed": d, "low": low,
+            "high": high, "verdict": "one seed: no interval" if low is None
+            else verdict(low, high, expect_positive, identical=all(x == 0 for x in d))}
 
 
 def seed_pairs(c: Claim, pairs, fn, expect_positive):
@@ -178,8 +170,7 @@ def seed_pairs(c: Claim, pairs, fn, expect_positive):
 def print_paired(items, what, claimed):
     """One line per seed-paired difference: its interval, seeds and verdict, and the claimed direction."""
     for x in items:
-        print(f"  {what}, {name(x['a'])} − {name(x['b'])}: {interval(x, 3)} over {x['seeds']} seeds -> "
-              f"{x['verdict']} (claimed: {claimed})")
+        print(f"  {what}, {minus(x)}: {interval(x, 3)} over {x['seeds']} seeds -> {x['verdict']} (claimed: {claimed})")
 
 
 def sep_ratio(run):
@@ -193,16 +184,21 @@ def head_cosine(run):
 def vs_base_words(row):
     """Is a trained method above the untrained base model on the suite average (paired over seed and example)?"""
     v = row.get("vs_base")
-    if v is None:
-        return "base not evaluated"
-    return {"reproduced": "above base", "contradicted": "BELOW base", "no difference": "= base",
-            "borderline": "borderline"}.get(v["verdict"], "not resolved")
+    return "base not evaluated" if v is None else {
+        "reproduced": "above base", "contradicted": "BELOW base", "no difference": "= base",
+        "borderline": "borderline"}.get(v["verdict"], "not resolved")
 
 
 # ----------------------------------------------------------------------------------------------- formatting
 
 def name(label):
     return NAMES.get(label, label)
+
+
+def minus(x, b=None):
+    """'A − B' of a comparison `x` (or of the labels x, b), in the readers' names."""
+    a, b = (x["a"], x["b"]) if b is None else (x, b)
+    return f"{name(a)} − {name(b)}"
 
 
 def pm(mean, se, digits=1):
@@ -224,9 +220,8 @@ def interval(x, digits=2):
 
 def verdict_text(x):
     """The combined verdict, and where it is borderline which interval resolves it."""
-    if x["verdict"] != "borderline":
-        return x["verdict"]
-    return f"borderline (bootstrap: {x['verdict_boot']}; t: {x['verdict_t']})"
+    v = x["verdict"]
+    return f"borderline (bootstrap: {x['verdict_boot']}; t: {x['verdict_t']})" if v == "borderline" else v
 
 
 def show(title, table):
@@ -241,13 +236,11 @@ def markdown(header, rows):
 
 def accuracy_table(c: Claim, labels=None):
     """Per method: seeds, suite average, − base (95%), trainable, collapses, tilts; base and majority rows first."""
-    maj = c.majority()
     rows = []
-    if c.report["base"]:
-        b = c.report["base"]
+    if (b := c.report["base"]):
         rows.append(["base model (no training)", "–", f"{b['average']:.1f}", "–", "–", "0",
                      ", ".join(c.base_collapsed()) or "–"])
-    if maj:
+    if (maj := c.majority()):
         rows.append(["majority label of each task", "–", f"{maj['average']:.1f}", "–", "–", "–", "–"])
     for k in labels or c.labels:
         r = c.row(k)
@@ -277,10 +270,9 @@ def comparison_table(c: Claim):
     rows, tasks = [], []
     for x in c.report["comparisons"]:
         tf = x.get("threshold_free")
-        rows.append([f"{name(x['a'])} − {name(x['b'])}", interval(x), str(x["seeds"]), verdict_text(x),
+        rows.append([minus(x), interval(x), str(x["seeds"]), verdict_text(x),
                      f"{interval(tf)}: {verdict_text(tf)}" if tf else "–", paper_text(c.claim, x)])
-        tasks += [[f"{name(x['a'])} − {name(x['b'])}", t, interval(v), verdict_text(v)]
-                  for t, v in x["per_task"].items() if "verdict" in v]
+        tasks += [[minus(x), t, interval(v), verdict_text(v)] for t, v in x["per_task"].items() if "verdict" in v]
     if not rows:
         return "(no comparison yet: a claimed pair needs both methods' runs)"
     return (markdown(["difference (points)", "ours: bootstrap [95%] t [95%]", "seeds", "verdict",
@@ -296,8 +288,7 @@ def paper_text(claim, x):
 
 
 def task_cell(s):
-    cell = pm(s["mean"], s["se"])
-    return cell + (f" (c {s['collapsed']}/{s['seeds']})" if s["collapsed"] else "")
+    return pm(s["mean"], s["se"]) + (f" (c {s['collapsed']}/{s['seeds']})" if s["collapsed"] else "")
 
 
 def task_table(c: Claim, labels, paper_cells=None, column_of=None):
@@ -324,11 +315,8 @@ def task_table(c: Claim, labels, paper_cells=None, column_of=None):
         share = f"{100 * r['trainable'] / c.model_params:.2f}" + (f" / {pc['%Param']:.2f}" if "%Param" in pc else "")
         rows.append([name(k), *cells, avg, share])
     missing = [col for col in paper.TABLE1_COLUMNS if col not in {column_of.get(t) for t in tasks}]
-    note = ""
-    if column_of and missing:
-        note = (f"\n\nThe paper's columns not in our suite: {', '.join(missing)}; its averages are over its own "
-                f"tasks, ours over ours.")
-    return markdown(head, rows) + note
+    return markdown(head, rows) + (f"\n\nThe paper's columns not in our suite: {', '.join(missing)}; its averages are "
+                                   f"over its own tasks, ours over ours." if column_of and missing else "")
 
 
 PROBE = ("sep_ratio", "sep_within", "heldout_kl")
@@ -336,11 +324,8 @@ PROBE = ("sep_ratio", "sep_within", "heldout_kl")
 
 def probe_table(c: Claim, labels):
     """Print the separation probe of each method (mean ± SE over seeds); return {label: {key: (mean, SE)}}."""
-    probe = {}
-    for k in labels:
-        runs = [r for r in c.runs.get(k) or [] if "probe" in r["analysis"]]
-        if runs:
-            probe[k] = {key: mean_se([r["analysis"]["probe"][key] for r in runs]) for key in PROBE}
+    probe = {k: {key: mean_se([r["analysis"]["probe"][key] for r in runs]) for key in PROBE} for k in labels
+             if (runs := [r for r in c.runs.get(k) or [] if "probe" in r["analysis"]])}
     show("held-out A-output probe (mean ± SE over seeds)",
          markdown(["method", "seeds", "separation (between/within)", "within-task spread", "held-out KL"],
                   [[name(k), str(len(c.values(k, sep_ratio))), *[pm(*p[key], 3) for key in PROBE]]
@@ -372,12 +357,10 @@ def bars(ax, c: Claim, labels, title=""):
     for i, k in enumerate(labels):
         ax.plot([i] * len(c.row(k)["per_seed"]), c.row(k)["per_seed"], "k.", ms=4)
     ys = [v for k in labels for v in c.row(k)["per_seed"]]
-    if c.report["base"]:
-        ax.axhline(c.report["base"]["average"], color="gray", ls="--", lw=1, label="base model")
-        ys.append(c.report["base"]["average"])
-    if c.majority():
-        ax.axhline(c.majority()["average"], color="gray", ls=":", lw=1, label="majority label")
-        ys.append(c.majority()["average"])
+    for ref, ls, text in ((c.report["base"], "--", "base model"), (c.majority(), ":", "majority label")):
+        if ref:
+            ax.axhline(ref["average"], color="gray", ls=ls, lw=1, label=text)
+            ys.append(ref["average"])
     ax.set_xticks(range(len(labels)), [name(k) for k in labels], rotation=20, fontsize=7, ha="right")
     if ys:
         ax.set_ylim(max(0, min(ys) - 3), min(100, max(ys) + 3))
@@ -387,8 +370,7 @@ def bars(ax, c: Claim, labels, title=""):
 
 def comparison_items(c: Claim):
     """[(text, comparison, the paper's difference or None)] of the claim's comparisons, for `diffs`."""
-    return [(f"{name(x['a'])} − {name(x['b'])}", x, paper.paper_diff(c.claim, x["a"], x["b"]))
-            for x in c.report["comparisons"]]
+    return [(minus(x), x, paper.paper_diff(c.claim, x["a"], x["b"])) for x in c.report["comparisons"]]
 
 
 def diffs(ax, items, title="paired differences, 95% CI"):
@@ -457,8 +439,7 @@ ROWS = [
      f"A-LoRA-K {paper.FIGURE3['a-lora-k'][0]}-{paper.FIGURE3['a-lora-k'][1]} at every λ, LoRA "
      f"{paper.FIGURE3['lora']} (Figure 3)"),
     ("8. R-LoRA's multi-head dropout (+MT) and random init (+Init) each add points [08]", "8",
-     ["hydra-rs", "hydra+mt", "hydra+init", "rlora"], [("hydra+mt", "hydra-rs"), ("hydra+init", "hydra-rs"),
-                                                       ("rlora", "hydra-rs")],
+     ["hydra-rs", "hydra+mt", "hydra+init", "rlora"], [(k, "hydra-rs") for k in ("hydra+mt", "hydra+init", "rlora")],
      f"HydraLoRA {R4['hydra-rs']}, +MT {R4['hydra+mt']}, +Init {R4['hydra+init']}, both {R4['rlora']} (R-LoRA Table 4, "
      f"Qwen2.5-0.5B)"),
     ("9. alignment also helps R-LoRA / M-LoRA [09]", "9", ["rlora", "rlora+align", "mlora", "mlora+align"],
@@ -489,22 +470,18 @@ def claim_row(title, claim, c, labels, pairs, paper_text):
         return not_measured(title, claim, paper_text)
     ours = "; ".join(f"{name(k)} {pm(c.row(k)['average'], c.row(k)['se'])}" if c.row(k) else f"{name(k)} not run"
                      for k in labels) + base_text(c)
-    collapsed = [f"{name(k)} {t} {s['collapsed']}/{s['seeds']}" for k in labels for t, s in c.per_task(k).items()
-                 if s["collapsed"]]
-    if collapsed:
+    if (collapsed := [f"{name(k)} {t} {s['collapsed']}/{s['seeds']}" for k in labels
+                      for t, s in c.per_task(k).items() if s["collapsed"]]):
         ours += "; collapsed (one prediction > 90%, in k/n seeds): " + ", ".join(collapsed)
     found = [(a, b, c.comparison(a, b)) for a, b in pairs]
-    diff = "; ".join(f"{name(a)} − {name(b)} {interval(x)}" if x else f"{name(a)} − {name(b)}: not run"
-                     for a, b, x in found)
+    diff = "; ".join(f"{minus(a, b)} {interval(x)}" if x else f"{minus(a, b)}: not run" for a, b, x in found)
     verdict = verdicts(found)
-    weak = [name(k) for k in labels if c.row(k) and vs_base_words(c.row(k)) != "above base"]
-    if weak:
+    if (weak := [name(k) for k in labels if c.row(k) and vs_base_words(c.row(k)) != "above base"]):
         verdict += f"; NOT above base: {', '.join(weak)} (not a claim test at this budget)"
-    tilted = [f"{name(k)} {t} {d['tilted_seeds']}/{d['seeds']}" for k in labels if c.row(k)
-              for t, d in c.row(k).get("diagnostics", {}).items() if d["tilted_seeds"]]
     tf = "; ".join(f"{interval(x['threshold_free'])}: {verdict_text(x['threshold_free'])}" for a, b, x in found
                    if x and "threshold_free" in x)
-    if tilted:
+    if (tilted := [f"{name(k)} {t} {d['tilted_seeds']}/{d['seeds']}" for k in labels if c.row(k)
+                   for t, d in c.row(k).get("diagnostics", {}).items() if d["tilted_seeds"]]):
         tf += f"; tilted > {100 * TILT_FLAG:.0f} pts (k/n seeds): " + ", ".join(tilted)
     return [title, paper_text, ours, diff, verdict or "–", tf or "–", budget_text(c, labels)]
 
@@ -512,9 +489,8 @@ def claim_row(title, claim, c, labels, pairs, paper_text):
 def verdicts(found):
     """'verdict' for one pair, 'A − B: verdict; ...' for several."""
     found = [(a, b, x) for a, b, x in found if x]
-    if len(found) == 1:
-        return verdict_text(found[0][2])
-    return "; ".join(f"{name(a)} − {name(b)}: {verdict_text(x)}" for a, b, x in found)
+    return (verdict_text(found[0][2]) if len(found) == 1
+            else "; ".join(f"{minus(a, b)}: {verdict_text(x)}" for a, b, x in found))
 
 
 def budget_text(c, labels):
@@ -531,7 +507,7 @@ def seed_row(title, claim, c, labels, pairs, value, what, paper_text, expect_pos
         return not_measured(title, claim, paper_text)
     ours = f"{what}: " + "; ".join(f"{name(k)} {pm(*mean_se(list(v.values())), 3)}" for k, v in vals.items())
     found = [(a, b, seed_paired(c, a, b, value, expect_positive)) for a, b in pairs]
-    diff = "; ".join(f"{name(a)} − {name(b)} {interval(x, 3)}" for a, b, x in found if x) or "–"
+    diff = "; ".join(f"{minus(a, b)} {interval(x, 3)}" for a, b, x in found if x) or "–"
     return [title, paper_text, ours, diff + " (t interval over seeds only)", verdicts(found) or "–", "–",
             budget_text(c, labels)]
 
@@ -557,17 +533,14 @@ def load(results, stem):
 
 def mechanism_rows(results):
     """Claim 2's exact mechanism (tutorial 02) and claim 7 (tutorial 07), from their committed results JSON."""
-    rows = []
     r02, r07 = load(results, "02_multi_head_family"), load(results, "07_cost")
+    rows = [["2. (mechanism) HydraLoRA w/o Router is one rank-r LoRA [02]", "derived (METHODS §2.4)",
+             "not measured yet", "–", "–", "run `python tutorials/02_multi_head_family.py`"]]
     if r02:
         nr = r02["real_model"]["adapters"]["hydra-norouter"]
-        rows.append(["2. (mechanism) HydraLoRA w/o Router is one rank-r LoRA [02]", "derived (METHODS §2.4)",
-                     f"heads bit-identical after {r02['real_model']['steps']} steps (max abs B_i − B_j "
-                     f"{nr['max_abs_head_difference']:.1f})", "–", "reproduced (exact)",
-                     f"{r02['model']}, tutorial 02"])
-    else:
-        rows.append(["2. (mechanism) HydraLoRA w/o Router is one rank-r LoRA [02]", "derived (METHODS §2.4)",
-                     "not measured yet", "–", "–", "run `python tutorials/02_multi_head_family.py`"])
+        rows[0][2:] = [f"heads bit-identical after {r02['real_model']['steps']} steps (max abs B_i − B_j "
+                       f"{nr['max_abs_head_difference']:.1f})", "–", "reproduced (exact)",
+                       f"{r02['model']}, tutorial 02"]
     if r07:
         a = r07["adapters"]
         merged = ", ".join(f"{k} {a[k]['merge_max_abs_logit_diff']:.0e}" for k in a if a[k]["mergeable"])
@@ -627,11 +600,9 @@ CONTROLS = {"mlora-mean": ("mlora", "step size: heads averaged, not summed"),
 
 def comparison_text(x):
     """'A − B +0.47 [−0.77, +1.84] t [−0.9, +1.9]: verdict; threshold-free ...: verdict' of one comparison."""
-    out = f"{name(x['a'])} − {name(x['b'])} {interval(x)} ({x['seeds']} seeds): **{verdict_text(x)}**"
     tf = x.get("threshold_free")
-    if tf:
-        out += f" (threshold-free {interval(tf)}: {verdict_text(tf)})"
-    return out
+    return (f"{minus(x)} {interval(x)} ({x['seeds']} seeds): **{verdict_text(x)}**"
+            + (f" (threshold-free {interval(tf)}: {verdict_text(tf)})" if tf else ""))
 
 
 def reading(c):
@@ -642,12 +613,10 @@ def reading(c):
         if (a, b) == (x["a"], x["b"]):
             lines.append(comparison_text(x))
             continue
-        what = CONTROLS.get(x["a"], CONTROLS.get(x["b"]))[1]
-        orig = by_pair.get((a, b))
-        same = orig is not None and orig["verdict"] == x["verdict"]
+        what, orig = CONTROLS.get(x["a"], CONTROLS.get(x["b"]))[1], by_pair.get((a, b))
         lines.append(f"control ({what}): {comparison_text(x)}; " + (
-            "the original pair is not measured" if orig is None else
-            "the verdict holds" if same else f"the verdict differs (the original's: {verdict_text(orig)}"
+            "the original pair is not measured" if orig is None else "the verdict holds"
+            if orig["verdict"] == x["verdict"] else f"the verdict differs (the original's: {verdict_text(orig)}"
             + (f", over {orig['seeds']} seeds)" if orig["seeds"] != x["seeds"] else ")")))
     return lines
 
@@ -664,8 +633,7 @@ def spread_text(read):
     tilted = {}
     for r in runs.values():
         for t, v in r["tasks"].items():
-            tilted.setdefault(t, 0)
-            tilted[t] += tilt(v["predicted"], v["gold"]) > TILT_FLAG
+            tilted[t] = tilted.get(t, 0) + (tilt(v["predicted"], v["gold"]) > TILT_FLAG)
     return (f"{len(runs)} trained runs: suite averages {avgs[0][0]:.1f}-{avgs[-1][0]:.1f}% (lowest: {name(avgs[0][1])} "
             f"seed {avgs[0][2]}), against the base model's {base:.1f}% and the majority rate's {maj:.1f}%; "
             f"{coll} run(s) with a task collapsed (one answer > 90%); tilted past {100 * TILT_FLAG:.0f} points: "
@@ -716,6 +684,5 @@ def render(grids, results=TUTORIAL_RESULTS):
         parts.append("Claims 4-5 per task, ours / the paper's Table 5 average (its per-task cells are not in "
                      "METHODS §6.2):\n\n" + task_table(c, ["lora-r8", "a-lora-k", "a-lora-m"],
                                                        {k: {"Avg": paper.TABLE5_3B[k]} for k in paper.TABLE5_3B}))
-    parts.append(plain_reading(read))
-    parts.append("Compute: " + compute_text(read))
+    parts += [plain_reading(read), "Compute: " + compute_text(read)]
     return "\n\n".join(parts) + "\n", table

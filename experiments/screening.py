@@ -34,10 +34,9 @@ def grids():
                                    **{**BUDGET, "seq_len": 640}), LORA, [0]),
         Grid("screen-builtin", Suite(BUILTIN, fmt="label", mode="loglik", test_per_task=TEST, **BUDGET), LORA, [0]),
         # GSM8K answers are worked solutions: scored by generation (256 new tokens) and the final number
-        Grid("screen-gsm8k-label", Suite(("gsm8k",), fmt="label", mode="generate", test_per_task=200,
-                                         **{**BUDGET, "batch_per_task": 4, "seq_len": 384}), LORA, [0]),
-        Grid("screen-gsm8k-cloze", Suite(("gsm8k",), fmt="cloze", mode="generate", test_per_task=200,
-                                         **{**BUDGET, "batch_per_task": 4, "seq_len": 384}), LORA, [0]),
+        *(Grid(f"screen-gsm8k-{fmt}", Suite(("gsm8k",), fmt=fmt, mode="generate", test_per_task=200,
+                                            **{**BUDGET, "batch_per_task": 4, "seq_len": 384}), LORA, [0])
+          for fmt in ("label", "cloze")),
     ]
 
 

@@ -12,6 +12,7 @@ import numpy as np
 VERDICTS = ("reproduced", "same direction, not resolved", "opposite, not resolved", "contradicted", "no difference",
             "borderline")
 TILT_FLAG = 0.10  # a task whose predicted-label shares are this far from the gold shares is flagged "tilted"
+# Student's t 97.5% quantiles; between rows the next smaller df (conservative), from df 100 the normal's 1.96
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         15: 2.131, 20: 2.086, 30: 2.042}
 
@@ -44,9 +45,7 @@ def _as_matrices(correct_a, correct_b):
 
 def seed_differences(correct_a, correct_b):
     """Per seed, the suite-average accuracy of A minus that of B: a list with one difference per seed."""
-    m = _as_matrices(correct_a, correct_b)
-    per_task = np.stack([a.mean(1) - b.mean(1) for a, b in m.values()])  # [tasks, seeds]
-    return per_task.mean(0).tolist()
+    return np.stack([a.mean(1) - b.mean(1) for a, b in _as_matrices(correct_a, correct_b).values()]).mean(0).tolist()
 
 
 def paired_bootstrap(correct_a, correct_b, n_boot=10_000, seed=0, level=0.95, chunk=500):
@@ -87,27 +86,21 @@ def verdict(low, high, expect_positive=True, identical=False):
     return "same direction, not resolved" if (mid > 0) == expect_positive else "opposite, not resolved"
 
 
-def t975(df):
-    """Student's t 97.5% quantile (a table; between its rows the next smaller df, which is conservative)."""
-    return T975[max(k for k in T975 if k <= df)] if df < 100 else 1.96
-
-
 def t_interval(diffs):
     """(mean, low, high): the 95% paired t interval over seeds of per-seed differences (None, None with one seed)."""
     m, se = mean_se(diffs)
     if len(diffs) < 2:
         return m, None, None
-    return m, m - t975(len(diffs) - 1) * se, m + t975(len(diffs) - 1) * se
+    df = len(diffs) - 1
+    t = T975[max(k for k in T975 if k <= df)] if df < 100 else 1.96
+    return m, m - t * se, m + t * se
 
 
 def combined_verdict(boot, t):
     """Resolved only when both intervals are, "borderline" when one is; else (or without t) the bootstrap's."""
-    resolved = ("reproduced", "contradicted")
     if t is None or boot == t or boot == "no difference":
         return boot
-    if boot in resolved or t in resolved:
-        return "borderline"
-    return boot
+    return "borderline" if {boot, t} & {"reproduced", "contradicted"} else boot
 
 
 def compare(correct_a, correct_b, expect_positive=True, n_boot=10_000, seed=0):
@@ -123,9 +116,8 @@ def compare(correct_a, correct_b, expect_positive=True, n_boot=10_000, seed=0):
            "per_task": {}, "seeds": boot["seeds"]}
     out.update(verdicts(boot["low"], boot["high"], diffs, expect_positive, all(same.values()), scale=100))
     for t, d in boot["per_task"].items():
-        out["per_task"][t] = {k: 100 * v for k, v in d.items()}
-        out["per_task"][t].update(verdicts(d["low"], d["high"], task_diffs[t].tolist(), expect_positive, same[t],
-                                           scale=100))
+        out["per_task"][t] = {**{k: 100 * v for k, v in d.items()}, **verdicts(
+            d["low"], d["high"], task_diffs[t].tolist(), expect_positive, same[t], scale=100)}
     return out
 
 
@@ -200,8 +192,7 @@ def compare_threshold_free(tasks_a, tasks_b, expect_positive=True, n_boot=2000, 
     diffs = np.mean(per_seed, axis=0)  # [S]: suite-score difference per seed
     reps = np.mean(reps, axis=0)
     reps = reps[np.isfinite(reps)]  # only tiny test sets draw a resample with one class
-    ci = _interval(reps, 0.95)
-    lo, hi = ci["low"], ci["high"]
+    lo, hi = _interval(reps, 0.95).values()
     out = {"diff": 100 * float(diffs.mean()), "low": 100 * lo, "high": 100 * hi, "seeds": S,
            "seed_diffs": (100 * diffs).tolist()}
     out.update(verdicts(lo, hi, diffs.tolist(), expect_positive, identical, scale=100))
