@@ -27,9 +27,7 @@ from nanoalign.adapters import LoRALinear, adapter_modules, apply_adapter, count
 from nanoalign.plumbing.adapter_io import export_peft
 from nanoalign.plumbing.datasets import load_tasks
 
-args = parser(__doc__).parse_args()
-if args.full:
-    args.model = "qwen2.5-7b"
+args = parser(__doc__, full_model="qwen2.5-7b").parse_args()
 RANK, ALPHA = 8, 32.0                  # the Align-LoRA code default (METHODS §2.1)
 SWEEP_RANKS = [1, 2, 4, 8] if args.tiny else [1, 2, 4, 8, 16, 32, 64]
 SWEEP_STEPS = 5 if args.tiny else 20
@@ -117,14 +115,9 @@ target = (torch.randn(d_out, 4, generator=g) @ torch.randn(4, d_in, generator=g)
 X = torch.randn(256, d_in, generator=g)
 with torch.no_grad():
     Y = base(X) + X @ target.T
-scaling = {"alpha/r": [], "alpha/sqrt(r)": []}
-kept = None
-for r in SWEEP_RANKS:
-    for name, rs in (("alpha/r", False), ("alpha/sqrt(r)", True)):
-        row, m = sweep(r, rs, SWEEP_STEPS)
-        scaling[name].append(row)
-        if r == RANK and not rs:
-            kept = m  # the trained rank-8 layer, merged in section 4
+scaling = {name: [sweep(r, rs, SWEEP_STEPS)[0] for r in SWEEP_RANKS]
+           for name, rs in (("alpha/r", False), ("alpha/sqrt(r)", True))}
+kept = sweep(RANK, False, SWEEP_STEPS)[1]  # the trained rank-8 layer (seeded: the same as in the sweep), merged in 4
 print(f"[3] ‖ΔW‖_F after Adam step 1 (lr 1e-3) and loss after {SWEEP_STEPS} steps (init loss "
       f"{scaling['alpha/r'][0]['loss_init']:.3f}):")
 print("      r |   α/r: s  ‖ΔW‖ step1   loss |  α/√r: s  ‖ΔW‖ step1   loss")
@@ -216,19 +209,15 @@ results["model_merge"] = {"peft_tensors": len(keys), "peft_key_example": keys[0]
                           "merge_max_abs_logit_diff": model_merge_diff, "same_greedy_token": same_token,
                           "adapters_left": left, "params_after_merge": sum(p.numel() for p in model.parameters())}
 
-# %% [markdown]
-# ## Results and plot
-
-# %%
+# %% Results and plot
 results["wall_s"] = round(time.perf_counter() - t_start, 1)
 print(f"\nwrote {write_json(args.out / '01_lora_from_scratch.json', results)} ({results['wall_s']} s)")
 plt = pyplot()
 if plt is not None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, rows in scaling.items():
-        rr = [row["rank"] for row in rows]
-        ax[0].plot(rr, [row["dW_fro_step1"] for row in rows], "o-", label=f"s = {name.replace('alpha', 'α')}")
-        ax[1].plot(rr, [row["loss_final"] for row in rows], "o-", label=f"s = {name.replace('alpha', 'α')}")
+        for a_, key in zip(ax, ("dW_fro_step1", "loss_final")):
+            a_.plot(SWEEP_RANKS, [row[key] for row in rows], "o-", label=f"s = {name.replace('alpha', 'α')}")
     ax[0].set(xscale="log", yscale="log", xlabel="rank r", ylabel="‖ΔW‖_F after one Adam step",
               title=f"first update size (α={ALPHA:g}, lr 1e-3)")
     ax[1].set(xscale="log", yscale="log", xlabel="rank r", ylabel="MSE",

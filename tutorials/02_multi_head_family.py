@@ -21,24 +21,21 @@ import copy
 import math
 import time
 
-from common import MLP, QWEN25_3B, lm_loss, pick_data, task_batches, load_base, machine, parser, pyplot, save_figure, \
-    write_json
+from common import MLP, QWEN25_3B, head_cos, lm_loss, load_base, machine, parser, pick_data, pyplot, save_figure, \
+    task_batches, write_json
 
 import torch
 import torch.nn as nn
 
 from nanoalign.adapters import adapter_context, adapter_modules, apply_adapter, count_trainable, merge_adapters
-from experiments.analysis import head_cosine_similarity
 from nanoalign.model import CausalLM, ModelConfig
 
-p = parser(__doc__)
+p = parser(__doc__, full_model="qwen2.5-3b")
 p.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter (default 5; 3 with --tiny)")
 p.add_argument("--data", default=None, help="task mix (default: sst2,cola,piqa,siqa,openbookqa from --source when "
                "present, else the builtin suite; --tiny: builtin)")
 p.add_argument("--source", default=None, help="original benchmark files (default $NANOALIGN_DATA or ../shared/data)")
 args = p.parse_args()
-if args.full:
-    args.model = "qwen2.5-3b"
 STEPS = args.steps or (3 if args.tiny else 20 if args.full else 5)
 RANK, HEADS, ALPHA, DROPOUT, LR = 4, 3, 32.0, 0.1, 2e-3   # Table 1 shape; α, dropout, lr as train.py's defaults
 KINDS = ["lora", "hydra", "hydra-norouter", "rlora", "mlora", "mtl", "multilora"]  # lora: the reference
@@ -60,6 +57,9 @@ def adapt(module, kind, seed=args.seed, **kw):
 
 # %% [markdown]
 # ## 1. One layer, one input, seven adapters: trainable tensors, output change at init, A-output shape, mergeable
+# Zero heads and MultiLoRA's zero scales start exactly at the base; M-LoRA's compensation C = s·Σ_i B_i⁰A⁰ cancels
+# its random heads to round-off; R-LoRA's C assumes a uniform router (ω_i = 1/N, as the released code), which its
+# kaiming router is not. A router (ΔW depends on x) or MTL-LoRA's task mix (ΔW depends on t) cannot merge.
 # Tests: tests/test_adapters.py::test_forward_matches_reference_equation (every equation above),
 # ::test_zero_init_leaves_layer_unchanged, ::test_random_init_heads_differ_and_compensation,
 # ::test_merge_equals_unmerged, ::test_unmergeable_adapters_refuse.
@@ -98,11 +98,6 @@ for kind in KINDS:
 results["one_layer"] = one_layer
 
 # %% [markdown]
-# Zero heads and MultiLoRA's zero scales start exactly at the base; M-LoRA's compensation C = s·Σ_i B_i⁰A⁰ cancels
-# its random heads to round-off; R-LoRA's C assumes a uniform router (ω_i = 1/N, as the released code), which its
-# kaiming router is not. A router (ΔW depends on x) or MTL-LoRA's task mix (ΔW depends on t) cannot merge.
-
-# %% [markdown]
 # ## 2. Parameter counts on meta-device models, against METHODS §1's Qwen2.5-3B counts
 # Tests: tests/test_adapters.py::test_parameter_counts_match_methods_table, ::test_hydra_router_not_counted_equals_
 # mlora_count.
@@ -111,51 +106,47 @@ results["one_layer"] = one_layer
 METHODS_QWEN3B = {"mlora": 12_570_624, "hydra": 14_201_856, "rlora": 14_201_856}
 
 
-def meta_counts(hf_or_cfg):
+def meta_counts(config):
     counts = {}
     for kind in KINDS:
         with torch.device("meta"):
-            m = CausalLM(hf_or_cfg if isinstance(hf_or_cfg, ModelConfig) else ModelConfig.from_hf_dict(hf_or_cfg))
+            m = CausalLM(config)
         n_base = sum(t.numel() for t in m.parameters())
         adapt(m, kind)
-        counts[kind] = {"trainable": count_trainable(m), "base": n_base,
-                        "percent": 100 * count_trainable(m) / n_base}
+        counts[kind] = {"trainable": count_trainable(m), "base": n_base, "percent": 100 * count_trainable(m) / n_base}
     return counts
 
 
-counts = {"smollm2-135m" if not args.tiny else "tiny": meta_counts(cfg), "qwen2.5-3b": meta_counts(QWEN25_3B)}
+counts = {"smollm2-135m" if not args.tiny else "tiny": meta_counts(cfg),
+          "qwen2.5-3b": meta_counts(ModelConfig.from_hf_dict(QWEN25_3B))}
 print(f"\n[2] trainable parameters (rank {RANK}, {HEADS} heads, {'/'.join(MLP)}; mtl with {NUM_TASKS} tasks)")
 names = list(counts)
 print(f"    {'kind':15s} " + "  ".join(f"{n:>22s}" for n in names) + "   METHODS §1 (Qwen2.5-3B)")
 for kind in KINDS:
     cells = "  ".join(f"{counts[n][kind]['trainable']:>13,d} ({counts[n][kind]['percent']:.3f}%)" for n in names)
-    ref = METHODS_QWEN3B.get(kind)
-    check = ""
-    if ref is not None:
-        check = f"{ref:,} ({'match' if counts['qwen2.5-3b'][kind]['trainable'] == ref else 'MISMATCH'})"
+    ref, ours = METHODS_QWEN3B.get(kind), counts["qwen2.5-3b"][kind]["trainable"]
+    check = "" if ref is None else f"{ref:,} ({'match' if ours == ref else 'MISMATCH'})"
     print(f"    {kind:15s} {cells}   {check}")
 results["param_counts"] = counts
 results["methods_qwen3b_match"] = {k: counts["qwen2.5-3b"][k]["trainable"] == v for k, v in METHODS_QWEN3B.items()}
 
 # %% [markdown]
 # ## 3. On the real model: starting point, a few optimizer steps, and merging
-# Same base, same batches (one example per task), same AdamW steps; after each, the mean inter-head cosine of B
-# (METHODS §4.1, tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop).
-# HydraLoRA without router (METHODS §2.4): zero heads with one gradient stay identical, cosine 1.0 forever, a
-# rank-r LoRA in disguise (tests/test_adapters.py::test_hydra_without_router_keeps_identical_heads). The others have
-# a router, random inits and dropout masks, or per-task mixing to tell heads apart (MultiLoRA's B_i live in
-# different bases, so their cosine says little).
+# Same base, batches (one example per task) and AdamW steps; after each, the mean inter-head cosine of B (METHODS
+# §4.1, tests/test_analysis.py::test_head_cosine_similarity_matches_pairwise_loop). HydraLoRA without router
+# (METHODS §2.4): zero heads with one gradient stay identical, a rank-r LoRA in disguise (tests/test_adapters.py::
+# test_hydra_without_router_keeps_identical_heads). The others have a router, random inits and dropout masks, or
+# per-task mixing to tell heads apart (MultiLoRA's B_i live in different bases: their cosine says little).
+# The first cosine is at step 0 (zero heads: n/a). After Adam's first step HydraLoRA's heads are *nearly* parallel:
+# Adam normalises each entry's update and the router only reweights head i's gradients by ω_i(x) > 0, so the heads
+# take almost the same signed step. R-LoRA's and M-LoRA's random heads (cosine ≈ 0) get near-identical gradients,
+# so their cosine can only rise with training (tutorial 03).
 
 # %%
 fixed = [next(batches) for _ in range(STEPS)]           # the same batches for every adapter
 probe = fixed[0]
 with torch.no_grad():
     base_logits = model(probe["input_ids"], probe["attention_mask"])
-
-
-def mean_cos(m):
-    vals = [v for v in head_cosine_similarity(m).values() if not math.isnan(v)]
-    return (sum(vals) / len(vals), min(vals)) if vals else (None, None)
 
 
 def probe_logits(m):
@@ -168,10 +159,8 @@ for kind in KINDS:
     t0 = time.perf_counter()
     m = adapt(copy.deepcopy(model), kind).eval()
     start_diff = (probe_logits(m) - base_logits).abs().max().item()
-    trainable = [t for t in m.parameters() if t.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
-    cos0 = mean_cos(m)
-    cos, losses = [cos0[0]], []
+    opt = torch.optim.AdamW([t for t in m.parameters() if t.requires_grad], lr=LR, weight_decay=0.0)
+    cos, losses = [head_cos(m)[0]], []
     m.train()
     for b in fixed:
         loss = lm_loss(m, b)
@@ -179,12 +168,11 @@ for kind in KINDS:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        cos.append(mean_cos(m)[0])
+        cos.append(head_cos(m)[0])
     m.eval()
-    cos_min = mean_cos(m)[1]
-    head_spread = None
-    if kind == "hydra-norouter":  # identical, not merely parallel: max |B_i − B_0| over all modules
-        head_spread = max((a.lora_B.weight - a.lora_B.weight[:1]).abs().max().item() for _, a in adapter_modules(m))
+    cos_min = head_cos(m)[1]
+    head_spread = None if kind != "hydra-norouter" else max(  # identical, not merely parallel: max |B_i − B_0|
+        (a.lora_B.weight - a.lora_B.weight[:1]).abs().max().item() for _, a in adapter_modules(m))
     trained = probe_logits(m)
     try:
         merge_adapters(m)
@@ -196,10 +184,10 @@ for kind in KINDS:
                   "head_cos_min_final": cos_min, "max_abs_head_difference": head_spread, "mergeable": merge == "yes",
                   "merge_max_abs_logit_diff": merge_diff, "merge_message": merge,
                   "seconds": round(time.perf_counter() - t0, 1)}
-    fmt = lambda v: "  n/a" if v is None else f"{v:5.3f}"  # noqa: E731
     merged_txt = "no" if merge_diff is None else f"yes, |Δlogit| {merge_diff:.1e}"
     print(f"    {kind:15s} start |Δlogit| {start_diff:8.2e} | loss {losses[0]:.3f} -> {losses[-1]:.3f} | head cos "
-          + " ".join(fmt(c) for c in cos) + f" | merge: {merged_txt} ({real[kind]['seconds']} s)")
+          + " ".join("  n/a" if v is None else f"{v:5.3f}" for v in cos) + f" | merge: {merged_txt} "
+          f"({real[kind]['seconds']} s)")
     del m, opt
 results["real_model"] = {"steps": STEPS, "lr": LR, "optimizer": "AdamW", "batch": "1 example per task",
                          "adapters": real}
@@ -207,16 +195,7 @@ nr = real["hydra-norouter"]
 print(f"\n    hydra-norouter after {STEPS} steps: head cosine {nr['head_cos_mean_per_step'][-1]:.6f} (min over modules "
       f"{nr['head_cos_min_final']:.6f}), max |B_i − B_0| = {nr['max_abs_head_difference']:.1e}: one LoRA, copied")
 
-# %% [markdown]
-# The first cosine is at step 0 (zero heads: n/a). After Adam's first step HydraLoRA's heads are *nearly* parallel:
-# Adam normalises each entry's update and the router only reweights head i's gradients by ω_i(x) > 0, so the heads
-# take almost the same signed step. R-LoRA's and M-LoRA's random heads (cosine ≈ 0) get near-identical gradients,
-# so their cosine can only rise with training (tutorial 03).
-
-# %% [markdown]
-# ## Results and plot
-
-# %%
+# %% Results and plot
 results["wall_s"] = round(time.perf_counter() - t_start, 1)
 print(f"\nwrote {write_json(args.out / '02_multi_head_family.json', results)} ({results['wall_s']} s)")
 plt = pyplot()

@@ -13,10 +13,12 @@ grid "1-2" of experiments/claims.py (the four methods, same seeds, budget and te
 """
 
 # %% [setup]
+import torch
 from common import claim_grids, finish, parse_args
 
 from experiments import paper
 from experiments.reports import accuracy_panels, accuracy_table, comparison_table, show, suite_text, task_table
+from nanoalign.adapters import HydraNoRouterLinear, MLoRALinear
 
 args = parse_args(__doc__, ["1-2"])
 LABELS = ["hydra", "hydra-norouter", "rlora", "mlora"]
@@ -31,11 +33,6 @@ TESTS_04 = ["tests/test_adapters.py::test_summed_heads_step_n_squared_as_far_as_
 # heads-averaged control row: a summed M-LoRA trains at a larger step than the methods it is compared with.
 
 # %%
-import torch
-
-from nanoalign.adapters import HydraNoRouterLinear, MLoRALinear
-
-
 def delta_w_moved(cls, reduction, heads=3):
     """How far one SGD step (lr 0.01, toy loss, seed 0) moves the module's ΔW."""
     torch.manual_seed(0)
@@ -57,46 +54,35 @@ for cls in (HydraNoRouterLinear, MLoRALinear):
 print("pinned by", ", ".join(TESTS_04))
 
 # %% [markdown]
-# ## 1. Read the grid: the rows differ in the adapter kind only; a seed changes init, dropout and data order, never
-# the test set, so methods compare seed by seed and example by example
+# ## 1. Accuracy, beside the base model and the majority label
+# The rows differ in the adapter kind only; a seed changes init, dropout and data order, never the test set, so
+# methods compare seed by seed and example by example. A method not clearly above the base model ("vs base", paired,
+# 95%) does not test the claim at this budget; "collapsed in": one prediction covers > 90% of a task's examples, so
+# its accuracy is that label's share.
 
 # %%
-grids = claim_grids(args.tiny, args.rerun)
-c = grids.read_or_stop("1-2")
-
-# %% [markdown]
-# ## 2. Accuracy, beside the base model and the majority label
-# A method not clearly above the base model ("vs base", paired, 95%) does not test the claim at this budget;
-# "collapsed in": one prediction covers > 90% of a task's examples, so its accuracy is that label's share.
-
-# %%
+c = claim_grids(args.tiny, args.rerun).read_or_stop("1-2")
 show("suite average accuracy, mean ± SE over seeds", accuracy_table(c, LABELS))
 
 # %% [markdown]
-# ## 3. Per task, in the shape of the paper's Table 1 (its cell after " / " where the task is one of its columns)
+# ## 2. Per task, in the shape of the paper's Table 1 (its cell after " / " where the task is one of its columns)
 # Compare the ordering of the rows and the size of the gaps, not the levels: a 135M model is not a 3B one.
 
 # %%
 show("per task (%), ours / paper", task_table(c, LABELS, paper.TABLE1, paper.TABLE1_COLUMN_OF))
 
 # %% [markdown]
-# ## 4. The claimed differences: claim 1 M-LoRA − R-LoRA, − HydraLoRA (paper +0.78, +1.41); claim 2 w/o Router −
-# HydraLoRA (−0.46). Two 95% intervals each (experiments/stats.py): the paired bootstrap over (seed, example) and
-# the seed-level t interval; "reproduced" when both exclude 0 on the paper's side, "borderline" when one does.
+# ## 3. The claimed differences: claim 1 M-LoRA − R-LoRA, − HydraLoRA; claim 2 w/o Router − HydraLoRA
+# Two 95% intervals each (experiments/stats.py): the paired bootstrap over (seed, example) and the seed-level t
+# interval; "reproduced" when both exclude 0 on the paper's side, "borderline" when one does.
+# The control rows repeat claims 1 and 2 with one thing changed: the heads averaged instead of summed (step size),
+# or R-LoRA's released-code init. Claim 2's mechanism needs no statistics: HydraLoRA w/o Router *is* a rank-4 LoRA
+# (tutorials 02, 03), so any gap between it and HydraLoRA is what the router adds.
 
 # %%
 show("claimed differences (points)", comparison_table(c))
-# The control rows repeat claims 1 and 2 with one thing changed: the heads averaged instead of summed (step size),
-# or R-LoRA's released-code init.
 
-# %% [markdown]
-# Claim 2's mechanism needs no statistics: HydraLoRA w/o Router *is* a rank-4 LoRA (tutorials 02, 03), so any gap
-# between it and HydraLoRA is what the router adds.
-
-# %% [markdown]
-# ## Plot: suite average per method (± SE, seeds as dots) and the paired differences beside the paper's
-
-# %%
+# %% Plot: suite average per method (± SE, seeds as dots) and the paired differences beside the paper's
 def draw(plt):
     fig, ax = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.2]})
     accuracy_panels(ax[0], ax[1], c, LABELS)

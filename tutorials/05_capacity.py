@@ -13,12 +13,16 @@ heads, gate/up/down), a LoRA at HydraLoRA's parameter count (`rank_for_budget`),
 """
 
 # %% [setup]
-from common import claim_grids, finish, parse_args
+import torch
+import torch.nn as nn
+from common import MLP, QWEN25_3B, claim_grids, finish, parse_args, pinned, toy
 
 from experiments import paper
 from experiments.reports import accuracy_panels, accuracy_table, comparison_table, markdown, name, pm, show, \
     suite_text, task_table, value_bars
 from experiments.stats import mean_se
+from nanoalign.adapters import apply_adapter, count_trainable, rank_for_budget
+from nanoalign.model import CausalLM, ModelConfig
 
 args = parse_args(__doc__, ["3"])
 LABELS = ["lora-budget", "hydra", "rlora"]
@@ -30,19 +34,8 @@ LABELS = ["lora-budget", "hydra", "rlora"]
 # device), against count_trainable and rank_for_budget.
 
 # %%
-import torch
-import torch.nn as nn
-from common import MLP, QWEN25_3B, toy
-
-from nanoalign.adapters import apply_adapter, count_trainable, rank_for_budget
-from nanoalign.model import CausalLM, ModelConfig
-
-TESTS_05 = ["tests/test_adapters.py::test_rank_for_budget",
-            "tests/test_adapters.py::test_parameter_counts_match_methods_table"]
-
-
 def toy_mechanism(r=4, heads=3):
-    """HydraLoRA's budget and the matched LoRA rank by hand vs count_trainable / rank_for_budget (TESTS_05)."""
+    """HydraLoRA's budget and the matched LoRA rank by hand vs count_trainable / rank_for_budget."""
     out = {}
     print(f"mechanism: HydraLoRA r={r} x {heads} heads + router on gate/up/down vs a LoRA of matched rank")
     configs = {"tiny random Llama": toy("lora")[0].config, "Qwen2.5-3B": ModelConfig.from_hf_dict(QWEN25_3B)}
@@ -60,32 +53,24 @@ def toy_mechanism(r=4, heads=3):
         print(f"  {label}: {len(shapes)} modules, Σ[r·d_in + N·r·d_out + N·d_in] = {budget:,} (count_trainable "
               f"{row['count_trainable']:,}); a LoRA rank costs Σ(d_in + d_out) = {per_rank:,}, so the matched rank is "
               f"round({budget:,} / {per_rank:,}) = {row['rank_by_hand']} (rank_for_budget {row['rank_for_budget']})")
-    print(f"  pinned by {TESTS_05[0]}, ::{TESTS_05[1].rsplit('::')[1]}")
-    return {**out, "rank": r, "heads": heads, "tests": TESTS_05}
+    return pinned({**out, "rank": r, "heads": heads}, "tests/test_adapters.py::test_rank_for_budget",
+                  "tests/test_adapters.py::test_parameter_counts_match_methods_table")
 
 
 mechanism_toy = toy_mechanism()
 
 # %% [markdown]
-# ## 1. Read the grid, and check the budgets match (to within one rank step)
+# ## 1. Accuracy, beside the base model and the majority label (a row tests nothing unless clearly above base)
+# The trainable column shows the budgets match, to within one rank step of the matched LoRA.
 
 # %%
-grids = claim_grids(args.tiny, args.rerun)
-c = grids.read_or_stop("3")
+c = claim_grids(args.tiny, args.rerun).read_or_stop("3")
 ranks = {k: rs[0]["options"]["rank"] for k, rs in c.runs.items() if rs}
-for k in LABELS:
-    if c.row(k):
-        print(f"  {name(k)}: rank {ranks[k]}, {c.row(k)['trainable']:,} trainable parameters")
-
-# %% [markdown]
-# ## 2. Accuracy, beside the base model and the majority label (a row tests nothing unless clearly above base)
-
-# %%
 show("suite average accuracy, mean ± SE over seeds", accuracy_table(c, LABELS))
 show("per task (%)", task_table(c, LABELS))
 
 # %% [markdown]
-# ## 3. Is the matched LoRA as good? An equivalence, judged by its interval (claims.equivalence_verdict)
+# ## 2. Is the matched LoRA as good? An equivalence, judged by its interval (claims.equivalence_verdict)
 # Inside ±1 point "equivalent", above −1 "not worse", under −1 "worse". One task's accuracy has a binomial SE of
 # about 50/√n points on n test examples, so ±1 needs a large test set and many seeds.
 
@@ -93,13 +78,12 @@ show("per task (%)", task_table(c, LABELS))
 show("matched LoRA − multi-head (points)", comparison_table(c))
 
 # %% [markdown]
-# ## 4. Where the capacity goes: the entropy effective rank exp(H(σ/Σσ)) of ΔW
+# ## 3. Where the capacity goes: the entropy effective rank exp(H(σ/Σσ)) of ΔW
 # A shared A caps Σ_i ω_i(x) B_i A at rank r = 4 whatever the heads; R-LoRA can show 8 (plus its compensation C).
 
 # %%
 LIMIT = {"hydra": 4, "rlora": 8}
-eff = {}
-rows = []
+eff, rows = {}, []
 for k in LABELS:
     vals = [r["analysis"]["effective_rank_mean"] for r in c.runs.get(k) or [] if "effective_rank_mean" in r["analysis"]]
     if vals:
@@ -108,10 +92,7 @@ for k in LABELS:
 show("effective rank of ΔW (mean over modules; ± SE over seeds)",
      markdown(["method", "seeds", "effective rank", "at most"], rows) if rows else "(not measured yet)")
 
-# %% [markdown]
-# ## Plot: suite average per method, the paired differences (±1 point band), the effective rank
-
-# %%
+# %% Plot: suite average per method, the paired differences (±1 point band), the effective rank
 def draw(plt):
     fig, ax = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [1, 1.2, 0.8]})
     if c.report["comparisons"]:
@@ -123,7 +104,6 @@ def draw(plt):
     return fig
 
 
-finish(args, "05_capacity", {"mechanism": mechanism_toy,
-                             "claims": {"3": c.to_json()}, "ranks": ranks, "effective_rank": eff,
-                             "paper": {"Table 3, Qwen2.5-7B BBH": paper.TABLE3_7B}}, draw,
-       f"05 capacity over architecture: {suite_text(c)}")
+finish(args, "05_capacity", {"mechanism": mechanism_toy, "claims": {"3": c.to_json()}, "ranks": ranks,
+                             "effective_rank": eff, "paper": {"Table 3, Qwen2.5-7B BBH": paper.TABLE3_7B}},
+       draw, f"05 capacity over architecture: {suite_text(c)}")

@@ -18,12 +18,16 @@ each "4-5" run's held-out separation probe (experiments.analysis.separation_prob
 """
 
 # %% [setup]
-from common import claim_grids, finish, parse_args
+import itertools
+
+from common import claim_grids, finish, parse_args, pinned, reference_lines, toy
 
 from experiments import claims as C
 from experiments import paper
 from experiments.reports import accuracy_panels, accuracy_table, bar, comparison_table, interval, markdown, pm, \
     print_paired, probe_table, seed_pairs, sep_ratio, show, suite_text, task_table, value_bars
+from nanoalign.adapters import adapter_context
+from nanoalign.align import alignment_loss, kl_alignment_loss, task_groups
 
 args = parse_args(__doc__, ["4-5", "6"])
 LABELS = ["lora-r8", "a-lora-k", "a-lora-m"]
@@ -36,19 +40,8 @@ SWEEP = list(paper.SWEEP)  # claim 6's A-LoRA-K labels, by the paper's λ
 # reaches the module's A and never its B, which acts after Z.
 
 # %%
-import itertools
-
-from common import toy
-
-from nanoalign.adapters import adapter_context
-from nanoalign.align import alignment_loss, kl_alignment_loss, task_groups
-
-TESTS_06 = ["tests/test_align.py::test_kl_matches_torch_distributions",
-            "tests/test_align.py::test_alignment_gradient_reaches_every_A_and_never_the_own_B"]
-
-
 def toy_mechanism():
-    """The symmetric KL of one toy module by hand vs nanoalign.align, and where its gradient goes (TESTS_06)."""
+    """The symmetric KL of one toy module by hand vs nanoalign.align, and where its gradient goes."""
     model, batches, _ = toy("lora")
     b, name = next(batches), "model.layers.0.mlp.up_proj"
     with adapter_context(model, collect=True) as ctx:
@@ -70,19 +63,20 @@ def toy_mechanism():
     out = {"module": name, "tasks": len(gauss), "pairs": len(pairs), "kl_by_hand": hand.item(),
            "alignment_loss": lib.item(), "kl_alignment_loss": groups.item(),
            "max_abs_diff": max(abs(hand.item() - lib.item()), abs(hand.item() - groups.item())),
-           "grad_A_norm": grad_a, "grad_B_max_abs": grad_b, "tests": TESTS_06}
+           "grad_A_norm": grad_a, "grad_B_max_abs": grad_b}
     print(f"mechanism (tiny random Llama, LoRA r=4, {name}, {len(gauss)} tasks = {len(pairs)} pairs):")
     print(f"  symmetric KL by hand {hand.item():.6f}; alignment_loss {lib.item():.6f}; kl_alignment_loss"
           f"(task_groups) {groups.item():.6f}; largest difference {out['max_abs_diff']:.1e}")
     print(f"  backward of L_align alone: |grad lora_A| = {grad_a:.3e}, max |grad lora_B| = {grad_b:g}")
-    print(f"  pinned by {TESTS_06[0]}, ::{TESTS_06[1].rsplit('::')[1]}")
-    return out
+    return pinned(out, "tests/test_align.py::test_kl_matches_torch_distributions",
+                  "tests/test_align.py::test_alignment_gradient_reaches_every_A_and_never_the_own_B")
 
 
 mechanism_toy = toy_mechanism()
 
 # %% [markdown]
 # ## 1. Claims 4 and 5: one plain LoRA trained without alignment, with KL and with MMD (same seeds and test set)
+# Claim 4: A-LoRA-K − LoRA above 0; claim 5: A-LoRA-K − A-LoRA-M above 0.
 
 # %%
 grids = claim_grids(args.tiny, args.rerun)
@@ -92,11 +86,6 @@ print(f"λ = 0.1 in the paper's units is {C.lam(0.1, T):g} in ours ({T} tasks, {
 show("suite average accuracy, mean ± SE over seeds", accuracy_table(c, LABELS))
 show("per task (%); the paper's Table 5 gives averages only",
      task_table(c, LABELS, {k: {"Avg": paper.TABLE5_3B[k]} for k in LABELS}))
-
-# %% [markdown]
-# Claim 4: A-LoRA-K − LoRA (paper +3.58 on Qwen2.5-3B, 8 tasks). Claim 5: A-LoRA-K − A-LoRA-M (paper +1.71).
-
-# %%
 show("claimed differences (points)", comparison_table(c))
 
 # %% [markdown]
@@ -109,10 +98,7 @@ probe = probe_table(c, LABELS)
 mechanism = seed_pairs(c, [("a-lora-k", "lora-r8"), ("a-lora-m", "lora-r8")], sep_ratio, False)
 print_paired(mechanism, "separation", "lower")
 
-# %% [markdown]
-# ## 3. Claim 6: A-LoRA-K above LoRA at every λ in [0.01, 0.5], best near 0.1
-
-# %%
+# %% 3. Claim 6: A-LoRA-K above LoRA at every λ in [0.01, 0.5], best near 0.1
 c6 = grids.read("6", script="06_align.py")
 sweep = []
 if c6 is not None:
@@ -127,16 +113,8 @@ if c6 is not None:
         [[f"{s['paper_lambda']:g}", f"{s['our_lambda']:g}", pm(s["average"], s["se"]) if s["average"] is not None
           else "not run yet", interval(s["vs_lora"]) if s["vs_lora"] else "–", str(s["seeds"]),
           s["vs_lora"]["verdict"] if s["vs_lora"] else "–"] for s in sweep]))
-    judged = [s["vs_lora"]["verdict"] for s in sweep if s["vs_lora"]]
-    above, below = judged.count("reproduced"), judged.count("contradicted")
-    print(f"\nclaim 6: A-LoRA-K above LoRA (interval above 0) at {above} of {len(SWEEP)} λ, below it at {below}, "
-          f"not resolved at {len(judged) - above - below}"
-          + (f", not measured at {len(SWEEP) - len(judged)}" if len(judged) < len(SWEEP) else ""))
 
-# %% [markdown]
-# ## Plot: claims 4-5; the separation probe; the λ sweep and its difference with LoRA beside the paper's gap
-
-# %%
+# %% Plot: claims 4-5; the separation probe; the λ sweep and its difference with LoRA beside the paper's gap
 def draw(plt):
     fig, ax = plt.subplots(2, 3, figsize=(16, 8))
     accuracy_panels(ax[0, 0], ax[0, 1], c, LABELS, title="claims 4-5: paired differences, 95% CI")
@@ -146,15 +124,7 @@ def draw(plt):
     if pts:
         ax[1, 0].errorbar([s["paper_lambda"] for s in pts], [s["average"] for s in pts],
                           yerr=[bar(s["se"]) for s in pts], fmt="o-", capsize=4, label="A-LoRA-K (± SE)")
-        lora = c6.row("lora-r8")
-        if lora:
-            ax[1, 0].axhline(lora["average"], color="k", lw=1, label="LoRA r=8")
-            ax[1, 0].axhspan(lora["average"] - bar(lora["se"]), lora["average"] + bar(lora["se"]), color="gray",
-                             alpha=0.2)
-        if c6.report["base"]:
-            ax[1, 0].axhline(c6.report["base"]["average"], color="gray", ls="--", lw=1, label="base model")
-        if c6.majority():
-            ax[1, 0].axhline(c6.majority()["average"], color="gray", ls=":", lw=1, label="majority label")
+        reference_lines(ax[1, 0], c6, "lora-r8", "LoRA r=8")
         ax[1, 0].set(xscale="log", xlabel="λ (paper's units: sum over task pairs)", ylabel="suite average (%)",
                      title="claim 6: λ sweep")
         ax[1, 0].legend(fontsize=7)
@@ -176,8 +146,8 @@ def draw(plt):
     return fig
 
 
-finish(args, "06_align", {"mechanism": mechanism_toy,
-                          "claims": {"4-5": c.to_json(), **({"6": c6.to_json()} if c6 else {})}, "probe": probe,
-                          "separation": mechanism, "sweep": sweep,
-                          "paper": {"Table 5 (3B)": paper.TABLE5_3B, "Figure 3": paper.FIGURE3}}, draw,
-       f"06 align, don't divide: {suite_text(c)}")
+claims = {"4-5": c.to_json(), **({"6": c6.to_json()} if c6 else {})}
+finish(args, "06_align", {"mechanism": mechanism_toy, "claims": claims, "probe": probe, "separation": mechanism,
+                          "sweep": sweep,
+                          "paper": {"Table 5 (3B)": paper.TABLE5_3B, "Figure 3": paper.FIGURE3}},
+       draw, f"06 align, don't divide: {suite_text(c)}")

@@ -4,12 +4,11 @@ METHODS §7 claim 7: LoRA, Align-LoRA, MultiLoRA, M-LoRA (and HydraLoRA without 
 inference exactly what the base model costs; HydraLoRA, R-LoRA (router, N heads) and MTL-LoRA (per-task mixture) keep
 paying. Align-LoRA's appendix D (Table 6, METHODS §4.2) reports Align-LoRA cheaper to train than HydraLoRA.
 
-A "step" is train.py's per micro-batch work at its defaults (rank 8, α 32, 3 heads, dropout 0.1, gate/up/down):
-forward with logits at the labelled positions, cross-entropy (+ λ·alignment loss for `align`), backward, AdamW, on
-random tokens (B rows x T, last 8 labelled, one task per row). Each adapter runs in its own subprocess because peak
-memory is a process high-water mark: on CPU peak RSS after training minus after loading, on CUDA
-max_memory_allocated. Inference times base, unmerged and merged forwards in turn; timings are medians and noisy on a
-shared machine, so compare adapters within one run and read "merged vs base" as the noise level.
+A "step" is train.py's per micro-batch work at its defaults (rank 8, α 32, 3 heads, dropout 0.1, gate/up/down) on
+random tokens (B rows x T, last 8 labelled, one task per row): forward, cross-entropy (+ λ·alignment loss for
+`align`), backward, AdamW. Peak memory is a process high-water mark, so each adapter runs in its own subprocess (CPU:
+peak RSS after training minus after loading; CUDA: max_memory_allocated). Inference times base, unmerged and merged
+forwards in turn; medians, noisy on a shared machine: compare adapters within one run; "merged vs base" is the noise.
 
     python tutorials/07_cost.py            # smollm2-135m, batch 4 x 64, 3 timed steps per adapter, CPU
     python tutorials/07_cost.py --tiny     # tiny random model (the smoke test)
@@ -31,24 +30,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import nanoalign
 import nanoalign.plumbing
 from nanoalign.adapters import KINDS, adapter_context, adapter_modules, apply_adapter
 from nanoalign.plumbing import system
 from nanoalign.align import alignment_loss
 
-p = parser(__doc__)
+p = parser(__doc__, full_model="qwen2.5-7b")
 p.add_argument("--kinds", default=",".join(KINDS), help="comma list of adapter kinds (default: all)")
 p.add_argument("--batch", type=int, default=None, help="rows per batch (default 4; --full 5)")
 p.add_argument("--seq", type=int, default=None, help="tokens per row (default 64; --tiny 16; --full 512)")
 p.add_argument("--steps", type=int, default=None, help="timed steps/forwards after one warm-up (default 3)")
 p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (on with --full)")
-p.add_argument("--in-process", action="store_true",
-               help="measure every adapter in this process (quicker; peak memory is then shared, not per adapter)")
+p.add_argument("--in-process", action="store_true", help="measure every adapter in this process (quicker; peak "
+               "memory is then shared, not per adapter)")
 p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # measure one adapter (run in a subprocess)
 args = p.parse_args()
-if args.full:
-    args.model, args.grad_ckpt = "qwen2.5-7b", True
+args.grad_ckpt |= args.full
 BATCH = args.batch or (5 if args.full else 4)
 SEQ = args.seq or (16 if args.tiny else 512 if args.full else 64)
 STEPS = args.steps or (2 if args.tiny else 10 if args.full else 3)
@@ -89,8 +86,7 @@ def worker(kind):
     model = nanoalign.plumbing.load_model(args.model, dtype=dtype, device=device).eval()
     n_base = sum(t.numel() for t in model.parameters())
     g = torch.Generator().manual_seed(args.seed)
-    vocab = model.config.vocab_size
-    ids = torch.randint(10, vocab - 10, (BATCH, SEQ), generator=g).to(device)
+    ids = torch.randint(10, model.config.vocab_size - 10, (BATCH, SEQ), generator=g).to(device)
     mask = torch.ones_like(ids, dtype=torch.bool)
     task_ids = torch.arange(BATCH, device=device)             # one task per row (the alignment loss needs >= 2)
     at = torch.zeros_like(mask)
@@ -160,8 +156,7 @@ def worker(kind):
     paired = lambda v, i: statistics.median(a[i] / b[i] for a, b in zip(times[v], times["base"])) - 1  # noqa: E731
     return {"kind": kind, "trainable": sum(t.numel() for t in trainable), "base_params": n_base,
             "step_s": med(steps), "step_cpu_s": med(steps, 1), "step_all_s": [x[0] for x in steps],
-            "tokens_per_s": BATCH * SEQ / med(steps),
-            "mem_mb_after_load": mem_before, "mem_mb_peak_train": mem_train,
+            "tokens_per_s": BATCH * SEQ / med(steps), "mem_mb_after_load": mem_before, "mem_mb_peak_train": mem_train,
             "mem_mb_train_extra": mem_train - (mem_before if device.type == "cpu" else 0.0),
             "infer_s": {v: med(t) for v, t in times.items()}, "infer_cpu_s": {v: med(t, 1) for v, t in times.items()},
             "infer_all_s": {v: [x[0] for x in t] for v, t in times.items()},
@@ -178,10 +173,7 @@ if args.worker:
     print(json.dumps(worker(args.worker)))
     sys.exit(0)
 
-# %% [markdown]
-# ## Every adapter, one subprocess each
-
-# %%
+# %% Every adapter, one subprocess each
 t_start = time.perf_counter()
 kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
 unknown = [k for k in kinds if k not in KINDS]
@@ -195,8 +187,6 @@ flags = ["--model", model_name, "--seed", str(args.seed), "--batch", str(BATCH),
 print(f"{model_name if not args.tiny else 'tiny random model'}: batch {BATCH} x {SEQ} tokens, rank {RANK}, "
       f"{HEADS} heads, {'/'.join(MLP)}; medians of {STEPS} steps and {INFER_REPS} forwards after 1 warm-up; "
       + ("all in this process" if args.in_process else "one subprocess per adapter"))
-print("note: this machine may be shared: timings are noisy. Compare adapters within one run; the inference overheads\n"
-      "are paired ratios (base, unmerged, merged timed in turn); 'merged vs base' shows the noise level.")
 print(f"\n{'adapter':15s} {'trainable':>10s} {'step ms':>8s} {'cpu ms':>7s} {'+mem MB':>8s} | {'base fwd ms':>11s} "
       f"{'unmerged':>9s} {'merged':>7s}  (overhead vs base, wall / cpu)")
 pct = lambda v: "n/a" if v is None else f"{100 * v:+.0f}%"  # noqa: E731
@@ -230,14 +220,11 @@ if "lora" in rows:
                       "trainable_vs_lora": r["trainable"] / ref["trainable"],
                       "mem_extra_vs_lora": r["mem_mb_train_extra"] / ref["mem_mb_train_extra"]
                       if ref["mem_mb_train_extra"] > 0 else None,
-                      "unmerged_overhead_wall": r["overhead_wall"]["unmerged"],
-                      "unmerged_overhead_cpu": r["overhead_cpu"]["unmerged"],
-                      "merged_overhead_wall": r["overhead_wall"].get("merged"),
-                      "merged_overhead_cpu": r["overhead_cpu"].get("merged"), "mergeable": r["mergeable"]}
+                      **{f"{v}_overhead_{w}": r[f"overhead_{w}"].get(v) for v in ("unmerged", "merged")
+                         for w in ("wall", "cpu")}, "mergeable": r["mergeable"]}
     print("\nstep time vs lora (wall / cpu): " + ", ".join(
         f"{k} {v['step_vs_lora']:.2f}/{v['step_cpu_vs_lora']:.2f}x" for k, v in summary.items()))
-merged_noise = [abs(r["overhead_wall"]["merged"]) for r in rows.values() if "merged" in r["overhead_wall"]]
-noise = max(merged_noise) if merged_noise else None
+noise = max((abs(r["overhead_wall"]["merged"]) for r in rows.values() if "merged" in r["overhead_wall"]), default=None)
 if noise is not None:
     print(f"noise level (largest |merged − base| wall difference): {100 * noise:.0f}%")
 results = {"meta": machine(), "model": model_name if not args.tiny else "tiny", "batch": BATCH, "seq": SEQ,
@@ -253,29 +240,26 @@ plt = pyplot()
 if plt is not None:
     fig, ax = plt.subplots(1, 3, figsize=(16, 4))
     ks = list(rows)
-    ticks = dict(rotation=30, ha="right")
     med = [1000 * rows[k]["step_s"] for k in ks]
     lo = [m - 1000 * min(rows[k]["step_all_s"]) for m, k in zip(med, ks)]
     hi = [1000 * max(rows[k]["step_all_s"]) - m for m, k in zip(med, ks)]
     bars = ax[0].bar(ks, med, yerr=[lo, hi], capsize=3, color="tab:blue")
     ax[0].bar_label(bars, [f"{rows[k]['trainable'] / 1e6:.2f}M" for k in ks], fontsize=7, label_type="center",
                     color="white")
-    ax[0].set_xticks(range(len(ks)), ks, **ticks)
     ax[0].set_ylabel("ms per training step (median, min-max)")
     ax[0].set_title(f"step, batch {BATCH}x{SEQ} (labels: trainable)", fontsize=10)
     ax[1].bar(ks, [rows[k]["mem_mb_train_extra"] for k in ks], color="tab:green")
-    ax[1].set_xticks(range(len(ks)), ks, **ticks)
     ax[1].set_ylabel("MB over the loaded model")
     ax[1].set_title("training memory" + (" (shared process!)" if args.in_process else ""), fontsize=10)
-    w = 0.4
     for j, (v, lab) in enumerate([("unmerged", "unmerged"), ("merged", "merged (true cost: 0)")]):
         vals = [100 * rows[k]["overhead_wall"][v] if v in rows[k]["overhead_wall"] else 0 for k in ks]
-        ax[2].bar([i + (j - 0.5) * w for i in range(len(ks))], vals, w, label=lab)
+        ax[2].bar([i + (j - 0.5) * 0.4 for i in range(len(ks))], vals, 0.4, label=lab)
     ax[2].axhline(0, color="black", lw=0.8)
-    ax[2].set_xticks(range(len(ks)), ks, **ticks)
     ax[2].set_ylabel("eval forward time vs base (%)")
     ax[2].set_title("inference overhead (no orange: cannot merge)", fontsize=10)
     ax[2].legend(fontsize=8)
+    for a in ax:
+        a.set_xticks(range(len(ks)), ks, rotation=30, ha="right")
     where = results["meta"]["cuda"] or f"{results['meta']['cpu_count']} shared CPU cores (timings noisy)"
     fig.suptitle(f"07 cost on {'the tiny model' if args.tiny else model_name}, {where}", fontsize=10)
     print(f"wrote {save_figure(fig, args.out / '07_cost.png')}")

@@ -2,8 +2,7 @@
 
 R-LoRA is HydraLoRA plus two changes that make the heads differ (METHODS §2.5): multi-head dropout ("+MT", one
 dropout mask per head after the shared A) and random head init ("+Init", with a frozen compensation C). The R-LoRA
-paper's Table 4 (Qwen2.5-0.5B, 5 unnamed tasks; METHODS §6.1) adds them one at a time: HydraLoRA 72.69, +MT 73.02,
-+Init 72.98, both (R-LoRA) 73.59.
+paper's Table 4 (Qwen2.5-0.5B, 5 unnamed tasks; METHODS §6.1) adds them one at a time, each above HydraLoRA.
 
 This reads grid "8" of experiments/claims.py: the four rows as R-LoRA (s = α/√r, rank 4, 3 heads, gate/up/down)
 with `--adapter-options` switching ingredients off, so each comparison changes one ingredient and not the scale
@@ -11,12 +10,15 @@ with `--adapter-options` switching ingredients off, so each comparison changes o
 """
 
 # %% [setup]
-from common import claim_grids, finish, parse_args
+import torch
+import torch.nn.functional as F
+from common import claim_grids, finish, lm_loss, parse_args, pinned, toy
 
 from experiments import paper
 from experiments.reports import accuracy_panels, accuracy_table, comparison_table, head_cosine, markdown, name, pm, \
     print_paired, seed_pairs, show, suite_text, task_table, value_bars
 from experiments.stats import mean_se
+from nanoalign.adapters import adapter_modules
 
 args = parse_args(__doc__, ["8"])
 LABELS = ["hydra-rs", "hydra+mt", "hydra+init", "rlora"]
@@ -28,21 +30,12 @@ LABELS = ["hydra-rs", "hydra+mt", "hydra+init", "rlora"]
 # to the largest gradient, and the heads' own cosine (zero heads have none).
 
 # %%
-import torch
-import torch.nn.functional as F
-from common import lm_loss, toy
-
-from nanoalign.adapters import adapter_modules
-
 OPTIONS_08 = {"hydra-rs": {"multi_head_dropout": False, "random_init": False}, "hydra+mt": {"random_init": False},
               "hydra+init": {"multi_head_dropout": False}, "rlora": {}}
-TESTS_08 = ["tests/test_adapters.py::test_head_gradients_at_a_uniform_router_differ_only_with_per_head_dropout",
-            "tests/test_adapters.py::test_dropout_masks_shared_or_per_head",
-            "tests/test_adapters.py::test_random_init_heads_differ_and_compensation"]
 
 
 def toy_mechanism(module="model.layers.0.mlp.up_proj"):
-    """What +MT and +Init do to one toy module's heads at step 0 (pinned by TESTS_08)."""
+    """What +MT and +Init do to one toy module's heads at step 0."""
     def pair_cos(t):  # mean over i < j of cos(vec t_i, vec t_j)
         u = F.normalize(t.flatten(1), dim=1)
         i, j = torch.triu_indices(len(u), len(u), 1)
@@ -70,30 +63,27 @@ def toy_mechanism(module="model.layers.0.mlp.up_proj"):
         print(f"  {name(label):18s} gradient cosine {row['grad_cosine_kaiming_router']:.4f} (router as initialised); "
               f"uniform router: max|g_i − g_1|/max|g| = {row['grad_spread_uniform_router']:.2e}; "
               f"heads' cosine {init}")
-    print(f"  pinned by {TESTS_08[0]}, ::{TESTS_08[1].rsplit('::')[1]}, ::{TESTS_08[2].rsplit('::')[1]}")
-    return {"module": module, "rows": out, "tests": TESTS_08}
+    return pinned({"module": module, "rows": out},
+                  "tests/test_adapters.py::test_head_gradients_at_a_uniform_router_differ_only_with_per_head_dropout",
+                  "tests/test_adapters.py::test_dropout_masks_shared_or_per_head",
+                  "tests/test_adapters.py::test_random_init_heads_differ_and_compensation")
 
 
 mechanism_toy = toy_mechanism()
 
 # %% [markdown]
-# ## 1. Accuracy of the four rows, beside the base model and the majority label
+# ## 1. Accuracy of the four rows, beside the base model and the majority label; the claimed differences: +MT,
+# +Init, R-LoRA − HydraLoRA
 
 # %%
-grids = claim_grids(args.tiny, args.rerun)
-c = grids.read_or_stop("8")
+c = claim_grids(args.tiny, args.rerun).read_or_stop("8")
 show("suite average accuracy, mean ± SE over seeds", accuracy_table(c, LABELS))
 show("per task (%); R-LoRA's Table 4 names no tasks, so its averages only",
      task_table(c, LABELS, {k: {"Avg": v} for k, v in paper.RLORA_TABLE4.items()}))
-
-# %% [markdown]
-# ## 2. The claimed differences: +MT, +Init, R-LoRA − HydraLoRA (paper +0.33, +0.29, +0.90 points)
-
-# %%
 show("claimed differences (points)", comparison_table(c))
 
 # %% [markdown]
-# ## 3. What each ingredient does to the heads: mean inter-head cosine of B after training, paired over seeds
+# ## 2. What each ingredient does to the heads: mean inter-head cosine of B after training, paired over seeds
 # (t interval, 95%); claimed: the ingredient lowers it (zero heads under a router take nearly the same Adam step)
 
 # %%
@@ -103,10 +93,7 @@ show("mean inter-head cosine of B (± SE over seeds)", markdown(["method", "seed
 mechanism = seed_pairs(c, [("hydra+mt", "hydra-rs"), ("hydra+init", "hydra-rs")], head_cosine, False)
 print_paired(mechanism, "head cosine", "lower")
 
-# %% [markdown]
-# ## Plot: accuracy per row, the paired differences beside the paper's, and the heads' similarity
-
-# %%
+# %% Plot: accuracy per row, the paired differences beside the paper's, and the heads' similarity
 def draw(plt):
     fig, ax = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1.2, 0.8]})
     accuracy_panels(ax[0], ax[1], c, LABELS)
@@ -115,7 +102,6 @@ def draw(plt):
     return fig
 
 
-finish(args, "08_rlora_ingredients", {"mechanism": mechanism_toy, "claims": {"8": c.to_json()},
-                                      "head_cosine": heads, "head_cosine_paired": mechanism,
-                                      "paper": {"R-LoRA Table 4": paper.RLORA_TABLE4}}, draw,
-       f"08 R-LoRA's ingredients: {suite_text(c)}")
+finish(args, "08_rlora_ingredients", {"mechanism": mechanism_toy, "claims": {"8": c.to_json()}, "head_cosine": heads,
+                                      "head_cosine_paired": mechanism, "paper": {"R-LoRA Table 4": paper.RLORA_TABLE4}},
+       draw, f"08 R-LoRA's ingredients: {suite_text(c)}")

@@ -10,10 +10,12 @@ tutorial 06's separation probe on each run.
 """
 
 # %% [setup]
-from common import claim_grids, finish, parse_args
+from common import claim_grids, finish, parse_args, pinned, toy
 
 from experiments.reports import accuracy_panels, accuracy_table, comparison_table, name, print_paired, probe_table, \
     seed_pairs, sep_ratio, show, suite_text, task_table, value_bars
+from nanoalign.adapters import adapter_context
+from nanoalign.align import alignment_loss
 
 args = parse_args(__doc__, ["9"])
 LABELS = ["rlora", "rlora+align", "mlora", "mlora+align"]
@@ -24,17 +26,8 @@ LABELS = ["rlora", "rlora+align", "mlora", "mlora+align"]
 # its A, not its heads B_i nor its router (upstream modules' B and routers do get it, as for LoRA).
 
 # %%
-from common import toy
-
-from nanoalign.adapters import adapter_context
-from nanoalign.align import alignment_loss
-
-TESTS_09 = ["tests/test_adapters.py::test_forward_matches_reference_equation",
-            "tests/test_align.py::test_alignment_gradient_on_rlora_reaches_its_A_only"]
-
-
 def toy_mechanism(module="model.layers.1.mlp.gate_proj"):
-    """The KL loss on one toy R-LoRA module's z = A·x: only its A gets a gradient (TESTS_09)."""
+    """The KL loss on one toy R-LoRA module's z = A·x: only its A gets a gradient."""
     model, batches, _ = toy("rlora", dropout=0.1)
     b, m, seen = next(batches), model.get_submodule(module), {}
     hook = m.register_forward_pre_hook(lambda _, inputs: seen.update(x=inputs[0]))
@@ -52,43 +45,32 @@ def toy_mechanism(module="model.layers.1.mlp.gate_proj"):
           f"{loss.item():.6f}")
     print(f"  backward of that loss alone: |grad A| = {grads['A']:.3e}, |grad B_i| = {grads['B']:g}, "
           f"|grad router| = {grads['router']:g}")
-    print(f"  pinned by {TESTS_09[0]} (case rlora), {TESTS_09[1]}")
-    return {"module": module, "z_vs_Ax_max_abs_diff": z_diff, "alignment_loss": loss.item(),
-            "grad_norm": grads, "tests": TESTS_09}
+    return pinned({"module": module, "z_vs_Ax_max_abs_diff": z_diff, "alignment_loss": loss.item(), "grad_norm": grads},
+                  "tests/test_adapters.py::test_forward_matches_reference_equation",  # its rlora case
+                  "tests/test_align.py::test_alignment_gradient_on_rlora_reaches_its_A_only")
 
 
 mechanism_toy = toy_mechanism()
 
 # %% [markdown]
-# ## 1. Accuracy with and without the alignment loss (which adds no parameters), beside base and majority
+# ## 1. Accuracy with and without the alignment loss (which adds no parameters), beside base and majority; the
+# claimed differences, + align − without, positive for both (the paper gives no numbers we found)
 
 # %%
-grids = claim_grids(args.tiny, args.rerun)
-c = grids.read_or_stop("9")
+c = claim_grids(args.tiny, args.rerun).read_or_stop("9")
 show("suite average accuracy, mean ± SE over seeds", accuracy_table(c, LABELS))
 show("per task (%)", task_table(c, LABELS))
 align = {k: [r["curve"]["align_last5"] for r in c.runs.get(k) or []] for k in LABELS}
 print("\nalignment loss of the last 5 training steps, per seed (0 without the loss): "
       + "; ".join(f"{name(k)} {', '.join(f'{v:.3g}' for v in vs)}" for k, vs in align.items() if vs))
-
-# %% [markdown]
-# ## 2. The claimed differences: + align − without, positive for both (the paper gives no numbers we found)
-
-# %%
 show("claimed differences (points)", comparison_table(c))
 
-# %% [markdown]
-# ## 3. Does the loss pull the task clusters together when A feeds several heads? Tutorial 06's probe, paired
-
-# %%
+# %% 2. Does the loss pull the task clusters together when A feeds several heads? Tutorial 06's probe, paired
 probe = probe_table(c, LABELS)
 mechanism = seed_pairs(c, [("rlora+align", "rlora"), ("mlora+align", "mlora")], sep_ratio, False)
 print_paired(mechanism, "separation", "lower")
 
-# %% [markdown]
-# ## Plot: accuracy, the paired differences, and the task separation of the A-outputs
-
-# %%
+# %% Plot: accuracy, the paired differences, and the task separation of the A-outputs
 def draw(plt):
     fig, ax = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1.2, 0.8]})
     accuracy_panels(ax[0], ax[1], c, LABELS)

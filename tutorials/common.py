@@ -1,5 +1,5 @@
 """What the tutorials share (none of it is the method): flags, the tiny random model of `--tiny`, a real-task mix,
-the claim readers' modes, atomic JSON/PNG writing.
+the mechanism cells' toy, the claim readers' modes, atomic JSON/PNG writing.
 
 Mechanism tutorials (01, 02, 07), `parser`: smollm2-135m on CPU; `--tiny` a 2-layer random Llama (the smoke test);
 `--full` the paper's GPU-scale setting. Claim readers (03-06, 08-10), `reader_parser`: read the cached grid and name
@@ -9,6 +9,8 @@ paper's setting. All write JSON and PNG to out/tutorials/ (`--out DIR`), or with
 
 import argparse
 import atexit
+import functools
+import math
 import os
 import shutil
 import subprocess
@@ -28,9 +30,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from experiments import paper  # noqa: E402
 from experiments.grid import Suite, machine  # noqa: E402  (where and when a result was measured)
-from experiments.reports import Grids  # noqa: E402
+from experiments.reports import Grids, bar  # noqa: E402
 from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks  # noqa: E402
-from nanoalign.plumbing.datasets import load_tasks  # noqa: E402
+from nanoalign.plumbing.datasets import data_file, load_tasks  # noqa: E402
+from nanoalign.plumbing.tasks import TASK_SUITE  # noqa: E402
 from nanoalign.model import CausalLM, ModelConfig  # noqa: E402
 from nanoalign.plumbing.system import write_atomic, write_json  # noqa: E402  (atomic: never half a file)
 
@@ -47,21 +50,26 @@ QWEN25_3B = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidde
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that resolves `args.out` and `args.update` (are the committed results written, also via --out?)."""
+    """argparse that resolves `args.out`, `args.update` (are the committed results written, also via --out?) and
+    --full's model."""
 
     def parse_args(self, args=None, namespace=None):
         args = super().parse_args(args, namespace)
-        args.out = Path(args.out or (RESULTS if args.update else TINY_OUT if getattr(args, "tiny", False) else OUT))
+        tiny = getattr(args, "tiny", False)
+        args.out = Path(args.out or (RESULTS if args.update else TINY_OUT if tiny else OUT))
         args.update = args.out.resolve() == RESULTS.resolve()
-        if args.update and getattr(args, "tiny", False):
+        if args.update and tiny:
             raise SystemExit(f"error: --tiny would write its smoke-test results over the committed {RESULTS}: drop "
                              f"--update (or --out)")
+        if args.full and self.full_model:
+            args.model = self.full_model
         return args
 
 
-def new_parser(doc, modes):
+def new_parser(doc, modes, full_model=None):
     """Parser with the tutorial's docstring as help, `modes` [(flag, help)] exclusive, and --out / --update."""
     p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.full_model = full_model
     size = p.add_mutually_exclusive_group()
     for flag, text in modes:
         size.add_argument(flag, action="store_true", help=text)
@@ -73,10 +81,10 @@ def new_parser(doc, modes):
     return p
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
-    """The mechanism tutorials' flags."""
+def parser(doc, full_model=None):
+    """The mechanism tutorials' flags; --full sets --model to `full_model`."""
     p = new_parser(doc, [("--tiny", "tiny random model, a handful of steps (smoke test)"),
-                         ("--full", "the paper's GPU-scale setting (see the docstring)")])
+                         ("--full", "the paper's GPU-scale setting (see the docstring)")], full_model)
     p.add_argument("--model", default="smollm2-135m", help="alias or local directory (ignored with --tiny)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -88,9 +96,6 @@ def parser(doc: str) -> argparse.ArgumentParser:
 REAL_TASKS = ("sst2", "cola", "piqa", "siqa", "openbookqa")
 FULL_TASKS = ("sst2", "cola", "mrpc", "qnli", "rte", "boolq", "piqa", "siqa", "arc-easy", "arc-challenge",
               "openbookqa")
-SUITE_OF = {"sst2": "glue", "cola": "glue", "mrpc": "glue", "qnli": "glue", "rte": "glue", "boolq": "commonsense",
-            "piqa": "commonsense", "siqa": "commonsense", "arc-easy": "commonsense", "arc-challenge": "commonsense",
-            "openbookqa": "commonsense"}
 DATA_DIR = ROOT / "data"  # where data/prepare.py writes <suite>/<task>-<split>.jsonl (git-ignored)
 
 
@@ -106,38 +111,32 @@ def pick_data(args, data_dir=DATA_DIR):
     """(data spec, data dir): --data; else the real tasks (prepared once by data/prepare.py) when their files are
     there; else the builtin suite with a notice (always with --tiny: byte-level tokens make real prompts 4x longer),
     an `error:` exit with --update, whose committed results are real-task ones."""
-    data, data_dir = choose_data(args, data_dir)
+    data_dir, data = Path(data_dir), args.data or ("builtin" if args.tiny else None)
+    if data is None:
+        tasks = FULL_TASKS if args.full else REAL_TASKS
+        source = Path(args.source) if args.source else default_source()
+        if args.source and not source.is_dir():
+            raise SystemExit(f"error: --source {args.source} is not a directory; give the folder holding glue/ and "
+                             f"commonsense/ with the original files, or leave --source out")
+        missing = [t for t in tasks if not data_file(data_dir, t, "train").exists()]
+        if missing and source is not None:
+            for suite in sorted({TASK_SUITE[t] for t in missing}):
+                names = ",".join(t for t in missing if TASK_SUITE[t] == suite)
+                print(f"preparing {names} from {source} (data/prepare.py, once)")
+                subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), suite, "--source", str(source),
+                                "--tasks", names, "--out", str(data_dir)], stdout=subprocess.DEVNULL)  # errors: below
+            missing = [t for t in tasks if not data_file(data_dir, t, "train").exists()]
+        data = ",".join(tasks)
+        if missing:
+            print(f"NOTICE: real task files not found ({', '.join(missing)}; looked in {data_dir} and "
+                  f"{source or '$NANOALIGN_DATA / ../shared/data'}): falling back to the builtin suite (5 synthetic "
+                  f"tasks). Pass --source DIR with the original GLUE/commonsense files for real tasks.")
+            data = "builtin"
     if data == "builtin" and getattr(args, "update", False):
         raise SystemExit(f"error: --update would replace the committed real-task results in {RESULTS} with a run on "
                          f"the builtin synthetic tasks: pass --source DIR with the original GLUE/commonsense files (or "
                          f"prepare them with data/prepare.py), or drop --update")
     return data, data_dir
-
-
-def choose_data(args, data_dir):
-    if args.data:
-        return args.data, Path(data_dir)
-    if args.tiny:
-        return "builtin", Path(data_dir)
-    tasks = FULL_TASKS if args.full else REAL_TASKS
-    source = Path(args.source) if args.source else default_source()
-    if args.source and not source.is_dir():
-        raise SystemExit(f"error: --source {args.source} is not a directory; give the folder holding glue/ and "
-                         f"commonsense/ with the original files, or leave --source out")
-    missing = [t for t in tasks if not (Path(data_dir) / SUITE_OF[t] / f"{t}-train.jsonl").exists()]
-    if missing and source is not None:
-        for suite in sorted({SUITE_OF[t] for t in missing}):
-            names = ",".join(t for t in missing if SUITE_OF[t] == suite)
-            print(f"preparing {names} from {source} (data/prepare.py, once)")
-            subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), suite, "--source", str(source),
-                            "--tasks", names, "--out", str(data_dir)], stdout=subprocess.DEVNULL)  # errors: below
-        missing = [t for t in tasks if not (Path(data_dir) / SUITE_OF[t] / f"{t}-train.jsonl").exists()]
-    if missing:
-        print(f"NOTICE: real task files not found ({', '.join(missing)}; looked in {data_dir} and "
-              f"{source or '$NANOALIGN_DATA / ../shared/data'}): falling back to the builtin suite (5 synthetic "
-              f"tasks). Pass --source DIR with the original GLUE/commonsense files for real tasks.")
-        return "builtin", Path(data_dir)
-    return ",".join(tasks), Path(data_dir)
 
 
 # ----------------------------------------------------------------------------- the tiny model of --tiny
@@ -151,8 +150,7 @@ def tiny_model_dir(d=None) -> Path:
     """A model directory like a real one: byte-level tokenizer.json, config.json, random model.safetensors. Deleted
     at exit when `d` is None."""
     from safetensors.torch import save_file
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     if d is None:
         d = Path(tempfile.mkdtemp(prefix="nanoalign-tiny-"))
@@ -160,7 +158,7 @@ def tiny_model_dir(d=None) -> Path:
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tk = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<eos>", "<pad>")])
@@ -198,17 +196,21 @@ def toy(kind="lora", seed=0, per_task=2, dropout=0.0, **options):
     """The mechanism cells' toy: the tiny random Llama with a `kind` adapter (rank 4, α 8, 3 heads, gate/up/down).
     Returns (model in train mode, task-balanced batches of TOY_TASKS, (encoded pools, pad id) for MetaSampler)."""
     from nanoalign.adapters import apply_adapter
-    global _TOY_DIR
-    if _TOY_DIR is None:
-        _TOY_DIR = tiny_model_dir()
-    model, tok = nanoalign.plumbing.load_model(str(_TOY_DIR)), nanoalign.plumbing.load_tokenizer(str(_TOY_DIR))
+    d = toy_dir()
+    model, tok = nanoalign.plumbing.load_model(str(d)), nanoalign.plumbing.load_tokenizer(str(d))
     torch.manual_seed(seed)
     apply_adapter(model, kind, rank=4, alpha=8, heads=3, dropout=dropout, targets=MLP, **options)
     pools = encode_tasks(tok, load_tasks(",".join(TOY_TASKS), "train", max_per_task=16, seed=seed), 128)
     return model.train(), BalancedBatcher(pools, per_task=per_task, seed=seed, pad_id=tok.pad_id), (pools, tok.pad_id)
 
 
-_TOY_DIR = None
+toy_dir = functools.cache(tiny_model_dir)  # one tiny model for all the toys of a run
+
+
+def pinned(out, *tests):
+    """A mechanism cell's numbers with the tests that pin the same facts (printed; the JSON keeps them)."""
+    print("  pinned by " + ", ".join(tests))
+    return {**out, "tests": list(tests)}
 
 
 # ----------------------------------------------------------------------------- the claim readers (03-06, 08-10)
@@ -277,6 +279,17 @@ def finish(args, stem, results, draw=None, title=""):
         print(f"wrote {save_figure(fig, args.out / f'{stem}.png')}")
 
 
+def reference_lines(ax, c, label, text):
+    """Method `label`'s suite average as a line with its ± SE band, and the base model's and majority label's."""
+    r = c.row(label)
+    if r:
+        ax.axhline(r["average"], color="k", lw=1, label=text)
+        ax.axhspan(r["average"] - bar(r["se"]), r["average"] + bar(r["se"]), color="gray", alpha=0.2)
+    for row, ls, what in ((c.report["base"], "--", "base model"), (c.majority(), ":", "majority label")):
+        if row:
+            ax.axhline(row["average"], color="gray", ls=ls, lw=1, label=what)
+
+
 # ----------------------------------------------------------------------------- data and a few bare steps
 
 def task_batches(tok, data="builtin", data_dir=None, per_task=1, seed=0, max_len=128, split="train"):
@@ -284,6 +297,13 @@ def task_batches(tok, data="builtin", data_dir=None, per_task=1, seed=0, max_len
     tasks = load_tasks(data, split, data_dir=data_dir or DATA_DIR, max_per_task=64, seed=seed)
     return BalancedBatcher(encode_tasks(tok, tasks, max_len), per_task=per_task, seed=seed, pad_id=tok.pad_id), \
         sorted(tasks)
+
+
+def head_cos(model):
+    """(mean, min) of the inter-head cosines of B over the adapted modules; (None, None) while the heads are zero."""
+    from experiments.analysis import head_cosine_similarity
+    vals = [v for v in head_cosine_similarity(model).values() if not math.isnan(v)]
+    return (sum(vals) / len(vals), min(vals)) if vals else (None, None)
 
 
 def lm_loss(model, batch):
