@@ -51,12 +51,15 @@ def held_out_file(path):
     return path
 
 
-def timed(argv):
-    """Run one command from the repository root as the README shows it; (seconds, load average before)."""
+def timed(argv, output=False):
+    """Run one command from the repository root as the README shows it; (seconds, load average before[, stdout]).
+    With output, a failing command is measured too (the tests: their summary line says what failed)."""
     load = round(os.getloadavg()[0], 2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOALIGN_")} if output else None  # a user's
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, *argv], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return round(time.perf_counter() - t0, 1), load
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, check=not output, text=True, env=env,
+                          stdout=subprocess.PIPE if output else subprocess.DEVNULL)
+    return (round(time.perf_counter() - t0, 1), load) + ((done.stdout,) if output else ())
 
 
 def summary(tasks):
@@ -97,6 +100,10 @@ def steps(work, data_dir):
         return {"wall_s": wall, "load_before": load}
 
     held = str(work / "held-out.jsonl")
+    def tests():
+        wall, load, out = timed(["-m", "pytest", "-q", "tests"], output=True)
+        return {"wall_s": wall, "load_before": load, "summary": out.strip().splitlines()[-1].strip("= ")}
+
     plan = [("help", helps), ("quickstart", train("quickstart", [])),
            ("eval500", evaluate("eval500", ["--adapter-dir", str(qs)])), ("export", export)]
     if (Path(data_dir) / "commonsense" / "lm-eval" / "arc-easy-test.jsonl").exists():
@@ -108,7 +115,7 @@ def steps(work, data_dir):
         run_dir = qs if probe == "default" else work / f"probe-{probe}"
         plan.append((f"probe-{probe}", evaluate(f"held-{probe}", ["--adapter-dir", str(run_dir), "--data", held,
                                                                   "--max-per-task", "0"])))
-    return plan
+    return plan + [("tests", tests)]
 
 
 def run(args):
@@ -212,9 +219,16 @@ def durations_block(c):
         n = sum(r["n"] for r in c["cloze100"]["tasks"].values())
         lines.append(f"- `eval.py --data arc-easy --mode cloze --max-per-task {n}`: {minutes(s)} (load "
                      f"{c['cloze100']['load_before']:g}), model loading included: {n / s:.1f} examples a second;")
+    if "tests" in c:
+        lines.append(f"- `python -m pytest -q tests`: {minutes(c['tests']['wall_s'])} (load "
+                     f"{c['tests']['load_before']:g}): {c['tests']['summary']};")
+    else:
+        lines.append("- `python -m pytest -q tests`: not measured yet;")
     m = next((c[k]["machine"] for k in c), None)
+    commits = sorted({c[k]["machine"]["commit"] for k in c})
+    commits = ("commits " if len(commits) > 1 else "commit ") + ", ".join(commits)
     head = (f"Measured by `python experiments/quickstart.py run` on a {m['cpu_count']}-core {m['cpu_capability']} CPU at "
-            f"commit {m['commit']}, {m['date'][:10]}, while other jobs shared the cores (the load average when each "
+            f"{commits}, {m['date'][:10]}, while other jobs shared the cores (the load average when each "
             "command started is given; an idle machine is faster):\n\n") if m else ""
     return head + "\n".join(lines).rstrip(";") + "."
 
