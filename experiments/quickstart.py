@@ -127,7 +127,8 @@ def run(args):
         if name in cache and not args.again:
             continue
         print(f"quickstart: {name} ...", file=sys.stderr, flush=True)
-        cache[name] = {**step(), "machine": machine()}
+        record = {**step(), "machine": machine()}
+        cache = {**(read_json(CACHE) if CACHE.exists() else {}), name: record}  # what another run added meanwhile
         write_json(CACHE, cache)  # after every step: an interrupted run keeps what it measured
     print(f"wrote {CACHE}", file=sys.stderr)
 
