@@ -185,7 +185,7 @@ def chosen_lrs(lr_report):
     for m in LR_METHODS:
         rows = {lr: lr_report["methods"].get(f"{m}@lr{lr:g}") for lr in LRS}
         dev = {lr: r["dev_average"][0] for lr, r in rows.items() if r and "dev_average" in r}
-        full = len(dev) == len(LRS) and len({tuple(r["seeds"]) for r in rows.values()}) == 1
+        full = len(dev) == len(LRS) and all(r["seeds"] == list(CLAIMS["lr"][1]) for r in rows.values())
         out[m] = {"lr": max(dev, key=dev.get) if full else None, "dev": dev}
     return out
 
@@ -377,6 +377,12 @@ def main(argv=None):
     write_json(path, {c: report.get(c, kept.get(c)) for c in CLAIMS if c in report or c in kept})
     print(json.dumps({c: [x["text"] + f" {x['a']} vs {x['b']}: {x['verdict']}" for x in r["comparisons"]]
                       for c, r in report.items()}, indent=1))
+    if "lr" in report:  # dev averages so far; an lr is chosen once every lr has the same seeds
+        rows = report["lr"]["methods"]
+        for m, c in chosen_lrs(report["lr"]).items():
+            print(f"lr grid, {m}: dev average (seeds) " + ", ".join(
+                f"{lr:g} {v:.2f} ({len(rows[f'{m}@lr{lr:g}']['seeds'])})" for lr, v in c["dev"].items())
+                + "; chosen: " + ("not yet" if c["lr"] is None else f"{c['lr']:g}"))
     if busy:
         print(f"skipped {len(busy)} run(s) another driver was training (run again when it is done): "
               + "; ".join(busy), file=sys.stderr)

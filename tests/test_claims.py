@@ -195,7 +195,7 @@ def test_step_size_and_init_controls():
 def test_lr_grid_and_own_lr_rows(monkeypatch):
     """The lr grid: every LR_METHODS method at every lr of LRS (its options otherwise unchanged), 3 seeds, on the
     suite with a dev split; chosen_lrs picks, per method, the lr of the highest mean dev accuracy, and only once every
-    lr has the same seeds; a claim's @own rows are those methods at their chosen lr, and a method without one has no
+    lr has every seed of the lr grid (the same seeds at every lr is not enough); a claim's @own rows are those methods at their chosen lr, and a method without one has no
     row yet."""
     m = C.methods(3, ModelConfig.from_hf_dict(SMOLLM2))
     labels, seeds, comparisons = C.CLAIMS["lr"]
@@ -207,10 +207,12 @@ def test_lr_grid_and_own_lr_rows(monkeypatch):
     assert C.DEV_SUITE.dev_per_task == 300 and C.SUITE.dev_per_task == 0
     row = lambda dev, seeds=(0, 1, 2): {"dev_average": (dev, 0.1), "seeds": list(seeds)}  # noqa: E731
     report = {"methods": {"mlora@lr0.0003": row(60.0), "mlora@lr0.001": row(58.0), "mlora@lr0.003": row(55.0),
-                          "hydra@lr0.0003": row(60.0), "hydra@lr0.001": row(61.0, (0, 1))}}
+                          "hydra@lr0.0003": row(60.0), "hydra@lr0.001": row(61.0, (0, 1)),
+                          **{f"rlora@lr{lr:g}": row(60.0 + i, (0,)) for i, lr in enumerate(C.LRS)}}}
     chosen = C.chosen_lrs(report)
     assert chosen["mlora"] == {"lr": 3e-4, "dev": {3e-4: 60.0, 1e-3: 58.0, 3e-3: 55.0}}
     assert chosen["hydra"]["lr"] is None and chosen["lora-r8"]["lr"] is None  # incomplete / not run
+    assert chosen["rlora"]["lr"] is None  # every lr at seed 0 only: one seed chooses nothing
     monkeypatch.setattr(C, "model_config", lambda name: ModelConfig.from_hf_dict(SMOLLM2))
     monkeypatch.setattr(C, "claim_report", lambda claim, **kw: report)
     g = C.grid("1-2@own")
