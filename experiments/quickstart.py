@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `experiments` from a plain checkout
 from experiments.grid import RESULTS, ROOT, WORK, machine, write_json  # noqa: E402
-from experiments.reports import markdown  # noqa: E402
+from experiments.reports import markdown, replace_block  # noqa: E402
 from nanoalign.plumbing.system import read_json, write_atomic  # noqa: E402
 from nanoalign.plumbing.tasks import BUILTIN_SIZES, BUILTIN_TASKS, builtin_examples  # noqa: E402
 
@@ -91,21 +91,18 @@ def steps(work, data_dir):
             return {"wall_s": wall, "load_before": load, "tasks": summary(read_json(result)["tasks"])}
         return step
 
-    def export():
-        wall, load = timed(["eval.py", "--adapter-dir", str(qs), "--export-peft", str(work / "peft"), "--overwrite"])
-        return {"wall_s": wall, "load_before": load}
+    def command(argv):
+        return lambda: dict(zip(("wall_s", "load_before"), timed(argv)))
 
-    def helps():
-        wall, load = timed(["train.py", "--help"])
-        return {"wall_s": wall, "load_before": load}
+    def tests():
+        wall, load, stdout = timed(["-m", "pytest", "-q", "tests"], output=True)
+        return {"wall_s": wall, "load_before": load, "summary": stdout.strip().splitlines()[-1].strip("= ")}
 
     held = str(work / "held-out.jsonl")
-    def tests():
-        wall, load, out = timed(["-m", "pytest", "-q", "tests"], output=True)
-        return {"wall_s": wall, "load_before": load, "summary": out.strip().splitlines()[-1].strip("= ")}
-
-    plan = [("help", helps), ("quickstart", train("quickstart", [])),
-           ("eval500", evaluate("eval500", ["--adapter-dir", str(qs)])), ("export", export)]
+    plan = [("help", command(["train.py", "--help"])), ("quickstart", train("quickstart", [])),
+            ("eval500", evaluate("eval500", ["--adapter-dir", str(qs)])),
+            ("export", command(["eval.py", "--adapter-dir", str(qs), "--export-peft", str(work / "peft"),
+                                "--overwrite"]))]
     if (Path(data_dir) / "commonsense" / "lm-eval" / "arc-easy-test.jsonl").exists():
         plan.append(("cloze100", evaluate("cloze100", ["--data", "arc-easy", "--mode", "cloze", "--max-per-task", "100",
                                                       "--data-dir", str(data_dir)])))
@@ -220,11 +217,7 @@ def durations_block(c):
         n = sum(r["n"] for r in c["cloze100"]["tasks"].values())
         lines.append(f"- `eval.py --data arc-easy --mode cloze --max-per-task {n}`: {minutes(s)} (load "
                      f"{c['cloze100']['load_before']:g}), model loading included: {n / s:.1f} examples a second;")
-    if "tests" in c:
-        lines.append(f"- `python -m pytest -q tests`: {minutes(c['tests']['wall_s'])} (load "
-                     f"{c['tests']['load_before']:g}): {c['tests']['summary']};")
-    else:
-        lines.append("- `python -m pytest -q tests`: not measured yet;")
+    item("tests", "`python -m pytest -q tests`", f": {c['tests']['summary']}" if "tests" in c else "")
     m = next((c[k]["machine"] for k in c), None)
     commits = sorted({c[k]["machine"]["commit"] for k in c})
     commits = ("commits " if len(commits) > 1 else "commit ") + ", ".join(commits)
@@ -245,11 +238,7 @@ def markers(name):
 def render_readme(text, cache):
     """README text with each block replaced by its rendering of `cache` (a ValueError if a marker is missing)."""
     for name, fn in BLOCKS.items():
-        begin, end = markers(name)
-        i, j = text.find(begin), text.find(end)
-        if i < 0 or j < i:
-            raise ValueError(f"no '{begin}' ... '{end}' lines in the README")
-        text = text[:i + len(begin)] + "\n\n" + fn(cache).strip("\n") + "\n\n" + text[j:]
+        text = replace_block(text, fn(cache), *markers(name))
     return text
 
 

@@ -229,6 +229,15 @@ def show(title, table):
     print(f"\n{title}:\n\n{table}")
 
 
+def replace_block(text, block, begin, end):
+    """`text` with what lies between the lines `begin` and `end` replaced by `block` (a ValueError if they are
+    missing: a generated block never guesses where it goes)."""
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"no '{begin}' ... '{end}' block in the README: add the two lines where the table goes")
+    return text[:i + len(begin)] + "\n\n" + block.strip("\n") + "\n\n" + text[j:]
+
+
 def markdown(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows])

@@ -76,23 +76,30 @@ def encode_pair(tok, context, continuation, joint):
     return ctx, cont
 
 
+def encode_choices(tok, ex, max_len, joint):
+    """`encode_pair` of each choice of `ex`, its context read from the text that holds its last max_len tokens; an
+    empty context becomes [eos] (the harness scores it after its prefix token)."""
+    pairs = [encode_pair(tok, text_tail(tok, context, max_len), continuation, joint)
+             for context, continuation in choices_of(ex)[0]]
+    return [(ctx or [tok.eos_id], cont) for ctx, cont in pairs]
+
+
 @torch.no_grad()
 def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=False, task_id=None, advance=None):
     """Summed log p(continuation | context) of every choice of every example -> (scores, token counts), per example
     per choice.
 
     Each choice is one row: context + continuation, the context cut from the left so that every choice of its
-    example fits in max_len (an empty context is scored after eos). Position t's logits score token t + 1, so the
+    example fits in max_len. Position t's logits score token t + 1, so the
     continuation's n tokens are scored at the n positions before the last. plumbing/fast.py's `choice_logprobs`
     computes the same sums with each shared prefix run once (tests/test_eval.py keeps the two equal).
     """
     device = next(model.parameters()).device
     rows = []  # (example, choice, token ids, n): the last n tokens are the continuation
     for e, ex in enumerate(examples):
-        pairs = [encode_pair(tok, text_tail(tok, context, max_len), continuation, joint)
-                 for context, continuation in choices_of(ex)[0]]
+        pairs = encode_choices(tok, ex, max_len, joint)
         keep = max(1, max_len - max(len(cont) for _, cont in pairs))
-        rows += [(e, c, (ctx or [tok.eos_id])[-keep:] + cont, len(cont)) for c, (ctx, cont) in enumerate(pairs)]
+        rows += [(e, c, ctx[-keep:] + cont, len(cont)) for c, (ctx, cont) in enumerate(pairs)]
     scores = [[0.0] * len(choices_of(ex)[0]) for ex in examples]
     lengths = [[0] * len(s) for s in scores]
     for idx, seqs in _batches([r[2] for r in rows], batch_size):

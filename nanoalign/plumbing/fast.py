@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ..align import MMD_MAX_ROWS, MMD_SIGMAS
-from ..data import choices_of, left_pad, text_tail
+from ..data import choices_of, left_pad
 from ..data import logit_indices  # noqa: F401  (the host-side half of the sync-free call, re-exported)
-from ..evaluate import _batches, _task_context, encode_pair
+from ..evaluate import _batches, _task_context, encode_choices
 from ..model import MLP, Attention, CausalLM, Decoder, KVCache, project
 
 KERNEL_CHUNK = 2 ** 26  # elements of [positions, rows, rows, bandwidths] evaluated at once (256 MB in fp32)
@@ -301,9 +301,7 @@ def shared_prefixes(tok, examples, max_len, joint, share_prefix):
     """
     units = []
     for e, ex in enumerate(examples):
-        pairs = [encode_pair(tok, text_tail(tok, context, max_len), continuation, joint)
-                 for context, continuation in choices_of(ex)[0]]
-        pairs = [(ctx or [tok.eos_id], cont) for ctx, cont in pairs]  # an empty context is scored after eos
+        pairs = encode_choices(tok, ex, max_len, joint)
         if share_prefix:
             keep = max(1, max_len - max(len(cont) for _, cont in pairs))
             seqs = [ctx[-keep:] + cont for ctx, cont in pairs]
