@@ -694,4 +694,22 @@ def render(grids, results=TUTORIAL_RESULTS):
                      "METHODS §6.2):\n\n" + task_table(c, ["lora-r8", "a-lora-k", "a-lora-m"],
                                                        {k: {"Avg": paper.TABLE5_3B[k]} for k in paper.TABLE5_3B}))
     parts += [plain_reading(read), "Compute: " + compute_text(read)]
+    if not grids.train and (lr := grids.read("lr")):  # the tiny smoke test trains the claims, not this grid
+        parts.insert(-1, lr_table(lr))
     return "\n\n".join(parts) + "\n", table
+
+
+def lr_table(c):
+    """Grid "lr": each method's mean dev accuracy at each learning rate, and the lr chosen once every seed is in."""
+    rows = []
+    for m, chosen in C.chosen_lrs(c.report).items():
+        cells = [(r := c.row(f"{m}@lr{lr:g}")) and pm(*r["dev_average"]) + f" ({len(r['seeds'])} seeds)" * (
+            len(r["seeds"]) > 1) or "–" for lr in C.LRS]
+        rows.append([name(m), *cells, "not yet" if chosen["lr"] is None else f"{chosen['lr']:g}"])
+    return (f"Each method's learning rate (grid `lr`, {len(C.CLAIMS['lr'][1])} seeds): mean accuracy (%) ± SE on the "
+            f"dev split ({c.report['suite']['dev_per_task']} examples per task carved from the training pools, never "
+            f"the test set) over the seeds run so far ({sum(len(r['seeds']) for r in c.report['methods'].values())} of "
+            f"{len(c.labels) * len(c.seeds)} runs, {sum(r['wall_s'] for r in c.report['methods'].values()) / 3600:.1f} "
+            "h of wall time); the lr with the best dev mean is chosen once every lr has every seed, and the \"@own\" "
+            "grids rerun claims 1, 2, 4 and 5 at it:\n\n"
+            + markdown(["method", *(f"lr {lr:g}" for lr in C.LRS), "chosen"], rows))

@@ -195,8 +195,8 @@ def test_step_size_and_init_controls():
 def test_lr_grid_and_own_lr_rows(monkeypatch):
     """The lr grid: every LR_METHODS method at every lr of LRS (its options otherwise unchanged), 3 seeds, on the
     suite with a dev split; chosen_lrs picks, per method, the lr of the highest mean dev accuracy, and only once every
-    lr has every seed of the lr grid (the same seeds at every lr is not enough); a claim's @own rows are those methods at their chosen lr, and a method without one has no
-    row yet."""
+    lr has every seed of the lr grid (the same seeds at every lr is not enough); a claim's @own rows are those
+    methods at their chosen lr, and a method without one has no row yet."""
     m = C.methods(3, ModelConfig.from_hf_dict(SMOLLM2))
     labels, seeds, comparisons = C.CLAIMS["lr"]
     assert seeds == C.SEEDS[:3] and not comparisons and len(labels) == len(C.LR_METHODS) * len(C.LRS)
@@ -217,3 +217,19 @@ def test_lr_grid_and_own_lr_rows(monkeypatch):
     monkeypatch.setattr(C, "claim_report", lambda claim, **kw: report)
     g = C.grid("1-2@own")
     assert list(g.methods) == ["mlora@own"] and g.methods["mlora@own"].options == {**m["mlora"].options, "lr": 3e-4}
+
+
+def test_lr_table_shows_dev_means_seed_counts_and_the_chosen_lr():
+    """reports.lr_table (the README's lr grid): one row per method, each lr's dev mean ± SE with its seed count, "–"
+    where not run, and the chosen lr only once every lr has every seed (chosen_lrs)."""
+    from experiments import reports
+    row = lambda dev, seeds=(0, 1, 2): {"dev_average": (dev, 0.5), "seeds": list(seeds), "wall_s": 1800}  # noqa: E731
+    methods = {"mlora@lr0.0003": row(60.0), "mlora@lr0.001": row(58.0), "mlora@lr0.003": row(55.0),
+               "hydra@lr0.0003": row(61.0, (0,))}
+    labels, seeds, _ = C.CLAIMS["lr"]
+    c = reports.Claim("lr", {"methods": methods, "suite": {"dev_per_task": 300}, "comparisons": []}, {}, None, [],
+                      seeds, labels, 1)
+    text = reports.lr_table(c)
+    assert "| M-LoRA | 60.0 ± 0.5 (3 seeds) | 58.0 ± 0.5 (3 seeds) | 55.0 ± 0.5 (3 seeds) | 0.0003 |" in text
+    assert "| HydraLoRA | 61.0 ± 0.5 | – | – | not yet |" in text and "| LoRA r=8 | – | – | – | not yet |" in text
+    assert "(10 of 72 runs, 2.0 h of wall time)" in text and "300 examples per task" in text
