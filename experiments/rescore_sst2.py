@@ -20,11 +20,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments import grid as G  # noqa: E402
 from experiments.claims import SUITE  # noqa: E402
-from experiments.reports import name, replace_block  # noqa: E402
+from experiments.reports import name, pm, replace_block  # noqa: E402
 from experiments.stats import mean_se, t_interval  # noqa: E402
 
 CACHE = G.RESULTS / "sst2_lm_eval.json"
 BEGIN, END = "<!-- rescore_sst2.py: begin -->", "<!-- rescore_sst2.py: end -->"
+FORMATS = ("cloze", "lm-eval")
 
 
 def score(model, tok, test, names):
@@ -41,7 +42,7 @@ def record(r, scored, idx, wall_s):
     (cz, acc_c), (lm, acc_l) = scored["cloze"], scored["lm-eval"]
     cached = r["predictions"]["sst2"]
     # each prediction as one character, 1 = "positive": what any later statistic needs, in 1 kB a run
-    pos = {f: "".join(str(int(x.strip() == "positive")) for x in preds) for f, preds in (("cloze", cz), ("lm-eval", lm))}
+    pos = {f: "".join(str(int(x.strip() == "positive")) for x in preds) for f, preds in zip(FORMATS, (cz, lm))}
     return {"label": r["label"], "grid": r.get("grid"), "seed": r.get("seed"), "cached": r["tasks"]["sst2"]["accuracy"],
             "same_as_cache": cz == cached["pred"] and idx == cached["index"], "cloze": acc_c, "lm-eval": acc_l,
             "flips": sum(a != b for a, b in zip(pos["cloze"], pos["lm-eval"])), "n": len(cz), "positive": pos,
@@ -51,7 +52,7 @@ def record(r, scored, idx, wall_s):
 def run(data_dir):
     load = lambda fmt: G.load_tasks("sst2", "test", data_dir=data_dir, max_per_task=SUITE.test_per_task, seed=0,
                                     fmt=fmt)["sst2"]
-    test = {fmt: load(fmt) for fmt in ("cloze", "lm-eval")}
+    test = {fmt: load(fmt) for fmt in FORMATS}
     if [x["prompt"].replace(" \n", "\n") for x in test["lm-eval"]] != [x["prompt"] for x in test["cloze"]]:
         raise SystemExit(f"error: the cloze and lm-eval SST-2 test files under {data_dir} are not the same sentences:"
                          f" prepare both with data/prepare.py glue")
@@ -88,43 +89,45 @@ def share(rec, fmt):
     return rec["positive"][fmt].count("1") / len(rec["positive"][fmt])
 
 
+def table_row(text, recs, seeded=True):
+    """One table row over a run's seeds: accuracy in both formats (mean ± SE), the shift, flips, "positive" shares."""
+    cells = [pm(*mean_se([100 * r[f] for r in recs])) if seeded else f"{100 * recs[0][f]:.1f}" for f in FORMATS]
+    shift = mean_se([100 * (r["lm-eval"] - r["cloze"]) for r in recs])[0]
+    flips = sum(r["flips"] for r in recs) / len(recs)
+    shares = " → ".join(f"{100 * sum(share(r, f) for r in recs) / len(recs):.0f}" for f in FORMATS)
+    return f"| {text} | {len(recs) if seeded else '–'} | {cells[0]} | {cells[1]} | {shift:+.1f} | {flips:.0f} | {shares} |"
+
+
 def render(cache):
     """The README block: per method, SST-2 accuracy on both string sets; paired differences between methods."""
     if not cache["runs"]:
         return "Not re-scored yet: `python experiments/rescore_sst2.py run --data DIR`."
     runs = [x for x in cache["runs"].values() if x["label"] != "base"]
-    bases = [x for x in cache["runs"].values() if x["label"] == "base"]
     by = {}
     for x in runs:
         by.setdefault((x["grid"], x["label"]), {})[x["seed"]] = x
-    rows = [f"| {name(k)} ({g}) | {len(v)} | " + " | ".join(
-        f"{m:.1f} ± {se:.1f}" if len(v) > 1 else f"{m:.1f}" for m, se in
-        [mean_se([100 * s[f] for s in v.values()]) for f in ("cloze", "lm-eval")]) + " | "
-        + f"{mean_se([100 * (s['lm-eval'] - s['cloze']) for s in v.values()])[0]:+.1f} | "
-        + f"{sum(s['flips'] for s in v.values()) / len(v):.0f} | "
-        + " → ".join(f"{100 * sum(share(s, f) for s in v.values()) / len(v):.0f}" for f in ("cloze", "lm-eval")) + " |"
-        for (g, k), v in sorted(by.items())]
-    rows = [f"| base model | – | {100 * b['cloze']:.1f} | {100 * b['lm-eval']:.1f} | "
-            f"{100 * (b['lm-eval'] - b['cloze']):+.1f} | {b['flips']} | {100 * share(b, 'cloze'):.0f} → "
-            f"{100 * share(b, 'lm-eval'):.0f} |" for b in bases] + rows
+    rows = [table_row("base model", [x], seeded=False) for x in cache["runs"].values() if x["label"] == "base"]
+    rows += [table_row(f"{name(k)} ({g})", list(v.values())) for (g, k), v in sorted(by.items())]
     pairs = []
     for (g, a), (h, b) in itertools.combinations(sorted(by), 2):
         seeds = sorted(set(by[g, a]) & set(by[h, b]))
-        if g != h or len(seeds) < 3:
-            continue
-        cells = []
-        for f in ("cloze", "lm-eval"):
-            m, lo, hi = t_interval([100 * (by[g, a][s][f] - by[h, b][s][f]) for s in seeds])
-            cells.append(f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]")
-        pairs.append(f"| {name(a)} − {name(b)} ({g}) | {len(seeds)} | {cells[0]} | {cells[1]} |")
+        if g == h and len(seeds) >= 3:
+            cells = ["{:+.2f} [{:+.2f}, {:+.2f}]".format(*t_interval([100 * (by[g, a][s][f] - by[h, b][s][f])
+                                                                       for s in seeds])) for f in FORMATS]
+            pairs.append(f"| {name(a)} − {name(b)} ({g}) | {len(seeds)} | {cells[0]} | {cells[1]} |")
+    shifts = sorted(100 * (x["lm-eval"] - x["cloze"]) for x in runs)
+    flips = sorted(x["flips"] for x in runs)
+    summary = (f"Over the {len(runs)} trained runs, lm-eval's strings move SST-2 accuracy by {shifts[0]:+.1f} to "
+               f"{shifts[-1]:+.1f} points (mean {sum(shifts) / len(shifts):+.2f}) and flip {flips[0]}-{flips[-1]} of "
+               f"the 500 predictions (median {flips[len(flips) // 2]})." if runs else "")
     same = sum(x["same_as_cache"] for x in cache["runs"].values())
     return "\n".join([
-        f"Re-scored by `python experiments/rescore_sst2.py run` ({len(runs)} trained runs whose adapters are still in "
-        f"experiments/work, and the base model; {len(cache['runs'])} records, {same} of whose `cloze` predictions "
-        f"equal the cached ones on every example). SST-2 test accuracy (%, mean ± SE over seeds), the same 500 "
-        f"sentences with nanoalign's stripped strings (`cloze`) and with lm-eval's (`lm-eval`):", "",
-        "| run | seeds | cloze | lm-eval | lm-eval − cloze | predictions flipped (of 500) | % answered positive |",
-        "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
+        f"Re-scored by `python experiments/rescore_sst2.py run`: {len(runs)} trained runs whose adapters are still in "
+        f"experiments/work, and the base model; the `cloze` predictions of {same} of these {len(cache['runs'])} equal "
+        f"the cached ones on every example. SST-2 test accuracy (%, mean ± SE over seeds) on the same 500 sentences "
+        f"with nanoalign's stripped strings (`cloze`) and with lm-eval's (`lm-eval`). {summary}", "",
+        "| run (grid) | seeds | cloze | lm-eval | lm-eval − cloze | predictions flipped (of 500) | % answered "
+        "positive |", "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
         "Paired differences between methods of one grid on SST-2 (points, seed-level t interval, 95%):", "",
         "| difference | seeds | cloze | lm-eval |", "|---|---:|---:|---:|", *pairs])
 

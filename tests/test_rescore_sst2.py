@@ -44,5 +44,5 @@ def test_paired_differences_use_common_seeds_and_show_a_constant_shift_exactly()
     text = R.render({"runs": runs})
     assert "| a − b (claim-x) | 3 | +2.00 [+2.00, +2.00] | +2.00 [+2.00, +2.00] |" in text
     pairs = text[text.index("Paired differences"):]
-    assert "| c (claim-x) | 1 | 50.0 | 50.0 | +0.0 |" in text and " c (" not in pairs and " d (" not in pairs
+    assert "| c (claim-x) | 1 | 50.0 (1 seed) | 50.0 (1 seed) | +0.0 |" in text and " c (" not in pairs and " d (" not in pairs
     assert "| a (claim-x) | 3 | 63.0 ± 0.6 | 63.5 ± 0.6 | +0.5 | 10 | 50 → 75 |" in text
