@@ -12,6 +12,7 @@ from pathlib import Path
 from experiments import claims as C
 from experiments import paper
 from experiments.stats import TILT_FLAG, mean_se, t_interval, tilt, verdict
+from nanoalign.plumbing.tasks import TASK_SUITE
 
 CURVE = ("ce_first5", "ce_last5", "align_last5")  # the training-curve summary kept in the tutorials' JSON
 NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora": "R-LoRA", "mlora": "M-LoRA",
@@ -24,6 +25,7 @@ NAMES = {"hydra": "HydraLoRA", "hydra-norouter": "HydraLoRA w/o Router", "rlora"
 NAMES.update({f"{kind}-k{k}": f"{what} K={k}" for k in C.SHOTS  # claim 10: K examples per task
               for kind, what in (("meta", "MeTA-LoRA"), ("lora", "LoRA"))})
 NAMES.update({f"meta-k16-a{a}": f"MeTA-LoRA K=16 α={a}" for a in C.META_ALPHAS})  # grid 10-alpha
+NAMES.update({k + C.OWN: f"{NAMES[k]} (own lr)" for k in C.LR_METHODS})  # grids 1-2@own, 4-5@own
 
 
 # ----------------------------------------------------------------------------------------------- reading a claim
@@ -111,6 +113,10 @@ class Grids:
                            model_params(g.suite.model), self.tiny, tuple(g.damaged))
             report_missing(claim_, run_cmd, script)
         return claim_
+
+    def has_dev(self):
+        """Can the suite have a dev split (the lr grid and the "@own" rows need one)? Builtin tasks have none."""
+        return all(TASK_SUITE.get(t) != "builtin" for t in self.suite.tasks)
 
     def read_or_stop(self, claim):
         """`read` for the running tutorial, printing the suite; exit 0 (after read's message) with nothing to read."""
@@ -422,7 +428,7 @@ def value_bars(ax, values, title, ylabel, color="lightsteelblue"):
 # the budget, or the command that trains it; claim 7 and claim 2's mechanism from tutorials 07 and 02's JSON (exact).
 
 TUTORIAL_RESULTS = Path(__file__).resolve().parents[1] / "tutorials" / "results"  # the committed tutorial JSON
-CLAIM_GRIDS = ("1-2", "3", "4-5", "6", "8", "9", "10")
+CLAIM_GRIDS = ("1-2", "1-2@own", "3", "4-5", "4-5@own", "6", "8", "9", "10")
 HEADER = ["claim (tutorial)", "paper (METHODS §6)", "ours: mean ± SE over seeds",
           "paired difference: bootstrap [95%] t [95%]", "verdict", "threshold-free difference (AUROC on SST-2)",
           "suite, budget, seeds"]
@@ -461,9 +467,21 @@ ROWS = [
 ]
 
 
+
+def own_lr(row):
+    """A claim's row again at each method's own learning rate, chosen on dev (claims.py's "@own" grids)."""
+    title, grid, shown, pairs, text = row
+    return (title.replace(" [", ", each method at its own dev-chosen lr [", 1), grid + C.OWN,
+            [k + C.OWN for k in shown], [(a + C.OWN, b + C.OWN) for a, b in pairs], text)
+
+
+ROWS = [r for row in ROWS for r in ((row, own_lr(row)) if row[1] in ("1-2", "4-5") else (row,))]
+
+
 def not_measured(title, claim, paper_text):
+    first = "lr` (each method's lr, chosen on dev), then `--only " * claim.endswith(C.OWN)
     return [title, paper_text, "not measured yet", "–", "–", "–",
-            f"train: `python experiments/claims.py run --only {claim}`"]
+            f"train: `python experiments/claims.py run --only {first}{claim}`"]
 
 
 def base_text(c):
@@ -566,19 +584,21 @@ def mechanism_rows(results):
 
 def rows(grids, results=TUTORIAL_RESULTS):
     """The table's rows, and the Claim objects read (None where not measured)."""
-    read = {k: grids.read(k) for k in CLAIM_GRIDS}
+    read = {k: grids.read(k) for k in CLAIM_GRIDS if grids.has_dev() or not k.endswith(C.OWN)}
     out = []
     for title, claim, labels, pairs, paper_text in ROWS:
+        if claim not in read:
+            continue
         c = read[claim]
         out.append((sweep_row if claim == "6" else claim_row)(title, claim, c, labels, pairs, paper_text))
-        if title.startswith("1."):
+        if title.startswith("1.") and claim == "1-2":
             out.append(seed_row("1. (heads) the heads end up alike, M-LoRA's the most [03]", claim, c,
                                 ["mlora", "rlora", "hydra"], [("mlora", "rlora"), ("mlora", "hydra")],
                                 head_cosine, "mean inter-head cosine of B",
                                 "HydraLoRA 0.76-0.80 per module; M-LoRA highest, median > 0.85 (Figure 2)", True))
-        if title.startswith("2."):
+        if title.startswith("2.") and claim == "1-2":
             out.extend(r[:5] + ["–"] + r[5:] for r in mechanism_rows(results))  # exact: no threshold-free column
-        if title.startswith("5."):
+        if title.startswith("5.") and claim == "4-5":
             out.append(seed_row("mechanism: alignment pulls the tasks' A-output clusters together [06]", claim, c,
                                 ["a-lora-k", "a-lora-m", "lora-r8"], [("a-lora-k", "lora-r8"), ("a-lora-m", "lora-r8")],
                                 sep_ratio, "held-out between/within task separation", "clusters closer, not collapsed "
@@ -655,7 +675,7 @@ def plain_reading(read):
     if (sp := spread_text(read)):
         parts.append(f"- **The budget**: {sp}")
     for claim in CLAIM_GRIDS:
-        c = read[claim]
+        c = read.get(claim)
         if c is None or not c.report["comparisons"]:
             continue
         seeds = sorted({x["seeds"] for x in c.report["comparisons"]})
@@ -694,7 +714,7 @@ def render(grids, results=TUTORIAL_RESULTS):
                      "METHODS §6.2):\n\n" + task_table(c, ["lora-r8", "a-lora-k", "a-lora-m"],
                                                        {k: {"Avg": paper.TABLE5_3B[k]} for k in paper.TABLE5_3B}))
     parts += [plain_reading(read), "Compute: " + compute_text(read)]
-    if not grids.train and (lr := grids.read("lr")):  # the tiny smoke test trains the claims, not this grid
+    if not grids.train and grids.has_dev() and (lr := grids.read("lr")):  # the smoke test trains no lr grid
         parts.insert(-1, lr_table(lr))
     return "\n\n".join(parts) + "\n", table
 

@@ -460,11 +460,16 @@ def test_report_readme_needs_its_markers():
 
 
 def test_report_without_runs(reader, tmp_path):
-    """An empty cache: every claim row says "not measured yet" and names the command that trains it."""
+    """An empty cache: every claim row says "not measured yet" and names the command that trains it; the rows at
+    each method's own lr (claims 1, 2, 4, 5; not on builtin tasks, which have no dev split) name the lr grid first."""
     table, read = reader.rows(reader.Grids(where=tiny_where(reader, tmp_path)))
     grid_rows = [r for r in table if not r[0].startswith(("2. (mechanism)", "7."))]
     assert len(grid_rows) == 11 and all(r[2] == "not measured yet" and "claims.py run --only" in r[-1]
                                         for r in grid_rows)
+    own = [r for r in reader.ROWS if r[1].endswith("@own")]
+    assert [r[0][:2] for r in own] == ["1.", "2.", "4.", "5."] and all("own dev-chosen lr" in r[0] for r in own)
+    assert reader.not_measured("t", "1-2@own", "p")[-1] == ("train: `python experiments/claims.py run --only lr` "
+                                                           "(each method's lr, chosen on dev), then `--only 1-2@own`")
     assert reader.compute_text(read) == "No grid runs cached yet."
 
 
