@@ -531,7 +531,7 @@ def test_cached_grids_render_without_data_and_touch_no_tracked_file(tmp_path):
     assert out["mode"] == "read" and len(out["claims"]["1-2"]["report"]["methods"]) >= 4
     res = run("tutorials/report.py")
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line for line in res.stdout.splitlines() if line.startswith("| 4. KL alignment")]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 4. KL alignment (A-LoRA-K) beats LoRA [")]
     assert len(rows) == 1 and "[" in rows[0] and "distinct runs" in res.stdout
     # the README's generated block is exactly what the committed cache gives (no number in it typed by hand)
     readme = (clone / "README.md").read_text(encoding="utf-8")
