@@ -6,6 +6,7 @@ checked first), `save_adapter` / `load_adapter` (nanoalign's format, every field
 import inspect
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -41,9 +42,7 @@ def check_options(kind, options):
 
 def adapter_bytes(cls, found, args) -> int:
     """Bytes of the adapter tensors `apply_adapter` would allocate (one adapter per layer shape, on meta)."""
-    shapes = {}
-    for _, lin in found:
-        shapes[lin.in_features, lin.out_features] = shapes.get((lin.in_features, lin.out_features), 0) + 1
+    shapes = Counter((lin.in_features, lin.out_features) for _, lin in found)
     total = 0
     with torch.device("meta"):
         for (d_in, d_out), n in shapes.items():
@@ -62,17 +61,16 @@ def apply_adapter_checked(model, kind, rank=8, alpha=16, targets=DEFAULT_TARGETS
     need = adapter_bytes(cls, found, args)  # bad option values raise here already; 0 where apply_adapter refuses
     device = found[0][1].weight.device if found else None
     have = memory_bytes(device) if found else None
+    needs = f"rank {rank}: the {kind} adapters need {need:,} bytes ({need / 1e9:,.1f} GB, fp32)"
     if have is not None and need > have:
-        raise ValueError(f"rank {rank}: the {kind} adapters need {need:,} bytes ({need / 1e9:,.1f} GB, fp32), more "
-                         f"than the {have / 1e9:,.1f} GB of memory on {device}; choose a smaller rank")
+        raise ValueError(f"{needs}, more than the {have / 1e9:,.1f} GB of memory on {device}; choose a smaller rank")
     try:
         return apply_adapter(model, kind, rank=rank, alpha=alpha, targets=targets, heads=heads, dropout=dropout,
                              num_tasks=num_tasks, **options)
     except RuntimeError as e:  # torch.OutOfMemoryError is one; a CPU allocation failure says "can't allocate"
         if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
             raise
-        raise ValueError(f"rank {rank}: the {kind} adapters need {need:,} bytes ({need / 1e9:,.1f} GB, fp32), which "
-                         f"{device} cannot allocate now; choose a smaller rank or free memory") from None
+        raise ValueError(f"{needs}, which {device} cannot allocate now; choose a smaller rank or free memory") from None
 
 
 def _require_adapter(model):

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from .system import write_atomic
-from .tasks import (BUILTIN_TASKS, LABEL_ONLY, SUITES, TASK_SUITE, builtin_examples, check_format, read_json_lines,
-                    subsample)
+from .tasks import LABEL_ONLY, SUITES, TASK_SUITE, builtin_examples, check_format, read_json_lines, subsample
 
 
 def check_example(ex):
@@ -24,18 +23,17 @@ def check_example(ex):
     if "options" in ex and "contexts" in ex:
         return "an example has 'options' (one context, several continuations) or 'contexts' (several contexts, one "\
                "continuation), not both"
-    choices = ex.get("options", ex.get("contexts"))
-    key = "contexts" if "contexts" in ex else "options"
-    if choices is not None:
-        if not isinstance(choices, list) or len(choices) < 2 or \
-                not all(isinstance(o, str) and o.strip() for o in choices):
-            return f"{key!r} must be a list of at least 2 non-empty strings"
+    key, gold_is = ("contexts", "prompt") if "contexts" in ex else ("options", "answer")
+    choices = ex.get(key)
+    if choices is not None and not (isinstance(choices, list) and len(choices) >= 2
+                                    and all(isinstance(o, str) and o.strip() for o in choices)):
+        return f"{key!r} must be a list of at least 2 non-empty strings"
     if "gold" in ex:
         gold = ex["gold"]
         if choices is None or not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
             return f"'gold' must be the index of the correct one of the {key}"
-        if (choices[gold] != ex["answer"]) if key == "options" else (choices[gold] != ex["prompt"]):
-            return f"'gold' {gold} does not point at the {'answer' if key == 'options' else 'prompt'}"
+        if choices[gold] != ex[gold_is]:
+            return f"'gold' {gold} does not point at the {gold_is}"
     elif key == "contexts":
         return "an example with 'contexts' needs 'gold', the index of the correct context"
     elif choices is not None and ex["answer"] not in choices:
@@ -85,43 +83,36 @@ def load_tasks(spec="builtin", split="train", data_dir="data", max_per_task=None
             by_task.setdefault(ex["task"], []).append(ex)
         if not by_task:
             raise ValueError(f"{path} holds no examples")
-    elif spec in SUITES:
-        if spec == "bbh" and split == "train":
-            raise ValueError("bbh is evaluation-only (its files carry a do-not-train canary); use split='test'")
-        if fmt != "label" and spec in LABEL_ONLY:
-            raise ValueError(f"the {spec} suite has the label format only; use fmt='label'")
-        if spec == "builtin":
-            by_task = {t: builtin_examples(t, split) for t in BUILTIN_TASKS}
-        else:
-            files = {t: data_file(data_dir, t, split, fmt) for t in SUITES[spec]}
-            present = {t: p for t, p in files.items() if p.exists()}
-            if not present:
-                raise FileNotFoundError(f"no prepared {spec} {fmt}-format {split} data in {data_dir / spec}: "
-                                        f"{prepare_hint(spec, split=split)}")
-            missing = sorted(set(files) - set(present))
-            if missing:
-                print(f"note: {spec} tasks without prepared {split} data are left out: {', '.join(missing)}",
-                      file=sys.stderr)
-            by_task = {t: read_jsonl(p) for t, p in present.items()}
     else:
-        names = [t.strip() for t in spec.split(",") if t.strip()]
+        suite = spec if spec in SUITES else None  # a whole suite: its tasks without prepared data are left out
+        names = SUITES[spec] if suite else [t.strip() for t in spec.split(",") if t.strip()]
         unknown = [t for t in names if t not in TASK_SUITE]
         if unknown or not names:
             raise ValueError(f"unknown task {', '.join(unknown) or repr(spec)}: give a suite ({', '.join(SUITES)}), "
                              f"a comma list of task names, or a path to a .jsonl file")
+        missing = []
         for t in names:
-            suite = TASK_SUITE[t]
-            if fmt != "label" and suite in LABEL_ONLY:
-                raise ValueError(f"{t} has the label format only; use fmt='label' (or leave it out of a cloze suite)")
-            if suite == "builtin":
-                by_task[t] = builtin_examples(t, split)
-                continue
-            if suite == "bbh" and split == "train":
-                raise ValueError(f"{t} is a BBH task: evaluation-only, use split='test'")
+            what = f"the {suite} suite" if suite else t
+            if fmt != "label" and TASK_SUITE[t] in LABEL_ONLY:
+                raise ValueError(f"{what} has the label format only; use fmt='label'")
+            if TASK_SUITE[t] == "bbh" and split == "train":
+                raise ValueError(f"{what} is evaluation-only (BBH's files carry a do-not-train canary); use "
+                                 "split='test'")
             path = data_file(data_dir, t, split, fmt)
-            if not path.exists():
-                raise FileNotFoundError(f"{path} not found: {prepare_hint(suite, t, split)}")
-            by_task[t] = read_jsonl(path)
+            if TASK_SUITE[t] == "builtin":
+                by_task[t] = builtin_examples(t, split)
+            elif path.exists():
+                by_task[t] = read_jsonl(path)
+            elif suite:
+                missing.append(t)
+            else:
+                raise FileNotFoundError(f"{path} not found: {prepare_hint(TASK_SUITE[t], t, split)}")
+        if suite and not by_task:
+            raise FileNotFoundError(f"no prepared {spec} {fmt}-format {split} data in {data_dir / spec}: "
+                                    f"{prepare_hint(spec, split=split)}")
+        if missing:
+            print(f"note: {spec} tasks without prepared {split} data are left out: {', '.join(missing)}",
+                  file=sys.stderr)
     for t, rows in by_task.items():
         if not rows:
             raise ValueError(f"task {t!r} has no {split} examples")

@@ -22,8 +22,7 @@ from .scoring import progress_bar
 from .tasks import FORMATS
 
 
-def parse_args(argv=None, eval_py=None):
-    eval_py = eval_py or importlib.import_module("eval")
+def parse_args(argv, eval_py):
     p = argparse.ArgumentParser(description=eval_py.__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="alias, directory or HF repo id (default: the adapter's base "
@@ -115,17 +114,14 @@ def run(args, eval_py):
     device = pick_device(args.device)
     dtype = base_dtype(device, args.dtype)
     adapter_dir = find_adapter_dir(args.adapter_dir) if args.adapter_dir else None
-    model_name = args.model
+    saved = read_json(adapter_dir / "adapter_config.json") if adapter_dir else {}
+    model_name = args.model or saved.get("base_model") or "smollm2-135m"
     task_ids, names = None, None
-    if adapter_dir:
-        saved = read_json(adapter_dir / "adapter_config.json")
-        model_name = model_name or saved.get("base_model")
-        if (adapter_dir / "tasks.json").is_file():  # training task ids (MTL-LoRA needs them at inference)
-            names = read_json(adapter_dir / "tasks.json").get("tasks")
-            if not isinstance(names, list) or not all(isinstance(t, str) for t in names):
-                raise ValueError(f"{adapter_dir / 'tasks.json'}: expected {{\"tasks\": [task names]}}")
-            task_ids = {t: i for i, t in enumerate(names)}
-    model_name = model_name or "smollm2-135m"
+    if adapter_dir and (adapter_dir / "tasks.json").is_file():  # training task ids (MTL-LoRA needs them at inference)
+        names = read_json(adapter_dir / "tasks.json").get("tasks")
+        if not isinstance(names, list) or not all(isinstance(t, str) for t in names):
+            raise ValueError(f"{adapter_dir / 'tasks.json'}: expected {{\"tasks\": [task names]}}")
+        task_ids = {t: i for i, t in enumerate(names)}
     if args.export_peft is not None:
         return export(args, adapter_dir, model_name, names)
     fmt = args.format or ("lm-eval" if args.mode == "cloze" else "label")

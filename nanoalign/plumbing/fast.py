@@ -266,12 +266,11 @@ def alignment_loss(a_outputs, token_mask, task_ids, kind="kl", position_wise=Fal
     """nanoalign.align.alignment_loss (METHODS §3.3-3.5, same arguments and value), its groups as weights: no host
     sync when num_tasks is given, and the modules of one shape in one batched pass. Checks its arguments."""
     fns = {"kl": _kl, "mmd": _mmd}
-    if kind not in fns:
-        raise ValueError(f"alignment kind must be 'kl' or 'mmd', got {kind!r}")
-    if module_reduction not in ("mean", "sum"):
-        raise ValueError(f"module_reduction must be 'mean' or 'sum', got {module_reduction!r}")
-    if pair_reduction not in ("mean", "sum"):
-        raise ValueError(f"pair_reduction must be 'mean' or 'sum', got {pair_reduction!r}")
+    given = {"alignment kind": (kind, ("kl", "mmd")), "module_reduction": (module_reduction, ("mean", "sum")),
+             "pair_reduction": (pair_reduction, ("mean", "sum"))}
+    for name, (value, allowed) in given.items():
+        if value not in allowed:
+            raise ValueError(f"{name} must be {allowed[0]!r} or {allowed[1]!r}, got {value!r}")
     if not a_outputs:
         raise ValueError("no A-outputs to align: run the forward inside adapter_context(model, collect=True) "
                          "on a model with adapters applied")

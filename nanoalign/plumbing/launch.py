@@ -39,11 +39,6 @@ from .system import (base_dtype, error_line, flops_coefficients, peak_flops, pea
 from .tasks import FORMATS
 
 
-def book(module=None):
-    """train.py as a module: the one given, else imported from the repository root."""
-    return module or importlib.import_module("train")
-
-
 def book_of(cfg):
     """The train.py module that defines `cfg`'s class (`__main__` under `python train.py`)."""
     return sys.modules[type(cfg).__module__]
@@ -67,8 +62,7 @@ CHOICES = {  # the flags with a few possible values (their help texts are in Tra
 }
 
 
-def make_parser(train_py=None):
-    train_py = book(train_py)
+def make_parser(train_py):
     p = argparse.ArgumentParser(description=train_py.__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(train_py.TrainConfig):
@@ -84,10 +78,12 @@ def make_parser(train_py=None):
 
 
 def parse_command(argv=None, train_py=None):
-    """(TrainConfig, overwrite): --overwrite is no field, so it stays out of config.json and keys derived from it."""
+    """(TrainConfig, overwrite): --overwrite is no field, so it stays out of config.json and keys derived from it.
+    train_py: the train.py module, else imported from the repository root."""
+    train_py = train_py or importlib.import_module("train")
     ns = vars(make_parser(train_py).parse_args(argv))
     overwrite = ns.pop("overwrite")
-    return book(train_py).TrainConfig(**ns), overwrite
+    return train_py.TrainConfig(**ns), overwrite
 
 
 def parse_args(argv=None, train_py=None):
@@ -177,24 +173,6 @@ def setup_distributed(device):
     return dist.get_rank(), world, device
 
 
-def evaluate_all_ranks(model, tok, tasks, env, desc="eval", **kw):
-    """`evaluate` with rank r scoring examples r, r + world, ..., gathered back in order on every rank (no rank
-    waits in a collective while another evaluates alone: NCCL's watchdog would kill it)."""
-    shard = {t: rows[env.rank::env.world] for t, rows in tasks.items() if rows[env.rank::env.world]}
-    mine = evaluate(model, tok, shard, progress=progress_bar(desc) if env.master else None,
-                    scorer=fast.choice_logprobs, **kw)
-    if env.world == 1:
-        return mine
-    parts = [None] * env.world
-    dist.all_gather_object(parts, {t: (r["mode"], r["records"]) for t, r in mine.items()})
-    results = {}
-    for t, rows in tasks.items():
-        per_rank = [part.get(t, (None, [])) for part in parts]
-        records = [per_rank[i % env.world][1][i // env.world] for i in range(len(rows))]
-        results[t] = task_result(records, next(mode for mode, _ in per_rank if mode))
-    return results
-
-
 @dataclass
 class Env:
     """Stage 1, setup: where and how this process runs."""
@@ -217,19 +195,17 @@ class Env:
 
 def setup(cfg, overwrite=False) -> Env:
     """Device, processes, seed, dtype, autocast; the checkpoint to resume from, or the refusal to start fresh."""
-    device = pick_device(cfg.device)
-    rank, world, device = setup_distributed(device)
+    rank, world, device = setup_distributed(pick_device(cfg.device))
     out = Path(cfg.out) / (cfg.run_name or f"{Path(cfg.model).name}-{cfg.adapter}{'-meta' * (cfg.trainer == 'meta')}"
                                             f"-r{cfg.rank}")
-    say = print if rank == 0 else (lambda *a, **k: None)
-    resumed = None
+    env = Env(device, rank, world, base_dtype(device, cfg.dtype), use_autocast(device, cfg.autocast), out, None)
     if cfg.resume:
-        resumed = find_checkpoint(out / "checkpoint", say)
-        check_resume_config(resumed.state["config"], cfg, say)
+        env.resumed = find_checkpoint(out / "checkpoint", env.say)
+        check_resume_config(env.resumed.state["config"], cfg, env.say)
     else:
         check_fresh_start(out, overwrite)
     torch.manual_seed(cfg.seed)
-    return Env(device, rank, world, base_dtype(device, cfg.dtype), use_autocast(device, cfg.autocast), out, resumed)
+    return env
 
 
 @dataclass
@@ -294,10 +270,22 @@ def load_data(cfg, env: Env) -> Data:
 
 
 def evaluate_tasks(cfg, env, model, data, desc, task_ids=True):
-    """The held-out tasks scored as --eval-mode says, shared out over the ranks."""
-    ids = {"task_ids": {t: i for i, t in enumerate(data.names)}} if task_ids else {}
-    return evaluate_all_ranks(model, data.tok, data.test_tasks, env, mode=cfg.eval_mode,
-                              max_new_tokens=cfg.eval_tokens, desc=desc, **ids)
+    """The held-out tasks scored as --eval-mode says, rank r scoring examples r, r + world, ..., gathered back in
+    order on every rank (no rank waits in a collective while another evaluates alone: NCCL's watchdog would kill it)."""
+    ids = {t: i for i, t in enumerate(data.names)} if task_ids else None
+    shard = {t: rows[env.rank::env.world] for t, rows in data.test_tasks.items() if rows[env.rank::env.world]}
+    mine = evaluate(model, data.tok, shard, mode=cfg.eval_mode, max_new_tokens=cfg.eval_tokens, task_ids=ids,
+                    progress=progress_bar(desc) if env.master else None, scorer=fast.choice_logprobs)
+    if env.world == 1:
+        return mine
+    parts = [None] * env.world
+    dist.all_gather_object(parts, {t: (r["mode"], r["records"]) for t, r in mine.items()})
+    results = {}
+    for t, rows in data.test_tasks.items():
+        per_rank = [part.get(t, (None, [])) for part in parts]
+        records = [per_rank[i % env.world][1][i // env.world] for i in range(len(rows))]
+        results[t] = task_result(records, next(mode for mode, _ in per_rank if mode))
+    return results
 
 
 def build(train_py, cfg, env: Env, data: Data, overwrite=False):

@@ -55,8 +55,7 @@ def check_config(cfg: ModelConfig):
                          f"num_key_value_heads ({cfg.num_key_value_heads}) for grouped-query attention")
     if cfg.head_dim % 2:
         raise ValueError(f"head_dim must be even (RoPE rotates pairs of dimensions), got {cfg.head_dim}")
-    positive("rms_norm_eps", cfg.rms_norm_eps, float)
-    positive("rope_theta", cfg.rope_theta, float)
+    positive("rms_norm_eps", cfg.rms_norm_eps, float)  # rope_theta: check_hf_dict's, before float() reads it
     s = cfg.rope_scaling
     if s is not None:
         keys = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",

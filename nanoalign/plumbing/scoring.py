@@ -4,14 +4,12 @@ through a plain callable and imports no tqdm)."""
 from tqdm import tqdm
 
 
-def progress_bar(desc="eval", disable=False):
+def progress_bar(desc="eval"):
     """A progress(done, total, task) callable for `evaluate` drawing one tqdm bar."""
     bar = None
 
     def progress(done, total, task):
         nonlocal bar
-        if disable:
-            return
         if bar is None:
             bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
         bar.set_postfix_str(str(task), refresh=False)

@@ -46,12 +46,11 @@ def pick_device(name="auto") -> torch.device:
 
 def base_dtype(device, name="auto") -> torch.dtype:
     """dtype of the frozen base weights: "auto" = bf16 on CUDA, fp32 on CPU (slow bf16 matmuls); or a name."""
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if name not in choices:
+    if name not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
-    return choices[name]
+    return getattr(torch, name)
 
 
 def use_autocast(device, mode="auto") -> bool:
@@ -184,22 +183,18 @@ def read_json(path, fix="damaged or cut short?"):
     return value
 
 
-def os_error_line(e: OSError, flag="--out"):
-    """An OSError as one line naming the file and what to do: a full disk, a read-only or unwritable `flag`."""
-    if e.filename is None:
+def error_line(e, lower):
+    """A caught error as the text of a CLI's one `error:` line: out of memory says what to `lower`, an OSError names
+    its file and what to do (a full disk, a read-only or unwritable --out)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return f"out of memory; lower {lower}"
+    if not isinstance(e, OSError) or e.filename is None:
         return str(e)
     what = {errno.ENOSPC: "the disk is full; free space and run again (train.py: --resume continues from the last "
                           "checkpoint)",
             errno.EDQUOT: "the disk quota is used up; free space and run again",
-            errno.EROFS: f"read-only file system; choose another {flag}",
-            errno.EACCES: f"permission denied; choose a writable {flag}",
-            errno.EPERM: f"not permitted; choose a writable {flag}",
+            errno.EROFS: "read-only file system; choose another --out",
+            errno.EACCES: "permission denied; choose a writable --out",
+            errno.EPERM: "not permitted; choose a writable --out",
             errno.ENOTDIR: "a part of the path is a file, not a directory"}.get(e.errno, e.strerror)
     return f"{e.filename}: {what}"
-
-
-def error_line(e, lower):
-    """A caught error as the text of a CLI's one `error:` line: out of memory says what to `lower`."""
-    if isinstance(e, torch.OutOfMemoryError):
-        return f"out of memory; lower {lower}"
-    return os_error_line(e) if isinstance(e, OSError) else str(e)

@@ -71,11 +71,11 @@ def check_format(fmt):
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
-def split_one(rows, seed=42, test_fraction=TEST_FRACTION):
+def split_one(rows, seed=42):
     """Deterministic train/test split of a task that ships a single labelled split (shuffle with `seed`)."""
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
-    n_test = max(1, round(len(rows) * test_fraction))
+    n_test = max(1, round(len(rows) * TEST_FRACTION))
     test = set(idx[:n_test])
     return {"train": [r for i, r in enumerate(rows) if i not in test],
             "test": [r for i, r in enumerate(rows) if i in test]}
@@ -121,16 +121,6 @@ def read_json_lines(path):
             raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         except RecursionError:
             raise ValueError(f"{path}:{i}: JSON nested too deep to be a row") from None
-
-
-def read_label_list(path):
-    """A `*-labels.lst` file: one label per line, lined up with the rows of the matching jsonl."""
-    return [line.strip() for _, line in read_lines(path)]
-
-
-def first_existing(d, names, skip_empty=False):
-    """The first of `names` present in d (with skip_empty, the first that is not an empty file)."""
-    return next((d / n for n in names if (d / n).exists() and not (skip_empty and (d / n).stat().st_size == 0)), None)
 
 
 # --- GLUE: tab-separated, no quoting (the files hold unbalanced '"'); read exactly as download_glue_data.py writes them
@@ -362,11 +352,14 @@ def read_commonsense(task, d, fmt="label"):
              "winogrande": parse_winogrande}.get(task) or partial(parse_ai2_mc, task)
     out = {}
     for split, stems in files.items():
-        path = first_existing(d, [f"{s}.jsonl" for s in stems], skip_empty=task == "winogrande" and split == "train")
-        if path:  # PIQA and SIQA keep their labels in <stem>-labels.lst, as WinoGrande's test may
+        skip_empty = task == "winogrande" and split == "train"  # the first present and, for these, not empty
+        path = next((p for p in (d / f"{s}.jsonl" for s in stems)
+                     if p.exists() and not (skip_empty and p.stat().st_size == 0)), None)
+        if path:  # PIQA and SIQA keep their labels in <stem>-labels.lst (one a line), as WinoGrande's test may
             labels = path.with_name(path.stem + "-labels.lst")
             labelled = task in ("piqa", "siqa") or (task == "winogrande" and labels.exists())
-            out[split] = parse_jsonl(path, partial(parse, fmt=fmt), read_label_list(labels) if labelled else None)
+            out[split] = parse_jsonl(path, partial(parse, fmt=fmt),
+                                     [line.strip() for _, line in read_lines(labels)] if labelled else None)
     return out
 
 

@@ -15,6 +15,7 @@ tests/test_tokenizer.py checks the output equals transformers' jinja rendering.
 
 import re
 import time
+from functools import cached_property
 from pathlib import Path
 
 from .system import read_json
@@ -107,12 +108,10 @@ class Tokenizer:
         """Token ids, no BOS/EOS added. Special tokens written in the text (e.g. "<|im_start|>") stay whole."""
         return self.tk.encode(text, add_special_tokens=False).ids
 
-    @property
+    @cached_property
     def max_token_chars(self) -> int:
         """The longest token's length in characters: data.text_tail's bound on what it tokenises."""
-        if not hasattr(self, "_max_chars"):
-            self._max_chars = max(map(len, self.tk.get_vocab(with_added_tokens=True)), default=1)
-        return self._max_chars
+        return max(map(len, self.tk.get_vocab(with_added_tokens=True)), default=1)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
