@@ -112,10 +112,11 @@ def write_docs(out, source):
     print(f"wrote {len(TASKS)} doc files into {out}")
 
 
-def task_manager(docs):
-    """lm-eval's TaskManager with a task nanoalign_<task> per task: lm-eval's yaml reading the local docs."""
+def lm_eval_tasks(docs, names):
+    """({name: lm-eval's task nanoalign_<name>}, the TaskManager holding them): for each task, lm-eval's own yaml
+    reading the local docs."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager, get_task_dict
     docs = Path(docs).resolve()
     yamls = docs / "yaml"
     yamls.mkdir(exist_ok=True)
@@ -125,12 +126,7 @@ def task_manager(docs):
             f"include: {base / rel}\ntask: nanoalign_{task}\ntag: []\ndataset_path: json\ndataset_name: null\n"
             f"dataset_kwargs:\n  data_files:\n    test: {docs / (task + '.jsonl')}\n"
             "training_split: null\nvalidation_split: null\ntest_split: test\nfewshot_split: null\n")
-    return TaskManager(include_path=str(yamls), include_defaults=False)
-
-
-def lm_eval_tasks(docs, names):
-    from lm_eval.tasks import get_task_dict
-    tm = task_manager(docs)
+    tm = TaskManager(include_path=str(yamls), include_defaults=False)
     got = get_task_dict([f"nanoalign_{t}" for t in names], tm)
     return {t: got[f"nanoalign_{t}"] for t in names}, tm
 
