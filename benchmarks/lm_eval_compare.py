@@ -32,8 +32,8 @@ SHARED = ROOT.parent / "shared" / "data"
 TASKS = {"piqa": ("piqa", "piqa/piqa.yaml"), "social_iqa": ("siqa", "siqa/siqa.yaml"),
          "winogrande": ("winogrande", "winogrande/default.yaml"), "arc_easy": ("arc-easy", "arc/arc_easy.yaml"),
          "arc_challenge": ("arc-challenge", "arc/arc_challenge.yaml"),
-         "openbookqa": ("openbookqa", "openbookqa/openbookqa.yaml"), "boolq": ("boolq", "super_glue/boolq/default.yaml"),
-         "sst2": ("sst2", "glue/sst2/default.yaml")}
+         "openbookqa": ("openbookqa", "openbookqa/openbookqa.yaml"),
+         "boolq": ("boolq", "super_glue/boolq/default.yaml"), "sst2": ("sst2", "glue/sst2/default.yaml")}
 ORDER = ["sst2", "openbookqa", "arc_challenge", "winogrande", "piqa", "social_iqa", "arc_easy", "boolq"]  # small first
 
 
@@ -41,20 +41,20 @@ def jsonl(path):
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def labels(path):
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def hf_docs(task, source=SHARED):
     """The split lm-eval scores, in its dataset's schema and file order (lm-eval's doc ids)."""
     c = Path(source) / "commonsense"
+
+    def labelled(stem, key, kind=str):  # the rows of <stem>.jsonl, each with its label from <stem>-labels.lst
+        gold = (c / f"{stem}-labels.lst").read_text(encoding="utf-8").split()
+        return [{**r, key: kind(y)} for r, y in zip(jsonl(c / f"{stem}.jsonl"), gold)]
+
     if task == "piqa":  # baber/piqa: goal, sol1, sol2, label (int)
-        return [{**r, "label": int(y)} for r, y in zip(jsonl(c / "piqa/valid.jsonl"), labels(c / "piqa/valid-labels.lst"))]
+        return labelled("piqa/valid", "label", int)
     if task == "social_iqa":  # lighteval/siqa: context, question, answerA-C, label ("1".."3")
-        return [{**r, "label": y} for r, y in zip(jsonl(c / "siqa/dev.jsonl"), labels(c / "siqa/dev-labels.lst"))]
+        return labelled("siqa/dev", "label")
     if task == "winogrande":  # winogrande_xl validation: sentence, option1, option2, answer ("1"/"2")
-        return [{**r, "answer": y} for r, y in zip(jsonl(c / "winogrande/dev.jsonl"),
-                                                     labels(c / "winogrande/dev-labels.lst"))]
+        return labelled("winogrande/dev", "answer")
     if task in ("arc_easy", "arc_challenge"):  # converted from allenai/ai2_arc: the schema as it is
         return jsonl(c / f"{task}/ai2_arc-test.jsonl")
     if task == "openbookqa":
@@ -70,7 +70,6 @@ def hf_docs(task, source=SHARED):
 
 def ours_examples(task, fmt="lm-eval", source=SHARED):
     """nanoalign's examples of the same split, in the same order (BoolQ: the whole dev file)."""
-    from functools import partial
     from nanoalign.plumbing import tasks as T
     name = TASKS[task][0]
     if name == "boolq":
@@ -78,22 +77,18 @@ def ours_examples(task, fmt="lm-eval", source=SHARED):
     return T.read_task(name, source, fmt=fmt)["test"]
 
 
-def pairs(ex):
-    from nanoalign.data import choices_of
-    return [list(p) for p in choices_of(ex)[0]]
-
-
 def positions(task, n, tok, window):
     """Token positions each tool runs through the decoder on the first n docs (padding not counted): lm-eval one
     forward of context + continuation[:-1] per choice, one per doc when the choices are one token after one context
     (its logits cache); ours one forward of each doc's shared prefix (fast.shared_prefixes) and one of each longer
     tail."""
+    from nanoalign.data import choices_of
     from nanoalign.evaluate import encode_pair
     from nanoalign.plumbing.fast import shared_prefixes
     examples = ours_examples(task)[:n]
     theirs = 0
     for ex in examples:
-        enc = [encode_pair(tok, context, continuation, joint=True) for context, continuation in pairs(ex)]
+        enc = [encode_pair(tok, context, continuation, joint=True) for context, continuation in choices_of(ex)[0]]
         one = len({tuple(c) for c, _ in enc}) == 1 and all(len(k) == 1 for _, k in enc)
         theirs += len(enc[0][0]) if one else sum(len(c) + len(k) - 1 for c, k in enc)
     ours = sum(len(prefix) + sum(len(t) - 1 for _, t, _ in tails if len(t) > 1)
@@ -117,10 +112,11 @@ def write_docs(out, source):
     print(f"wrote {len(TASKS)} doc files into {out}")
 
 
-def task_manager(docs):
-    """lm-eval's TaskManager with a task nanoalign_<task> per task: lm-eval's yaml reading the local docs."""
+def lm_eval_tasks(docs, names):
+    """({name: lm-eval's task nanoalign_<name>}, the TaskManager holding them): for each task, lm-eval's own yaml
+    reading the local docs."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager, get_task_dict
     docs = Path(docs).resolve()
     yamls = docs / "yaml"
     yamls.mkdir(exist_ok=True)
@@ -130,12 +126,7 @@ def task_manager(docs):
             f"include: {base / rel}\ntask: nanoalign_{task}\ntag: []\ndataset_path: json\ndataset_name: null\n"
             f"dataset_kwargs:\n  data_files:\n    test: {docs / (task + '.jsonl')}\n"
             "training_split: null\nvalidation_split: null\ntest_split: test\nfewshot_split: null\n")
-    return TaskManager(include_path=str(yamls), include_defaults=False)
-
-
-def lm_eval_tasks(docs, names):
-    from lm_eval.tasks import get_task_dict
-    tm = task_manager(docs)
+    tm = TaskManager(include_path=str(yamls), include_defaults=False)
     got = get_task_dict([f"nanoalign_{t}" for t in names], tm)
     return {t: got[f"nanoalign_{t}"] for t in names}, tm
 
@@ -155,15 +146,15 @@ def cmd_strings(args):
         by_doc = {}
         for inst in sorted(task.instances, key=lambda i: (i.doc_id, i.idx)):
             by_doc.setdefault(inst.doc_id, []).append(list(inst.arguments))
-        docs = [d for d in task.test_docs()]
+        docs, hf = list(task.test_docs()), hf_docs(name)
         assert sorted(by_doc) == list(range(len(docs))), name
         strings = [by_doc[i] for i in range(len(docs))]
         gold = [gold_index(task, d) for d in docs]
-        odd = [i for i, d in enumerate(hf_docs(name)) if any(isinstance(v, str) and v != v.strip() for v in flat(d))]
+        odd = [i for i, d in enumerate(hf) if any(isinstance(v, str) and v != v.strip() for v in flat(d))]
         keep = sorted(set(range(min(args.keep, len(docs)))) | set(odd[:args.keep]))
         fixture["tasks"][name] = {"n": len(docs), "sha256": digest({"pairs": strings, "gold": gold}),
-                                  "examples": [{"doc_id": i, "doc": hf_docs(name)[i], "pairs": strings[i],
-                                                "gold": gold[i]} for i in keep]}
+                                  "examples": [{"doc_id": i, "doc": hf[i], "pairs": strings[i], "gold": gold[i]}
+                                               for i in keep]}
         print(f"{name}: {len(docs)} docs, {len(keep)} kept")
     Path(args.out).write_text(json.dumps(fixture, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
@@ -190,68 +181,61 @@ def flat(d):
 
 def cmd_lm_eval(args):
     """lm-eval's HF model (`--model hf`) on each task: per doc, its log-likelihoods, acc and acc_norm."""
+    import lm_eval
     import torch
+    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     lm = HFLM(pretrained=str(args.model), dtype="float32", device="cpu", batch_size=args.batch_size)
-    for task in args.task:
-        lm_eval_one(args, lm, task)
-
-
-def lm_eval_one(args, lm, task):
-    import lm_eval
-    from lm_eval import simple_evaluate
-    args = argparse.Namespace(**{**vars(args), "task": task})
-    tasks, tm = lm_eval_tasks(args.docs, [args.task])
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = simple_evaluate(model=lm, tasks=[f"nanoalign_{args.task}"], task_manager=tm, log_samples=True,
-                          batch_size=args.batch_size, limit=args.limit)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    samples = sorted(res["samples"][f"nanoalign_{args.task}"], key=lambda s: s["doc_id"])
-    scores = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-    lengths = [[float(len(c)) for c in tasks[args.task].doc_to_choice(s["doc"])] for s in samples]
-    write_run(args, "lm-eval", f"lm-eval {lm_eval.__version__} (HFLM, transformers)", seconds, cpu, scores,
-              [gold_index(tasks[args.task], s["doc"]) for s in samples], lengths, reported=res["results"][f"nanoalign_{args.task}"])
+    for name in args.task:
+        tasks, tm = lm_eval_tasks(args.docs, [name])
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = simple_evaluate(model=lm, tasks=[f"nanoalign_{name}"], task_manager=tm, log_samples=True,
+                              batch_size=args.batch_size, limit=args.limit)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        samples, task = sorted(res["samples"][f"nanoalign_{name}"], key=lambda s: s["doc_id"]), tasks[name]
+        write_run(args, name, "lm-eval", f"lm-eval {lm_eval.__version__} (HFLM, transformers)", seconds, cpu,
+                  [[float(r[0]) for r in s["filtered_resps"]] for s in samples],
+                  [gold_index(task, s["doc"]) for s in samples],
+                  [[float(len(c)) for c in task.doc_to_choice(s["doc"])] for s in samples],
+                  reported=res["results"][f"nanoalign_{name}"])
 
 
 def cmd_ours(args):
     """nanoalign's evaluate(mode="cloze") on the lm-eval format of the same split."""
     import torch
     import nanoalign.plumbing as P
-    torch.set_num_threads(args.threads)
-    tok = P.load_tokenizer(str(args.model))
-    model = P.load_model(str(args.model), dtype=torch.float32, device="cpu")
-    for task in args.task:
-        ours_one(argparse.Namespace(**{**vars(args), "task": task}), tok, model)
-
-
-def ours_one(args, tok, model):
     from nanoalign.data import choices_of
     from nanoalign.evaluate import char_length, evaluate
     from nanoalign.plumbing import fast
-    examples = [{**ex, "index": i} for i, ex in enumerate(ours_examples(args.task))][:args.limit]
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = evaluate(model, tok, {args.task: examples}, mode="cloze", batch_size=args.batch_size,
-                   scorer=partial(fast.choice_logprobs, by_length=not args.plain))[args.task]
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    write_run(args, "ours" if not args.plain else "ours-plain", "nanoalign evaluate(mode='cloze', scorer=fast.choice_logprobs"
-              + (")" if args.plain else " with by_length=True)"), seconds, cpu, [r["scores"] for r in res["records"]],
-              [choices_of(ex)[1] for ex in examples],
-              [[float(char_length(ex, c)) for c in range(len(choices_of(ex)[0]))] for ex in examples],
-              reported={"acc": res["accuracy"], "acc_norm": res["acc_norm"]})
+    torch.set_num_threads(args.threads)
+    tok = P.load_tokenizer(str(args.model))
+    model = P.load_model(str(args.model), dtype=torch.float32, device="cpu")
+    by_length = "" if args.plain else " with by_length=True"
+    what = f"nanoalign evaluate(mode='cloze', scorer=fast.choice_logprobs{by_length})"
+    for task in args.task:
+        examples = [{**ex, "index": i} for i, ex in enumerate(ours_examples(task))][:args.limit]
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = evaluate(model, tok, {task: examples}, mode="cloze", batch_size=args.batch_size,
+                       scorer=partial(fast.choice_logprobs, by_length=not args.plain))[task]
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        write_run(args, task, "ours-plain" if args.plain else "ours", what, seconds, cpu,
+                  [r["scores"] for r in res["records"]], [choices_of(ex)[1] for ex in examples],
+                  [[float(char_length(ex, c)) for c in range(len(choices_of(ex)[0]))] for ex in examples],
+                  reported={"acc": res["accuracy"], "acc_norm": res["acc_norm"]})
 
 
 def argmax(xs):
     return max(range(len(xs)), key=xs.__getitem__)
 
 
-def write_run(args, tool, what, seconds, cpu, scores, gold, lengths, reported):
-    """seconds: wall time; cpu: the process's CPU time, which other jobs disturb far less."""
+def write_run(args, task, tool, what, seconds, cpu, scores, gold, lengths, reported):
+    """<out>/<tool>-<task>.json. seconds: wall time; cpu: the process's CPU time, which other jobs disturb far less."""
     pred = [argmax(s) for s in scores]
     pred_norm = [argmax([v / max(n, 1) for v, n in zip(s, ls)]) for s, ls in zip(scores, lengths)]
     n = len(scores)
-    run = {"tool": tool, "what": what, "task": args.task, "n": n, "seconds": seconds, "examples_per_s": n / seconds,
+    run = {"tool": tool, "what": what, "task": task, "n": n, "seconds": seconds, "examples_per_s": n / seconds,
            "cpu_seconds": cpu, "examples_per_cpu_s": n / cpu,
            "batch_size": args.batch_size, "threads": args.threads,
            "acc": sum(p == g for p, g in zip(pred, gold)) / n,
@@ -260,8 +244,8 @@ def write_run(args, tool, what, seconds, cpu, scores, gold, lengths, reported):
            "cpu": os.uname().machine, "load_before": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{tool}-{args.task}.json").write_text(json.dumps(run) + "\n")
-    print(f"{tool} {args.task}: n={n} acc={run['acc']:.4f} acc_norm={run['acc_norm']:.4f} "
+    (out / f"{tool}-{task}.json").write_text(json.dumps(run) + "\n")
+    print(f"{tool} {task}: n={n} acc={run['acc']:.4f} acc_norm={run['acc_norm']:.4f} "
           f"{seconds:.1f} s ({run['examples_per_s']:.2f} examples/s), {cpu:.1f} CPU s "
           f"({run['examples_per_cpu_s']:.2f} examples/CPU s)")
 
@@ -313,7 +297,8 @@ def cmd_table(args):
                      f"{sa['examples_per_s']:.2f} / {sb['examples_per_s']:.2f} | "
                      f"{ours:,} / {theirs:,} ({theirs / ours:.2f}×) |")
     tasks = [r["task"] for r in runs[::2]]
-    equal = [t for t, a, b in zip(tasks, runs[::2], runs[1::2]) if (a["acc"], a["acc_norm"]) == (b["acc"], b["acc_norm"])]
+    equal = [t for t, a, b in zip(tasks, runs[::2], runs[1::2])
+             if (a["acc"], a["acc_norm"]) == (b["acc"], b["acc_norm"])]
     fast = [t for t, a, b in zip(tasks, timed[::2], timed[1::2])
             if a["examples_per_cpu_s"] >= 1.5 * b["examples_per_cpu_s"]]
     lines += ["", f"Targets: equal acc and acc_norm on {len(equal)} of {len(tasks)} tasks"
