@@ -172,11 +172,20 @@ def grid(claim, suite=None, seeds=None, controls=True, **where):
         lr_where = {k: v for k, v in where.items() if k in ("results_dir", "work_dir")}
         lr_suite = None if suite is SUITE else dataclasses.replace(suite, dev_per_task=suite.dev_per_task or
                                                                    DEV_SUITE.dev_per_task)
-        chosen = chosen_lrs(claim_report("lr", suite=lr_suite, controls=controls, **lr_where))
+        chosen = chosen_lrs(dev_means(grid("lr", suite=lr_suite, controls=controls, **lr_where)))
         every.update({f"{m}{OWN}": Method({**every[m].options, "lr": c["lr"]}, analyses=every[m].analyses)
                       for m, c in chosen.items() if c["lr"] is not None})
         labels = [k for k in labels if k in every]  # a method whose lr is not chosen yet has no row yet
     return Grid(f"claim-{claim}", suite, {k: every[k] for k in labels}, seeds or claim_seeds, **where)
+
+
+def dev_means(g):
+    """{"methods": {label: {"seeds", "dev_average"}}} of a grid's cached runs with a dev score: the part of
+    claim_report that chosen_lrs reads, without its bootstraps."""
+    return {"methods": {label: {"seeds": [r["seed"] for r in runs],
+                                "dev_average": mean_se([100 * r["dev"]["average"] for r in runs])}
+                        for label, runs in g.results().items()
+                        if label != "base" and runs and all("dev" in r for r in runs)}}
 
 
 def chosen_lrs(lr_report):

@@ -214,7 +214,7 @@ def test_lr_grid_and_own_lr_rows(monkeypatch):
     assert chosen["hydra"]["lr"] is None and chosen["lora-r8"]["lr"] is None  # incomplete / not run
     assert chosen["rlora"]["lr"] is None  # every lr at seed 0 only: one seed chooses nothing
     monkeypatch.setattr(C, "model_config", lambda name: ModelConfig.from_hf_dict(SMOLLM2))
-    monkeypatch.setattr(C, "claim_report", lambda claim, **kw: report)
+    monkeypatch.setattr(C, "dev_means", lambda g: report)
     g = C.grid("1-2@own")
     assert list(g.methods) == ["mlora@own"] and g.methods["mlora@own"].options == {**m["mlora"].options, "lr": 3e-4}
 
