@@ -309,6 +309,20 @@ def test_shared_prefixes_are_the_longest_common_token_prefix(model_tok):
     assert tok.decode(units[4][1]) == "The trophy did not fit in the"
 
 
+def test_padded_batches_bound_the_padding_share():
+    """fast._padded_batches: runs of at most batch_size in the given (length) order; bounded, a run closes before
+    an item that would make more than 10% of its padded positions padding, so a long tail runs alone."""
+    lengths = [3, 3, 4, 4, 4, 5, 9, 40]
+    plain = fast._padded_batches(list(range(8)), lengths, 3, bounded=False)
+    assert plain == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    bounded = fast._padded_batches(list(range(8)), lengths, 3, bounded=True)
+    assert [i for b in bounded for i in b] == list(range(8)) and max(map(len, bounded)) <= 3
+    assert bounded[-2:] == [[6], [7]]
+    for b in bounded:
+        real, padded = sum(lengths[i] for i in b), len(b) * max(lengths[i] for i in b)
+        assert len(b) == 1 or real >= 0.9 * padded
+
+
 SCORERS = {"readable": choice_logprobs, "fast": fast.choice_logprobs,
            "fast, by_length": functools.partial(fast.choice_logprobs, by_length=True)}
 

@@ -320,13 +320,27 @@ def shared_prefixes(tok, examples, max_len, joint, share_prefix):
     return units
 
 
+def _padded_batches(items, lengths, batch_size, bounded, waste=0.1):
+    """Consecutive runs of items (sorted by length) of at most batch_size; bounded also closes a run before an item
+    that would make more than `waste` of the run's padded positions padding (long tails get batches of their own)."""
+    out, run, real = [], [], 0
+    for item, n in zip(items, lengths):
+        if run and (len(run) == batch_size or bounded and real + n < (1 - waste) * (len(run) + 1) * n):
+            out.append(run)
+            run, real = [], 0
+        run.append(item)
+        real += n
+    return out + [run] if run else out
+
+
 @torch.no_grad()
 def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=False, task_id=None,
                     advance=None, by_length=False):
     """evaluate.choice_logprobs' sums, with the choices that share a prefix (`shared_prefixes`) sharing one forward
     of it: the left-padded prefixes fill a KV cache, and the prefix positions score the tokens they predict; then
     each choice's right-padded tail runs after its copy of the cached prefix. by_length shares the longest common
-    prefix and batches the tails of 8 prefix batches by length (less padding; the 8 caches are kept meanwhile); off,
+    prefix, batches the tails of 8 × batch_size prefixes by length (their caches are kept meanwhile) and closes a
+    batch of prefixes or tails early rather than pad more than 10% of it (`_padded_batches`); off,
     the shared prefix is the context and each batch's tails run in one forward after it, which keeps the grids'
     cached scores bitwise reproducible.
     """
@@ -341,8 +355,7 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
     chunk = batch_size * (8 if by_length else 1)
     for parts, _ in _batches(units, chunk, [len(u[1]) for u in units]):
         cached = {}  # unit -> (its batch's cache and mask, its row there)
-        for b in range(0, len(parts), batch_size):
-            batch = parts[b:b + batch_size]
+        for batch in _padded_batches(parts, [len(units[u][1]) for u in parts], batch_size, by_length):
             prefixes = [units[u][1] for u in batch]
             ids, mask = left_pad(prefixes, tok.pad_id)
             ids, mask = ids.to(device), mask.to(device)
@@ -367,7 +380,7 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
         todo = [r for u in parts for r in rows_of[u]]
         if by_length:
             todo = sorted((r for r in todo if len(rows[r][2]) > 1), key=lambda r: len(rows[r][2]))
-            groups = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+            groups = _padded_batches(todo, [len(rows[r][2]) - 1 for r in todo], batch_size, by_length)
         else:
             groups = [todo] if max(len(rows[r][2]) for r in todo) > 1 else []
         for group in groups:  # each tail after its prefix, its cached keys/values right-aligned at P
