@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from functools import partial
@@ -241,7 +242,9 @@ def write_run(args, task, tool, what, seconds, cpu, scores, gold, lengths, repor
            "acc": sum(p == g for p, g in zip(pred, gold)) / n,
            "acc_norm": sum(p == g for p, g in zip(pred_norm, gold)) / n, "reported": reported,
            "gold": gold, "pred": pred, "pred_norm": pred_norm, "scores": scores,
-           "cpu": os.uname().machine, "load_before": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "cpu": os.uname().machine, "load_before": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tool}-{task}.json").write_text(json.dumps(run) + "\n")
