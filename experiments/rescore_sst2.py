@@ -137,10 +137,13 @@ def main(argv=None):
     p.add_argument("what", choices=("run", "readme"))
     p.add_argument("--data", default=G.DATA_DIR, help="the folder data/prepare.py wrote (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.what == "run":
-        return run(args.data)
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    readme.write_text(render_readme(readme.read_text(), G.system.read_json(CACHE)))
+    try:
+        if args.what == "run":
+            return run(args.data)
+        readme = Path(__file__).resolve().parents[1] / "README.md"
+        readme.write_text(render_readme(readme.read_text(), G.system.read_json(CACHE)))
+    except (OSError, ValueError) as e:  # missing data, a damaged cache: one line that says what to do
+        raise SystemExit(f"error: {e}") from None
 
 
 def render_readme(text, cache):

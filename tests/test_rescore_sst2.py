@@ -46,3 +46,18 @@ def test_paired_differences_use_common_seeds_and_show_a_constant_shift_exactly()
     pairs = text[text.index("Paired differences"):]
     assert "| c (claim-x) | 1 | 50.0 (1 seed) | 50.0 (1 seed) | +0.0 |" in text and " c (" not in pairs and " d (" not in pairs
     assert "| a (claim-x) | 3 | 63.0 ± 0.6 | 63.5 ± 0.6 | +0.5 | 10 | 50 → 75 |" in text
+
+
+def test_missing_data_and_a_damaged_cache_end_in_one_line(tmp_path, monkeypatch):
+    """`run` without prepared SST-2 and `readme` from a cut-short cache: one `error:` line naming the file, and the
+    README untouched."""
+    import pytest
+    with pytest.raises(SystemExit, match=r"^error: .*sst2-test\.jsonl not found: run `python data/prepare.py glue"):
+        R.main(["run", "--data", str(tmp_path / "none")])
+    damaged = tmp_path / "sst2_lm_eval.json"
+    damaged.write_text(R.CACHE.read_text()[:100])
+    monkeypatch.setattr(R, "CACHE", damaged)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"^error: .*sst2_lm_eval\.json:\d+: not valid JSON"):
+        R.main(["readme"])
+    assert (ROOT / "README.md").read_text(encoding="utf-8") == readme
