@@ -13,7 +13,6 @@ held-out split, and never changes train or test. Tasks whose files are absent ar
 """
 
 import argparse
-import os
 import shutil
 import sys
 import urllib.request
@@ -25,6 +24,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from nanoalign.plumbing.datasets import data_file, write_jsonl  # noqa: E402
+from nanoalign.plumbing.system import write_atomic  # noqa: E402
 from nanoalign.plumbing.tasks import (FORMATS, LABEL_ONLY, SUITES, TRAIN_CAPS, builtin_examples,  # noqa: E402
                                       dev_positions, read_task, subsample, task_dir)
 
@@ -56,14 +56,12 @@ BBH_URL = "https://raw.githubusercontent.com/suzgun/BIG-Bench-Hard/main/bbh/{}.j
 
 
 def fetch(url, path):
-    """Download url to path atomically, unless it exists."""
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-        shutil.copyfileobj(r, f)
-    os.replace(tmp, path)
+    """Download url to path atomically (system.write_atomic), unless it exists."""
+    def save(tmp):
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    if not path.exists():
+        write_atomic(path, save)
     return path
 
 
@@ -79,9 +77,7 @@ def download(task, source):
             for m in z.namelist():
                 base = m.rsplit("/", 1)[-1]
                 if base and not base.startswith(".") and ZIP_KEEP.get(task, "") in m and not (d / base).exists():
-                    d.mkdir(parents=True, exist_ok=True)
-                    (d / (base + ".part")).write_bytes(z.read(m))
-                    os.replace(d / (base + ".part"), d / base)
+                    write_atomic(d / base, z.read(m))
 
 
 def empty_hint(d):

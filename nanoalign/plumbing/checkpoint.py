@@ -172,9 +172,8 @@ def _check_state(file, state):
 
 def find_checkpoint(path: Path, say=print) -> Checkpoint:
     """The checkpoint to resume from: `path`, else `<path>.old` (a crash between save_checkpoint's renames)."""
-    old = path.with_name(path.name + ".old")
     problems = []
-    for d in (path, old):
+    for d in (path, path.with_name(path.name + ".old")):
         if not d.is_dir():
             continue
         try:

@@ -146,7 +146,6 @@ def convert_gguf(gguf_path, out_dir) -> None:
             if k.startswith("tokenizer.ggml.")}.get
     tokens, types, merges = ggml("tokens"), ggml("token_type"), ggml("merges")
     bos, eos, pad = ggml("bos_token_id"), ggml("eos_token_id"), ggml("padding_token_id")
-    chat_template = meta.get("tokenizer.chat_template")
     if ggml("model") != "gpt2":
         raise ValueError(f"{gguf_path}: tokenizer {ggml('model')!r}; only byte-level BPE ('gpt2') is supported here")
 
@@ -181,7 +180,7 @@ def convert_gguf(gguf_path, out_dir) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(bos), "eos_token": name(eos),
         "pad_token": name(pad), "unk_token": name(ggml("unknown_token_id")),
         "add_bos_token": bool(ggml("add_bos_token", False)), "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"], "chat_template": chat_template,
+        "model_max_length": config["max_position_embeddings"], "chat_template": meta.get("tokenizer.chat_template"),
     })
     del reader  # drop the memory map of the GGUF before its temp dir is removed
 

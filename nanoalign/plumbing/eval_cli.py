@@ -112,7 +112,6 @@ def run(args, eval_py):
     if args.max_per_task < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--max-per-task must be >= 0, --batch-size and --max-new-tokens >= 1")
     device = pick_device(args.device)
-    dtype = base_dtype(device, args.dtype)
     adapter_dir = find_adapter_dir(args.adapter_dir) if args.adapter_dir else None
     saved = read_json(adapter_dir / "adapter_config.json") if adapter_dir else {}
     model_name = args.model or saved.get("base_model") or "smollm2-135m"
@@ -131,7 +130,7 @@ def run(args, eval_py):
                        seed=args.seed, fmt=fmt)
     tasks = select_tasks(tasks, [t.strip() for t in args.tasks.split(",") if t.strip()], args.data)
     tok = load_tokenizer(model_name)
-    model = load_model(model_name, dtype=dtype, device=device)
+    model = load_model(model_name, dtype=base_dtype(device, args.dtype), device=device)
     if adapter_dir:
         load_adapter(model, adapter_dir)  # a damaged file is one ValueError naming it
     label = eval_py.fold(model, merge=not args.no_merge)
@@ -154,9 +153,7 @@ def run(args, eval_py):
               "average": sum(acc.values()) / len(acc), "tasks": without_records(results),
               "seconds": round(seconds, 1), "command": " ".join(["eval.py", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(rounded(r)) + "\n" for res in results.values() for r in res["records"])
-    write_atomic(preds_path, lines)
+    write_atomic(preds_path, "".join(json.dumps(rounded(r)) + "\n" for res in results.values() for r in res["records"]))
     write_atomic(out, json.dumps(result, indent=2))
     print(f"wrote {out} and {preds_path.name}")
     return result

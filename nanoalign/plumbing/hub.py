@@ -16,6 +16,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+from contextlib import suppress
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
@@ -86,11 +87,8 @@ def shard_names(index: Path) -> list[str]:
 
 def missing_files(snap: Path, files=(), optional=True) -> list[str]:
     """Files `snap` lacks: config, weights, `files`, and (`optional`) OPTIONAL ones without a `.no_exist` marker."""
-    need = ["config.json", *files]
-    if (snap / "model.safetensors.index.json").is_file():
-        need += shard_names(snap / "model.safetensors.index.json")
-    else:
-        need.append("model.safetensors")
+    index = snap / "model.safetensors.index.json"
+    need = ["config.json", *files, *(shard_names(index) if index.is_file() else ["model.safetensors"])]
     if optional:
         no_exist = snap.parent.parent / ".no_exist" / snap.name
         need += [f for f in OPTIONAL if not (no_exist / f).exists()]
@@ -192,11 +190,9 @@ def download(repo: str, repo_dir: Path, revision: str, files=(), ref=None) -> Pa
     if ref is not None and commit != ref:
         write_atomic(repo_dir / "refs" / ref, commit)
     fetch(file_url(repo, revision, "config.json"), snap / "config.json", repo=repo, opened=(resp, meta))
-    try:
+    with suppress(FileNotFoundError):  # a single-file checkpoint: missing_files() then asks for model.safetensors
         fetch(file_url(repo, revision, "model.safetensors.index.json"), snap / "model.safetensors.index.json",
               repo=repo)
-    except FileNotFoundError:
-        pass  # a single-file checkpoint: missing_files() then asks for model.safetensors
     for name in missing_files(snap, files):  # the required ones first; shard names are checked by shard_names()
         (snap / name).parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -27,8 +27,7 @@ from ..data import BalancedBatcher, encode_fitting
 from ..evaluate import (MODES, accuracies, diagnostics_table, evaluate, generation_fallback, markdown_table,
                         task_result, without_records)
 from ..meta import MetaConfig, MetaSampler, limit_shots
-from .adapter_io import MAX_ALPHA, check_options, export_peft_dirs, save_adapter
-from .adapter_io import apply_adapter_checked as apply_adapter  # the rank's memory checked first
+from .adapter_io import MAX_ALPHA, apply_adapter_checked, check_options, export_peft_dirs, save_adapter
 from .checkpoint import (Checkpoint, check_fresh_start, clear_run_state, continue_run_dir, find_checkpoint,
                          load_checkpoint, read_log, save_checkpoint)
 from .datasets import load_tasks, select_tasks
@@ -49,20 +48,16 @@ def flag(name):
 
 
 CHOICES = {  # the flags with a few possible values (their help texts are in TrainConfig)
-    "adapter": ["auto", *KINDS],
-    "format": list(FORMATS),
-    "trainer": ["standard", "meta"],
-    "meta_agg": ["mean", "sum"],
-    "meta_order": [1, 2],
-    "align_loss": ["kl", "mmd"],
-    "align_tokens": ["all", "answer"],
-    "dtype": ["auto", "float32", "bfloat16"],
-    "autocast": ["auto", "bf16", "off"],
-    "eval_mode": list(MODES),
+    "adapter": ["auto", *KINDS], "format": list(FORMATS), "trainer": ["standard", "meta"], "meta_agg": ["mean", "sum"],
+    "meta_order": [1, 2], "align_loss": ["kl", "mmd"], "align_tokens": ["all", "answer"],
+    "dtype": ["auto", "float32", "bfloat16"], "autocast": ["auto", "bf16", "off"], "eval_mode": list(MODES),
 }
 
 
-def make_parser(train_py):
+def parse_command(argv=None, train_py=None):
+    """(TrainConfig, overwrite): --overwrite is no field, so it stays out of config.json and keys derived from it.
+    train_py: the train.py module, else imported from the repository root."""
+    train_py = train_py or importlib.import_module("train")
     p = argparse.ArgumentParser(description=train_py.__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(train_py.TrainConfig):
@@ -74,14 +69,7 @@ def make_parser(train_py):
         p.add_argument(flag(f.name), **kw)
     p.add_argument("--overwrite", action="store_true", help="start fresh in a run directory that holds an earlier "
                    "run, deleting its checkpoints and log (without --resume or this, train.py refuses to start there)")
-    return p
-
-
-def parse_command(argv=None, train_py=None):
-    """(TrainConfig, overwrite): --overwrite is no field, so it stays out of config.json and keys derived from it.
-    train_py: the train.py module, else imported from the repository root."""
-    train_py = train_py or importlib.import_module("train")
-    ns = vars(make_parser(train_py).parse_args(argv))
+    ns = vars(p.parse_args(argv))
     overwrite = ns.pop("overwrite")
     return train_py.TrainConfig(**ns), overwrite
 
@@ -148,29 +136,15 @@ MUST_MATCH = ["model", "adapter", "rank", "alpha", "heads", "adapter_options", "
 
 def check_resume_config(old: dict, cfg, say):
     """Same model, adapter and data stream as the checkpoint, or an error; other changes are listed."""
-    def value(k, v):  # adapter options compare parsed: "x=false" is "x=False"
-        return parse_options(v) if k == "adapter_options" else v
-
-    for k in MUST_MATCH:
-        if k in old and value(k, old[k]) != value(k, getattr(cfg, k)):
+    for k in MUST_MATCH:  # adapter options compare parsed: "x=false" is "x=False"
+        value = parse_options if k == "adapter_options" else (lambda v: v)
+        if k in old and value(old[k]) != value(getattr(cfg, k)):
             raise ValueError(f"--resume: the checkpoint was trained with {flag(k)} {old[k]!r}, this run has "
                              f"{getattr(cfg, k)!r}; resume with the same setting")
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k in old and k != "resume" and old[k] != v and not (v != v and old[k] != old[k])]
     if changed:
         say("note: resuming with changed settings: " + ", ".join(changed))
-
-
-def setup_distributed(device):
-    """(rank, world size, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK. gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
 
 
 @dataclass
@@ -194,8 +168,15 @@ class Env:
 
 
 def setup(cfg, overwrite=False) -> Env:
-    """Device, processes, seed, dtype, autocast; the checkpoint to resume from, or the refusal to start fresh."""
-    rank, world, device = setup_distributed(pick_device(cfg.device))
+    """Device, processes, seed, dtype, autocast; the checkpoint to resume from, or the refusal to start fresh.
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; the process group is gloo on CPU, nccl on CUDA."""
+    device, rank, world = pick_device(cfg.device), 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank = dist.get_rank()
     out = Path(cfg.out) / (cfg.run_name or f"{Path(cfg.model).name}-{cfg.adapter}{'-meta' * (cfg.trainer == 'meta')}"
                                             f"-r{cfg.rank}")
     env = Env(device, rank, world, base_dtype(device, cfg.dtype), use_autocast(device, cfg.autocast), out, None)
@@ -251,12 +232,9 @@ def load_data(cfg, env: Env) -> Data:
             if skipped:
                 notes.append(f"note: skipped {skipped} of {len(train_tasks[t])} {t} training examples whose answer "
                              f"(+ eos) leaves no room for the prompt in --seq-len {cfg.seq_len}")
-    if cfg.trainer == "meta":
-        batcher = MetaSampler(encoded, MetaConfig.from_flags(cfg), seed=cfg.seed, rank=env.rank,
-                              world_size=env.world, pad_id=tok.pad_id)
-    else:
-        batcher = BalancedBatcher(encoded, per_task=cfg.batch_per_task, seed=cfg.seed, rank=env.rank,
-                                  world_size=env.world, pad_id=tok.pad_id)
+    where = dict(seed=cfg.seed, rank=env.rank, world_size=env.world, pad_id=tok.pad_id)
+    batcher = MetaSampler(encoded, MetaConfig.from_flags(cfg), **where) if cfg.trainer == "meta" else \
+        BalancedBatcher(encoded, per_task=cfg.batch_per_task, **where)
     if env.master:  # say what was asked but will not happen
         for note in notes:
             print(note, file=sys.stderr)
@@ -298,7 +276,6 @@ def build(train_py, cfg, env: Env, data: Data, overwrite=False):
     if env.master:
         if overwrite:
             clear_run_state(env.out)
-        env.out.mkdir(parents=True, exist_ok=True)
         write_atomic(env.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     before = env.resumed.state.get("before") if env.resumed else None
     if data.test_tasks and before is None:
@@ -306,23 +283,20 @@ def build(train_py, cfg, env: Env, data: Data, overwrite=False):
         env.say("accuracy before training: " + ", ".join(f"{t} {100 * r['accuracy']:.1f}" + (" (collapsed)" if
                 r["collapsed"] else "") for t, r in before.items()))
 
-    apply_adapter(model, cfg.adapter, rank=cfg.rank, alpha=cfg.alpha, heads=cfg.heads, dropout=cfg.dropout,
-                  targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], num_tasks=len(data.names),
-                  **parse_options(cfg.adapter_options))
+    apply_adapter_checked(model, cfg.adapter, rank=cfg.rank, alpha=cfg.alpha, heads=cfg.heads, dropout=cfg.dropout,
+                          targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], num_tasks=len(data.names),
+                          **parse_options(cfg.adapter_options))  # the rank's memory checked first
     model.gradient_checkpointing = cfg.grad_ckpt
     if env.world > 1:  # DDP broadcasts rank 0's initial weights; dropout masks should differ between ranks
         torch.manual_seed(cfg.seed + env.rank)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = count_trainable(model)
     env.say(f"adapter {cfg.adapter}: rank {cfg.rank}, {n_train:,} trainable parameters "
             f"({100 * n_train / n_base:.3f}% of the base)")
-    opt = train_py.optimizer(cfg, trainable, env.device)
-    step = 0
-    if env.resumed:
-        ckpt = env.resumed
+    opt = train_py.optimizer(cfg, [p for p in model.parameters() if p.requires_grad], env.device)
+    step = env.resumed.state["step"] if env.resumed else 0
+    if ckpt := env.resumed:
         load_checkpoint(ckpt, model, opt, env.device, env.rank, env.world)
         data.batcher.load_state_dict(ckpt.state["batcher"])
-        step = ckpt.state["step"]
         if env.master:
             continue_run_dir(env.out, ckpt, env.say)
         env.say(f"resumed from {ckpt.path} at step {step}")
@@ -331,9 +305,8 @@ def build(train_py, cfg, env: Env, data: Data, overwrite=False):
         from torch.nn.parallel import DistributedDataParallel
         fwd = DistributedDataParallel(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                       broadcast_buffers=False)
-    run = train_py.Run(model, fwd, opt, data.batcher, env.device, autocast=env.autocast, world=env.world, step=step,
-                       align_fn=fast.alignment_loss)
-    return run, before
+    return train_py.Run(model, fwd, opt, data.batcher, env.device, autocast=env.autocast, world=env.world, step=step,
+                        align_fn=fast.alignment_loss), before
 
 
 class Hooks:
@@ -455,8 +428,7 @@ def finish(cfg, env: Env, data: Data, hooks: Hooks):
     if after:
         write_atomic(env.out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for res in after.values()
                                                             for r in res["records"]))
-        after = without_records(after)
-        before = hooks.extra["before"]
+        after, before = without_records(after), hooks.extra["before"]
         result.update(before=before, after=after)
         n = min(len(v) for v in data.test_tasks.values())
         print(markdown_table({"before": before, "after": after},
@@ -485,12 +457,6 @@ def train(cfg, overwrite=False, train_py=None):
         return finish(cfg, env, data, hooks) if done else None
 
 
-def peer_failure(e):
-    """The first sentence of a process-group error, without gloo's source-file prefix."""
-    line = (str(e).strip().splitlines() or ["the process group failed"])[0]
-    return re.sub(r"^\[[^\]]*\]\s*", "", line).split(". ")[0]
-
-
 def main(argv=None, train_py=None):
     """`python train.py ...`: one run; a bad input, a full disk or an interrupt ends in one `error:` line."""
     cfg, overwrite = parse_command(argv, train_py)
@@ -511,7 +477,9 @@ def main(argv=None, train_py=None):
     except RuntimeError as e:  # under torchrun: a peer died inside a collective (gloo: "Connection reset by peer")
         if not dist.is_initialized():
             raise
-        print(f"error: rank {rank}: {peer_failure(e)}; another process of the run stopped, and checkpoints are written "
+        line = (str(e).strip().splitlines() or ["the process group failed"])[0]
+        line = re.sub(r"^\[[^\]]*\]\s*", "", line).split(". ")[0]  # its first sentence, without gloo's file prefix
+        print(f"error: rank {rank}: {line}; another process of the run stopped, and checkpoints are written "
               "whole: rerun with --resume", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -75,8 +75,7 @@ def split_one(rows, seed=42):
     """Deterministic train/test split of a task that ships a single labelled split (shuffle with `seed`)."""
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
-    n_test = max(1, round(len(rows) * TEST_FRACTION))
-    test = set(idx[:n_test])
+    test = set(idx[:max(1, round(len(rows) * TEST_FRACTION))])
     return {"train": [r for i, r in enumerate(rows) if i not in test],
             "test": [r for i, r in enumerate(rows) if i in test]}
 
@@ -187,16 +186,14 @@ def parse_glue(task, path, fmt="label"):
         if len(cols) < len(header):
             raise ValueError(f"{path}:{i}: expected {len(header)} tab-separated columns, found {len(cols)}")
         texts = [field(cols[header.index(c)], fmt) for c in text_cols]
-        raw = None
-        if labelled:
-            raw = cols[header.index(label_col)].strip()
-            if raw not in words:
-                raise ValueError(f"{path}:{i}: unknown {task} label {raw!r} (expected one of {sorted(words)})")
-        if fmt != "label":
-            if raw is not None:  # an unlabelled row has no cloze example (nothing to score)
-                out.append(cloze(task, template.format(*texts), list(choice_of.values()), list(choice_of).index(raw)))
-            continue
-        out.append(example(task, instruction, question.format(*texts), words.get(raw), options=list(words.values())))
+        raw = cols[header.index(label_col)].strip() if labelled else None
+        if labelled and raw not in words:
+            raise ValueError(f"{path}:{i}: unknown {task} label {raw!r} (expected one of {sorted(words)})")
+        if fmt == "label":
+            out.append(example(task, instruction, question.format(*texts), words.get(raw),
+                               options=list(words.values())))
+        elif raw is not None:  # an unlabelled row has no cloze example (nothing to score)
+            out.append(cloze(task, template.format(*texts), list(choice_of.values()), list(choice_of).index(raw)))
     return out
 
 
@@ -392,8 +389,7 @@ def parse_bbh(task, path):
     """The scored examples of one BBH task file; its first BBH_SHOTS are every prompt's demonstrations (§5.1)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        rows = data["examples"]
-        items = [(r["input"], r["target"]) for r in rows]
+        items = [(r["input"], r["target"]) for r in data["examples"]]
     except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"{path}: not a BBH task file ({e}); expected "
                          "{'examples': [{'input': ..., 'target': ...}]}") from None
@@ -412,9 +408,7 @@ def task_dir(source, task):
     suite = TASK_SUITE[task]
     names = GLUE[task][0] if suite == "glue" else COMMONSENSE_DIRS[task] if suite == "commonsense" else (task,)
     base = Path(source) / suite
-    if suite == "bbh":
-        return base
-    return next((base / n for n in names if (base / n).is_dir()), base / names[0])
+    return base if suite == "bbh" else next((base / n for n in names if (base / n).is_dir()), base / names[0])
 
 
 def read_task(task, source, seed=42, fmt="label"):
@@ -438,8 +432,7 @@ def read_task(task, source, seed=42, fmt="label"):
     if not splits:
         raise FileNotFoundError(f"{d} holds none of the expected {task} files")
     if len(splits) == 1:
-        (only,) = splits.values()
-        splits = split_one(only, seed=seed)
+        splits = split_one(*splits.values(), seed=seed)
     return {**splits, "dev": dev} if dev else splits
 
 

@@ -25,11 +25,6 @@ _CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^<>{}'\"]+
 _LLAMA_DEFAULT_DATE = re.compile(r"date_string\s*=\s*[\"']([^\"']+)[\"']")
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object, {} for a missing file, or a ValueError naming the file (broken, a list, a string)."""
-    return read_json(path, "download the tokenizer files again") if path.is_file() else {}
-
-
 class Tokenizer:
     """Encode/decode text and render chat prompts for one checkpoint."""
 
@@ -42,9 +37,7 @@ class Tokenizer:
             named = {t.get("name"): t.get("template", "") for t in self.chat_template}
             self.chat_template = named.get("default") or next(iter(named.values()), "")
         ids = lambda key: self._id(self.config.get(key), key, gen_config or {}, model_config or {})  # noqa: E731
-        self.bos_id = ids("bos_token")
-        self.eos_id = ids("eos_token")
-        pad = ids("pad_token")
+        self.bos_id, self.eos_id, pad = ids("bos_token"), ids("eos_token"), ids("pad_token")
         self.pad_id = pad if pad is not None else self.eos_id  # no pad token (Llama-3): pad with eos, masked anyway
         if self.eos_id is None:
             raise ValueError("no eos token: tokenizer_config.json, generation_config.json and config.json name none")
@@ -101,8 +94,10 @@ class Tokenizer:
             tk = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ValueError(f"{file}: unreadable tokenizer.json ({e}); download it again") from None
-        return cls(tk, _read_json(path / "tokenizer_config.json"), _read_json(path / "generation_config.json"),
-                   _read_json(path / "config.json"))
+
+        def read(name):  # a JSON object, {} for a missing file, or a ValueError naming the file (broken, a list, ...)
+            return read_json(path / name, "download the tokenizer files again") if (path / name).is_file() else {}
+        return cls(tk, read("tokenizer_config.json"), read("generation_config.json"), read("config.json"))
 
     def encode(self, text: str) -> list[int]:
         """Token ids, no BOS/EOS added. Special tokens written in the text (e.g. "<|im_start|>") stay whole."""
