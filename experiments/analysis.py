@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from nanoalign.adapters import adapter_modules
+from nanoalign.adapters import adapter_context, adapter_modules
 
 
 def layer_index(name: str):
@@ -67,7 +67,6 @@ def effective_rank(s: torch.Tensor) -> float:
 def collect_a_outputs(model, input_ids, attention_mask, task_ids=None) -> dict:
     """{module path: [B, T, r] the module's A-output A·x} from one eval-mode forward (no dropout, no lm_head): the
     tensor Align-LoRA aligns (METHODS §3.1), collected through `adapter_context(collect=True)`, not hooks."""
-    from nanoalign.adapters import adapter_context
     was_training = model.training
     model.eval()
     try:

@@ -112,10 +112,9 @@ class Data:
         self.test, train_pool = load("test", suite.test_per_task or None), load("train", suite.train_pool or None)
         self.test_fp, self.train_fp = fingerprint(self.test), fingerprint(train_pool)
         self.train_sizes = {t: len(v) for t, v in train_pool.items()}
-        self.dev = self.dev_fp = None
-        if suite.dev_per_task:  # the split every choice is made on (data/README.md): never trained on, never test
-            self.dev = load("dev", suite.dev_per_task)
-            self.dev_fp = fingerprint(self.dev)
+        # the split every choice is made on (data/README.md): never trained on, never test
+        self.dev = load("dev", suite.dev_per_task) if suite.dev_per_task else None
+        self.dev_fp = None if self.dev is None else fingerprint(self.dev)
 
 
 def load_data(suite: Suite, need=True):
@@ -281,9 +280,7 @@ def analyse(model, tok, names, data: Data, suite: Suite, analyses):
     out = {}
     if "heads" in analyses:
         sims = head_cosine_similarity(model)
-        by_type = {}
-        for (layer, kind), v in sims.items():
-            by_type.setdefault(kind, []).append(v)
+        by_type = {kind: [v for (_, k), v in sims.items() if k == kind] for _, kind in sims}
         out["head_cosine"] = {k: sum(v) / len(v) for k, v in by_type.items()}
         out["head_cosine_mean"] = sum(sims.values()) / len(sims) if sims else None
         out["head_cosine_per_layer"] = {f"{layer}.{kind}": v for (layer, kind), v in sorted(sims.items())}

@@ -6,12 +6,10 @@ quick-start table and its command durations from that file, so no number there i
     python experiments/quickstart.py show      # the two README blocks, printed
     python experiments/quickstart.py readme    # ... written into README.md between their markers
 
-Steps: `python train.py --help`; the quick start (`python train.py`, before/after on 40 test examples per task); its
-adapter on the whole test split (`eval.py`, 500 per task) and exported (`--export-peft`); cloze scoring of 100
-ARC-Easy examples (when the data is prepared); then the probe behind the README's "what it does not learn": the
-quick start at lr 1e-3 and 4e-3, with attention projections too, and 4x the examples (200 steps x 2 per task,
-lr 1e-3), each scored on a held-out slice of the builtin *training* split (the 100 examples per task generated
-after the 4000 of the training pool: in neither the pool nor the test split), one seed each.
+Steps (`steps`): `python train.py --help`; the quick start (before/after on 40 test examples per task); its adapter
+on the whole test split (`eval.py`, 500 per task) and exported (`--export-peft`); cloze scoring of 100 ARC-Easy
+examples (when the data is prepared); then the probe behind the README's "what it does not learn" (`PROBES`, one seed
+each), scored on a held-out slice of the builtin *training* split (`held_out_file`: in neither pool nor test split).
 """
 
 import argparse
@@ -20,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `experiments` from a plain checkout
@@ -72,46 +71,42 @@ def steps(work, data_dir):
     qs, out = work / "quickstart", str(work)
 
     def train(name, flags, evals=True):
-        def step():
-            wall, load = timed(["train.py", "--out", out, "--run-name", name, "--overwrite", *flags,
-                                *([] if evals else ["--eval-max", "0"])])
-            log = [json.loads(line) for line in (work / name / "log.jsonl").read_text().splitlines()]
-            rec = {"wall_s": wall, "load_before": load, "steps": len(log),
-                   "step_s": round(sum(r["ms"] for r in log) / len(log) / 1000, 2)}
-            if evals:
-                res = read_json(work / name / "results.json")
-                rec.update(before=summary(res["before"]), after=summary(res["after"]))
-            return rec
-        return step
+        wall, load = timed(["train.py", "--out", out, "--run-name", name, "--overwrite", *flags,
+                            *([] if evals else ["--eval-max", "0"])])
+        log = [json.loads(line) for line in (work / name / "log.jsonl").read_text().splitlines()]
+        rec = {"wall_s": wall, "load_before": load, "steps": len(log),
+               "step_s": round(sum(r["ms"] for r in log) / len(log) / 1000, 2)}
+        if evals:
+            res = read_json(work / name / "results.json")
+            rec.update(before=summary(res["before"]), after=summary(res["after"]))
+        return rec
 
     def evaluate(name, flags):
-        def step():
-            result = work / f"{name}.json"
-            wall, load = timed(["eval.py", *flags, "--out", str(result), "--overwrite"])
-            return {"wall_s": wall, "load_before": load, "tasks": summary(read_json(result)["tasks"])}
-        return step
+        result = work / f"{name}.json"
+        wall, load = timed(["eval.py", *flags, "--out", str(result), "--overwrite"])
+        return {"wall_s": wall, "load_before": load, "tasks": summary(read_json(result)["tasks"])}
 
     def command(argv):
-        return lambda: dict(zip(("wall_s", "load_before"), timed(argv)))
+        return dict(zip(("wall_s", "load_before"), timed(argv)))
 
     def tests():
         wall, load, stdout = timed(["-m", "pytest", "-q", "tests"], output=True)
         return {"wall_s": wall, "load_before": load, "summary": stdout.strip().splitlines()[-1].strip("= ")}
 
     held = str(work / "held-out.jsonl")
-    plan = [("help", command(["train.py", "--help"])), ("quickstart", train("quickstart", [])),
-            ("eval500", evaluate("eval500", ["--adapter-dir", str(qs)])),
-            ("export", command(["eval.py", "--adapter-dir", str(qs), "--export-peft", str(work / "peft"),
-                                "--overwrite"]))]
+    plan = [("help", partial(command, ["train.py", "--help"])), ("quickstart", partial(train, "quickstart", [])),
+            ("eval500", partial(evaluate, "eval500", ["--adapter-dir", str(qs)])),
+            ("export", partial(command, ["eval.py", "--adapter-dir", str(qs), "--export-peft", str(work / "peft"),
+                                         "--overwrite"]))]
     if (Path(data_dir) / "commonsense" / "lm-eval" / "arc-easy-test.jsonl").exists():
-        plan.append(("cloze100", evaluate("cloze100", ["--data", "arc-easy", "--mode", "cloze", "--max-per-task", "100",
-                                                      "--data-dir", str(data_dir)])))
+        plan.append(("cloze100", partial(evaluate, "cloze100", ["--data", "arc-easy", "--mode", "cloze",
+                                                                "--max-per-task", "100", "--data-dir", str(data_dir)])))
     for probe, (_, flags) in PROBES.items():
         if probe != "default":
-            plan.append((f"train-{probe}", train(f"probe-{probe}", flags, evals=False)))
+            plan.append((f"train-{probe}", partial(train, f"probe-{probe}", flags, evals=False)))
         run_dir = qs if probe == "default" else work / f"probe-{probe}"
-        plan.append((f"probe-{probe}", evaluate(f"held-{probe}", ["--adapter-dir", str(run_dir), "--data", held,
-                                                                  "--max-per-task", "0"])))
+        plan.append((f"probe-{probe}", partial(evaluate, f"held-{probe}", ["--adapter-dir", str(run_dir), "--data",
+                                                                           held, "--max-per-task", "0"])))
     return plan + [("tests", tests)]
 
 
@@ -196,10 +191,8 @@ def durations_block(c):
     lines = []
 
     def item(key, what, extra=""):
-        if key in c:
-            lines.append(f"- {what}: {minutes(c[key]['wall_s'])} (load {c[key]['load_before']:g}){extra};")
-        else:
-            lines.append(f"- {what}: not measured yet;")
+        lines.append(f"- {what}: {minutes(c[key]['wall_s'])} (load {c[key]['load_before']:g}){extra};" if key in c
+                     else f"- {what}: not measured yet;")
 
     item("help", "`--help`", " (importing torch)")
     if "quickstart" in c:

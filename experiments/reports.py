@@ -64,12 +64,9 @@ class Claim:
     def per_task(self, label):
         """{task: {"mean", "se", "collapsed": seeds where one prediction > 90%, "seeds"}} over the method's seeds."""
         runs = self.runs.get(label) or []
-        out = {}
-        for t in (runs[0]["tasks"] if runs else {}):
-            m, se = mean_se([100 * r["tasks"][t]["accuracy"] for r in runs])
-            out[t] = {"mean": m, "se": se, "collapsed": sum(r["tasks"][t]["collapsed"] for r in runs),
-                      "seeds": len(runs)}
-        return out
+        acc = {t: mean_se([100 * r["tasks"][t]["accuracy"] for r in runs]) for t in (runs[0]["tasks"] if runs else {})}
+        return {t: {"mean": m, "se": se, "collapsed": sum(r["tasks"][t]["collapsed"] for r in runs), "seeds": len(runs)}
+                for t, (m, se) in acc.items()}
 
     def values(self, label, fn):
         return {r["seed"]: v for r in self.runs.get(label) or [] if (v := fn(r)) is not None}
@@ -636,13 +633,13 @@ def comparison_text(x):
 
 def reading(c):
     """One claim's comparisons in words, each control beside the comparison it repeats: does the verdict hold?"""
-    lines, by_pair = [], {(x["a"], x["b"]): x for x in c.report["comparisons"]}
+    lines = []
     for x in c.report["comparisons"]:
         a, b = CONTROLS.get(x["a"], (x["a"],))[0], CONTROLS.get(x["b"], (x["b"],))[0]
         if (a, b) == (x["a"], x["b"]):
             lines.append(comparison_text(x))
             continue
-        what, orig = CONTROLS.get(x["a"], CONTROLS.get(x["b"]))[1], by_pair.get((a, b))
+        what, orig = CONTROLS.get(x["a"], CONTROLS.get(x["b"]))[1], c.comparison(a, b)
         lines.append(f"control ({what}): {comparison_text(x)}; " + (
             "the original pair is not measured" if orig is None else "the verdict holds"
             if orig["verdict"] == x["verdict"] else f"the verdict differs (the original's: {verdict_text(orig)}"
@@ -659,10 +656,8 @@ def spread_text(read):
     base, maj = 100 * bases[0].base["average"], bases[0].majority()["average"]
     avgs = sorted((100 * r["average"], r["label"], r["seed"]) for r in runs.values())
     coll = sum(any(v["collapsed"] for v in r["tasks"].values()) for r in runs.values())
-    tilted = {}
-    for r in runs.values():
-        for t, v in r["tasks"].items():
-            tilted[t] = tilted.get(t, 0) + (tilt(v["predicted"], v["gold"]) > TILT_FLAG)
+    tilted = {t: sum(tilt(v["predicted"], v["gold"]) > TILT_FLAG for r in runs.values() if (v := r["tasks"].get(t)))
+              for t in {k for r in runs.values() for k in r["tasks"]}}
     return (f"{len(runs)} trained runs: suite averages {avgs[0][0]:.1f}-{avgs[-1][0]:.1f}% (lowest: {name(avgs[0][1])} "
             f"seed {avgs[0][2]}), against the base model's {base:.1f}% and the majority rate's {maj:.1f}%; "
             f"{coll} run(s) with a task collapsed (one answer > 90%); tilted past {100 * TILT_FLAG:.0f} points: "
