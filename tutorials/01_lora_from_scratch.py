@@ -46,9 +46,7 @@ results = {"meta": machine(), "model": model_name, "rank": RANK, "alpha": ALPHA}
 # %%
 d_in, d_out = cfg.hidden_size, cfg.intermediate_size  # up_proj: hidden -> intermediate
 torch.manual_seed(args.seed)
-base = nn.Linear(d_in, d_out)
-for p in base.parameters():
-    p.requires_grad_(False)
+base = nn.Linear(d_in, d_out).requires_grad_(False)
 
 A = torch.empty(RANK, d_in)
 nn.init.kaiming_uniform_(A, a=math.sqrt(5))          # PEFT's / nn.Linear's default: U(−1/√d_in, +1/√d_in)
@@ -62,10 +60,9 @@ with torch.no_grad():
     layer.lora_A.weight.copy_(A)
     layer.lora_B.weight.copy_(B)
     ours = layer(x)
-eq_diff = (ours - by_hand).abs().max().item()
+eq_diff = results["equation_max_abs_diff"] = (ours - by_hand).abs().max().item()
 print(f"\n[1] by hand vs LoRALinear: max |diff| = {eq_diff:.2e} (fp32 round-off; "
       f"|ΔW x| is about {(s * (x @ A.T) @ B.T).abs().max():.2f})")
-results["equation_max_abs_diff"] = eq_diff
 
 # %% [markdown]
 # ## 2. The init: B = 0, so the adapted layer starts *bit-for-bit* as the base layer
@@ -164,8 +161,7 @@ n_base = sum(p.numel() for p in model.parameters())
 torch.manual_seed(args.seed)
 apply_adapter(model, "lora", rank=RANK, alpha=ALPHA, targets=MLP, dropout=0.1)
 with torch.no_grad():
-    lora_logits = model(ids)
-model_init_diff = (lora_logits - base_logits).abs().max().item()
+    model_init_diff = (model(ids) - base_logits).abs().max().item()
 n_train = count_trainable(model)
 per_layer = sum(m.rank * (m.in_features + m.out_features) for _, m in adapter_modules(model))
 frozen_grad = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]

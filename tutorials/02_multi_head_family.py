@@ -22,13 +22,15 @@ import math
 import time
 
 from common import MLP, QWEN25_3B, head_cos, lm_loss, load_base, machine, parser, pick_data, pyplot, save_figure, \
-    task_batches, write_json
+    write_json
 
 import torch
 import torch.nn as nn
 
 from nanoalign.adapters import adapter_context, adapter_modules, apply_adapter, count_trainable, merge_adapters
+from nanoalign.data import BalancedBatcher, encode_tasks
 from nanoalign.model import CausalLM, ModelConfig
+from nanoalign.plumbing.datasets import load_tasks
 
 p = parser(__doc__, full_model="qwen2.5-3b")
 p.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter (default 5; 3 with --tiny)")
@@ -42,8 +44,9 @@ KINDS = ["lora", "hydra", "hydra-norouter", "rlora", "mlora", "mtl", "multilora"
 t_start = time.perf_counter()
 model, tok, model_name = load_base(args)
 DATA, DATA_DIR = pick_data(args)
-batches, task_names = task_batches(tok, DATA, DATA_DIR, per_task=1, seed=args.seed)
-NUM_TASKS = len(task_names)
+tasks = load_tasks(DATA, "train", data_dir=DATA_DIR, max_per_task=64, seed=args.seed)
+batches = BalancedBatcher(encode_tasks(tok, tasks, 128), per_task=1, seed=args.seed, pad_id=tok.pad_id)
+task_names, NUM_TASKS = sorted(tasks), len(tasks)  # a task's position here is its task id
 results = {"meta": machine(), "model": model_name, "rank": RANK, "heads": HEADS, "alpha": ALPHA, "dropout": DROPOUT,
            "targets": list(MLP), "data": DATA, "tasks": task_names}
 
@@ -73,7 +76,7 @@ x = torch.randn(NUM_TASKS, 7, d_in)                 # 5 samples x 7 tokens; samp
 task_ids = torch.arange(NUM_TASKS)
 with torch.no_grad():
     y_base = base(x)
-one_layer = {}
+one_layer = results["one_layer"] = {}
 print(f"\n[1] one {d_in}->{d_out} layer, rank {RANK}, {HEADS} heads, {NUM_TASKS} tasks")
 print(f"    {'kind':15s} {'trainable':>9s}  {'tensors':50s} {'init |h-base|':>13s}  {'A-output':>12s}  merge")
 for kind in KINDS:
@@ -95,7 +98,6 @@ for kind in KINDS:
     shape_txt = ", ".join(f"{n.replace('lora_', '')}{t}" for n, t in tensors.items())
     print(f"    {kind:15s} {count_trainable(holder):9,d}  {shape_txt:50s} {init_diff:13.2e}  "
           f"{str(list(ctx.a_outputs['up_proj'].shape[-1:])):>12s}  {merge}")
-results["one_layer"] = one_layer
 
 # %% [markdown]
 # ## 2. Parameter counts on meta-device models, against METHODS §1's Qwen2.5-3B counts
@@ -117,8 +119,8 @@ def meta_counts(config):
     return counts
 
 
-counts = {"smollm2-135m" if not args.tiny else "tiny": meta_counts(cfg),
-          "qwen2.5-3b": meta_counts(ModelConfig.from_hf_dict(QWEN25_3B))}
+counts = results["param_counts"] = {"smollm2-135m" if not args.tiny else "tiny": meta_counts(cfg),
+                                    "qwen2.5-3b": meta_counts(ModelConfig.from_hf_dict(QWEN25_3B))}
 print(f"\n[2] trainable parameters (rank {RANK}, {HEADS} heads, {'/'.join(MLP)}; mtl with {NUM_TASKS} tasks)")
 names = list(counts)
 print(f"    {'kind':15s} " + "  ".join(f"{n:>22s}" for n in names) + "   METHODS §1 (Qwen2.5-3B)")
@@ -127,7 +129,6 @@ for kind in KINDS:
     ref, ours = METHODS_QWEN3B.get(kind), counts["qwen2.5-3b"][kind]["trainable"]
     check = "" if ref is None else f"{ref:,} ({'match' if ours == ref else 'MISMATCH'})"
     print(f"    {kind:15s} {cells}   {check}")
-results["param_counts"] = counts
 results["methods_qwen3b_match"] = {k: counts["qwen2.5-3b"][k]["trainable"] == v for k, v in METHODS_QWEN3B.items()}
 
 # %% [markdown]
@@ -145,8 +146,6 @@ results["methods_qwen3b_match"] = {k: counts["qwen2.5-3b"][k]["trainable"] == v 
 # %%
 fixed = [next(batches) for _ in range(STEPS)]           # the same batches for every adapter
 probe = fixed[0]
-with torch.no_grad():
-    base_logits = model(probe["input_ids"], probe["attention_mask"])
 
 
 def probe_logits(m):
@@ -154,7 +153,7 @@ def probe_logits(m):
         return m(probe["input_ids"], probe["attention_mask"])
 
 
-real = {}
+base_logits, real = probe_logits(model), {}
 for kind in KINDS:
     t0 = time.perf_counter()
     m = adapt(copy.deepcopy(model), kind).eval()

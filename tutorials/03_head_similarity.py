@@ -56,8 +56,7 @@ mechanism_toy = toy_mechanism()
 # The grid's head analyses: 1 means every head is the same matrix, ≈0 unrelated (random) heads.
 
 # %%
-grids = claim_grids(args.tiny, args.rerun)
-c = grids.read_or_stop("1-2")
+c = claim_grids(args.tiny, args.rerun).read_or_stop("1-2")
 
 
 def per_layer(run, module):

@@ -83,14 +83,12 @@ show("matched LoRA − multi-head (points)", comparison_table(c))
 
 # %%
 LIMIT = {"hydra": 4, "rlora": 8}
-eff, rows = {}, []
-for k in LABELS:
-    vals = [r["analysis"]["effective_rank_mean"] for r in c.runs.get(k) or [] if "effective_rank_mean" in r["analysis"]]
-    if vals:
-        eff[k] = mean_se(vals)
-        rows.append([name(k), str(len(vals)), pm(*eff[k], 2), str(LIMIT.get(k, ranks.get(k)))])
-show("effective rank of ΔW (mean over modules; ± SE over seeds)",
-     markdown(["method", "seeds", "effective rank", "at most"], rows) if rows else "(not measured yet)")
+vals = {k: list(c.values(k, lambda r: r["analysis"].get("effective_rank_mean")).values()) for k in LABELS}
+eff = {k: mean_se(v) for k, v in vals.items() if v}
+show("effective rank of ΔW (mean over modules; ± SE over seeds)", markdown(
+    ["method", "seeds", "effective rank", "at most"],
+    [[name(k), str(len(vals[k])), pm(*eff[k], 2), str(LIMIT.get(k, ranks.get(k)))] for k in eff])
+     if eff else "(not measured yet)")
 
 # %% Plot: suite average per method, the paired differences (±1 point band), the effective rank
 def draw(plt):

@@ -55,12 +55,11 @@ RANK, ALPHA, HEADS, DROPOUT, LAMBDA, ANSWER = 8, 32.0, 3, 0.1, 0.1, 8  # train.p
 
 def timed(fn, device):
     """(wall s, CPU s of this process, all threads) of one call: CPU time is less disturbed by other jobs."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - w0, time.process_time() - c0
 
 
@@ -81,9 +80,8 @@ def plain_linear(m):
 # %%
 def worker(kind):
     device = system.pick_device()
-    dtype = system.base_dtype(device)
     torch.manual_seed(args.seed)
-    model = nanoalign.plumbing.load_model(args.model, dtype=dtype, device=device).eval()
+    model = nanoalign.plumbing.load_model(args.model, dtype=system.base_dtype(device), device=device).eval()
     n_base = sum(t.numel() for t in model.parameters())
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(10, model.config.vocab_size - 10, (BATCH, SEQ), generator=g).to(device)
@@ -176,8 +174,7 @@ if args.worker:
 # %% Every adapter, one subprocess each
 t_start = time.perf_counter()
 kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-unknown = [k for k in kinds if k not in KINDS]
-if unknown:
+if unknown := [k for k in kinds if k not in KINDS]:
     raise SystemExit(f"unknown adapter kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
 model_name = str(tiny_model_dir()) if args.tiny else args.model
 if not args.tiny:

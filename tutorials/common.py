@@ -29,8 +29,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from experiments import paper  # noqa: E402
+from experiments.analysis import head_cosine_similarity  # noqa: E402
 from experiments.grid import Suite, machine  # noqa: E402  (where and when a result was measured)
 from experiments.reports import Grids, bar  # noqa: E402
+from nanoalign.adapters import adapter_context, apply_adapter  # noqa: E402
 from nanoalign.data import BalancedBatcher, answer_positions, encode_tasks  # noqa: E402
 from nanoalign.plumbing.datasets import data_file, load_tasks  # noqa: E402
 from nanoalign.plumbing.tasks import TASK_SUITE  # noqa: E402
@@ -50,8 +52,20 @@ QWEN25_3B = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidde
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that resolves `args.out`, `args.update` (are the committed results written, also via --out?) and
-    --full's model."""
+    """argparse with the tutorial's docstring as help, `modes` [(flag, help)] exclusive, and --out / --update; it
+    resolves `args.out`, `args.update` (are the committed results written, also via --out?) and --full's model."""
+
+    def __init__(self, doc, modes, full_model=None):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.full_model = full_model
+        size = self.add_mutually_exclusive_group()
+        for flag, text in modes:
+            size.add_argument(flag, action="store_true", help=text)
+        where = self.add_mutually_exclusive_group()
+        where.add_argument("--out", default=None, help=f"directory for the results JSON and PNG (default "
+                           f"{OUT.relative_to(ROOT)}; --tiny: {TINY_OUT.relative_to(ROOT)})")
+        where.add_argument("--update", action="store_true", help=f"write the committed {RESULTS.relative_to(ROOT)}/ "
+                           "(the results the README shows) instead")
 
     def parse_args(self, args=None, namespace=None):
         args = super().parse_args(args, namespace)
@@ -66,25 +80,10 @@ class Parser(argparse.ArgumentParser):
         return args
 
 
-def new_parser(doc, modes, full_model=None):
-    """Parser with the tutorial's docstring as help, `modes` [(flag, help)] exclusive, and --out / --update."""
-    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.full_model = full_model
-    size = p.add_mutually_exclusive_group()
-    for flag, text in modes:
-        size.add_argument(flag, action="store_true", help=text)
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--out", default=None, help=f"directory for the results JSON and PNG (default "
-                       f"{OUT.relative_to(ROOT)}; --tiny: {TINY_OUT.relative_to(ROOT)})")
-    where.add_argument("--update", action="store_true", help=f"write the committed {RESULTS.relative_to(ROOT)}/ "
-                       "(the results the README shows) instead")
-    return p
-
-
 def parser(doc, full_model=None):
     """The mechanism tutorials' flags; --full sets --model to `full_model`."""
-    p = new_parser(doc, [("--tiny", "tiny random model, a handful of steps (smoke test)"),
-                         ("--full", "the paper's GPU-scale setting (see the docstring)")], full_model)
+    p = Parser(doc, [("--tiny", "tiny random model, a handful of steps (smoke test)"),
+                     ("--full", "the paper's GPU-scale setting (see the docstring)")], full_model)
     p.add_argument("--model", default="smollm2-135m", help="alias or local directory (ignored with --tiny)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -187,7 +186,7 @@ def load_base(args):
     return model.eval(), tok, name
 
 
-# ----------------------------------------------------------------------------- the claim tutorials' mechanism cells
+# ------------------------------------------------------ the claim tutorials' mechanism cells, and tutorial 02's steps
 
 TOY_TASKS = ("alphabet-first", "colour-review", "last-letter")  # three builtin tasks: three task pairs to align
 
@@ -195,7 +194,6 @@ TOY_TASKS = ("alphabet-first", "colour-review", "last-letter")  # three builtin 
 def toy(kind="lora", seed=0, per_task=2, dropout=0.0, **options):
     """The mechanism cells' toy: the tiny random Llama with a `kind` adapter (rank 4, α 8, 3 heads, gate/up/down).
     Returns (model in train mode, task-balanced batches of TOY_TASKS, (encoded pools, pad id) for MetaSampler)."""
-    from nanoalign.adapters import apply_adapter
     d = toy_dir()
     model, tok = nanoalign.plumbing.load_model(str(d)), nanoalign.plumbing.load_tokenizer(str(d))
     torch.manual_seed(seed)
@@ -213,18 +211,28 @@ def pinned(out, *tests):
     return {**out, "tests": list(tests)}
 
 
+def head_cos(model):
+    """(mean, min) of the inter-head cosines of B over the adapted modules; (None, None) while the heads are zero."""
+    vals = [v for v in head_cosine_similarity(model).values() if not math.isnan(v)]
+    return (sum(vals) / len(vals), min(vals)) if vals else (None, None)
+
+
+def lm_loss(model, batch):
+    """Cross-entropy on the answer tokens, inside adapter_context so MTL-LoRA sees the task ids."""
+    at, targets = answer_positions(batch["labels"])
+    with adapter_context(model, task_ids=batch["task_ids"]):
+        logits = model(batch["input_ids"], batch["attention_mask"], logits_at=at)
+    return F.cross_entropy(logits.float(), targets)
+
+
 # ----------------------------------------------------------------------------- the claim readers (03-06, 08-10)
-
-TINY_TASKS = ("alphabet-first", "colour-review")
-TINY_SEEDS = [0, 1]
-
 
 def reader_parser(doc):
     """The claim readers' flags."""
-    return new_parser(doc, [("--rerun", "train the runs missing from the cached grid (resumes it; hours on a CPU), "
-                                        "then render"),
-                            ("--tiny", "smoke test: a tiny grid in a temp dir, trained and rendered"),
-                            ("--full", "print the paper's setting and how to run it (a GPU box)")])
+    return Parser(doc, [("--rerun", "train the runs missing from the cached grid (resumes it; hours on a CPU), then "
+                                    "render"),
+                        ("--tiny", "smoke test: a tiny grid in a temp dir, trained and rendered"),
+                        ("--full", "print the paper's setting and how to run it (a GPU box)")])
 
 
 def parse_args(doc, claims, full=None):
@@ -238,8 +246,9 @@ def parse_args(doc, claims, full=None):
 
 def tiny_suite(d: Path):
     """The smoke test's suite: the tiny random model, 2 builtin tasks, 3 steps, 8 test examples per task."""
-    return Suite(TINY_TASKS, model=str(tiny_model_dir(d / "model")), steps=3, batch_per_task=1, lr=1e-2, warmup=1,
-                 seq_len=160, train_pool=16, test_per_task=8, data_dir=str(d / "data"), probe_examples=4)
+    return Suite(("alphabet-first", "colour-review"), model=str(tiny_model_dir(d / "model")), steps=3,
+                 batch_per_task=1, lr=1e-2, warmup=1, seq_len=160, train_pool=16, test_per_task=8,
+                 data_dir=str(d / "data"), probe_examples=4)
 
 
 def claim_grids(tiny=False, train=False, stream=None):
@@ -248,7 +257,7 @@ def claim_grids(tiny=False, train=False, stream=None):
         return Grids(train=train, stream=stream)
     d = Path(tempfile.mkdtemp(prefix="nanoalign-tiny-grid-"))
     atexit.register(shutil.rmtree, d, True)
-    where = {"suite": tiny_suite(d), "seeds": TINY_SEEDS, "results_dir": d / "results", "work_dir": d / "work",
+    where = {"suite": tiny_suite(d), "seeds": [0, 1], "results_dir": d / "results", "work_dir": d / "work",
              "controls": False}  # the controls repeat their rows with one option changed: not smoke-tested
     return Grids(where, train=True, tiny=True, stream=stream)
 
@@ -288,31 +297,6 @@ def reference_lines(ax, c, label, text):
     for row, ls, what in ((c.report["base"], "--", "base model"), (c.majority(), ":", "majority label")):
         if row:
             ax.axhline(row["average"], color="gray", ls=ls, lw=1, label=what)
-
-
-# ----------------------------------------------------------------------------- data and a few bare steps
-
-def task_batches(tok, data="builtin", data_dir=None, per_task=1, seed=0, max_len=128, split="train"):
-    """Task-balanced micro-batches of a task mix, and the sorted task names (their positions are the task ids)."""
-    tasks = load_tasks(data, split, data_dir=data_dir or DATA_DIR, max_per_task=64, seed=seed)
-    return BalancedBatcher(encode_tasks(tok, tasks, max_len), per_task=per_task, seed=seed, pad_id=tok.pad_id), \
-        sorted(tasks)
-
-
-def head_cos(model):
-    """(mean, min) of the inter-head cosines of B over the adapted modules; (None, None) while the heads are zero."""
-    from experiments.analysis import head_cosine_similarity
-    vals = [v for v in head_cosine_similarity(model).values() if not math.isnan(v)]
-    return (sum(vals) / len(vals), min(vals)) if vals else (None, None)
-
-
-def lm_loss(model, batch):
-    """Cross-entropy on the answer tokens, inside adapter_context so MTL-LoRA sees the task ids."""
-    from nanoalign.adapters import adapter_context
-    at, targets = answer_positions(batch["labels"])
-    with adapter_context(model, task_ids=batch["task_ids"]):
-        logits = model(batch["input_ids"], batch["attention_mask"], logits_at=at)
-    return F.cross_entropy(logits.float(), targets)
 
 
 # ----------------------------------------------------------------------------- output
