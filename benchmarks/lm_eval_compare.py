@@ -35,6 +35,9 @@ TASKS = {"piqa": ("piqa", "piqa/piqa.yaml"), "social_iqa": ("siqa", "siqa/siqa.y
          "arc_challenge": ("arc-challenge", "arc/arc_challenge.yaml"),
          "openbookqa": ("openbookqa", "openbookqa/openbookqa.yaml"),
          "boolq": ("boolq", "super_glue/boolq/default.yaml"), "sst2": ("sst2", "glue/sst2/default.yaml")}
+# the code a run measures: read once, as the process imports it (HEAD may move while a long run goes on)
+COMMIT = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                        text=True).stdout.strip()
 ORDER = ["sst2", "openbookqa", "arc_challenge", "winogrande", "piqa", "social_iqa", "arc_easy", "boolq"]  # small first
 
 
@@ -250,8 +253,7 @@ def write_run(args, task, tool, what, seconds, cpu, scores, gold, lengths, repor
            "acc_norm": sum(p == g for p, g in zip(pred_norm, gold)) / n, "reported": reported,
            "gold": gold, "pred": pred, "pred_norm": pred_norm, "scores": scores,
            "cpu": os.uname().machine, "load_before": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip()}
+           "commit": COMMIT}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tool}-{task}.json").write_text(json.dumps(run) + "\n")
@@ -298,8 +300,8 @@ def cmd_table(args):
         agree_norm = sum(x == y for x, y in zip(a["pred_norm"], b["pred_norm"]))
         delta = max(abs(x - y) for s, t in zip(a["scores"], b["scores"]) for x, y in zip(s, t))
         scored = f"{n} (all)" if n == split else f"first {n} of {split}"
-        ours, theirs, scored = positions(task, sa["n"], tok, window)
-        work[task] = theirs * (decoder + head) / (ours * decoder + scored * head)  # lm-eval: logits everywhere
+        ours, theirs, answered = positions(task, sa["n"], tok, window)
+        work[task] = theirs * (decoder + head) / (ours * decoder + answered * head)  # lm-eval: logits everywhere
         lines.append(f"| {task} | {scored} | {100 * a['acc']:.2f} / {100 * b['acc']:.2f} | "
                      f"{100 * a['acc_norm']:.2f} / {100 * b['acc_norm']:.2f} | {agree}/{n} | {agree_norm}/{n} | "
                      f"{delta:.1e} | {'all' if sa['n'] == split else 'first ' + str(sa['n'])} | "
