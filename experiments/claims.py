@@ -179,13 +179,16 @@ def grid(claim, suite=None, seeds=None, controls=True, **where):
     return Grid(f"claim-{claim}", suite, {k: every[k] for k in labels}, seeds or claim_seeds, **where)
 
 
+def dev_average(runs):
+    """(mean, SE) of the runs' dev accuracies (%), or None unless every run has a dev score."""
+    return mean_se([100 * r["dev"]["average"] for r in runs]) if runs and all("dev" in r for r in runs) else None
+
+
 def dev_means(g):
     """{"methods": {label: {"seeds", "dev_average"}}} of a grid's cached runs with a dev score: the part of
     claim_report that chosen_lrs reads, without its bootstraps."""
-    return {"methods": {label: {"seeds": [r["seed"] for r in runs],
-                                "dev_average": mean_se([100 * r["dev"]["average"] for r in runs])}
-                        for label, runs in g.results().items()
-                        if label != "base" and runs and all("dev" in r for r in runs)}}
+    return {"methods": {label: {"seeds": [r["seed"] for r in runs], "dev_average": dev}
+                        for label, runs in g.results().items() if label != "base" and (dev := dev_average(runs))}}
 
 
 def chosen_lrs(lr_report):
@@ -284,8 +287,8 @@ def claim_report(claim, g=None, **grid_args):
                "tasks": {t: float(np.mean([100 * r["tasks"][t]["accuracy"] for r in runs])) for t in runs[0]["tasks"]},
                "collapsed": sorted({t for r in runs for t, v in r["tasks"].items() if v["collapsed"]}),
                "trainable": runs[0]["trainable"], "wall_s": sum(r["wall_s"] for r in runs)}
-        if all("dev" in r for r in runs):
-            row["dev_average"] = mean_se([100 * r["dev"]["average"] for r in runs])
+        if dev := dev_average(runs):
+            row["dev_average"] = dev
         row["diagnostics"], tf = threshold_diagnostics(runs)
         row["threshold_free"] = mean_se(tf)
         row["tilted"] = sorted(t for t, d in row["diagnostics"].items() if d["tilted_seeds"])
