@@ -82,10 +82,11 @@ def ours_examples(task, fmt="lm-eval", source=SHARED):
 
 
 def positions(task, n, tok, window):
-    """(ours, theirs, continuation tokens ours scores): token positions each tool runs through the decoder on the
-    first n docs (padding not counted): lm-eval one forward of context + continuation[:-1] per choice, one per doc
-    when the choices are one token after one context (its logits cache); ours one forward of each doc's shared
-    prefix (fast.shared_prefixes) and one of each longer tail."""
+    """(ours, theirs, ours with logits): token positions each tool runs through the decoder on the first n docs
+    (padding not counted): lm-eval one forward of context + continuation[:-1] per choice, one per doc when the
+    choices are one token after one context (its logits cache); ours one forward of each doc's shared prefix
+    (fast.shared_prefixes) and one of each longer tail, with logits once per position that predicts a continuation
+    token (a prefix position shared by several choices once)."""
     from nanoalign.data import choices_of
     from nanoalign.evaluate import encode_pair
     from nanoalign.plumbing.fast import shared_prefixes
@@ -97,14 +98,12 @@ def positions(task, n, tok, window):
         theirs += len(enc[0][0]) if one else sum(len(c) + len(k) - 1 for c, k in enc)
     units = shared_prefixes(tok, examples, window, joint=True, share_prefix=True)
     ours = sum(len(prefix) + sum(len(t) - 1 for _, t, _ in tails if len(t) > 1) for _, prefix, tails in units)
-    return ours, theirs, sum(n for _, _, tails in units for *_, n in tails)
-
-
-def linear_macs(config):
-    """Multiply-adds per position of the decoder's linear layers and of the vocabulary projection."""
-    d, f, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", heads) * d // heads
-    return config["num_hidden_layers"] * (2 * d * d + 2 * d * kv + 3 * d * f), d * config["vocab_size"]
+    logits = 0
+    for _, prefix, tails in units:  # position k of prefix + tail predicts token k + 1; the last n are scored
+        ends = [(len(prefix) + len(t) - n - 1, len(prefix) + len(t) - 1) for _, t, n in tails]
+        logits += len({k for a, b in ends for k in range(a, min(b, len(prefix)))})
+        logits += sum(b - max(a, len(prefix)) for a, b in ends if b > len(prefix))
+    return ours, theirs, logits
 
 
 def digest(obj):
@@ -281,11 +280,16 @@ def cmd_table(args):
              "| agree (acc_norm) | max abs. Δ log-lik | docs timed | examples/CPU-s ours / lm-eval | speed-up (CPU) "
              "| examples/s (wall) ours / lm-eval | decoder positions ours / lm-eval |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    import torch
     import nanoalign.plumbing as P
+    from nanoalign.model import CausalLM, ModelConfig
+    from nanoalign.plumbing import system
     model = Path(default_model())
     tok = P.load_tokenizer(str(model))
-    config = json.loads((model / "config.json").read_text())
-    window, (decoder, head) = config["max_position_embeddings"], linear_macs(config)  # window: evaluate's cut
+    with torch.device("meta"):  # FLOPs per position by the MFU convention (system.py), no weights loaded
+        shape = CausalLM(ModelConfig.from_json(model / "config.json"))
+    decoder, _, head = system.flops_coefficients(shape, train=False)
+    window = shape.config.max_position_embeddings  # evaluate's cut
     runs, timed, work = [], [], {}
     for task in ORDER:
         pair, speed = load_pair(args.out, task), load_pair(args.speed or args.out, task)
@@ -300,8 +304,8 @@ def cmd_table(args):
         agree_norm = sum(x == y for x, y in zip(a["pred_norm"], b["pred_norm"]))
         delta = max(abs(x - y) for s, t in zip(a["scores"], b["scores"]) for x, y in zip(s, t))
         scored = f"{n} (all)" if n == split else f"first {n} of {split}"
-        ours, theirs, answered = positions(task, sa["n"], tok, window)
-        work[task] = theirs * (decoder + head) / (ours * decoder + answered * head)  # lm-eval: logits everywhere
+        ours, theirs, logits = positions(task, sa["n"], tok, window)
+        work[task] = theirs * (decoder + head) / (ours * decoder + logits * head)  # lm-eval: logits everywhere
         lines.append(f"| {task} | {scored} | {100 * a['acc']:.2f} / {100 * b['acc']:.2f} | "
                      f"{100 * a['acc_norm']:.2f} / {100 * b['acc_norm']:.2f} | {agree}/{n} | {agree_norm}/{n} | "
                      f"{delta:.1e} | {'all' if sa['n'] == split else 'first ' + str(sa['n'])} | "
