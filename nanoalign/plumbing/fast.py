@@ -380,7 +380,7 @@ def choice_logprobs(model, tok, examples, batch_size=32, max_len=1024, joint=Fal
         todo = [r for u in parts for r in rows_of[u]]
         if by_length:
             todo = sorted((r for r in todo if len(rows[r][2]) > 1), key=lambda r: len(rows[r][2]))
-            groups = _padded_batches(todo, [len(rows[r][2]) - 1 for r in todo], batch_size, by_length)
+            groups = _padded_batches(todo, [len(rows[r][2]) - 1 for r in todo], batch_size, bounded=True)
         else:
             groups = [todo] if max(len(rows[r][2]) for r in todo) > 1 else []
         for group in groups:  # each tail after its prefix, its cached keys/values right-aligned at P
